@@ -1,0 +1,206 @@
+//! The HTTP API served on the Unix socket: routing, the per-request context (auth and
+//! query parameters), bounded body reading, and the handlers in [`kv`] and [`system`].
+
+pub mod error;
+pub mod kv;
+pub mod system;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequestParts, Path};
+use axum::http::{HeaderMap, header, request::Parts};
+use axum::routing::{get, post};
+use http_body_util::BodyExt;
+
+use crate::auth::{Authenticator, Grant, Scope};
+use crate::config::Config;
+use crate::kv::KvStore;
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+
+pub use error::ApiError;
+
+/// What every handler shares. Cloned per request (all fields are shared handles).
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub kv: KvStore,
+    pub auth: Arc<Authenticator>,
+    pub metrics: Arc<Metrics>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub started: Instant,
+}
+
+/// The whole router; `lifecycle::run` serves it on the socket, tests may call it directly.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(system::healthz))
+        .route("/readyz", get(system::readyz))
+        .route("/metrics", get(system::metrics))
+        .route("/v1/status", get(system::status))
+        .route("/v1/shutdown", post(system::shutdown))
+        .route("/v1/kv", get(kv::list))
+        .route(
+            "/v1/kv/batch",
+            post(kv::batch)
+                .get(kv::get_key)
+                .put(kv::put_key)
+                .patch(kv::patch_key)
+                .delete(kv::delete_key),
+        )
+        .route(
+            "/v1/kv/{key}",
+            get(kv::get_key)
+                .put(kv::put_key)
+                .patch(kv::patch_key)
+                .delete(kv::delete_key),
+        )
+        .route(
+            "/v1/kv/{key}/{action}",
+            get(kv::get_action).post(kv::post_action),
+        )
+        .fallback(error::no_route)
+        .method_not_allowed_fallback(|| async { error::method_not_allowed() })
+        .with_state(state)
+}
+
+/// Query parameters of a request, in order.
+#[derive(Debug, Default)]
+pub struct Query(Vec<(String, String)>);
+
+impl Query {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Refuses parameters the route does not know (`ns` is always allowed): a typo such
+    /// as `if_verison` must not silently turn a conditional write into a blind one.
+    pub fn allow(&self, names: &[&str]) -> Result<(), ApiError> {
+        match self
+            .0
+            .iter()
+            .find(|(k, _)| k != "ns" && !names.contains(&k.as_str()))
+        {
+            Some((k, _)) => Err(ApiError::invalid_param(format!(
+                "unknown query parameter `{k}`"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    pub fn flag(&self, name: &str) -> Result<bool, ApiError> {
+        match self.get(name) {
+            None | Some("false") | Some("0") => Ok(false),
+            Some("true") | Some("1") | Some("") => Ok(true),
+            Some(v) => Err(ApiError::invalid_param(format!(
+                "`{name}` must be true or false, got `{v}`"
+            ))),
+        }
+    }
+
+    pub fn u64(&self, name: &str) -> Result<Option<u64>, ApiError> {
+        self.get(name)
+            .map(|v| {
+                v.parse().map_err(|_| {
+                    ApiError::invalid_param(format!(
+                        "`{name}` must be a non-negative integer, got `{v}`"
+                    ))
+                })
+            })
+            .transpose()
+    }
+}
+
+/// Per-request context for `/v1/` routes: the caller's grant and the query.
+pub struct Ctx {
+    pub grant: Grant,
+    pub query: Query,
+}
+
+impl Ctx {
+    /// The namespace of this request (`?ns=`, else the token's single namespace, else
+    /// `default`), checked against the grant; and the scope the route needs.
+    pub fn namespace(&self, scope: Scope) -> Result<String, ApiError> {
+        self.grant.require(scope)?;
+        let ns = self
+            .query
+            .get("ns")
+            .unwrap_or_else(|| self.grant.default_namespace());
+        crate::kv::validate::namespace(ns)?;
+        self.grant.namespace(ns)?;
+        Ok(ns.to_string())
+    }
+}
+
+impl FromRequestParts<AppState> for Ctx {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let query = match parts.uri.query() {
+            Some(q) => Query(
+                serde_urlencoded::from_str(q)
+                    .map_err(|e| ApiError::invalid_param(format!("malformed query string: {e}")))?,
+            ),
+            None => Query::default(),
+        };
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.to_str().unwrap_or(""));
+        let grant = state.auth.authenticate(header)?;
+        Ok(Self { grant, query })
+    }
+}
+
+/// The `{key}` of a KV route, percent-decoded and validated. On `/v1/kv/batch` (whose
+/// static route shadows the key `batch`) it is `batch`.
+pub struct KeyParam(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for KeyParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let params = Path::<Vec<(String, String)>>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| crate::kv::KvError::InvalidKey(format!("key is not valid UTF-8: {e}")))?;
+        let key = match params.0.into_iter().find(|(k, _)| k == "key") {
+            Some((_, v)) => v,
+            None => "batch".to_string(),
+        };
+        crate::kv::validate::key(&key)?;
+        Ok(Self(key))
+    }
+}
+
+/// Reads a request body of at most `limit` bytes. A declared length over the limit is
+/// refused before anything is read; a body without one is cut off at the limit.
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared
+        && n > limit
+    {
+        return Err(ApiError::too_large("request body", limit, n));
+    }
+    let limited = http_body_util::Limited::new(body, limit as usize);
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(
+            "request body",
+            limit,
+            declared.unwrap_or(limit + 1),
+        )),
+        Err(e) => Err(ApiError::invalid_param(format!(
+            "cannot read the request body: {e}"
+        ))),
+    }
+}

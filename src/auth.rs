@@ -1,0 +1,323 @@
+//! Authorization: `auth.mode = none` (the socket's permissions are the boundary) or
+//! `token` (HS256 JWTs with namespace grants and scopes).
+
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{AuthMode, Config};
+
+/// What a request may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    KvRead,
+    KvWrite,
+    FilesRead,
+    FilesWrite,
+    Admin,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 5] = [
+        Scope::KvRead,
+        Scope::KvWrite,
+        Scope::FilesRead,
+        Scope::FilesWrite,
+        Scope::Admin,
+    ];
+    /// Granted by `token mint` when no `--scope` is given.
+    pub const DEFAULT: [Scope; 4] = [
+        Scope::KvRead,
+        Scope::KvWrite,
+        Scope::FilesRead,
+        Scope::FilesWrite,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::KvRead => "kv:read",
+            Scope::KvWrite => "kv:write",
+            Scope::FilesRead => "files:read",
+            Scope::FilesWrite => "files:write",
+            Scope::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Claims {
+    #[serde(default)]
+    pub ns: Vec<String>,
+    #[serde(default)]
+    pub scope: Vec<String>,
+    pub exp: u64,
+    pub iat: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    /// 401: no usable token.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 403: a valid token that does not grant this.
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+/// Who is asking: everyone (mode none) or the holder of these claims.
+#[derive(Clone, Debug)]
+pub enum Grant {
+    Open,
+    Token(Claims),
+}
+
+impl Grant {
+    pub fn require(&self, scope: Scope) -> Result<(), AuthError> {
+        match self {
+            Grant::Open => Ok(()),
+            Grant::Token(c) if c.scope.iter().any(|s| s == scope.as_str()) => Ok(()),
+            Grant::Token(_) => Err(AuthError::Forbidden(format!(
+                "the token does not grant the `{}` scope",
+                scope.as_str()
+            ))),
+        }
+    }
+
+    pub fn allows_namespace(&self, ns: &str) -> bool {
+        match self {
+            Grant::Open => true,
+            Grant::Token(c) => c.ns.iter().any(|g| match g.strip_suffix('*') {
+                Some(prefix) => ns.starts_with(prefix),
+                None => g == ns,
+            }),
+        }
+    }
+
+    /// The namespace a request without `?ns=` uses: the token's only namespace if it
+    /// grants exactly one (not a prefix), else `default`.
+    pub fn default_namespace(&self) -> &str {
+        match self {
+            Grant::Token(c) if c.ns.len() == 1 && !c.ns[0].ends_with('*') => &c.ns[0],
+            _ => "default",
+        }
+    }
+
+    pub fn namespace(&self, ns: &str) -> Result<(), AuthError> {
+        if self.allows_namespace(ns) {
+            Ok(())
+        } else {
+            Err(AuthError::Forbidden(format!(
+                "the token does not grant namespace `{ns}`"
+            )))
+        }
+    }
+}
+
+pub struct Authenticator {
+    mode: AuthMode,
+    key: Option<DecodingKey>,
+    validation: Validation,
+    max_ttl: Duration,
+}
+
+impl Authenticator {
+    pub fn new(config: &Config) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 0;
+        validation.validate_exp = true;
+        validation.set_required_spec_claims(&["exp", "iat"]);
+        Self {
+            mode: config.auth.mode,
+            key: (!config.auth.secret.is_empty())
+                .then(|| DecodingKey::from_secret(config.auth.secret.as_bytes())),
+            validation,
+            max_ttl: config.auth.max_ttl.0,
+        }
+    }
+
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    /// Checks an `Authorization` header value.
+    pub fn authenticate(&self, header: Option<&str>) -> Result<Grant, AuthError> {
+        if self.mode == AuthMode::None {
+            return Ok(Grant::Open);
+        }
+        let unauthorized = |m: &str| AuthError::Unauthorized(m.to_string());
+        let header = header.ok_or_else(|| unauthorized("missing bearer token"))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?
+            .trim();
+        let key = self
+            .key
+            .as_ref()
+            .ok_or_else(|| unauthorized("no auth secret is configured"))?;
+        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::ExpiredSignature => unauthorized("the token has expired"),
+                ErrorKind::InvalidSignature => unauthorized("the token's signature is invalid"),
+                _ => AuthError::Unauthorized(format!("invalid token: {e}")),
+            }
+        })?;
+        let c = data.claims;
+        if c.exp.saturating_sub(c.iat) > self.max_ttl.as_secs() {
+            return Err(unauthorized(
+                "the token's lifetime (exp - iat) exceeds auth.max_ttl",
+            ));
+        }
+        Ok(Grant::Token(c))
+    }
+}
+
+/// Signs a token for `namespaces` with `scopes`, valid for `ttl` (capped at `max_ttl`).
+pub fn mint(
+    secret: &str,
+    namespaces: &[String],
+    scopes: &[Scope],
+    ttl: Duration,
+    max_ttl: Duration,
+    sub: Option<String>,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let claims = Claims {
+        ns: namespaces.to_vec(),
+        scope: scopes.iter().map(|s| s.as_str().to_string()).collect(),
+        iat,
+        exp: iat + ttl.min(max_ttl).as_secs().max(1),
+        sub,
+    };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token_config() -> Config {
+        let mut c = Config::default();
+        c.auth.mode = AuthMode::Token;
+        c.auth.secret = "0123456789abcdef-secret".into();
+        c
+    }
+
+    #[test]
+    fn grants_and_errors() {
+        let c = token_config();
+        let a = Authenticator::new(&c);
+        let day = Duration::from_secs(86400);
+        let t = mint(
+            &c.auth.secret,
+            &["app".into(), "actor:*".into()],
+            &[Scope::KvRead],
+            day,
+            day,
+            None,
+        )
+        .unwrap();
+        let g = a.authenticate(Some(&format!("Bearer {t}"))).unwrap();
+        assert!(g.allows_namespace("app"));
+        assert!(g.allows_namespace("actor:u1"));
+        assert!(!g.allows_namespace("apple"));
+        assert!(g.require(Scope::KvRead).is_ok());
+        assert!(matches!(
+            g.require(Scope::KvWrite),
+            Err(AuthError::Forbidden(_))
+        ));
+        assert_eq!(g.default_namespace(), "default");
+
+        assert!(matches!(
+            a.authenticate(None),
+            Err(AuthError::Unauthorized(_))
+        ));
+        assert!(matches!(
+            a.authenticate(Some("Bearer garbage")),
+            Err(AuthError::Unauthorized(_))
+        ));
+        let other = mint(
+            "another-secret-of-16+",
+            &["app".into()],
+            &[Scope::KvRead],
+            day,
+            day,
+            None,
+        )
+        .unwrap();
+        assert!(matches!(
+            a.authenticate(Some(&format!("Bearer {other}"))),
+            Err(AuthError::Unauthorized(_))
+        ));
+
+        let one = mint(
+            &c.auth.secret,
+            &["only".into()],
+            &Scope::DEFAULT,
+            day,
+            day,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            a.authenticate(Some(&format!("Bearer {one}")))
+                .unwrap()
+                .default_namespace(),
+            "only"
+        );
+    }
+
+    #[test]
+    fn lifetime_is_capped() {
+        let mut c = token_config();
+        c.auth.max_ttl = crate::config::HumanDuration::secs(3600);
+        let a = Authenticator::new(&c);
+        // A token minted elsewhere with a longer lifetime is refused.
+        let long = mint(
+            &c.auth.secret,
+            &["a".into()],
+            &[Scope::KvRead],
+            Duration::from_secs(7200),
+            Duration::from_secs(7200),
+            None,
+        )
+        .unwrap();
+        assert!(
+            matches!(a.authenticate(Some(&format!("Bearer {long}"))), Err(AuthError::Unauthorized(m)) if m.contains("max_ttl"))
+        );
+        // mint caps at max_ttl.
+        let capped = mint(
+            &c.auth.secret,
+            &["a".into()],
+            &[Scope::KvRead],
+            Duration::from_secs(7200),
+            c.auth.max_ttl.0,
+            None,
+        )
+        .unwrap();
+        assert!(a.authenticate(Some(&format!("Bearer {capped}"))).is_ok());
+    }
+
+    #[test]
+    fn open_mode_allows_everything() {
+        let a = Authenticator::new(&Config::default());
+        let g = a.authenticate(None).unwrap();
+        assert!(g.require(Scope::Admin).is_ok());
+        assert!(g.allows_namespace("x"));
+    }
+}

@@ -1,0 +1,563 @@
+//! The `sandkeep` command line: `serve` runs the daemon; every other subcommand talks
+//! to a running daemon over its socket (the redb file is locked by the daemon).
+//!
+//! Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 conflict.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use hyper::Method;
+use serde_json::{Value, json};
+
+use crate::auth::{self, Scope};
+use crate::client::{Client, Reply, encode_query, encode_segment};
+use crate::config::{self, Config, HumanDuration};
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_ERROR: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_NOT_FOUND: u8 = 3;
+pub const EXIT_CONFLICT: u8 = 4;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sandkeep",
+    version,
+    about = "Keeps an AI agent sandbox's state alive beyond the sandbox"
+)]
+pub struct Cli {
+    /// Configuration file (default /etc/sandkeep/sandkeep.toml if it exists, else the
+    /// embedded development config).
+    #[arg(long, global = true, env = "SANDKEEP_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The daemon's socket (default: `socket` from the configuration).
+    #[arg(long, global = true, env = "SANDKEEP_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Bearer token when the daemon runs with auth.mode = "token".
+    #[arg(long, global = true, env = "SANDKEEP_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon.
+    Serve,
+    /// Key-value commands.
+    Kv(KvArgs),
+    /// Token commands.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Print the daemon's status.
+    Status,
+    /// Ask the daemon to do its final sync and exit.
+    Shutdown,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Print a signed token (HS256) for the given namespaces and scopes.
+    Mint {
+        /// Namespace to grant (repeatable); a trailing `*` grants a prefix.
+        #[arg(long = "ns", required = true)]
+        ns: Vec<String>,
+        /// kv:read, kv:write, files:read, files:write, admin (repeatable; default:
+        /// kv:read kv:write files:read files:write).
+        #[arg(long = "scope")]
+        scope: Vec<String>,
+        /// Lifetime, capped at auth.max_ttl (default: auth.max_ttl).
+        #[arg(long)]
+        ttl: Option<HumanDuration>,
+        /// Subject recorded in the token.
+        #[arg(long)]
+        sub: Option<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct KvArgs {
+    /// Namespace (default: `default`, or the token's only namespace).
+    #[arg(long, global = true)]
+    pub ns: Option<String>,
+    #[command(subcommand)]
+    pub command: KvCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KvCommand {
+    /// Print a key's value (`{"key","value"}`, plus metadata with --meta).
+    Get {
+        key: String,
+        #[arg(long)]
+        path: Option<String>,
+        #[arg(long)]
+        meta: bool,
+    },
+    /// Store a JSON value (`-` reads it from stdin; --string stores the text as a string).
+    Set {
+        key: String,
+        value: String,
+        #[arg(long)]
+        string: bool,
+        #[arg(long)]
+        nx: bool,
+        #[arg(long)]
+        xx: bool,
+        #[arg(long)]
+        if_version: Option<u64>,
+        /// Seconds to live.
+        #[arg(long)]
+        ttl: Option<f64>,
+        #[arg(long)]
+        keep_ttl: bool,
+        /// Also print the previous value.
+        #[arg(long)]
+        get: bool,
+    },
+    /// Delete a key.
+    Del {
+        key: String,
+        #[arg(long)]
+        if_version: Option<u64>,
+    },
+    /// Add to an integer (missing keys start at 0).
+    Incr {
+        key: String,
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+        by: i64,
+    },
+    /// Subtract from an integer (missing keys start at 0).
+    Decr {
+        key: String,
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+        by: i64,
+    },
+    /// Push JSON values at the front, one by one (like Redis LPUSH).
+    Lpush {
+        key: String,
+        #[arg(required = true)]
+        values: Vec<String>,
+    },
+    /// Push JSON values at the back.
+    Rpush {
+        key: String,
+        #[arg(required = true)]
+        values: Vec<String>,
+    },
+    /// Pop from the front.
+    Lpop {
+        key: String,
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Pop from the back.
+    Rpop {
+        key: String,
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Length of a list.
+    Len { key: String },
+    /// List keys (one page, or every page with --all).
+    List {
+        #[arg(long)]
+        prefix: Option<String>,
+        #[arg(long)]
+        limit: Option<u64>,
+        #[arg(long)]
+        cursor: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Set (seconds) or clear (0) a key's time to live.
+    Expire { key: String, ttl: f64 },
+    /// Run a batch: the JSON body from FILE or stdin (`-`).
+    Batch {
+        #[arg(default_value = "-")]
+        file: String,
+    },
+    /// Wait until a key changes; exit 3 if nothing changed within the timeout.
+    Watch {
+        key: String,
+        #[arg(long)]
+        after_version: Option<u64>,
+        /// Seconds (at most 300).
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_logging(matches!(cli.command, Command::Serve));
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("sandkeep: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn init_logging(daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SANDKEEP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Loads the configuration: `--config`, else /etc/sandkeep/sandkeep.toml when it
+/// exists, else the embedded development config.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    let default = Path::new(config::DEFAULT_CONFIG_PATH);
+    let chosen = match path {
+        Some(p) => Some(p),
+        None if default.exists() => Some(default),
+        None => None,
+    };
+    if chosen.is_none() {
+        tracing::info!(
+            "no configuration file: using the embedded development config (config/dev.toml)"
+        );
+    }
+    Ok(Config::load(chosen)?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Serve => {
+            let config = load_config(cli.config.as_deref())?;
+            crate::lifecycle::serve(config)
+        }
+        Command::Token(TokenCommand::Mint {
+            ns,
+            scope,
+            ttl,
+            sub,
+        }) => {
+            let config = load_config(cli.config.as_deref())?;
+            mint(&config, &ns, &scope, ttl, sub)
+        }
+        command => {
+            let socket = match cli.socket {
+                Some(s) => s,
+                None => load_config(cli.config.as_deref())?.socket,
+            };
+            let client = Client::new(socket, cli.token);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(remote(&client, command))
+        }
+    }
+}
+
+fn mint(
+    config: &Config,
+    ns: &[String],
+    scope: &[String],
+    ttl: Option<HumanDuration>,
+    sub: Option<String>,
+) -> anyhow::Result<u8> {
+    if config.auth.secret.is_empty() {
+        anyhow::bail!("no auth secret: set auth.secret in the config or SANDKEEP_AUTH_SECRET");
+    }
+    for n in ns {
+        let name = n.strip_suffix('*').unwrap_or(n);
+        if !(name.is_empty() && n == "*") {
+            crate::kv::validate::namespace(name).map_err(|e| anyhow::anyhow!("--ns {n}: {e}"))?;
+        }
+    }
+    let scopes = if scope.is_empty() {
+        Scope::DEFAULT.to_vec()
+    } else {
+        scope
+            .iter()
+            .map(|s| Scope::parse(s).ok_or_else(|| anyhow::anyhow!("unknown scope `{s}`")))
+            .collect::<anyhow::Result<_>>()?
+    };
+    let max = config.auth.max_ttl.0;
+    let ttl = ttl.map_or(max, |t| t.0);
+    if ttl > max {
+        eprintln!(
+            "sandkeep: --ttl {} exceeds auth.max_ttl; the token lives {}",
+            HumanDuration(ttl),
+            config.auth.max_ttl
+        );
+    }
+    let token = auth::mint(&config.auth.secret, ns, &scopes, ttl, max, sub)?;
+    println!("{token}");
+    Ok(EXIT_OK)
+}
+
+/// Maps an HTTP status to the CLI's exit code.
+pub fn exit_code(status: u16) -> u8 {
+    match status {
+        200..=299 => EXIT_OK,
+        404 => EXIT_NOT_FOUND,
+        409 | 412 => EXIT_CONFLICT,
+        _ => EXIT_ERROR,
+    }
+}
+
+/// Prints a reply: the JSON body on stdout when it succeeded, on stderr otherwise.
+fn print_reply(reply: &Reply) -> u8 {
+    let text = String::from_utf8_lossy(&reply.body);
+    if reply.is_success() {
+        if !text.is_empty() {
+            println!("{}", text.trim_end());
+        }
+    } else {
+        eprintln!("{}", text.trim_end());
+    }
+    exit_code(reply.status)
+}
+
+fn parse_value(text: &str, as_string: bool) -> anyhow::Result<Value> {
+    let text = if text == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        s
+    } else {
+        text.to_string()
+    };
+    if as_string {
+        return Ok(Value::String(text));
+    }
+    serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!("value is not JSON ({e}); quote it (e.g. '\"text\"') or pass --string")
+    })
+}
+
+struct Q(Vec<String>);
+
+impl Q {
+    fn new(ns: &Option<String>) -> Self {
+        let mut q = Q(Vec::new());
+        if let Some(ns) = ns {
+            q.push("ns", ns);
+        }
+        q
+    }
+    fn push(&mut self, k: &str, v: impl ToString) -> &mut Self {
+        self.0.push(format!("{k}={}", encode_query(&v.to_string())));
+        self
+    }
+    fn flag(&mut self, k: &str, on: bool) -> &mut Self {
+        if on {
+            self.push(k, "true");
+        }
+        self
+    }
+    fn opt(&mut self, k: &str, v: Option<impl ToString>) -> &mut Self {
+        if let Some(v) = v {
+            self.push(k, v);
+        }
+        self
+    }
+    fn path(&self, base: &str) -> String {
+        if self.0.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", self.0.join("&"))
+        }
+    }
+}
+
+async fn remote(client: &Client, command: Command) -> anyhow::Result<u8> {
+    let reply = match command {
+        Command::Status => client.get("/v1/status").await?,
+        Command::Shutdown => client.request(Method::POST, "/v1/shutdown", None).await?,
+        Command::Kv(args) => return kv(client, args).await,
+        Command::Serve | Command::Token(_) => unreachable!("handled locally"),
+    };
+    Ok(print_reply(&reply))
+}
+
+async fn kv(client: &Client, args: KvArgs) -> anyhow::Result<u8> {
+    let ns = args.ns;
+    let key_path = |key: &str, suffix: &str| format!("/v1/kv/{}{suffix}", encode_segment(key));
+    let reply = match args.command {
+        KvCommand::Get { key, path, meta } => {
+            let p = Q::new(&ns)
+                .opt("path", path)
+                .flag("meta", meta)
+                .path(&key_path(&key, ""));
+            client.get(&p).await?
+        }
+        KvCommand::Set {
+            key,
+            value,
+            string,
+            nx,
+            xx,
+            if_version,
+            ttl,
+            keep_ttl,
+            get,
+        } => {
+            let value = parse_value(&value, string)?;
+            let p = Q::new(&ns)
+                .flag("nx", nx)
+                .flag("xx", xx)
+                .opt("if_version", if_version)
+                .opt("ttl", ttl)
+                .flag("keep_ttl", keep_ttl)
+                .flag("get", get)
+                .path(&key_path(&key, ""));
+            client.put_json(&p, &value).await?
+        }
+        KvCommand::Del { key, if_version } => {
+            let p = Q::new(&ns)
+                .opt("if_version", if_version)
+                .path(&key_path(&key, ""));
+            client.delete(&p).await?
+        }
+        KvCommand::Incr { key, by } => {
+            let p = Q::new(&ns).path(&key_path(&key, "/incr"));
+            client.post_json(&p, &json!({"by": by})).await?
+        }
+        KvCommand::Decr { key, by } => {
+            let p = Q::new(&ns).path(&key_path(&key, "/decr"));
+            client.post_json(&p, &json!({"by": by})).await?
+        }
+        KvCommand::Lpush { key, values } => push(client, &ns, &key, "/lpush", &values).await?,
+        KvCommand::Rpush { key, values } => push(client, &ns, &key, "/rpush", &values).await?,
+        KvCommand::Lpop { key, count } => pop(client, &ns, &key, "/lpop", count).await?,
+        KvCommand::Rpop { key, count } => pop(client, &ns, &key, "/rpop", count).await?,
+        KvCommand::Len { key } => {
+            client
+                .get(&Q::new(&ns).path(&key_path(&key, "/len")))
+                .await?
+        }
+        KvCommand::List {
+            prefix,
+            limit,
+            cursor,
+            all,
+        } => {
+            if !all {
+                let p = Q::new(&ns)
+                    .opt("prefix", prefix)
+                    .opt("limit", limit)
+                    .opt("cursor", cursor)
+                    .path("/v1/kv");
+                client.get(&p).await?
+            } else {
+                return list_all(client, &ns, prefix, limit, cursor).await;
+            }
+        }
+        KvCommand::Expire { key, ttl } => {
+            let p = Q::new(&ns).path(&key_path(&key, "/expire"));
+            client.post_json(&p, &json!({"ttl": ttl})).await?
+        }
+        KvCommand::Batch { file } => {
+            let body = if file == "-" {
+                let mut s = Vec::new();
+                std::io::stdin().read_to_end(&mut s)?;
+                s
+            } else {
+                std::fs::read(&file).map_err(|e| anyhow::anyhow!("{file}: {e}"))?
+            };
+            let p = Q::new(&ns).path("/v1/kv/batch");
+            client.request(Method::POST, &p, Some(body)).await?
+        }
+        KvCommand::Watch {
+            key,
+            after_version,
+            timeout,
+        } => {
+            let p = Q::new(&ns)
+                .opt("after_version", after_version)
+                .push("timeout_s", timeout)
+                .path(&key_path(&key, "/watch"));
+            let reply = tokio::time::timeout(Duration::from_secs(timeout + 30), client.get(&p))
+                .await
+                .map_err(|_| anyhow::anyhow!("the daemon did not answer the watch in time"))??;
+            if reply.status == 204 {
+                eprintln!("no change within {timeout} s");
+                return Ok(EXIT_NOT_FOUND);
+            }
+            reply
+        }
+    };
+    Ok(print_reply(&reply))
+}
+
+async fn push(
+    client: &Client,
+    ns: &Option<String>,
+    key: &str,
+    suffix: &str,
+    values: &[String],
+) -> anyhow::Result<Reply> {
+    let values = values
+        .iter()
+        .map(|v| parse_value(v, false))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let p = Q::new(ns).path(&format!("/v1/kv/{}{suffix}", encode_segment(key)));
+    Ok(client.post_json(&p, &json!({"values": values})).await?)
+}
+
+async fn pop(
+    client: &Client,
+    ns: &Option<String>,
+    key: &str,
+    suffix: &str,
+    count: Option<u64>,
+) -> anyhow::Result<Reply> {
+    let p = Q::new(ns).path(&format!("/v1/kv/{}{suffix}", encode_segment(key)));
+    let body = match count {
+        Some(c) => json!({"count": c}),
+        None => json!({}),
+    };
+    Ok(client.post_json(&p, &body).await?)
+}
+
+/// Follows `next_cursor` to the end and prints one `{"keys", "count"}`.
+async fn list_all(
+    client: &Client,
+    ns: &Option<String>,
+    prefix: Option<String>,
+    limit: Option<u64>,
+    mut cursor: Option<String>,
+) -> anyhow::Result<u8> {
+    let mut keys = Vec::new();
+    loop {
+        let p = Q::new(ns)
+            .opt("prefix", prefix.clone())
+            .opt("limit", limit)
+            .opt("cursor", cursor.clone())
+            .path("/v1/kv");
+        let reply = client.get(&p).await?;
+        if !reply.is_success() {
+            return Ok(print_reply(&reply));
+        }
+        let body = reply.json();
+        if let Some(page) = body["keys"].as_array() {
+            keys.extend(page.iter().cloned());
+        }
+        match body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    println!("{}", json!({"keys": keys, "count": keys.len()}));
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,989 @@
+//! What each KV operation does, staged in memory.
+//!
+//! A request (one route call, or one batch) runs against an [`NsTxn`]: an overlay over
+//! the stored records of one namespace. Operations read and write the overlay only, so
+//! when one fails the overlay is dropped and nothing changed; when all succeed the
+//! store flushes the overlay into the redb transaction. Every write of one request gets
+//! the same new namespace version.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::jsonpath::JsonPath;
+use super::validate::{self, MAX_DEPTH};
+use super::{KvError, Record};
+
+/// Longest TTL accepted: 100 years.
+const MAX_TTL_SECS: f64 = 100.0 * 365.0 * 86_400.0;
+/// Most operations in one batch.
+pub const MAX_BATCH_OPS: usize = 100;
+
+/// A time to live, parsed from seconds (integer or fraction), strictly positive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ttl(pub Duration);
+
+impl Ttl {
+    pub fn from_secs_f64(secs: f64, name: &str) -> Result<Self, KvError> {
+        if !secs.is_finite() || secs <= 0.0 || secs > MAX_TTL_SECS {
+            return Err(KvError::InvalidParam(format!(
+                "`{name}` must be a positive number of seconds (at most 100 years)"
+            )));
+        }
+        Ok(Self(Duration::from_secs_f64(secs)))
+    }
+
+    pub fn parse_str(s: &str, name: &str) -> Result<Self, KvError> {
+        let secs: f64 = s.parse().map_err(|_| {
+            KvError::InvalidParam(format!("`{name}` must be a number of seconds, got `{s}`"))
+        })?;
+        Self::from_secs_f64(secs, name)
+    }
+
+    /// A JSON ttl: a positive number; `allow_clear` lets 0 or null mean "no TTL".
+    pub fn from_json(v: &Value, allow_clear: bool) -> Result<Option<Self>, KvError> {
+        match v {
+            Value::Null if allow_clear => Ok(None),
+            Value::Number(n) => {
+                let secs = n.as_f64().unwrap_or(f64::NAN);
+                if allow_clear && secs == 0.0 {
+                    Ok(None)
+                } else {
+                    Self::from_secs_f64(secs, "ttl").map(Some)
+                }
+            }
+            _ => Err(KvError::InvalidParam(
+                "`ttl` must be a number of seconds".into(),
+            )),
+        }
+    }
+
+    fn deadline(self, now_ms: u64) -> u64 {
+        now_ms
+            .saturating_add(self.0.as_millis() as u64)
+            .max(now_ms + 1)
+    }
+}
+
+/// One operation on one key, as a route or a batch entry asks for it.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Get {
+        key: String,
+        path: Option<(JsonPath, String)>,
+        meta: bool,
+    },
+    Set {
+        key: String,
+        value: Value,
+        nx: bool,
+        xx: bool,
+        if_version: Option<u64>,
+        ttl: Option<Ttl>,
+        keep_ttl: bool,
+        get: bool,
+    },
+    Patch {
+        key: String,
+        path: Option<(JsonPath, String)>,
+        value: Value,
+        if_version: Option<u64>,
+    },
+    Delete {
+        key: String,
+        if_version: Option<u64>,
+        get: bool,
+    },
+    Incr {
+        key: String,
+        by: i64,
+    },
+    Push {
+        key: String,
+        front: bool,
+        values: Vec<Value>,
+    },
+    Pop {
+        key: String,
+        front: bool,
+        count: Option<usize>,
+    },
+    Expire {
+        key: String,
+        ttl: Option<Ttl>,
+    },
+}
+
+impl Op {
+    pub fn key(&self) -> &str {
+        match self {
+            Op::Get { key, .. }
+            | Op::Set { key, .. }
+            | Op::Patch { key, .. }
+            | Op::Delete { key, .. }
+            | Op::Incr { key, .. }
+            | Op::Push { key, .. }
+            | Op::Pop { key, .. }
+            | Op::Expire { key, .. } => key,
+        }
+    }
+
+    /// The name used in metrics and batch bodies.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Get { .. } => "get",
+            Op::Set { .. } => "set",
+            Op::Patch { .. } => "patch",
+            Op::Delete { .. } => "delete",
+            Op::Incr { by, .. } if *by < 0 => "decr",
+            Op::Incr { .. } => "incr",
+            Op::Push { front: true, .. } => "lpush",
+            Op::Push { .. } => "rpush",
+            Op::Pop { front: true, .. } => "lpop",
+            Op::Pop { .. } => "rpop",
+            Op::Expire { .. } => "expire",
+        }
+    }
+}
+
+/// Checks `if_version` against a key's version (absent: 0).
+fn check_version(if_version: Option<u64>, actual: u64) -> Result<(), KvError> {
+    match if_version {
+        Some(expected) if expected != actual => Err(KvError::VersionMismatch { expected, actual }),
+        _ => Ok(()),
+    }
+}
+
+/// Parses a `path` parameter, keeping its text for messages.
+pub fn parse_path(path: Option<&str>) -> Result<Option<(JsonPath, String)>, KvError> {
+    path.map(|p| Ok((JsonPath::parse(p)?, p.to_string())))
+        .transpose()
+}
+
+/// `by` for incr/decr: a signed 64-bit integer.
+pub fn parse_by(v: Option<&Value>, negate: bool) -> Result<i64, KvError> {
+    let by = match v {
+        None | Some(Value::Null) => 1,
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .ok_or_else(|| KvError::InvalidParam("`by` must be a signed 64-bit integer".into()))?,
+        Some(_) => {
+            return Err(KvError::InvalidParam(
+                "`by` must be a signed 64-bit integer".into(),
+            ));
+        }
+    };
+    if negate {
+        by.checked_neg()
+            .ok_or_else(|| KvError::Overflow("decrement overflows a signed 64-bit integer".into()))
+    } else {
+        Ok(by)
+    }
+}
+
+/// Values to push: exactly one of `value` / `values` (non-empty).
+pub fn push_values(value: Option<Value>, values: Option<Value>) -> Result<Vec<Value>, KvError> {
+    match (value, values) {
+        (Some(v), None) => Ok(vec![v]),
+        (None, Some(Value::Array(vs))) if !vs.is_empty() => Ok(vs),
+        (None, Some(_)) => Err(KvError::InvalidParam(
+            "`values` must be a non-empty array".into(),
+        )),
+        _ => Err(KvError::InvalidParam(
+            "give exactly one of `value` or `values`".into(),
+        )),
+    }
+}
+
+/// `count` for pops: a non-negative integer.
+pub fn parse_count(v: Option<&Value>) -> Result<Option<usize>, KvError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(|c| Some(c.min(usize::MAX as u64) as usize))
+            .ok_or_else(|| KvError::InvalidParam("`count` must be a non-negative integer".into())),
+        Some(_) => Err(KvError::InvalidParam(
+            "`count` must be a non-negative integer".into(),
+        )),
+    }
+}
+
+/// A batch as posted to `/v1/kv/batch`.
+#[derive(Clone, Debug, Default)]
+pub struct BatchRequest {
+    pub if_version: Option<u64>,
+    pub checks: Vec<(String, u64)>,
+    pub ops: Vec<Op>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch {
+    if_version: Option<u64>,
+    #[serde(default)]
+    checks: Vec<RawCheck>,
+    operations: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    key: String,
+    version: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOp {
+    op: String,
+    key: String,
+    #[serde(default, deserialize_with = "present")]
+    value: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    values: Option<Value>,
+    by: Option<Value>,
+    path: Option<String>,
+    #[serde(default)]
+    nx: bool,
+    #[serde(default)]
+    xx: bool,
+    #[serde(default, deserialize_with = "present")]
+    ttl: Option<Value>,
+    count: Option<Value>,
+    if_version: Option<u64>,
+    #[serde(default)]
+    keep_ttl: bool,
+    #[serde(default)]
+    get: bool,
+    #[serde(default)]
+    meta: bool,
+}
+
+impl BatchRequest {
+    /// Parses and validates a batch body; errors in operation `i` carry `index: i`.
+    pub fn parse(body: &[u8]) -> Result<Self, KvError> {
+        let raw: RawBatch = serde_json::from_slice(body).map_err(|e| {
+            if e.is_data() {
+                KvError::InvalidParam(format!("batch body: {e}"))
+            } else {
+                validate::json_error(e)
+            }
+        })?;
+        if raw.operations.len() > MAX_BATCH_OPS {
+            return Err(KvError::InvalidParam(format!(
+                "a batch holds at most {MAX_BATCH_OPS} operations, got {}",
+                raw.operations.len()
+            )));
+        }
+        let mut checks = Vec::with_capacity(raw.checks.len());
+        for c in raw.checks {
+            validate::key(&c.key)?;
+            checks.push((c.key, c.version));
+        }
+        let ops = raw
+            .operations
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| parse_op(v).map_err(|e| e.at(i)))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            if_version: raw.if_version,
+            checks,
+            ops,
+        })
+    }
+
+    pub fn single(op: Op) -> Self {
+        Self {
+            ops: vec![op],
+            ..Self::default()
+        }
+    }
+}
+
+fn parse_op(v: Value) -> Result<Op, KvError> {
+    let raw: RawOp =
+        serde_json::from_value(v).map_err(|e| KvError::InvalidParam(format!("operation: {e}")))?;
+    validate::key(&raw.key)?;
+    let need_value = |v: Option<Value>| {
+        v.ok_or_else(|| KvError::InvalidParam(format!("`{}` needs a `value`", raw.op)))
+    };
+    let key = raw.key.clone();
+    Ok(match raw.op.as_str() {
+        "get" => Op::Get {
+            key,
+            path: parse_path(raw.path.as_deref())?,
+            meta: raw.meta,
+        },
+        "set" => {
+            if raw.nx && raw.xx {
+                return Err(KvError::InvalidParam(
+                    "`nx` and `xx` exclude each other".into(),
+                ));
+            }
+            Op::Set {
+                key,
+                value: need_value(raw.value)?,
+                nx: raw.nx,
+                xx: raw.xx,
+                if_version: raw.if_version,
+                ttl: raw
+                    .ttl
+                    .as_ref()
+                    .map(|t| Ttl::from_json(t, false))
+                    .transpose()?
+                    .flatten(),
+                keep_ttl: raw.keep_ttl,
+                get: raw.get,
+            }
+        }
+        "patch" => Op::Patch {
+            key,
+            path: parse_path(raw.path.as_deref())?,
+            value: need_value(raw.value)?,
+            if_version: raw.if_version,
+        },
+        "delete" => Op::Delete {
+            key,
+            if_version: raw.if_version,
+            get: raw.get,
+        },
+        "incr" | "decr" => Op::Incr {
+            key,
+            by: parse_by(raw.by.as_ref(), raw.op == "decr")?,
+        },
+        "lpush" | "rpush" => Op::Push {
+            key,
+            front: raw.op == "lpush",
+            values: push_values(raw.value, raw.values)?,
+        },
+        "lpop" | "rpop" => Op::Pop {
+            key,
+            front: raw.op == "lpop",
+            count: parse_count(raw.count.as_ref())?,
+        },
+        "expire" => Op::Expire {
+            key,
+            ttl: match raw.ttl {
+                Some(t) => Ttl::from_json(&t, true)?,
+                None => {
+                    return Err(KvError::InvalidParam("`expire` needs a `ttl`".into()));
+                }
+            },
+        },
+        other => {
+            return Err(KvError::InvalidParam(format!(
+                "unknown op `{other}` (get, set, delete, patch, incr, decr, lpush, rpush, lpop, rpop, expire)"
+            )));
+        }
+    })
+}
+
+/// Size limits enforced on every write.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_value_bytes: u64,
+    pub max_namespace_bytes: u64,
+}
+
+/// A record as loaded from storage, expired or not, with its serialized value (whose
+/// length plus the key's is what the record counts for in the namespace's size).
+pub struct Loaded {
+    pub record: Record,
+    pub json: Vec<u8>,
+}
+
+/// Where an [`NsTxn`] reads records it has not touched yet.
+pub trait Backing {
+    fn load(&mut self, key: &str) -> Result<Option<Loaded>, KvError>;
+}
+
+/// One staged key: what storage held and what the request made of it.
+pub struct Entry {
+    pub orig_size: u64,
+    pub orig_present: bool,
+    pub orig_expires: Option<u64>,
+    /// The visible record now, with its serialized value.
+    pub cur: Option<(Record, Vec<u8>)>,
+    pub dirty: bool,
+}
+
+impl Entry {
+    fn cur_size(&self, key: &str) -> u64 {
+        self.cur
+            .as_ref()
+            .map_or(0, |(_, json)| (key.len() + json.len()) as u64)
+    }
+    fn byte_delta(&self, key: &str) -> i64 {
+        if self.dirty {
+            self.cur_size(key) as i64 - self.orig_size as i64
+        } else {
+            0
+        }
+    }
+    fn key_delta(&self) -> i64 {
+        if self.dirty {
+            self.cur.is_some() as i64 - self.orig_present as i64
+        } else {
+            0
+        }
+    }
+}
+
+/// The staged state of one namespace during one request.
+pub struct NsTxn<'b, B: Backing> {
+    backing: &'b mut B,
+    pub now_ms: u64,
+    /// The namespace version before this request.
+    pub base_version: u64,
+    base_bytes: u64,
+    pub entries: BTreeMap<String, Entry>,
+    byte_delta: i64,
+    key_delta: i64,
+    limits: Limits,
+}
+
+impl<'b, B: Backing> NsTxn<'b, B> {
+    pub fn new(
+        backing: &'b mut B,
+        now_ms: u64,
+        base_version: u64,
+        base_bytes: u64,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            backing,
+            now_ms,
+            base_version,
+            base_bytes,
+            entries: BTreeMap::new(),
+            byte_delta: 0,
+            key_delta: 0,
+            limits,
+        }
+    }
+
+    /// The version every write of this request gets.
+    pub fn write_version(&self) -> u64 {
+        self.base_version + 1
+    }
+
+    pub fn changed(&self) -> bool {
+        self.entries.values().any(|e| e.dirty)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        (self.base_bytes as i64 + self.byte_delta).max(0) as u64
+    }
+
+    pub fn key_delta(&self) -> i64 {
+        self.key_delta
+    }
+
+    fn entry(&mut self, key: &str) -> Result<&mut Entry, KvError> {
+        if !self.entries.contains_key(key) {
+            let loaded = self.backing.load(key)?;
+            let entry = match loaded {
+                Some(l) => Entry {
+                    orig_size: (key.len() + l.json.len()) as u64,
+                    orig_present: true,
+                    orig_expires: l.record.expires_ms,
+                    cur: (!l.record.is_expired(self.now_ms)).then_some((l.record, l.json)),
+                    dirty: false,
+                },
+                None => Entry {
+                    orig_size: 0,
+                    orig_present: false,
+                    orig_expires: None,
+                    cur: None,
+                    dirty: false,
+                },
+            };
+            self.entries.insert(key.to_string(), entry);
+        }
+        self.entries
+            .get_mut(key)
+            .ok_or_else(|| KvError::Internal("staged entry vanished".into()))
+    }
+
+    /// The visible record of `key`.
+    pub fn get(&mut self, key: &str) -> Result<Option<&Record>, KvError> {
+        Ok(self.entry(key)?.cur.as_ref().map(|(r, _)| r))
+    }
+
+    fn version_of(&mut self, key: &str) -> Result<u64, KvError> {
+        Ok(self.get(key)?.map_or(0, |r| r.version))
+    }
+
+    /// Stages `value` for `key`, keeping created_at of an existing record; checks value
+    /// and namespace limits.
+    fn put(&mut self, key: &str, value: Value, expires_ms: Option<u64>) -> Result<(), KvError> {
+        let json = validate::storable(&value, self.limits.max_value_bytes)?;
+        let (now, version) = (self.now_ms, self.write_version());
+        let before = self.bytes();
+        let entry = self.entry(key)?;
+        let (old_b, old_k) = (entry.byte_delta(key), entry.key_delta());
+        let created_ms = entry.cur.as_ref().map_or(now, |(r, _)| r.created_ms);
+        entry.cur = Some((
+            Record {
+                value,
+                version,
+                created_ms,
+                updated_ms: now,
+                expires_ms,
+            },
+            json,
+        ));
+        entry.dirty = true;
+        let (new_b, new_k) = (entry.byte_delta(key), entry.key_delta());
+        self.byte_delta += new_b - old_b;
+        self.key_delta += new_k - old_k;
+        let after = self.bytes();
+        if after > self.limits.max_namespace_bytes && after > before {
+            return Err(KvError::TooLarge {
+                what: "namespace",
+                limit_bytes: self.limits.max_namespace_bytes,
+                current_size_bytes: after,
+            });
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &str) -> Result<Option<Record>, KvError> {
+        let entry = self.entry(key)?;
+        let (old_b, old_k) = (entry.byte_delta(key), entry.key_delta());
+        let Some((old, _)) = entry.cur.take() else {
+            return Ok(None);
+        };
+        entry.dirty = true;
+        let (new_b, new_k) = (entry.byte_delta(key), entry.key_delta());
+        self.byte_delta += new_b - old_b;
+        self.key_delta += new_k - old_k;
+        Ok(Some(old))
+    }
+
+    /// Runs one operation against the staged state and returns its route's body.
+    pub fn apply(&mut self, op: &Op) -> Result<Value, KvError> {
+        match op {
+            Op::Get { key, path, meta } => {
+                let rec = self
+                    .get(key)?
+                    .ok_or_else(|| KvError::NotFound(key.clone()))?;
+                let value = match path {
+                    Some((p, text)) => p
+                        .get(&rec.value)
+                        .cloned()
+                        .ok_or_else(|| KvError::PathNotFound(text.clone()))?,
+                    None => rec.value.clone(),
+                };
+                let mut body = Map::new();
+                body.insert("key".into(), key.clone().into());
+                body.insert("value".into(), value);
+                if *meta {
+                    rec.meta_into(&mut body);
+                }
+                Ok(Value::Object(body))
+            }
+            Op::Set {
+                key,
+                value,
+                nx,
+                xx,
+                if_version,
+                ttl,
+                keep_ttl,
+                get,
+            } => {
+                let existing = self.get(key)?.cloned();
+                check_version(*if_version, existing.as_ref().map_or(0, |r| r.version))?;
+                if *nx && existing.is_some() {
+                    return Err(KvError::Exists(key.clone()));
+                }
+                if *xx && existing.is_none() {
+                    return Err(KvError::NotExists(key.clone()));
+                }
+                let expires = match (ttl, keep_ttl) {
+                    (Some(t), _) => Some(t.deadline(self.now_ms)),
+                    (None, true) => existing.as_ref().and_then(|r| r.expires_ms),
+                    (None, false) => None,
+                };
+                self.put(key, value.clone(), expires)?;
+                let mut body = json!({
+                    "key": key,
+                    "version": self.write_version(),
+                    "created": existing.is_none(),
+                });
+                if *get {
+                    body["previous"] = existing.map_or(Value::Null, |r| r.value);
+                }
+                Ok(body)
+            }
+            Op::Patch {
+                key,
+                path,
+                value,
+                if_version,
+            } => {
+                let rec = self
+                    .get(key)?
+                    .cloned()
+                    .ok_or_else(|| KvError::NotFound(key.clone()))?;
+                check_version(*if_version, rec.version)?;
+                let mut doc = rec.value;
+                match path {
+                    Some((p, text)) => p.set(&mut doc, value.clone(), text)?,
+                    None => json_patch::merge(&mut doc, value),
+                }
+                self.put(key, doc, rec.expires_ms)?;
+                Ok(json!({"key": key, "version": self.write_version()}))
+            }
+            Op::Delete {
+                key,
+                if_version,
+                get,
+            } => {
+                let v = self.version_of(key)?;
+                check_version(*if_version, v)?;
+                let old = self.remove(key)?;
+                let mut body = json!({"deleted": old.is_some()});
+                if *get {
+                    body["previous"] = old.map_or(Value::Null, |r| r.value);
+                }
+                Ok(body)
+            }
+            Op::Incr { key, by } => {
+                let existing = self.get(key)?.cloned();
+                let current = match &existing {
+                    None => 0,
+                    Some(r) => match &r.value {
+                        Value::Number(n) if n.is_i64() => n.as_i64().unwrap_or(0),
+                        Value::Number(n) if n.is_u64() => {
+                            return Err(KvError::Overflow(format!(
+                                "value of `{key}` does not fit a signed 64-bit integer"
+                            )));
+                        }
+                        _ => {
+                            return Err(KvError::WrongType(format!(
+                                "value of `{key}` is not an integer"
+                            )));
+                        }
+                    },
+                };
+                let next = current.checked_add(*by).ok_or_else(|| {
+                    KvError::Overflow(format!(
+                        "{current} + {by} overflows a signed 64-bit integer"
+                    ))
+                })?;
+                self.put(key, next.into(), existing.and_then(|r| r.expires_ms))?;
+                Ok(json!({"value": next}))
+            }
+            Op::Push { key, front, values } => {
+                let existing = self.get(key)?.cloned();
+                let (mut list, expires) = match existing {
+                    None => (Vec::new(), None),
+                    Some(Record {
+                        value: Value::Array(a),
+                        expires_ms,
+                        ..
+                    }) => (a, expires_ms),
+                    Some(_) => {
+                        return Err(KvError::WrongType(format!(
+                            "value of `{key}` is not a list"
+                        )));
+                    }
+                };
+                if values.iter().any(|v| validate::depth(v) >= MAX_DEPTH) {
+                    return Err(validate::too_deep());
+                }
+                if *front {
+                    for v in values {
+                        list.insert(0, v.clone());
+                    }
+                } else {
+                    list.extend(values.iter().cloned());
+                }
+                let len = list.len();
+                self.put(key, Value::Array(list), expires)?;
+                Ok(json!({"length": len}))
+            }
+            Op::Pop { key, front, count } => {
+                let existing = self.get(key)?.cloned();
+                let (mut list, expires) = match existing {
+                    None => {
+                        return Ok(match count {
+                            Some(_) => json!({"values": []}),
+                            None => json!({"value": null}),
+                        });
+                    }
+                    Some(Record {
+                        value: Value::Array(a),
+                        expires_ms,
+                        ..
+                    }) => (a, expires_ms),
+                    Some(_) => {
+                        return Err(KvError::WrongType(format!(
+                            "value of `{key}` is not a list"
+                        )));
+                    }
+                };
+                let n = count.unwrap_or(1).min(list.len());
+                let popped: Vec<Value> = if *front {
+                    list.drain(..n).collect()
+                } else {
+                    let mut tail = list.split_off(list.len() - n);
+                    tail.reverse();
+                    tail
+                };
+                if n > 0 {
+                    self.put(key, Value::Array(list), expires)?;
+                }
+                Ok(match count {
+                    Some(_) => json!({"values": popped}),
+                    None => json!({"value": popped.into_iter().next()}),
+                })
+            }
+            Op::Expire { key, ttl } => {
+                let rec = self
+                    .get(key)?
+                    .cloned()
+                    .ok_or_else(|| KvError::NotFound(key.clone()))?;
+                let expires = ttl.map(|t| t.deadline(self.now_ms));
+                self.put(key, rec.value, expires)?;
+                Ok(json!({"expires_at": expires.map(super::rfc3339)}))
+            }
+        }
+    }
+
+    /// Runs a whole request: namespace `if_version`, key checks, then every operation.
+    pub fn run(&mut self, req: &BatchRequest, batch: bool) -> Result<Vec<Value>, KvError> {
+        if let Some(expected) = req.if_version
+            && expected != self.base_version
+        {
+            return Err(KvError::VersionMismatch {
+                expected,
+                actual: self.base_version,
+            });
+        }
+        for (key, expected) in &req.checks {
+            let actual = self.version_of(key)?;
+            check_version(Some(*expected), actual)?;
+        }
+        let mut results = Vec::with_capacity(req.ops.len());
+        for (i, op) in req.ops.iter().enumerate() {
+            match self.apply(op) {
+                Ok(body) => results.push(body),
+                Err(e) if batch => return Err(e.at(i)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(results)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    struct Mem(HashMap<String, Record>);
+    impl Backing for Mem {
+        fn load(&mut self, key: &str) -> Result<Option<Loaded>, KvError> {
+            Ok(self.0.get(key).map(|r| Loaded {
+                record: r.clone(),
+                json: serde_json::to_vec(&r.value).unwrap(),
+            }))
+        }
+    }
+
+    const LIMITS: Limits = Limits {
+        max_value_bytes: 1000,
+        max_namespace_bytes: 2000,
+    };
+
+    fn run(mem: &mut Mem, ops: Vec<Op>) -> Result<Vec<Value>, KvError> {
+        let mut t = NsTxn::new(mem, 1_000, 7, 0, LIMITS);
+        let r = t.run(
+            &BatchRequest {
+                ops,
+                ..Default::default()
+            },
+            true,
+        )?;
+        let staged: Vec<(String, Option<Record>)> = t
+            .entries
+            .iter()
+            .filter(|(_, e)| e.dirty)
+            .map(|(k, e)| (k.clone(), e.cur.as_ref().map(|(r, _)| r.clone())))
+            .collect();
+        for (k, r) in staged {
+            match r {
+                Some(r) => mem.0.insert(k, r),
+                None => mem.0.remove(&k),
+            };
+        }
+        Ok(r)
+    }
+
+    fn op(v: Value) -> Op {
+        parse_op(v).unwrap()
+    }
+
+    #[test]
+    fn push_pop_like_redis() {
+        let mut m = Mem::default();
+        let r = run(
+            &mut m,
+            vec![
+                op(json!({"op": "lpush", "key": "l", "values": ["a", "b", "c"]})),
+                op(json!({"op": "rpush", "key": "l", "value": "z"})),
+                op(json!({"op": "rpop", "key": "l", "count": 2})),
+                op(json!({"op": "lpop", "key": "l"})),
+            ],
+        )
+        .unwrap();
+        assert_eq!(r[0], json!({"length": 3}));
+        assert_eq!(r[1], json!({"length": 4}));
+        assert_eq!(r[2], json!({"values": ["z", "a"]}));
+        assert_eq!(r[3], json!({"value": "c"}));
+        assert_eq!(m.0["l"].value, json!(["b"]));
+        let r = run(
+            &mut m,
+            vec![op(json!({"op": "lpop", "key": "l", "count": 5}))],
+        )
+        .unwrap();
+        assert_eq!(r[0], json!({"values": ["b"]}));
+        assert_eq!(
+            m.0["l"].value,
+            json!([]),
+            "a list emptied by pops stays as []"
+        );
+    }
+
+    #[test]
+    fn incr_types_and_overflow() {
+        let mut m = Mem::default();
+        assert_eq!(
+            run(&mut m, vec![op(json!({"op": "decr", "key": "n", "by": 5}))]).unwrap()[0],
+            json!({"value": -5})
+        );
+        m.0.get_mut("n").unwrap().value = json!(i64::MAX);
+        assert!(matches!(
+            run(&mut m, vec![op(json!({"op": "incr", "key": "n"}))]),
+            Err(KvError::Batch { source, .. }) if matches!(*source, KvError::Overflow(_))
+        ));
+        for bad in [json!(1.5), json!(true), json!("1")] {
+            m.0.get_mut("n").unwrap().value = bad;
+            assert!(matches!(
+                run(&mut m, vec![op(json!({"op": "incr", "key": "n"}))]),
+                Err(KvError::Batch { source, .. }) if matches!(*source, KvError::WrongType(_))
+            ));
+        }
+        assert!(parse_op(json!({"op": "incr", "key": "n", "by": 1.5})).is_err());
+        assert!(parse_op(json!({"op": "decr", "key": "n", "by": i64::MIN})).is_err());
+    }
+
+    #[test]
+    fn failing_op_reports_index_and_stages_nothing() {
+        let mut m = Mem::default();
+        let err = run(
+            &mut m,
+            vec![
+                op(json!({"op": "set", "key": "a", "value": 1})),
+                op(json!({"op": "set", "key": "a", "value": 2, "nx": true})),
+            ],
+        )
+        .unwrap_err();
+        assert!(matches!(err, KvError::Batch { index: 1, .. }), "{err:?}");
+        assert!(m.0.is_empty());
+    }
+
+    #[test]
+    fn namespace_quota() {
+        let mut m = Mem::default();
+        let big = "x".repeat(900);
+        run(
+            &mut m,
+            vec![op(json!({"op": "set", "key": "a", "value": big}))],
+        )
+        .unwrap();
+        run(
+            &mut m,
+            vec![op(json!({"op": "set", "key": "b", "value": big}))],
+        )
+        .unwrap();
+        let mut t = NsTxn::new(&mut m, 1_000, 2, 1806, LIMITS);
+        let err = t
+            .apply(&op(json!({"op": "set", "key": "c", "value": big})))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KvError::TooLarge {
+                    what: "namespace",
+                    limit_bytes: 2000,
+                    current_size_bytes: 2709
+                }
+            ),
+            "{err:?}"
+        );
+        // Shrinking is always allowed, even over the quota.
+        let mut t = NsTxn::new(&mut m, 1_000, 2, 5000, LIMITS);
+        t.apply(&op(json!({"op": "set", "key": "a", "value": 1})))
+            .unwrap();
+        assert_eq!(t.bytes(), 5000 - 903 + 2);
+    }
+
+    #[test]
+    fn expired_records_are_invisible() {
+        let mut m = Mem::default();
+        m.0.insert(
+            "k".into(),
+            Record {
+                value: json!(1),
+                version: 3,
+                created_ms: 1,
+                updated_ms: 1,
+                expires_ms: Some(999),
+            },
+        );
+        let err = run(&mut m, vec![op(json!({"op": "get", "key": "k"}))]).unwrap_err();
+        assert!(
+            matches!(err, KvError::Batch { source, .. } if matches!(*source, KvError::NotFound(_)))
+        );
+        let r = run(
+            &mut m,
+            vec![op(json!({"op": "set", "key": "k", "value": 2}))],
+        )
+        .unwrap();
+        assert_eq!(r[0]["created"], json!(true));
+    }
+
+    #[test]
+    fn batch_parse_errors() {
+        assert!(matches!(
+            BatchRequest::parse(b"{"),
+            Err(KvError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            BatchRequest::parse(br#"{"operations": [{"op": "nope", "key": "a"}]}"#),
+            Err(KvError::Batch { index: 0, .. })
+        ));
+        let many = json!({"operations": vec![json!({"op": "get", "key": "a"}); 101]});
+        assert!(matches!(
+            BatchRequest::parse(many.to_string().as_bytes()),
+            Err(KvError::InvalidParam(_))
+        ));
+        assert!(matches!(
+            BatchRequest::parse(br#"{"operations": [{"op": "get", "key": "$x"}]}"#),
+            Err(KvError::Batch { index: 0, source }) if matches!(*source, KvError::ReservedKey(_))
+        ));
+    }
+}

@@ -1,0 +1,821 @@
+//! The redb-backed store: one writer thread with group commit, reads on the blocking
+//! pool, watch notifications and the TTL purger.
+//!
+//! Every write request goes through a bounded queue to the writer thread, which takes
+//! all requests waiting in the queue, runs each against its own staged overlay in one
+//! redb write transaction, and commits once (durably) for the whole group. A request
+//! is answered only after that commit returned, so an acknowledged write survives a
+//! crash, while many concurrent writers share one fsync.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde_json::Value;
+use tokio::sync::{oneshot, watch};
+
+use super::crypto::Cipher;
+use super::ops::{Backing, BatchRequest, Limits, Loaded, NsTxn};
+use super::{KvError, Record, now_ms};
+
+/// (namespace, key) → sealed record.
+const RECORDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("kv_records");
+/// namespace → (version, bytes, keys).
+const NAMESPACES: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("kv_namespaces");
+/// (expires_ms, namespace, key): what the purger deletes, oldest first.
+const EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("kv_expiry");
+/// Store-wide facts; `key_check` proves the configured key is the one the data uses.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("kv_meta");
+
+const KEY_CHECK_AAD: &[u8] = b"sandkeep:key-check";
+const KEY_CHECK_PLAIN: &[u8] = b"sandkeep kv key check v1";
+/// Plaintext header before the value's JSON: version, created, updated, expires (0 = none).
+const HEADER_LEN: usize = 32;
+/// Bytes a sealed blob adds to its plaintext (nonce + tag).
+const SEAL_OVERHEAD: usize = 28;
+/// Most requests committed together.
+const MAX_GROUP: usize = 512;
+/// Most expired records deleted by one purge transaction.
+const PURGE_BATCH: usize = 10_000;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NsMeta {
+    pub version: u64,
+    pub bytes: u64,
+    pub keys: u64,
+}
+
+/// The answer to a write request.
+#[derive(Debug)]
+pub struct WriteOutcome {
+    /// The namespace version after the request.
+    pub version: u64,
+    /// One body per operation, as the single-key route would answer.
+    pub results: Vec<Value>,
+}
+
+pub struct StoreOptions {
+    pub path: PathBuf,
+    pub cipher: Cipher,
+    pub limits: Limits,
+    /// Requests that may wait for the writer before new ones get `busy`.
+    pub queue_capacity: usize,
+}
+
+enum Job {
+    Write {
+        ns: String,
+        req: BatchRequest,
+        batch: bool,
+        reply: oneshot::Sender<Result<WriteOutcome, KvError>>,
+    },
+    Purge,
+}
+
+/// Per-namespace version channels that `watch` requests wait on.
+#[derive(Default)]
+struct Watchers {
+    map: Mutex<HashMap<String, watch::Sender<u64>>>,
+}
+
+impl Watchers {
+    fn subscribe(&self, ns: &str, current: u64) -> watch::Receiver<u64> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(ns.to_string())
+            .or_insert_with(|| watch::channel(current).0)
+            .subscribe()
+    }
+
+    fn notify(&self, ns: &str, version: u64) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = map.get(ns) {
+            if tx.receiver_count() == 0 {
+                map.remove(ns);
+            } else {
+                tx.send_replace(version);
+            }
+        }
+    }
+}
+
+struct Inner {
+    db: Arc<Database>,
+    cipher: Cipher,
+    /// The writer's queue. Owned here; `close` takes it, which ends the writer thread.
+    tx: Mutex<Option<SyncSender<Job>>>,
+    /// The writer thread; joined by `close`.
+    writer: Mutex<Option<JoinHandle<()>>>,
+    watchers: Arc<Watchers>,
+    /// Cleared when the final export starts: later writes get `shutting_down`.
+    accepting: AtomicBool,
+}
+
+/// Cheap to clone; all clones share one database and one writer.
+#[derive(Clone)]
+pub struct KvStore {
+    inner: Arc<Inner>,
+}
+
+fn aad(ns: &str, key: &str) -> Vec<u8> {
+    let mut a = Vec::with_capacity(ns.len() + 1 + key.len());
+    a.extend_from_slice(ns.as_bytes());
+    a.push(0);
+    a.extend_from_slice(key.as_bytes());
+    a
+}
+
+fn encode(rec: &Record, json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + json.len());
+    for n in [
+        rec.version,
+        rec.created_ms,
+        rec.updated_ms,
+        rec.expires_ms.unwrap_or(0),
+    ] {
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    out.extend_from_slice(json);
+    out
+}
+
+fn decode(plain: Vec<u8>) -> Result<Loaded, KvError> {
+    if plain.len() < HEADER_LEN {
+        return Err(KvError::Storage("record is truncated".into()));
+    }
+    let n = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&plain[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(b)
+    };
+    let (version, created_ms, updated_ms, expires) = (n(0), n(1), n(2), n(3));
+    let json = plain[HEADER_LEN..].to_vec();
+    let value = serde_json::from_slice(&json)
+        .map_err(|e| KvError::Storage(format!("record value: {e}")))?;
+    Ok(Loaded {
+        record: Record {
+            value,
+            version,
+            created_ms,
+            updated_ms,
+            expires_ms: (expires != 0).then_some(expires),
+        },
+        json,
+    })
+}
+
+fn open_record(cipher: &Cipher, ns: &str, key: &str, blob: &[u8]) -> Result<Loaded, KvError> {
+    let plain = cipher
+        .open(&aad(ns, key), blob)
+        .map_err(|e| KvError::Storage(format!("{ns}/{key}: {e}")))?;
+    decode(plain)
+}
+
+impl KvStore {
+    /// Opens (or creates) the database, checks the key, and starts the writer thread.
+    pub fn open(opts: StoreOptions) -> Result<Self, KvError> {
+        let db = Database::create(&opts.path)
+            .map_err(|e| KvError::Storage(format!("{}: {e}", opts.path.display())))?;
+        check_key(&db, &opts.cipher)?;
+        let db = Arc::new(db);
+        let (tx, rx) = std::sync::mpsc::sync_channel(opts.queue_capacity.max(1));
+        let watchers = Arc::new(Watchers::default());
+        let writer = Writer {
+            db: db.clone(),
+            cipher: opts.cipher.clone(),
+            limits: opts.limits,
+            watchers: watchers.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("kv-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| KvError::Internal(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                cipher: opts.cipher,
+                tx: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(handle)),
+                watchers,
+                accepting: AtomicBool::new(true),
+            }),
+        })
+    }
+
+    /// Queues a write request and waits until its group commit is durable.
+    pub async fn write(
+        &self,
+        ns: &str,
+        req: BatchRequest,
+        batch: bool,
+    ) -> Result<WriteOutcome, KvError> {
+        if !self.inner.accepting.load(Ordering::Acquire) {
+            return Err(KvError::ShuttingDown);
+        }
+        let (reply, rx) = oneshot::channel();
+        let job = Job::Write {
+            ns: ns.to_string(),
+            req,
+            batch,
+            reply,
+        };
+        self.send(job)?;
+        rx.await.map_err(|_| KvError::ShuttingDown)?
+    }
+
+    fn send(&self, job: Job) -> Result<(), KvError> {
+        let guard = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = guard.as_ref().ok_or(KvError::ShuttingDown)?;
+        tx.try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => KvError::Busy,
+            TrySendError::Disconnected(_) => KvError::ShuttingDown,
+        })
+    }
+
+    /// Refuses every later write with `shutting_down`.
+    pub fn stop_writes(&self) {
+        self.inner.accepting.store(false, Ordering::Release);
+    }
+
+    /// Stops the writer after the queued requests and waits for it. Reads keep working
+    /// until the last clone is dropped, which closes the database.
+    pub fn close(&self) {
+        self.stop_writes();
+        drop(
+            self.inner
+                .tx
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+        let handle = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(h) = handle
+            && h.join().is_err()
+        {
+            tracing::error!("the kv writer thread panicked");
+        }
+    }
+
+    /// Runs a read on the blocking pool so redb's I/O never stalls the executor.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, KvError> + Send + 'static,
+    ) -> Result<T, KvError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| KvError::Internal(format!("read task: {e}")))?
+    }
+
+    /// The visible record of `key`.
+    pub async fn get(&self, ns: &str, key: &str) -> Result<Option<Record>, KvError> {
+        let (ns, key) = (ns.to_string(), key.to_string());
+        self.read(move |inner| inner.get(&ns, &key)).await
+    }
+
+    /// The visible record of `key` and the namespace's meta, read together.
+    pub async fn get_with_meta(
+        &self,
+        ns: &str,
+        key: &str,
+    ) -> Result<(Option<Record>, NsMeta), KvError> {
+        let (ns, key) = (ns.to_string(), key.to_string());
+        self.read(move |inner| {
+            let rtx = inner.db.begin_read()?;
+            let rec = get_in(&rtx, &inner.cipher, &ns, &key)?;
+            let meta = meta_in(&rtx, &ns)?;
+            Ok((rec, meta))
+        })
+        .await
+    }
+
+    pub async fn ns_meta(&self, ns: &str) -> Result<NsMeta, KvError> {
+        let ns = ns.to_string();
+        self.read(move |inner| meta_in(&inner.db.begin_read()?, &ns))
+            .await
+    }
+
+    /// Up to `limit` visible keys of `ns` starting with `prefix`, after `after`; and
+    /// whether more follow.
+    pub async fn list(
+        &self,
+        ns: &str,
+        prefix: &str,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<(Vec<String>, bool, NsMeta), KvError> {
+        let (ns, prefix) = (ns.to_string(), prefix.to_string());
+        self.read(move |inner| {
+            let rtx = inner.db.begin_read()?;
+            let meta = meta_in(&rtx, &ns)?;
+            let table = match rtx.open_table(RECORDS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok((vec![], false, meta)),
+                Err(e) => return Err(e.into()),
+            };
+            let start = match &after {
+                Some(a) if a.as_str() >= prefix.as_str() => a.as_str(),
+                _ => prefix.as_str(),
+            };
+            let now = now_ms();
+            let mut keys = Vec::new();
+            let mut more = false;
+            for item in table.range((ns.as_str(), start)..)? {
+                let (k, v) = item?;
+                let (kns, key) = k.value();
+                if kns != ns || !key.starts_with(prefix.as_str()) {
+                    break;
+                }
+                if after.as_deref() == Some(key) {
+                    continue;
+                }
+                let loaded = open_record(&inner.cipher, &ns, key, v.value())?;
+                if loaded.record.is_expired(now) {
+                    continue;
+                }
+                if keys.len() == limit {
+                    more = true;
+                    break;
+                }
+                keys.push(key.to_string());
+            }
+            Ok((keys, more, meta))
+        })
+        .await
+    }
+
+    /// Namespaces that hold keys, and their total size.
+    pub async fn stats(&self) -> Result<(u64, u64), KvError> {
+        self.read(|inner| {
+            let rtx = inner.db.begin_read()?;
+            let table = match rtx.open_table(NAMESPACES) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok((0, 0)),
+                Err(e) => return Err(e.into()),
+            };
+            let (mut n, mut bytes) = (0, 0);
+            for item in table.iter()? {
+                let (_, v) = item?;
+                let (_, b, keys) = v.value();
+                if keys > 0 {
+                    n += 1;
+                    bytes += b;
+                }
+            }
+            Ok((n, bytes))
+        })
+        .await
+    }
+
+    /// A receiver that changes whenever `ns` commits a write.
+    pub fn subscribe(&self, ns: &str, current: u64) -> watch::Receiver<u64> {
+        self.inner.watchers.subscribe(ns, current)
+    }
+
+    /// When the earliest TTL runs out, if any key has one.
+    pub async fn next_expiry(&self) -> Result<Option<u64>, KvError> {
+        self.read(|inner| {
+            let rtx = inner.db.begin_read()?;
+            let table = match rtx.open_table(EXPIRY) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            Ok(table.first()?.map(|(k, _)| k.value().0))
+        })
+        .await
+    }
+
+    /// Deletes expired records in the background until `stop` fires. Expired keys are
+    /// already invisible to every read; this frees their space, bumps the namespace
+    /// version (like an etcd lease expiry) and wakes watchers.
+    pub async fn run_purger(self, stop: tokio_util::sync::CancellationToken) {
+        const MAX_SLEEP: Duration = Duration::from_millis(500);
+        loop {
+            let sleep = match self.next_expiry().await {
+                Ok(Some(at)) if at <= now_ms() => {
+                    if let Err(e) = self.send(Job::Purge) {
+                        tracing::debug!(error = %e, "purge not queued");
+                    }
+                    MAX_SLEEP.min(Duration::from_millis(50))
+                }
+                Ok(Some(at)) => MAX_SLEEP.min(Duration::from_millis(at - now_ms())),
+                Ok(None) => MAX_SLEEP,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the expiry index");
+                    MAX_SLEEP
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn get(&self, ns: &str, key: &str) -> Result<Option<Record>, KvError> {
+        get_in(&self.db.begin_read()?, &self.cipher, ns, key)
+    }
+}
+
+fn get_in(
+    rtx: &redb::ReadTransaction,
+    cipher: &Cipher,
+    ns: &str,
+    key: &str,
+) -> Result<Option<Record>, KvError> {
+    let table = match rtx.open_table(RECORDS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let Some(blob) = table.get((ns, key))? else {
+        return Ok(None);
+    };
+    let loaded = open_record(cipher, ns, key, blob.value())?;
+    Ok((!loaded.record.is_expired(now_ms())).then_some(loaded.record))
+}
+
+fn meta_in(rtx: &redb::ReadTransaction, ns: &str) -> Result<NsMeta, KvError> {
+    let table = match rtx.open_table(NAMESPACES) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(NsMeta::default()),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(table
+        .get(ns)?
+        .map(|v| {
+            let (version, bytes, keys) = v.value();
+            NsMeta {
+                version,
+                bytes,
+                keys,
+            }
+        })
+        .unwrap_or_default())
+}
+
+/// Creates the tables, and refuses a key that is not the one the data was written with.
+fn check_key(db: &Database, cipher: &Cipher) -> Result<(), KvError> {
+    let wtx = db.begin_write()?;
+    {
+        wtx.open_table(RECORDS)?;
+        wtx.open_table(NAMESPACES)?;
+        wtx.open_table(EXPIRY)?;
+        let mut meta = wtx.open_table(META)?;
+        let existing = meta.get("key_check")?.map(|v| v.value().to_vec());
+        match existing {
+            Some(blob) => {
+                if cipher.open(KEY_CHECK_AAD, &blob).ok().as_deref() != Some(KEY_CHECK_PLAIN) {
+                    return Err(KvError::Storage(
+                        "the configured kv key is not the key this database was written with"
+                            .into(),
+                    ));
+                }
+            }
+            None => {
+                meta.insert(
+                    "key_check",
+                    cipher.seal(KEY_CHECK_AAD, KEY_CHECK_PLAIN).as_slice(),
+                )?;
+            }
+        }
+    }
+    wtx.commit()?;
+    Ok(())
+}
+
+/// Owns redb write transactions; runs on its own thread.
+struct Writer {
+    db: Arc<Database>,
+    cipher: Cipher,
+    limits: Limits,
+    watchers: Arc<Watchers>,
+}
+
+struct TableBacking<'a, 't> {
+    records: &'a mut redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
+    cipher: &'a Cipher,
+    ns: &'a str,
+}
+
+impl Backing for TableBacking<'_, '_> {
+    fn load(&mut self, key: &str) -> Result<Option<Loaded>, KvError> {
+        match self.records.get((self.ns, key))? {
+            Some(blob) => open_record(self.cipher, self.ns, key, blob.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<WriteOutcome, KvError>>;
+
+impl Writer {
+    fn run(self, rx: Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(jobs);
+        }
+    }
+
+    /// Runs every job of the group in one transaction and commits once.
+    fn commit_group(&self, jobs: Vec<Job>) {
+        let mut replies: Vec<(Reply, Result<WriteOutcome, KvError>)> = Vec::new();
+        let mut changed: HashMap<String, u64> = HashMap::new();
+        let outcome = (|| -> Result<(), KvError> {
+            let wtx = self.db.begin_write()?;
+            {
+                let mut records = wtx.open_table(RECORDS)?;
+                let mut namespaces = wtx.open_table(NAMESPACES)?;
+                let mut expiry = wtx.open_table(EXPIRY)?;
+                for job in jobs {
+                    match job {
+                        Job::Write {
+                            ns,
+                            req,
+                            batch,
+                            reply,
+                        } => {
+                            let result = self.execute(
+                                &mut records,
+                                &mut namespaces,
+                                &mut expiry,
+                                &ns,
+                                &req,
+                                batch,
+                            );
+                            if let Ok(o) = &result {
+                                changed.insert(ns, o.version);
+                            }
+                            replies.push((reply, result));
+                        }
+                        Job::Purge => {
+                            self.purge(&mut records, &mut namespaces, &mut expiry, &mut changed)?
+                        }
+                    }
+                }
+            }
+            wtx.commit()?;
+            Ok(())
+        })();
+        match outcome {
+            Ok(()) => {
+                for (reply, result) in replies {
+                    let _ = reply.send(result);
+                }
+                for (ns, version) in changed {
+                    self.watchers.notify(&ns, version);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "kv commit failed; the group's writes were not applied");
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(KvError::Storage(e.to_string())));
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn execute(
+        &self,
+        records: &mut redb::Table<(&'static str, &'static str), &'static [u8]>,
+        namespaces: &mut redb::Table<&'static str, (u64, u64, u64)>,
+        expiry: &mut redb::Table<(u64, &'static str, &'static str), ()>,
+        ns: &str,
+        req: &BatchRequest,
+        batch: bool,
+    ) -> Result<WriteOutcome, KvError> {
+        let meta = namespaces.get(ns)?.map(|v| v.value()).unwrap_or((0, 0, 0));
+        let (version, bytes, keys) = meta;
+        let mut backing = TableBacking {
+            records,
+            cipher: &self.cipher,
+            ns,
+        };
+        let mut txn = NsTxn::new(&mut backing, now_ms(), version, bytes, self.limits);
+        let results = txn.run(req, batch)?;
+        if !txn.changed() {
+            return Ok(WriteOutcome { version, results });
+        }
+        let new_version = txn.write_version();
+        let new_bytes = txn.bytes();
+        let new_keys = (keys as i64 + txn.key_delta()).max(0) as u64;
+        let entries = std::mem::take(&mut txn.entries);
+        drop(txn);
+        for (key, entry) in entries.into_iter().filter(|(_, e)| e.dirty) {
+            if let Some(at) = entry.orig_expires {
+                expiry.remove((at, ns, key.as_str()))?;
+            }
+            match entry.cur {
+                Some((rec, json)) => {
+                    let blob = self.cipher.seal(&aad(ns, &key), &encode(&rec, &json));
+                    records.insert((ns, key.as_str()), blob.as_slice())?;
+                    if let Some(at) = rec.expires_ms {
+                        expiry.insert((at, ns, key.as_str()), ())?;
+                    }
+                }
+                None => {
+                    records.remove((ns, key.as_str()))?;
+                }
+            }
+        }
+        namespaces.insert(ns, (new_version, new_bytes, new_keys))?;
+        Ok(WriteOutcome {
+            version: new_version,
+            results,
+        })
+    }
+
+    fn purge(
+        &self,
+        records: &mut redb::Table<(&'static str, &'static str), &'static [u8]>,
+        namespaces: &mut redb::Table<&'static str, (u64, u64, u64)>,
+        expiry: &mut redb::Table<(u64, &'static str, &'static str), ()>,
+        changed: &mut HashMap<String, u64>,
+    ) -> Result<(), KvError> {
+        let now = now_ms();
+        let due: Vec<(u64, String, String)> = expiry
+            .range(..(now + 1, "", ""))?
+            .take(PURGE_BATCH)
+            .map(|item| {
+                item.map(|(k, _)| {
+                    let (at, ns, key) = k.value();
+                    (at, ns.to_string(), key.to_string())
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let mut freed: HashMap<String, (u64, u64)> = HashMap::new();
+        for (at, ns, key) in due {
+            expiry.remove((at, ns.as_str(), key.as_str()))?;
+            if let Some(blob) = records.remove((ns.as_str(), key.as_str()))? {
+                let json_len = blob
+                    .value()
+                    .len()
+                    .saturating_sub(SEAL_OVERHEAD + HEADER_LEN);
+                let f = freed.entry(ns).or_default();
+                f.0 += (key.len() + json_len) as u64;
+                f.1 += 1;
+            }
+        }
+        for (ns, (bytes, keys)) in freed {
+            let (version, b, k) = namespaces
+                .get(ns.as_str())?
+                .map(|v| v.value())
+                .unwrap_or((0, 0, 0));
+            let v = version + 1;
+            namespaces.insert(
+                ns.as_str(),
+                (v, b.saturating_sub(bytes), k.saturating_sub(keys)),
+            )?;
+            changed.insert(ns, v);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Make sure the writer is gone before the database closes.
+        drop(self.tx.lock().unwrap_or_else(|e| e.into_inner()).take());
+        if let Some(h) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The database file inside a state directory.
+pub fn db_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("sandkeep.redb")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::ops::Op;
+    use serde_json::json;
+
+    fn store(dir: &Path, key: u8) -> Result<KvStore, KvError> {
+        KvStore::open(StoreOptions {
+            path: db_path(dir),
+            cipher: Cipher::new(&[key; 32]),
+            limits: Limits {
+                max_value_bytes: 65536,
+                max_namespace_bytes: 1 << 20,
+            },
+            queue_capacity: 1024,
+        })
+    }
+
+    fn set(key: &str, value: Value) -> BatchRequest {
+        BatchRequest::single(Op::Set {
+            key: key.into(),
+            value,
+            nx: false,
+            xx: false,
+            if_version: None,
+            ttl: None,
+            keep_ttl: false,
+            get: false,
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_persist_and_wrong_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = store(dir.path(), 1).unwrap();
+            let o = s
+                .write("ns", set("a", json!({"x": "plaintext-marker"})), false)
+                .await
+                .unwrap();
+            assert_eq!(o.version, 1);
+            s.close();
+        }
+        let raw = std::fs::read(db_path(dir.path())).unwrap();
+        assert!(!raw.windows(16).any(|w| w == b"plaintext-marker"));
+        assert!(store(dir.path(), 2).is_err(), "another key must be refused");
+        let s = store(dir.path(), 1).unwrap();
+        let rec = s.get("ns", "a").await.unwrap().unwrap();
+        assert_eq!(rec.value, json!({"x": "plaintext-marker"}));
+        assert_eq!(rec.version, 1);
+        assert_eq!(s.ns_meta("ns").await.unwrap().keys, 1);
+        assert_eq!(s.get("other", "a").await.unwrap(), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_share_commits_and_versions_are_dense() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.write("ns", set(&format!("k{i}"), json!(i)), false)
+                    .await
+                    .unwrap()
+                    .version
+            }));
+        }
+        let mut versions = Vec::new();
+        for t in tasks {
+            versions.push(t.await.unwrap());
+        }
+        versions.sort();
+        assert_eq!(versions, (1..=200).collect::<Vec<_>>());
+        let (keys, more, meta) = s.list("ns", "k1", None, 5).await.unwrap();
+        assert_eq!(keys, vec!["k1", "k10", "k100", "k101", "k102"]);
+        assert!(more);
+        assert_eq!(meta.version, 200);
+        let (keys, _, _) = s.list("ns", "k1", Some("k199".into()), 5).await.unwrap();
+        assert!(keys.is_empty(), "{keys:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn purger_deletes_expired_and_frees_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1).unwrap();
+        let req = BatchRequest::single(Op::Set {
+            key: "t".into(),
+            value: json!("v"),
+            nx: false,
+            xx: false,
+            if_version: None,
+            ttl: Some(crate::kv::Ttl(Duration::from_millis(100))),
+            keep_ttl: false,
+            get: false,
+        });
+        s.write("ns", req, false).await.unwrap();
+        s.write("ns", set("keep", json!(1)), false).await.unwrap();
+        assert_eq!(s.ns_meta("ns").await.unwrap().keys, 2);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let purger = tokio::spawn(s.clone().run_purger(stop.clone()));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(s.get("ns", "t").await.unwrap(), None, "invisible at once");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let meta = s.ns_meta("ns").await.unwrap();
+        assert_eq!(meta.keys, 1);
+        assert_eq!(meta.version, 3, "the purge is a write");
+        assert_eq!(meta.bytes, 4 + 1);
+        assert_eq!(s.next_expiry().await.unwrap(), None);
+        stop.cancel();
+        purger.await.unwrap();
+    }
+}

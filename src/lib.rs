@@ -1,0 +1,25 @@
+//! sandkeep: a sidecar daemon that keeps an AI agent sandbox's state alive beyond the
+//! sandbox.
+//!
+//! Processes inside the sandbox talk to the daemon over HTTP on a Unix socket. It keeps
+//! their key-value state in an embedded, encrypted redb database and (in later parts)
+//! mirrors the workspace to S3/MinIO so a new sandbox can be restored exactly.
+//!
+//! # Layout
+//! - [`config`]: the TOML schema, environment overrides, validation.
+//! - [`kv`]: the KV store (validation, crypto, staged operations, redb writer).
+//! - [`auth`]: HS256 tokens, namespace grants and scopes.
+//! - [`api`]: the HTTP router, handlers and the error shape of every answer.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`lifecycle`]: state-dir lock, socket binding, signals, startup and shutdown order.
+//! - [`client`]: the hyper + hyperlocal client used by the CLI and the tests.
+//! - [`cli`]: the `sandkeep` subcommands.
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod kv;
+pub mod lifecycle;
+pub mod metrics;

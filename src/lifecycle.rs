@@ -1,0 +1,339 @@
+//! The daemon's life: lock the state directory, open the store, bind the socket, serve,
+//! and on a signal (or `POST /v1/shutdown`) shut down in order.
+//!
+//! Start: state dir lock → KV key → database → socket → ready.
+//! Stop: not ready (readyz 503) → final sync (the remote part arrives with the sync
+//! engine; this is where it runs, while the API still answers) → refuse writes →
+//! drain HTTP requests → close the database → remove the socket → release the lock.
+
+use std::fs::File;
+use std::future::Future;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::auth::Authenticator;
+use crate::config::{AuthMode, Config};
+use crate::kv::crypto::{self, KeySource};
+use crate::kv::ops::Limits;
+use crate::kv::store::db_path;
+use crate::kv::{KvStore, StoreOptions};
+use crate::metrics::Metrics;
+
+/// How long in-flight requests may take to finish once the server stops.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Write requests that may wait for the writer before new ones get `busy`.
+const WRITE_QUEUE: usize = 16_384;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Starting,
+    Ready,
+    ShuttingDown,
+}
+
+/// Shared lifecycle state.
+///
+/// `shutdown` is cancelled once, by the first signal, `POST /v1/shutdown` or the
+/// caller's shutdown future; long-lived tasks (watch requests, the purger) end on it.
+/// `abort` is cancelled by a second signal: the final sync gives up at once.
+pub struct Lifecycle {
+    phase: AtomicU8,
+    pub shutdown: CancellationToken,
+    pub abort: CancellationToken,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self {
+            phase: AtomicU8::new(0),
+            shutdown: CancellationToken::new(),
+            abort: CancellationToken::new(),
+        }
+    }
+}
+
+impl Lifecycle {
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            0 => Phase::Starting,
+            1 => Phase::Ready,
+            _ => Phase::ShuttingDown,
+        }
+    }
+
+    fn set_phase(&self, p: Phase) {
+        let v = match p {
+            Phase::Starting => 0,
+            Phase::Ready => 1,
+            Phase::ShuttingDown => 2,
+        };
+        self.phase.store(v, Ordering::Release);
+    }
+
+    pub fn request_shutdown(&self) {
+        self.set_phase(Phase::ShuttingDown);
+        self.shutdown.cancel();
+    }
+}
+
+/// An exclusive lock on the state directory, held for the daemon's life.
+pub struct StateLock {
+    _file: File,
+}
+
+/// Locks `<state_dir>/lock`; a second daemon on the same state dir fails here.
+pub fn lock_state_dir(dir: &Path) -> anyhow::Result<StateLock> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create state_dir {}", dir.display()))?;
+    let path = dir.join("lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another sandkeep daemon is running on state_dir {} (it holds {})",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    file.set_len(0)?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(StateLock { _file: file })
+}
+
+/// Binds the socket. An existing socket file is removed only when no daemon answers
+/// on it; anything else at that path is left alone and refused.
+pub fn bind_socket(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!(
+                    "another daemon answers on socket {}; refusing to replace it",
+                    path.display()
+                );
+            }
+            tracing::info!(socket = %path.display(), "removing stale socket");
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        }
+        Ok(_) => anyhow::bail!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", path.display())),
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Removes the socket file on drop, if it is still ours.
+struct SocketGuard(PathBuf);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(socket = %self.0.display(), error = %e, "cannot remove socket");
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` completes, a signal arrives (when the caller
+/// installed them) or `POST /v1/shutdown` is called. Returns the process exit code.
+pub async fn run(
+    config: Config,
+    lifecycle: Arc<Lifecycle>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<u8> {
+    let config = Arc::new(config);
+    if config.auth.mode == AuthMode::None && !config.auth.secret.is_empty() {
+        tracing::warn!(
+            "auth.secret is set but auth.mode = \"none\": tokens are NOT checked; set auth.mode = \"token\" to require them"
+        );
+    }
+    let _lock = lock_state_dir(&config.state_dir)?;
+    let env_key = std::env::var("SANDKEEP_KV_KEY").ok();
+    let (cipher, source) =
+        crypto::load_key(env_key.as_deref(), &config.kv.key_file, &config.state_dir)?;
+    match &source {
+        KeySource::Generated(p) => tracing::warn!(
+            key_file = %p.display(),
+            "GENERATED A NEW KV ENCRYPTION KEY. Remote KV exports are encrypted with it: \
+             keep a copy (kv.key_file or SANDKEEP_KV_KEY) or a restore elsewhere cannot read them"
+        ),
+        other => tracing::info!(source = ?other, "kv key loaded"),
+    }
+    let opts = StoreOptions {
+        path: db_path(&config.state_dir),
+        cipher,
+        limits: Limits {
+            max_value_bytes: config.kv.max_value_bytes,
+            max_namespace_bytes: config.kv.max_namespace_bytes,
+        },
+        queue_capacity: WRITE_QUEUE,
+    };
+    let kv = tokio::task::spawn_blocking(move || KvStore::open(opts))
+        .await
+        .context("opening the kv store")??;
+
+    let listener = bind_socket(&config.socket, config.socket_mode_bits()?)?;
+    let _socket = SocketGuard(config.socket.clone());
+
+    let state = AppState {
+        config: config.clone(),
+        kv: kv.clone(),
+        auth: Arc::new(Authenticator::new(&config)),
+        metrics: Arc::new(Metrics::new()),
+        lifecycle: lifecycle.clone(),
+        started: Instant::now(),
+    };
+    let tasks = tokio_util::task::TaskTracker::new();
+    let background_stop = CancellationToken::new();
+    tasks.spawn(kv.clone().run_purger(background_stop.clone()));
+
+    let server_stop = CancellationToken::new();
+    let server = axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(server_stop.clone().cancelled_owned());
+    let mut server = tokio::spawn(async move { server.await });
+
+    lifecycle.set_phase(Phase::Ready);
+    tracing::info!(
+        socket = %config.socket.display(),
+        state_dir = %config.state_dir.display(),
+        user = %config.identity.user,
+        conversation = %config.identity.conversation,
+        "sandkeep ready"
+    );
+
+    tokio::select! {
+        _ = shutdown => lifecycle.request_shutdown(),
+        _ = lifecycle.shutdown.cancelled() => {}
+        r = &mut server => {
+            kv.close();
+            r.context("server task")?.context("server")?;
+            anyhow::bail!("the HTTP server stopped unexpectedly");
+        }
+    }
+    lifecycle.set_phase(Phase::ShuttingDown);
+    tracing::info!("shutting down");
+
+    // The final sync of the workspace, KV and file store runs here once the sync
+    // engine exists; writes are still accepted until it has exported them.
+    kv.stop_writes();
+
+    server_stop.cancel();
+    match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
+        Ok(r) => r.context("server task")?.context("server")?,
+        Err(_) => {
+            tracing::warn!("requests still running after the drain timeout; closing them");
+            server.abort();
+        }
+    }
+    background_stop.cancel();
+    tasks.close();
+    tasks.wait().await;
+    tokio::task::spawn_blocking(move || kv.close())
+        .await
+        .context("closing the kv store")?;
+    tracing::info!("stopped");
+    Ok(0)
+}
+
+/// `sandkeep serve`: a runtime, signal handling, and [`run`].
+pub fn serve(config: Config) -> anyhow::Result<u8> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sandkeep")
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async move {
+        let lifecycle = Arc::new(Lifecycle::default());
+        let mut signals = signal_hook_tokio::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+        ])
+        .context("cannot install signal handlers")?;
+        let handle = signals.handle();
+        let lc = lifecycle.clone();
+        let watcher = tokio::spawn(async move {
+            let mut seen = 0;
+            while let Some(sig) = signals.next().await {
+                seen += 1;
+                if seen == 1 {
+                    tracing::info!(signal = sig, "signal received: final sync, then exit");
+                    lc.request_shutdown();
+                } else {
+                    tracing::warn!(signal = sig, "second signal: aborting the final sync");
+                    lc.abort.cancel();
+                }
+            }
+        });
+        let code = run(config, lifecycle, std::future::pending()).await;
+        handle.close();
+        watcher.abort();
+        code
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_dir_lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock_state_dir(dir.path()).unwrap();
+        let err = lock_state_dir(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("another sandkeep daemon"), "{err}");
+        drop(first);
+        assert!(lock_state_dir(dir.path()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn stale_socket_is_replaced_but_live_one_and_files_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let live = bind_socket(&path, 0o600).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let err = bind_socket(&path, 0o600).err().unwrap().to_string();
+        assert!(err.contains("another daemon answers"), "{err}");
+        drop(live); // the file stays behind, nobody answers: stale
+        assert!(bind_socket(&path, 0o600).is_ok());
+        let file = dir.path().join("plain");
+        std::fs::write(&file, "x").unwrap();
+        let err = bind_socket(&file, 0o600).err().unwrap().to_string();
+        assert!(err.contains("not a socket"), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    }
+}

@@ -1,0 +1,5 @@
+//! The `sandkeep` binary: parses the command line and runs the subcommand.
+
+fn main() -> std::process::ExitCode {
+    sandkeep::cli::main()
+}
