@@ -10,6 +10,8 @@
 //! - [`kv`]: the KV store (validation, crypto, staged operations, redb writer).
 //! - [`auth`]: HS256 tokens, namespace grants and scopes.
 //! - [`api`]: the HTTP router, handlers and the error shape of every answer.
+//! - [`remote`]: object storage (S3 and a local directory) behind one trait.
+//! - [`sync`]: the continuous workspace sync (watcher, debounce, rounds, manifest).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`lifecycle`]: state-dir lock, socket binding, signals, startup and shutdown order.
 //! - [`client`]: the hyper + hyperlocal client used by the CLI and the tests.
@@ -23,3 +25,5 @@ pub mod config;
 pub mod kv;
 pub mod lifecycle;
 pub mod metrics;
+pub mod remote;
+pub mod sync;

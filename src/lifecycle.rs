@@ -28,11 +28,17 @@ use crate::kv::ops::Limits;
 use crate::kv::store::db_path;
 use crate::kv::{KvStore, StoreOptions};
 use crate::metrics::Metrics;
+use crate::sync::SyncEngine;
 
 /// How long in-flight requests may take to finish once the server stops.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Write requests that may wait for the writer before new ones get `busy`.
 const WRITE_QUEUE: usize = 16_384;
+/// Longest wait for the startup reconcile round before the daemon reports ready anyway
+/// (degraded, still retrying in the background).
+const RECONCILE_WAIT: Duration = Duration::from_secs(30);
+/// Exit code when the final sync could not finish within the deadline (EX_TEMPFAIL).
+pub const EXIT_INCOMPLETE: u8 = 75;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -206,26 +212,42 @@ pub async fn run(
         .await
         .context("opening the kv store")??;
 
+    let metrics = Arc::new(Metrics::new());
+    let remote = crate::remote::from_config(&config)
+        .await
+        .context("setting up remote storage")?;
+    let (engine, sync, first_round) =
+        SyncEngine::new(config.clone(), remote.clone(), metrics.clone()).await?;
+
     let listener = bind_socket(&config.socket, config.socket_mode_bits()?)?;
     let _socket = SocketGuard(config.socket.clone());
 
     let state = AppState {
         config: config.clone(),
         kv: kv.clone(),
+        sync: sync.clone(),
         auth: Arc::new(Authenticator::new(&config)),
-        metrics: Arc::new(Metrics::new()),
+        metrics,
         lifecycle: lifecycle.clone(),
         started: Instant::now(),
     };
     let tasks = tokio_util::task::TaskTracker::new();
     let background_stop = CancellationToken::new();
     tasks.spawn(kv.clone().run_purger(background_stop.clone()));
+    tasks.spawn(engine.run(background_stop.clone()));
 
     let server_stop = CancellationToken::new();
     let server = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(server_stop.clone().cancelled_owned());
     let mut server = tokio::spawn(async move { server.await });
 
+    // Startup reconcile: what is on disk but not in the remote goes up first.
+    if tokio::time::timeout(RECONCILE_WAIT, first_round)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the startup reconcile is still running; reporting ready");
+    }
     lifecycle.set_phase(Phase::Ready);
     tracing::info!(
         socket = %config.socket.display(),
@@ -247,8 +269,38 @@ pub async fn run(
     lifecycle.set_phase(Phase::ShuttingDown);
     tracing::info!("shutting down");
 
-    // The final sync of the workspace, KV and file store runs here once the sync
-    // engine exists; writes are still accepted until it has exported them.
+    // The final sync, bounded by the deadline; a second signal aborts it. The API
+    // keeps answering meanwhile.
+    let deadline = config.shutdown.deadline.0;
+    let final_sync = tokio::select! {
+        r = tokio::time::timeout(deadline, sync.sync(false)) => match r {
+            Ok(Ok(stats)) => {
+                tracing::info!(uploaded = stats.files_uploaded, deleted = stats.files_deleted, "final sync done");
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "final sync failed");
+                false
+            }
+            Err(_) => false,
+        },
+        _ = lifecycle.abort.cancelled() => {
+            tracing::warn!("final sync aborted by a second signal");
+            false
+        }
+    };
+    let code = if final_sync {
+        0
+    } else {
+        let left = sync.status();
+        tracing::error!(
+            pending_files = left.pending_files,
+            full_rescan_pending = left.full_rescan_pending,
+            last_error = ?left.last_error,
+            "exiting before everything reached remote storage"
+        );
+        EXIT_INCOMPLETE
+    };
     kv.stop_writes();
 
     server_stop.cancel();
@@ -265,8 +317,8 @@ pub async fn run(
     tokio::task::spawn_blocking(move || kv.close())
         .await
         .context("closing the kv store")?;
-    tracing::info!("stopped");
-    Ok(0)
+    tracing::info!(code, "stopped");
+    Ok(code)
 }
 
 /// `sandkeep serve`: a runtime, signal handling, and [`run`].

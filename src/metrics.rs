@@ -5,6 +5,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
@@ -14,6 +15,22 @@ pub const KV_OPS: &str = "sandkeep_kv_ops";
 pub const KV_OP_DURATION: &str = "sandkeep_kv_op_duration";
 /// `sandkeep_kv_conflicts_total{reason}`: 409 answers by reason (version_mismatch, exists, not_exists).
 pub const KV_CONFLICTS: &str = "sandkeep_kv_conflicts";
+/// `sandkeep_sync_rounds_total{result}`: rounds by result (ok, error, unavailable).
+pub const SYNC_ROUNDS: &str = "sandkeep_sync_rounds";
+/// `sandkeep_sync_files_uploaded_total`.
+pub const SYNC_FILES_UPLOADED: &str = "sandkeep_sync_files_uploaded";
+/// `sandkeep_sync_bytes_uploaded_total`.
+pub const SYNC_BYTES_UPLOADED: &str = "sandkeep_sync_bytes_uploaded";
+/// `sandkeep_sync_pending_files`: changed files not yet in the remote.
+pub const SYNC_PENDING_FILES: &str = "sandkeep_sync_pending_files";
+/// `sandkeep_sync_lag_seconds`: age of the oldest pending change.
+pub const SYNC_LAG: &str = "sandkeep_sync_lag";
+/// `sandkeep_sync_debounce_seconds`: the current debounce delay.
+pub const SYNC_DEBOUNCE: &str = "sandkeep_sync_debounce";
+/// `sandkeep_workspace_bytes`: bytes of the mirrored files.
+pub const WORKSPACE_BYTES: &str = "sandkeep_workspace_bytes";
+/// `sandkeep_remote_errors_total{op}`.
+pub const REMOTE_ERRORS: &str = "sandkeep_remote_errors";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpStatus {
@@ -31,6 +48,11 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~3.3 s
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -43,6 +65,14 @@ pub struct Metrics {
     pub kv_ops: Family<OpStatus, Counter>,
     pub kv_op_duration: Family<OpLabel, Histogram, fn() -> Histogram>,
     pub kv_conflicts: Family<Reason, Counter>,
+    pub sync_rounds: Family<ResultLabel, Counter>,
+    pub sync_files_uploaded: Counter,
+    pub sync_bytes_uploaded: Counter,
+    pub sync_pending_files: Gauge,
+    pub sync_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub sync_debounce: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub workspace_bytes: Gauge,
+    pub remote_errors: Family<OpLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -75,11 +105,69 @@ impl Metrics {
             "KV requests refused with 409 by reason",
             kv_conflicts.clone(),
         );
+        let sync_rounds = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            SYNC_ROUNDS,
+            "Workspace sync rounds by result",
+            sync_rounds.clone(),
+        );
+        let sync_files_uploaded = Counter::default();
+        registry.register(
+            SYNC_FILES_UPLOADED,
+            "Workspace files uploaded",
+            sync_files_uploaded.clone(),
+        );
+        let sync_bytes_uploaded = Counter::default();
+        registry.register(
+            SYNC_BYTES_UPLOADED,
+            "Bytes uploaded by the workspace sync",
+            sync_bytes_uploaded.clone(),
+        );
+        let sync_pending_files = Gauge::default();
+        registry.register(
+            SYNC_PENDING_FILES,
+            "Changed files not yet in remote storage",
+            sync_pending_files.clone(),
+        );
+        let sync_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register_with_unit(
+            SYNC_LAG,
+            "Age of the oldest pending change",
+            Unit::Seconds,
+            sync_lag.clone(),
+        );
+        let sync_debounce = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register_with_unit(
+            SYNC_DEBOUNCE,
+            "Current debounce delay",
+            Unit::Seconds,
+            sync_debounce.clone(),
+        );
+        let workspace_bytes = Gauge::default();
+        registry.register(
+            WORKSPACE_BYTES,
+            "Bytes of the mirrored workspace files",
+            workspace_bytes.clone(),
+        );
+        let remote_errors = Family::<OpLabel, Counter>::default();
+        registry.register(
+            REMOTE_ERRORS,
+            "Failed remote storage operations",
+            remote_errors.clone(),
+        );
         Self {
             registry,
             kv_ops,
             kv_op_duration,
             kv_conflicts,
+            sync_rounds,
+            sync_files_uploaded,
+            sync_bytes_uploaded,
+            sync_pending_files,
+            sync_lag,
+            sync_debounce,
+            workspace_bytes,
+            remote_errors,
         }
     }
 
@@ -93,6 +181,28 @@ impl Metrics {
 
     pub fn kv_conflict(&self, reason: &'static str) {
         self.kv_conflicts.get_or_create(&Reason { reason }).inc();
+    }
+
+    pub fn sync_round(&self, result: &'static str) {
+        self.sync_rounds
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    pub fn sync_uploaded(&self, bytes: u64) {
+        self.sync_files_uploaded.inc();
+        self.sync_bytes_uploaded.inc_by(bytes);
+    }
+
+    pub fn remote_error(&self, op: &'static str) {
+        self.remote_errors.get_or_create(&OpLabel { op }).inc();
+    }
+
+    pub fn sync_gauges(&self, pending: u64, lag_s: f64, debounce_s: f64, workspace_bytes: u64) {
+        self.sync_pending_files.set(pending as i64);
+        self.sync_lag.set(lag_s);
+        self.sync_debounce.set(debounce_s);
+        self.workspace_bytes.set(workspace_bytes as i64);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -28,6 +28,7 @@ pub use error::ApiError;
 pub struct AppState {
     pub config: Arc<Config>,
     pub kv: KvStore,
+    pub sync: crate::sync::SyncHandle,
     pub auth: Arc<Authenticator>,
     pub metrics: Arc<Metrics>,
     pub lifecycle: Arc<Lifecycle>,
@@ -42,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(system::metrics))
         .route("/v1/status", get(system::status))
         .route("/v1/shutdown", post(system::shutdown))
+        .route("/v1/sync", post(system::sync))
         .route("/v1/kv", get(kv::list))
         .route(
             "/v1/kv/batch",

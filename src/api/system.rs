@@ -47,10 +47,12 @@ pub async fn metrics(State(state): State<AppState>, ctx: Ctx) -> Result<Response
 pub async fn status(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
     ctx.grant.require(Scope::Admin)?;
     let (namespaces, bytes) = state.kv.stats().await?;
+    let sync = state.sync.status();
     let phase = match state.lifecycle.phase() {
         Phase::Starting => "restoring",
-        Phase::Ready => "ready",
         Phase::ShuttingDown => "shutting_down",
+        Phase::Ready if sync.degraded => "degraded",
+        Phase::Ready => "ready",
     };
     Ok(json_ok(
         StatusCode::OK,
@@ -59,9 +61,98 @@ pub async fn status(State(state): State<AppState>, ctx: Ctx) -> Result<Response,
             "user": state.config.identity.user,
             "conversation": state.config.identity.conversation,
             "uptime_s": state.started.elapsed().as_secs(),
+            "workspace": {
+                "path": state.config.workspace,
+                "available": sync.workspace_available,
+                "files": sync.files,
+                "bytes": sync.bytes,
+                "skipped_files": sync.skipped_files,
+                "manifest_generation": sync.generation,
+            },
+            "sync": {
+                "pending_files": sync.pending_files,
+                "full_rescan_pending": sync.full_rescan_pending,
+                "last_sync_at": sync.last_sync_at,
+                "lag_ms": sync.lag_ms,
+                "debounce_ms": sync.debounce_ms,
+                "burst": sync.burst,
+                "last_error": sync.last_error,
+                "degraded": sync.degraded,
+                "watch_mode": sync.watch_mode,
+                "held_deletes": sync.held_deletes,
+            },
             "kv": {"namespaces": namespaces, "bytes": bytes},
         }),
     ))
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct SyncBody {
+    timeout_s: Option<u64>,
+    confirm_deletes: bool,
+}
+
+/// Longest `timeout_s` of `POST /v1/sync`.
+const SYNC_MAX_TIMEOUT_S: u64 = 3600;
+
+/// A barrier: answers once everything changed before the call is in remote storage.
+pub async fn sync(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    ctx.grant.require(Scope::Admin)?;
+    ctx.query.allow(&[])?;
+    let bytes = super::read_body(&headers, body, 4096).await?;
+    let req: SyncBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        SyncBody::default()
+    } else {
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?
+    };
+    let timeout = req.timeout_s.unwrap_or(60);
+    if timeout == 0 || timeout > SYNC_MAX_TIMEOUT_S {
+        return Err(ApiError::invalid_param(format!(
+            "`timeout_s` must be 1-{SYNC_MAX_TIMEOUT_S}"
+        )));
+    }
+    let waited = tokio::time::timeout(
+        std::time::Duration::from_secs(timeout),
+        state.sync.sync(req.confirm_deletes),
+    )
+    .await;
+    match waited {
+        Ok(Ok(stats)) => Ok(json_ok(StatusCode::OK, json!(stats))),
+        Ok(Err(crate::sync::SyncError::WorkspaceUnavailable(m))) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "workspace_unavailable",
+            m,
+        )),
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            e.to_string(),
+        )),
+        Err(_) => {
+            let s = state.sync.status();
+            Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!(
+                    "not everything reached remote storage within {timeout} s{}",
+                    s.last_error
+                        .map(|e| format!(" (last error: {e})"))
+                        .unwrap_or_default()
+                ),
+            )
+            .with(
+                "pending",
+                json!({"files": s.pending_files, "full_rescan": s.full_rescan_pending}),
+            ))
+        }
+    }
 }
 
 pub async fn shutdown(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {

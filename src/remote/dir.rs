@@ -1,0 +1,288 @@
+//! The `dir` backend: a local directory laid out exactly like the bucket. Writes go to a
+//! temporary file that is fsynced, renamed into place, and the directory fsynced, so a
+//! crash leaves either the old object or the new one.
+
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use md5::{Digest, Md5};
+
+use super::{ListPage, ObjectInfo, Remote, RemoteError};
+
+/// Temporary files carry this marker and are never listed.
+const TMP_MARKER: &str = ".sandkeep-tmp-";
+const PAGE: usize = 1000;
+
+pub struct DirRemote {
+    root: PathBuf,
+}
+
+impl DirRemote {
+    pub fn new(root: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(root)?;
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The file of `key`; keys with `..`, `.` or empty segments are refused.
+    fn path_of(&self, op: &'static str, key: &str) -> Result<PathBuf, RemoteError> {
+        let rel = Path::new(key);
+        let ok = !key.is_empty()
+            && !key.contains("//")
+            && !key.ends_with('/')
+            && rel.components().all(|c| matches!(c, Component::Normal(_)));
+        if !ok {
+            return Err(RemoteError::Service {
+                op,
+                key: key.into(),
+                message: "invalid key for a dir remote".into(),
+            });
+        }
+        Ok(self.root.join(rel))
+    }
+
+    fn write_atomic(
+        &self,
+        key: &str,
+        fill: impl FnOnce(&mut std::fs::File) -> Result<(), RemoteError>,
+    ) -> Result<(), RemoteError> {
+        let dest = self.path_of("put", key)?;
+        let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
+        std::fs::create_dir_all(&parent).map_err(|e| RemoteError::local("put", &parent, e))?;
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = parent.join(format!("{TMP_MARKER}{}-{name}", rand::random::<u64>()));
+        let result = (|| {
+            let mut f =
+                std::fs::File::create(&tmp).map_err(|e| RemoteError::local("put", &tmp, e))?;
+            fill(&mut f)?;
+            f.sync_all()
+                .map_err(|e| RemoteError::local("put", &tmp, e))?;
+            std::fs::rename(&tmp, &dest).map_err(|e| RemoteError::local("put", &dest, e))?;
+            std::fs::File::open(&parent)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| RemoteError::local("put", &parent, e))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn list_sync(&self, prefix: &str, token: Option<String>) -> Result<ListPage, RemoteError> {
+        // Start at the deepest directory the prefix names.
+        let dir_part = match prefix.rfind('/') {
+            Some(i) => &prefix[..i],
+            None => "",
+        };
+        let start = if dir_part.is_empty() {
+            self.root.clone()
+        } else {
+            self.path_of("list", dir_part)?
+        };
+        let mut found = Vec::new();
+        let mut stack = vec![start];
+        while let Some(dir) = stack.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => continue,
+                Err(e) => return Err(RemoteError::local("list", &dir, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| RemoteError::local("list", &dir, e))?;
+                let path = entry.path();
+                let ft = entry
+                    .file_type()
+                    .map_err(|e| RemoteError::local("list", &path, e))?;
+                let Ok(rel) = path.strip_prefix(&self.root) else {
+                    continue;
+                };
+                let Some(key) = rel.to_str().map(str::to_string) else {
+                    continue;
+                };
+                if ft.is_dir() {
+                    let as_dir = format!("{key}/");
+                    if as_dir.starts_with(prefix) || prefix.starts_with(&as_dir) {
+                        stack.push(path);
+                    }
+                } else if ft.is_file()
+                    && key.starts_with(prefix)
+                    && !entry.file_name().to_string_lossy().starts_with(TMP_MARKER)
+                {
+                    let meta = entry
+                        .metadata()
+                        .map_err(|e| RemoteError::local("list", &path, e))?;
+                    found.push(ObjectInfo {
+                        key,
+                        size: meta.len(),
+                        last_modified: meta.modified().ok(),
+                    });
+                }
+            }
+        }
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        let start = match &token {
+            Some(t) => found.partition_point(|o| o.key.as_str() <= t.as_str()),
+            None => 0,
+        };
+        let objects: Vec<ObjectInfo> = found.into_iter().skip(start).take(PAGE + 1).collect();
+        let (objects, next) = if objects.len() > PAGE {
+            let page: Vec<_> = objects.into_iter().take(PAGE).collect();
+            let next = page.last().map(|o| o.key.clone());
+            (page, next)
+        } else {
+            (objects, None)
+        };
+        Ok(ListPage { objects, next })
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RemoteError> + Send + 'static,
+) -> Result<T, RemoteError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RemoteError::Transport {
+            op: "blocking",
+            key: String::new(),
+            message: e.to_string(),
+        })?
+}
+
+impl DirRemote {
+    fn clone_root(&self) -> Self {
+        Self {
+            root: self.root.clone(),
+        }
+    }
+}
+
+#[async_trait]
+impl Remote for DirRemote {
+    async fn put_file(&self, key: &str, path: &Path, md5: [u8; 16]) -> Result<u64, RemoteError> {
+        let this = self.clone_root();
+        let (key, path) = (key.to_string(), path.to_path_buf());
+        blocking(move || {
+            let mut src =
+                std::fs::File::open(&path).map_err(|e| RemoteError::local("put", &path, e))?;
+            let mut size = 0u64;
+            this.write_atomic(&key, |dst| {
+                let mut hasher = Md5::new();
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    let n = src
+                        .read(&mut buf)
+                        .map_err(|e| RemoteError::local("put", &path, e))?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                    dst.write_all(&buf[..n])
+                        .map_err(|e| RemoteError::local("put", &path, e))?;
+                    size += n as u64;
+                }
+                if <[u8; 16]>::from(hasher.finalize()) != md5 {
+                    return Err(RemoteError::Changed { key: key.clone() });
+                }
+                Ok(())
+            })?;
+            Ok(size)
+        })
+        .await
+    }
+
+    async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), RemoteError> {
+        let this = self.clone_root();
+        let key = key.to_string();
+        blocking(move || {
+            this.write_atomic(&key, |f| {
+                f.write_all(&data)
+                    .map_err(|e| RemoteError::local("put", Path::new(&key), e))
+            })
+        })
+        .await
+    }
+
+    async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, RemoteError> {
+        let src = self.path_of("get", key)?;
+        let (key, dest) = (key.to_string(), dest.to_path_buf());
+        blocking(move || {
+            let mut f = match std::fs::File::open(&src) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(RemoteError::NotFound { op: "get", key });
+                }
+                Err(e) => return Err(RemoteError::local("get", &src, e)),
+            };
+            let mut out =
+                std::fs::File::create(&dest).map_err(|e| RemoteError::local("get", &dest, e))?;
+            std::io::copy(&mut f, &mut out).map_err(|e| RemoteError::local("get", &dest, e))
+        })
+        .await
+    }
+
+    async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, RemoteError> {
+        let src = self.path_of("get", key)?;
+        blocking(move || match std::fs::read(&src) {
+            Ok(b) => Ok(Some(Bytes::from(b))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(RemoteError::local("get", &src, e)),
+        })
+        .await
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError> {
+        let src = self.path_of("head", key)?;
+        let key = key.to_string();
+        blocking(move || match std::fs::metadata(&src) {
+            Ok(m) if m.is_file() => Ok(Some(ObjectInfo {
+                key,
+                size: m.len(),
+                last_modified: m.modified().ok(),
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(RemoteError::local("head", &src, e)),
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str, token: Option<String>) -> Result<ListPage, RemoteError> {
+        let this = self.clone_root();
+        let prefix = prefix.to_string();
+        blocking(move || this.list_sync(&prefix, token)).await
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> Result<(), RemoteError> {
+        let paths = keys
+            .iter()
+            .map(|k| self.path_of("delete", k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let root = self.root.clone();
+        blocking(move || {
+            for p in paths {
+                match std::fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(RemoteError::local("delete", &p, e)),
+                }
+                // Remove directories left empty, like a bucket has no directories.
+                let mut dir = p.parent().map(Path::to_path_buf);
+                while let Some(d) = dir {
+                    if d == root || std::fs::remove_dir(&d).is_err() {
+                        break;
+                    }
+                    dir = d.parent().map(Path::to_path_buf);
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+}

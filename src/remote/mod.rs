@@ -1,0 +1,214 @@
+//! Remote object storage behind one small trait, with two backends: [`s3::S3Remote`]
+//! (S3, MinIO, any S3-compatible server) and [`dir::DirRemote`] (a local directory laid
+//! out exactly like the bucket). [`flaky::FlakyRemote`] wraps either to inject failures
+//! in tests.
+//!
+//! Keys are full object keys (the configured prefix included). Every upload is verified
+//! before it returns: the backend checks that what it stored is the content whose MD5
+//! the caller computed while hashing the file, so a file that changed between hashing
+//! and upload is reported as [`RemoteError::Changed`] instead of being recorded.
+
+pub mod dir;
+pub mod flaky;
+pub mod s3;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::config::{Config, RemoteKind};
+
+/// Longest object key S3 accepts.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Longest path segment (file systems and our own rule).
+pub const MAX_SEGMENT_BYTES: usize = 255;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("{op} {key}: not found")]
+    NotFound { op: &'static str, key: String },
+    /// The source changed between hashing and upload; nothing was recorded.
+    #[error("{key}: the file changed while it was being uploaded")]
+    Changed { key: String },
+    /// The service refused the request (credentials, bucket, permissions, ...).
+    #[error("{op} {key}: {message}")]
+    Service {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    /// The request did not get an answer (connection, timeout, 5xx).
+    #[error("{op} {key}: {message}")]
+    Transport {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    /// A local file could not be read or written.
+    #[error("{op} {}: {source}", path.display())]
+    Local {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl RemoteError {
+    pub fn local(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self::Local {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// A short label for metrics.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Self::NotFound { op, .. }
+            | Self::Service { op, .. }
+            | Self::Transport { op, .. }
+            | Self::Local { op, .. } => op,
+            Self::Changed { .. } => "put",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    pub last_modified: Option<SystemTime>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ListPage {
+    pub objects: Vec<ObjectInfo>,
+    /// Pass back to get the next page; `None` on the last page.
+    pub next: Option<String>,
+}
+
+/// What the sync engine, snapshots and restore need from object storage.
+#[async_trait]
+pub trait Remote: Send + Sync + 'static {
+    /// Uploads the file at `path` (streamed from disk, multipart above the threshold)
+    /// and verifies that the stored object is the content whose MD5 is `md5`.
+    async fn put_file(&self, key: &str, path: &Path, md5: [u8; 16]) -> Result<u64, RemoteError>;
+
+    /// Uploads a small object held in memory (manifests, exports).
+    async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), RemoteError>;
+
+    /// Downloads an object into `dest` (created or truncated), streamed; returns its size.
+    async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, RemoteError>;
+
+    /// Downloads a small object; `None` when it does not exist.
+    async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, RemoteError>;
+
+    /// Size and time of an object; `None` when it does not exist.
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError>;
+
+    /// One page of the objects whose keys start with `prefix`, in key order.
+    async fn list(&self, prefix: &str, token: Option<String>) -> Result<ListPage, RemoteError>;
+
+    /// Deletes these objects; missing ones are not an error.
+    async fn delete_many(&self, keys: &[String]) -> Result<(), RemoteError>;
+}
+
+/// Every object under `prefix`, following pagination.
+pub async fn list_all(remote: &dyn Remote, prefix: &str) -> Result<Vec<ObjectInfo>, RemoteError> {
+    let mut out = Vec::new();
+    let mut token = None;
+    loop {
+        let page = remote.list(prefix, token).await?;
+        out.extend(page.objects);
+        match page.next {
+            Some(t) => token = Some(t),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Builds the configured backend.
+pub async fn from_config(config: &Config) -> anyhow::Result<Arc<dyn Remote>> {
+    Ok(match config.remote.kind {
+        RemoteKind::Dir => Arc::new(dir::DirRemote::new(&config.remote.path)?),
+        RemoteKind::S3 => Arc::new(
+            s3::S3Remote::new(&config.remote, config.sync.multipart_threshold_bytes).await?,
+        ),
+    })
+}
+
+/// Exponential backoff with jitter: 200 ms doubling to 30 s, each delay drawn between
+/// half and the full value.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Backoff {
+    pub const FIRST: Duration = Duration::from_millis(200);
+    pub const MAX: Duration = Duration::from_secs(30);
+
+    pub fn next_delay(&mut self) -> Duration {
+        use rand::Rng;
+        let full = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        let half = full / 2;
+        half + Duration::from_millis(rand::thread_rng().gen_range(0..=half.as_millis() as u64))
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+/// Whether `key` fits S3's limits: at most 1024 bytes, segments at most 255.
+pub fn key_fits(key: &str) -> bool {
+    key.len() <= MAX_KEY_BYTES && key.split('/').all(|s| s.len() <= MAX_SEGMENT_BYTES)
+}
+
+/// MD5 in the base64 form of the `Content-MD5` header.
+pub fn content_md5(md5: &[u8; 16]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(md5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut b = Backoff::default();
+        let d = b.next_delay();
+        assert!(
+            d >= Duration::from_millis(100) && d <= Duration::from_millis(200),
+            "{d:?}"
+        );
+        for _ in 0..20 {
+            let d = b.next_delay();
+            assert!(d <= Backoff::MAX);
+        }
+        let d = b.next_delay();
+        assert!(d >= Backoff::MAX / 2, "{d:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(200));
+    }
+
+    #[test]
+    fn key_limits() {
+        assert!(key_fits("a/b/c"));
+        assert!(!key_fits(&"a".repeat(1025)));
+        assert!(!key_fits(&format!("x/{}/y", "s".repeat(256))));
+        assert!(key_fits(&format!("x/{}/y", "s".repeat(255))));
+    }
+}

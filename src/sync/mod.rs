@@ -1,0 +1,903 @@
+//! Continuous workspace sync: watch → debounce → rounds that upload what changed,
+//! publish the manifest, then delete what is gone.
+//!
+//! - [`rules`]: which paths are mirrored.
+//! - [`watcher`]: inotify watches, feeding a bounded channel.
+//! - [`debounce`]: when the next round may start.
+//! - [`scan`]: walking and hashing.
+//! - [`manifest`]: the manifest and its local cache.
+//!
+//! One task (the engine) owns all sync state and runs rounds one at a time; the API
+//! talks to it through [`SyncHandle`]. A round never lets the remote manifest name an
+//! object that does not exist: uploads first, then the manifest, then deletions.
+
+pub mod debounce;
+pub mod manifest;
+pub mod rules;
+pub mod scan;
+pub mod watcher;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, WatchMode};
+use crate::metrics::Metrics;
+use crate::remote::{Backoff, Remote, RemoteError};
+use debounce::Debouncer;
+use manifest::{FileEntry, Manifest, ManifestCache};
+use rules::Rules;
+use scan::{Limits, Stat};
+use watcher::{EventSink, NativeWatcher, RawEvent};
+
+/// Events buffered between notify's thread and the engine before it falls back to a
+/// full rescan.
+const EVENT_QUEUE: usize = 65_536;
+/// Deletions held back by the mass-delete guard need at least this many files.
+const MASS_DELETE_MIN: usize = 100;
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum SyncError {
+    #[error("the workspace is missing or unreadable: {0}")]
+    WorkspaceUnavailable(String),
+    #[error("remote storage: {0}")]
+    Remote(String),
+    #[error("the sync engine has stopped")]
+    Stopped,
+}
+
+/// What one or more rounds did, as `POST /v1/sync` reports it.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct RoundStats {
+    pub files_uploaded: u64,
+    pub files_deleted: u64,
+    pub bytes_uploaded: u64,
+    pub duration_ms: u64,
+}
+
+/// The sync part of `GET /v1/status`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SyncStatus {
+    pub pending_files: u64,
+    pub full_rescan_pending: bool,
+    pub last_sync_at: Option<String>,
+    pub lag_ms: u64,
+    pub debounce_ms: u64,
+    pub burst: bool,
+    pub last_error: Option<String>,
+    pub degraded: bool,
+    pub workspace_available: bool,
+    pub watch_mode: &'static str,
+    pub generation: u64,
+    pub files: u64,
+    pub bytes: u64,
+    pub held_deletes: u64,
+    pub skipped_files: u64,
+}
+
+enum Command {
+    Sync {
+        confirm_deletes: bool,
+        reply: oneshot::Sender<Result<RoundStats, SyncError>>,
+    },
+}
+
+/// The API's handle on the engine.
+#[derive(Clone)]
+pub struct SyncHandle {
+    tx: mpsc::Sender<Command>,
+    status: Arc<Mutex<SyncStatus>>,
+}
+
+impl SyncHandle {
+    /// Waits until everything changed before the call is in the remote.
+    pub async fn sync(&self, confirm_deletes: bool) -> Result<RoundStats, SyncError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Sync {
+                confirm_deletes,
+                reply,
+            })
+            .await
+            .map_err(|_| SyncError::Stopped)?;
+        rx.await.map_err(|_| SyncError::Stopped)?
+    }
+
+    pub fn status(&self) -> SyncStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Object keys of one conversation's workspace.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    pub conversation: String,
+}
+
+impl Keys {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            conversation: config.conversation_prefix(),
+        }
+    }
+    pub fn files_prefix(&self) -> String {
+        format!("{}workspace/files/", self.conversation)
+    }
+    pub fn file(&self, rel: &str) -> String {
+        format!("{}workspace/files/{rel}", self.conversation)
+    }
+    pub fn manifest(&self) -> String {
+        format!("{}workspace/manifest.json", self.conversation)
+    }
+}
+
+/// Removes every entry equal to `under` or below it; returns the removed keys.
+fn remove_under<V>(map: &mut BTreeMap<String, V>, under: &str) -> Vec<String> {
+    let doomed: Vec<String> = if under.is_empty() {
+        map.keys().cloned().collect()
+    } else {
+        let below = format!("{under}/");
+        map.range(under.to_string()..)
+            .map(|(k, _)| k)
+            .take_while(|k| {
+                k.as_str() == under || k.starts_with(&below) || k.as_str() < below.as_str()
+            })
+            .filter(|k| k.as_str() == under || k.starts_with(&below))
+            .cloned()
+            .collect()
+    };
+    for k in &doomed {
+        map.remove(k);
+    }
+    doomed
+}
+
+fn remove_under_set(set: &mut BTreeSet<String>, under: &str) {
+    if under.is_empty() {
+        set.clear();
+        return;
+    }
+    let below = format!("{under}/");
+    set.retain(|k| k != under && !k.starts_with(&below));
+}
+
+/// What happened to one changed file.
+enum Outcome {
+    Uploaded(String, FileEntry, u64),
+    /// Same content as the manifest says (only mtime or mode changed).
+    MetaOnly(String, FileEntry),
+    /// Changed while being read, or vanished: look again next round.
+    Retry(String),
+    Failed(String, RemoteError),
+}
+
+pub struct SyncEngine {
+    config: Arc<Config>,
+    remote: Arc<dyn Remote>,
+    rules: Arc<Rules>,
+    cache: Arc<ManifestCache>,
+    keys: Keys,
+    root: PathBuf,
+    manifest: Manifest,
+    pending: BTreeSet<String>,
+    full_rescan: bool,
+    debouncer: Debouncer,
+    events: mpsc::Receiver<RawEvent>,
+    sink: EventSink,
+    watcher: Option<NativeWatcher>,
+    poll: bool,
+    backoff: Backoff,
+    retry_at: Option<Instant>,
+    /// Deletions held by the mass-delete guard: since when, and which paths.
+    hold: Option<(Instant, BTreeSet<String>)>,
+    waiters: Vec<(bool, oneshot::Sender<Result<RoundStats, SyncError>>)>,
+    commands: mpsc::Receiver<Command>,
+    status: Arc<Mutex<SyncStatus>>,
+    metrics: Arc<Metrics>,
+    last_sync_ms: Option<u64>,
+    last_error: Option<String>,
+    degraded: bool,
+    available: bool,
+    skipped: u64,
+    first_round: Option<oneshot::Sender<()>>,
+}
+
+impl SyncEngine {
+    /// Prepares the engine: opens the manifest cache and adopts the remote manifest
+    /// when it is newer than the cached one. Returns the engine (to be `run`), its handle,
+    /// and a receiver that fires once the startup reconcile round was attempted.
+    pub async fn new(
+        config: Arc<Config>,
+        remote: Arc<dyn Remote>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<(Self, SyncHandle, oneshot::Receiver<()>)> {
+        let root = match std::fs::canonicalize(&config.workspace) {
+            Ok(r) => r,
+            Err(_) => std::path::absolute(&config.workspace)?,
+        };
+        let rules = Arc::new(Rules::new(&root, &config.sync.exclude)?);
+        let cache_path = config.state_dir.join("sync.redb");
+        let cache = tokio::task::spawn_blocking(move || ManifestCache::open(&cache_path)).await??;
+        let cache = Arc::new(cache);
+        let keys = Keys::new(&config);
+        let mut manifest = cache.load()?;
+        match remote.get_bytes(&keys.manifest()).await {
+            Ok(Some(bytes)) => match serde_json::from_slice::<Manifest>(&bytes) {
+                Ok(m) if m.generation > manifest.generation => {
+                    tracing::info!(
+                        generation = m.generation,
+                        "adopting the newer remote manifest"
+                    );
+                    cache.store(&m, &[])?;
+                    manifest = m;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "remote manifest is unreadable; it will be rewritten")
+                }
+            },
+            Ok(None) if manifest.generation > 0 => {
+                tracing::warn!(
+                    "the remote has no manifest although one was published: uploading everything again"
+                );
+                manifest.files.clear();
+                manifest.symlinks.clear();
+                manifest.empty_dirs.clear();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the remote manifest; using the local cache")
+            }
+        }
+        let (tx, events) = mpsc::channel(EVENT_QUEUE);
+        let sink = EventSink {
+            tx,
+            overflow: Arc::new(AtomicBool::new(false)),
+            wake: Arc::new(Notify::new()),
+        };
+        let (cmd_tx, commands) = mpsc::channel(1024);
+        let status = Arc::new(Mutex::new(SyncStatus::default()));
+        let (first_tx, first_rx) = oneshot::channel();
+        let debouncer = Debouncer::new(
+            config.sync.debounce_min.0,
+            config.sync.debounce_max.0,
+            config.sync.burst_threshold,
+            Instant::now(),
+        );
+        let engine = Self {
+            remote,
+            rules,
+            cache,
+            keys,
+            root,
+            manifest,
+            pending: BTreeSet::new(),
+            full_rescan: true,
+            debouncer,
+            events,
+            sink,
+            watcher: None,
+            poll: false,
+            backoff: Backoff::default(),
+            retry_at: None,
+            hold: None,
+            waiters: Vec::new(),
+            commands,
+            status: status.clone(),
+            metrics,
+            last_sync_ms: None,
+            last_error: None,
+            degraded: false,
+            available: true,
+            skipped: 0,
+            first_round: Some(first_tx),
+            config,
+        };
+        Ok((engine, SyncHandle { tx: cmd_tx, status }, first_rx))
+    }
+
+    fn root_available(&self) -> Result<(), SyncError> {
+        match std::fs::read_dir(&self.root) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(SyncError::WorkspaceUnavailable(format!(
+                "{}: {e}",
+                self.root.display()
+            ))),
+        }
+    }
+
+    /// Starts native watching (or polling, by configuration or as a fallback).
+    fn start_watching(&mut self) {
+        self.watcher = None;
+        self.poll = false;
+        if self.root_available().is_err() {
+            return;
+        }
+        match self.config.watch.mode {
+            WatchMode::Poll => self.poll = true,
+            mode => match NativeWatcher::start(&self.rules, self.sink.clone()) {
+                Ok(w) => self.watcher = Some(w),
+                Err(e) if mode == WatchMode::Auto => {
+                    tracing::warn!(error = %e, limit = watcher::is_watch_limit(&e), "native watching failed; polling the workspace instead");
+                    self.poll = true;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "native watching failed (watch.mode = \"native\"); only explicit syncs and rescans will notice changes");
+                    self.last_error = Some(format!("watcher: {e}"));
+                }
+            },
+        }
+    }
+
+    /// Runs until `stop` fires.
+    pub async fn run(mut self, stop: CancellationToken) {
+        self.start_watching();
+        let mut force = true; // the startup reconcile
+        let mut poll_tick = tokio::time::interval(self.config.watch.poll_interval.0);
+        poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let now = Instant::now();
+            if self.sink.overflow.swap(false, Ordering::AcqRel) {
+                tracing::warn!("watch event queue overflowed: full rescan");
+                self.full_rescan = true;
+                self.debouncer.record(now, 0);
+            }
+            if let Some((since, _)) = &self.hold
+                && now >= *since + self.config.sync.mass_delete_hold.0
+            {
+                self.full_rescan = true;
+                force = true;
+            }
+            let retry_ok = self.retry_at.is_none_or(|r| now >= r);
+            if retry_ok && (force || self.debouncer.is_due(now)) {
+                force = self.round_and_reply().await;
+                self.publish_status();
+                continue;
+            }
+            self.publish_status();
+            let mut wake_at = self.debouncer.deadline();
+            if let Some(r) = self.retry_at.filter(|_| force || wake_at.is_some()) {
+                wake_at = Some(wake_at.map_or(r, |w| w.max(r)));
+            }
+            if let Some((since, _)) = &self.hold {
+                let at = *since + self.config.sync.mass_delete_hold.0;
+                wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
+            }
+            let sleep_to = wake_at.unwrap_or(now + Duration::from_secs(3600));
+            tokio::select! {
+                ev = self.events.recv() => {
+                    if let Some(ev) = ev {
+                        self.on_event(ev);
+                        // Take whatever else is queued without waking up per event.
+                        while let Ok(ev) = self.events.try_recv() {
+                            self.on_event(ev);
+                        }
+                    }
+                }
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Sync { confirm_deletes, reply }) => {
+                        self.waiters.push((confirm_deletes, reply));
+                        self.full_rescan = true;
+                        force = true;
+                        self.retry_at = None;
+                    }
+                    None => return,
+                },
+                _ = self.sink.wake.notified() => {}
+                _ = poll_tick.tick() => {
+                    if self.poll || self.watcher.is_none() {
+                        if self.watcher.is_none() && !self.poll && self.root_available().is_ok() {
+                            // The root came back: watch it again.
+                            self.start_watching();
+                        }
+                        self.full_rescan = true;
+                        self.debouncer.record(Instant::now(), 0);
+                    }
+                }
+                _ = tokio::time::sleep_until(sleep_to) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Runs one round and answers the waiters it covers. Returns whether another round
+    /// must be forced (a failure to retry).
+    async fn round_and_reply(&mut self) -> bool {
+        let waiters = std::mem::take(&mut self.waiters);
+        let confirm = waiters.iter().any(|(c, _)| *c);
+        let result = self.round(confirm).await;
+        if let Some(tx) = self.first_round.take() {
+            let _ = tx.send(());
+        }
+        match result {
+            Ok(stats) => {
+                self.metrics.sync_round("ok");
+                self.backoff.reset();
+                self.retry_at = None;
+                self.degraded = false;
+                self.available = true;
+                self.last_error = None;
+                self.last_sync_ms = Some(crate::kv::now_ms());
+                for (_, w) in waiters {
+                    let _ = w.send(Ok(stats));
+                }
+                false
+            }
+            Err(SyncError::WorkspaceUnavailable(m)) => {
+                self.metrics.sync_round("unavailable");
+                tracing::warn!(error = %m, "workspace unavailable: nothing is deleted");
+                self.available = false;
+                self.degraded = true;
+                self.last_error = Some(m.clone());
+                self.watcher = None;
+                for (_, w) in waiters {
+                    let _ = w.send(Err(SyncError::WorkspaceUnavailable(m.clone())));
+                }
+                // Checked again on the poll tick.
+                self.retry_at = Some(Instant::now() + self.config.watch.poll_interval.0);
+                false
+            }
+            Err(e) => {
+                self.metrics.sync_round("error");
+                let delay = self.backoff.next_delay();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "sync round failed; retrying");
+                self.degraded = true;
+                self.last_error = Some(e.to_string());
+                self.retry_at = Some(Instant::now() + delay);
+                // Waiters stay until a round succeeds (or they time out).
+                self.waiters.extend(waiters);
+                true
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: RawEvent) {
+        let now = Instant::now();
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::warn!(error = %e, "watcher error: full rescan");
+                self.full_rescan = true;
+                self.debouncer.record(now, 0);
+                return;
+            }
+        };
+        if ev.need_rescan() {
+            self.full_rescan = true;
+            self.debouncer.record(now, 0);
+            return;
+        }
+        if matches!(
+            ev.kind,
+            notify::EventKind::Access(notify::event::AccessKind::Open(_))
+        ) || matches!(
+            ev.kind,
+            notify::EventKind::Access(notify::event::AccessKind::Read)
+        ) {
+            return;
+        }
+        let mut new_files = 0;
+        for path in &ev.paths {
+            let Ok(rel) = path.strip_prefix(&self.root) else {
+                continue;
+            };
+            let Some(rel_str) = rel.to_str() else {
+                self.full_rescan = true;
+                continue;
+            };
+            if rel_str.is_empty() {
+                continue;
+            }
+            let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if rules::IGNORE_FILES.contains(&name) {
+                // The rules themselves changed: everything may have moved in or out.
+                self.rules.invalidate();
+                self.full_rescan = true;
+            }
+            let is_dir = matches!(
+                ev.kind,
+                notify::EventKind::Create(notify::event::CreateKind::Folder)
+            ) || path.is_dir();
+            if self.rules.is_ignored(rel, is_dir) {
+                continue;
+            }
+            if is_dir
+                && matches!(
+                    ev.kind,
+                    notify::EventKind::Create(_)
+                        | notify::EventKind::Modify(notify::event::ModifyKind::Name(_))
+                )
+                && let Some(w) = self.watcher.as_mut()
+            {
+                // Files created in a new directory before its watch existed are found
+                // by the round walking that directory.
+                if let Err(e) = w.watch_tree(&self.rules, rel) {
+                    tracing::warn!(error = %e, "cannot watch a new directory; polling instead");
+                    self.watcher = None;
+                    self.poll = true;
+                    self.full_rescan = true;
+                }
+            }
+            if self.pending.insert(rel_str.to_string()) {
+                new_files += 1;
+            }
+        }
+        self.debouncer.record(now, new_files);
+    }
+
+    fn publish_status(&mut self) {
+        let now = Instant::now();
+        let delay = self.debouncer.delay(now);
+        let lag = self.debouncer.lag(now);
+        let s = SyncStatus {
+            pending_files: self.pending.len() as u64,
+            full_rescan_pending: self.full_rescan,
+            last_sync_at: self.last_sync_ms.map(crate::kv::rfc3339),
+            lag_ms: lag.as_millis() as u64,
+            debounce_ms: delay.as_millis() as u64,
+            burst: self.debouncer.burst(),
+            last_error: self.last_error.clone(),
+            degraded: self.degraded,
+            workspace_available: self.available,
+            watch_mode: if self.watcher.is_some() {
+                "native"
+            } else {
+                "poll"
+            },
+            generation: self.manifest.generation,
+            files: self.manifest.files.len() as u64,
+            bytes: self.manifest.total_bytes(),
+            held_deletes: self.hold.as_ref().map_or(0, |(_, s)| s.len() as u64),
+            skipped_files: self.skipped,
+        };
+        self.metrics.sync_gauges(
+            s.pending_files,
+            lag.as_secs_f64(),
+            delay.as_secs_f64(),
+            s.bytes,
+        );
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+
+    async fn flush_pending_deletes(&self) -> Result<u64, SyncError> {
+        let cache = self.cache.clone();
+        let keys = tokio::task::spawn_blocking(move || cache.pending_deletes())
+            .await
+            .map_err(|e| SyncError::Remote(e.to_string()))?
+            .map_err(|e| SyncError::Remote(e.to_string()))?;
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.remote.delete_many(&keys).await.map_err(|e| {
+            self.metrics.remote_error(e.op());
+            SyncError::Remote(e.to_string())
+        })?;
+        let cache = self.cache.clone();
+        let n = keys.len() as u64;
+        tokio::task::spawn_blocking(move || cache.deletes_done(&keys))
+            .await
+            .map_err(|e| SyncError::Remote(e.to_string()))?
+            .map_err(|e| SyncError::Remote(e.to_string()))?;
+        Ok(n)
+    }
+
+    /// One round over what is pending.
+    async fn round(&mut self, confirm: bool) -> Result<RoundStats, SyncError> {
+        let started = std::time::Instant::now();
+        self.root_available()?;
+        let full = std::mem::take(&mut self.full_rescan);
+        let paths = std::mem::take(&mut self.pending);
+        self.debouncer.taken();
+        let result = self.round_inner(confirm, full, &paths).await;
+        if result.is_err() {
+            // Nothing is lost: look at the same paths again next time.
+            self.full_rescan |= full;
+            self.pending.extend(paths);
+        }
+        let mut stats = result?;
+        stats.duration_ms = started.elapsed().as_millis() as u64;
+        if stats.files_uploaded > 0 || stats.files_deleted > 0 {
+            tracing::info!(
+                uploaded = stats.files_uploaded,
+                deleted = stats.files_deleted,
+                bytes = stats.bytes_uploaded,
+                ms = stats.duration_ms,
+                generation = self.manifest.generation,
+                "sync round"
+            );
+        }
+        Ok(stats)
+    }
+
+    async fn round_inner(
+        &mut self,
+        confirm: bool,
+        full: bool,
+        paths: &BTreeSet<String>,
+    ) -> Result<RoundStats, SyncError> {
+        let mut stats = RoundStats {
+            files_deleted: self.flush_pending_deletes().await?,
+            ..RoundStats::default()
+        };
+        let rules = self.rules.clone();
+        let limits = Limits {
+            max_file_bytes: self.config.sync.max_file_bytes,
+            key_prefix_len: self.keys.files_prefix().len(),
+        };
+        let paths_owned = paths.clone();
+        let obs =
+            tokio::task::spawn_blocking(move || scan::observe(&rules, &limits, &paths_owned, full))
+                .await
+                .map_err(|e| SyncError::Remote(e.to_string()))?
+                .map_err(|e| {
+                    if full {
+                        SyncError::WorkspaceUnavailable(e.to_string())
+                    } else {
+                        SyncError::Remote(format!("scanning the workspace: {e}"))
+                    }
+                })?;
+        if full {
+            self.skipped = obs.skipped.total();
+        }
+
+        // Plan: what stays, what is gone, what must be hashed.
+        let mut next = self.manifest.clone();
+        let mut gone = Vec::new();
+        for c in &obs.covered {
+            for p in remove_under(&mut next.files, c) {
+                if !obs.files.contains_key(&p) {
+                    gone.push(p);
+                }
+            }
+            remove_under(&mut next.symlinks, c);
+            remove_under_set(&mut next.empty_dirs, c);
+        }
+        next.symlinks.extend(obs.symlinks.clone());
+        for d in &obs.non_empty_dirs {
+            next.empty_dirs.remove(d);
+        }
+        next.empty_dirs.extend(obs.empty_dirs.iter().cloned());
+        let mut candidates: Vec<(String, Stat)> = Vec::new();
+        for (p, st) in &obs.files {
+            match self.manifest.files.get(p) {
+                Some(e) if e.size == st.size && e.mtime == st.mtime && e.mode == st.mode => {
+                    next.files.insert(p.clone(), e.clone());
+                }
+                _ => candidates.push((p.clone(), *st)),
+            }
+        }
+        // A directory holding anything mirrored is not empty.
+        let occupied: Vec<String> = next
+            .files
+            .keys()
+            .chain(next.symlinks.keys())
+            .chain(next.empty_dirs.iter())
+            .chain(candidates.iter().map(|(p, _)| p))
+            .flat_map(|p| {
+                Path::new(p)
+                    .ancestors()
+                    .skip(1)
+                    .filter_map(|a| a.to_str())
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for d in occupied {
+            next.empty_dirs.remove(&d);
+        }
+
+        // Never delete everything, or a mass of files, by accident.
+        let before = self.manifest.files.len();
+        let remaining = next.files.len() + candidates.len();
+        let everything = before > 0 && remaining == 0 && !gone.is_empty();
+        let mass = gone.len() * 2 > before && gone.len() >= MASS_DELETE_MIN;
+        if !confirm && (everything || mass) {
+            let set: BTreeSet<String> = gone.iter().cloned().collect();
+            let since = match &self.hold {
+                Some((since, held)) if *held == set => *since,
+                _ => Instant::now(),
+            };
+            let expired =
+                !everything && Instant::now() >= since + self.config.sync.mass_delete_hold.0;
+            if expired {
+                tracing::warn!(
+                    files = gone.len(),
+                    "mass deletion held long enough: deleting"
+                );
+                self.hold = None;
+            } else {
+                if self.hold.as_ref().is_none_or(|(_, h)| *h != set) {
+                    tracing::warn!(
+                        files = gone.len(),
+                        of = before,
+                        "refusing to delete this many files without confirmation: keeping them \
+                         (POST /v1/sync with confirm_deletes, or wait for sync.mass_delete_hold)"
+                    );
+                }
+                for p in gone.drain(..) {
+                    if let Some(e) = self.manifest.files.get(&p) {
+                        next.files.insert(p, e.clone());
+                    }
+                }
+                self.hold = Some((since, set));
+            }
+        } else {
+            self.hold = None;
+        }
+
+        // Hash and upload in parallel.
+        let concurrency = self.config.sync.concurrency as usize;
+        let outcomes: Vec<Outcome> = futures::stream::iter(candidates)
+            .map(|(p, st)| self.upload_one(p, st))
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let mut failure = None;
+        for o in outcomes {
+            match o {
+                Outcome::Uploaded(p, e, bytes) => {
+                    stats.files_uploaded += 1;
+                    stats.bytes_uploaded += bytes;
+                    self.metrics.sync_uploaded(bytes);
+                    next.files.insert(p, e);
+                }
+                Outcome::MetaOnly(p, e) => {
+                    next.files.insert(p, e);
+                }
+                Outcome::Retry(p) => {
+                    if let Some(e) = self.manifest.files.get(&p) {
+                        next.files.insert(p.clone(), e.clone());
+                    }
+                    self.pending.insert(p);
+                    self.debouncer.record(Instant::now(), 0);
+                }
+                Outcome::Failed(p, e) => {
+                    self.metrics.remote_error(e.op());
+                    if let Some(old) = self.manifest.files.get(&p) {
+                        next.files.insert(p.clone(), old.clone());
+                    }
+                    self.pending.insert(p);
+                    failure.get_or_insert(e.to_string());
+                }
+            }
+        }
+
+        let total = next.total_bytes();
+        if total > self.config.sync.max_workspace_bytes {
+            tracing::warn!(
+                bytes = total,
+                limit = self.config.sync.max_workspace_bytes,
+                "the workspace is larger than sync.max_workspace_bytes"
+            );
+        }
+
+        // Publish the manifest, then delete what it no longer names.
+        let changed = next.files != self.manifest.files
+            || next.symlinks != self.manifest.symlinks
+            || next.empty_dirs != self.manifest.empty_dirs;
+        if changed {
+            next.format = manifest::FORMAT;
+            next.generation = self.manifest.generation + 1;
+            next.updated_at = crate::kv::rfc3339(crate::kv::now_ms());
+            let json =
+                serde_json::to_vec_pretty(&next).map_err(|e| SyncError::Remote(e.to_string()))?;
+            let len = json.len() as u64;
+            self.remote
+                .put_bytes(&self.keys.manifest(), Bytes::from(json))
+                .await
+                .map_err(|e| {
+                    self.metrics.remote_error(e.op());
+                    SyncError::Remote(e.to_string())
+                })?;
+            stats.bytes_uploaded += len;
+            let gone_keys: Vec<String> = gone.iter().map(|p| self.keys.file(p)).collect();
+            let cache = self.cache.clone();
+            let stored = next.clone();
+            tokio::task::spawn_blocking(move || cache.store(&stored, &gone_keys))
+                .await
+                .map_err(|e| SyncError::Remote(e.to_string()))?
+                .map_err(|e| SyncError::Remote(e.to_string()))?;
+            self.manifest = next;
+            if !gone.is_empty() {
+                stats.files_deleted += self.flush_pending_deletes().await?;
+            }
+        }
+        match failure {
+            Some(e) => Err(SyncError::Remote(e)),
+            None => Ok(stats),
+        }
+    }
+
+    async fn upload_one(&self, rel: String, _seen: Stat) -> Outcome {
+        let abs = self.root.join(&rel);
+        let hashed = {
+            let abs = abs.clone();
+            tokio::task::spawn_blocking(move || scan::hash_file(&abs)).await
+        };
+        let hashed = match hashed {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Outcome::Retry(rel),
+            Ok(Err(e)) => {
+                tracing::warn!(path = rel, error = %e, "cannot read file; will retry");
+                return Outcome::Retry(rel);
+            }
+            Err(e) => {
+                return Outcome::Failed(
+                    rel,
+                    RemoteError::local("hash", &abs, std::io::Error::other(e.to_string())),
+                );
+            }
+        };
+        if !hashed.stable {
+            return Outcome::Retry(rel);
+        }
+        let entry = FileEntry {
+            size: hashed.stat.size,
+            mtime: hashed.stat.mtime,
+            mode: hashed.stat.mode,
+            hash: hashed.hash.clone(),
+        };
+        if self
+            .manifest
+            .files
+            .get(&rel)
+            .is_some_and(|e| e.hash == hashed.hash)
+        {
+            return Outcome::MetaOnly(rel, entry);
+        }
+        match self
+            .remote
+            .put_file(&self.keys.file(&rel), &abs, hashed.md5)
+            .await
+        {
+            Ok(bytes) => {
+                let now = std::fs::symlink_metadata(&abs).map(|m| Stat::of(&m)).ok();
+                if now != Some(hashed.stat) {
+                    return Outcome::Retry(rel);
+                }
+                Outcome::Uploaded(rel, entry, bytes)
+            }
+            Err(RemoteError::Changed { .. }) => Outcome::Retry(rel),
+            Err(RemoteError::Local { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Outcome::Retry(rel)
+            }
+            Err(e) => Outcome::Failed(rel, e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remove_under_takes_the_subtree_only() {
+        let mut m: BTreeMap<String, u8> = ["a", "a/b", "a/b/c", "a-b", "a.txt", "ab", "b"]
+            .iter()
+            .map(|k| (k.to_string(), 0))
+            .collect();
+        let mut removed = remove_under(&mut m, "a");
+        removed.sort();
+        assert_eq!(removed, vec!["a", "a/b", "a/b/c"]);
+        assert_eq!(
+            m.keys().cloned().collect::<Vec<_>>(),
+            vec!["a-b", "a.txt", "ab", "b"]
+        );
+        assert_eq!(remove_under(&mut m, "").len(), 4);
+    }
+}

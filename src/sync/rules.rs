@@ -1,0 +1,171 @@
+//! Which workspace paths are mirrored: `.gitignore` semantics (via the `ignore` crate's
+//! matcher) for `.gitignore` and `.sandkeepignore` files at every level, whether or not
+//! the workspace is a git repository, plus the configured `sync.exclude` patterns.
+//! `.git` directories are never mirrored file by file (the git bundle carries them).
+//!
+//! One matcher serves the tree walk and single paths from watcher events, so both
+//! always agree. Per-directory matchers are cached and dropped when an ignore file
+//! changes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use ignore::Match;
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+
+/// Names of the per-directory ignore files, lowest precedence first.
+pub const IGNORE_FILES: [&str; 2] = [".gitignore", ".sandkeepignore"];
+
+pub struct Rules {
+    root: PathBuf,
+    excludes: Gitignore,
+    /// Matchers of directories (relative path → matcher of its ignore files).
+    cache: Mutex<HashMap<PathBuf, Arc<Gitignore>>>,
+}
+
+impl Rules {
+    /// `root` should be canonical; `excludes` are gitignore patterns relative to it.
+    pub fn new(root: &Path, excludes: &[String]) -> Result<Self, ignore::Error> {
+        let mut b = GitignoreBuilder::new(root);
+        for pattern in excludes {
+            b.add_line(None, pattern)?;
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            excludes: b.build()?,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Forgets the cached matchers (an ignore file changed).
+    pub fn invalidate(&self) {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    fn matcher(&self, rel_dir: &Path) -> Arc<Gitignore> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = cache.get(rel_dir) {
+            return m.clone();
+        }
+        let abs = self.root.join(rel_dir);
+        let mut b = GitignoreBuilder::new(&abs);
+        for name in IGNORE_FILES {
+            let f = abs.join(name);
+            if f.is_file()
+                && let Some(e) = b.add(&f)
+            {
+                tracing::warn!(file = %f.display(), error = %e, "ignore file has errors; using the valid lines");
+            }
+        }
+        let m = Arc::new(b.build().unwrap_or_else(|_| Gitignore::empty()));
+        cache.insert(rel_dir.to_path_buf(), m.clone());
+        m
+    }
+
+    /// Whether the workspace-relative `rel` (a directory when `is_dir`) is excluded.
+    pub fn is_ignored(&self, rel: &Path, is_dir: bool) -> bool {
+        if rel.components().any(|c| c.as_os_str() == ".git") {
+            return true;
+        }
+        if self
+            .excludes
+            .matched_path_or_any_parents(rel, is_dir)
+            .is_ignore()
+        {
+            return true;
+        }
+        // Deeper ignore files take precedence; the first decisive match wins.
+        let mut dirs: Vec<&Path> = rel.ancestors().skip(1).collect();
+        dirs.reverse(); // "", "a", "a/b", ...
+        for dir in dirs.iter().rev() {
+            let m = self.matcher(dir);
+            if m.is_empty() {
+                continue;
+            }
+            // Also test the path's ancestors below this directory: an ignored parent
+            // directory excludes everything in it.
+            let below = rel.strip_prefix(dir).unwrap_or(rel);
+            let mut verdict = match m.matched(below, is_dir) {
+                Match::None => None,
+                other => Some(other.is_ignore()),
+            };
+            if verdict.is_none() {
+                for anc in below.ancestors().skip(1) {
+                    if anc.as_os_str().is_empty() {
+                        break;
+                    }
+                    if m.matched(anc, true).is_ignore() {
+                        verdict = Some(true);
+                        break;
+                    }
+                }
+            }
+            if let Some(v) = verdict {
+                return v;
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(files: &[(&str, &str)], excludes: &[&str]) -> (tempfile::TempDir, Rules) {
+        let dir = tempfile::tempdir().unwrap();
+        for (p, text) in files {
+            let path = dir.path().join(p);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        let ex: Vec<String> = excludes.iter().map(|s| s.to_string()).collect();
+        let r = Rules::new(dir.path(), &ex).unwrap();
+        (dir, r)
+    }
+
+    #[test]
+    fn gitignore_semantics_without_git() {
+        let (_d, r) = rules(
+            &[
+                (".gitignore", "*.log\nbuild/\n!keep.log\n"),
+                ("sub/.gitignore", "secret.txt\n!*.log\n"),
+                ("sub/.sandkeepignore", "cache/\n"),
+            ],
+            &["node_modules/", "*.tmp"],
+        );
+        let ig = |p: &str, d: bool| r.is_ignored(Path::new(p), d);
+        assert!(ig("a.log", false));
+        assert!(!ig("keep.log", false));
+        assert!(ig("build", true));
+        assert!(ig("build/out.o", false));
+        assert!(ig("x/build/out.o", false));
+        assert!(ig("sub/secret.txt", false));
+        assert!(!ig("secret.txt", false));
+        assert!(!ig("sub/debug.log", false), "deeper whitelist wins");
+        assert!(ig("sub/cache/x", false));
+        assert!(ig("node_modules/a/b.js", false));
+        assert!(ig("pkg/node_modules", true));
+        assert!(ig("x.tmp", false));
+        assert!(ig(".git", true));
+        assert!(ig(".git/config", false));
+        assert!(ig("sub/.git/HEAD", false));
+        assert!(!ig("src/main.rs", false));
+        assert!(!ig(".gitignore", false));
+    }
+
+    #[test]
+    fn invalidate_picks_up_new_rules() {
+        let (d, r) = rules(&[], &[]);
+        assert!(!r.is_ignored(Path::new("a.txt"), false));
+        std::fs::write(d.path().join(".gitignore"), "a.txt\n").unwrap();
+        assert!(!r.is_ignored(Path::new("a.txt"), false), "cached");
+        r.invalidate();
+        assert!(r.is_ignored(Path::new("a.txt"), false));
+    }
+}

@@ -1,0 +1,333 @@
+//! Looking at the workspace: walking (part of) the tree under the ignore rules, and
+//! hashing files. Blocking code: callers run it on the blocking pool.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use md5::{Digest, Md5};
+
+use super::rules::Rules;
+
+/// What a round compares with the manifest: size, mtime (ns) and permission bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    pub size: u64,
+    pub mtime: i64,
+    pub mode: u32,
+}
+
+impl Stat {
+    pub fn of(m: &std::fs::Metadata) -> Self {
+        Self {
+            size: m.len(),
+            mtime: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            mode: m.permissions().mode() & 0o7777,
+        }
+    }
+}
+
+/// Why entries were left out of the mirror.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Skipped {
+    /// Sockets, FIFOs, devices.
+    pub special: u64,
+    /// Larger than `sync.max_file_bytes`.
+    pub too_large: u64,
+    /// Names that are not UTF-8 or whose remote key would not fit.
+    pub bad_name: u64,
+}
+
+impl Skipped {
+    pub fn total(&self) -> u64 {
+        self.special + self.too_large + self.bad_name
+    }
+}
+
+/// What was seen under the `covered` paths ("" = the whole tree).
+#[derive(Debug, Default)]
+pub struct Observation {
+    pub files: BTreeMap<String, Stat>,
+    pub symlinks: BTreeMap<String, String>,
+    pub empty_dirs: BTreeSet<String>,
+    /// Directories known to hold mirrored entries now (so not empty).
+    pub non_empty_dirs: BTreeSet<String>,
+    pub covered: Vec<String>,
+    pub skipped: Skipped,
+}
+
+pub struct Limits {
+    pub max_file_bytes: u64,
+    /// Length of the key prefix before a workspace path (`.../workspace/files/`).
+    pub key_prefix_len: usize,
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+fn key_fits(limits: &Limits, rel: &str) -> bool {
+    limits.key_prefix_len + rel.len() <= crate::remote::MAX_KEY_BYTES
+        && rel
+            .split('/')
+            .all(|s| s.len() <= crate::remote::MAX_SEGMENT_BYTES)
+}
+
+/// Records one entry; recurses into directories. Returns whether the entry is
+/// mirrored (so its parent is not empty).
+fn visit(
+    rules: &Rules,
+    limits: &Limits,
+    rel: &str,
+    meta: &std::fs::Metadata,
+    obs: &mut Observation,
+) -> std::io::Result<bool> {
+    let ft = meta.file_type();
+    let abs = rules.root().join(rel);
+    if ft.is_dir() {
+        if !rel.is_empty() && rules.is_ignored(Path::new(rel), true) {
+            return Ok(false);
+        }
+        let mut any = false;
+        let entries = match std::fs::read_dir(&abs) {
+            Ok(e) => e,
+            // Removed while walking: nothing there.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                obs.skipped.bad_name += 1;
+                continue;
+            };
+            let child = join(rel, &name);
+            let m = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            any |= visit(rules, limits, &child, &m, obs)?;
+        }
+        if !rel.is_empty() {
+            if any {
+                obs.non_empty_dirs.insert(rel.to_string());
+            } else {
+                obs.empty_dirs.insert(rel.to_string());
+            }
+        }
+        // An empty directory is itself mirrored (as an entry of empty_dirs).
+        return Ok(true);
+    }
+    if rules.is_ignored(Path::new(rel), false) {
+        return Ok(false);
+    }
+    if !key_fits(limits, rel) {
+        obs.skipped.bad_name += 1;
+        tracing::warn!(
+            path = rel,
+            "skipped: its remote key would exceed 1024 bytes or a segment 255"
+        );
+        return Ok(false);
+    }
+    if ft.is_symlink() {
+        match std::fs::read_link(&abs) {
+            Ok(target) => match target.to_str() {
+                Some(t) => {
+                    obs.symlinks.insert(rel.to_string(), t.to_string());
+                    return Ok(true);
+                }
+                None => obs.skipped.bad_name += 1,
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        return Ok(false);
+    }
+    if ft.is_file() {
+        if meta.len() > limits.max_file_bytes {
+            obs.skipped.too_large += 1;
+            tracing::warn!(
+                path = rel,
+                size = meta.len(),
+                limit = limits.max_file_bytes,
+                "skipped: larger than sync.max_file_bytes"
+            );
+            return Ok(false);
+        }
+        obs.files.insert(rel.to_string(), Stat::of(meta));
+        return Ok(true);
+    }
+    obs.skipped.special += 1;
+    Ok(false)
+}
+
+/// Looks at the whole tree (`full`) or at the given paths and what lies under them.
+pub fn observe(
+    rules: &Rules,
+    limits: &Limits,
+    paths: &BTreeSet<String>,
+    full: bool,
+) -> std::io::Result<Observation> {
+    let mut obs = Observation::default();
+    if full {
+        let meta = std::fs::metadata(rules.root())?;
+        visit(rules, limits, "", &meta, &mut obs)?;
+        obs.covered.push(String::new());
+        return Ok(obs);
+    }
+    let mut parents = BTreeSet::new();
+    for rel in paths {
+        if rel.is_empty() {
+            continue;
+        }
+        if let Some((parent, _)) = rel.rsplit_once('/') {
+            parents.insert(parent.to_string());
+        }
+        obs.covered.push(rel.clone());
+        match std::fs::symlink_metadata(rules.root().join(rel)) {
+            Ok(m) => {
+                visit(rules, limits, rel, &m, &mut obs)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {}
+            Err(e) => return Err(e),
+        }
+    }
+    // A change inside a directory can make it empty or not empty.
+    for parent in parents {
+        if obs.empty_dirs.contains(&parent) || obs.non_empty_dirs.contains(&parent) {
+            continue;
+        }
+        let abs = rules.root().join(&parent);
+        match std::fs::read_dir(&abs) {
+            Ok(entries) => {
+                let mut any = false;
+                for entry in entries.flatten() {
+                    let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                        continue;
+                    };
+                    let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                    if !rules.is_ignored(Path::new(&join(&parent, &name)), is_dir) {
+                        any = true;
+                        break;
+                    }
+                }
+                if any {
+                    obs.non_empty_dirs.insert(parent);
+                } else if !rules.is_ignored(Path::new(&parent), true) {
+                    obs.empty_dirs.insert(parent);
+                }
+            }
+            Err(_) => {
+                obs.non_empty_dirs.insert(parent);
+            }
+        }
+    }
+    Ok(obs)
+}
+
+/// A file's content hash (`blake3:<hex>`), its MD5 (for upload verification), and
+/// whether it stayed the same while being read.
+pub struct Hashed {
+    pub hash: String,
+    pub md5: [u8; 16],
+    pub stat: Stat,
+    pub stable: bool,
+}
+
+pub fn hash_file(path: &Path) -> std::io::Result<Hashed> {
+    let mut f = std::fs::File::open(path)?;
+    let before = Stat::of(&f.metadata()?);
+    let mut b3 = blake3::Hasher::new();
+    let mut md5 = Md5::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        b3.update(&buf[..n]);
+        md5.update(&buf[..n]);
+    }
+    let after = std::fs::symlink_metadata(path).map(|m| Stat::of(&m)).ok();
+    Ok(Hashed {
+        hash: format!("blake3:{}", b3.finalize().to_hex()),
+        md5: md5.finalize().into(),
+        stat: before,
+        stable: after == Some(before),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn full_and_partial_observation() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let w = |p: &str, s: &str| {
+            let f = root.join(p);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(f, s).unwrap();
+        };
+        w("a.txt", "a");
+        w("src/lib.rs", "x");
+        w("node_modules/m/i.js", "y");
+        w(".gitignore", "*.log\n");
+        w("debug.log", "z");
+        w(".git/HEAD", "ref");
+        std::fs::create_dir_all(root.join("empty/inner")).unwrap();
+        symlink("a.txt", root.join("link")).unwrap();
+        nix_mkfifo(&root.join("fifo"));
+        let rules = Rules::new(&root, &["node_modules/".to_string()]).unwrap();
+        let limits = Limits {
+            max_file_bytes: 1 << 20,
+            key_prefix_len: 40,
+        };
+        let obs = observe(&rules, &limits, &BTreeSet::new(), true).unwrap();
+        let files: Vec<&str> = obs.files.keys().map(String::as_str).collect();
+        assert_eq!(files, vec![".gitignore", "a.txt", "src/lib.rs"]);
+        assert_eq!(obs.symlinks.get("link").map(String::as_str), Some("a.txt"));
+        assert!(obs.empty_dirs.contains("empty/inner"));
+        assert!(!obs.empty_dirs.contains("empty"), "holds an empty dir");
+        assert_eq!(obs.skipped.special, 1);
+
+        std::fs::remove_file(root.join("src/lib.rs")).unwrap();
+        let paths: BTreeSet<String> = ["src/lib.rs".to_string()].into();
+        let obs = observe(&rules, &limits, &paths, false).unwrap();
+        assert!(obs.files.is_empty());
+        assert_eq!(obs.covered, vec!["src/lib.rs"]);
+        assert!(obs.empty_dirs.contains("src"), "src became empty");
+    }
+
+    fn nix_mkfifo(path: &Path) {
+        let status = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    #[test]
+    fn hash_is_stable_and_correct() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"hello").unwrap();
+        let h = hash_file(&p).unwrap();
+        assert!(h.stable);
+        assert_eq!(
+            h.hash,
+            format!("blake3:{}", blake3::hash(b"hello").to_hex())
+        );
+        assert_eq!(hex::encode(h.md5), "5d41402abc4b2a76b9719d911017c592");
+        assert_eq!(h.stat.size, 5);
+    }
+}
