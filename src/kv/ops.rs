@@ -588,6 +588,14 @@ impl<'b, B: Backing> NsTxn<'b, B> {
                 body.insert("value".into(), value);
                 if *meta {
                     rec.meta_into(&mut body);
+                    // The namespace as this operation sees it (earlier writes of the
+                    // same batch included).
+                    let ns_version = if self.changed() {
+                        self.write_version()
+                    } else {
+                        self.base_version
+                    };
+                    body.insert("namespace_version".into(), ns_version.into());
                 }
                 Ok(Value::Object(body))
             }

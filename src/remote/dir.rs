@@ -97,9 +97,13 @@ impl DirRemote {
             for entry in entries {
                 let entry = entry.map_err(|e| RemoteError::local("list", &dir, e))?;
                 let path = entry.path();
-                let ft = entry
-                    .file_type()
-                    .map_err(|e| RemoteError::local("list", &path, e))?;
+                // Objects deleted while listing are simply not listed.
+                let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+                let ft = match entry.file_type() {
+                    Ok(ft) => ft,
+                    Err(e) if gone(&e) => continue,
+                    Err(e) => return Err(RemoteError::local("list", &path, e)),
+                };
                 let Ok(rel) = path.strip_prefix(&self.root) else {
                     continue;
                 };
@@ -115,9 +119,11 @@ impl DirRemote {
                     && key.starts_with(prefix)
                     && !entry.file_name().to_string_lossy().starts_with(TMP_MARKER)
                 {
-                    let meta = entry
-                        .metadata()
-                        .map_err(|e| RemoteError::local("list", &path, e))?;
+                    let meta = match entry.metadata() {
+                        Ok(m) => m,
+                        Err(e) if gone(&e) => continue,
+                        Err(e) => return Err(RemoteError::local("list", &path, e)),
+                    };
                     found.push(ObjectInfo {
                         key,
                         size: meta.len(),

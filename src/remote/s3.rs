@@ -49,19 +49,27 @@ impl S3Remote {
                  certificate to the system trust store (or SSL_CERT_FILE) instead"
             );
         }
-        let mut loader =
-            aws_config::defaults(BehaviorVersion::latest()).region(Region::new(cfg.region.clone()));
-        if !cfg.access_key_id.is_empty() {
-            loader = loader.credentials_provider(Credentials::new(
-                cfg.access_key_id.clone(),
-                cfg.secret_access_key.clone(),
-                None,
-                None,
-                "sandkeep-config",
-            ));
-        }
-        let shared = loader.load().await;
-        let mut builder = aws_sdk_s3::config::Builder::from(&shared)
+        // Static credentials need nothing from the environment; otherwise the standard
+        // AWS chain (env, profile, web identity, IMDS) provides them.
+        let base = if cfg.access_key_id.is_empty() {
+            let shared = aws_config::defaults(BehaviorVersion::latest())
+                .region(Region::new(cfg.region.clone()))
+                .load()
+                .await;
+            aws_sdk_s3::config::Builder::from(&shared)
+        } else {
+            aws_sdk_s3::config::Builder::new()
+                .behavior_version(BehaviorVersion::latest())
+                .region(Region::new(cfg.region.clone()))
+                .credentials_provider(Credentials::new(
+                    cfg.access_key_id.clone(),
+                    cfg.secret_access_key.clone(),
+                    None,
+                    None,
+                    "sandkeep-config",
+                ))
+        };
+        let mut builder = base
             .force_path_style(cfg.force_path_style)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)

@@ -173,6 +173,15 @@ fn remove_under_set(set: &mut BTreeSet<String>, under: &str) {
     set.retain(|k| k != under && !k.starts_with(&below));
 }
 
+/// Deletions held back by a guard.
+struct Hold {
+    since: Instant,
+    paths: BTreeSet<String>,
+    /// Everything would be gone: only `confirm_deletes` lets it through.
+    everything: bool,
+    expiry_round_done: bool,
+}
+
 /// What happened to one changed file.
 enum Outcome {
     Uploaded(String, FileEntry, u64),
@@ -200,8 +209,8 @@ pub struct SyncEngine {
     poll: bool,
     backoff: Backoff,
     retry_at: Option<Instant>,
-    /// Deletions held by the mass-delete guard: since when, and which paths.
-    hold: Option<(Instant, BTreeSet<String>)>,
+    /// Deletions held by the guards.
+    hold: Option<Hold>,
     waiters: Vec<(bool, oneshot::Sender<Result<RoundStats, SyncError>>)>,
     commands: mpsc::Receiver<Command>,
     status: Arc<Mutex<SyncStatus>>,
@@ -351,11 +360,13 @@ impl SyncEngine {
             let now = Instant::now();
             if self.sink.overflow.swap(false, Ordering::AcqRel) {
                 tracing::warn!("watch event queue overflowed: full rescan");
+                // Whatever is queued is covered by the rescan.
+                while self.events.try_recv().is_ok() {}
                 self.full_rescan = true;
                 self.debouncer.record(now, 0);
             }
-            if let Some((since, _)) = &self.hold
-                && now >= *since + self.config.sync.mass_delete_hold.0
+            if let Some(at) = self.hold_expiry()
+                && now >= at
             {
                 self.full_rescan = true;
                 force = true;
@@ -371,21 +382,13 @@ impl SyncEngine {
             if let Some(r) = self.retry_at.filter(|_| force || wake_at.is_some()) {
                 wake_at = Some(wake_at.map_or(r, |w| w.max(r)));
             }
-            if let Some((since, _)) = &self.hold {
-                let at = *since + self.config.sync.mass_delete_hold.0;
+            if let Some(at) = self.hold_expiry() {
                 wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
             }
             let sleep_to = wake_at.unwrap_or(now + Duration::from_secs(3600));
             tokio::select! {
-                ev = self.events.recv() => {
-                    if let Some(ev) = ev {
-                        self.on_event(ev);
-                        // Take whatever else is queued without waking up per event.
-                        while let Ok(ev) = self.events.try_recv() {
-                            self.on_event(ev);
-                        }
-                    }
-                }
+                biased;
+                _ = stop.cancelled() => return,
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Sync { confirm_deletes, reply }) => {
                         self.waiters.push((confirm_deletes, reply));
@@ -395,6 +398,15 @@ impl SyncEngine {
                     }
                     None => return,
                 },
+                ev = self.events.recv() => {
+                    if let Some(ev) = ev {
+                        self.on_event(ev);
+                        // Take whatever else is queued without waking up per event.
+                        while let Ok(ev) = self.events.try_recv() {
+                            self.on_event(ev);
+                        }
+                    }
+                }
                 _ = self.sink.wake.notified() => {}
                 _ = poll_tick.tick() => {
                     if self.poll || self.watcher.is_none() {
@@ -407,8 +419,19 @@ impl SyncEngine {
                     }
                 }
                 _ = tokio::time::sleep_until(sleep_to) => {}
-                _ = stop.cancelled() => return,
             }
+        }
+    }
+
+    /// When held mass deletions may go ahead. Deleting everything never expires: it
+    /// waits for `confirm_deletes`. A hold that expired already is not due again (the
+    /// round at expiry either deleted or restarted the hold with a new set).
+    fn hold_expiry(&self) -> Option<Instant> {
+        match &self.hold {
+            Some(h) if !h.everything && !h.expiry_round_done => {
+                Some(h.since + self.config.sync.mass_delete_hold.0)
+            }
+            _ => None,
         }
     }
 
@@ -479,13 +502,14 @@ impl SyncEngine {
             self.debouncer.record(now, 0);
             return;
         }
-        if matches!(
-            ev.kind,
-            notify::EventKind::Access(notify::event::AccessKind::Open(_))
-        ) || matches!(
-            ev.kind,
-            notify::EventKind::Access(notify::event::AccessKind::Read)
-        ) {
+        // Reads (our own scans and hashing among them) change nothing; a file closed
+        // after writing does.
+        if let notify::EventKind::Access(kind) = ev.kind
+            && !matches!(
+                kind,
+                notify::event::AccessKind::Close(notify::event::AccessMode::Write)
+            )
+        {
             return;
         }
         let mut new_files = 0;
@@ -559,7 +583,7 @@ impl SyncEngine {
             generation: self.manifest.generation,
             files: self.manifest.files.len() as u64,
             bytes: self.manifest.total_bytes(),
-            held_deletes: self.hold.as_ref().map_or(0, |(_, s)| s.len() as u64),
+            held_deletes: self.hold.as_ref().map_or(0, |h| h.paths.len() as u64),
             skipped_files: self.skipped,
         };
         self.metrics.sync_gauges(
@@ -596,6 +620,12 @@ impl SyncEngine {
     /// One round over what is pending.
     async fn round(&mut self, confirm: bool) -> Result<RoundStats, SyncError> {
         let started = std::time::Instant::now();
+        tracing::debug!(
+            pending = self.pending.len(),
+            full = self.full_rescan,
+            confirm,
+            "sync round starts"
+        );
         self.root_available()?;
         let full = std::mem::take(&mut self.full_rescan);
         let paths = std::mem::take(&mut self.pending);
@@ -636,33 +666,49 @@ impl SyncEngine {
             max_file_bytes: self.config.sync.max_file_bytes,
             key_prefix_len: self.keys.files_prefix().len(),
         };
-        let paths_owned = paths.clone();
-        let obs =
-            tokio::task::spawn_blocking(move || scan::observe(&rules, &limits, &paths_owned, full))
-                .await
-                .map_err(|e| SyncError::Remote(e.to_string()))?
-                .map_err(|e| {
-                    if full {
-                        SyncError::WorkspaceUnavailable(e.to_string())
-                    } else {
-                        SyncError::Remote(format!("scanning the workspace: {e}"))
+        // Deletions are judged on the whole tree: a partial round that sees files gone
+        // (and every round while deletions are held) looks at everything, so a mass
+        // deletion cannot slip through the guards split over several rounds.
+        let mut full = full || self.hold.is_some();
+        let (obs, mut next, mut gone) = loop {
+            let rules = rules.clone();
+            let limits = Limits {
+                max_file_bytes: limits.max_file_bytes,
+                key_prefix_len: limits.key_prefix_len,
+            };
+            let paths_owned = paths.clone();
+            let obs = tokio::task::spawn_blocking(move || {
+                scan::observe(&rules, &limits, &paths_owned, full)
+            })
+            .await
+            .map_err(|e| SyncError::Remote(e.to_string()))?
+            .map_err(|e| {
+                if full {
+                    SyncError::WorkspaceUnavailable(e.to_string())
+                } else {
+                    SyncError::Remote(format!("scanning the workspace: {e}"))
+                }
+            })?;
+            // Plan: what stays, what is gone, what must be hashed.
+            let mut next = self.manifest.clone();
+            let mut gone = Vec::new();
+            for c in &obs.covered {
+                for p in remove_under(&mut next.files, c) {
+                    if !obs.files.contains_key(&p) {
+                        gone.push(p);
                     }
-                })?;
+                }
+                remove_under(&mut next.symlinks, c);
+                remove_under_set(&mut next.empty_dirs, c);
+            }
+            if !full && !gone.is_empty() {
+                full = true;
+                continue;
+            }
+            break (obs, next, gone);
+        };
         if full {
             self.skipped = obs.skipped.total();
-        }
-
-        // Plan: what stays, what is gone, what must be hashed.
-        let mut next = self.manifest.clone();
-        let mut gone = Vec::new();
-        for c in &obs.covered {
-            for p in remove_under(&mut next.files, c) {
-                if !obs.files.contains_key(&p) {
-                    gone.push(p);
-                }
-            }
-            remove_under(&mut next.symlinks, c);
-            remove_under_set(&mut next.empty_dirs, c);
         }
         next.symlinks.extend(obs.symlinks.clone());
         for d in &obs.non_empty_dirs {
@@ -678,6 +724,57 @@ impl SyncEngine {
                 _ => candidates.push((p.clone(), *st)),
             }
         }
+        // Never delete everything, or a mass of files, by accident.
+        let before = self.manifest.files.len();
+        let remaining = next.files.len() + candidates.len();
+        let everything = before > 0 && remaining == 0 && !gone.is_empty();
+        let mass = gone.len() * 2 > before && gone.len() >= MASS_DELETE_MIN;
+        if !confirm && (everything || mass) {
+            let set: BTreeSet<String> = gone.iter().cloned().collect();
+            let now = Instant::now();
+            let same = self.hold.as_ref().is_some_and(|h| h.paths == set);
+            let since = match &self.hold {
+                Some(h) if same => h.since,
+                _ => now,
+            };
+            let expired = !everything && now >= since + self.config.sync.mass_delete_hold.0;
+            if expired {
+                tracing::warn!(
+                    files = gone.len(),
+                    "mass deletion held long enough: deleting"
+                );
+                self.hold = None;
+            } else {
+                if !same {
+                    tracing::warn!(
+                        files = gone.len(),
+                        of = before,
+                        "refusing to delete this many files without confirmation: keeping them \
+                         (POST /v1/sync with confirm_deletes{})",
+                        if everything {
+                            ""
+                        } else {
+                            ", or wait for sync.mass_delete_hold"
+                        }
+                    );
+                }
+                for p in gone.drain(..) {
+                    if let Some(e) = self.manifest.files.get(&p) {
+                        next.files.insert(p, e.clone());
+                    }
+                }
+                let expiry_round_done = same && now >= since + self.config.sync.mass_delete_hold.0;
+                self.hold = Some(Hold {
+                    since,
+                    paths: set,
+                    everything,
+                    expiry_round_done,
+                });
+            }
+        } else {
+            self.hold = None;
+        }
+
         // A directory holding anything mirrored is not empty.
         let occupied: Vec<String> = next
             .files
@@ -697,45 +794,6 @@ impl SyncEngine {
             .collect();
         for d in occupied {
             next.empty_dirs.remove(&d);
-        }
-
-        // Never delete everything, or a mass of files, by accident.
-        let before = self.manifest.files.len();
-        let remaining = next.files.len() + candidates.len();
-        let everything = before > 0 && remaining == 0 && !gone.is_empty();
-        let mass = gone.len() * 2 > before && gone.len() >= MASS_DELETE_MIN;
-        if !confirm && (everything || mass) {
-            let set: BTreeSet<String> = gone.iter().cloned().collect();
-            let since = match &self.hold {
-                Some((since, held)) if *held == set => *since,
-                _ => Instant::now(),
-            };
-            let expired =
-                !everything && Instant::now() >= since + self.config.sync.mass_delete_hold.0;
-            if expired {
-                tracing::warn!(
-                    files = gone.len(),
-                    "mass deletion held long enough: deleting"
-                );
-                self.hold = None;
-            } else {
-                if self.hold.as_ref().is_none_or(|(_, h)| *h != set) {
-                    tracing::warn!(
-                        files = gone.len(),
-                        of = before,
-                        "refusing to delete this many files without confirmation: keeping them \
-                         (POST /v1/sync with confirm_deletes, or wait for sync.mass_delete_hold)"
-                    );
-                }
-                for p in gone.drain(..) {
-                    if let Some(e) = self.manifest.files.get(&p) {
-                        next.files.insert(p, e.clone());
-                    }
-                }
-                self.hold = Some((since, set));
-            }
-        } else {
-            self.hold = None;
         }
 
         // Hash and upload in parallel.

@@ -26,6 +26,17 @@ pub struct EventSink {
 
 impl EventSink {
     fn deliver(&self, ev: RawEvent) {
+        // Reads (our own scans and hashing among them) change nothing: drop them here
+        // rather than fill the queue. A file closed after writing is a change.
+        if let Ok(e) = &ev
+            && let notify::EventKind::Access(kind) = e.kind
+            && !matches!(
+                kind,
+                notify::event::AccessKind::Close(notify::event::AccessMode::Write)
+            )
+        {
+            return;
+        }
         if self.tx.try_send(ev).is_err() {
             self.overflow.store(true, Ordering::Release);
             self.wake.notify_one();

@@ -1,0 +1,257 @@
+//! One contract test body for every remote backend: the `dir` backend and the `s3`
+//! backend against a real S3-compatible server over TCP.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use md5::{Digest, Md5};
+use sandkeep::remote::{self, Remote, RemoteError};
+
+use crate::s3_server::{self, S3Server};
+
+fn md5_of(data: &[u8]) -> [u8; 16] {
+    Md5::digest(data).into()
+}
+
+/// Deterministic, incompressible-ish bytes.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    let mut x = seed as u32 | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+async fn contract(remote: Arc<dyn Remote>, tmp: &std::path::Path) {
+    let p = "conversations/u1/c1/";
+    // Small objects.
+    assert_eq!(remote.get_bytes(&format!("{p}nope")).await.unwrap(), None);
+    assert_eq!(remote.head(&format!("{p}nope")).await.unwrap(), None);
+    remote
+        .put_bytes(&format!("{p}m.json"), Bytes::from_static(b"{\"a\":1}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        remote
+            .get_bytes(&format!("{p}m.json"))
+            .await
+            .unwrap()
+            .unwrap(),
+        Bytes::from_static(b"{\"a\":1}")
+    );
+    let head = remote.head(&format!("{p}m.json")).await.unwrap().unwrap();
+    assert_eq!(head.size, 7);
+
+    // A file, verified by its MD5; an empty file; a wrong MD5 is `Changed`.
+    let f = tmp.join("small.bin");
+    let data = pattern(100_000, 1);
+    std::fs::write(&f, &data).unwrap();
+    let n = remote
+        .put_file(&format!("{p}files/a/small.bin"), &f, md5_of(&data))
+        .await
+        .unwrap();
+    assert_eq!(n, data.len() as u64);
+    let back = tmp.join("back.bin");
+    remote
+        .get_to_file(&format!("{p}files/a/small.bin"), &back)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    let empty = tmp.join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    remote
+        .put_file(&format!("{p}files/empty"), &empty, md5_of(b""))
+        .await
+        .unwrap();
+    assert_eq!(
+        remote
+            .get_bytes(&format!("{p}files/empty"))
+            .await
+            .unwrap()
+            .unwrap()
+            .len(),
+        0
+    );
+    let err = remote
+        .put_file(&format!("{p}files/a/wrong"), &f, md5_of(b"other content"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RemoteError::Changed { .. }), "{err:?}");
+    let err = remote
+        .get_to_file(&format!("{p}files/missing"), &back)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RemoteError::NotFound { .. }), "{err:?}");
+
+    // A 20 MiB file goes up in parts (threshold 16 MiB) and comes back equal.
+    let big = tmp.join("big.bin");
+    let data = pattern(20 * 1024 * 1024 + 123, 7);
+    std::fs::write(&big, &data).unwrap();
+    remote
+        .put_file(&format!("{p}files/big.bin"), &big, md5_of(&data))
+        .await
+        .unwrap();
+    remote
+        .get_to_file(&format!("{p}files/big.bin"), &back)
+        .await
+        .unwrap();
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "multipart content differs"
+    );
+    // A multipart upload of changed content is refused as `Changed`.
+    let err = remote
+        .put_file(&format!("{p}files/big2.bin"), &big, md5_of(b"x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RemoteError::Changed { .. }), "{err:?}");
+
+    // Listing: sorted, paginated, prefix-bounded.
+    for i in 0..1005 {
+        remote
+            .put_bytes(&format!("{p}list/k{i:05}"), Bytes::from(vec![b'x'; i % 7]))
+            .await
+            .unwrap();
+    }
+    remote
+        .put_bytes("conversations/u1/c10/list/other", Bytes::from_static(b"o"))
+        .await
+        .unwrap();
+    let first = remote.list(&format!("{p}list/"), None).await.unwrap();
+    assert_eq!(first.objects.len(), 1000);
+    assert!(first.next.is_some());
+    let all = remote::list_all(remote.as_ref(), &format!("{p}list/"))
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1005);
+    assert!(all.windows(2).all(|w| w[0].key < w[1].key), "sorted");
+    assert_eq!(all[3].size, 3);
+    let partial = remote::list_all(remote.as_ref(), &format!("{p}list/k0100"))
+        .await
+        .unwrap();
+    assert_eq!(partial.len(), 5, "k01000..k01004");
+
+    // Batch delete, missing keys included.
+    let mut doomed: Vec<String> = all.iter().map(|o| o.key.clone()).collect();
+    doomed.push(format!("{p}list/never-existed"));
+    remote.delete_many(&doomed).await.unwrap();
+    assert!(
+        remote::list_all(remote.as_ref(), &format!("{p}list/"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        remote::list_all(remote.as_ref(), "conversations/u1/c10/")
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dir_backend_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let remote = Arc::new(remote::dir::DirRemote::new(&dir.path().join("bucket")).unwrap());
+    contract(remote, dir.path()).await;
+    // No temporary files are left behind.
+    let leftovers = walk(&dir.path().join("bucket"))
+        .into_iter()
+        .filter(|p| p.contains(".sandkeep-tmp-"))
+        .count();
+    assert_eq!(leftovers, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_backend_contract() {
+    let server = S3Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = sandkeep::config::Remote {
+        kind: sandkeep::config::RemoteKind::S3,
+        bucket: s3_server::BUCKET.into(),
+        endpoint: server.endpoint(),
+        access_key_id: s3_server::ACCESS_KEY.into(),
+        secret_access_key: s3_server::SECRET_KEY.into(),
+        ..Default::default()
+    };
+    let remote = Arc::new(
+        remote::s3::S3Remote::new(&cfg, 16 * 1024 * 1024)
+            .await
+            .unwrap(),
+    );
+    contract(remote, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_wrong_secret_is_refused() {
+    let server = S3Server::start().await;
+    let cfg = sandkeep::config::Remote {
+        kind: sandkeep::config::RemoteKind::S3,
+        bucket: s3_server::BUCKET.into(),
+        endpoint: server.endpoint(),
+        access_key_id: s3_server::ACCESS_KEY.into(),
+        secret_access_key: "wrong-secret-key".into(),
+        ..Default::default()
+    };
+    let remote = remote::s3::S3Remote::new(&cfg, 16 * 1024 * 1024)
+        .await
+        .unwrap();
+    let err = remote
+        .put_bytes("k", Bytes::from_static(b"x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RemoteError::Service { .. }), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_outage_is_a_transport_error_and_recovers() {
+    let mut server = S3Server::start().await;
+    let cfg = sandkeep::config::Remote {
+        kind: sandkeep::config::RemoteKind::S3,
+        bucket: s3_server::BUCKET.into(),
+        endpoint: server.endpoint(),
+        access_key_id: s3_server::ACCESS_KEY.into(),
+        secret_access_key: s3_server::SECRET_KEY.into(),
+        ..Default::default()
+    };
+    let remote = remote::s3::S3Remote::new(&cfg, 16 * 1024 * 1024)
+        .await
+        .unwrap();
+    remote
+        .put_bytes("k", Bytes::from_static(b"1"))
+        .await
+        .unwrap();
+    server.stop();
+    let err = remote
+        .put_bytes("k", Bytes::from_static(b"2"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RemoteError::Transport { .. }), "{err:?}");
+    server.restart().await;
+    remote
+        .put_bytes("k", Bytes::from_static(b"3"))
+        .await
+        .unwrap();
+    assert_eq!(server.object("k").unwrap(), b"3");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out
+}

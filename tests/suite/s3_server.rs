@@ -1,0 +1,117 @@
+//! A real S3-compatible server (s3s-fs) embedded in the test process, served over TCP
+//! on loopback with TCP_NODELAY on every accepted socket. Tests stop and restart it on
+//! the same port to simulate outages.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::AbortHandle;
+
+pub const ACCESS_KEY: &str = "AKTEST";
+pub const SECRET_KEY: &str = "SKTEST12345678";
+pub const BUCKET: &str = "sandboxes";
+
+pub struct S3Server {
+    pub addr: SocketAddr,
+    root: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+    tasks: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl S3Server {
+    /// Starts a server with the bucket `sandboxes` on a free port.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().to_path_buf();
+        std::fs::create_dir_all(root.join(BUCKET)).expect("bucket dir");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut server = Self {
+            addr: listener.local_addr().expect("addr"),
+            root,
+            _dir: Some(dir),
+            tasks: Arc::new(Mutex::new(Vec::new())),
+        };
+        server.serve(listener);
+        server
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The directory holding the bucket's objects (bucket = first-level directory).
+    pub fn bucket_dir(&self) -> PathBuf {
+        self.root.join(BUCKET)
+    }
+
+    /// The TOML `[remote]` section pointing at this server.
+    pub fn remote_toml(&self) -> String {
+        format!(
+            "[remote]\nkind = \"s3\"\nbucket = \"{BUCKET}\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\nforce_path_style = true\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n",
+            self.endpoint()
+        )
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let fs = s3s_fs::FileSystem::new(&self.root).expect("s3s-fs");
+        let mut b = s3s::service::S3ServiceBuilder::new(fs);
+        b.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        let service = b.build();
+        let tasks = self.tasks.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((socket, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = socket.set_nodelay(true);
+                let service = service.clone();
+                let conn = tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(socket), service)
+                        .await;
+                });
+                tasks.lock().unwrap().push(conn.abort_handle());
+            }
+        });
+        self.tasks.lock().unwrap().push(accept.abort_handle());
+    }
+
+    /// Stops accepting and drops every open connection: clients see refused or reset
+    /// connections, as with a crashed server.
+    pub fn stop(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Serves again on the same port, with the same data.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let mut last = None;
+        for _ in 0..50 {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => {
+                    self.serve(l);
+                    return;
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("cannot bind {} again: {last:?}", self.addr);
+    }
+
+    /// Reads an object straight from the server's storage.
+    pub fn object(&self, key: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.bucket_dir().join(Path::new(key))).ok()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

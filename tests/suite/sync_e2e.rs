@@ -1,0 +1,620 @@
+//! The workspace mirror end to end, on both backends (a `dir` remote and the embedded
+//! S3-compatible server over TCP): what is uploaded and what is not, deletes, renames,
+//! bursts, storms, outages, crashes in the middle of a round, the delete guards and the
+//! startup reconcile. The remote is inspected through sandkeep's own `Remote` trait
+//! and, for file contents, compared byte for byte with the workspace.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sandkeep::remote::{self, Remote};
+use serde_json::{Value, json};
+
+use crate::s3_server::{self, S3Server};
+use crate::util::{Daemon, ok};
+
+const PREFIX: &str = "conversations/u1/c1/";
+
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Dir,
+    S3,
+}
+
+/// A daemon plus a view of its remote (and the S3 server, when there is one).
+struct Env {
+    daemon: Daemon,
+    remote: Arc<dyn Remote>,
+    server: Option<S3Server>,
+}
+
+impl Env {
+    /// Prepares a daemon on `backend` with `extra` TOML (e.g. `[sync]` settings) and
+    /// starts it unless `start` is false.
+    async fn new(backend: Backend, extra: &str, start: bool) -> Env {
+        let mut daemon = Daemon::prepare(extra);
+        let (remote, server): (Arc<dyn Remote>, Option<S3Server>) = match backend {
+            Backend::Dir => (
+                Arc::new(remote::dir::DirRemote::new(&daemon.remote).unwrap()),
+                None,
+            ),
+            Backend::S3 => {
+                let server = S3Server::start().await;
+                // Swap the fixture's `[remote]` section for the S3 server.
+                let text = std::fs::read_to_string(&daemon.config_path).unwrap();
+                let start = text.find("[remote]").unwrap();
+                let end = text[start..].find("\n\n").map_or(text.len(), |e| start + e);
+                let text = format!("{}{}{}", &text[..start], server.remote_toml(), &text[end..]);
+                std::fs::write(&daemon.config_path, text).unwrap();
+                let cfg = sandkeep::config::Remote {
+                    kind: sandkeep::config::RemoteKind::S3,
+                    bucket: s3_server::BUCKET.into(),
+                    endpoint: server.endpoint(),
+                    access_key_id: s3_server::ACCESS_KEY.into(),
+                    secret_access_key: s3_server::SECRET_KEY.into(),
+                    ..Default::default()
+                };
+                let r = remote::s3::S3Remote::new(&cfg, 16 << 20).await.unwrap();
+                (Arc::new(r), Some(server))
+            }
+        };
+        if start {
+            daemon.spawn_and_wait().await;
+        }
+        Env {
+            daemon,
+            remote,
+            server,
+        }
+    }
+
+    fn ws(&self) -> &Path {
+        &self.daemon.workspace
+    }
+
+    fn write(&self, rel: &str, data: &[u8]) {
+        let p = self.ws().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+
+    async fn sync(&self) -> Value {
+        let r = self
+            .daemon
+            .client()
+            .post_json("/v1/sync", &json!({"timeout_s": 60}))
+            .await
+            .unwrap();
+        ok(&r, 200)
+    }
+
+    async fn manifest(&self) -> Option<Value> {
+        let b = self
+            .remote
+            .get_bytes(&format!("{PREFIX}workspace/manifest.json"))
+            .await
+            .unwrap()?;
+        Some(serde_json::from_slice(&b).unwrap())
+    }
+
+    /// Keys under `workspace/files/`, relative.
+    async fn objects(&self) -> Vec<String> {
+        let base = format!("{PREFIX}workspace/files/");
+        remote::list_all(self.remote.as_ref(), &base)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key[base.len()..].to_string())
+            .collect()
+    }
+
+    async fn object(&self, rel: &str) -> Option<Vec<u8>> {
+        self.remote
+            .get_bytes(&format!("{PREFIX}workspace/files/{rel}"))
+            .await
+            .unwrap()
+            .map(|b| b.to_vec())
+    }
+
+    /// Every file the manifest names exists as an object of the recorded size.
+    async fn assert_manifest_consistent(&self) {
+        let Some(m) = self.manifest().await else {
+            return;
+        };
+        for path in m["files"].as_object().unwrap().keys() {
+            let head = self
+                .remote
+                .head(&format!("{PREFIX}workspace/files/{path}"))
+                .await
+                .unwrap();
+            assert!(
+                head.is_some(),
+                "manifest generation {} names {path}, which has no object",
+                m["generation"]
+            );
+        }
+        let _ = entry_sizes(&m);
+    }
+
+    async fn status(&self) -> Value {
+        ok(&self.daemon.client().get("/v1/status").await.unwrap(), 200)
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let r = self.daemon.client().get("/metrics").await.unwrap();
+        let text = String::from_utf8_lossy(&r.body).to_string();
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+fn entry_sizes(m: &Value) -> BTreeMap<String, u64> {
+    m["files"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v["size"].as_u64().unwrap()))
+        .collect()
+}
+
+/// Polls `check` every 100 ms until it is true or `limit` passes.
+async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+const FAST: &str = "[sync]\ndebounce_min = \"300ms\"\ndebounce_max = \"3s\"\n";
+
+async fn mirror_basics(backend: Backend) {
+    let env = Env::new(backend, FAST, false).await;
+    env.write("a.txt", b"alpha");
+    env.write("src/deep/nested/lib.rs", b"fn main() {}");
+    env.write("empty.txt", b"");
+    env.write("bin/run.sh", b"#!/bin/sh\necho hi\n");
+    std::fs::set_permissions(
+        env.ws().join("bin/run.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("a.txt", env.ws().join("link")).unwrap();
+    std::fs::create_dir_all(env.ws().join("empty_dir")).unwrap();
+    env.write("node_modules/pkg/index.js", b"module.exports = 1");
+    env.write(".gitignore", b"*.log\nbuild/\n");
+    env.write("debug.log", b"noise");
+    env.write("build/out.o", b"obj");
+    env.write(".git/HEAD", b"ref: refs/heads/main\n");
+    let big = pattern(20 * 1024 * 1024 + 17, 3);
+    env.write("data/big.bin", &big);
+    let mut env = env;
+    env.daemon.spawn_and_wait().await;
+    env.sync().await;
+
+    let objs = env.objects().await;
+    assert_eq!(
+        objs,
+        vec![
+            ".gitignore",
+            "a.txt",
+            "bin/run.sh",
+            "data/big.bin",
+            "empty.txt",
+            "src/deep/nested/lib.rs"
+        ],
+        "node_modules, ignored files, .git and symlinks are not uploaded as files"
+    );
+    assert_eq!(env.object("a.txt").await.unwrap(), b"alpha");
+    assert!(
+        env.object("data/big.bin").await.unwrap() == big,
+        "20 MiB file differs"
+    );
+    let m = env.manifest().await.unwrap();
+    assert_eq!(m["format"], 1);
+    assert_eq!(m["files"]["bin/run.sh"]["mode"], 0o755);
+    assert_eq!(m["files"]["a.txt"]["mode"], 0o644);
+    assert_eq!(m["files"]["empty.txt"]["size"], 0);
+    assert_eq!(
+        m["files"]["a.txt"]["hash"],
+        format!("blake3:{}", blake3::hash(b"alpha").to_hex())
+    );
+    assert_eq!(m["symlinks"]["link"], "a.txt");
+    assert_eq!(m["empty_dirs"], json!(["empty_dir"]));
+    let gen1 = m["generation"].as_u64().unwrap();
+
+    // Modify, delete, rename, add a nested directory: all reach the remote.
+    env.write("a.txt", b"alpha, changed");
+    std::fs::remove_file(env.ws().join("empty.txt")).unwrap();
+    std::fs::rename(env.ws().join("src/deep"), env.ws().join("src/moved")).unwrap();
+    env.write("new/one/two/three.txt", b"3");
+    std::fs::create_dir_all(env.ws().join("empty_dir/now_full")).unwrap();
+    env.write("empty_dir/now_full/f", b"f");
+    eventually(
+        Duration::from_secs(15),
+        "changes mirrored without an explicit sync",
+        || async {
+            env.objects().await
+                == vec![
+                    ".gitignore",
+                    "a.txt",
+                    "bin/run.sh",
+                    "data/big.bin",
+                    "empty_dir/now_full/f",
+                    "new/one/two/three.txt",
+                    "src/moved/nested/lib.rs",
+                ]
+        },
+    )
+    .await;
+    env.sync().await;
+    assert_eq!(env.object("a.txt").await.unwrap(), b"alpha, changed");
+    let m = env.manifest().await.unwrap();
+    assert!(m["generation"].as_u64().unwrap() > gen1);
+    assert_eq!(m["empty_dirs"], json!([]));
+    assert!(m["files"].get("empty.txt").is_none());
+    env.assert_manifest_consistent().await;
+
+    // An explicit sync right after a write includes it.
+    env.write("last.txt", b"last");
+    let stats = env.sync().await;
+    assert!(stats["files_uploaded"].as_u64().unwrap() >= 1, "{stats}");
+    assert_eq!(env.object("last.txt").await.unwrap(), b"last");
+    let status = env.status().await;
+    assert_eq!(status["state"], "ready", "{status}");
+    assert_eq!(status["sync"]["pending_files"], 0, "{status}");
+    assert_eq!(status["sync"]["watch_mode"], "native", "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mirror_basics_dir() {
+    mirror_basics(Backend::Dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mirror_basics_s3() {
+    mirror_basics(Backend::S3).await;
+}
+
+async fn burst_uses_few_rounds(backend: Backend) {
+    let env = Env::new(
+        backend,
+        "[sync]\ndebounce_min = \"500ms\"\ndebounce_max = \"6s\"\nburst_threshold = 10\n",
+        true,
+    )
+    .await;
+    let rounds_before = env
+        .metric("sandkeep_sync_rounds_total{result=\"ok\"}")
+        .await;
+    // 300 files in 3 s.
+    for batch in 0..30 {
+        for i in 0..10 {
+            env.write(
+                &format!("burst/{batch:02}/f{i}.txt"),
+                format!("{batch}-{i}").as_bytes(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = env.status().await;
+    assert_eq!(
+        status["sync"]["burst"], true,
+        "a burst is reported: {status}"
+    );
+    assert!(
+        status["sync"]["debounce_ms"].as_u64().unwrap() > 500,
+        "{status}"
+    );
+    eventually(
+        Duration::from_secs(20),
+        "all 300 files in the remote",
+        || async {
+            env.manifest()
+                .await
+                .is_some_and(|m| m["files"].as_object().unwrap().len() == 300)
+        },
+    )
+    .await;
+    let rounds = env
+        .metric("sandkeep_sync_rounds_total{result=\"ok\"}")
+        .await
+        - rounds_before;
+    assert!(rounds <= 10.0, "300 files took {rounds} rounds");
+    env.assert_manifest_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn burst_uses_few_rounds_dir() {
+    burst_uses_few_rounds(Backend::Dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn burst_uses_few_rounds_s3() {
+    burst_uses_few_rounds(Backend::S3).await;
+}
+
+async fn storm_is_not_starved(backend: Backend) {
+    // debounce_max 3 s: a write every 100 ms never leaves a quiet period.
+    let env = Env::new(
+        backend,
+        "[sync]\ndebounce_min = \"1s\"\ndebounce_max = \"3s\"\n",
+        true,
+    )
+    .await;
+    let start = Instant::now();
+    let mut first_seen: Option<Duration> = None;
+    let mut i = 0;
+    while start.elapsed() < Duration::from_secs(10) {
+        env.write("storm/counter.txt", format!("{i}").as_bytes());
+        env.write(&format!("storm/f{i:03}"), b"x");
+        i += 1;
+        if first_seen.is_none() && env.object("storm/f000").await.is_some() {
+            first_seen = Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = first_seen.expect("the first file reached the remote during the storm");
+    assert!(
+        seen <= Duration::from_millis(3000 + 1500),
+        "the first file of the storm took {seen:?} (debounce_max 3 s)"
+    );
+    env.sync().await;
+    assert_eq!(
+        env.object("storm/counter.txt").await.unwrap(),
+        format!("{}", i - 1).as_bytes()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn storm_is_not_starved_dir() {
+    storm_is_not_starved(Backend::Dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn storm_is_not_starved_s3() {
+    storm_is_not_starved(Backend::S3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_outage_degrades_then_converges() {
+    let mut env = Env::new(Backend::S3, FAST, true).await;
+    env.write("before.txt", b"1");
+    env.sync().await;
+    env.server.as_ref().unwrap().stop();
+    for i in 0..20 {
+        env.write(&format!("during/{i}.txt"), format!("{i}").as_bytes());
+    }
+    env.write("before.txt", b"2");
+    eventually(
+        Duration::from_secs(20),
+        "status degraded with an error",
+        || async {
+            let s = env.status().await;
+            s["state"] == "degraded" && s["sync"]["last_error"].is_string()
+        },
+    )
+    .await;
+    let r = env
+        .daemon
+        .client()
+        .post_json("/v1/sync", &json!({"timeout_s": 2}))
+        .await
+        .unwrap();
+    let body = crate::util::assert_error(&r, 504, "timeout");
+    assert!(body["pending"]["files"].as_u64().unwrap() > 0, "{body}");
+    env.server.as_mut().unwrap().restart().await;
+    env.sync().await;
+    let objs = env.objects().await;
+    assert_eq!(objs.len(), 21, "{objs:?}");
+    assert_eq!(env.object("before.txt").await.unwrap(), b"2");
+    let s = env.status().await;
+    assert_eq!(s["state"], "ready", "{s}");
+    assert!(s["sync"]["last_error"].is_null(), "{s}");
+    env.assert_manifest_consistent().await;
+}
+
+async fn sigkill_mid_round_converges(backend: Backend) {
+    let mut env = Env::new(backend, FAST, false).await;
+    for i in 0..1500 {
+        env.write(&format!("many/{:02}/f{i}.txt", i % 30), &pattern(2000, i));
+    }
+    env.write("big.bin", &pattern(18 << 20, 9));
+    // Start, and kill -9 while the startup round is uploading.
+    let log = env.daemon.log_path.clone();
+    let mut child = env.daemon.serve_command(&[], &log).spawn().unwrap();
+    let checker = {
+        let remote = env.remote.clone();
+        tokio::spawn(async move {
+            // Watch the remote manifest while the daemon works and crashes.
+            for _ in 0..100 {
+                if let Ok(Some(b)) = remote
+                    .get_bytes(&format!("{PREFIX}workspace/manifest.json"))
+                    .await
+                {
+                    let m: Value = serde_json::from_slice(&b).unwrap();
+                    for path in m["files"].as_object().unwrap().keys() {
+                        let h = remote
+                            .head(&format!("{PREFIX}workspace/files/{path}"))
+                            .await
+                            .unwrap();
+                        assert!(h.is_some(), "manifest names missing object {path}");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Changes while the daemon is down, then a restart: everything converges.
+    std::fs::remove_file(env.ws().join("many/00/f0.txt")).unwrap();
+    env.write("many/01/f1.txt", b"rewritten while stopped");
+    env.write("after.txt", b"new while stopped");
+    env.daemon.spawn_and_wait().await;
+    env.assert_manifest_consistent().await;
+    let m = env
+        .manifest()
+        .await
+        .expect("a manifest after the startup reconcile");
+    let files = entry_sizes(&m);
+    assert_eq!(
+        files.len(),
+        1500 + 1 - 1 + 1,
+        "reconciled without an explicit sync"
+    );
+    assert_eq!(files["many/01/f1.txt"], 23);
+    assert!(!files.contains_key("many/00/f0.txt"));
+    assert_eq!(
+        env.object("many/01/f1.txt").await.unwrap(),
+        b"rewritten while stopped"
+    );
+    checker.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_round_converges_dir() {
+    sigkill_mid_round_converges(Backend::Dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_round_converges_s3() {
+    sigkill_mid_round_converges(Backend::S3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delete_guards_hold_until_confirmed() {
+    let env = Env::new(
+        Backend::Dir,
+        "[sync]\ndebounce_min = \"200ms\"\ndebounce_max = \"2s\"\nmass_delete_hold = \"3s\"\n",
+        true,
+    )
+    .await;
+    for i in 0..150 {
+        env.write(&format!("f/{i:03}.txt"), b"x");
+    }
+    env.sync().await;
+    assert_eq!(env.objects().await.len(), 150);
+
+    // 120 of 150 vanish: held, then deleted once the same state held for 3 s.
+    for i in 0..120 {
+        std::fs::remove_file(env.ws().join(format!("f/{i:03}.txt"))).unwrap();
+    }
+    env.sync().await;
+    assert_eq!(env.objects().await.len(), 150, "mass deletion held");
+    let s = env.status().await;
+    assert_eq!(s["sync"]["held_deletes"], 120, "{s}");
+    assert_eq!(entry_sizes(&env.manifest().await.unwrap()).len(), 150);
+    eventually(
+        Duration::from_secs(10),
+        "held deletion carried out after the hold",
+        || async { env.objects().await.len() == 30 },
+    )
+    .await;
+
+    // Everything vanishes: never deleted without confirmation, however long it holds.
+    for i in 120..150 {
+        std::fs::remove_file(env.ws().join(format!("f/{i:03}.txt"))).unwrap();
+    }
+    env.sync().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    env.sync().await;
+    assert_eq!(
+        env.objects().await.len(),
+        30,
+        "an empty workspace never empties the remote"
+    );
+    let r = env
+        .daemon
+        .client()
+        .post_json("/v1/sync", &json!({"confirm_deletes": true}))
+        .await
+        .unwrap();
+    let stats = ok(&r, 200);
+    assert_eq!(stats["files_deleted"], 30, "{stats}");
+    assert!(env.objects().await.is_empty());
+    assert!(
+        env.manifest().await.unwrap()["files"]
+            .as_object()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn vanished_workspace_deletes_nothing() {
+    let env = Env::new(Backend::Dir, FAST, true).await;
+    env.write("keep/me.txt", b"precious");
+    env.sync().await;
+    std::fs::rename(env.ws(), env.daemon.root().join("moved-away")).unwrap();
+    let r = env
+        .daemon
+        .client()
+        .post_json("/v1/sync", &json!({"timeout_s": 10}))
+        .await
+        .unwrap();
+    crate::util::assert_error(&r, 409, "workspace_unavailable");
+    let s = env.status().await;
+    assert_eq!(s["state"], "degraded", "{s}");
+    assert_eq!(s["workspace"]["available"], false, "{s}");
+    assert_eq!(env.object("keep/me.txt").await.unwrap(), b"precious");
+    // It comes back: mirrored again, nothing lost.
+    std::fs::rename(env.daemon.root().join("moved-away"), env.ws()).unwrap();
+    env.write("keep/new.txt", b"n");
+    eventually(Duration::from_secs(15), "sync resumes", || async {
+        env.object("keep/new.txt").await.is_some()
+    })
+    .await;
+    assert_eq!(env.object("keep/me.txt").await.unwrap(), b"precious");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn special_and_oversized_files_are_skipped() {
+    let env = Env::new(
+        Backend::Dir,
+        "[sync]\ndebounce_min = \"200ms\"\nmax_file_bytes = 1000\n",
+        false,
+    )
+    .await;
+    env.write("small.txt", b"ok");
+    env.write("large.bin", &[7u8; 2000]);
+    let fifo = env.ws().join("pipe");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut env = env;
+    env.daemon.spawn_and_wait().await;
+    env.sync().await;
+    assert_eq!(env.objects().await, vec!["small.txt"]);
+    let s = env.status().await;
+    assert_eq!(s["workspace"]["skipped_files"], 2, "{s}");
+}
