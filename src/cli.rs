@@ -52,6 +52,15 @@ pub enum Command {
     /// Token commands.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Wait until every workspace change made so far is in remote storage.
+    Sync {
+        /// Seconds to wait (1-3600).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Allow this sync to delete what the delete guards hold back.
+        #[arg(long)]
+        confirm_deletes: bool,
+    },
     /// Print the daemon's status.
     Status,
     /// Ask the daemon to do its final sync and exit.
@@ -383,6 +392,18 @@ impl Q {
 async fn remote(client: &Client, command: Command) -> anyhow::Result<u8> {
     let reply = match command {
         Command::Status => client.get("/v1/status").await?,
+        Command::Sync {
+            timeout,
+            confirm_deletes,
+        } => {
+            let body = json!({"timeout_s": timeout, "confirm_deletes": confirm_deletes});
+            tokio::time::timeout(
+                Duration::from_secs(timeout + 30),
+                client.post_json("/v1/sync", &body),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("the daemon did not answer the sync in time"))??
+        }
         Command::Shutdown => client.request(Method::POST, "/v1/shutdown", None).await?,
         Command::Kv(args) => return kv(client, args).await,
         Command::Serve | Command::Token(_) => unreachable!("handled locally"),

@@ -280,7 +280,16 @@ async fn mirror_basics(backend: Backend) {
     assert!(m["files"].get("empty.txt").is_none());
     env.assert_manifest_consistent().await;
 
-    // An explicit sync right after a write includes it.
+    // An explicit sync right after a write includes it (API and CLI).
+    env.write("cli.txt", b"cli");
+    let out = env.daemon.cli().run(&["sync", "--timeout", "30"]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.json()["files_uploaded"].as_u64().is_some(),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(env.object("cli.txt").await.unwrap(), b"cli");
     env.write("last.txt", b"last");
     let stats = env.sync().await;
     assert!(stats["files_uploaded"].as_u64().unwrap() >= 1, "{stats}");
@@ -579,6 +588,13 @@ async fn vanished_workspace_deletes_nothing() {
         .await
         .unwrap();
     crate::util::assert_error(&r, 409, "workspace_unavailable");
+    let out = env.daemon.cli().run(&["sync", "--timeout", "5"]).await;
+    assert_eq!(out.code, 4, "409 is a conflict for the CLI: {}", out.stderr);
+    assert!(
+        out.stderr.contains("workspace_unavailable"),
+        "{}",
+        out.stderr
+    );
     let s = env.status().await;
     assert_eq!(s["state"], "degraded", "{s}");
     assert_eq!(s["workspace"]["available"], false, "{s}");
