@@ -231,3 +231,24 @@ async fn keys_that_expire_while_the_daemon_is_down_are_gone_after_restart() {
         kv_bytes(&api).await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_sees_the_expiry_of_its_key_as_a_deletion() {
+    let d = Daemon::start().await;
+    let api = d.api();
+    ok(&api.put("/v1/kv/k?ttl=0.5", &json!(1)).await, 201);
+    let r = api
+        .request_within(
+            Duration::from_secs(20),
+            hyper::Method::GET,
+            "/v1/kv/k/watch?after_version=1&timeout_s=10",
+            None,
+        )
+        .await;
+    let body = ok(&r, 200);
+    assert_eq!(body["key"], "k");
+    assert_eq!(body["deleted"], true, "{body}");
+    let v = body["version"].as_u64().unwrap();
+    assert!(v >= 1, "{body}");
+    assert_eq!(api.value("k").await, None);
+}
