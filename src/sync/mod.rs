@@ -453,6 +453,8 @@ impl SyncEngine {
                 self.available = true;
                 self.last_error = None;
                 self.last_sync_ms = Some(crate::kv::now_ms());
+                // Whoever was waiting sees the new state in /v1/status at once.
+                self.publish_status();
                 for (_, w) in waiters {
                     let _ = w.send(Ok(stats));
                 }
@@ -465,6 +467,7 @@ impl SyncEngine {
                 self.degraded = true;
                 self.last_error = Some(m.clone());
                 self.watcher = None;
+                self.publish_status();
                 for (_, w) in waiters {
                     let _ = w.send(Err(SyncError::WorkspaceUnavailable(m.clone())));
                 }
@@ -942,6 +945,108 @@ impl SyncEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::remote::dir::DirRemote;
+    use crate::remote::flaky::FlakyRemote;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        ws: PathBuf,
+        remote: Arc<FlakyRemote>,
+        handle: SyncHandle,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    async fn engine() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        std::fs::create_dir_all(&ws).unwrap();
+        let mut config = Config::default();
+        config.workspace = ws.clone();
+        config.state_dir = dir.path().join("state");
+        std::fs::create_dir_all(&config.state_dir).unwrap();
+        config.sync.debounce_min = crate::config::HumanDuration::millis(100);
+        config.sync.debounce_max = crate::config::HumanDuration::millis(500);
+        let inner = Arc::new(DirRemote::new(&dir.path().join("remote")).unwrap());
+        let remote = Arc::new(FlakyRemote::new(inner));
+        let (engine, handle, _first) =
+            SyncEngine::new(Arc::new(config), remote.clone(), Arc::new(Metrics::new()))
+                .await
+                .unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(engine.run(stop.clone()));
+        Fixture {
+            _dir: dir,
+            ws,
+            remote,
+            handle,
+            stop,
+            task,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn outage_degrades_then_everything_converges() {
+        let f = engine().await;
+        std::fs::write(f.ws.join("a.txt"), "1").unwrap();
+        f.handle.sync(false).await.unwrap();
+        f.remote.set_down(true);
+        for i in 0..5 {
+            std::fs::write(f.ws.join(format!("b{i}.txt")), "2").unwrap();
+        }
+        let waited = tokio::time::timeout(Duration::from_millis(1500), f.handle.sync(false)).await;
+        assert!(
+            waited.is_err(),
+            "a sync cannot finish while the remote is down"
+        );
+        let s = f.handle.status();
+        assert!(s.degraded, "{s:?}");
+        assert!(
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("injected")),
+            "{s:?}"
+        );
+        assert!(
+            f.remote.refused.load(Ordering::SeqCst) >= 2,
+            "retried with backoff"
+        );
+        f.remote.set_down(false);
+        let stats = tokio::time::timeout(Duration::from_secs(40), f.handle.sync(false))
+            .await
+            .expect("converges once the remote is back")
+            .unwrap();
+        let _ = stats;
+        let s = f.handle.status();
+        assert!(!s.degraded, "{s:?}");
+        assert_eq!(s.files, 6);
+        assert_eq!(s.pending_files, 0);
+        f.stop.cancel();
+        f.task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transient_failures_are_retried_without_a_sync_call() {
+        let f = engine().await;
+        f.handle.sync(false).await.unwrap();
+        f.remote.fail_next(3);
+        std::fs::write(f.ws.join("late.txt"), "x").unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = f.handle.status();
+            if s.files == 1 && !s.degraded && s.pending_files == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never converged: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(f.remote.refused.load(Ordering::SeqCst), 3);
+        f.stop.cancel();
+        f.task.await.unwrap();
+    }
 
     #[test]
     fn remove_under_takes_the_subtree_only() {
