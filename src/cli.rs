@@ -61,6 +61,12 @@ pub enum Command {
         #[arg(long)]
         confirm_deletes: bool,
     },
+    /// Take a tar.gz snapshot of the workspace now (or list them with --list).
+    Snapshot {
+        /// List the stored snapshots, newest first, instead.
+        #[arg(long)]
+        list: bool,
+    },
     /// Print the daemon's status.
     Status,
     /// Ask the daemon to do its final sync and exit.
@@ -392,6 +398,10 @@ impl Q {
 async fn remote(client: &Client, command: Command) -> anyhow::Result<u8> {
     let reply = match command {
         Command::Status => client.get("/v1/status").await?,
+        Command::Snapshot { list: true } => client.get("/v1/snapshots").await?,
+        Command::Snapshot { list: false } => {
+            client.request(Method::POST, "/v1/snapshots", None).await?
+        }
         Command::Sync {
             timeout,
             confirm_deletes,

@@ -12,6 +12,8 @@
 //! - [`api`]: the HTTP router, handlers and the error shape of every answer.
 //! - [`remote`]: object storage (S3 and a local directory) behind one trait.
 //! - [`sync`]: the continuous workspace sync (watcher, debounce, rounds, manifest).
+//! - [`snapshot`]: tar.gz snapshots of the workspace, streamed into remote storage.
+//! - [`gitbundle`]: git bundles (with uncommitted work) of the workspace's repositories.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`lifecycle`]: state-dir lock, socket binding, signals, startup and shutdown order.
 //! - [`client`]: the hyper + hyperlocal client used by the CLI and the tests.
@@ -22,8 +24,10 @@ pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod gitbundle;
 pub mod kv;
 pub mod lifecycle;
 pub mod metrics;
 pub mod remote;
+pub mod snapshot;
 pub mod sync;

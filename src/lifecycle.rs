@@ -219,6 +219,17 @@ pub async fn run(
     let (engine, sync, first_round) =
         SyncEngine::new(config.clone(), remote.clone(), metrics.clone()).await?;
 
+    let snapshots = Arc::new(crate::snapshot::Snapshots::new(
+        &config,
+        remote.clone(),
+        metrics.clone(),
+    ));
+    let git = Arc::new(crate::gitbundle::GitBundler::new(
+        &config,
+        remote.clone(),
+        metrics.clone(),
+    ));
+
     let listener = bind_socket(&config.socket, config.socket_mode_bits()?)?;
     let _socket = SocketGuard(config.socket.clone());
 
@@ -230,11 +241,15 @@ pub async fn run(
         metrics,
         lifecycle: lifecycle.clone(),
         started: Instant::now(),
+        snapshots: snapshots.clone(),
+        git: git.clone(),
     };
     let tasks = tokio_util::task::TaskTracker::new();
     let background_stop = CancellationToken::new();
     tasks.spawn(kv.clone().run_purger(background_stop.clone()));
     tasks.spawn(engine.run(background_stop.clone()));
+    tasks.spawn(snapshots.run(background_stop.clone()));
+    tasks.spawn(git.run(background_stop.clone()));
 
     let server_stop = CancellationToken::new();
     let server = axum::serve(listener, api::router(state))

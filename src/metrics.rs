@@ -31,6 +31,16 @@ pub const SYNC_DEBOUNCE: &str = "sandkeep_sync_debounce";
 pub const WORKSPACE_BYTES: &str = "sandkeep_workspace_bytes";
 /// `sandkeep_remote_errors_total{op}`.
 pub const REMOTE_ERRORS: &str = "sandkeep_remote_errors";
+/// `sandkeep_snapshot_duration_seconds`: time to build and upload one snapshot.
+pub const SNAPSHOT_DURATION: &str = "sandkeep_snapshot_duration";
+/// `sandkeep_snapshot_bytes`: size of the last snapshot stored.
+pub const SNAPSHOT_BYTES: &str = "sandkeep_snapshot_bytes";
+/// `sandkeep_snapshots_total{result}`: snapshots by result (ok, error).
+pub const SNAPSHOTS: &str = "sandkeep_snapshots";
+/// `sandkeep_git_bundles_total{result}`: git bundles by result (ok, error).
+pub const GIT_BUNDLES: &str = "sandkeep_git_bundles";
+/// `sandkeep_git_bundle_duration_seconds`: time to build and upload one bundle.
+pub const GIT_BUNDLE_DURATION: &str = "sandkeep_git_bundle_duration";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpStatus {
@@ -53,6 +63,13 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// 10 ms .. ~11 min, for snapshots and bundles.
+fn backup_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.01, 2.0, 17,
+    ))
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~3.3 s
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -73,6 +90,11 @@ pub struct Metrics {
     pub sync_debounce: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub workspace_bytes: Gauge,
     pub remote_errors: Family<OpLabel, Counter>,
+    pub snapshot_duration: Histogram,
+    pub snapshot_bytes: Gauge,
+    pub snapshots: Family<ResultLabel, Counter>,
+    pub git_bundles: Family<ResultLabel, Counter>,
+    pub git_bundle_duration: Histogram,
 }
 
 impl Default for Metrics {
@@ -155,8 +177,41 @@ impl Metrics {
             "Failed remote storage operations",
             remote_errors.clone(),
         );
+        let snapshot_duration = backup_histogram();
+        registry.register_with_unit(
+            SNAPSHOT_DURATION,
+            "Time to build and upload one workspace snapshot",
+            Unit::Seconds,
+            snapshot_duration.clone(),
+        );
+        let snapshot_bytes = Gauge::default();
+        registry.register(
+            SNAPSHOT_BYTES,
+            "Size of the last workspace snapshot stored",
+            snapshot_bytes.clone(),
+        );
+        let snapshots = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            SNAPSHOTS,
+            "Workspace snapshots by result",
+            snapshots.clone(),
+        );
+        let git_bundles = Family::<ResultLabel, Counter>::default();
+        registry.register(GIT_BUNDLES, "Git bundles by result", git_bundles.clone());
+        let git_bundle_duration = backup_histogram();
+        registry.register_with_unit(
+            GIT_BUNDLE_DURATION,
+            "Time to build and upload one git bundle",
+            Unit::Seconds,
+            git_bundle_duration.clone(),
+        );
         Self {
             registry,
+            snapshot_duration,
+            snapshot_bytes,
+            snapshots,
+            git_bundles,
+            git_bundle_duration,
             kv_ops,
             kv_op_duration,
             kv_conflicts,
@@ -205,6 +260,29 @@ impl Metrics {
         self.workspace_bytes.set(workspace_bytes as i64);
     }
 
+    pub fn snapshot_taken(&self, elapsed: Duration, bytes: u64) {
+        self.snapshot_duration.observe(elapsed.as_secs_f64());
+        self.snapshot_bytes.set(bytes as i64);
+        self.snapshots
+            .get_or_create(&ResultLabel { result: "ok" })
+            .inc();
+    }
+
+    pub fn snapshot_failed(&self) {
+        self.snapshots
+            .get_or_create(&ResultLabel { result: "error" })
+            .inc();
+    }
+
+    pub fn git_bundle(&self, result: &'static str, elapsed: Duration) {
+        self.git_bundles
+            .get_or_create(&ResultLabel { result })
+            .inc();
+        if result == "ok" {
+            self.git_bundle_duration.observe(elapsed.as_secs_f64());
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -235,6 +313,17 @@ mod tests {
         );
         assert!(
             text.contains(r#"sandkeep_kv_conflicts_total{reason="version_mismatch"} 1"#),
+            "{text}"
+        );
+        m.snapshot_taken(Duration::from_millis(1500), 4096);
+        let text = m.encode();
+        assert!(
+            text.contains("sandkeep_snapshot_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(text.contains("sandkeep_snapshot_bytes 4096"), "{text}");
+        assert!(
+            text.contains(r#"sandkeep_snapshots_total{result="ok"} 1"#),
             "{text}"
         );
     }

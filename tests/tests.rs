@@ -23,9 +23,13 @@ mod kv_routes;
 #[path = "suite/kv_ttl_namespaces.rs"]
 mod kv_ttl_namespaces;
 
+#[path = "suite/git_bundle.rs"]
+mod git_bundle;
 #[path = "suite/remote_contract.rs"]
 mod remote_contract;
 #[path = "suite/s3_server.rs"]
 mod s3_server;
+#[path = "suite/snapshot_e2e.rs"]
+mod snapshot_e2e;
 #[path = "suite/sync_e2e.rs"]
 mod sync_e2e;

@@ -1,6 +1,8 @@
 //! The HTTP API served on the Unix socket: routing, the per-request context (auth and
-//! query parameters), bounded body reading, and the handlers in [`kv`] and [`system`].
+//! query parameters), bounded body reading, and the handlers in [`kv`], [`system`] and
+//! [`backup`].
 
+pub mod backup;
 pub mod error;
 pub mod kv;
 pub mod system;
@@ -33,6 +35,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub lifecycle: Arc<Lifecycle>,
     pub started: Instant,
+    pub snapshots: Arc<crate::snapshot::Snapshots>,
+    pub git: Arc<crate::gitbundle::GitBundler>,
 }
 
 /// The whole router; `lifecycle::run` serves it on the socket, tests may call it directly.
@@ -44,6 +48,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/status", get(system::status))
         .route("/v1/shutdown", post(system::shutdown))
         .route("/v1/sync", post(system::sync))
+        .route(
+            "/v1/snapshots",
+            get(backup::list_snapshots).post(backup::take_snapshot),
+        )
+        .route("/v1/git/bundle", post(backup::write_bundles))
         .route("/v1/kv", get(kv::list))
         .route(
             "/v1/kv/batch",

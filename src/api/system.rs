@@ -48,6 +48,8 @@ pub async fn status(State(state): State<AppState>, ctx: Ctx) -> Result<Response,
     ctx.grant.require(Scope::Admin)?;
     let (namespaces, bytes) = state.kv.stats().await?;
     let sync = state.sync.status();
+    let git = state.git.status().await;
+    let snapshots = state.snapshots.status();
     let phase = match state.lifecycle.phase() {
         Phase::Starting => "restoring",
         Phase::ShuttingDown => "shutting_down",
@@ -82,6 +84,8 @@ pub async fn status(State(state): State<AppState>, ctx: Ctx) -> Result<Response,
                 "held_deletes": sync.held_deletes,
             },
             "kv": {"namespaces": namespaces, "bytes": bytes},
+            "snapshots": snapshots,
+            "git": git,
         }),
     ))
 }

@@ -203,6 +203,67 @@ impl Remote for DirRemote {
         .await
     }
 
+    async fn put_stream(
+        &self,
+        key: &str,
+        mut reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    ) -> Result<u64, RemoteError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dest = self.path_of("put", key)?;
+        let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
+        tokio::fs::create_dir_all(&parent)
+            .await
+            .map_err(|e| RemoteError::local("put", &parent, e))?;
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = parent.join(format!("{TMP_MARKER}{}-{name}", rand::random::<u64>()));
+        let result = async {
+            let mut f = tokio::fs::File::create(&tmp)
+                .await
+                .map_err(|e| RemoteError::local("put", &tmp, e))?;
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut size = 0u64;
+            loop {
+                let n = reader
+                    .read(&mut buf)
+                    .await
+                    .map_err(|source| RemoteError::Source {
+                        key: key.to_string(),
+                        source,
+                    })?;
+                if n == 0 {
+                    break;
+                }
+                f.write_all(&buf[..n])
+                    .await
+                    .map_err(|e| RemoteError::local("put", &tmp, e))?;
+                size += n as u64;
+            }
+            f.sync_all()
+                .await
+                .map_err(|e| RemoteError::local("put", &tmp, e))?;
+            drop(f);
+            tokio::fs::rename(&tmp, &dest)
+                .await
+                .map_err(|e| RemoteError::local("put", &dest, e))?;
+            let dir = parent.clone();
+            blocking(move || {
+                std::fs::File::open(&dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| RemoteError::local("put", &dir, e))
+            })
+            .await?;
+            Ok(size)
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
+    }
+
     async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), RemoteError> {
         let this = self.clone_root();
         let key = key.to_string();

@@ -61,6 +61,14 @@ impl Remote for FlakyRemote {
         self.check("put", key)?;
         self.inner.put_file(key, path, md5).await
     }
+    async fn put_stream(
+        &self,
+        key: &str,
+        reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    ) -> Result<u64, RemoteError> {
+        self.check("put", key)?;
+        self.inner.put_stream(key, reader).await
+    }
     async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), RemoteError> {
         self.check("put", key)?;
         self.inner.put_bytes(key, data).await

@@ -47,6 +47,9 @@ pub enum RemoteError {
         key: String,
         message: String,
     },
+    /// The stream given to [`Remote::put_stream`] failed; nothing was stored.
+    #[error("{key}: reading the upload stream: {source}")]
+    Source { key: String, source: std::io::Error },
     /// A local file could not be read or written.
     #[error("{op} {}: {source}", path.display())]
     Local {
@@ -72,7 +75,7 @@ impl RemoteError {
             | Self::Service { op, .. }
             | Self::Transport { op, .. }
             | Self::Local { op, .. } => op,
-            Self::Changed { .. } => "put",
+            Self::Changed { .. } | Self::Source { .. } => "put",
         }
     }
 }
@@ -97,6 +100,16 @@ pub trait Remote: Send + Sync + 'static {
     /// Uploads the file at `path` (streamed from disk, multipart above the threshold)
     /// and verifies that the stored object is the content whose MD5 is `md5`.
     async fn put_file(&self, key: &str, path: &Path, md5: [u8; 16]) -> Result<u64, RemoteError>;
+
+    /// Uploads everything `reader` yields until its end as one object, without knowing
+    /// the size in advance and with bounded memory (multipart on S3, a temporary file
+    /// renamed into place on a `dir` remote); returns the size. If the reader fails,
+    /// the upload is abandoned ([`RemoteError::Source`]) and no object is created.
+    async fn put_stream(
+        &self,
+        key: &str,
+        reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    ) -> Result<u64, RemoteError>;
 
     /// Uploads a small object held in memory (manifests, exports).
     async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), RemoteError>;

@@ -5,7 +5,8 @@
 //! upload, which the server verifies, and from comparing the returned ETag with the MD5
 //! computed while the file was hashed. Large files go up in parts read from disk one
 //! at a time, a few in flight, so memory stays bounded; a failed multipart upload is
-//! aborted.
+//! aborted. Streams of unknown length (snapshots, bundles) go up the same way, in parts
+//! read from the stream into bounded buffers, each with its `Content-MD5`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -34,6 +35,40 @@ const PARTS_IN_FLIGHT: usize = 4;
 const MIN_PART: u64 = 8 * 1024 * 1024;
 /// S3's limit on parts per upload.
 const MAX_PARTS: u64 = 10_000;
+
+/// Size of part `number` (1-based) of a stream of unknown length: 8 MiB, doubling every
+/// 2,000 parts up to 128 MiB, so 10,000 parts carry about 490 GiB while a stream of
+/// usual size never holds more than [`PARTS_IN_FLIGHT`] + 1 small parts in memory.
+fn stream_part_size(number: i32) -> u64 {
+    MIN_PART << ((number.max(1) - 1) / 2000).min(4)
+}
+
+/// Reads from `reader` until `buf` holds `size` bytes or the stream ends; returns
+/// whether it ended.
+async fn fill_part(
+    reader: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+    key: &str,
+    buf: &mut BytesMut,
+    size: u64,
+) -> Result<bool, RemoteError> {
+    while (buf.len() as u64) < size {
+        // Never let `read_buf` grow the buffer past the part size.
+        let want = (size - buf.len() as u64) as usize;
+        buf.reserve(want);
+        let n = (&mut *reader)
+            .take(want as u64)
+            .read_buf(buf)
+            .await
+            .map_err(|source| RemoteError::Source {
+                key: key.to_string(),
+                source,
+            })?;
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
 
 pub struct S3Remote {
     client: Client,
@@ -234,6 +269,113 @@ impl S3Remote {
     }
 }
 
+impl S3Remote {
+    /// Uploads a stream of unknown length: one PutObject when it fits in one part,
+    /// else a multipart upload (aborted on any failure).
+    async fn put_stream_inner(
+        &self,
+        key: &str,
+        reader: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+    ) -> Result<u64, RemoteError> {
+        let first_size = stream_part_size(1);
+        let mut first = BytesMut::with_capacity(first_size as usize);
+        let ended = fill_part(reader, key, &mut first, first_size).await?;
+        if ended {
+            let len = first.len() as u64;
+            self.put_bytes(key, first.freeze()).await?;
+            return Ok(len);
+        }
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| sdk_error("create_multipart_upload", key, e))?;
+        let upload_id = created.upload_id().unwrap_or_default().to_string();
+        let result = self
+            .send_stream_parts(key, &upload_id, first.freeze(), reader)
+            .await;
+        if result.is_err() {
+            let abort = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+            if let Err(e) = abort {
+                tracing::warn!(key, error = %DisplayErrorContext(&e), "cannot abort multipart upload");
+            }
+        }
+        result
+    }
+
+    async fn send_stream_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        first: Bytes,
+        reader: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+    ) -> Result<u64, RemoteError> {
+        let mut sent = first.len() as u64;
+        let mut number = 1i32;
+        let mut in_flight = futures::stream::FuturesOrdered::new();
+        in_flight.push_back(self.upload_part(key, upload_id, number, first));
+        let mut parts = Vec::new();
+        let mut part_md5s = Vec::new();
+        let mut ended = false;
+        while !ended {
+            if number as u64 >= MAX_PARTS {
+                return Err(RemoteError::Source {
+                    key: key.to_string(),
+                    source: std::io::Error::other("the stream is larger than 10,000 parts"),
+                });
+            }
+            let size = stream_part_size(number + 1);
+            let mut buf = BytesMut::with_capacity(size as usize);
+            ended = fill_part(reader, key, &mut buf, size).await?;
+            if buf.is_empty() {
+                break;
+            }
+            sent += buf.len() as u64;
+            number += 1;
+            in_flight.push_back(self.upload_part(key, upload_id, number, buf.freeze()));
+            if in_flight.len() >= PARTS_IN_FLIGHT
+                && let Some(done) = in_flight.next().await
+            {
+                let (part, m) = done?;
+                parts.push(part);
+                part_md5s.extend_from_slice(&m);
+            }
+        }
+        while let Some(done) = in_flight.next().await {
+            let (part, m) = done?;
+            parts.push(part);
+            part_md5s.extend_from_slice(&m);
+        }
+        let out = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| sdk_error("complete_multipart_upload", key, e))?;
+        let expected = format!("{}-{number}", hex::encode(Md5::digest(&part_md5s)));
+        verify_etag(key, out.e_tag(), &expected)?;
+        Ok(sent)
+    }
+}
+
 /// Compares an ETag with what the uploaded content must give. Servers that do not use
 /// MD5 ETags (e.g. with SSE-KMS) are accepted on the strength of Content-MD5.
 fn verify_etag(key: &str, etag: Option<&str>, expected: &str) -> Result<(), RemoteError> {
@@ -326,6 +468,14 @@ impl Remote for S3Remote {
         verify_etag(key, out.e_tag(), &hex::encode(md5))
             .map_err(|_| RemoteError::Changed { key: key.into() })?;
         Ok(size)
+    }
+
+    async fn put_stream(
+        &self,
+        key: &str,
+        mut reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    ) -> Result<u64, RemoteError> {
+        self.put_stream_inner(key, reader.as_mut()).await
     }
 
     async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), RemoteError> {
@@ -503,6 +653,16 @@ impl Remote for S3Remote {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_parts_grow_and_stay_within_limits() {
+        assert_eq!(stream_part_size(1), 8 << 20);
+        assert_eq!(stream_part_size(2000), 8 << 20);
+        assert_eq!(stream_part_size(2001), 16 << 20);
+        assert_eq!(stream_part_size(10_000), 128 << 20);
+        let total: u64 = (1..=MAX_PARTS as i32).map(stream_part_size).sum();
+        assert!(total > 400 << 30, "{total}");
+    }
 
     #[test]
     fn etag_checks() {

@@ -1,7 +1,8 @@
 //! Which workspace paths are mirrored: `.gitignore` semantics (via the `ignore` crate's
 //! matcher) for `.gitignore` and `.sandkeepignore` files at every level, whether or not
 //! the workspace is a git repository, plus the configured `sync.exclude` patterns.
-//! `.git` directories are never mirrored file by file (the git bundle carries them).
+//! `.git` directories are never mirrored file by file (the git bundle carries them);
+//! snapshots use [`Rules::keeping_git`], which keeps them.
 //!
 //! One matcher serves the tree walk and single paths from watcher events, so both
 //! always agree. Per-directory matchers are cached and dropped when an ignore file
@@ -20,6 +21,8 @@ pub const IGNORE_FILES: [&str; 2] = [".gitignore", ".sandkeepignore"];
 pub struct Rules {
     root: PathBuf,
     excludes: Gitignore,
+    /// Whether `.git` directories are kept (snapshots) instead of skipped (the mirror).
+    keep_git: bool,
     /// Matchers of directories (relative path → matcher of its ignore files).
     cache: Mutex<HashMap<PathBuf, Arc<Gitignore>>>,
 }
@@ -34,8 +37,17 @@ impl Rules {
         Ok(Self {
             root: root.to_path_buf(),
             excludes: b.build()?,
+            keep_git: false,
             cache: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The same rules, except that `.git` directories are kept. Inside them only the
+    /// configured excludes apply: git's own files are not subject to the work tree's
+    /// ignore files (a `logs/` line in `.gitignore` must not drop `.git/logs`).
+    pub fn keeping_git(mut self) -> Self {
+        self.keep_git = true;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -69,8 +81,16 @@ impl Rules {
 
     /// Whether the workspace-relative `rel` (a directory when `is_dir`) is excluded.
     pub fn is_ignored(&self, rel: &Path, is_dir: bool) -> bool {
-        if rel.components().any(|c| c.as_os_str() == ".git") {
-            return true;
+        if let Some(at) = rel.components().position(|c| c.as_os_str() == ".git") {
+            if !self.keep_git {
+                return true;
+            }
+            let outer: PathBuf = rel.components().take(at).collect();
+            return (!outer.as_os_str().is_empty() && self.is_ignored(&outer, true))
+                || self
+                    .excludes
+                    .matched_path_or_any_parents(rel, is_dir)
+                    .is_ignore();
         }
         if self
             .excludes
@@ -157,6 +177,26 @@ mod tests {
         assert!(ig("sub/.git/HEAD", false));
         assert!(!ig("src/main.rs", false));
         assert!(!ig(".gitignore", false));
+    }
+
+    #[test]
+    fn keeping_git_keeps_git_dirs_under_the_excludes_only() {
+        let (_d, r) = rules(
+            &[(".gitignore", "logs/\n*.pack\n"), ("build/.keep", "")],
+            &["build/", "*.tmp"],
+        );
+        let r = r.keeping_git();
+        let ig = |p: &str, d: bool| r.is_ignored(Path::new(p), d);
+        assert!(!ig(".git", true));
+        assert!(
+            !ig(".git/logs/HEAD", false),
+            "work tree ignore files do not apply"
+        );
+        assert!(!ig(".git/objects/pack/p.pack", false));
+        assert!(!ig("sub/.git/HEAD", false));
+        assert!(ig(".git/x.tmp", false), "configured excludes do");
+        assert!(ig("build/.git/HEAD", false), "inside an excluded directory");
+        assert!(ig("logs/x", false), "the rest is unchanged");
     }
 
     #[test]

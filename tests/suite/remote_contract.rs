@@ -26,6 +26,19 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// A stream that fails on its first read.
+struct FailingReader;
+
+impl tokio::io::AsyncRead for FailingReader {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Err(std::io::Error::other("the source broke")))
+    }
+}
+
 async fn contract(remote: Arc<dyn Remote>, tmp: &std::path::Path) {
     let p = "conversations/u1/c1/";
     // Small objects.
@@ -109,6 +122,45 @@ async fn contract(remote: Arc<dyn Remote>, tmp: &std::path::Path) {
         .await
         .unwrap_err();
     assert!(matches!(err, RemoteError::Changed { .. }), "{err:?}");
+
+    // Streams of unknown length: empty, small (one PutObject), larger than one part
+    // (multipart on S3), and a stream that fails half-way stores nothing.
+    for (name, len) in [
+        ("empty", 0usize),
+        ("small", 300_000),
+        ("big", 17 * 1024 * 1024 + 5),
+    ] {
+        let data = pattern(len, 11);
+        let key = format!("{p}stream/{name}");
+        let n = remote
+            .put_stream(&key, Box::new(std::io::Cursor::new(data.clone())))
+            .await
+            .unwrap();
+        assert_eq!(n, len as u64, "{name}");
+        remote.get_to_file(&key, &back).await.unwrap();
+        assert!(
+            std::fs::read(&back).unwrap() == data,
+            "{name}: content differs"
+        );
+    }
+    for len in [1000usize, 9 * 1024 * 1024] {
+        let key = format!("{p}stream/broken-{len}");
+        let reader =
+            tokio::io::AsyncReadExt::chain(std::io::Cursor::new(pattern(len, 3)), FailingReader);
+        let err = remote.put_stream(&key, Box::new(reader)).await.unwrap_err();
+        assert!(matches!(err, RemoteError::Source { .. }), "{err:?}");
+        assert_eq!(remote.head(&key).await.unwrap(), None, "nothing stored");
+    }
+    // Replacing an object with a stream.
+    let key = format!("{p}stream/small");
+    remote
+        .put_stream(&key, Box::new(std::io::Cursor::new(b"again".to_vec())))
+        .await
+        .unwrap();
+    assert_eq!(
+        remote.get_bytes(&key).await.unwrap().unwrap(),
+        Bytes::from_static(b"again")
+    );
 
     // Listing: sorted, paginated, prefix-bounded.
     for i in 0..1005 {

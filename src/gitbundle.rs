@@ -1,0 +1,945 @@
+//! Git bundles of the workspace's repositories, made with libgit2 (git2) only, and the
+//! way back from a bundle to a repository.
+//!
+//! The repository at the workspace root goes to `workspace/git/workspace.bundle`, one in
+//! a first-level subdirectory `sub/` to `workspace/git/sub.bundle`; beside each, a
+//! `.json` records what HEAD names (a bundle cannot say which branch HEAD is on). A
+//! bundle is a v2 bundle (`# v2 git bundle`, one `<oid> <refname>` line per ref, HEAD
+//! included, a blank line, then a pack of everything the refs reach) that `git bundle
+//! verify` and `git clone` accept. It also carries two commits on top of HEAD so that
+//! uncommitted work survives: `refs/sandkeep/wip-index` (the staged tree) and
+//! `refs/sandkeep/wip` (the work tree, untracked files included, ignored files not,
+//! deletions too).
+//!
+//! Those commits are made without touching the user's repository: the repository is
+//! opened on a handle of our own whose object database gets an in-memory (mempack)
+//! backend of the highest priority, so every blob, tree and commit we create lives in
+//! memory only; the handle's index is changed in memory and never written. Nothing in
+//! `.git/` changes (index, refs, objects). The pack is streamed into remote storage
+//! through the same bounded pipe as snapshots.
+//!
+//! Bundles are written when refs or the work tree changed (a digest of refs, HEAD and
+//! both trees), at most every `git.interval`, and on `POST /v1/git/bundle`.
+//! [`restore_bundle`] turns a bundle back into a `.git` with the same refs and HEAD,
+//! the index equal to `wip-index` and the work tree equal to `wip`.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::io::{self, BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use git2::{ObjectType, Oid, Repository};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::remote::{self, Remote, RemoteError};
+
+/// Where bundles live, below the conversation prefix.
+pub const GIT_DIR: &str = "workspace/git/";
+/// The staged tree, as a commit on top of HEAD.
+pub const WIP_INDEX_REF: &str = "refs/sandkeep/wip-index";
+/// The work tree (untracked, non-ignored files included), as a commit on top of HEAD.
+pub const WIP_REF: &str = "refs/sandkeep/wip";
+/// The first line of every bundle we write.
+pub const SIGNATURE: &str = "# v2 git bundle";
+/// Untracked or modified files larger than this are left out of the `wip` commit (its
+/// objects are held in memory while the bundle is built).
+pub const MAX_WIP_FILE: u64 = 256 * 1024 * 1024;
+/// Name of the root repository's bundle.
+const ROOT_STEM: &str = "workspace";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("{what}: {source}")]
+    Git {
+        what: String,
+        #[source]
+        source: git2::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what}: {message}")]
+    Bundle { what: String, message: String },
+    #[error("remote storage: {0}")]
+    Remote(#[from] RemoteError),
+    #[error("the bundle task failed: {0}")]
+    Task(String),
+}
+
+/// Adds context to git2 and I/O errors.
+trait Context<T> {
+    fn ctx(self, what: impl Display) -> Result<T, GitError>;
+}
+
+impl<T> Context<T> for Result<T, git2::Error> {
+    fn ctx(self, what: impl Display) -> Result<T, GitError> {
+        self.map_err(|source| GitError::Git {
+            what: what.to_string(),
+            source,
+        })
+    }
+}
+
+impl<T> Context<T> for Result<T, io::Error> {
+    fn ctx(self, what: impl Display) -> Result<T, GitError> {
+        self.map_err(|source| GitError::Io {
+            what: what.to_string(),
+            source,
+        })
+    }
+}
+
+/// `<name>.json`: what HEAD names.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeadMeta {
+    /// The branch HEAD is on (`refs/heads/main`), also when it is unborn; `null` when
+    /// detached.
+    pub head: Option<String>,
+    /// The commit HEAD points to; `null` on an unborn branch.
+    pub head_oid: Option<String>,
+    pub detached: bool,
+}
+
+/// A repository of the workspace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepoDir {
+    /// `"."` for the workspace root, else the subdirectory's name.
+    pub repo: String,
+    /// The object name: `workspace` for the root, else the subdirectory's name.
+    pub stem: String,
+    pub dir: PathBuf,
+}
+
+/// The repositories of a workspace: the root, if it is one, and first-level
+/// subdirectories holding a `.git` (symlinks are not followed).
+pub fn discover(root: &Path) -> io::Result<Vec<RepoDir>> {
+    let mut out = Vec::new();
+    let root_is_repo = root.join(".git").exists();
+    if root_is_repo {
+        out.push(RepoDir {
+            repo: ".".into(),
+            stem: ROOT_STEM.into(),
+            dir: root.to_path_buf(),
+        });
+    }
+    let mut subs = Vec::new();
+    for entry in std::fs::read_dir(root)? {
+        let entry = entry?;
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if name == ".git" || !entry.path().join(".git").exists() {
+            continue;
+        }
+        if root_is_repo && name == ROOT_STEM {
+            tracing::warn!(
+                "the subdirectory `workspace` holds a repository whose bundle name would be the \
+                 root repository's: it is not bundled"
+            );
+            continue;
+        }
+        subs.push(name);
+    }
+    subs.sort();
+    out.extend(subs.into_iter().map(|name| RepoDir {
+        repo: name.clone(),
+        stem: name.clone(),
+        dir: root.join(&name),
+    }));
+    Ok(out)
+}
+
+/// The bundle header: the signature, one `<oid> <refname>` line per ref, a blank line.
+pub fn bundle_header(refs: &[(Oid, String)]) -> Vec<u8> {
+    let mut out = format!("{SIGNATURE}\n").into_bytes();
+    for (oid, name) in refs {
+        out.extend_from_slice(format!("{oid} {name}\n").as_bytes());
+    }
+    out.push(b'\n');
+    out
+}
+
+/// Reads a bundle header up to and including its blank line; the reader is left at
+/// the start of the pack. Bundles with prerequisites (thin bundles) are refused.
+pub fn read_bundle_header<R: BufRead>(r: &mut R) -> Result<Vec<(Oid, String)>, GitError> {
+    const MAX_LINE: usize = 64 * 1024;
+    let bad = |message: String| GitError::Bundle {
+        what: "reading the bundle header".into(),
+        message,
+    };
+    let mut line = Vec::new();
+    let mut refs = Vec::new();
+    let mut first = true;
+    loop {
+        line.clear();
+        let n = <&mut R as io::Read>::take(&mut *r, MAX_LINE as u64)
+            .read_until(b'\n', &mut line)
+            .ctx("reading the bundle header")?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            return Err(bad("the header ends early (or a line is too long)".into()));
+        }
+        line.pop();
+        let text = std::str::from_utf8(&line).map_err(|_| bad("a line is not UTF-8".into()))?;
+        if first {
+            if text != SIGNATURE {
+                return Err(bad(format!("not a v2 git bundle (first line `{text}`)")));
+            }
+            first = false;
+            continue;
+        }
+        if text.is_empty() {
+            return Ok(refs);
+        }
+        if text.starts_with('-') {
+            return Err(bad(
+                "the bundle has prerequisites (it needs another repository)".into(),
+            ));
+        }
+        let (oid, name) = text
+            .split_once(' ')
+            .ok_or_else(|| bad(format!("malformed ref line `{text}`")))?;
+        let oid = Oid::from_str(oid).map_err(|e| bad(format!("bad object id `{oid}`: {e}")))?;
+        refs.push((oid, name.to_string()));
+    }
+}
+
+fn head_meta(repo: &Repository) -> Result<HeadMeta, GitError> {
+    let head = repo.find_reference("HEAD").ctx("reading HEAD")?;
+    Ok(match head.symbolic_target().ctx("reading HEAD")? {
+        Some(target) => HeadMeta {
+            head: Some(target.to_string()),
+            head_oid: repo.refname_to_id(target).ok().map(|o| o.to_string()),
+            detached: false,
+        },
+        None => HeadMeta {
+            head: None,
+            head_oid: head.target().map(|o| o.to_string()),
+            detached: true,
+        },
+    })
+}
+
+/// The refs and HEAD to bundle, and the two WIP commits.
+struct Prepared {
+    refs: Vec<(Oid, String)>,
+    head: HeadMeta,
+    digest: [u8; 32],
+}
+
+/// Builds the staged and work-tree commits on top of `parent` in the repository's
+/// object database (which the caller has backed with a mempack). The handle's index
+/// is changed in memory and never written.
+fn wip_commits(repo: &Repository, parent: Option<Oid>) -> Result<(Oid, Oid, Oid, Oid), GitError> {
+    let mut index = repo.index().ctx("reading the index")?;
+    if index.has_conflicts() {
+        // A tree cannot hold a conflict: take the work tree's version, as `git add`.
+        let mut paths = Vec::new();
+        for c in index.conflicts().ctx("reading conflicts")? {
+            let c = c.ctx("reading conflicts")?;
+            if let Some(e) = c.our.or(c.their).or(c.ancestor) {
+                paths.push(String::from_utf8_lossy(&e.path).into_owned());
+            }
+        }
+        for p in paths {
+            let _ = index.conflict_remove(Path::new(&p));
+            let _ = index.add_path(Path::new(&p));
+        }
+    }
+    let index_tree = index.write_tree().ctx("writing the staged tree")?;
+    let workdir = repo.workdir().map(Path::to_path_buf).unwrap_or_default();
+    let mut filter = |path: &Path, _spec: &[u8]| -> i32 {
+        let abs = workdir.join(path);
+        match std::fs::symlink_metadata(&abs) {
+            // A nested repository is its own bundle, not a gitlink here.
+            Ok(m) if m.is_dir() && abs.join(".git").exists() => 1,
+            Ok(m) if m.is_file() && m.len() > MAX_WIP_FILE => {
+                tracing::warn!(path = %abs.display(), size = m.len(), "git bundle: file too large for the work-tree commit; left out");
+                1
+            }
+            _ => 0,
+        }
+    };
+    index
+        .add_all(["*"], git2::IndexAddOption::DEFAULT, Some(&mut filter))
+        .ctx("adding the work tree")?;
+    index.update_all(["*"], None).ctx("recording deletions")?;
+    let wip_tree = index.write_tree().ctx("writing the work tree")?;
+
+    let sig = git2::Signature::now("sandkeep", "sandkeep@localhost").ctx("signature")?;
+    let parent = match parent {
+        Some(oid) => repo.find_commit(oid).ok(),
+        None => None,
+    };
+    let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
+    let t = repo.find_tree(index_tree).ctx("staged tree")?;
+    let index_commit = repo
+        .commit(
+            None,
+            &sig,
+            &sig,
+            "sandkeep: staged changes (the index)",
+            &t,
+            &parents,
+        )
+        .ctx("committing the staged tree")?;
+    let t = repo.find_tree(wip_tree).ctx("work tree")?;
+    let wip_commit = repo
+        .commit(
+            None,
+            &sig,
+            &sig,
+            "sandkeep: work tree (untracked files included)",
+            &t,
+            &parents,
+        )
+        .ctx("committing the work tree")?;
+    Ok((index_commit, wip_commit, index_tree, wip_tree))
+}
+
+fn prepare(repo: &Repository) -> Result<Prepared, GitError> {
+    let head = head_meta(repo)?;
+    let odb = repo.odb().ctx("object database")?;
+    let mut refs: Vec<(Oid, String)> = Vec::new();
+    for r in repo.references().ctx("listing refs")? {
+        let r = r.ctx("reading a ref")?;
+        let (Ok(name), Some(oid)) = (r.name(), r.target()) else {
+            continue; // symbolic (e.g. refs/remotes/origin/HEAD) or not UTF-8
+        };
+        if name.starts_with("refs/sandkeep/") {
+            continue;
+        }
+        if !odb.exists(oid) {
+            tracing::warn!(r#ref = name, %oid, "git bundle: ref points to a missing object; left out");
+            continue;
+        }
+        refs.push((oid, name.to_string()));
+    }
+    refs.sort_by(|a, b| a.1.cmp(&b.1));
+    let head_oid = head.head_oid.as_deref().and_then(|o| Oid::from_str(o).ok());
+    if let Some(oid) = head_oid.filter(|o| odb.exists(*o)) {
+        refs.insert(0, (oid, "HEAD".into()));
+    }
+    let mut digest = blake3::Hasher::new();
+    digest.update(format!("{head:?}\n").as_bytes());
+    for (oid, name) in &refs {
+        digest.update(format!("{oid} {name}\n").as_bytes());
+    }
+    if !repo.is_bare() {
+        let (index_commit, wip_commit, index_tree, wip_tree) = wip_commits(repo, head_oid)?;
+        digest.update(format!("{index_tree} {wip_tree}\n").as_bytes());
+        refs.push((index_commit, WIP_INDEX_REF.into()));
+        refs.push((wip_commit, WIP_REF.into()));
+    }
+    Ok(Prepared {
+        refs,
+        head,
+        digest: digest.finalize().into(),
+    })
+}
+
+/// Streams a pack of everything `refs` reach into `out`.
+fn write_pack(
+    repo: &Repository,
+    refs: &[(Oid, String)],
+    out: &mut dyn Write,
+) -> Result<(), GitError> {
+    let mut pb = repo.packbuilder().ctx("packbuilder")?;
+    pb.set_threads(0);
+    let mut walk = repo.revwalk().ctx("revwalk")?;
+    let mut pushed = false;
+    for (oid, name) in refs {
+        let mut obj = repo
+            .find_object(*oid, None)
+            .ctx(format_args!("reading {name}"))?;
+        loop {
+            match obj.kind() {
+                Some(ObjectType::Commit) => {
+                    walk.push(obj.id()).ctx("revwalk")?;
+                    pushed = true;
+                    break;
+                }
+                Some(ObjectType::Tag) => {
+                    pb.insert_object(obj.id(), None).ctx("packing a tag")?;
+                    let target = match obj.as_tag() {
+                        Some(tag) => tag.target().ctx("reading a tag's target")?,
+                        None => break,
+                    };
+                    obj = target;
+                }
+                _ => {
+                    pb.insert_recursive(obj.id(), None)
+                        .ctx("packing an object")?;
+                    break;
+                }
+            }
+        }
+    }
+    if pushed {
+        pb.insert_walk(&mut walk).ctx("packing history")?;
+    }
+    let mut failed: Option<io::Error> = None;
+    let result = pb.foreach(|chunk| match out.write_all(chunk) {
+        Ok(()) => true,
+        Err(e) => {
+            failed = Some(e);
+            false
+        }
+    });
+    if let Some(e) = failed {
+        return Err(GitError::Io {
+            what: "writing the pack".into(),
+            source: e,
+        });
+    }
+    result.ctx("writing the pack")
+}
+
+/// What a bundle holds.
+#[derive(Clone, Debug)]
+pub struct BundleSummary {
+    /// Ref lines in the bundle, HEAD and the WIP refs included.
+    pub refs: usize,
+    pub head: HeadMeta,
+    /// Digest of refs, HEAD and both WIP trees (equal digests: nothing to write).
+    pub digest: [u8; 32],
+}
+
+/// Writes the bundle of the repository at `dir` into `out`. When `skip_if` equals the
+/// repository's digest, nothing is written and `None` is returned; otherwise
+/// `on_start` is called just before the first byte is written.
+pub fn write_bundle<W: Write>(
+    dir: &Path,
+    skip_if: Option<[u8; 32]>,
+    on_start: impl FnOnce(),
+    out: &mut W,
+) -> Result<Option<BundleSummary>, GitError> {
+    let repo = Repository::open(dir).ctx(format_args!("opening {}", dir.display()))?;
+    let odb = repo.odb().ctx("object database")?;
+    // Every object we create goes to memory, never into the user's .git/objects.
+    let _mempack = odb
+        .add_new_mempack_backend(1000)
+        .ctx("adding an in-memory object store")?;
+    let prep = prepare(&repo)?;
+    if skip_if == Some(prep.digest) {
+        return Ok(None);
+    }
+    on_start();
+    out.write_all(&bundle_header(&prep.refs))
+        .ctx("writing the bundle header")?;
+    write_pack(&repo, &prep.refs, out)?;
+    out.flush().ctx("writing the bundle")?;
+    Ok(Some(BundleSummary {
+        refs: prep.refs.len(),
+        head: prep.head,
+        digest: prep.digest,
+    }))
+}
+
+/// What [`restore_bundle`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restored {
+    /// Refs created (HEAD and the WIP refs not counted).
+    pub refs: usize,
+    pub had_wip: bool,
+}
+
+/// Turns the bundle at `bundle` into a repository at `target` (created if needed):
+/// the pack goes into `.git/objects`, every ref is created (except the WIP refs), HEAD
+/// is set from `meta`, the work tree is checked out from `refs/sandkeep/wip` and the
+/// index set to `refs/sandkeep/wip-index`. Files in `target` that the WIP tree does
+/// not name are left alone.
+pub fn restore_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<Restored, GitError> {
+    let file = std::fs::File::open(bundle).ctx(format_args!("opening {}", bundle.display()))?;
+    let mut reader = io::BufReader::with_capacity(256 * 1024, file);
+    let refs = read_bundle_header(&mut reader)?;
+    std::fs::create_dir_all(target).ctx(format_args!("creating {}", target.display()))?;
+    let repo = Repository::init(target).ctx(format_args!(
+        "creating a repository in {}",
+        target.display()
+    ))?;
+    {
+        let odb = repo.odb().ctx("object database")?;
+        let mut pw = odb.packwriter().ctx("packwriter")?;
+        io::copy(&mut reader, &mut pw).ctx("unpacking the bundle")?;
+        pw.commit().ctx("indexing the pack")?;
+    }
+    let mut created = 0;
+    let (mut wip, mut wip_index, mut bundle_head) = (None, None, None);
+    for (oid, name) in &refs {
+        match name.as_str() {
+            "HEAD" => bundle_head = Some(*oid),
+            WIP_REF => wip = Some(*oid),
+            WIP_INDEX_REF => wip_index = Some(*oid),
+            _ => {
+                repo.reference(name, *oid, true, "sandkeep: restored from a bundle")
+                    .ctx(format_args!("creating {name}"))?;
+                created += 1;
+            }
+        }
+    }
+    if meta.detached {
+        let oid = meta
+            .head_oid
+            .as_deref()
+            .and_then(|o| Oid::from_str(o).ok())
+            .or(bundle_head)
+            .ok_or_else(|| GitError::Bundle {
+                what: "restoring HEAD".into(),
+                message: "HEAD is detached but no commit is named".into(),
+            })?;
+        repo.set_head_detached(oid).ctx("setting a detached HEAD")?;
+    } else if let Some(name) = &meta.head {
+        repo.set_head(name)
+            .ctx(format_args!("pointing HEAD at {name}"))?;
+    }
+    let mut checkout = git2::build::CheckoutBuilder::new();
+    checkout.force().recreate_missing(true);
+    match wip {
+        Some(oid) => {
+            let tree = repo
+                .find_commit(oid)
+                .and_then(|c| c.tree())
+                .ctx("reading the work-tree commit")?;
+            checkout.update_index(false);
+            repo.checkout_tree(tree.as_object(), Some(&mut checkout))
+                .ctx("checking out the work tree")?;
+        }
+        None if bundle_head.is_some() => {
+            repo.checkout_head(Some(&mut checkout))
+                .ctx("checking out HEAD")?;
+        }
+        None => {}
+    }
+    if let Some(oid) = wip_index {
+        let tree = repo
+            .find_commit(oid)
+            .and_then(|c| c.tree())
+            .ctx("reading the staged commit")?;
+        let mut index = repo.index().ctx("opening the index")?;
+        index.read_tree(&tree).ctx("setting the index")?;
+        index.write().ctx("writing the index")?;
+    }
+    Ok(Restored {
+        refs: created,
+        had_wip: wip.is_some(),
+    })
+}
+
+/// One repository in `GET /v1/status`.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct RepoStatus {
+    pub repo: String,
+    /// The branch HEAD is on (short name); `null` when detached.
+    pub branch: Option<String>,
+    /// HEAD's commit; `null` on an unborn branch.
+    pub head: Option<String>,
+    /// Tracked paths with staged or unstaged changes.
+    pub dirty: u64,
+    /// Untracked, non-ignored paths.
+    pub untracked: u64,
+    /// Commits on the branch that its upstream lacks; `null` without an upstream.
+    pub unpushed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The state of one repository (read only: the index is not refreshed on disk).
+pub fn repo_status(r: &RepoDir) -> Result<RepoStatus, GitError> {
+    let repo = Repository::open(&r.dir).ctx(format_args!("opening {}", r.dir.display()))?;
+    let head = head_meta(&repo)?;
+    let branch = if head.detached {
+        None
+    } else {
+        head.head
+            .as_deref()
+            .map(|h| h.strip_prefix("refs/heads/").unwrap_or(h).to_string())
+    };
+    let (mut dirty, mut untracked) = (0, 0);
+    if !repo.is_bare() {
+        let mut opts = git2::StatusOptions::new();
+        opts.include_untracked(true)
+            .recurse_untracked_dirs(true)
+            .exclude_submodules(true)
+            .include_ignored(false);
+        let statuses = repo.statuses(Some(&mut opts)).ctx("reading the status")?;
+        for s in statuses.iter() {
+            let st = s.status();
+            if st == git2::Status::WT_NEW {
+                untracked += 1;
+            } else if !st.is_empty() && !st.contains(git2::Status::IGNORED) {
+                dirty += 1;
+            }
+        }
+    }
+    let mut unpushed = None;
+    if let (Some(b), Some(oid)) = (&branch, head.head_oid.as_deref()) {
+        let local = repo.find_branch(b, git2::BranchType::Local);
+        if let Ok(local) = local
+            && let Ok(up) = local.upstream()
+            && let (Some(up_oid), Ok(oid)) = (up.get().target(), Oid::from_str(oid))
+            && let Ok((ahead, _)) = repo.graph_ahead_behind(oid, up_oid)
+        {
+            unpushed = Some(ahead as u64);
+        }
+    }
+    Ok(RepoStatus {
+        repo: r.repo.clone(),
+        branch,
+        head: head.head_oid,
+        dirty,
+        untracked,
+        unpushed,
+        error: None,
+    })
+}
+
+/// One bundle written, as `POST /v1/git/bundle` reports it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct BundleInfo {
+    pub repo: String,
+    pub key: String,
+    pub refs: usize,
+    pub bytes: u64,
+}
+
+/// A repository whose bundle could not be written.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct BundleFailure {
+    pub repo: String,
+    pub error: String,
+}
+
+/// What one pass over the repositories did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BundleRound {
+    pub bundles: Vec<BundleInfo>,
+    /// Repositories unchanged since their last bundle.
+    pub unchanged: Vec<String>,
+    pub errors: Vec<BundleFailure>,
+}
+
+/// Writes the bundles of one workspace.
+pub struct GitBundler {
+    remote: Arc<dyn Remote>,
+    metrics: Arc<Metrics>,
+    root: PathBuf,
+    /// `<conversation prefix>workspace/git/`.
+    prefix: String,
+    interval: Duration,
+    /// Digest of each repository's last bundle (by `repo`).
+    last: Mutex<HashMap<String, [u8; 32]>>,
+    /// One pass at a time.
+    running: tokio::sync::Mutex<()>,
+}
+
+impl GitBundler {
+    pub fn new(config: &Config, remote: Arc<dyn Remote>, metrics: Arc<Metrics>) -> Self {
+        let root = std::fs::canonicalize(&config.workspace)
+            .or_else(|_| std::path::absolute(&config.workspace))
+            .unwrap_or_else(|_| config.workspace.clone());
+        Self {
+            remote,
+            metrics,
+            root,
+            prefix: format!("{}{GIT_DIR}", config.conversation_prefix()),
+            interval: config.git.interval.0,
+            last: Mutex::new(HashMap::new()),
+            running: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The object keys of a repository's bundle and json.
+    pub fn keys(&self, r: &RepoDir) -> (String, String) {
+        (
+            format!("{}{}.bundle", self.prefix, r.stem),
+            format!("{}{}.json", self.prefix, r.stem),
+        )
+    }
+
+    async fn repos(&self) -> Result<Vec<RepoDir>, GitError> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || discover(&root))
+            .await
+            .map_err(|e| GitError::Task(e.to_string()))?
+            .ctx(format_args!(
+                "reading the workspace {}",
+                self.root.display()
+            ))
+    }
+
+    /// Writes the bundle of every repository (only those that changed unless `force`).
+    /// A repository that fails is reported in `errors`; the others go on.
+    pub async fn write_all(&self, force: bool) -> Result<BundleRound, GitError> {
+        let _one = self.running.lock().await;
+        let repos = self.repos().await?;
+        let mut round = BundleRound::default();
+        for r in &repos {
+            let started = Instant::now();
+            match self.write_one(r, force).await {
+                Ok(Some(info)) => {
+                    self.metrics.git_bundle("ok", started.elapsed());
+                    tracing::info!(repo = %info.repo, key = %info.key, refs = info.refs, bytes = info.bytes, "git bundle stored");
+                    round.bundles.push(info);
+                }
+                Ok(None) => round.unchanged.push(r.repo.clone()),
+                Err(e) => {
+                    self.metrics.git_bundle("error", started.elapsed());
+                    tracing::warn!(repo = %r.repo, error = %e, "git bundle failed");
+                    round.errors.push(BundleFailure {
+                        repo: r.repo.clone(),
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        self.prune(&repos).await;
+        Ok(round)
+    }
+
+    /// Deletes the bundles of repositories that are gone from the workspace.
+    async fn prune(&self, repos: &[RepoDir]) {
+        let objects = match remote::list_all(self.remote.as_ref(), &self.prefix).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list git bundles");
+                return;
+            }
+        };
+        let wanted: Vec<(String, String)> = repos.iter().map(|r| self.keys(r)).collect();
+        let stale: Vec<String> = objects
+            .into_iter()
+            .map(|o| o.key)
+            .filter(|k| k.ends_with(".bundle") || k.ends_with(".json"))
+            .filter(|k| !wanted.iter().any(|(b, j)| b == k || j == k))
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        match self.remote.delete_many(&stale).await {
+            Ok(()) => {
+                tracing::info!(
+                    deleted = stale.len(),
+                    "bundles of repositories that are gone deleted"
+                );
+                let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+                last.retain(|repo, _| repos.iter().any(|r| &r.repo == repo));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot delete stale git bundles"),
+        }
+    }
+
+    async fn write_one(&self, r: &RepoDir, force: bool) -> Result<Option<BundleInfo>, GitError> {
+        let (bundle_key, json_key) = self.keys(r);
+        if !remote::key_fits(&bundle_key) || !remote::key_fits(&json_key) {
+            return Err(GitError::Bundle {
+                what: r.repo.clone(),
+                message: "the bundle's object key would be too long".into(),
+            });
+        }
+        let skip_if = if force {
+            None
+        } else {
+            self.last
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&r.repo)
+                .copied()
+        };
+        let (writer, reader) = crate::snapshot::pipe();
+        let (start_tx, start_rx) = oneshot::channel::<()>();
+        let dir = r.dir.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            let mut writer = writer;
+            let start = move || {
+                let _ = start_tx.send(());
+            };
+            match write_bundle(&dir, skip_if, start, &mut writer) {
+                Ok(s) => Ok(s),
+                Err(e) => {
+                    writer.fail(&io::Error::other(e.to_string()));
+                    Err(e)
+                }
+            }
+        });
+        let uploaded = match start_rx.await {
+            Ok(()) => Some(self.remote.put_stream(&bundle_key, Box::new(reader)).await),
+            Err(_) => None,
+        };
+        let built = job.await.map_err(|e| GitError::Task(e.to_string()))?;
+        let (bytes, summary) = match (uploaded, built) {
+            (None, Ok(None)) => return Ok(None),
+            (Some(Ok(bytes)), Ok(Some(summary))) => (bytes, summary),
+            (Some(Err(RemoteError::Source { .. })) | None, Err(e)) => return Err(e),
+            (Some(Err(e)), _) => return Err(e.into()),
+            (Some(Ok(_)), Err(e)) => return Err(e),
+            (None, Ok(Some(_))) | (Some(Ok(_)), Ok(None)) => {
+                return Err(GitError::Task("the bundle and its upload disagree".into()));
+            }
+        };
+        let json =
+            serde_json::to_vec_pretty(&summary.head).map_err(|e| GitError::Task(e.to_string()))?;
+        self.remote
+            .put_bytes(&json_key, bytes::Bytes::from(json))
+            .await?;
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(r.repo.clone(), summary.digest);
+        Ok(Some(BundleInfo {
+            repo: r.repo.clone(),
+            key: bundle_key,
+            refs: summary.refs,
+            bytes,
+        }))
+    }
+
+    /// The state of every repository, for `GET /v1/status`.
+    pub async fn status(&self) -> Vec<RepoStatus> {
+        let root = self.root.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let repos = discover(&root).unwrap_or_default();
+            repos
+                .iter()
+                .map(|r| {
+                    repo_status(r).unwrap_or_else(|e| RepoStatus {
+                        repo: r.repo.clone(),
+                        branch: None,
+                        head: None,
+                        dirty: 0,
+                        untracked: 0,
+                        unpushed: None,
+                        error: Some(e.to_string()),
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        result.unwrap_or_default()
+    }
+
+    /// Writes changed bundles every `git.interval` (the first pass at once) until
+    /// `stop` fires.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        if self.interval.is_zero() {
+            return;
+        }
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.write_all(false) => if let Err(e) = r {
+                    tracing::warn!(error = %e, "git bundles skipped");
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_is_written_and_read_back() {
+        let a = Oid::from_str("0123456789abcdef0123456789abcdef01234567").unwrap();
+        let b = Oid::from_str("89abcdef0123456789abcdef0123456789abcdef").unwrap();
+        let refs = vec![(a, "HEAD".to_string()), (b, "refs/heads/main".to_string())];
+        let header = bundle_header(&refs);
+        assert_eq!(
+            String::from_utf8(header.clone()).unwrap(),
+            "# v2 git bundle\n\
+             0123456789abcdef0123456789abcdef01234567 HEAD\n\
+             89abcdef0123456789abcdef0123456789abcdef refs/heads/main\n\n"
+        );
+        let mut data = header;
+        data.extend_from_slice(b"PACK...");
+        let mut cursor = io::Cursor::new(data);
+        assert_eq!(read_bundle_header(&mut cursor).unwrap(), refs);
+        let mut rest = Vec::new();
+        io::Read::read_to_end(&mut cursor, &mut rest).unwrap();
+        assert_eq!(rest, b"PACK...");
+    }
+
+    #[test]
+    fn bad_headers_are_refused() {
+        for bad in [
+            &b"# v3 git bundle\n\n"[..],
+            b"# v2 git bundle\n-0123456789abcdef0123456789abcdef01234567\n\n",
+            b"# v2 git bundle\nnot-an-oid refs/heads/x\n\n",
+            b"# v2 git bundle\n0123456789abcdef0123456789abcdef01234567 HEAD\n",
+        ] {
+            assert!(
+                read_bundle_header(&mut io::Cursor::new(bad)).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn discovery_finds_root_and_first_level_repos() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        Repository::init(root).unwrap();
+        Repository::init(root.join("lib")).unwrap();
+        Repository::init(root.join("a/deep")).unwrap();
+        std::fs::create_dir_all(root.join("plain")).unwrap();
+        let repos = discover(root).unwrap();
+        let names: Vec<(&str, &str)> = repos
+            .iter()
+            .map(|r| (r.repo.as_str(), r.stem.as_str()))
+            .collect();
+        assert_eq!(names, vec![(".", "workspace"), ("lib", "lib")]);
+    }
+
+    #[test]
+    fn empty_repo_bundles_and_restores() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        Repository::init(&src).unwrap();
+        let mut out = Vec::new();
+        let s = write_bundle(&src, None, || {}, &mut out).unwrap().unwrap();
+        assert_eq!(s.refs, 2, "only the WIP refs");
+        assert!(!s.head.detached);
+        assert_eq!(s.head.head_oid, None);
+        // Unchanged: nothing written.
+        let mut again = Vec::new();
+        assert!(
+            write_bundle(&src, Some(s.digest), || {}, &mut again)
+                .unwrap()
+                .is_none()
+        );
+        assert!(again.is_empty());
+        let path = dir.path().join("b.bundle");
+        std::fs::write(&path, &out).unwrap();
+        let dst = dir.path().join("dst");
+        let r = restore_bundle(&path, &s.head, &dst).unwrap();
+        assert_eq!(r.refs, 0);
+        let repo = Repository::open(&dst).unwrap();
+        assert!(repo.head().is_err(), "still unborn");
+        assert_eq!(
+            repo.find_reference("HEAD")
+                .unwrap()
+                .symbolic_target()
+                .unwrap(),
+            s.head.head.as_deref()
+        );
+    }
+}

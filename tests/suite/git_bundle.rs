@@ -1,0 +1,540 @@
+//! Git bundles through the daemon, checked with the real `git` CLI: `git bundle
+//! verify`, `git clone`, the WIP refs (`git fetch ... 'refs/sandkeep/*:refs/sandkeep/*'`),
+//! the user's index and status untouched, and the way back with
+//! [`sandkeep::gitbundle::restore_bundle`] (same status, log and work tree). Also
+//! unborn and empty repositories, a detached HEAD, first-level subdirectory repos, the
+//! periodic writer and `GET /v1/status`.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use sandkeep::gitbundle::{self, HeadMeta};
+use serde_json::Value;
+
+use crate::util::{Daemon, ok};
+
+const GIT_PREFIX: &str = "conversations/u1/c1/workspace/git/";
+/// Periodic bundles off unless a test wants them.
+const NO_PERIODIC: &str = "[git]\ninterval = \"0s\"\n[snapshot]\ninterval = \"0s\"\n";
+
+/// Runs `git` in `dir` with a clean, fixed identity; panics with its output on failure.
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = git_raw(dir, args);
+    assert!(
+        out.status.success(),
+        "git {args:?} in {} failed: {}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn git_raw(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("git")
+        .current_dir(dir)
+        .args(["-c", "init.defaultBranch=main", "-c", "core.autocrlf=false"])
+        .args(args)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com")
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .output()
+        .expect("run git")
+}
+
+fn write(dir: &Path, rel: &str, text: &str) {
+    let p = dir.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, text).unwrap();
+}
+
+/// A repository with history, a branch, tags, and every kind of uncommitted change.
+fn rich_repo(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    git(dir, &["init", "-q"]);
+    write(dir, ".gitignore", "*.log\nbuild/\n");
+    write(dir, "a.txt", "a1\n");
+    write(dir, "b.txt", "b1\n");
+    write(dir, "c.txt", "c1\n");
+    write(dir, "src/lib.rs", "pub fn x() {}\n");
+    write(dir, "run.sh", "#!/bin/sh\necho hi\n");
+    std::fs::set_permissions(dir.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    git(dir, &["add", "-A"]);
+    git(dir, &["commit", "-q", "-m", "first"]);
+    write(dir, "a.txt", "a2\n");
+    git(dir, &["commit", "-q", "-am", "second"]);
+    git(dir, &["tag", "-a", "v1", "-m", "release one"]);
+    git(dir, &["checkout", "-q", "-b", "feature"]);
+    write(dir, "feature.txt", "f\n");
+    git(dir, &["add", "feature.txt"]);
+    git(dir, &["commit", "-q", "-m", "feature work"]);
+    git(dir, &["tag", "light"]);
+    git(dir, &["checkout", "-q", "main"]);
+    write(dir, "src/lib.rs", "pub fn x() -> u8 { 3 }\n");
+    git(dir, &["commit", "-q", "-am", "third"]);
+    // Uncommitted work of every kind.
+    write(dir, "a.txt", "a-staged\n");
+    write(dir, "s.txt", "staged new file\n");
+    git(dir, &["add", "a.txt", "s.txt"]);
+    write(dir, "b.txt", "b-unstaged\n");
+    std::fs::remove_file(dir.join("c.txt")).unwrap();
+    write(dir, "new.txt", "untracked\n");
+    write(dir, "untracked/deep/n.txt", "deep untracked\n");
+    write(dir, "debug.log", "ignored\n");
+    write(dir, "build/out.o", "ignored too\n");
+}
+
+/// Files of a work tree (not `.git`, not ignored by `git`), relative path → bytes + mode.
+fn work_tree(dir: &Path) -> BTreeMap<String, (Vec<u8>, u32)> {
+    let listed = git(
+        dir,
+        &[
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ],
+    );
+    listed
+        .split('\0')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| {
+            let abs = dir.join(p);
+            let meta = std::fs::symlink_metadata(&abs).ok()?;
+            Some((
+                p.to_string(),
+                (
+                    std::fs::read(&abs).unwrap(),
+                    meta.permissions().mode() & 0o777,
+                ),
+            ))
+        })
+        .collect()
+}
+
+fn bundle_path(d: &Daemon, stem: &str) -> PathBuf {
+    d.remote.join(format!("{GIT_PREFIX}{stem}.bundle"))
+}
+
+fn head_meta(d: &Daemon, stem: &str) -> HeadMeta {
+    let text = std::fs::read(d.remote.join(format!("{GIT_PREFIX}{stem}.json"))).unwrap();
+    serde_json::from_slice(&text).unwrap()
+}
+
+async fn post_bundle(d: &Daemon) -> Value {
+    let r = d.api().post_empty("/v1/git/bundle").await;
+    ok(&r, 200)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_keeps_uncommitted_work_and_restores_it() {
+    let d = Daemon::start_with(NO_PERIODIC).await;
+    let repo = d.workspace.clone();
+    rich_repo(&repo);
+    let status_before = git(&repo, &["status", "--porcelain"]);
+    let refs_before = git(
+        &repo,
+        &["for-each-ref", "--format=%(objectname) %(refname)"],
+    );
+    let log_before = git(&repo, &["log", "--all", "--format=%H %P %s"]);
+    // Let git settle the index's racy entries first, so that it is stable.
+    std::thread::sleep(Duration::from_millis(1100));
+    git(&repo, &["status", "--porcelain"]);
+    let objects_before = files_under(&repo.join(".git"));
+    let index_before = std::fs::read(repo.join(".git/index")).unwrap();
+    assert!(status_before.contains("M  a.txt"), "{status_before}");
+
+    let body = post_bundle(&d).await;
+    let bundles = body["bundles"].as_array().unwrap();
+    assert_eq!(bundles.len(), 1, "{body}");
+    assert_eq!(bundles[0]["repo"], ".");
+    assert_eq!(
+        bundles[0]["key"],
+        format!("{GIT_PREFIX}workspace.bundle"),
+        "{body}"
+    );
+    // HEAD, main, feature, v1, light, and the two WIP refs.
+    assert_eq!(bundles[0]["refs"], 7, "{body}");
+    let bundle = bundle_path(&d, "workspace");
+    assert_eq!(
+        bundles[0]["bytes"].as_u64().unwrap(),
+        std::fs::metadata(&bundle).unwrap().len()
+    );
+
+    // The user's repository is untouched (looked at before `git status`, which may
+    // refresh the index itself).
+    assert_eq!(
+        files_under(&repo.join(".git")),
+        objects_before,
+        "nothing in .git changed (objects, refs, index, logs)"
+    );
+    assert_eq!(
+        std::fs::read(repo.join(".git/index")).unwrap(),
+        index_before
+    );
+    assert_eq!(git(&repo, &["status", "--porcelain"]), status_before);
+    assert_eq!(
+        git(
+            &repo,
+            &["for-each-ref", "--format=%(objectname) %(refname)"]
+        ),
+        refs_before
+    );
+
+    let meta = head_meta(&d, "workspace");
+    assert_eq!(meta.head.as_deref(), Some("refs/heads/main"));
+    assert!(!meta.detached);
+    assert_eq!(
+        meta.head_oid.as_deref(),
+        Some(git(&repo, &["rev-parse", "HEAD"]).trim())
+    );
+
+    // git accepts it.
+    let scratch = tempfile::tempdir().unwrap();
+    git(scratch.path(), &["init", "-q", "verify"]);
+    let verify = git_raw(
+        &scratch.path().join("verify"),
+        &["bundle", "verify", bundle.to_str().unwrap()],
+    );
+    assert!(
+        verify.status.success(),
+        "git bundle verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let clone = scratch.path().join("clone");
+    git(
+        scratch.path(),
+        &[
+            "clone",
+            "-q",
+            bundle.to_str().unwrap(),
+            clone.to_str().unwrap(),
+        ],
+    );
+    let branches = git(&clone, &["branch", "-r", "--format=%(refname)"]);
+    let mut branches: Vec<&str> = branches.lines().filter(|b| !b.ends_with("/HEAD")).collect();
+    branches.sort();
+    assert_eq!(
+        branches,
+        vec!["refs/remotes/origin/feature", "refs/remotes/origin/main"]
+    );
+    assert_eq!(git(&clone, &["tag"]), "light\nv1\n");
+    assert_eq!(
+        git(&clone, &["cat-file", "-t", "v1"]).trim(),
+        "tag",
+        "annotated"
+    );
+    assert_eq!(
+        git(&clone, &["log", "--format=%H %s", "main"]),
+        git(&repo, &["log", "--format=%H %s", "main"])
+    );
+    assert_eq!(
+        git(&clone, &["log", "--format=%H %s", "origin/feature"]),
+        git(&repo, &["log", "--format=%H %s", "feature"])
+    );
+
+    // The WIP refs hold the uncommitted work.
+    git(
+        &clone,
+        &[
+            "fetch",
+            "-q",
+            bundle.to_str().unwrap(),
+            "refs/sandkeep/*:refs/sandkeep/*",
+        ],
+    );
+    let show = |rev: &str| git_raw(&clone, &["show", rev]);
+    let text = |rev: &str| String::from_utf8(show(rev).stdout).unwrap();
+    assert_eq!(text("refs/sandkeep/wip:b.txt"), "b-unstaged\n");
+    assert_eq!(text("refs/sandkeep/wip:new.txt"), "untracked\n");
+    assert_eq!(
+        text("refs/sandkeep/wip:untracked/deep/n.txt"),
+        "deep untracked\n"
+    );
+    assert_eq!(text("refs/sandkeep/wip:a.txt"), "a-staged\n");
+    assert!(
+        !show("refs/sandkeep/wip:debug.log").status.success(),
+        "ignored"
+    );
+    assert!(
+        !show("refs/sandkeep/wip:build/out.o").status.success(),
+        "ignored"
+    );
+    assert!(!show("refs/sandkeep/wip:c.txt").status.success(), "deleted");
+    assert_eq!(text("refs/sandkeep/wip-index:a.txt"), "a-staged\n");
+    assert_eq!(text("refs/sandkeep/wip-index:s.txt"), "staged new file\n");
+    assert_eq!(text("refs/sandkeep/wip-index:b.txt"), "b1\n");
+    assert_eq!(text("refs/sandkeep/wip-index:c.txt"), "c1\n");
+    assert!(!show("refs/sandkeep/wip-index:new.txt").status.success());
+    let head = git(&repo, &["rev-parse", "HEAD"]);
+    for r in ["refs/sandkeep/wip", "refs/sandkeep/wip-index"] {
+        assert_eq!(
+            git(&clone, &["rev-parse", &format!("{r}^")]),
+            head,
+            "{r} sits on HEAD"
+        );
+    }
+    assert_eq!(
+        git(&clone, &["ls-tree", "refs/sandkeep/wip", "run.sh"])
+            .split_whitespace()
+            .next(),
+        Some("100755")
+    );
+
+    // Back from the bundle with the library: same status, log, refs and work tree.
+    let restored = scratch.path().join("restored");
+    let r = gitbundle::restore_bundle(&bundle, &meta, &restored).unwrap();
+    assert!(r.had_wip);
+    assert_eq!(git(&restored, &["status", "--porcelain"]), status_before);
+    assert_eq!(
+        git(&restored, &["log", "--all", "--format=%H %P %s"]),
+        log_before
+    );
+    assert_eq!(
+        git(
+            &restored,
+            &["for-each-ref", "--format=%(objectname) %(refname)"]
+        ),
+        refs_before
+    );
+    assert_eq!(
+        git(&restored, &["symbolic-ref", "HEAD"]),
+        "refs/heads/main\n"
+    );
+    assert_eq!(work_tree(&restored), work_tree(&repo));
+    git(&restored, &["fsck", "--no-progress"]);
+
+    // Status reports the repository.
+    let status = ok(&d.api().get("/v1/status").await, 200);
+    let repos = status["git"].as_array().unwrap();
+    assert_eq!(repos.len(), 1, "{status}");
+    let s = &repos[0];
+    assert_eq!(s["repo"], ".");
+    assert_eq!(s["branch"], "main");
+    assert_eq!(s["head"], head.trim());
+    assert_eq!(s["dirty"], 4, "a, s staged; b modified; c deleted: {s}");
+    assert_eq!(s["untracked"], 2, "{s}");
+    assert_eq!(s["unpushed"], Value::Null, "no upstream");
+    // The status did not touch the index either.
+    assert_eq!(
+        std::fs::read(repo.join(".git/index")).unwrap(),
+        index_before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unborn_empty_and_detached_repos_in_subdirectories() {
+    let d = Daemon::start_with(NO_PERIODIC).await;
+    let ws = d.workspace.clone();
+    // An empty repository.
+    std::fs::create_dir_all(ws.join("empty")).unwrap();
+    git(&ws.join("empty"), &["init", "-q"]);
+    // No commit yet, but staged and untracked files.
+    let unborn = ws.join("unborn");
+    std::fs::create_dir_all(&unborn).unwrap();
+    git(&unborn, &["init", "-q", "-b", "trunk"]);
+    write(&unborn, "staged.txt", "staged\n");
+    git(&unborn, &["add", "staged.txt"]);
+    write(&unborn, "loose.txt", "untracked\n");
+    // A detached HEAD with an upstream-less branch and a dirty file.
+    let det = ws.join("detached");
+    std::fs::create_dir_all(&det).unwrap();
+    git(&det, &["init", "-q"]);
+    for i in 0..3 {
+        write(&det, "f.txt", &format!("v{i}\n"));
+        git(&det, &["add", "f.txt"]);
+        git(&det, &["commit", "-q", "-m", &format!("c{i}")]);
+    }
+    git(&det, &["checkout", "-q", "--detach", "HEAD~1"]);
+    write(&det, "f.txt", "dirty\n");
+    // A directory that is not a repository, and a file at the top.
+    write(&ws, "plain/x.txt", "x");
+    write(&ws, "top.txt", "t");
+
+    let before: Vec<(String, Vec<u8>)> = ["empty", "unborn", "detached"]
+        .iter()
+        .map(|n| {
+            let dir = ws.join(n);
+            (
+                git(&dir, &["status", "--porcelain"]),
+                std::fs::read(dir.join(".git/index")).unwrap_or_default(),
+            )
+        })
+        .collect();
+
+    let body = post_bundle(&d).await;
+    assert_eq!(body["errors"], serde_json::json!([]), "{body}");
+    let repos: Vec<&str> = body["bundles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["repo"].as_str().unwrap())
+        .collect();
+    assert_eq!(repos, vec!["detached", "empty", "unborn"], "{body}");
+
+    for (i, n) in ["empty", "unborn", "detached"].iter().enumerate() {
+        let dir = ws.join(n);
+        assert_eq!(git(&dir, &["status", "--porcelain"]), before[i].0, "{n}");
+        assert_eq!(
+            std::fs::read(dir.join(".git/index")).unwrap_or_default(),
+            before[i].1,
+            "{n}: index bytes"
+        );
+        let bundle = bundle_path(&d, n);
+        let scratch = tempfile::tempdir().unwrap();
+        git(scratch.path(), &["init", "-q", "v"]);
+        let verify = git_raw(
+            &scratch.path().join("v"),
+            &["bundle", "verify", bundle.to_str().unwrap()],
+        );
+        assert!(
+            verify.status.success(),
+            "{n}: git bundle verify: {}",
+            String::from_utf8_lossy(&verify.stderr)
+        );
+        let meta = head_meta(&d, n);
+        let target = scratch.path().join("restored");
+        gitbundle::restore_bundle(&bundle, &meta, &target).unwrap();
+        assert_eq!(
+            git(&target, &["status", "--porcelain"]),
+            before[i].0,
+            "{n}: restored status"
+        );
+        match *n {
+            "empty" => {
+                assert_eq!(meta.head.as_deref(), Some("refs/heads/main"));
+                assert_eq!(meta.head_oid, None);
+                assert!(!meta.detached);
+            }
+            "unborn" => {
+                assert_eq!(meta.head.as_deref(), Some("refs/heads/trunk"));
+                assert_eq!(meta.head_oid, None);
+                assert_eq!(
+                    git(&target, &["symbolic-ref", "HEAD"]),
+                    "refs/heads/trunk\n"
+                );
+                assert_eq!(
+                    std::fs::read_to_string(target.join("loose.txt")).unwrap(),
+                    "untracked\n"
+                );
+            }
+            _ => {
+                assert!(meta.detached);
+                assert_eq!(meta.head, None);
+                let head = git(&dir, &["rev-parse", "HEAD"]);
+                assert_eq!(meta.head_oid.as_deref(), Some(head.trim()));
+                assert_eq!(git(&target, &["rev-parse", "HEAD"]), head);
+                assert!(
+                    !git_raw(&target, &["symbolic-ref", "-q", "HEAD"])
+                        .status
+                        .success()
+                );
+                assert_eq!(
+                    git(&target, &["log", "--all", "--format=%H %s"]),
+                    git(&dir, &["log", "--all", "--format=%H %s"])
+                );
+                assert_eq!(
+                    std::fs::read_to_string(target.join("f.txt")).unwrap(),
+                    "dirty\n"
+                );
+            }
+        }
+    }
+
+    let status = ok(&d.api().get("/v1/status").await, 200);
+    let git_status = status["git"].as_array().unwrap();
+    assert_eq!(git_status.len(), 3, "{status}");
+    let det_status = git_status.iter().find(|r| r["repo"] == "detached").unwrap();
+    assert_eq!(det_status["branch"], Value::Null, "{det_status}");
+    assert_eq!(det_status["dirty"], 1);
+    let unborn_status = git_status.iter().find(|r| r["repo"] == "unborn").unwrap();
+    assert_eq!(unborn_status["branch"], "trunk");
+    assert_eq!(unborn_status["head"], Value::Null);
+    assert_eq!(unborn_status["dirty"], 1);
+    assert_eq!(unborn_status["untracked"], 1);
+
+    // A repository that disappears loses its bundle at the next pass.
+    std::fs::remove_dir_all(ws.join("empty")).unwrap();
+    let body = post_bundle(&d).await;
+    assert_eq!(body["bundles"].as_array().unwrap().len(), 2, "{body}");
+    assert!(!bundle_path(&d, "empty").exists());
+    assert!(bundle_path(&d, "unborn").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_bundles_follow_changes_only() {
+    let mut d = Daemon::prepare("[git]\ninterval = \"1s\"\n[snapshot]\ninterval = \"0s\"\n");
+    let repo = d.workspace.clone();
+    git(&repo, &["init", "-q"]);
+    write(&repo, "a.txt", "1\n");
+    git(&repo, &["add", "a.txt"]);
+    git(&repo, &["commit", "-q", "-m", "one"]);
+    upstream_for(&repo);
+    d.spawn_and_wait().await;
+    let bundle = bundle_path(&d, "workspace");
+    let mtime = |p: &Path| std::fs::metadata(p).ok().and_then(|m| m.modified().ok());
+    let first =
+        crate::util::poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+            let m = mtime(&bundle);
+            async move { m }
+        })
+        .await
+        .expect("the first periodic bundle");
+    // Nothing changed: the bundle is not rewritten.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(mtime(&bundle), Some(first), "rewritten without a change");
+    // An untracked file is a change of the work tree.
+    write(&repo, "b.txt", "2\n");
+    crate::util::poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        let m = mtime(&bundle);
+        async move { (m != Some(first)).then_some(()) }
+    })
+    .await
+    .expect("a new bundle after a change");
+
+    // Unpushed commits are counted against the upstream.
+    let status = ok(&d.api().get("/v1/status").await, 200);
+    assert_eq!(status["git"][0]["unpushed"], 0, "{status}");
+    write(&repo, "a.txt", "3\n");
+    git(&repo, &["commit", "-q", "-am", "two"]);
+    let status = ok(&d.api().get("/v1/status").await, 200);
+    assert_eq!(status["git"][0]["unpushed"], 1, "{status}");
+}
+
+/// Every file below `dir` with its size and mtime.
+fn files_under(dir: &Path) -> BTreeMap<PathBuf, (u64, std::time::SystemTime)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                out.insert(e.path(), (m.len(), m.modified().unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// Gives `main` an upstream (`origin/main`) at the current commit.
+fn upstream_for(repo: &Path) {
+    let origin = repo.parent().unwrap().join("origin.git");
+    git(
+        repo.parent().unwrap(),
+        &["init", "-q", "--bare", origin.to_str().unwrap()],
+    );
+    git(repo, &["remote", "add", "origin", origin.to_str().unwrap()]);
+    git(repo, &["push", "-q", "-u", "origin", "main"]);
+}
