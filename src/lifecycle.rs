@@ -336,8 +336,25 @@ pub async fn run(
     Ok(code)
 }
 
+/// Keeps the allocator from hoarding memory: large buffers (upload parts, hashing
+/// buffers) always come from mmap and go back to the OS when freed, and the number of
+/// malloc arenas stays small however many blocking threads hash and upload at once.
+/// glibc otherwise raises its mmap threshold after the first large free and keeps one
+/// arena per thread, which showed as ~20 MiB of extra resident memory.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it is called before any
+    // other thread of ours exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1024 * 1024);
+    }
+}
+
 /// `sandkeep serve`: a runtime, signal handling, and [`run`].
 pub fn serve(config: Config) -> anyhow::Result<u8> {
+    tune_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sandkeep")

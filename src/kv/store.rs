@@ -110,6 +110,10 @@ struct Inner {
     tx: Mutex<Option<SyncSender<Job>>>,
     /// The writer thread; joined by `close`.
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// The point-read queue. Owned here; `close` takes it, which ends the reader thread.
+    reads: Mutex<Option<std::sync::mpsc::Sender<ReadJob>>>,
+    /// The reader thread; joined by `close`.
+    reader: Mutex<Option<JoinHandle<()>>>,
     watchers: Arc<Watchers>,
     /// Cleared when the final export starts: later writes get `shutting_down`.
     accepting: AtomicBool,
@@ -194,12 +198,22 @@ impl KvStore {
             .name("kv-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| KvError::Internal(format!("cannot start the writer thread: {e}")))?;
+        let (reads, read_rx) = std::sync::mpsc::channel();
+        let reader = {
+            let (db, cipher) = (db.clone(), opts.cipher.clone());
+            std::thread::Builder::new()
+                .name("kv-reader".into())
+                .spawn(move || run_reader(&db, &cipher, read_rx))
+                .map_err(|e| KvError::Internal(format!("cannot start the reader thread: {e}")))?
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
                 cipher: opts.cipher,
                 tx: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(handle)),
+                reads: Mutex::new(Some(reads)),
+                reader: Mutex::new(Some(reader)),
                 watchers,
                 accepting: AtomicBool::new(true),
             }),
@@ -263,6 +277,32 @@ impl KvStore {
         {
             tracing::error!("the kv writer thread panicked");
         }
+        self.inner.stop_reader();
+    }
+
+    /// A point read (a key and/or the namespace meta) on the reader thread, which
+    /// serves every read queued meanwhile from one read transaction: redb's I/O never
+    /// runs on the executor, and a busy daemon pays one thread wake-up per batch of
+    /// reads instead of one per read.
+    async fn point(
+        &self,
+        ns: &str,
+        key: Option<&str>,
+        meta: bool,
+    ) -> Result<(Option<Record>, NsMeta), KvError> {
+        let (reply, rx) = oneshot::channel();
+        let job = ReadJob {
+            ns: ns.to_string(),
+            key: key.map(str::to_string),
+            meta,
+            reply,
+        };
+        {
+            let guard = self.inner.reads.lock().unwrap_or_else(|e| e.into_inner());
+            let tx = guard.as_ref().ok_or(KvError::ShuttingDown)?;
+            tx.send(job).map_err(|_| KvError::ShuttingDown)?;
+        }
+        rx.await.map_err(|_| KvError::ShuttingDown)?
     }
 
     /// Runs a read on the blocking pool so redb's I/O never stalls the executor.
@@ -278,8 +318,7 @@ impl KvStore {
 
     /// The visible record of `key`.
     pub async fn get(&self, ns: &str, key: &str) -> Result<Option<Record>, KvError> {
-        let (ns, key) = (ns.to_string(), key.to_string());
-        self.read(move |inner| inner.get(&ns, &key)).await
+        Ok(self.point(ns, Some(key), false).await?.0)
     }
 
     /// The visible record of `key` and the namespace's meta, read together.
@@ -288,20 +327,11 @@ impl KvStore {
         ns: &str,
         key: &str,
     ) -> Result<(Option<Record>, NsMeta), KvError> {
-        let (ns, key) = (ns.to_string(), key.to_string());
-        self.read(move |inner| {
-            let rtx = inner.db.begin_read()?;
-            let rec = get_in(&rtx, &inner.cipher, &ns, &key)?;
-            let meta = meta_in(&rtx, &ns)?;
-            Ok((rec, meta))
-        })
-        .await
+        self.point(ns, Some(key), true).await
     }
 
     pub async fn ns_meta(&self, ns: &str) -> Result<NsMeta, KvError> {
-        let ns = ns.to_string();
-        self.read(move |inner| meta_in(&inner.db.begin_read()?, &ns))
-            .await
+        Ok(self.point(ns, None, true).await?.1)
     }
 
     /// Up to `limit` visible keys of `ns` starting with `prefix`, after `after`; and
@@ -424,8 +454,59 @@ impl KvStore {
 }
 
 impl Inner {
-    fn get(&self, ns: &str, key: &str) -> Result<Option<Record>, KvError> {
-        get_in(&self.db.begin_read()?, &self.cipher, ns, key)
+    fn stop_reader(&self) {
+        drop(self.reads.lock().unwrap_or_else(|e| e.into_inner()).take());
+        if let Some(h) = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take()
+            && h.join().is_err()
+        {
+            tracing::error!("the kv reader thread panicked");
+        }
+    }
+}
+
+struct ReadJob {
+    ns: String,
+    key: Option<String>,
+    meta: bool,
+    reply: oneshot::Sender<Result<(Option<Record>, NsMeta), KvError>>,
+}
+
+/// Most reads served from one read transaction.
+const MAX_READ_GROUP: usize = 256;
+
+fn run_reader(db: &Database, cipher: &Cipher, rx: std::sync::mpsc::Receiver<ReadJob>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_READ_GROUP {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let rtx = match db.begin_read() {
+            Ok(t) => t,
+            Err(e) => {
+                for j in jobs {
+                    let _ = j.reply.send(Err(KvError::Storage(e.to_string())));
+                }
+                continue;
+            }
+        };
+        for j in jobs {
+            let result = (|| {
+                let rec = match &j.key {
+                    Some(k) => get_in(&rtx, cipher, &j.ns, k)?,
+                    None => None,
+                };
+                let meta = if j.meta {
+                    meta_in(&rtx, &j.ns)?
+                } else {
+                    NsMeta::default()
+                };
+                Ok((rec, meta))
+            })();
+            let _ = j.reply.send(result);
+        }
     }
 }
 
@@ -698,6 +779,7 @@ impl Drop for Inner {
         if let Some(h) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = h.join();
         }
+        self.stop_reader();
     }
 }
 

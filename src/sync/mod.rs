@@ -961,9 +961,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ws = dir.path().join("ws");
         std::fs::create_dir_all(&ws).unwrap();
-        let mut config = Config::default();
-        config.workspace = ws.clone();
-        config.state_dir = dir.path().join("state");
+        let mut config = Config {
+            workspace: ws.clone(),
+            state_dir: dir.path().join("state"),
+            ..Config::default()
+        };
         std::fs::create_dir_all(&config.state_dir).unwrap();
         config.sync.debounce_min = crate::config::HumanDuration::millis(100);
         config.sync.debounce_max = crate::config::HumanDuration::millis(500);
