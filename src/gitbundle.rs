@@ -18,6 +18,15 @@
 //! `.git/` changes (index, refs, objects). The pack is streamed into remote storage
 //! through the same bounded pipe as snapshots.
 //!
+//! Like `git bundle create`, the pack reuses what is already compressed: the
+//! repository's pack files are copied as they are (offset deltas stay valid inside a
+//! copied pack), followed by a pack of the loose objects and of our in-memory WIP
+//! objects, under one header and one SHA-1 trailer. A cloned repository of any size
+//! is thus streamed at disk speed instead of being recompressed. Repositories where
+//! that is not sound (alternates, shallow or partial clones, an object in two packs,
+//! unknown index versions) get a pack built object by object with libgit2's
+//! packbuilder instead.
+//!
 //! Bundles are written when refs or the work tree changed (a digest of refs, HEAD and
 //! both trees), at most every `git.interval`, and on `POST /v1/git/bundle`.
 //! [`restore_bundle`] turns a bundle back into a `.git` with the same refs and HEAD,
@@ -406,6 +415,305 @@ fn write_pack(
     result.ctx("writing the pack")
 }
 
+/// One of the repository's pack files, opened (a concurrent `git gc` deleting it does
+/// not disturb a copy in progress).
+struct PackFile {
+    path: PathBuf,
+    file: std::fs::File,
+    len: u64,
+    count: u32,
+    /// The object ids of its index, sorted.
+    oids: Vec<[u8; 20]>,
+}
+
+/// Reads the sorted object ids of a version 2 pack index; `None` for anything else.
+fn read_idx_v2(path: &Path) -> io::Result<Option<Vec<[u8; 20]>>> {
+    let data = std::fs::read(path)?;
+    if data.len() < 8 + 256 * 4
+        || data[..4] != [0xff, b't', b'O', b'c']
+        || data[4..8] != [0, 0, 0, 2]
+    {
+        return Ok(None);
+    }
+    let fan = 8 + 255 * 4;
+    let n = u32::from_be_bytes([data[fan], data[fan + 1], data[fan + 2], data[fan + 3]]) as usize;
+    let start = 8 + 256 * 4;
+    let Some(table) = data.get(start..start + n * 20) else {
+        return Ok(None);
+    };
+    let oids: Vec<[u8; 20]> = table
+        .chunks_exact(20)
+        .filter_map(|c| <[u8; 20]>::try_from(c).ok())
+        .collect();
+    Ok(Some(oids))
+}
+
+/// The repository's pack files when the pack of a bundle can be made of them, else
+/// `None` (the caller packs object by object).
+fn reusable_packs(repo: &Repository) -> Result<Option<Vec<PackFile>>, GitError> {
+    let objects = repo.commondir().join("objects");
+    if repo.is_shallow() || objects.join("info/alternates").exists() {
+        return Ok(None);
+    }
+    let pack_dir = objects.join("pack");
+    let mut packs = Vec::new();
+    let entries = match std::fs::read_dir(&pack_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Some(packs)),
+        Err(e) => return Err(e).ctx(format_args!("listing {}", pack_dir.display())),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let name = entry.ctx("listing packs")?.file_name();
+        let name = name.to_string_lossy().into_owned();
+        if name.ends_with(".promisor") {
+            return Ok(None); // a partial clone: objects are missing by design
+        }
+        if let Some(stem) = name.strip_suffix(".pack") {
+            names.push(stem.to_string());
+        }
+    }
+    names.sort();
+    for stem in names {
+        let idx = pack_dir.join(format!("{stem}.idx"));
+        let path = pack_dir.join(format!("{stem}.pack"));
+        // A pack without its index is still being written: not ours to read.
+        let Ok(Some(oids)) = read_idx_v2(&idx) else {
+            if idx.exists() {
+                return Ok(None);
+            }
+            continue;
+        };
+        let mut file =
+            std::fs::File::open(&path).ctx(format_args!("opening {}", path.display()))?;
+        let len = file.metadata().ctx("reading a pack")?.len();
+        let mut header = [0u8; 12];
+        io::Read::read_exact(&mut file, &mut header)
+            .ctx(format_args!("reading {}", path.display()))?;
+        let count = u32::from_be_bytes([header[8], header[9], header[10], header[11]]);
+        if &header[..4] != b"PACK"
+            || header[4..8] != [0, 0, 0, 2]
+            || count as usize != oids.len()
+            || len < 32
+        {
+            return Ok(None);
+        }
+        packs.push(PackFile {
+            path,
+            file,
+            len,
+            count,
+            oids,
+        });
+    }
+    // An object in two packs would appear twice in the bundle's pack.
+    let mut all: Vec<&[u8; 20]> = packs.iter().flat_map(|p| p.oids.iter()).collect();
+    all.sort_unstable();
+    if all.windows(2).any(|w| w[0] == w[1]) {
+        return Ok(None);
+    }
+    Ok(Some(packs))
+}
+
+/// Loose objects (`objects/xx/yyyy...`) that no pack holds.
+fn loose_objects(repo: &Repository, packs: &[PackFile]) -> Result<Vec<Oid>, GitError> {
+    let objects = repo.commondir().join("objects");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&objects).ctx("listing objects")? {
+        let entry = entry.ctx("listing objects")?;
+        let dir = entry.file_name().to_string_lossy().into_owned();
+        if dir.len() != 2 || !dir.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        let files = match std::fs::read_dir(entry.path()) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).ctx("listing objects"),
+        };
+        for f in files {
+            let name = f
+                .ctx("listing objects")?
+                .file_name()
+                .to_string_lossy()
+                .into_owned();
+            let Ok(oid) = Oid::from_str(&format!("{dir}{name}")) else {
+                continue;
+            };
+            if name.len() != 38 {
+                continue;
+            }
+            let raw: &[u8] = oid.as_bytes();
+            if packs
+                .iter()
+                .any(|p| p.oids.binary_search_by(|o| o[..].cmp(raw)).is_ok())
+            {
+                continue;
+            }
+            out.push(oid);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Hashes everything written through it (the pack trailer is the SHA-1 of the pack).
+struct Sha1Writer<'a> {
+    out: &'a mut dyn Write,
+    hash: sha1::Sha1,
+}
+
+impl Write for Sha1Writer<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        sha1::Digest::update(&mut self.hash, &buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Passes a pack stream's objects through, without its 12-byte header and 20-byte
+/// trailer.
+struct PackBody {
+    skip: usize,
+    tail: Vec<u8>,
+}
+
+impl PackBody {
+    fn new() -> Self {
+        Self {
+            skip: 12,
+            tail: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, mut chunk: &[u8], out: &mut dyn Write) -> io::Result<()> {
+        let skipped = self.skip.min(chunk.len());
+        chunk = &chunk[skipped..];
+        self.skip -= skipped;
+        self.tail.extend_from_slice(chunk);
+        if self.tail.len() > 20 {
+            let keep = self.tail.len() - 20;
+            out.write_all(&self.tail[..keep])?;
+            self.tail.drain(..keep);
+        }
+        Ok(())
+    }
+}
+
+/// The objects reachable from `roots` (our WIP commits) that are not on disk: the
+/// commits themselves and the trees and blobs we wrote into the mempack. A tree on
+/// disk has all its children on disk, so the walk stops there.
+fn in_memory_objects(
+    repo: &Repository,
+    roots: &[Oid],
+    on_disk: &dyn Fn(&Oid) -> bool,
+) -> Result<Vec<Oid>, GitError> {
+    let mut seen = std::collections::HashSet::new();
+    let mut trees = Vec::new();
+    for root in roots {
+        if on_disk(root) || !seen.insert(*root) {
+            continue;
+        }
+        let commit = repo.find_commit(*root).ctx("reading a WIP commit")?;
+        trees.push(commit.tree_id());
+    }
+    while let Some(id) = trees.pop() {
+        if on_disk(&id) || !seen.insert(id) {
+            continue;
+        }
+        let tree = repo.find_tree(id).ctx("reading a WIP tree")?;
+        for entry in tree.iter() {
+            match entry.kind() {
+                Some(ObjectType::Tree) => trees.push(entry.id()),
+                Some(ObjectType::Blob) if !on_disk(&entry.id()) => {
+                    seen.insert(entry.id());
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut out: Vec<Oid> = seen.into_iter().collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The pack of a bundle made of the repository's own packs plus the loose and the
+/// in-memory objects (see the module doc). Returns `false`, having written nothing,
+/// when the repository does not allow it.
+fn write_reused_pack(
+    repo: &Repository,
+    refs: &[(Oid, String)],
+    out: &mut dyn Write,
+) -> Result<bool, GitError> {
+    let Some(mut packs) = reusable_packs(repo)? else {
+        return Ok(false);
+    };
+    let loose = loose_objects(repo, &packs)?;
+    let loose_set: std::collections::HashSet<Oid> = loose.iter().copied().collect();
+    let on_disk = |oid: &Oid| {
+        let raw: &[u8] = oid.as_bytes();
+        loose_set.contains(oid)
+            || packs
+                .iter()
+                .any(|p| p.oids.binary_search_by(|o| o[..].cmp(raw)).is_ok())
+    };
+    let wip_roots: Vec<Oid> = refs
+        .iter()
+        .filter(|(_, name)| name.starts_with("refs/sandkeep/"))
+        .map(|(oid, _)| *oid)
+        .collect();
+    let wip = in_memory_objects(repo, &wip_roots, &on_disk)?;
+    let mut pb = repo.packbuilder().ctx("packbuilder")?;
+    pb.set_threads(0);
+    for oid in loose.iter().chain(wip.iter()) {
+        pb.insert_object(*oid, None).ctx("packing loose objects")?;
+    }
+    let extra_count = pb.object_count() as u64;
+    let total: u64 = packs.iter().map(|p| u64::from(p.count)).sum::<u64>() + extra_count;
+    let total = u32::try_from(total).map_err(|_| GitError::Bundle {
+        what: "writing the pack".into(),
+        message: "more than 2^32 objects".into(),
+    })?;
+    let mut w = Sha1Writer {
+        out,
+        hash: <sha1::Sha1 as sha1::Digest>::new(),
+    };
+    let mut header = *b"PACK\0\0\0\x02\0\0\0\0";
+    header[8..].copy_from_slice(&total.to_be_bytes());
+    w.write_all(&header).ctx("writing the pack")?;
+    let mut buf = vec![0u8; 256 * 1024];
+    for p in &mut packs {
+        let mut left = p.len - 32;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            io::Read::read_exact(&mut p.file, &mut buf[..want])
+                .ctx(format_args!("reading {}", p.path.display()))?;
+            w.write_all(&buf[..want]).ctx("writing the pack")?;
+            left -= want as u64;
+        }
+    }
+    if extra_count > 0 {
+        let mut body = PackBody::new();
+        let mut failed = None;
+        let result = pb.foreach(|chunk| match body.push(chunk, &mut w) {
+            Ok(()) => true,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e).ctx("writing the pack");
+        }
+        result.ctx("packing loose objects")?;
+    }
+    let digest = sha1::Digest::finalize(w.hash);
+    w.out.write_all(&digest).ctx("writing the pack")?;
+    Ok(true)
+}
+
 /// What a bundle holds.
 #[derive(Clone, Debug)]
 pub struct BundleSummary {
@@ -438,7 +746,10 @@ pub fn write_bundle<W: Write>(
     on_start();
     out.write_all(&bundle_header(&prep.refs))
         .ctx("writing the bundle header")?;
-    write_pack(&repo, &prep.refs, out)?;
+    if !write_reused_pack(&repo, &prep.refs, out)? {
+        tracing::debug!(repo = %dir.display(), "git bundle: packing object by object");
+        write_pack(&repo, &prep.refs, out)?;
+    }
     out.flush().ctx("writing the bundle")?;
     Ok(Some(BundleSummary {
         refs: prep.refs.len(),
@@ -472,7 +783,14 @@ pub fn restore_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<R
     {
         let odb = repo.odb().ctx("object database")?;
         let mut pw = odb.packwriter().ctx("packwriter")?;
-        io::copy(&mut reader, &mut pw).ctx("unpacking the bundle")?;
+        if let Err(e) = io::copy(&mut reader, &mut pw) {
+            // The packwriter's own error says only "Write error": libgit2 knows why.
+            let why = git2::Error::last_error(-1);
+            return Err(GitError::Bundle {
+                what: "unpacking the bundle".into(),
+                message: format!("{e}: {}", why.message()),
+            });
+        }
         pw.commit().ctx("indexing the pack")?;
     }
     let mut created = 0;

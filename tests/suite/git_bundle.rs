@@ -538,3 +538,80 @@ fn upstream_for(repo: &Path) {
     git(repo, &["remote", "add", "origin", origin.to_str().unwrap()]);
     git(repo, &["push", "-q", "-u", "origin", "main"]);
 }
+
+/// Bundles `repo` through the daemon and checks it with git and the library: verify,
+/// clone (same branches, tags, log), fsck of the restored copy, same status.
+async fn check_round_trip(d: &Daemon, repo: &Path) {
+    let status_before = git(repo, &["status", "--porcelain"]);
+    let body = post_bundle(d).await;
+    assert_eq!(body["errors"], serde_json::json!([]), "{body}");
+    let bundle = bundle_path(d, "workspace");
+    let scratch = tempfile::tempdir().unwrap();
+    git(scratch.path(), &["init", "-q", "v"]);
+    let verify = git_raw(
+        &scratch.path().join("v"),
+        &["bundle", "verify", bundle.to_str().unwrap()],
+    );
+    assert!(
+        verify.status.success(),
+        "git bundle verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let clone = scratch.path().join("clone");
+    git(
+        scratch.path(),
+        &[
+            "clone",
+            "-q",
+            bundle.to_str().unwrap(),
+            clone.to_str().unwrap(),
+        ],
+    );
+    git(&clone, &["fsck", "--no-progress", "--strict"]);
+    assert_eq!(
+        git(&clone, &["log", "--format=%H", "origin/feature"]),
+        git(repo, &["log", "--format=%H", "feature"])
+    );
+    let restored = scratch.path().join("restored");
+    gitbundle::restore_bundle(&bundle, &head_meta(d, "workspace"), &restored).unwrap();
+    git(&restored, &["fsck", "--no-progress"]);
+    assert_eq!(git(&restored, &["status", "--porcelain"]), status_before);
+    assert_eq!(
+        git(&restored, &["log", "--all", "--format=%H %s"]),
+        git(repo, &["log", "--all", "--format=%H %s"])
+    );
+    assert_eq!(work_tree(&restored), work_tree(repo));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packed_repositories_reuse_their_packs() {
+    let d = Daemon::start_with(NO_PERIODIC).await;
+    let repo = d.workspace.clone();
+    rich_repo(&repo);
+    // Everything packed, as in a fresh clone.
+    git(&repo, &["gc", "-q"]);
+    check_round_trip(&d, &repo).await;
+    // A second pack of newer objects, and loose objects on top.
+    git(&repo, &["commit", "-q", "-m", "staged work"]);
+    git(&repo, &["repack", "-q"]);
+    write(&repo, "later.txt", "later\n");
+    git(&repo, &["add", "later.txt"]);
+    git(&repo, &["commit", "-q", "-m", "later"]);
+    write(&repo, "b.txt", "unstaged again\n");
+    check_round_trip(&d, &repo).await;
+    // An object in two packs (a full repack that kept the old packs): the bundle is
+    // then packed object by object, still complete and without duplicates.
+    git(&repo, &["repack", "-a", "-q"]);
+    let packs = std::fs::read_dir(repo.join(".git/objects/pack"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".pack")
+        })
+        .count();
+    assert!(packs >= 2, "{packs} packs");
+    check_round_trip(&d, &repo).await;
+}
