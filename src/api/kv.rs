@@ -73,21 +73,8 @@ pub async fn get_key(State(state): State<AppState>, ctx: Ctx, KeyParam(key): Key
             (state.kv.get(&ns, &key).await?, None)
         };
         let rec = rec.ok_or_else(|| KvError::NotFound(key.clone()))?;
-        let value = match &path {
-            Some((p, text)) => p
-                .get(&rec.value)
-                .cloned()
-                .ok_or_else(|| KvError::PathNotFound(text.clone()))?,
-            None => rec.value.clone(),
-        };
-        let mut body = Map::new();
-        body.insert("key".into(), key.clone().into());
-        body.insert("value".into(), value);
-        if let Some(m) = ns_meta {
-            rec.meta_into(&mut body);
-            body.insert("namespace_version".into(), m.version.into());
-        }
-        Ok(json_ok(StatusCode::OK, Value::Object(body)))
+        let body = ops::get_body(&key, &rec, path.as_ref(), ns_meta.map(|m| m.version))?;
+        Ok(json_ok(StatusCode::OK, body))
     }
     .await;
     finish(&state, "get", started, result)
@@ -341,12 +328,8 @@ async fn watch(state: &AppState, ctx: &Ctx, key: String) -> Result<Response, Api
         let ns_version = state.kv.ns_meta(&ns).await?.version;
         match &current {
             Some(r) if r.version > after => {
-                let mut body = Map::new();
-                body.insert("key".into(), key.clone().into());
-                body.insert("value".into(), r.value.clone());
-                r.meta_into(&mut body);
-                body.insert("namespace_version".into(), ns_version.into());
-                return Ok(json_ok(StatusCode::OK, Value::Object(body)));
+                let body = ops::get_body(&key, r, None, Some(ns_version))?;
+                return Ok(json_ok(StatusCode::OK, body));
             }
             Some(_) => existed = true,
             None if existed => {

@@ -148,6 +148,31 @@ impl Op {
     }
 }
 
+/// The body of `GET /v1/kv/{key}` (and of a batch `get`): the value, or the part of it
+/// at `path`; with `namespace_version`, the meta fields too.
+pub fn get_body(
+    key: &str,
+    rec: &Record,
+    path: Option<&(JsonPath, String)>,
+    namespace_version: Option<u64>,
+) -> Result<Value, KvError> {
+    let value = match path {
+        Some((p, text)) => p
+            .get(&rec.value)
+            .cloned()
+            .ok_or_else(|| KvError::PathNotFound(text.clone()))?,
+        None => rec.value.clone(),
+    };
+    let mut body = Map::new();
+    body.insert("key".into(), key.into());
+    body.insert("value".into(), value);
+    if let Some(v) = namespace_version {
+        rec.meta_into(&mut body);
+        body.insert("namespace_version".into(), v.into());
+    }
+    Ok(Value::Object(body))
+}
+
 /// Checks `if_version` against a key's version (absent: 0).
 fn check_version(if_version: Option<u64>, actual: u64) -> Result<(), KvError> {
     match if_version {
@@ -573,31 +598,17 @@ impl<'b, B: Backing> NsTxn<'b, B> {
     pub fn apply(&mut self, op: &Op) -> Result<Value, KvError> {
         match op {
             Op::Get { key, path, meta } => {
+                // The namespace as this operation sees it (earlier writes of the same
+                // batch included).
+                let ns_version = if self.changed() {
+                    self.write_version()
+                } else {
+                    self.base_version
+                };
                 let rec = self
                     .get(key)?
                     .ok_or_else(|| KvError::NotFound(key.clone()))?;
-                let value = match path {
-                    Some((p, text)) => p
-                        .get(&rec.value)
-                        .cloned()
-                        .ok_or_else(|| KvError::PathNotFound(text.clone()))?,
-                    None => rec.value.clone(),
-                };
-                let mut body = Map::new();
-                body.insert("key".into(), key.clone().into());
-                body.insert("value".into(), value);
-                if *meta {
-                    rec.meta_into(&mut body);
-                    // The namespace as this operation sees it (earlier writes of the
-                    // same batch included).
-                    let ns_version = if self.changed() {
-                        self.write_version()
-                    } else {
-                        self.base_version
-                    };
-                    body.insert("namespace_version".into(), ns_version.into());
-                }
-                Ok(Value::Object(body))
+                get_body(key, rec, path.as_ref(), meta.then_some(ns_version))
             }
             Op::Set {
                 key,
