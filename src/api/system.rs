@@ -122,11 +122,21 @@ pub async fn sync(
             "`timeout_s` must be 1-{SYNC_MAX_TIMEOUT_S}"
         )));
     }
-    let waited = tokio::time::timeout(
-        std::time::Duration::from_secs(timeout),
-        state.sync.sync(req.confirm_deletes),
-    )
-    .await;
+    let work = async {
+        let mut stats = state.sync.sync(req.confirm_deletes).await?;
+        // Git bundles of the repositories that changed (a sync ignores git.interval).
+        match state.git.write_all(false).await {
+            Ok(round) => {
+                stats.bytes_uploaded += round.bundles.iter().map(|b| b.bytes).sum::<u64>();
+                for f in round.errors {
+                    tracing::warn!(repo = %f.repo, error = %f.error, "sync: git bundle failed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "sync: git bundles skipped"),
+        }
+        Ok(stats)
+    };
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(timeout), work).await;
     match waited {
         Ok(Ok(stats)) => Ok(json_ok(StatusCode::OK, json!(stats))),
         Ok(Err(crate::sync::SyncError::WorkspaceUnavailable(m))) => Err(ApiError::new(

@@ -615,3 +615,41 @@ async fn packed_repositories_reuse_their_packs() {
     assert!(packs >= 2, "{packs} packs");
     check_round_trip(&d, &repo).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_writes_bundles_of_changed_repositories() {
+    let d = Daemon::start_with(NO_PERIODIC).await;
+    let repo = d.workspace.clone();
+    git(&repo, &["init", "-q"]);
+    write(&repo, "a.txt", "1\n");
+    git(&repo, &["add", "a.txt"]);
+    git(&repo, &["commit", "-q", "-m", "one"]);
+    let sync = || async {
+        let r = d
+            .api()
+            .post("/v1/sync", &serde_json::json!({"timeout_s": 60}))
+            .await;
+        ok(&r, 200)
+    };
+    let bundle = bundle_path(&d, "workspace");
+    let stats = sync().await;
+    assert!(bundle.exists(), "the sync wrote the bundle: {stats}");
+    let bundle_bytes = std::fs::metadata(&bundle).unwrap().len();
+    assert!(
+        stats["bytes_uploaded"].as_u64().unwrap() >= bundle_bytes,
+        "{stats}"
+    );
+    let first = std::fs::metadata(&bundle).unwrap().modified().unwrap();
+    sync().await;
+    assert_eq!(
+        std::fs::metadata(&bundle).unwrap().modified().unwrap(),
+        first,
+        "unchanged repository, same bundle"
+    );
+    write(&repo, "a.txt", "2\n");
+    sync().await;
+    assert_ne!(
+        std::fs::metadata(&bundle).unwrap().modified().unwrap(),
+        first
+    );
+}
