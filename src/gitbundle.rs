@@ -273,6 +273,8 @@ fn wip_commits(repo: &Repository, parent: Option<Oid>) -> Result<(Oid, Oid, Oid,
         match std::fs::symlink_metadata(&abs) {
             // A nested repository is its own bundle, not a gitlink here.
             Ok(m) if m.is_dir() && abs.join(".git").exists() => 1,
+            // Sockets, FIFOs, devices: nothing to commit (and a FIFO would block).
+            Ok(m) if !(m.is_file() || m.is_dir() || m.file_type().is_symlink()) => 1,
             Ok(m) if m.is_file() && m.len() > MAX_WIP_FILE => {
                 tracing::warn!(path = %abs.display(), size = m.len(), "git bundle: file too large for the work-tree commit; left out");
                 1

@@ -305,7 +305,16 @@ impl<W: Write> Walker<'_, W> {
             self.stats.files += 1;
             return Ok(());
         };
-        let file = match std::fs::File::open(&abs) {
+        // Never block on a FIFO or follow a symlink that replaced the file since the
+        // directory was read: the opened file is checked again below.
+        let opened_file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+                .open(&abs)
+        };
+        let file = match opened_file {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => {

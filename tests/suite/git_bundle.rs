@@ -90,6 +90,9 @@ fn rich_repo(dir: &Path) {
     write(dir, "untracked/deep/n.txt", "deep untracked\n");
     write(dir, "debug.log", "ignored\n");
     write(dir, "build/out.o", "ignored too\n");
+    // A FIFO in the work tree is neither read nor committed.
+    let st = Command::new("mkfifo").arg(dir.join("pipe")).status().unwrap();
+    assert!(st.success());
 }
 
 /// Files of a work tree (not `.git`, not ignored by `git`), relative path → bytes + mode.

@@ -207,6 +207,9 @@ fn fill_workspace(ws: &Path) {
     std::fs::set_permissions(ws.join("shared"), std::fs::Permissions::from_mode(0o750)).unwrap();
     symlink("src/main.rs", ws.join("link-to-main")).unwrap();
     symlink("../nowhere", ws.join("src/dangling")).unwrap();
+    // A FIFO is skipped (never opened: that would block).
+    let st = Command::new("mkfifo").arg(ws.join("src/pipe")).status().unwrap();
+    assert!(st.success());
     let long = format!("{}/{}.txt", "d".repeat(120), "n".repeat(150));
     write(ws, &long, b"a long path");
     // Excluded: ignore files, sync.exclude, snapshot.exclude.
