@@ -857,6 +857,41 @@ pub fn restore_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<R
     })
 }
 
+/// Downloads `<prefix>workspace/git/<stem>.bundle` and its `.json` from `remote` and
+/// restores them into `target` with [`restore_bundle`] (the bundle goes through a
+/// temporary file in `tmp_dir`). `None` when the remote holds no such bundle.
+pub async fn fetch_and_restore(
+    remote: &dyn Remote,
+    conversation_prefix: &str,
+    stem: &str,
+    target: &Path,
+    tmp_dir: &Path,
+) -> Result<Option<Restored>, GitError> {
+    let base = format!("{conversation_prefix}{GIT_DIR}{stem}");
+    let Some(json) = remote.get_bytes(&format!("{base}.json")).await? else {
+        return Ok(None);
+    };
+    let meta: HeadMeta = serde_json::from_slice(&json).map_err(|e| GitError::Bundle {
+        what: format!("{base}.json"),
+        message: e.to_string(),
+    })?;
+    let tmp = tmp_dir.join(format!(".sandkeep-bundle-{}-{stem}", rand::random::<u64>()));
+    match remote.get_to_file(&format!("{base}.bundle"), &tmp).await {
+        Ok(_) => {}
+        Err(RemoteError::NotFound { .. }) => return Ok(None),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+    }
+    let (bundle, target_dir) = (tmp.clone(), target.to_path_buf());
+    let result = tokio::task::spawn_blocking(move || restore_bundle(&bundle, &meta, &target_dir))
+        .await
+        .map_err(|e| GitError::Task(e.to_string()));
+    let _ = std::fs::remove_file(&tmp);
+    Ok(Some(result??))
+}
+
 /// One repository in `GET /v1/status`.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct RepoStatus {

@@ -2,8 +2,9 @@
 //! verify`, `git clone`, the WIP refs (`git fetch ... 'refs/sandkeep/*:refs/sandkeep/*'`),
 //! the user's index and status untouched, and the way back with
 //! [`sandkeep::gitbundle::restore_bundle`] (same status, log and work tree). Also
-//! unborn and empty repositories, a detached HEAD, first-level subdirectory repos, the
-//! periodic writer and `GET /v1/status`.
+//! unborn and empty repositories, a detached HEAD, first-level subdirectory repos,
+//! packed repositories (pack reuse and its fallback), the periodic writer, `POST
+//! /v1/sync`, `GET /v1/status`, and a round trip through the S3 backend.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -91,7 +92,10 @@ fn rich_repo(dir: &Path) {
     write(dir, "debug.log", "ignored\n");
     write(dir, "build/out.o", "ignored too\n");
     // A FIFO in the work tree is neither read nor committed.
-    let st = Command::new("mkfifo").arg(dir.join("pipe")).status().unwrap();
+    let st = Command::new("mkfifo")
+        .arg(dir.join("pipe"))
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
@@ -584,6 +588,33 @@ async fn check_round_trip(d: &Daemon, repo: &Path) {
         git(repo, &["log", "--all", "--format=%H %s"])
     );
     assert_eq!(work_tree(&restored), work_tree(repo));
+    // The same, straight from the remote.
+    let remote = sandkeep::remote::dir::DirRemote::new(&d.remote).unwrap();
+    let fetched = scratch.path().join("fetched");
+    let r = gitbundle::fetch_and_restore(
+        &remote,
+        "conversations/u1/c1/",
+        "workspace",
+        &fetched,
+        scratch.path(),
+    )
+    .await
+    .unwrap()
+    .expect("a bundle");
+    assert!(r.had_wip);
+    assert_eq!(git(&fetched, &["status", "--porcelain"]), status_before);
+    assert!(
+        gitbundle::fetch_and_restore(
+            &remote,
+            "conversations/u1/c1/",
+            "nope",
+            &fetched,
+            scratch.path()
+        )
+        .await
+        .unwrap()
+        .is_none()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -655,4 +686,55 @@ async fn sync_writes_bundles_of_changed_repositories() {
         std::fs::metadata(&bundle).unwrap().modified().unwrap(),
         first
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_bundle_round_trip() {
+    use crate::s3_server::{self, S3Server};
+    let server = S3Server::start().await;
+    let mut d = Daemon::prepare(NO_PERIODIC);
+    let text = std::fs::read_to_string(&d.config_path).unwrap();
+    let start = text.find("[remote]").unwrap();
+    let end = text[start..].find("\n\n").map_or(text.len(), |e| start + e);
+    let text = format!("{}{}{}", &text[..start], server.remote_toml(), &text[end..]);
+    std::fs::write(&d.config_path, text).unwrap();
+    let repo = d.workspace.clone();
+    rich_repo(&repo);
+    git(&repo, &["gc", "-q"]);
+    write(&repo, "after-gc.txt", "loose\n");
+    git(&repo, &["add", "after-gc.txt"]);
+    let status_before = git(&repo, &["status", "--porcelain"]);
+    d.spawn_and_wait().await;
+    let body = post_bundle(&d).await;
+    assert_eq!(body["bundles"][0]["refs"], 7, "{body}");
+    let cfg = sandkeep::config::Remote {
+        kind: sandkeep::config::RemoteKind::S3,
+        bucket: s3_server::BUCKET.into(),
+        endpoint: server.endpoint(),
+        access_key_id: s3_server::ACCESS_KEY.into(),
+        secret_access_key: s3_server::SECRET_KEY.into(),
+        ..Default::default()
+    };
+    let remote = sandkeep::remote::s3::S3Remote::new(&cfg, 16 << 20)
+        .await
+        .unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let target = scratch.path().join("restored");
+    gitbundle::fetch_and_restore(
+        &remote,
+        "conversations/u1/c1/",
+        "workspace",
+        &target,
+        scratch.path(),
+    )
+    .await
+    .unwrap()
+    .expect("a bundle in S3");
+    git(&target, &["fsck", "--no-progress"]);
+    assert_eq!(git(&target, &["status", "--porcelain"]), status_before);
+    assert_eq!(
+        git(&target, &["log", "--all", "--format=%H %s"]),
+        git(&repo, &["log", "--all", "--format=%H %s"])
+    );
+    assert_eq!(work_tree(&target), work_tree(&repo));
 }

@@ -208,7 +208,10 @@ fn fill_workspace(ws: &Path) {
     symlink("src/main.rs", ws.join("link-to-main")).unwrap();
     symlink("../nowhere", ws.join("src/dangling")).unwrap();
     // A FIFO is skipped (never opened: that would block).
-    let st = Command::new("mkfifo").arg(ws.join("src/pipe")).status().unwrap();
+    let st = Command::new("mkfifo")
+        .arg(ws.join("src/pipe"))
+        .status()
+        .unwrap();
     assert!(st.success());
     let long = format!("{}/{}.txt", "d".repeat(120), "n".repeat(150));
     write(ws, &long, b"a long path");
