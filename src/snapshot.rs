@@ -152,6 +152,19 @@ pub fn select_expired(keys: &[String], keep: usize) -> Vec<String> {
         .collect()
 }
 
+/// Anchored exclude patterns (`/rel/`) for those of `dirs` that lie inside `root`.
+pub fn inner_excludes(root: &Path, dirs: &[PathBuf]) -> Vec<String> {
+    dirs.iter()
+        .filter_map(|d| {
+            let abs = std::fs::canonicalize(d)
+                .or_else(|_| std::path::absolute(d))
+                .ok()?;
+            let rel = abs.strip_prefix(root).ok()?.to_str()?;
+            (!rel.is_empty()).then(|| format!("/{rel}/"))
+        })
+        .collect()
+}
+
 /// A file's bytes cut or zero-padded to exactly the size in its tar header, so that a
 /// file changing while it is read never corrupts the archive.
 struct ExactReader<R> {
@@ -504,9 +517,16 @@ impl Snapshots {
         let root = std::fs::canonicalize(&config.workspace)
             .or_else(|_| std::path::absolute(&config.workspace))
             .unwrap_or_else(|_| config.workspace.clone());
-        // The mirror's rules plus the snapshot's own excludes.
+        // The mirror's rules plus the snapshot's own excludes, plus the daemon's own
+        // directories if they lie in the workspace (a `dir` remote there would otherwise
+        // put every snapshot into the next one).
         let mut excludes = config.sync.exclude.clone();
         excludes.extend(config.snapshot.exclude.iter().cloned());
+        let mut own = vec![config.state_dir.clone()];
+        if config.remote.kind == crate::config::RemoteKind::Dir {
+            own.push(config.remote.path.clone());
+        }
+        excludes.extend(inner_excludes(&root, &own));
         let fingerprint_path = config.state_dir.join(FINGERPRINT_FILE);
         let last = std::fs::read_to_string(&fingerprint_path)
             .ok()
@@ -799,6 +819,27 @@ mod tests {
         );
         assert!(select_expired(&keys, 5).is_empty());
         assert_eq!(select_expired(&keys, 1).len(), 4);
+    }
+
+    #[test]
+    fn own_directories_inside_the_workspace_are_excluded() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join(".sandkeep/remote")).unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let got = inner_excludes(
+            &root,
+            &[
+                root.join(".sandkeep/remote"),
+                root.join("state-not-yet-created"),
+                outside.path().to_path_buf(),
+                root.clone(),
+            ],
+        );
+        assert_eq!(got, vec!["/.sandkeep/remote/", "/state-not-yet-created/"]);
+        let rules = Rules::new(&root, &got).unwrap().keeping_git();
+        assert!(rules.is_ignored(Path::new(".sandkeep/remote/x.tar.gz"), false));
+        assert!(!rules.is_ignored(Path::new("a/.sandkeep/remote/x"), false));
     }
 
     #[test]
