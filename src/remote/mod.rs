@@ -10,6 +10,7 @@
 
 pub mod dir;
 pub mod flaky;
+pub mod insecure;
 pub mod s3;
 
 use std::path::{Path, PathBuf};

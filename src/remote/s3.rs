@@ -29,6 +29,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::{ListPage, ObjectInfo, Remote, RemoteError, content_md5};
 use crate::config;
 
+/// Longest wait for a TCP (and TLS) connection to the endpoint.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Parts uploaded at the same time for one file.
 const PARTS_IN_FLIGHT: usize = 4;
 /// Smallest part S3 accepts (except the last).
@@ -78,12 +80,6 @@ pub struct S3Remote {
 
 impl S3Remote {
     pub async fn new(cfg: &config::Remote, multipart_threshold: u64) -> anyhow::Result<Self> {
-        if cfg.allow_insecure {
-            anyhow::bail!(
-                "remote.allow_insecure is not supported by this build: add the server's CA \
-                 certificate to the system trust store (or SSL_CERT_FILE) instead"
-            );
-        }
         // Static credentials need nothing from the environment; otherwise the standard
         // AWS chain (env, profile, web identity, IMDS) provides them.
         let base = if cfg.access_key_id.is_empty() {
@@ -115,13 +111,20 @@ impl S3Remote {
             )
             .timeout_config(
                 TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(5))
+                    .connect_timeout(CONNECT_TIMEOUT)
                     .read_timeout(Duration::from_secs(60))
                     .operation_attempt_timeout(Duration::from_secs(300))
                     .build(),
             );
         if !cfg.endpoint.is_empty() {
             builder = builder.endpoint_url(&cfg.endpoint);
+        }
+        if cfg.allow_insecure {
+            tracing::warn!(
+                endpoint = %cfg.endpoint,
+                "remote.allow_insecure: TLS certificates of the S3 endpoint are NOT verified"
+            );
+            builder = builder.http_client(super::insecure::client(CONNECT_TIMEOUT)?);
         }
         Ok(Self {
             client: Client::from_conf(builder.build()),

@@ -307,3 +307,46 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_allow_insecure_accepts_a_self_signed_certificate_and_only_then() {
+    let server = S3Server::start_tls().await;
+    let mut cfg = sandkeep::config::Remote {
+        kind: sandkeep::config::RemoteKind::S3,
+        bucket: s3_server::BUCKET.into(),
+        endpoint: server.endpoint(),
+        access_key_id: s3_server::ACCESS_KEY.into(),
+        secret_access_key: s3_server::SECRET_KEY.into(),
+        ..Default::default()
+    };
+    assert!(cfg.endpoint.starts_with("https://"));
+    // Verification on (the default): the self-signed certificate is refused.
+    let strict = remote::s3::S3Remote::new(&cfg, 16 * 1024 * 1024)
+        .await
+        .unwrap();
+    let err = strict
+        .put_bytes("k", Bytes::from_static(b"x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RemoteError::Transport { .. }), "{err:?}");
+    assert!(server.object("k").is_none());
+    // allow_insecure: the same server works, uploads included.
+    cfg.allow_insecure = true;
+    let lax = remote::s3::S3Remote::new(&cfg, 16 * 1024 * 1024)
+        .await
+        .unwrap();
+    lax.put_bytes("k", Bytes::from_static(b"over tls"))
+        .await
+        .unwrap();
+    assert_eq!(server.object("k").unwrap(), b"over tls");
+    assert_eq!(
+        lax.get_bytes("k").await.unwrap().unwrap(),
+        Bytes::from_static(b"over tls")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("f");
+    let data = pattern(6 << 20, 5);
+    std::fs::write(&f, &data).unwrap();
+    lax.put_file("big", &f, md5_of(&data)).await.unwrap();
+    assert!(server.object("big").unwrap() == data);
+}

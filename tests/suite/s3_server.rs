@@ -17,6 +17,8 @@ pub const BUCKET: &str = "sandboxes";
 pub struct S3Server {
     pub addr: SocketAddr,
     root: PathBuf,
+    /// Serve HTTPS with this (self-signed) configuration.
+    tls: Option<Arc<rustls::ServerConfig>>,
     _dir: Option<tempfile::TempDir>,
     tasks: Arc<Mutex<Vec<AbortHandle>>>,
 }
@@ -31,6 +33,7 @@ impl S3Server {
         let mut server = Self {
             addr: listener.local_addr().expect("addr"),
             root,
+            tls: None,
             _dir: Some(dir),
             tasks: Arc::new(Mutex::new(Vec::new())),
         };
@@ -38,8 +41,30 @@ impl S3Server {
         server
     }
 
+    /// Starts a server that speaks HTTPS with a freshly made self-signed certificate.
+    pub async fn start_tls() -> Self {
+        let mut server = Self::start().await;
+        server.stop();
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+            .expect("self-signed certificate");
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            rustls::pki_types::PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()),
+        );
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .expect("server certificate");
+        server.tls = Some(Arc::new(config));
+        server.restart().await;
+        server
+    }
+
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The directory holding the bucket's objects (bucket = first-level directory).
@@ -61,6 +86,7 @@ impl S3Server {
         b.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
         let service = b.build();
         let tasks = self.tasks.clone();
+        let tls = self.tls.clone();
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((socket, _)) = listener.accept().await else {
@@ -68,10 +94,20 @@ impl S3Server {
                 };
                 let _ = socket.set_nodelay(true);
                 let service = service.clone();
+                let tls = tls.clone();
                 let conn = tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(socket), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        Some(config) => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                            if let Ok(stream) = acceptor.accept(socket).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(socket), service).await;
+                        }
+                    }
                 });
                 tasks.lock().unwrap().push(conn.abort_handle());
             }
