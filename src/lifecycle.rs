@@ -161,6 +161,24 @@ pub fn bind_socket(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Creates the workspace directory when it does not exist at start (its parent must),
+/// so a fresh sandbox or the development config starts mirroring at once. A workspace
+/// that vanishes later is never recreated: the daemon reports `degraded` instead.
+fn ensure_workspace(path: &Path) {
+    if let Err(e) = std::fs::symlink_metadata(path)
+        && e.kind() == std::io::ErrorKind::NotFound
+    {
+        match std::fs::create_dir(path) {
+            Ok(()) => {
+                tracing::info!(workspace = %path.display(), "created the workspace directory")
+            }
+            Err(e) => {
+                tracing::warn!(workspace = %path.display(), error = %e, "the workspace is missing and cannot be created")
+            }
+        }
+    }
+}
+
 /// Removes the socket file on drop, if it is still ours.
 struct SocketGuard(PathBuf);
 
@@ -212,6 +230,7 @@ pub async fn run(
         .await
         .context("opening the kv store")??;
 
+    ensure_workspace(&config.workspace);
     let metrics = Arc::new(Metrics::new());
     let remote = crate::remote::from_config(&config)
         .await
