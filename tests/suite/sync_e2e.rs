@@ -634,3 +634,85 @@ async fn special_and_oversized_files_are_skipped() {
     let s = env.status().await;
     assert_eq!(s["workspace"]["skipped_files"], 2, "{s}");
 }
+
+fn kill(pid: u32, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_with_everything_synced_exits_0() {
+    let mut env = Env::new(
+        Backend::S3,
+        "[sync]\ndebounce_min = \"10s\"\ndebounce_max = \"20s\"\n",
+        true,
+    )
+    .await;
+    // Written just before the signal, well inside the debounce: the final sync carries it.
+    env.write("last-second.txt", b"final");
+    let status = env.daemon.terminate();
+    assert_eq!(status.code(), Some(0), "{}", env.daemon.log());
+    assert_eq!(env.object("last-second.txt").await.unwrap(), b"final");
+    assert!(!env.daemon.socket.exists(), "socket removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn final_sync_cut_short_by_the_deadline_exits_75_and_names_what_is_left() {
+    let mut env = Env::new(
+        Backend::S3,
+        "[sync]\ndebounce_min = \"10s\"\ndebounce_max = \"20s\"\n\n[shutdown]\ndeadline = \"2s\"\n",
+        true,
+    )
+    .await;
+    env.server.as_ref().unwrap().stop();
+    for i in 0..5 {
+        env.write(&format!("unsent/{i}.txt"), b"x");
+    }
+    let started = Instant::now();
+    let status = env.daemon.terminate();
+    let took = started.elapsed();
+    let log = env.daemon.log();
+    assert_eq!(status.code(), Some(75), "{log}");
+    assert!(took < Duration::from_secs(12), "exit took {took:?}");
+    assert!(
+        log.contains("exiting before everything reached remote storage"),
+        "{log}"
+    );
+    assert!(log.contains("last_error"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_signal_aborts_the_final_sync() {
+    let mut env = Env::new(
+        Backend::S3,
+        "[sync]\ndebounce_min = \"10s\"\ndebounce_max = \"20s\"\n\n[shutdown]\ndeadline = \"60s\"\n",
+        true,
+    )
+    .await;
+    env.server.as_ref().unwrap().stop();
+    env.write("stuck.txt", b"x");
+    let pid = env.daemon.pid();
+    let started = Instant::now();
+    kill(pid, "TERM");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        env.daemon.is_running(),
+        "the final sync keeps retrying within the deadline"
+    );
+    kill(pid, "INT");
+    let status = env.daemon.wait_exit(Duration::from_secs(15));
+    let log = env.daemon.log();
+    assert_eq!(status.code(), Some(75), "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the 60 s deadline was not waited out"
+    );
+    assert!(
+        log.contains("final sync aborted by a second signal"),
+        "{log}"
+    );
+}
