@@ -163,113 +163,6 @@ impl S3Remote {
             md5,
         ))
     }
-
-    async fn put_multipart(
-        &self,
-        key: &str,
-        path: &Path,
-        size: u64,
-        md5: [u8; 16],
-    ) -> Result<u64, RemoteError> {
-        let created = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| sdk_error("create_multipart_upload", key, e))?;
-        let upload_id = created.upload_id().unwrap_or_default().to_string();
-        let result = self.send_parts(key, path, size, md5, &upload_id).await;
-        if result.is_err() {
-            let abort = self
-                .client
-                .abort_multipart_upload()
-                .bucket(&self.bucket)
-                .key(key)
-                .upload_id(&upload_id)
-                .send()
-                .await;
-            if let Err(e) = abort {
-                tracing::warn!(key, error = %DisplayErrorContext(&e), "cannot abort multipart upload");
-            }
-        }
-        result
-    }
-
-    async fn send_parts(
-        &self,
-        key: &str,
-        path: &Path,
-        size: u64,
-        md5: [u8; 16],
-        upload_id: &str,
-    ) -> Result<u64, RemoteError> {
-        let part_size = MIN_PART.max(size.div_ceil(MAX_PARTS));
-        let mut file = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| RemoteError::local("put", path, e))?;
-        let mut whole = Md5::new();
-        let mut sent = 0u64;
-        let mut number = 0i32;
-        // Parts are read in order (so the whole-file MD5 can be computed as we go) and
-        // uploaded with at most PARTS_IN_FLIGHT outstanding.
-        let mut in_flight = futures::stream::FuturesOrdered::new();
-        let mut parts = Vec::new();
-        let mut part_md5s = Vec::new();
-        loop {
-            let mut buf = BytesMut::with_capacity(part_size as usize);
-            while (buf.len() as u64) < part_size {
-                let n = file
-                    .read_buf(&mut buf)
-                    .await
-                    .map_err(|e| RemoteError::local("put", path, e))?;
-                if n == 0 {
-                    break;
-                }
-            }
-            if buf.is_empty() {
-                break;
-            }
-            whole.update(&buf);
-            sent += buf.len() as u64;
-            number += 1;
-            in_flight.push_back(self.upload_part(key, upload_id, number, buf.freeze()));
-            if in_flight.len() >= PARTS_IN_FLIGHT
-                && let Some(done) = in_flight.next().await
-            {
-                let (part, m) = done?;
-                parts.push(part);
-                part_md5s.extend_from_slice(&m);
-            }
-        }
-        while let Some(done) = in_flight.next().await {
-            let (part, m) = done?;
-            parts.push(part);
-            part_md5s.extend_from_slice(&m);
-        }
-        if <[u8; 16]>::from(whole.finalize()) != md5 {
-            return Err(RemoteError::Changed { key: key.into() });
-        }
-        let out = self
-            .client
-            .complete_multipart_upload()
-            .bucket(&self.bucket)
-            .key(key)
-            .upload_id(upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| sdk_error("complete_multipart_upload", key, e))?;
-        // The multipart ETag is the MD5 of the parts' MD5s, a dash and the part count.
-        let expected = format!("{}-{number}", hex::encode(Md5::digest(&part_md5s)));
-        verify_etag(key, out.e_tag(), &expected)?;
-        Ok(sent)
-    }
 }
 
 impl S3Remote {
@@ -288,6 +181,19 @@ impl S3Remote {
             self.put_bytes(key, first.freeze()).await?;
             return Ok(len);
         }
+        self.multipart(key, first.freeze(), reader, None).await
+    }
+
+    /// A multipart upload whose first part is already read; the rest comes from
+    /// `reader`. With `expect`, the whole content must have that MD5 (else `Changed`).
+    /// Aborted on any failure, so no unfinished upload is left behind.
+    async fn multipart(
+        &self,
+        key: &str,
+        first: Bytes,
+        reader: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+        expect: Option<[u8; 16]>,
+    ) -> Result<u64, RemoteError> {
         let created = self
             .client
             .create_multipart_upload()
@@ -298,7 +204,7 @@ impl S3Remote {
             .map_err(|e| sdk_error("create_multipart_upload", key, e))?;
         let upload_id = created.upload_id().unwrap_or_default().to_string();
         let result = self
-            .send_stream_parts(key, &upload_id, first.freeze(), reader)
+            .send_stream_parts(key, &upload_id, first, reader, expect)
             .await;
         if result.is_err() {
             let abort = self
@@ -322,7 +228,11 @@ impl S3Remote {
         upload_id: &str,
         first: Bytes,
         reader: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+        expect: Option<[u8; 16]>,
     ) -> Result<u64, RemoteError> {
+        // Parts are read in order, so the whole content's MD5 is computed as we go.
+        let mut whole = Md5::new();
+        whole.update(&first);
         let mut sent = first.len() as u64;
         let mut number = 1i32;
         let mut in_flight = futures::stream::FuturesOrdered::new();
@@ -343,6 +253,7 @@ impl S3Remote {
             if buf.is_empty() {
                 break;
             }
+            whole.update(&buf);
             sent += buf.len() as u64;
             number += 1;
             in_flight.push_back(self.upload_part(key, upload_id, number, buf.freeze()));
@@ -358,6 +269,9 @@ impl S3Remote {
             let (part, m) = done?;
             parts.push(part);
             part_md5s.extend_from_slice(&m);
+        }
+        if expect.is_some_and(|md5| <[u8; 16]>::from(whole.finalize()) != md5) {
+            return Err(RemoteError::Changed { key: key.into() });
         }
         let out = self
             .client
@@ -445,7 +359,22 @@ impl Remote for S3Remote {
             .map_err(|e| RemoteError::local("put", path, e))?
             .len();
         if size > self.multipart_threshold {
-            return self.put_multipart(key, path, size, md5).await;
+            let mut file = tokio::fs::File::open(path)
+                .await
+                .map_err(|e| RemoteError::local("put", path, e))?;
+            let first_size = stream_part_size(1);
+            let mut first = BytesMut::with_capacity(first_size as usize);
+            let local = |e: RemoteError| match e {
+                RemoteError::Source { source, .. } => RemoteError::local("put", path, source),
+                other => other,
+            };
+            fill_part(&mut file, key, &mut first, first_size)
+                .await
+                .map_err(local)?;
+            return self
+                .multipart(key, first.freeze(), &mut file, Some(md5))
+                .await
+                .map_err(local);
         }
         let body = ByteStream::read_from()
             .path(path)
