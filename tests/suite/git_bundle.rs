@@ -690,7 +690,7 @@ async fn sync_writes_bundles_of_changed_repositories() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_bundle_round_trip() {
-    use crate::s3_server::{self, S3Server};
+    use crate::s3_server::S3Server;
     let server = S3Server::start().await;
     let mut d = Daemon::prepare(NO_PERIODIC);
     let text = std::fs::read_to_string(&d.config_path).unwrap();
@@ -707,17 +707,7 @@ async fn s3_bundle_round_trip() {
     d.spawn_and_wait().await;
     let body = post_bundle(&d).await;
     assert_eq!(body["bundles"][0]["refs"], 7, "{body}");
-    let cfg = sandkeep::config::Remote {
-        kind: sandkeep::config::RemoteKind::S3,
-        bucket: s3_server::BUCKET.into(),
-        endpoint: server.endpoint(),
-        access_key_id: s3_server::ACCESS_KEY.into(),
-        secret_access_key: s3_server::SECRET_KEY.into(),
-        ..Default::default()
-    };
-    let remote = sandkeep::remote::s3::S3Remote::new(&cfg, 16 << 20)
-        .await
-        .unwrap();
+    let remote = server.client().await;
     let scratch = tempfile::tempdir().unwrap();
     let target = scratch.path().join("restored");
     gitbundle::fetch_and_restore(

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use md5::{Digest, Md5};
 use sandkeep::remote::{self, Remote, RemoteError};
 
-use crate::s3_server::{self, S3Server};
+use crate::s3_server::S3Server;
 
 fn md5_of(data: &[u8]) -> [u8; 16] {
     Md5::digest(data).into()
@@ -223,32 +223,15 @@ async fn dir_backend_contract() {
 async fn s3_backend_contract() {
     let server = S3Server::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = sandkeep::config::Remote {
-        kind: sandkeep::config::RemoteKind::S3,
-        bucket: s3_server::BUCKET.into(),
-        endpoint: server.endpoint(),
-        access_key_id: s3_server::ACCESS_KEY.into(),
-        secret_access_key: s3_server::SECRET_KEY.into(),
-        ..Default::default()
-    };
-    let remote = Arc::new(
-        remote::s3::S3Remote::new(&cfg, 16 * 1024 * 1024)
-            .await
-            .unwrap(),
-    );
-    contract(remote, dir.path()).await;
+    contract(Arc::new(server.client().await), dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn s3_wrong_secret_is_refused() {
     let server = S3Server::start().await;
     let cfg = sandkeep::config::Remote {
-        kind: sandkeep::config::RemoteKind::S3,
-        bucket: s3_server::BUCKET.into(),
-        endpoint: server.endpoint(),
-        access_key_id: s3_server::ACCESS_KEY.into(),
         secret_access_key: "wrong-secret-key".into(),
-        ..Default::default()
+        ..server.remote_config()
     };
     let remote = remote::s3::S3Remote::new(&cfg, 16 * 1024 * 1024)
         .await
@@ -263,17 +246,7 @@ async fn s3_wrong_secret_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn s3_outage_is_a_transport_error_and_recovers() {
     let mut server = S3Server::start().await;
-    let cfg = sandkeep::config::Remote {
-        kind: sandkeep::config::RemoteKind::S3,
-        bucket: s3_server::BUCKET.into(),
-        endpoint: server.endpoint(),
-        access_key_id: s3_server::ACCESS_KEY.into(),
-        secret_access_key: s3_server::SECRET_KEY.into(),
-        ..Default::default()
-    };
-    let remote = remote::s3::S3Remote::new(&cfg, 16 * 1024 * 1024)
-        .await
-        .unwrap();
+    let remote = server.client().await;
     remote
         .put_bytes("k", Bytes::from_static(b"1"))
         .await
@@ -311,14 +284,7 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn s3_allow_insecure_accepts_a_self_signed_certificate_and_only_then() {
     let server = S3Server::start_tls().await;
-    let mut cfg = sandkeep::config::Remote {
-        kind: sandkeep::config::RemoteKind::S3,
-        bucket: s3_server::BUCKET.into(),
-        endpoint: server.endpoint(),
-        access_key_id: s3_server::ACCESS_KEY.into(),
-        secret_access_key: s3_server::SECRET_KEY.into(),
-        ..Default::default()
-    };
+    let mut cfg = server.remote_config();
     assert!(cfg.endpoint.starts_with("https://"));
     // Verification on (the default): the self-signed certificate is refused.
     let strict = remote::s3::S3Remote::new(&cfg, 16 * 1024 * 1024)

@@ -72,6 +72,35 @@ impl S3Server {
         self.root.join(BUCKET)
     }
 
+    /// A remote configuration for this server (sandkeep's own client, in the tests).
+    pub fn remote_config(&self) -> sandkeep::config::Remote {
+        sandkeep::config::Remote {
+            kind: sandkeep::config::RemoteKind::S3,
+            bucket: BUCKET.into(),
+            endpoint: self.endpoint(),
+            access_key_id: ACCESS_KEY.into(),
+            secret_access_key: SECRET_KEY.into(),
+            ..Default::default()
+        }
+    }
+
+    /// sandkeep's S3 backend pointed at this server (multipart above 16 MiB).
+    pub async fn client(&self) -> sandkeep::remote::s3::S3Remote {
+        sandkeep::remote::s3::S3Remote::new(&self.remote_config(), 16 << 20)
+            .await
+            .expect("S3 client")
+    }
+
+    /// Points a prepared daemon's configuration at this server (replaces the
+    /// fixture's `[remote]` section).
+    pub fn configure(&self, daemon: &crate::util::Daemon) {
+        let text = std::fs::read_to_string(&daemon.config_path).expect("config");
+        let start = text.find("[remote]").expect("a [remote] section");
+        let end = text[start..].find("\n\n").map_or(text.len(), |e| start + e);
+        let text = format!("{}{}{}", &text[..start], self.remote_toml(), &text[end..]);
+        std::fs::write(&daemon.config_path, text).expect("config");
+    }
+
     /// The TOML `[remote]` section pointing at this server.
     pub fn remote_toml(&self) -> String {
         format!(

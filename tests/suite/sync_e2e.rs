@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use sandkeep::remote::{self, Remote};
 use serde_json::{Value, json};
 
-use crate::s3_server::{self, S3Server};
+use crate::s3_server::S3Server;
 use crate::util::{Daemon, ok};
 
 const PREFIX: &str = "conversations/u1/c1/";
@@ -43,21 +43,8 @@ impl Env {
             ),
             Backend::S3 => {
                 let server = S3Server::start().await;
-                // Swap the fixture's `[remote]` section for the S3 server.
-                let text = std::fs::read_to_string(&daemon.config_path).unwrap();
-                let start = text.find("[remote]").unwrap();
-                let end = text[start..].find("\n\n").map_or(text.len(), |e| start + e);
-                let text = format!("{}{}{}", &text[..start], server.remote_toml(), &text[end..]);
-                std::fs::write(&daemon.config_path, text).unwrap();
-                let cfg = sandkeep::config::Remote {
-                    kind: sandkeep::config::RemoteKind::S3,
-                    bucket: s3_server::BUCKET.into(),
-                    endpoint: server.endpoint(),
-                    access_key_id: s3_server::ACCESS_KEY.into(),
-                    secret_access_key: s3_server::SECRET_KEY.into(),
-                    ..Default::default()
-                };
-                let r = remote::s3::S3Remote::new(&cfg, 16 << 20).await.unwrap();
+                server.configure(&daemon);
+                let r = server.client().await;
                 (Arc::new(r), Some(server))
             }
         };

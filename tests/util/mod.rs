@@ -20,8 +20,10 @@ pub use sandkeep::client::encode_segment as enc;
 
 /// The `sandkeep` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_sandkeep");
-/// How long a daemon may take to answer `/readyz` with 200.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a daemon may take to answer `/readyz` with 200. Readiness waits for the
+/// startup reconcile round (up to 30 s in the daemon), which on a loaded machine can take
+/// a while for the larger workspaces of the sync tests.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(45);
 /// How long a daemon may take to exit after SIGTERM or `POST /v1/shutdown`.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 /// The shared secret of the token-mode tests.
