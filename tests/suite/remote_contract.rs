@@ -8,22 +8,10 @@ use md5::{Digest, Md5};
 use sandkeep::remote::{self, Remote, RemoteError};
 
 use crate::s3_server::S3Server;
+use crate::util::pattern;
 
 fn md5_of(data: &[u8]) -> [u8; 16] {
     Md5::digest(data).into()
-}
-
-/// Deterministic, incompressible-ish bytes.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    let mut x = seed as u32 | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
 }
 
 /// A stream that fails on its first read.

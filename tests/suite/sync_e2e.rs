@@ -14,7 +14,7 @@ use sandkeep::remote::{self, Remote};
 use serde_json::{Value, json};
 
 use crate::s3_server::S3Server;
-use crate::util::{Daemon, ok};
+use crate::util::{Daemon, ok, pattern};
 
 const PREFIX: &str = "conversations/u1/c1/";
 
@@ -164,18 +164,6 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn pattern(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
 }
 
 const FAST: &str = "[sync]\ndebounce_min = \"300ms\"\ndebounce_max = \"3s\"\n";

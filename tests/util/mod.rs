@@ -839,3 +839,16 @@ impl Daemon {
         Api::from(self.client_with_token(token))
     }
 }
+
+/// Deterministic, incompressible bytes (xorshift), the same for the same `seed`.
+pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
