@@ -49,6 +49,9 @@ pub enum Command {
     Serve,
     /// Key-value commands.
     Kv(KvArgs),
+    /// File store commands (event logs, conversation state).
+    #[command(subcommand)]
+    Files(FilesCommand),
     /// Token commands.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -91,6 +94,35 @@ pub enum TokenCommand {
         #[arg(long)]
         sub: Option<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FilesCommand {
+    /// Write a stored file's bytes to stdout (or to --out).
+    Get {
+        path: String,
+        /// Write to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Store a file: the content of FILE, or stdin when FILE is `-` or missing.
+    Put {
+        path: String,
+        file: Option<PathBuf>,
+        /// Fail (exit 4) if the file exists.
+        #[arg(long)]
+        if_absent: bool,
+        /// Answer only once the file is in remote storage.
+        #[arg(long)]
+        sync: bool,
+    },
+    /// List stored paths (`{"paths": [...]}`), optionally below a prefix.
+    Ls {
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+    /// Delete a stored file (`{"deleted": bool}`).
+    Rm { path: String },
 }
 
 #[derive(Args, Debug)]
@@ -416,9 +448,71 @@ async fn remote(client: &Client, command: Command) -> anyhow::Result<u8> {
         }
         Command::Shutdown => client.request(Method::POST, "/v1/shutdown", None).await?,
         Command::Kv(args) => return kv(client, args).await,
+        Command::Files(cmd) => return files(client, cmd).await,
         Command::Serve | Command::Token(_) => unreachable!("handled locally"),
     };
     Ok(print_reply(&reply))
+}
+
+/// `/v1/files/<path>` with every segment percent-encoded.
+fn file_route(path: &str, query: &Q) -> String {
+    let encoded: Vec<String> = path.split('/').map(encode_segment).collect();
+    query.path(&format!("/v1/files/{}", encoded.join("/")))
+}
+
+async fn files(client: &Client, cmd: FilesCommand) -> anyhow::Result<u8> {
+    let reply = match cmd {
+        FilesCommand::Get { path, out } => {
+            let reply = client.get(&file_route(&path, &Q(vec![]))).await?;
+            if !reply.is_success() {
+                return Ok(print_reply(&reply));
+            }
+            match out {
+                Some(f) => std::fs::write(&f, &reply.body)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", f.display()))?,
+                None => {
+                    use std::io::Write;
+                    let mut stdout = std::io::stdout().lock();
+                    stdout.write_all(&reply.body)?;
+                    stdout.flush()?;
+                }
+            }
+            return Ok(EXIT_OK);
+        }
+        FilesCommand::Put {
+            path,
+            file,
+            if_absent,
+            sync,
+        } => {
+            let data = match file.as_deref() {
+                None => read_stdin()?,
+                Some(f) if f == Path::new("-") => read_stdin()?,
+                Some(f) => std::fs::read(f)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?,
+            };
+            let mut q = Q(vec![]);
+            q.flag("if_absent", if_absent).flag("sync", sync);
+            client
+                .request(Method::PUT, &file_route(&path, &q), Some(data))
+                .await?
+        }
+        FilesCommand::Ls { prefix } => {
+            let mut q = Q(vec![]);
+            if !prefix.is_empty() {
+                q.push("prefix", prefix);
+            }
+            client.get(&q.path("/v1/files")).await?
+        }
+        FilesCommand::Rm { path } => client.delete(&file_route(&path, &Q(vec![]))).await?,
+    };
+    Ok(print_reply(&reply))
+}
+
+fn read_stdin() -> anyhow::Result<Vec<u8>> {
+    let mut data = Vec::new();
+    std::io::stdin().read_to_end(&mut data)?;
+    Ok(data)
 }
 
 async fn kv(client: &Client, args: KvArgs) -> anyhow::Result<u8> {

@@ -23,11 +23,13 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, AppState};
 use crate::auth::Authenticator;
 use crate::config::{AuthMode, Config};
+use crate::files::FileStore;
 use crate::kv::crypto::{self, KeySource};
 use crate::kv::ops::Limits;
 use crate::kv::store::db_path;
 use crate::kv::{KvStore, StoreOptions};
 use crate::metrics::Metrics;
+use crate::replicate::Replicator;
 use crate::sync::SyncEngine;
 
 /// How long in-flight requests may take to finish once the server stops.
@@ -217,8 +219,10 @@ pub async fn run(
         ),
         other => tracing::info!(source = ?other, "kv key loaded"),
     }
+    let db_file = db_path(&config.state_dir);
+    let fresh_state = !db_file.exists();
     let opts = StoreOptions {
-        path: db_path(&config.state_dir),
+        path: db_file,
         cipher,
         limits: Limits {
             max_value_bytes: config.kv.max_value_bytes,
@@ -229,6 +233,11 @@ pub async fn run(
     let kv = tokio::task::spawn_blocking(move || KvStore::open(opts))
         .await
         .context("opening the kv store")??;
+    let files = FileStore::new(kv.clone());
+    if fresh_state {
+        // Until the restore below finished, a restart must try it again.
+        files.set_restore_pending(true).await?;
+    }
 
     ensure_workspace(&config.workspace);
     let metrics = Arc::new(Metrics::new());
@@ -248,6 +257,14 @@ pub async fn run(
         remote.clone(),
         metrics.clone(),
     ));
+    let (replicator, replica) = Replicator::new(
+        kv.clone(),
+        files.clone(),
+        remote.clone(),
+        config.conversation_prefix(),
+        config.kv.replicate_delay.0,
+        metrics.clone(),
+    );
 
     let listener = bind_socket(&config.socket, config.socket_mode_bits()?)?;
     let _socket = SocketGuard(config.socket.clone());
@@ -262,34 +279,62 @@ pub async fn run(
         started: Instant::now(),
         snapshots: snapshots.clone(),
         git: git.clone(),
+        files: files.clone(),
+        replica: replica.clone(),
     };
-    let tasks = tokio_util::task::TaskTracker::new();
-    let background_stop = CancellationToken::new();
-    tasks.spawn(kv.clone().run_purger(background_stop.clone()));
-    tasks.spawn(engine.run(background_stop.clone()));
-    tasks.spawn(snapshots.run(background_stop.clone()));
-    tasks.spawn(git.run(background_stop.clone()));
-
     let server_stop = CancellationToken::new();
     let server = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(server_stop.clone().cancelled_owned());
     let mut server = tokio::spawn(async move { server.await });
 
-    // Startup reconcile: what is on disk but not in the remote goes up first.
-    if tokio::time::timeout(RECONCILE_WAIT, first_round)
-        .await
-        .is_err()
-    {
-        tracing::warn!("the startup reconcile is still running; reporting ready");
+    // Restore (the API answers `not_ready` meanwhile).
+    if files.restore_pending().await? {
+        let restored = tokio::select! {
+            r = restore_stores_retrying(&kv, &files, remote.as_ref(), &config) => r,
+            _ = lifecycle.shutdown.cancelled() => None,
+        };
+        match restored {
+            Some(r) => {
+                tracing::info!(
+                    namespaces = r.namespaces,
+                    keys = r.keys,
+                    files = r.files,
+                    bad = r.bad.len(),
+                    "kv and file store restored from remote storage"
+                );
+                files.set_restore_pending(false).await?;
+            }
+            None => tracing::warn!("shut down before the kv and file store were restored"),
+        }
     }
-    lifecycle.set_phase(Phase::Ready);
-    tracing::info!(
-        socket = %config.socket.display(),
-        state_dir = %config.state_dir.display(),
-        user = %config.identity.user,
-        conversation = %config.identity.conversation,
-        "sandkeep ready"
-    );
+
+    let tasks = tokio_util::task::TaskTracker::new();
+    let background_stop = CancellationToken::new();
+    tasks.spawn(kv.clone().run_purger(background_stop.clone()));
+    tasks.spawn(engine.run(background_stop.clone()));
+    tasks.spawn(snapshots.run(background_stop.clone()));
+    tasks.spawn(git.clone().run(background_stop.clone()));
+    tasks.spawn(replicator.run(background_stop.clone()));
+
+    // Startup reconcile: what is on disk but not in the remote goes up first.
+    if !lifecycle.shutdown.is_cancelled() {
+        tokio::select! {
+            r = tokio::time::timeout(RECONCILE_WAIT, first_round) => if r.is_err() {
+                tracing::warn!("the startup reconcile is still running; reporting ready");
+            },
+            _ = lifecycle.shutdown.cancelled() => {}
+        }
+    }
+    if !lifecycle.shutdown.is_cancelled() {
+        lifecycle.set_phase(Phase::Ready);
+        tracing::info!(
+            socket = %config.socket.display(),
+            state_dir = %config.state_dir.display(),
+            user = %config.identity.user,
+            conversation = %config.identity.conversation,
+            "sandkeep ready"
+        );
+    }
 
     tokio::select! {
         _ = shutdown => lifecycle.request_shutdown(),
@@ -303,39 +348,19 @@ pub async fn run(
     lifecycle.set_phase(Phase::ShuttingDown);
     tracing::info!("shutting down");
 
-    // The final sync, bounded by the deadline; a second signal aborts it. The API
-    // keeps answering meanwhile.
-    let deadline = config.shutdown.deadline.0;
-    let final_sync = tokio::select! {
-        r = tokio::time::timeout(deadline, sync.sync(false)) => match r {
-            Ok(Ok(stats)) => {
-                tracing::info!(uploaded = stats.files_uploaded, deleted = stats.files_deleted, "final sync done");
-                true
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "final sync failed");
-                false
-            }
-            Err(_) => false,
-        },
-        _ = lifecycle.abort.cancelled() => {
-            tracing::warn!("final sync aborted by a second signal");
-            false
-        }
-    };
-    let code = if final_sync {
-        0
-    } else {
-        let left = sync.status();
-        tracing::error!(
-            pending_files = left.pending_files,
-            full_rescan_pending = left.full_rescan_pending,
-            last_error = ?left.last_error,
-            "exiting before everything reached remote storage"
-        );
-        EXIT_INCOMPLETE
-    };
+    // New writes get `shutting_down` from here on; the ones already queued commit.
     kv.stop_writes();
+    if let Err(e) = kv.drain().await {
+        tracing::error!(error = %e, "the kv writer did not drain");
+    }
+    let code = final_sync(
+        &sync,
+        &git,
+        &replica,
+        config.shutdown.deadline.0,
+        &lifecycle.abort,
+    )
+    .await;
 
     server_stop.cancel();
     match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
@@ -353,6 +378,148 @@ pub async fn run(
         .context("closing the kv store")?;
     tracing::info!(code, "stopped");
     Ok(code)
+}
+
+/// Imports the KV namespaces and the file store of a new state directory, retrying
+/// while remote storage cannot be listed (starting empty would let the first export
+/// overwrite what the remote holds).
+async fn restore_stores_retrying(
+    kv: &KvStore,
+    files: &FileStore,
+    remote: &dyn crate::remote::Remote,
+    config: &Config,
+) -> Option<crate::replicate::StoresRestored> {
+    let mut backoff = crate::remote::Backoff::default();
+    loop {
+        match crate::replicate::restore_stores(
+            kv,
+            files,
+            remote,
+            &config.conversation_prefix(),
+            config.files.max_file_bytes,
+        )
+        .await
+        {
+            Ok(r) => return Some(r),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot restore the kv and file store yet; retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// The final sync: the last workspace round with its manifest, the git bundles and
+/// the KV and file store exports, side by side, each retrying remote failures, all
+/// within `deadline`; a second signal (`abort`) ends it at once. Returns the exit code:
+/// 0 when everything is in remote storage, [`EXIT_INCOMPLETE`] otherwise (after a log
+/// line naming what was left).
+async fn final_sync(
+    sync: &crate::sync::SyncHandle,
+    git: &crate::gitbundle::GitBundler,
+    replica: &crate::replicate::ReplicaHandle,
+    deadline: Duration,
+    abort: &CancellationToken,
+) -> u8 {
+    let started = Instant::now();
+    let (mut ws_done, mut git_done, mut stores_done) = (false, false, false);
+    let workspace = async {
+        match sync.sync(false).await {
+            Ok(stats) => {
+                tracing::info!(
+                    uploaded = stats.files_uploaded,
+                    deleted = stats.files_deleted,
+                    "final sync: workspace in remote storage"
+                );
+                ws_done = true;
+            }
+            Err(e) => tracing::error!(error = %e, "final sync: workspace round failed"),
+        }
+    };
+    let bundles = async {
+        let mut backoff = crate::remote::Backoff::default();
+        loop {
+            match git.write_all(false).await {
+                Ok(round) if round.errors.is_empty() => {
+                    tracing::info!(
+                        written = round.bundles.len(),
+                        unchanged = round.unchanged.len(),
+                        "final sync: git bundles in remote storage"
+                    );
+                    git_done = true;
+                    return;
+                }
+                Ok(round) => {
+                    for f in round.errors {
+                        tracing::warn!(repo = %f.repo, error = %f.error, "final sync: git bundle failed; retrying");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "final sync: git bundles failed; retrying"),
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    };
+    let stores = async {
+        match replica.flush().await {
+            Ok(stats) => {
+                tracing::info!(
+                    namespaces = stats.namespaces,
+                    files = stats.files_uploaded + stats.files_deleted,
+                    "final sync: kv and file store in remote storage"
+                );
+                stores_done = true;
+            }
+            Err(e) => tracing::error!(error = %e, "final sync: kv and file store export failed"),
+        }
+    };
+    let cut_short = tokio::select! {
+        _ = futures::future::join3(workspace, bundles, stores) => None,
+        _ = tokio::time::sleep(deadline) => Some("the shutdown deadline passed"),
+        _ = abort.cancelled() => Some("a second signal aborted it"),
+    };
+    let mut left = Vec::new();
+    if !ws_done {
+        let s = sync.status();
+        left.push(format!(
+            "workspace files ({} pending{}{})",
+            s.pending_files,
+            if s.full_rescan_pending {
+                ", rescan pending"
+            } else {
+                ""
+            },
+            s.last_error
+                .map(|e| format!(", last error: {e}"))
+                .unwrap_or_default()
+        ));
+    }
+    if !git_done {
+        left.push("git bundles".to_string());
+    }
+    if !stores_done {
+        let s = replica.status();
+        left.push(format!(
+            "kv and file store exports{}",
+            s.last_error
+                .map(|e| format!(" (last error: {e})"))
+                .unwrap_or_default()
+        ));
+    }
+    if left.is_empty() {
+        tracing::info!(
+            duration_ms = started.elapsed().as_millis() as u64,
+            "final sync done: everything is in remote storage"
+        );
+        0
+    } else {
+        tracing::error!(
+            reason = cut_short.unwrap_or("a part failed"),
+            left = %left.join("; "),
+            "exiting before everything reached remote storage"
+        );
+        EXIT_INCOMPLETE
+    }
 }
 
 /// Keeps the allocator from hoarding memory: large buffers (upload parts, hashing

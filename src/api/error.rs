@@ -106,6 +106,7 @@ impl From<KvError> for ApiError {
             }
             KvError::Exists(_) => Self::new(S::CONFLICT, "exists", msg),
             KvError::NotExists(_) => Self::new(S::CONFLICT, "not_exists", msg),
+            KvError::FileExists(_) => Self::new(S::PRECONDITION_FAILED, "exists", msg),
             KvError::TooLarge {
                 what,
                 limit_bytes,

@@ -4,6 +4,7 @@
 
 pub mod backup;
 pub mod error;
+pub mod files;
 pub mod kv;
 pub mod system;
 
@@ -37,6 +38,8 @@ pub struct AppState {
     pub started: Instant,
     pub snapshots: Arc<crate::snapshot::Snapshots>,
     pub git: Arc<crate::gitbundle::GitBundler>,
+    pub files: crate::files::FileStore,
+    pub replica: crate::replicate::ReplicaHandle,
 }
 
 /// The whole router; `lifecycle::run` serves it on the socket, tests may call it directly.
@@ -53,6 +56,13 @@ pub fn router(state: AppState) -> Router {
             get(backup::list_snapshots).post(backup::take_snapshot),
         )
         .route("/v1/git/bundle", post(backup::write_bundles))
+        .route("/v1/files", get(files::list_files))
+        .route(
+            "/v1/files/{*path}",
+            get(files::get_file)
+                .put(files::put_file)
+                .delete(files::delete_file),
+        )
         .route("/v1/kv", get(kv::list))
         .route(
             "/v1/kv/batch",
@@ -166,6 +176,17 @@ impl FromRequestParts<AppState> for Ctx {
             .get(header::AUTHORIZATION)
             .map(|v| v.to_str().unwrap_or(""));
         let grant = state.auth.authenticate(header)?;
+        // While the daemon restores, only its status may be asked: the stores and the
+        // workspace are not what they will be.
+        if state.lifecycle.phase() == crate::lifecycle::Phase::Starting
+            && parts.uri.path() != "/v1/status"
+        {
+            return Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "the daemon is starting (restoring or reconciling); retry shortly",
+            ));
+        }
         Ok(Self { grant, query })
     }
 }

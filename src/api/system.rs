@@ -47,6 +47,8 @@ pub async fn metrics(State(state): State<AppState>, ctx: Ctx) -> Result<Response
 pub async fn status(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
     ctx.grant.require(Scope::Admin)?;
     let (namespaces, bytes) = state.kv.stats().await?;
+    let (file_count, file_bytes) = state.files.stats().await?;
+    let replica = state.replica.status();
     let sync = state.sync.status();
     let git = state.git.status().await;
     let snapshots = state.snapshots.status();
@@ -84,6 +86,8 @@ pub async fn status(State(state): State<AppState>, ctx: Ctx) -> Result<Response,
                 "held_deletes": sync.held_deletes,
             },
             "kv": {"namespaces": namespaces, "bytes": bytes},
+            "files": {"count": file_count, "bytes": file_bytes},
+            "replication": replica,
             "snapshots": snapshots,
             "git": git,
         }),
@@ -134,6 +138,11 @@ pub async fn sync(
             }
             Err(e) => tracing::warn!(error = %e, "sync: git bundles skipped"),
         }
+        // KV exports and the file store.
+        let replicated = state.replica.flush().await.map_err(|e| {
+            crate::sync::SyncError::Remote(format!("kv and file store replication: {e}"))
+        })?;
+        stats.bytes_uploaded += replicated.bytes_uploaded;
         Ok(stats)
     };
     let waited = tokio::time::timeout(std::time::Duration::from_secs(timeout), work).await;

@@ -10,6 +10,7 @@
 //!   watch notifications and the TTL purger.
 
 pub mod crypto;
+pub mod export;
 pub mod jsonpath;
 pub mod ops;
 pub mod store;
@@ -49,6 +50,9 @@ pub enum KvError {
     Exists(String),
     #[error("key `{0}` does not exist")]
     NotExists(String),
+    /// A file store `if_absent` write found the file.
+    #[error("file `{0}` already exists")]
+    FileExists(String),
     #[error("{what} of {current_size_bytes} bytes exceeds the limit of {limit_bytes} bytes")]
     TooLarge {
         what: &'static str,

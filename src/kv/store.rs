@@ -24,11 +24,12 @@ use super::ops::{Backing, BatchRequest, Limits, Loaded, NsTxn};
 use super::{KvError, Record, now_ms};
 
 /// (namespace, key) → sealed record.
-const RECORDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("kv_records");
+pub(crate) const RECORDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("kv_records");
 /// namespace → (version, bytes, keys).
-const NAMESPACES: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("kv_namespaces");
+pub(crate) const NAMESPACES: TableDefinition<&str, (u64, u64, u64)> =
+    TableDefinition::new("kv_namespaces");
 /// (expires_ms, namespace, key): what the purger deletes, oldest first.
-const EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("kv_expiry");
+pub(crate) const EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("kv_expiry");
 /// Store-wide facts; `key_check` proves the configured key is the one the data uses.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("kv_meta");
 
@@ -75,7 +76,24 @@ enum Job {
         reply: oneshot::Sender<Result<WriteOutcome, KvError>>,
     },
     Purge,
+    /// Any other write (file store, imports, replication bookkeeping), run inside the
+    /// group's transaction; the returned callback is told whether the commit held.
+    Exec(ExecFn),
 }
+
+/// The tables every write group holds open; [`Job::Exec`] closures get them too (and
+/// may open others from the transaction).
+pub struct Tables<'t> {
+    pub records: redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
+    pub namespaces: redb::Table<'t, &'static str, (u64, u64, u64)>,
+    pub expiry: redb::Table<'t, (u64, &'static str, &'static str), ()>,
+}
+
+type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
+type ExecFn = Box<
+    dyn for<'a, 't> FnOnce(&'a redb::WriteTransaction, &'a mut Tables<'t>, &'a Cipher) -> Done
+        + Send,
+>;
 
 /// Per-namespace version channels that `watch` requests wait on.
 #[derive(Default)]
@@ -117,6 +135,9 @@ struct Inner {
     watchers: Arc<Watchers>,
     /// Cleared when the final export starts: later writes get `shutting_down`.
     accepting: AtomicBool,
+    /// Woken after every commit that changed KV data (and by the file store): the
+    /// replicator waits on it.
+    changes: Arc<tokio::sync::Notify>,
 }
 
 /// Cheap to clone; all clones share one database and one writer.
@@ -125,7 +146,7 @@ pub struct KvStore {
     inner: Arc<Inner>,
 }
 
-fn aad(ns: &str, key: &str) -> Vec<u8> {
+pub(crate) fn aad(ns: &str, key: &str) -> Vec<u8> {
     let mut a = Vec::with_capacity(ns.len() + 1 + key.len());
     a.extend_from_slice(ns.as_bytes());
     a.push(0);
@@ -133,7 +154,7 @@ fn aad(ns: &str, key: &str) -> Vec<u8> {
     a
 }
 
-fn encode(rec: &Record, json: &[u8]) -> Vec<u8> {
+pub(crate) fn encode(rec: &Record, json: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + json.len());
     for n in [
         rec.version,
@@ -147,7 +168,7 @@ fn encode(rec: &Record, json: &[u8]) -> Vec<u8> {
     out
 }
 
-fn decode(plain: Vec<u8>) -> Result<Loaded, KvError> {
+pub(crate) fn decode(plain: Vec<u8>) -> Result<Loaded, KvError> {
     if plain.len() < HEADER_LEN {
         return Err(KvError::Storage("record is truncated".into()));
     }
@@ -172,7 +193,12 @@ fn decode(plain: Vec<u8>) -> Result<Loaded, KvError> {
     })
 }
 
-fn open_record(cipher: &Cipher, ns: &str, key: &str, blob: &[u8]) -> Result<Loaded, KvError> {
+pub(crate) fn open_record(
+    cipher: &Cipher,
+    ns: &str,
+    key: &str,
+    blob: &[u8],
+) -> Result<Loaded, KvError> {
     let plain = cipher
         .open(&aad(ns, key), blob)
         .map_err(|e| KvError::Storage(format!("{ns}/{key}: {e}")))?;
@@ -188,11 +214,13 @@ impl KvStore {
         let db = Arc::new(db);
         let (tx, rx) = std::sync::mpsc::sync_channel(opts.queue_capacity.max(1));
         let watchers = Arc::new(Watchers::default());
+        let changes = Arc::new(tokio::sync::Notify::new());
         let writer = Writer {
             db: db.clone(),
             cipher: opts.cipher.clone(),
             limits: opts.limits,
             watchers: watchers.clone(),
+            changes: changes.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("kv-writer".into())
@@ -216,6 +244,7 @@ impl KvStore {
                 reader: Mutex::new(Some(reader)),
                 watchers,
                 accepting: AtomicBool::new(true),
+                changes,
             }),
         })
     }
@@ -239,6 +268,69 @@ impl KvStore {
         };
         self.send(job)?;
         rx.await.map_err(|_| KvError::ShuttingDown)?
+    }
+
+    /// Runs `f` inside the writer's next group transaction and answers once that commit
+    /// is durable. `f` must check everything before it writes: when it returns an
+    /// error, what it wrote is committed with the group all the same. `internal` jobs
+    /// (replication bookkeeping, restores) still run after [`KvStore::stop_writes`].
+    pub(crate) async fn exec<T: Send + 'static>(
+        &self,
+        internal: bool,
+        f: impl for<'a, 't> FnOnce(
+            &'a redb::WriteTransaction,
+            &'a mut Tables<'t>,
+            &'a Cipher,
+        ) -> Result<T, KvError>
+        + Send
+        + 'static,
+    ) -> Result<T, KvError> {
+        if !internal && !self.inner.accepting.load(Ordering::Acquire) {
+            return Err(KvError::ShuttingDown);
+        }
+        let (reply, rx) = oneshot::channel();
+        let job: ExecFn = Box::new(
+            move |wtx: &redb::WriteTransaction, tables: &mut Tables<'_>, cipher: &Cipher| {
+                let result = f(wtx, tables, cipher);
+                Box::new(move |commit: Result<(), String>| {
+                    let _ = reply.send(commit.map_err(KvError::Storage).and(result));
+                }) as Done
+            },
+        );
+        self.send(Job::Exec(job))?;
+        rx.await.map_err(|_| KvError::ShuttingDown)?
+    }
+
+    /// Runs `f` on a read transaction on the blocking pool.
+    pub(crate) async fn read_txn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction, &Cipher) -> Result<T, KvError> + Send + 'static,
+    ) -> Result<T, KvError> {
+        self.read(move |inner| {
+            let rtx = inner.db.begin_read()?;
+            f(&rtx, &inner.cipher)
+        })
+        .await
+    }
+
+    /// Answers once every write queued before the call is committed (also after
+    /// `stop_writes`).
+    pub async fn drain(&self) -> Result<(), KvError> {
+        self.exec(true, |_, _, _| Ok(())).await
+    }
+
+    /// Notified after commits that changed data; the replicator waits on it.
+    pub fn changes(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.changes.clone()
+    }
+
+    pub(crate) fn cipher(&self) -> Cipher {
+        self.inner.cipher.clone()
+    }
+
+    /// Whether writes are still accepted.
+    pub fn accepting(&self) -> bool {
+        self.inner.accepting.load(Ordering::Acquire)
     }
 
     fn send(&self, job: Job) -> Result<(), KvError> {
@@ -583,6 +675,7 @@ struct Writer {
     cipher: Cipher,
     limits: Limits,
     watchers: Arc<Watchers>,
+    changes: Arc<tokio::sync::Notify>,
 }
 
 struct TableBacking<'a, 't> {
@@ -619,13 +712,16 @@ impl Writer {
     /// Runs every job of the group in one transaction and commits once.
     fn commit_group(&self, jobs: Vec<Job>) {
         let mut replies: Vec<(Reply, Result<WriteOutcome, KvError>)> = Vec::new();
+        let mut done: Vec<Done> = Vec::new();
         let mut changed: HashMap<String, u64> = HashMap::new();
         let outcome = (|| -> Result<(), KvError> {
             let wtx = self.db.begin_write()?;
             {
-                let mut records = wtx.open_table(RECORDS)?;
-                let mut namespaces = wtx.open_table(NAMESPACES)?;
-                let mut expiry = wtx.open_table(EXPIRY)?;
+                let mut tables = Tables {
+                    records: wtx.open_table(RECORDS)?,
+                    namespaces: wtx.open_table(NAMESPACES)?,
+                    expiry: wtx.open_table(EXPIRY)?,
+                };
                 for job in jobs {
                     match job {
                         Job::Write {
@@ -634,22 +730,14 @@ impl Writer {
                             batch,
                             reply,
                         } => {
-                            let result = self.execute(
-                                &mut records,
-                                &mut namespaces,
-                                &mut expiry,
-                                &ns,
-                                &req,
-                                batch,
-                            );
+                            let result = self.execute(&mut tables, &ns, &req, batch);
                             if let Ok(o) = &result {
                                 changed.insert(ns, o.version);
                             }
                             replies.push((reply, result));
                         }
-                        Job::Purge => {
-                            self.purge(&mut records, &mut namespaces, &mut expiry, &mut changed)?
-                        }
+                        Job::Purge => self.purge(&mut tables, &mut changed)?,
+                        Job::Exec(f) => done.push(f(&wtx, &mut tables, &self.cipher)),
                     }
                 }
             }
@@ -661,8 +749,15 @@ impl Writer {
                 for (reply, result) in replies {
                     let _ = reply.send(result);
                 }
+                for d in done {
+                    d(Ok(()));
+                }
+                let any = !changed.is_empty();
                 for (ns, version) in changed {
                     self.watchers.notify(&ns, version);
+                }
+                if any {
+                    self.changes.notify_one();
                 }
             }
             Err(e) => {
@@ -670,20 +765,25 @@ impl Writer {
                 for (reply, _) in replies {
                     let _ = reply.send(Err(KvError::Storage(e.to_string())));
                 }
+                for d in done {
+                    d(Err(e.to_string()));
+                }
             }
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn execute(
         &self,
-        records: &mut redb::Table<(&'static str, &'static str), &'static [u8]>,
-        namespaces: &mut redb::Table<&'static str, (u64, u64, u64)>,
-        expiry: &mut redb::Table<(u64, &'static str, &'static str), ()>,
+        tables: &mut Tables<'_>,
         ns: &str,
         req: &BatchRequest,
         batch: bool,
     ) -> Result<WriteOutcome, KvError> {
+        let Tables {
+            records,
+            namespaces,
+            expiry,
+        } = tables;
         let meta = namespaces.get(ns)?.map(|v| v.value()).unwrap_or((0, 0, 0));
         let (version, bytes, keys) = meta;
         let mut backing = TableBacking {
@@ -727,11 +827,14 @@ impl Writer {
 
     fn purge(
         &self,
-        records: &mut redb::Table<(&'static str, &'static str), &'static [u8]>,
-        namespaces: &mut redb::Table<&'static str, (u64, u64, u64)>,
-        expiry: &mut redb::Table<(u64, &'static str, &'static str), ()>,
+        tables: &mut Tables<'_>,
         changed: &mut HashMap<String, u64>,
     ) -> Result<(), KvError> {
+        let Tables {
+            records,
+            namespaces,
+            expiry,
+        } = tables;
         let now = now_ms();
         let due: Vec<(u64, String, String)> = expiry
             .range(..(now + 1, "", ""))?

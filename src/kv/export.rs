@@ -1,0 +1,266 @@
+//! Namespace exports: what replication uploads to `kv/<namespace>.kv` and a restore
+//! imports into a new state directory.
+//!
+//! An export is the namespace's records with their versions, timestamps and expiry
+//! times, as gzip-compressed JSON sealed with the store's key (AES-256-GCM, the
+//! namespace bound as associated data so exports cannot be swapped), after a short
+//! plaintext magic line. Never a copy of the redb file; no value is readable without
+//! the key.
+
+use std::io::{Read, Write};
+
+use redb::{ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::crypto::Cipher;
+use super::store::{self, NAMESPACES, RECORDS, Tables};
+use super::{KvError, KvStore, Record, now_ms};
+
+/// The first bytes of every export object.
+pub const MAGIC: &[u8] = b"SANDKEEP-KV-EXPORT 1\n";
+const AAD_PREFIX: &[u8] = b"sandkeep:kv-export\0";
+/// Exports hold at most a namespace's quota plus overhead; anything far larger is not ours.
+const MAX_PLAIN: u64 = 1 << 30;
+
+/// namespace → the version last exported (and known to be in remote storage).
+const EXPORTED: TableDefinition<&str, u64> = TableDefinition::new("kv_exported");
+
+#[derive(Serialize, Deserialize)]
+struct ExportBody {
+    format: u32,
+    namespace: String,
+    version: u64,
+    exported_at_ms: u64,
+    records: Vec<ExportRecord>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ExportRecord {
+    key: String,
+    version: u64,
+    created_ms: u64,
+    updated_ms: u64,
+    expires_ms: Option<u64>,
+    value: Box<RawValue>,
+}
+
+/// One namespace as read for (or from) an export.
+#[derive(Debug)]
+pub struct Export {
+    pub namespace: String,
+    pub version: u64,
+    /// The sealed object.
+    pub bytes: Vec<u8>,
+    pub keys: usize,
+}
+
+fn aad(ns: &str) -> Vec<u8> {
+    let mut a = AAD_PREFIX.to_vec();
+    a.extend_from_slice(ns.as_bytes());
+    a
+}
+
+fn bad(what: impl std::fmt::Display) -> KvError {
+    KvError::Storage(format!("kv export: {what}"))
+}
+
+/// Seals a namespace's body.
+fn seal(cipher: &Cipher, body: &ExportBody) -> Result<Vec<u8>, KvError> {
+    let json = serde_json::to_vec(body).map_err(bad)?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&json).map_err(bad)?;
+    let packed = gz.finish().map_err(bad)?;
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&cipher.seal(&aad(&body.namespace), &packed));
+    Ok(out)
+}
+
+/// Opens an export of `ns` (the name its object key gives).
+fn open(cipher: &Cipher, ns: &str, bytes: &[u8]) -> Result<ExportBody, KvError> {
+    let sealed = bytes
+        .strip_prefix(MAGIC)
+        .ok_or_else(|| bad(format!("`{ns}` is not a sandkeep kv export")))?;
+    let packed = cipher.open(&aad(ns), sealed).map_err(|_| {
+        bad(format!(
+            "`{ns}` cannot be decrypted: it was written with another kv key, or it is damaged"
+        ))
+    })?;
+    let mut json = Vec::new();
+    flate2::read::GzDecoder::new(packed.as_slice())
+        .take(MAX_PLAIN)
+        .read_to_end(&mut json)
+        .map_err(bad)?;
+    let body: ExportBody = serde_json::from_slice(&json).map_err(bad)?;
+    if body.namespace != ns {
+        return Err(bad(format!("`{ns}` holds namespace `{}`", body.namespace)));
+    }
+    Ok(body)
+}
+
+/// Decrypts an export and tells what it holds (for tests and tools).
+pub fn inspect(cipher: &Cipher, ns: &str, bytes: &[u8]) -> Result<(u64, usize), KvError> {
+    let body = open(cipher, ns, bytes)?;
+    Ok((body.version, body.records.len()))
+}
+
+impl KvStore {
+    /// Namespaces whose current version is not the one last exported, with that
+    /// version.
+    pub async fn exports_due(&self) -> Result<Vec<(String, u64)>, KvError> {
+        self.read_txn(|rtx, _| {
+            let namespaces = match rtx.open_table(NAMESPACES) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(vec![]),
+                Err(e) => return Err(e.into()),
+            };
+            let exported = match rtx.open_table(EXPORTED) {
+                Ok(t) => Some(t),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            let mut due = Vec::new();
+            for item in namespaces.iter()? {
+                let (ns, meta) = item?;
+                let (version, _, _) = meta.value();
+                let last = match &exported {
+                    Some(t) => t.get(ns.value())?.map(|v| v.value()),
+                    None => None,
+                };
+                if last != Some(version) {
+                    due.push((ns.value().to_string(), version));
+                }
+            }
+            Ok(due)
+        })
+        .await
+    }
+
+    /// The sealed export of `ns` as it is now (expired records left out).
+    pub async fn export(&self, ns: &str) -> Result<Export, KvError> {
+        let ns = ns.to_string();
+        self.read_txn(move |rtx, cipher| {
+            let version = match rtx.open_table(NAMESPACES) {
+                Ok(t) => t.get(ns.as_str())?.map_or(0, |v| v.value().0),
+                Err(redb::TableError::TableDoesNotExist(_)) => 0,
+                Err(e) => return Err(e.into()),
+            };
+            let now = now_ms();
+            let mut records = Vec::new();
+            match rtx.open_table(RECORDS) {
+                Ok(table) => {
+                    for item in table.range((ns.as_str(), "")..)? {
+                        let (k, v) = item?;
+                        let (kns, key) = k.value();
+                        if kns != ns {
+                            break;
+                        }
+                        let loaded = store::open_record(cipher, &ns, key, v.value())?;
+                        let r = loaded.record;
+                        if r.is_expired(now) {
+                            continue;
+                        }
+                        let json = String::from_utf8(loaded.json).map_err(bad)?;
+                        records.push(ExportRecord {
+                            key: key.to_string(),
+                            version: r.version,
+                            created_ms: r.created_ms,
+                            updated_ms: r.updated_ms,
+                            expires_ms: r.expires_ms,
+                            value: RawValue::from_string(json).map_err(bad)?,
+                        });
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let keys = records.len();
+            let body = ExportBody {
+                format: 1,
+                namespace: ns.clone(),
+                version,
+                exported_at_ms: now,
+                records,
+            };
+            Ok(Export {
+                bytes: seal(cipher, &body)?,
+                namespace: ns,
+                version,
+                keys,
+            })
+        })
+        .await
+    }
+
+    /// Records that version `version` of `ns` is in remote storage.
+    pub async fn mark_exported(&self, ns: &str, version: u64) -> Result<(), KvError> {
+        let ns = ns.to_string();
+        self.exec(true, move |wtx, _, _| {
+            wtx.open_table(EXPORTED)?.insert(ns.as_str(), version)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Imports the export `bytes` of `ns` into a namespace that holds nothing yet:
+    /// values, versions, timestamps and expiry times as they were. Records that expired
+    /// meanwhile are left out. Returns the keys imported.
+    pub async fn import(&self, ns: &str, bytes: &[u8]) -> Result<usize, KvError> {
+        super::validate::namespace(ns)?;
+        let body = {
+            let cipher = self.cipher();
+            open(&cipher, ns, bytes)?
+        };
+        for r in &body.records {
+            super::validate::key(&r.key)?;
+        }
+        let ns = ns.to_string();
+        self.exec(true, move |wtx, tables: &mut Tables<'_>, cipher| {
+            if tables.namespaces.get(ns.as_str())?.is_some() {
+                return Err(KvError::Storage(format!(
+                    "namespace `{ns}` already exists here; not importing over it"
+                )));
+            }
+            let now = now_ms();
+            let (mut bytes, mut keys) = (0u64, 0u64);
+            for r in &body.records {
+                if r.expires_ms.is_some_and(|e| e <= now) {
+                    continue;
+                }
+                let json = r.value.get().as_bytes();
+                let record = Record {
+                    value: serde_json::Value::Null,
+                    version: r.version,
+                    created_ms: r.created_ms,
+                    updated_ms: r.updated_ms,
+                    expires_ms: r.expires_ms,
+                };
+                let blob = cipher.seal(&store::aad(&ns, &r.key), &store::encode(&record, json));
+                tables
+                    .records
+                    .insert((ns.as_str(), r.key.as_str()), blob.as_slice())?;
+                if let Some(at) = r.expires_ms {
+                    tables
+                        .expiry
+                        .insert((at, ns.as_str(), r.key.as_str()), ())?;
+                }
+                bytes += (r.key.len() + json.len()) as u64;
+                keys += 1;
+            }
+            tables
+                .namespaces
+                .insert(ns.as_str(), (body.version, bytes, keys))?;
+            wtx.open_table(EXPORTED)?
+                .insert(ns.as_str(), body.version)?;
+            Ok(keys as usize)
+        })
+        .await
+    }
+}
+
+/// The namespace an object key `.../kv/<namespace>.kv` names.
+pub fn namespace_of(key: &str, kv_prefix: &str) -> Option<String> {
+    let name = key.strip_prefix(kv_prefix)?.strip_suffix(".kv")?;
+    super::validate::namespace(name).ok()?;
+    Some(name.to_string())
+}
