@@ -142,13 +142,14 @@ impl Replicator {
     /// crash are still pending in the store.
     pub async fn run(mut self, stop: CancellationToken) {
         let changes = self.kv.changes();
-        let start = Instant::now();
-        let mut dirty: Option<(Instant, Instant)> = Some((start, start)); // (first, last)
+        // (first, last) unexported change; None when everything is out.
+        let mut dirty: Option<(Instant, Instant)> = None;
+        let mut now_due = true;
         let mut waiters: Vec<Waiter> = Vec::new();
         let mut backoff = Backoff::default();
         let mut retry_at: Option<Instant> = None;
         loop {
-            let due = if !waiters.is_empty() {
+            let due = if now_due || !waiters.is_empty() {
                 Some(Instant::now())
             } else {
                 dirty.map(|(first, last)| {
@@ -185,6 +186,7 @@ impl Replicator {
             let batch = std::mem::take(&mut waiters);
             let first = dirty.map(|(f, _)| f);
             dirty = None;
+            now_due = false;
             match self.pass().await {
                 Ok(stats) => {
                     backoff.reset();
@@ -210,6 +212,8 @@ impl Replicator {
                     retry_at = Some(Instant::now() + delay);
                     let now = Instant::now();
                     dirty = Some((first.unwrap_or(now), now));
+                    // Retried after the backoff, whatever the replicate delay.
+                    now_due = true;
                     waiters = batch;
                 }
             }

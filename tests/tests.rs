@@ -23,6 +23,8 @@ mod kv_routes;
 #[path = "suite/kv_ttl_namespaces.rs"]
 mod kv_ttl_namespaces;
 
+#[path = "suite/files_replication.rs"]
+mod files_replication;
 #[path = "suite/git_bundle.rs"]
 mod git_bundle;
 #[path = "suite/remote_contract.rs"]

@@ -1,0 +1,434 @@
+//! The file store routes and the replication of the KV store and the file store:
+//! `/v1/files` status codes, the mirror at `conversations/<u>/<c>/<path>`, encrypted
+//! `kv/<namespace>.kv` exports after writes settle and in the final sync, and a new
+//! state directory that brings both back exactly (values, versions, timestamps, TTLs).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hyper::Method;
+use serde_json::{Value, json};
+
+use crate::s3_server::S3Server;
+use sandkeep::auth::{Scope, mint};
+
+use crate::util::{Daemon, EXIT_TIMEOUT, SECRET, assert_error, ok, poll_until};
+
+const CONV: &str = "conversations/u1/c1";
+
+fn object(d: &Daemon, rel: &str) -> PathBuf {
+    d.remote.join(CONV).join(rel)
+}
+
+fn generated_key(d: &Daemon) -> String {
+    std::fs::read_to_string(d.state_dir.join("kv.key"))
+        .expect("generated kv key")
+        .trim()
+        .to_string()
+}
+
+/// Removes the state directory (database, manifest cache, key) as a new sandbox has it.
+fn wipe_state(d: &Daemon) {
+    std::fs::remove_dir_all(&d.state_dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_routes_answer_as_the_api_says() {
+    let d = Daemon::start_with("[files]\nmax_file_bytes = 1024\n").await;
+    let api = d.api();
+    let r = api
+        .raw(Method::PUT, "/v1/files/events/e2.json", b"two")
+        .await;
+    assert_eq!(ok(&r, 201)["created"], true);
+    ok(
+        &api.raw(Method::PUT, "/v1/files/base_state.json", b"{}")
+            .await,
+        201,
+    );
+    ok(
+        &api.raw(Method::PUT, "/v1/files/events/e1.json", b"one")
+            .await,
+        201,
+    );
+    let r = api
+        .raw(Method::PUT, "/v1/files/events/e1.json", b"ONE")
+        .await;
+    assert_eq!(ok(&r, 200)["created"], false);
+
+    let r = api.get("/v1/files/events/e1.json").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], b"ONE");
+    assert_eq!(
+        r.headers.get("content-type").unwrap(),
+        "application/octet-stream"
+    );
+    let head = api
+        .request_within(
+            Duration::from_secs(10),
+            Method::HEAD,
+            "/v1/files/events/e1.json",
+            None,
+        )
+        .await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    let head = api
+        .request_within(
+            Duration::from_secs(10),
+            Method::HEAD,
+            "/v1/files/nope",
+            None,
+        )
+        .await;
+    assert_eq!(head.status, 404);
+    assert_error(&api.get("/v1/files/nope.json").await, 404, "not_found");
+
+    let l = ok(&api.get("/v1/files").await, 200);
+    assert_eq!(
+        l["paths"],
+        json!(["base_state.json", "events/e1.json", "events/e2.json"])
+    );
+    let l = ok(&api.get("/v1/files?prefix=events/").await, 200);
+    assert_eq!(l["paths"], json!(["events/e1.json", "events/e2.json"]));
+
+    // if_absent: an existing file is 412 and stays as it was.
+    let r = api
+        .raw(Method::PUT, "/v1/files/events/e1.json?if_absent=true", b"x")
+        .await;
+    assert_error(&r, 412, "exists");
+    assert_eq!(&api.get("/v1/files/events/e1.json").await.body[..], b"ONE");
+    let r = api
+        .raw(Method::PUT, "/v1/files/events/e3.json?if_absent=true", b"3")
+        .await;
+    ok(&r, 201);
+
+    // Too large: 413 with the limit and the size.
+    let big = vec![b'x'; 1025];
+    let e = assert_error(
+        &api.raw(Method::PUT, "/v1/files/big.bin", &big).await,
+        413,
+        "too_large",
+    );
+    assert_eq!(e["limit_bytes"], 1024);
+    assert_eq!(e["current_size_bytes"], 1025);
+    ok(
+        &api.raw(Method::PUT, "/v1/files/fits.bin", &big[..1024])
+            .await,
+        201,
+    );
+
+    // Paths: reserved top-level names, dot segments, control characters.
+    for bad in [
+        "/v1/files/workspace/x",
+        "/v1/files/kv/default.kv",
+        "/v1/files/.sandkeep/owner.json",
+        "/v1/files/a/%2E%2E/b",
+        "/v1/files/a/./b",
+        "/v1/files/a%07b",
+        "/v1/files/a%2F%2Fb",
+    ] {
+        assert_error(&api.raw(Method::PUT, bad, b"x").await, 400, "invalid_path");
+        assert_error(&api.get(bad).await, 400, "invalid_path");
+    }
+    let long = format!("/v1/files/{}", "s".repeat(256));
+    assert_error(
+        &api.raw(Method::PUT, &long, b"x").await,
+        400,
+        "invalid_path",
+    );
+    assert_error(
+        &api.raw(Method::PUT, "/v1/files/x?bogus=1", b"x").await,
+        400,
+        "invalid_param",
+    );
+
+    let r = api.delete("/v1/files/events/e2.json").await;
+    assert_eq!(ok(&r, 200)["deleted"], true);
+    let r = api.delete("/v1/files/events/e2.json").await;
+    assert_eq!(ok(&r, 200)["deleted"], false);
+    assert_error(&api.get("/v1/files/events/e2.json").await, 404, "not_found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_mirrored_path_for_path_and_sync_true_waits_for_it() {
+    // A replicate delay long enough that only sync=true or /v1/sync can explain an upload.
+    let d = Daemon::start_with("[kv]\nreplicate_delay = \"1h\"\n").await;
+    let api = d.api();
+    let r = api
+        .raw(
+            Method::PUT,
+            "/v1/files/events/e1.json?sync=true",
+            b"{\"a\":1}",
+        )
+        .await;
+    ok(&r, 201);
+    assert_eq!(
+        std::fs::read(object(&d, "events/e1.json")).unwrap(),
+        b"{\"a\":1}",
+        "sync=true answered before the file was in remote storage"
+    );
+    // Without sync=true, POST /v1/sync is the barrier for files and deletions too.
+    ok(
+        &api.raw(Method::PUT, "/v1/files/base_state.json", b"state")
+            .await,
+        201,
+    );
+    ok(&api.delete("/v1/files/events/e1.json").await, 200);
+    ok(&api.post("/v1/sync", &json!({})).await, 200);
+    assert_eq!(
+        std::fs::read(object(&d, "base_state.json")).unwrap(),
+        b"state"
+    );
+    assert!(!object(&d, "events/e1.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_exports_follow_writes_after_the_replicate_delay_and_hold_no_plaintext() {
+    let d = Daemon::start_with("[kv]\nreplicate_delay = \"300ms\"\n").await;
+    let api = d.api();
+    let secret = "plaintext-canary-5f1e2d";
+    ok(&api.put("/v1/kv/k", &json!({"s": secret})).await, 201);
+    ok(&api.put("/v1/kv/k2?ns=other", &json!(secret)).await, 201);
+    let export = object(&d, "kv/default.kv");
+    let found = poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async { export.exists().then_some(()) },
+    )
+    .await;
+    assert!(found.is_some(), "no export without an explicit sync");
+    assert!(object(&d, "kv/other.kv").exists());
+    for f in ["kv/default.kv", "kv/other.kv"] {
+        let bytes = std::fs::read(object(&d, f)).unwrap();
+        assert!(bytes.starts_with(b"SANDKEEP-KV-EXPORT 1\n"));
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains(secret), "{f} holds plaintext");
+        assert!(
+            !text.contains("\"s\""),
+            "{f} holds plaintext keys of values"
+        );
+    }
+    // A later write is exported again.
+    ok(&api.put("/v1/kv/k", &json!(2)).await, 200);
+    let key = sandkeep::kv::crypto::Cipher::from_base64(&generated_key(&d)).unwrap();
+    let version = poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let bytes = std::fs::read(object(&d, "kv/default.kv")).ok()?;
+            let (v, _) = sandkeep::kv::export::inspect(&key, "default", &bytes).ok()?;
+            (v == 2).then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(version, Some(2));
+    // Another key cannot read it, and an export cannot pass for another namespace.
+    let bytes = std::fs::read(object(&d, "kv/default.kv")).unwrap();
+    let other = sandkeep::kv::crypto::Cipher::new(&[7; 32]);
+    assert!(sandkeep::kv::export::inspect(&other, "default", &bytes).is_err());
+    assert!(sandkeep::kv::export::inspect(&key, "other", &bytes).is_err());
+}
+
+/// Everything `GET` shows of a key, metadata included.
+async fn full(api: &crate::util::Api, ns: &str, key: &str) -> Value {
+    ok(
+        &api.get(&format!("/v1/kv/{key}?ns={ns}&meta=true")).await,
+        200,
+    )
+}
+
+async fn stores_survive_a_new_state_dir(d: &mut Daemon) {
+    let api = d.api();
+    ok(
+        &api.put("/v1/kv/a?ns=conversation", &json!({"n": 1})).await,
+        201,
+    );
+    ok(
+        &api.put("/v1/kv/a?ns=conversation", &json!({"n": 2})).await,
+        200,
+    );
+    ok(
+        &api.post_empty("/v1/kv/count/incr?ns=conversation").await,
+        200,
+    );
+    ok(
+        &api.put("/v1/kv/t?ns=conversation&ttl=3600", &json!("ttl"))
+            .await,
+        201,
+    );
+    ok(
+        &api.put("/v1/kv/gone?ns=conversation", &json!(1)).await,
+        201,
+    );
+    ok(&api.delete("/v1/kv/gone?ns=conversation").await, 200);
+    ok(
+        &api.put("/v1/kv/x?ns=automation:42", &json!([1, 2])).await,
+        201,
+    );
+    ok(
+        &api.raw(
+            Method::PUT,
+            "/v1/files/events/event-00001-a.json",
+            b"{\"e\":1}",
+        )
+        .await,
+        201,
+    );
+    ok(
+        &api.raw(Method::PUT, "/v1/files/base_state.json", &[0u8, 1, 2, 255])
+            .await,
+        201,
+    );
+    let mut before = Vec::new();
+    for (ns, key) in [
+        ("conversation", "a"),
+        ("conversation", "count"),
+        ("conversation", "t"),
+        ("automation:42", "x"),
+    ] {
+        before.push(full(&api, ns, key).await);
+    }
+    let versions = (
+        api.ns_version(Some("conversation")).await,
+        api.ns_version(Some("automation:42")).await,
+    );
+    // No explicit sync: the final sync must carry everything.
+    let status = d.terminate();
+    assert_eq!(status.code(), Some(0), "log:\n{}", d.log());
+
+    let key = generated_key(d);
+    wipe_state(d);
+    d.set_env("SANDKEEP_KV_KEY", &key);
+    d.spawn_and_wait().await;
+    let api = d.api();
+    let mut after = Vec::new();
+    for (ns, k) in [
+        ("conversation", "a"),
+        ("conversation", "count"),
+        ("conversation", "t"),
+        ("automation:42", "x"),
+    ] {
+        after.push(full(&api, ns, k).await);
+    }
+    assert_eq!(before, after);
+    assert_eq!(
+        (
+            api.ns_version(Some("conversation")).await,
+            api.ns_version(Some("automation:42")).await
+        ),
+        versions
+    );
+    assert_error(
+        &api.get("/v1/kv/gone?ns=conversation").await,
+        404,
+        "not_found",
+    );
+    let l = ok(&api.get("/v1/files").await, 200);
+    assert_eq!(
+        l["paths"],
+        json!(["base_state.json", "events/event-00001-a.json"])
+    );
+    assert_eq!(
+        &api.get("/v1/files/base_state.json").await.body[..],
+        &[0u8, 1, 2, 255]
+    );
+    // The restored stores go on: a write bumps the restored version.
+    let r = ok(&api.put("/v1/kv/a?ns=conversation", &json!(3)).await, 200);
+    assert_eq!(r["version"], versions.0 + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_and_files_come_back_in_a_new_state_dir_dir_remote() {
+    let mut d = Daemon::start_with("[kv]\nreplicate_delay = \"1h\"\n").await;
+    stores_survive_a_new_state_dir(&mut d).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_and_files_come_back_in_a_new_state_dir_s3_remote() {
+    let s3 = S3Server::start().await;
+    let mut d = Daemon::prepare("[kv]\nreplicate_delay = \"1h\"\n");
+    s3.configure(&d);
+    d.spawn_and_wait().await;
+    stores_survive_a_new_state_dir(&mut d).await;
+    // The objects are where the layout says, and plain for the file store.
+    assert_eq!(
+        s3.object(&format!("{CONV}/events/event-00001-a.json"))
+            .as_deref(),
+        Some(&b"{\"e\":1}"[..])
+    );
+    assert!(s3.object(&format!("{CONV}/kv/conversation.kv")).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_file_changes_survive_sigkill() {
+    let mut d = Daemon::start_with("[kv]\nreplicate_delay = \"1h\"\n").await;
+    ok(
+        &d.api().raw(Method::PUT, "/v1/files/a.json", b"a").await,
+        201,
+    );
+    ok(&d.api().put("/v1/kv/k", &json!(1)).await, 201);
+    assert!(!object(&d, "a.json").exists());
+    d.kill9();
+    // The restart owes both changes to the remote and delivers them at once.
+    d.spawn_and_wait().await;
+    let up = poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            (object(&d, "a.json").exists() && object(&d, "kv/default.kv").exists()).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        up.is_some(),
+        "pending changes not uploaded after the restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_the_final_sync_get_shutting_down() {
+    let mut s3 = S3Server::start().await;
+    let mut d = Daemon::prepare("[shutdown]\ndeadline = \"4s\"\n");
+    s3.configure(&d);
+    d.spawn_and_wait().await;
+    ok(&d.api().put("/v1/kv/k", &json!(1)).await, 201);
+    // Remote storage is gone: the final sync retries until the deadline.
+    s3.stop();
+    ok(&d.api().post_empty("/v1/shutdown").await, 202);
+    let api = d.api();
+    assert_error(&api.put("/v1/kv/k", &json!(2)).await, 503, "shutting_down");
+    assert_error(
+        &api.raw(Method::PUT, "/v1/files/f", b"x").await,
+        503,
+        "shutting_down",
+    );
+    assert_eq!(api.get("/readyz").await.status, 503);
+    // Reads still answer.
+    assert_eq!(api.value("k").await, Some(json!(1)));
+    let status = d.wait_exit(EXIT_TIMEOUT);
+    assert_eq!(status.code(), Some(75), "log:\n{}", d.log());
+    let log = d.log();
+    assert!(log.contains("kv and file store exports"), "{log}");
+    s3.restart().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_scopes_are_enforced_with_tokens() {
+    let d = Daemon::start_token().await;
+    let mint = |scopes: &[Scope]| {
+        let hour = Duration::from_secs(3600);
+        mint(SECRET, &["default".to_string()], scopes, hour, hour, None).unwrap()
+    };
+    let reader = d.api_with_token(&mint(&[Scope::FilesRead]));
+    let writer = d.api_with_token(&mint(&[Scope::FilesWrite, Scope::FilesRead]));
+    let kv_only = d.api_with_token(&mint(&[Scope::KvRead, Scope::KvWrite]));
+    assert_error(
+        &reader.raw(Method::PUT, "/v1/files/f", b"x").await,
+        403,
+        "forbidden",
+    );
+    ok(&writer.raw(Method::PUT, "/v1/files/f", b"x").await, 201);
+    assert_eq!(&reader.get("/v1/files/f").await.body[..], b"x");
+    assert_error(&kv_only.get("/v1/files/f").await, 403, "forbidden");
+    assert_error(&d.api().get("/v1/files/f").await, 401, "unauthorized");
+}
