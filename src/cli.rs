@@ -71,7 +71,11 @@ pub enum Command {
         list: bool,
     },
     /// Print the daemon's status.
-    Status,
+    Status {
+        /// Only ask `/readyz`: exit 0 when the daemon is ready, 1 otherwise (for probes).
+        #[arg(long)]
+        ready: bool,
+    },
     /// Ask the daemon to do its final sync and exit.
     Shutdown,
 }
@@ -429,7 +433,11 @@ impl Q {
 
 async fn remote(client: &Client, command: Command) -> anyhow::Result<u8> {
     let reply = match command {
-        Command::Status => client.get("/v1/status").await?,
+        Command::Status { ready: false } => client.get("/v1/status").await?,
+        Command::Status { ready: true } => {
+            let r = client.get("/readyz").await?;
+            return Ok(if r.status == 200 { EXIT_OK } else { EXIT_ERROR });
+        }
         Command::Snapshot { list: true } => client.get("/v1/snapshots").await?,
         Command::Snapshot { list: false } => {
             client.request(Method::POST, "/v1/snapshots", None).await?

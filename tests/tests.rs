@@ -27,6 +27,8 @@ mod kv_ttl_namespaces;
 mod files_replication;
 #[path = "suite/git_bundle.rs"]
 mod git_bundle;
+#[path = "suite/lifecycle_e2e.rs"]
+mod lifecycle_e2e;
 #[path = "suite/remote_contract.rs"]
 mod remote_contract;
 #[path = "suite/s3_server.rs"]

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod fs;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
