@@ -387,3 +387,120 @@ pub async fn restore_stores(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::crypto::Cipher;
+    use crate::kv::ops::Limits;
+    use crate::kv::{BatchRequest, Op, StoreOptions};
+    use crate::remote::dir::DirRemote;
+    use crate::remote::flaky::FlakyRemote;
+    use serde_json::json;
+
+    const PREFIX: &str = "conversations/u/c/";
+
+    fn store(dir: &std::path::Path) -> KvStore {
+        KvStore::open(StoreOptions {
+            path: dir.join("db.redb"),
+            cipher: Cipher::new(&[9; 32]),
+            limits: Limits {
+                max_value_bytes: 1 << 16,
+                max_namespace_bytes: 1 << 24,
+            },
+            queue_capacity: 64,
+        })
+        .unwrap()
+    }
+
+    async fn set(kv: &KvStore, ns: &str, key: &str, value: serde_json::Value) {
+        let op = Op::Set {
+            key: key.into(),
+            value,
+            nx: false,
+            xx: false,
+            if_version: None,
+            ttl: None,
+            keep_ttl: false,
+            get: false,
+        };
+        kv.write(ns, BatchRequest::single(op), false).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn flush_waits_through_an_outage_and_redoes_nothing_finished() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir: Arc<dyn Remote> = Arc::new(DirRemote::new(&tmp.path().join("remote")).unwrap());
+        let flaky = Arc::new(FlakyRemote::new(dir.clone()));
+        let kv = store(tmp.path());
+        let files = FileStore::new(kv.clone());
+        let (rep, handle) = Replicator::new(
+            kv.clone(),
+            files.clone(),
+            flaky.clone(),
+            PREFIX.into(),
+            Duration::from_secs(3600),
+            Arc::new(Metrics::new()),
+        );
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(rep.run(stop.clone()));
+
+        set(&kv, "ns1", "k", json!(1)).await;
+        files
+            .put("events/e1", Bytes::from_static(b"e1"), false)
+            .await
+            .unwrap();
+        let s = handle.flush().await.unwrap();
+        assert_eq!((s.namespaces, s.files_uploaded), (1, 1));
+        assert!(files.pending().await.unwrap().is_empty());
+        assert_eq!(
+            dir.get_bytes("conversations/u/c/events/e1")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(&b"e1"[..])
+        );
+
+        // Down: flush keeps waiting (retrying) and answers once the remote is back.
+        flaky.set_down(true);
+        set(&kv, "ns1", "k", json!(2)).await;
+        files.delete("events/e1").await.unwrap();
+        let waiting = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.flush().await }
+        });
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!waiting.is_finished(), "flush answered during the outage");
+        assert!(handle.status().last_error.is_some());
+        assert!(flaky.refused.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+        flaky.set_down(false);
+        let s = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!((s.namespaces, s.files_deleted), (1, 1));
+        assert!(
+            dir.get_bytes("conversations/u/c/events/e1")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let export = dir
+            .get_bytes("conversations/u/c/kv/ns1.kv")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            crate::kv::export::inspect(&Cipher::new(&[9; 32]), "ns1", &export).unwrap(),
+            (2, 1)
+        );
+        assert!(handle.status().last_error.is_none());
+
+        // Nothing changed: a flush uploads nothing.
+        let s = handle.flush().await.unwrap();
+        assert_eq!(s, PassStats::default());
+        stop.cancel();
+        task.await.unwrap();
+    }
+}

@@ -264,3 +264,96 @@ pub fn namespace_of(key: &str, kv_prefix: &str) -> Option<String> {
     super::validate::namespace(name).ok()?;
     Some(name.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::ops::{Limits, Op, Ttl};
+    use crate::kv::{BatchRequest, StoreOptions};
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn store(dir: &std::path::Path, name: &str) -> KvStore {
+        KvStore::open(StoreOptions {
+            path: dir.join(name),
+            cipher: Cipher::new(&[3; 32]),
+            limits: Limits {
+                max_value_bytes: 1 << 16,
+                max_namespace_bytes: 1 << 24,
+            },
+            queue_capacity: 64,
+        })
+        .unwrap()
+    }
+
+    fn set(key: &str, value: serde_json::Value, ttl: Option<Duration>) -> BatchRequest {
+        BatchRequest::single(Op::Set {
+            key: key.into(),
+            value,
+            nx: false,
+            xx: false,
+            if_version: None,
+            ttl: ttl.map(Ttl),
+            keep_ttl: false,
+            get: false,
+        })
+    }
+
+    #[tokio::test]
+    async fn export_and_import_keep_records_exactly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = store(tmp.path(), "a.redb");
+        a.write("ns", set("k1", json!({"x": [1, 2]}), None), false)
+            .await
+            .unwrap();
+        a.write("ns", set("k1", json!("v2"), None), false)
+            .await
+            .unwrap();
+        a.write(
+            "ns",
+            set("ttl", json!(1), Some(Duration::from_secs(3600))),
+            false,
+        )
+        .await
+        .unwrap();
+        a.write(
+            "ns",
+            set("short", json!(1), Some(Duration::from_millis(1))),
+            false,
+        )
+        .await
+        .unwrap();
+        a.write("other", set("o", json!(true), None), false)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let due = a.exports_due().await.unwrap();
+        assert_eq!(due.len(), 2);
+        let export = a.export("ns").await.unwrap();
+        assert_eq!((export.version, export.keys), (4, 2)); // `short` expired
+        a.mark_exported("ns", export.version).await.unwrap();
+        assert_eq!(a.exports_due().await.unwrap(), vec![("other".into(), 1)]);
+        assert!(!export.bytes.windows(2).any(|w| w == b"v2"));
+
+        let b = store(tmp.path(), "b.redb");
+        assert_eq!(b.import("ns", &export.bytes).await.unwrap(), 2);
+        for key in ["k1", "ttl"] {
+            assert_eq!(
+                a.get("ns", key).await.unwrap(),
+                b.get("ns", key).await.unwrap()
+            );
+        }
+        let (ma, mb) = (
+            a.ns_meta("ns").await.unwrap(),
+            b.ns_meta("ns").await.unwrap(),
+        );
+        assert_eq!((mb.version, mb.keys), (ma.version, 2));
+        // Imported is exported: nothing due.
+        assert!(b.exports_due().await.unwrap().is_empty());
+        // Not over an existing namespace, not under another name, not with another key.
+        assert!(b.import("ns", &export.bytes).await.is_err());
+        assert!(b.import("ns2", &export.bytes).await.is_err());
+        assert!(inspect(&Cipher::new(&[4; 32]), "ns", &export.bytes).is_err());
+        assert!(inspect(&Cipher::new(&[3; 32]), "ns", b"garbage").is_err());
+    }
+}
