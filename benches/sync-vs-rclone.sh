@@ -11,6 +11,8 @@
 #   3. one 100 MB file: sandkeep start -> synced, vs `rclone copy`
 #   4. peak RSS (VmHWM) of the daemon while uploading a 1 GiB file (target <= 96 MiB)
 #   5. RSS of the daemon idle, watching the 10,000 files (target <= 40 MiB)
+#   6. SIGTERM to exit with 1,000 files written just before (pending, inside a long
+#      debounce) plus KV and file store writes: the final sync carries them (exit 0)
 # Times are the median of REPS runs (default 3). Every process is stopped and the temp
 # dir removed on exit (KEEP_TMP=1 keeps it).
 #
@@ -19,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=${REPS:-3}
-ONLY=${ONLY:-init,100m,rss}   # init (with the 1-file change and idle RSS), 100m, rss (1 GiB)
+ONLY=${ONLY:-init,100m,rss,sigterm}   # init (with the 1-file change and idle RSS), 100m, rss (1 GiB), sigterm
 want() { case ",$ONLY," in *",$1,"*) return 0;; *) return 1;; esac; }
 FILES=${FILES:-10000}
 PORT=${PORT:-$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')}
@@ -107,6 +109,7 @@ endpoint = "http://127.0.0.1:$PORT"
 access_key_id = "$AK"
 secret_access_key = "$SK"
 EOT
+  if [ -n "${EXTRA_TOML:-}" ]; then printf '%b\n' "$EXTRA_TOML" >> "$dir/sandkeep.toml"; fi
   SANDKEEP_LOG=warn "$SANDKEEP" serve --config "$dir/sandkeep.toml" > "$dir/log" 2>&1 &
   SK_PID=$!
 }
@@ -168,6 +171,32 @@ if want rss; then
   stop_daemon
 fi
 
+# ---------------------------------------------------------------- 6. SIGTERM, 1,000 pending
+SIGTERM_CODES=""
+want sigterm && for rep in $(seq "$REPS"); do
+  ws=$TMP/ws-term-$rep; mkdir -p "$ws"
+  EXTRA_TOML='[sync]\ndebounce_min = "60s"\ndebounce_max = "120s"\n[kv]\nreplicate_delay = "1h"' \
+    start_daemon "$ws" "term-$rep"; wait_synced
+  python3 - "$ws" <<'EOF2'
+import os, random, sys
+rnd = random.Random(7)
+for i in range(1000):
+    d = os.path.join(sys.argv[1], f"d{i % 20:02d}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"p{i:04d}.txt"), "wb") as f:
+        f.write(rnd.randbytes(rnd.randint(1024, 8192)))
+EOF2
+  for i in $(seq 20); do
+    curl -sf --unix-socket "$SK_SOCK" -X PUT -d "{\"i\": $i}" "http://sk/v1/kv/k$i?ns=bench" >/dev/null
+    curl -sf --unix-socket "$SK_SOCK" -X PUT --data-binary "event $i" "http://sk/v1/files/events/e$i.json" >/dev/null
+  done
+  t=$(now); kill -TERM "$SK_PID"; code=0; wait "$SK_PID" || code=$?
+  T[sk_term]+=" $(since "$t")"; SK_PID=""
+  SIGTERM_CODES+=" $code"
+  n=$(find "$TMP/s3/$BUCKET/conversations/bench/term-$rep/workspace/files" -type f | wc -l)
+  [ "$n" = 1000 ] || echo "warning: $n of 1000 files in the bucket after SIGTERM" >&2
+done
+
 m() { echo "${T[$1]:-}" | median; }
 echo
 echo "sandkeep vs rclone $(rclone version | head -1 | awk '{print $2}') on s3s-fs (loopback, TCP_NODELAY), median of $REPS"
@@ -177,4 +206,5 @@ printf '%-44s %10s %10s %8s  %s\n' "1 file changed: in the remote after (s)" "$(
 printf '%-44s %10s %10s %8s  %s\n' "one 100 MB file (s)" "$(m sk_100m)" "$(m rclone_100m)" "$(ratio "$(m sk_100m)" "$(m rclone_100m)")" "-"
 printf '%-44s %10s %10s %8s  %s\n' "peak RSS uploading 1 GiB (MiB)" "$((PEAK_RSS / 1024))" "-" "-" "<= 96 MiB"
 printf '%-44s %10s %10s %8s  %s\n' "idle RSS watching $FILES files (MiB)" "$((IDLE_RSS / 1024))" "-" "-" "<= 40 MiB"
+printf '%-44s %10s %10s %8s  %s\n' "SIGTERM to exit, 1,000 pending files (s)" "$(m sk_term)" "-" "-" "< shutdown.deadline (25 s); exit codes:$SIGTERM_CODES"
 echo "(sandkeep's initial sync includes daemon start and the startup reconcile; rclone's includes its process start)"

@@ -58,6 +58,8 @@ pub struct Lifecycle {
     phase: AtomicU8,
     pub shutdown: CancellationToken,
     pub abort: CancellationToken,
+    /// What the restores at start did, for `GET /v1/status`.
+    restored: std::sync::Mutex<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl Default for Lifecycle {
@@ -66,6 +68,7 @@ impl Default for Lifecycle {
             phase: AtomicU8::new(0),
             shutdown: CancellationToken::new(),
             abort: CancellationToken::new(),
+            restored: Default::default(),
         }
     }
 }
@@ -86,6 +89,23 @@ impl Lifecycle {
             Phase::ShuttingDown => 2,
         };
         self.phase.store(v, Ordering::Release);
+    }
+
+    /// Records what one restore at start did (`workspace`, `stores`).
+    pub fn record_restore(&self, what: &str, report: serde_json::Value) {
+        self.restored
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(what.to_string(), report);
+    }
+
+    pub fn restored(&self) -> serde_json::Value {
+        serde_json::Value::Object(
+            self.restored
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
     }
 
     pub fn request_shutdown(&self) {
@@ -295,6 +315,7 @@ pub async fn run(
         };
         match restored {
             Some(r) => {
+                lifecycle.record_restore("stores", serde_json::json!(r));
                 tracing::info!(
                     namespaces = r.namespaces,
                     keys = r.keys,

@@ -224,8 +224,8 @@ pub struct SyncEngine {
 }
 
 impl SyncEngine {
-    /// Prepares the engine: opens the manifest cache and adopts the remote manifest
-    /// when it is newer than the cached one. Returns the engine (to be `run`), its handle,
+    /// Prepares the engine: opens the manifest cache (the remote manifest is looked at
+    /// when the engine starts running). Returns the engine (to be `run`), its handle,
     /// and a receiver that fires once the startup reconcile round was attempted.
     pub async fn new(
         config: Arc<Config>,
@@ -241,35 +241,7 @@ impl SyncEngine {
         let cache = tokio::task::spawn_blocking(move || ManifestCache::open(&cache_path)).await??;
         let cache = Arc::new(cache);
         let keys = Keys::new(&config);
-        let mut manifest = cache.load()?;
-        match remote.get_bytes(&keys.manifest()).await {
-            Ok(Some(bytes)) => match serde_json::from_slice::<Manifest>(&bytes) {
-                Ok(m) if m.generation > manifest.generation => {
-                    tracing::info!(
-                        generation = m.generation,
-                        "adopting the newer remote manifest"
-                    );
-                    cache.store(&m, &[])?;
-                    manifest = m;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "remote manifest is unreadable; it will be rewritten")
-                }
-            },
-            Ok(None) if manifest.generation > 0 => {
-                tracing::warn!(
-                    "the remote has no manifest although one was published: uploading everything again"
-                );
-                manifest.files.clear();
-                manifest.symlinks.clear();
-                manifest.empty_dirs.clear();
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the remote manifest; using the local cache")
-            }
-        }
+        let manifest = cache.load()?;
         let (tx, events) = mpsc::channel(EVENT_QUEUE);
         let sink = EventSink {
             tx,
@@ -350,8 +322,45 @@ impl SyncEngine {
         }
     }
 
+    /// Adopts the remote manifest when it is newer than the cached one (a new state
+    /// directory, or another daemon wrote since). Runs when the engine starts, after
+    /// any restore, so the first round compares the tree with what the remote holds.
+    async fn adopt_remote_manifest(&mut self) {
+        match self.remote.get_bytes(&self.keys.manifest()).await {
+            Ok(Some(bytes)) => match serde_json::from_slice::<Manifest>(&bytes) {
+                Ok(m) if m.generation > self.manifest.generation => {
+                    tracing::info!(
+                        generation = m.generation,
+                        "adopting the newer remote manifest"
+                    );
+                    if let Err(e) = self.cache.store(&m, &[]) {
+                        tracing::error!(error = %e, "cannot cache the remote manifest");
+                    }
+                    self.manifest = m;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "remote manifest is unreadable; it will be rewritten")
+                }
+            },
+            Ok(None) if self.manifest.generation > 0 => {
+                tracing::warn!(
+                    "the remote has no manifest although one was published: uploading everything again"
+                );
+                self.manifest.files.clear();
+                self.manifest.symlinks.clear();
+                self.manifest.empty_dirs.clear();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the remote manifest; using the local cache")
+            }
+        }
+    }
+
     /// Runs until `stop` fires.
     pub async fn run(mut self, stop: CancellationToken) {
+        self.adopt_remote_manifest().await;
         self.start_watching();
         let mut force = true; // the startup reconcile
         let mut poll_tick = tokio::time::interval(self.config.watch.poll_interval.0);
