@@ -58,7 +58,7 @@ if ! command -v rclone >/dev/null; then
   log "installing rclone with apt-get"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rclone >/dev/null
 fi
-rclone version | head -1 >&2
+rclone version 2>/dev/null | sed -n 1p >&2
 
 mkdir -p "$TMP/s3/$BUCKET"
 "$S3SERVE" --port "$PORT" --root "$TMP/s3" --access-key "$AK" --secret-key "$SK" > "$TMP/s3.log" 2>&1 &
@@ -71,17 +71,19 @@ export RCLONE_CONFIG_S3_FORCE_PATH_STYLE=true
 
 # ---------------------------------------------------------------- workspaces
 log "generating workspaces"
-python3 - "$TMP" "$FILES" <<'EOF'
+python3 - "$TMP" "$FILES" "$ONLY" <<'EOF'
 import os, random, sys
-tmp, n = sys.argv[1], int(sys.argv[2])
+tmp, n, only = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
 rnd = random.Random(42)
 small = os.path.join(tmp, "ws-small")
-for i in range(n):
+for i in range(n if "init" in only else 0):
     d = os.path.join(small, f"d{i % 50:02d}", f"s{i % 7}")
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, f"f{i:05d}.txt"), "wb") as f:
         f.write(rnd.randbytes(rnd.randint(1024, 8192)))
-for name, size in (("ws-100m", 100 << 20), ("ws-1g", 1 << 30)):
+for name, size, want in (("ws-100m", 100 << 20, "100m"), ("ws-1g", 1 << 30, "rss")):
+    if want not in only:
+        continue
     os.makedirs(os.path.join(tmp, name), exist_ok=True)
     with open(os.path.join(tmp, name, "blob.bin"), "wb") as f:
         chunk = rnd.randbytes(1 << 20)
@@ -199,7 +201,7 @@ done
 
 m() { echo "${T[$1]:-}" | median; }
 echo
-echo "sandkeep vs rclone $(rclone version | head -1 | awk '{print $2}') on s3s-fs (loopback, TCP_NODELAY), median of $REPS"
+echo "sandkeep vs rclone $(rclone version 2>/dev/null | sed -n '1s/^rclone //p') on s3s-fs (loopback, TCP_NODELAY), median of $REPS"
 printf '%-44s %10s %10s %8s  %s\n' measurement sandkeep rclone ratio target
 printf '%-44s %10s %10s %8s  %s\n' "initial sync, $FILES small files (s)" "$(m sk_init)" "$(m rclone_init)" "$(ratio "$(m sk_init)" "$(m rclone_init)")" "<= 1.0x"
 printf '%-44s %10s %10s %8s  %s\n' "1 file changed: in the remote after (s)" "$(m sk_one)" "$(m rclone_one)" "$(ratio "$(m rclone_one)" "$(m sk_one)")x faster" "<= 2.3 s and >= 20x"
