@@ -444,6 +444,9 @@ mod tests {
         );
         let stop = CancellationToken::new();
         let task = tokio::spawn(rep.run(stop.clone()));
+        // Let the pass the replicator runs at start finish first: it could otherwise
+        // pick up the writes below and leave the flush with nothing to count.
+        assert_eq!(handle.flush().await.unwrap(), PassStats::default());
 
         set(&kv, "ns1", "k", json!(1)).await;
         files
