@@ -78,6 +78,21 @@ pub enum Command {
     },
     /// Ask the daemon to do its final sync and exit.
     Shutdown,
+    /// Restore the conversation's workspace into DIR straight from remote storage (no
+    /// daemon needed: for init containers). Prints a JSON summary.
+    Restore {
+        /// The directory to restore into (created if missing; must be empty unless
+        /// --force).
+        #[arg(long)]
+        to: PathBuf,
+        /// Restore a tar.gz snapshot instead of the file mirror: `latest`, an object
+        /// name or its timestamp part (20261130T120000123Z).
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Restore into a non-empty DIR, replacing its content with the remote state.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -305,6 +320,14 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let config = load_config(cli.config.as_deref())?;
             mint(&config, &ns, &scope, ttl, sub)
         }
+        Command::Restore {
+            to,
+            snapshot,
+            force,
+        } => {
+            let config = load_config(cli.config.as_deref())?;
+            crate::restore_cli::run(&config, &to, snapshot.as_deref(), force)
+        }
         command => {
             let socket = match cli.socket {
                 Some(s) => s,
@@ -457,7 +480,9 @@ async fn remote(client: &Client, command: Command) -> anyhow::Result<u8> {
         Command::Shutdown => client.request(Method::POST, "/v1/shutdown", None).await?,
         Command::Kv(args) => return kv(client, args).await,
         Command::Files(cmd) => return files(client, cmd).await,
-        Command::Serve | Command::Token(_) => unreachable!("handled locally"),
+        Command::Serve | Command::Token(_) | Command::Restore { .. } => {
+            unreachable!("handled locally")
+        }
     };
     Ok(print_reply(&reply))
 }

@@ -60,7 +60,7 @@ pub const SIGNATURE: &str = "# v2 git bundle";
 /// objects are held in memory while the bundle is built).
 pub const MAX_WIP_FILE: u64 = 256 * 1024 * 1024;
 /// Name of the root repository's bundle.
-const ROOT_STEM: &str = "workspace";
+pub const ROOT_STEM: &str = "workspace";
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {

@@ -31,5 +31,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod remote;
 pub mod replicate;
+pub mod restore;
+pub mod restore_cli;
 pub mod snapshot;
 pub mod sync;

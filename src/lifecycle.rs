@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
 use crate::auth::Authenticator;
-use crate::config::{AuthMode, Config};
+use crate::config::{AuthMode, Config, RestoreMode};
 use crate::files::FileStore;
 use crate::kv::crypto::{self, KeySource};
 use crate::kv::ops::Limits;
@@ -41,6 +41,8 @@ const WRITE_QUEUE: usize = 16_384;
 const RECONCILE_WAIT: Duration = Duration::from_secs(30);
 /// Exit code when the final sync could not finish within the deadline (EX_TEMPFAIL).
 pub const EXIT_INCOMPLETE: u8 = 75;
+/// In the state directory while a workspace restore is under way.
+const WORKSPACE_RESTORE_MARKER: &str = "workspace-restore.pending";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -264,7 +266,7 @@ pub async fn run(
     let remote = crate::remote::from_config(&config)
         .await
         .context("setting up remote storage")?;
-    let (engine, sync, first_round) =
+    let (mut engine, sync, first_round) =
         SyncEngine::new(config.clone(), remote.clone(), metrics.clone()).await?;
 
     let snapshots = Arc::new(crate::snapshot::Snapshots::new(
@@ -307,8 +309,52 @@ pub async fn run(
         .with_graceful_shutdown(server_stop.clone().cancelled_owned());
     let mut server = tokio::spawn(async move { server.await });
 
-    // Restore (the API answers `not_ready` meanwhile).
-    if files.restore_pending().await? {
+    // Restore (the API answers `not_ready` meanwhile): the workspace first, then the
+    // KV and the file store.
+    if let Some(force) = workspace_restore_plan(&config) {
+        let marker = config.state_dir.join(WORKSPACE_RESTORE_MARKER);
+        // Until the restore finished, a restart resumes it (a half-restored workspace
+        // must never be taken for the truth and mirrored over the remote).
+        std::fs::write(&marker, b"").with_context(|| format!("writing {}", marker.display()))?;
+        let restored = tokio::select! {
+            r = restore_workspace_retrying(remote.as_ref(), &config, force) => Some(r),
+            _ = lifecycle.shutdown.cancelled() => None,
+        };
+        match restored {
+            Some(Ok(Some(report))) => {
+                tracing::info!(
+                    generation = report.generation,
+                    files = report.files,
+                    bytes = report.bytes,
+                    unchanged = report.unchanged,
+                    repos = report.repos.len(),
+                    bad = report.bad.len(),
+                    ms = report.duration_ms,
+                    "workspace restored from remote storage"
+                );
+                for b in &report.bad {
+                    tracing::error!(path = %b.path, error = %b.error, "entry not restored; its remote copy is kept");
+                }
+                engine.protect(report.bad.iter().map(|b| b.path.clone()));
+                lifecycle.record_restore("workspace", serde_json::json!(report));
+                remove_marker(&marker);
+            }
+            Some(Ok(None)) => {
+                tracing::info!("nothing to restore: the remote holds no workspace manifest");
+                lifecycle.record_restore("workspace", serde_json::json!({"restored": false}));
+                remove_marker(&marker);
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "the workspace cannot be restored; starting with what it holds");
+                lifecycle.record_restore("workspace", serde_json::json!({"error": e.to_string()}));
+                remove_marker(&marker);
+            }
+            None => tracing::warn!(
+                "shut down before the workspace was restored; the next start resumes it"
+            ),
+        }
+    }
+    if files.restore_pending().await? && !lifecycle.shutdown.is_cancelled() {
         let restored = tokio::select! {
             r = restore_stores_retrying(&kv, &files, remote.as_ref(), &config) => r,
             _ = lifecycle.shutdown.cancelled() => None,
@@ -331,11 +377,16 @@ pub async fn run(
 
     let tasks = tokio_util::task::TaskTracker::new();
     let background_stop = CancellationToken::new();
-    tasks.spawn(kv.clone().run_purger(background_stop.clone()));
-    tasks.spawn(engine.run(background_stop.clone()));
-    tasks.spawn(snapshots.run(background_stop.clone()));
-    tasks.spawn(git.clone().run(background_stop.clone()));
-    tasks.spawn(replicator.run(background_stop.clone()));
+    // A shutdown during the restore: nothing was accepted (the API was not ready) and
+    // nothing may be mirrored from a half-restored workspace.
+    let started = !lifecycle.shutdown.is_cancelled();
+    if started {
+        tasks.spawn(kv.clone().run_purger(background_stop.clone()));
+        tasks.spawn(engine.run(background_stop.clone()));
+        tasks.spawn(snapshots.run(background_stop.clone()));
+        tasks.spawn(git.clone().run(background_stop.clone()));
+        tasks.spawn(replicator.run(background_stop.clone()));
+    }
 
     // Startup reconcile: what is on disk but not in the remote goes up first.
     if !lifecycle.shutdown.is_cancelled() {
@@ -374,14 +425,19 @@ pub async fn run(
     if let Err(e) = kv.drain().await {
         tracing::error!(error = %e, "the kv writer did not drain");
     }
-    let code = final_sync(
-        &sync,
-        &git,
-        &replica,
-        config.shutdown.deadline.0,
-        &lifecycle.abort,
-    )
-    .await;
+    let code = if started {
+        final_sync(
+            &sync,
+            &git,
+            &replica,
+            config.shutdown.deadline.0,
+            &lifecycle.abort,
+        )
+        .await
+    } else {
+        tracing::info!("stopped during start-up: remote storage was not written");
+        0
+    };
 
     server_stop.cancel();
     match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
@@ -399,6 +455,71 @@ pub async fn run(
         .context("closing the kv store")?;
     tracing::info!(code, "stopped");
     Ok(code)
+}
+
+/// Whether the workspace is restored at start, and with `force`: `force` always;
+/// `auto` when the workspace holds nothing (the daemon's own directories aside) or an
+/// earlier restore was cut short; `never` never.
+fn workspace_restore_plan(config: &Config) -> Option<bool> {
+    if config.state_dir.join(WORKSPACE_RESTORE_MARKER).exists() {
+        tracing::info!("an earlier restore was cut short: resuming it");
+        return Some(config.restore == RestoreMode::Force);
+    }
+    match config.restore {
+        RestoreMode::Never => None,
+        RestoreMode::Force => Some(true),
+        RestoreMode::Auto => {
+            let own = crate::restore::own_excludes(config, &config.workspace);
+            match crate::restore::is_empty_dir(&config.workspace, &own) {
+                Ok(true) => Some(false),
+                Ok(false) => {
+                    tracing::info!(
+                        "the workspace is not empty: not restoring (restore = \"auto\"); \
+                         reconciling it with remote storage instead"
+                    );
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the workspace; not restoring");
+                    None
+                }
+            }
+        }
+    }
+}
+
+fn remove_marker(marker: &Path) {
+    if let Err(e) = std::fs::remove_file(marker) {
+        tracing::warn!(error = %e, marker = %marker.display(), "cannot remove the restore marker");
+    }
+}
+
+/// Restores the workspace, retrying while remote storage cannot be read.
+async fn restore_workspace_retrying(
+    remote: &dyn crate::remote::Remote,
+    config: &Config,
+    force: bool,
+) -> Result<Option<crate::restore::RestoreReport>, crate::restore::RestoreError> {
+    let opts = crate::restore::RestoreOptions::from_config(config, &config.workspace, force);
+    let mut backoff = crate::remote::Backoff::default();
+    loop {
+        match crate::restore::restore_workspace(
+            remote,
+            &config.conversation_prefix(),
+            &config.workspace,
+            &opts,
+            &crate::restore::NoProgress,
+        )
+        .await
+        {
+            Err(crate::restore::RestoreError::Remote(e)) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot restore the workspace yet; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Imports the KV namespaces and the file store of a new state directory, retrying

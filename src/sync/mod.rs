@@ -211,6 +211,9 @@ pub struct SyncEngine {
     retry_at: Option<Instant>,
     /// Deletions held by the guards.
     hold: Option<Hold>,
+    /// Paths a restore could not write: kept in the remote (and the manifest) while
+    /// they are missing here, instead of being deleted as gone.
+    protected: BTreeSet<String>,
     waiters: Vec<(bool, oneshot::Sender<Result<RoundStats, SyncError>>)>,
     commands: mpsc::Receiver<Command>,
     status: Arc<Mutex<SyncStatus>>,
@@ -236,7 +239,10 @@ impl SyncEngine {
             Ok(r) => r,
             Err(_) => std::path::absolute(&config.workspace)?,
         };
-        let rules = Arc::new(Rules::new(&root, &config.sync.exclude)?);
+        // The daemon's own directories (state, a `dir` remote) are never mirrored.
+        let mut excludes = config.sync.exclude.clone();
+        excludes.extend(crate::restore::own_excludes(&config, &root));
+        let rules = Arc::new(Rules::new(&root, &excludes)?);
         let cache_path = config.state_dir.join("sync.redb");
         let cache = tokio::task::spawn_blocking(move || ManifestCache::open(&cache_path)).await??;
         let cache = Arc::new(cache);
@@ -274,6 +280,7 @@ impl SyncEngine {
             backoff: Backoff::default(),
             retry_at: None,
             hold: None,
+            protected: BTreeSet::new(),
             waiters: Vec::new(),
             commands,
             status: status.clone(),
@@ -287,6 +294,12 @@ impl SyncEngine {
             config,
         };
         Ok((engine, SyncHandle { tx: cmd_tx, status }, first_rx))
+    }
+
+    /// Keeps `paths` (entries a restore could not write) in remote storage while
+    /// they are missing from the workspace; one that appears again syncs as usual.
+    pub fn protect(&mut self, paths: impl IntoIterator<Item = String>) {
+        self.protected.extend(paths);
     }
 
     fn root_available(&self) -> Result<(), SyncError> {
@@ -723,6 +736,22 @@ impl SyncEngine {
             self.skipped = obs.skipped.total();
         }
         next.symlinks.extend(obs.symlinks.clone());
+        if !self.protected.is_empty() {
+            self.protected
+                .retain(|p| !obs.files.contains_key(p) && !obs.symlinks.contains_key(p));
+            gone.retain(|p| {
+                let keep = self.protected.contains(p);
+                if keep && let Some(e) = self.manifest.files.get(p) {
+                    next.files.insert(p.clone(), e.clone());
+                }
+                !keep
+            });
+            for p in &self.protected {
+                if let Some(t) = self.manifest.symlinks.get(p) {
+                    next.symlinks.entry(p.clone()).or_insert_with(|| t.clone());
+                }
+            }
+        }
         for d in &obs.non_empty_dirs {
             next.empty_dirs.remove(d);
         }

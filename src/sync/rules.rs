@@ -79,6 +79,14 @@ impl Rules {
         m
     }
 
+    /// Whether the configured patterns alone (not ignore files, not `.git`) exclude
+    /// the relative `rel`.
+    pub fn excluded_by_config(&self, rel: &Path, is_dir: bool) -> bool {
+        self.excludes
+            .matched_path_or_any_parents(rel, is_dir)
+            .is_ignore()
+    }
+
     /// Whether the workspace-relative `rel` (a directory when `is_dir`) is excluded.
     pub fn is_ignored(&self, rel: &Path, is_dir: bool) -> bool {
         if let Some(at) = rel.components().position(|c| c.as_os_str() == ".git") {

@@ -1,0 +1,786 @@
+//! Restoring a workspace from remote storage: from the file mirror (the manifest, one
+//! object per file) plus the git bundles, or from a tar.gz snapshot.
+//!
+//! The daemon runs [`restore_workspace`] at start (`restore = auto | force`) and
+//! `sandkeep restore --to DIR` runs it (or [`restore_snapshot`]) offline.
+//!
+//! Safety rules: every path from the remote is checked (relative, no `.`/`..`, never
+//! inside `.git` or one of the daemon's own directories, never through a symlink);
+//! files are written to a temporary name in their directory, checked against the
+//! manifest hash (a mismatch is downloaded once more) and renamed into place with their
+//! mode and modification time; an entry that cannot be restored is skipped and
+//! reported in [`RestoreReport::bad`], never a reason to abort the rest.
+
+use std::collections::BTreeSet;
+use std::fs::{self, FileTimes};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::config::{Config, RemoteKind};
+use crate::gitbundle::{self, GIT_DIR};
+use crate::remote::{self, Backoff, Remote, RemoteError};
+use crate::snapshot::{self, COMPRESSED_DIR};
+use crate::sync::manifest::{FileEntry, Manifest};
+use crate::sync::rules::Rules;
+use crate::sync::scan::hash_file;
+
+/// Attempts at a download that fails for want of an answer (connection, 5xx).
+const TRANSPORT_ATTEMPTS: u32 = 4;
+/// Prefix of the temporary names restored files are written under.
+const TMP_PREFIX: &str = ".sandkeep-restore-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// Remote storage could not be read (the manifest, a listing): retry later.
+    #[error("reading remote storage: {0}")]
+    Remote(#[from] RemoteError),
+    #[error("the remote manifest is unreadable: {0}")]
+    Manifest(String),
+    #[error("{what}: {source}")]
+    Local { what: String, source: io::Error },
+    #[error("no snapshot named {0:?} in remote storage")]
+    NoSnapshot(String),
+    #[error("restore task failed: {0}")]
+    Task(String),
+}
+
+fn local(what: impl std::fmt::Display, source: io::Error) -> RestoreError {
+    RestoreError::Local {
+        what: what.to_string(),
+        source,
+    }
+}
+
+/// How to restore.
+#[derive(Clone, Debug)]
+pub struct RestoreOptions {
+    /// Parallel downloads.
+    pub concurrency: usize,
+    /// Replace the target's content with the remote state: entries the remote does
+    /// not have are removed (except excluded ones), entries in the way are replaced.
+    /// Without it, files already in the target are still brought to the remote
+    /// content (a resumed restore), but nothing else is removed.
+    pub force: bool,
+    /// Gitignore patterns of what restore never touches (the mirror's excludes and
+    /// the daemon's own directories inside the target).
+    pub exclude: Vec<String>,
+}
+
+impl RestoreOptions {
+    pub fn from_config(config: &Config, target: &Path, force: bool) -> Self {
+        let mut exclude = config.sync.exclude.clone();
+        exclude.extend(own_excludes(config, target));
+        Self {
+            concurrency: config.sync.concurrency.max(1) as usize,
+            force,
+            exclude,
+        }
+    }
+}
+
+/// Anchored patterns for the daemon's own directories (state dir, a `dir` remote)
+/// when they lie inside `root`.
+pub fn own_excludes(config: &Config, root: &Path) -> Vec<String> {
+    let root = fs::canonicalize(root)
+        .or_else(|_| std::path::absolute(root))
+        .unwrap_or_else(|_| root.to_path_buf());
+    let mut own = vec![config.state_dir.clone()];
+    if let Some(dir) = config.socket.parent() {
+        own.push(dir.to_path_buf());
+    }
+    if config.remote.kind == RemoteKind::Dir {
+        own.push(config.remote.path.clone());
+    }
+    snapshot::inner_excludes(&root, &own)
+}
+
+/// One entry that could not be restored.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct BadEntry {
+    pub path: String,
+    pub error: String,
+}
+
+/// A repository restored from its bundle.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct RepoRestored {
+    /// `"."` for the workspace root, else the subdirectory.
+    pub repo: String,
+    pub refs: usize,
+}
+
+/// What a restore did.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Generation of the manifest restored (0 for a snapshot).
+    pub generation: u64,
+    /// Files downloaded (or extracted).
+    pub files: u64,
+    pub bytes: u64,
+    /// Files that were already there with the right content (only mode and time set).
+    pub unchanged: u64,
+    pub symlinks: u64,
+    pub empty_dirs: u64,
+    /// Entries removed because the remote does not have them (`force`).
+    pub removed: u64,
+    pub repos: Vec<RepoRestored>,
+    /// The snapshot object restored, if it was a snapshot.
+    pub snapshot: Option<String>,
+    pub bad: Vec<BadEntry>,
+    pub duration_ms: u64,
+}
+
+/// Told how far a restore got (a progress bar on a terminal).
+pub trait Progress: Send + Sync {
+    fn start(&self, _files: u64, _bytes: u64) {}
+    fn advance(&self, _bytes: u64) {}
+    fn finish(&self) {}
+}
+
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// Whether `dir` holds nothing but what `exclude` (gitignore patterns relative to it)
+/// names. A missing directory is empty.
+pub fn is_empty_dir(dir: &Path, exclude: &[String]) -> io::Result<bool> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    let root = fs::canonicalize(dir)?;
+    let rules = Rules::new(&root, exclude).map_err(io::Error::other)?;
+    for e in entries {
+        let e = e?;
+        let is_dir = e.file_type()?.is_dir();
+        let rel = PathBuf::from(e.file_name());
+        if !rules.excluded_by_config(&rel, is_dir) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Checks a workspace-relative path from the remote: relative, plain segments only,
+/// never inside `.git`.
+fn checked_rel(rel: &str) -> Result<&Path, String> {
+    let p = Path::new(rel);
+    if rel.is_empty() || rel.contains('\0') {
+        return Err("empty path or NUL in the path".into());
+    }
+    for c in p.components() {
+        match c {
+            Component::Normal(s) if s != ".git" => {}
+            Component::Normal(_) => return Err("paths inside .git are never restored".into()),
+            _ => return Err("not a plain relative path".into()),
+        }
+    }
+    if rel.ends_with('/') || rel.contains("//") {
+        return Err("not a plain relative path".into());
+    }
+    Ok(p)
+}
+
+/// Makes every directory from `root` down to `rel`'s parent a real directory (never
+/// following a symlink). In the way: a symlink or file is replaced when `force`, else
+/// it is an error.
+fn make_parents(root: &Path, rel: &Path, force: bool) -> Result<PathBuf, String> {
+    let mut at = root.to_path_buf();
+    let parent = rel.parent().unwrap_or(Path::new(""));
+    for c in parent.components() {
+        at.push(c);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => continue,
+            Ok(m) => {
+                if !force {
+                    let what = if m.file_type().is_symlink() {
+                        "a symlink"
+                    } else {
+                        "a file"
+                    };
+                    return Err(format!("{} is {what}, not a directory", at.display()));
+                }
+                fs::remove_file(&at).map_err(|e| format!("removing {}: {e}", at.display()))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", at.display())),
+        }
+        match fs::create_dir(&at) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && at.is_dir() => {}
+            Err(e) => return Err(format!("creating {}: {e}", at.display())),
+        }
+    }
+    Ok(at)
+}
+
+/// Removes whatever is at `path` (a directory with its content).
+fn remove_any(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn system_time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+/// Gives the file at `path` its manifest mode and modification time.
+fn set_mode_and_time(path: &Path, e: &FileEntry) -> io::Result<()> {
+    let f = fs::File::options().write(true).open(path).or_else(|_| {
+        // A read-only file: open it for reading to set the times, then fix the mode.
+        fs::File::open(path)
+    })?;
+    f.set_times(FileTimes::new().set_modified(system_time(e.mtime)))?;
+    drop(f);
+    fs::set_permissions(path, fs::Permissions::from_mode(e.mode & 0o7777))
+}
+
+struct Job<'a> {
+    remote: &'a dyn Remote,
+    files_prefix: String,
+    root: &'a Path,
+    force: bool,
+    progress: &'a dyn Progress,
+}
+
+enum FileOutcome {
+    Downloaded(u64),
+    Unchanged,
+}
+
+impl Job<'_> {
+    async fn file(&self, rel: &str, e: &FileEntry) -> Result<FileOutcome, String> {
+        let relp = checked_rel(rel)?;
+        let dir = make_parents(self.root, relp, self.force)?;
+        let dest = self.root.join(relp);
+        match fs::symlink_metadata(&dest) {
+            Ok(m) if m.is_file() && m.len() == e.size => {
+                let (p, want) = (dest.clone(), e.hash.clone());
+                let same = tokio::task::spawn_blocking(move || {
+                    hash_file(&p).map(|h| h.hash == want).unwrap_or(false)
+                })
+                .await
+                .unwrap_or(false);
+                if same {
+                    set_mode_and_time(&dest, e).map_err(|err| format!("setting mode: {err}"))?;
+                    self.progress.advance(e.size);
+                    return Ok(FileOutcome::Unchanged);
+                }
+            }
+            Ok(m) if m.is_dir() && !self.force => {
+                return Err("a directory is in the way".into());
+            }
+            Ok(m) if m.is_dir() => {
+                fs::remove_dir_all(&dest).map_err(|err| format!("removing a directory: {err}"))?;
+            }
+            _ => {}
+        }
+        let tmp = dir.join(format!("{TMP_PREFIX}{:016x}", rand::random::<u64>()));
+        let result = self.download(rel, e, &tmp).await;
+        let done = result.and_then(|()| {
+            set_mode_and_time(&tmp, e).map_err(|err| format!("setting mode: {err}"))?;
+            fs::rename(&tmp, &dest).map_err(|err| format!("renaming into place: {err}"))
+        });
+        if done.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        done.map(|()| {
+            self.progress.advance(e.size);
+            FileOutcome::Downloaded(e.size)
+        })
+    }
+
+    /// Downloads into `tmp` and checks the hash; a mismatch is downloaded once more.
+    async fn download(&self, rel: &str, e: &FileEntry, tmp: &Path) -> Result<(), String> {
+        let key = format!("{}{rel}", self.files_prefix);
+        for attempt in 0..2 {
+            let mut backoff = Backoff::default();
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match self.remote.get_to_file(&key, tmp).await {
+                    Ok(_) => break,
+                    Err(RemoteError::NotFound { .. }) => {
+                        return Err("missing in remote storage".into());
+                    }
+                    Err(err @ RemoteError::Transport { .. }) if tries < TRANSPORT_ATTEMPTS => {
+                        tracing::debug!(error = %err, "restore download failed; retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                    Err(err) => return Err(err.to_string()),
+                }
+            }
+            let p = tmp.to_path_buf();
+            let hashed = tokio::task::spawn_blocking(move || hash_file(&p))
+                .await
+                .map_err(|err| err.to_string())?
+                .map_err(|err| format!("hashing: {err}"))?;
+            if hashed.hash == e.hash {
+                return Ok(());
+            }
+            tracing::warn!(
+                path = rel,
+                attempt,
+                "restored file does not match the manifest hash"
+            );
+        }
+        Err("the content does not match the manifest hash".into())
+    }
+}
+
+/// Restores the workspace mirror of `conversation_prefix` into `target`: the git
+/// repositories from their bundles first (refs, HEAD, index, the work tree from the WIP
+/// commit), then every file of the manifest over them, symlinks and empty directories.
+/// `None` when the remote has no manifest (nothing was ever synced).
+pub async fn restore_workspace(
+    remote: &dyn Remote,
+    conversation_prefix: &str,
+    target: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<Option<RestoreReport>, RestoreError> {
+    let started = Instant::now();
+    let manifest_key = format!("{conversation_prefix}workspace/manifest.json");
+    let Some(bytes) = remote.get_bytes(&manifest_key).await? else {
+        return Ok(None);
+    };
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| RestoreError::Manifest(e.to_string()))?;
+    let git_objects = remote::list_all(remote, &format!("{conversation_prefix}{GIT_DIR}")).await?;
+
+    fs::create_dir_all(target)
+        .map_err(|e| local(format_args!("creating {}", target.display()), e))?;
+    let root = fs::canonicalize(target)
+        .map_err(|e| local(format_args!("resolving {}", target.display()), e))?;
+    let rules = Rules::new(&root, &opts.exclude)
+        .map_err(|e| local("exclude patterns", io::Error::other(e)))?;
+    let mut report = RestoreReport {
+        generation: manifest.generation,
+        ..Default::default()
+    };
+    let excluded = |rel: &str, is_dir: bool| rules.excluded_by_config(Path::new(rel), is_dir);
+
+    if opts.force {
+        report.removed = remove_extras(&root, &rules, &manifest, &mut report.bad);
+    }
+
+    // Repositories: the bundles' work trees first, the mirror's files over them.
+    let mut stems: Vec<String> = git_objects
+        .iter()
+        .filter_map(|o| o.key.rsplit('/').next()?.strip_suffix(".json"))
+        .map(String::from)
+        .collect();
+    stems.sort_by_key(|s| (s != gitbundle::ROOT_STEM, s.clone()));
+    for stem in stems {
+        let (repo, dir) = if stem == gitbundle::ROOT_STEM {
+            (".".to_string(), root.clone())
+        } else {
+            if checked_rel(&stem).is_err() || stem.contains('/') || excluded(&stem, true) {
+                report.bad.push(BadEntry {
+                    path: format!("{stem}/.git"),
+                    error: "not a first-level directory name".into(),
+                });
+                continue;
+            }
+            if let Err(error) = make_parents(&root, &Path::new(&stem).join(".git"), opts.force) {
+                report.bad.push(BadEntry {
+                    path: format!("{stem}/.git"),
+                    error,
+                });
+                continue;
+            }
+            (stem.clone(), root.join(&stem))
+        };
+        let label = if repo == "." {
+            ".git".to_string()
+        } else {
+            format!("{repo}/.git")
+        };
+        match gitbundle::fetch_and_restore(remote, conversation_prefix, &stem, &dir, &root).await {
+            Ok(Some(r)) => report.repos.push(RepoRestored { repo, refs: r.refs }),
+            Ok(None) => {}
+            Err(e) => report.bad.push(BadEntry {
+                path: label,
+                error: e.to_string(),
+            }),
+        }
+    }
+
+    // Files, in parallel.
+    let wanted: Vec<(&String, &FileEntry)> = manifest
+        .files
+        .iter()
+        .filter(|(rel, _)| !excluded(rel, false))
+        .collect();
+    progress.start(
+        wanted.len() as u64,
+        wanted.iter().map(|(_, e)| e.size).sum(),
+    );
+    let job = Job {
+        remote,
+        files_prefix: format!("{conversation_prefix}workspace/files/"),
+        root: &root,
+        force: opts.force,
+        progress,
+    };
+    let mut results = futures::stream::iter(wanted)
+        .map(|(rel, e)| {
+            let job = &job;
+            async move { (rel, job.file(rel, e).await) }
+        })
+        .buffer_unordered(opts.concurrency.max(1));
+    while let Some((rel, r)) = results.next().await {
+        match r {
+            Ok(FileOutcome::Downloaded(n)) => {
+                report.files += 1;
+                report.bytes += n;
+            }
+            Ok(FileOutcome::Unchanged) => report.unchanged += 1,
+            Err(error) => report.bad.push(BadEntry {
+                path: rel.clone(),
+                error,
+            }),
+        }
+    }
+    drop(results);
+
+    for dir in &manifest.empty_dirs {
+        if excluded(dir, true) {
+            continue;
+        }
+        let made = checked_rel(dir)
+            .and_then(|rel| make_parents(&root, &rel.join("x"), opts.force).map(|_| ()));
+        match made {
+            Ok(()) => report.empty_dirs += 1,
+            Err(error) => report.bad.push(BadEntry {
+                path: dir.clone(),
+                error,
+            }),
+        }
+    }
+    // Symlinks last: nothing is ever written through one of them.
+    for (rel, link) in &manifest.symlinks {
+        if excluded(rel, false) {
+            continue;
+        }
+        match restore_symlink(&root, rel, link, opts.force) {
+            Ok(()) => report.symlinks += 1,
+            Err(error) => report.bad.push(BadEntry {
+                path: rel.clone(),
+                error,
+            }),
+        }
+    }
+    progress.finish();
+    report.bad.sort_by(|a, b| a.path.cmp(&b.path));
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(Some(report))
+}
+
+fn restore_symlink(root: &Path, rel: &str, link: &str, force: bool) -> Result<(), String> {
+    let relp = checked_rel(rel)?;
+    make_parents(root, relp, force)?;
+    let dest = root.join(relp);
+    match fs::symlink_metadata(&dest) {
+        Ok(m) if m.file_type().is_symlink() => {
+            if fs::read_link(&dest).is_ok_and(|t| t == Path::new(link)) {
+                return Ok(());
+            }
+            fs::remove_file(&dest).map_err(|e| format!("replacing a symlink: {e}"))?;
+        }
+        Ok(_) if force => {
+            remove_any(&dest).map_err(|e| format!("removing what is in the way: {e}"))?
+        }
+        Ok(_) => return Err("something else is in the way".into()),
+        Err(_) => {}
+    }
+    std::os::unix::fs::symlink(link, &dest).map_err(|e| format!("creating the symlink: {e}"))
+}
+
+/// Removes files and symlinks the manifest does not name (and that the mirror would
+/// carry: excluded and ignored entries and `.git` stay); returns how many.
+fn remove_extras(root: &Path, rules: &Rules, manifest: &Manifest, bad: &mut Vec<BadEntry>) -> u64 {
+    let mut removed = 0;
+    let mut stack = vec![PathBuf::new()];
+    let keep_dirs: BTreeSet<&str> = manifest.empty_dirs.iter().map(String::as_str).collect();
+    while let Some(rel_dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(root.join(&rel_dir)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let rel = rel_dir.join(e.file_name());
+            let Ok(ft) = e.file_type() else { continue };
+            if rules.is_ignored(&rel, ft.is_dir()) {
+                continue;
+            }
+            let Some(key) = rel.to_str() else { continue };
+            if ft.is_dir() {
+                if !keep_dirs.contains(key) {
+                    stack.push(rel);
+                }
+                continue;
+            }
+            if manifest.files.contains_key(key) || manifest.symlinks.contains_key(key) {
+                continue;
+            }
+            match fs::remove_file(e.path()) {
+                Ok(()) => removed += 1,
+                Err(err) => bad.push(BadEntry {
+                    path: key.to_string(),
+                    error: format!("removing: {err}"),
+                }),
+            }
+        }
+    }
+    removed
+}
+
+/// Restores a tar.gz snapshot (`which` = `latest`, an object name or its timestamp
+/// part) into `target`. `.git` directories come back as they were archived; times
+/// have whole seconds (tar headers).
+pub async fn restore_snapshot(
+    remote: &dyn Remote,
+    conversation_prefix: &str,
+    which: &str,
+    target: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport, RestoreError> {
+    let started = Instant::now();
+    let listed =
+        remote::list_all(remote, &format!("{conversation_prefix}{COMPRESSED_DIR}")).await?;
+    let mut named: Vec<(u64, &remote::ObjectInfo)> = listed
+        .iter()
+        .filter_map(|o| Some((snapshot::parse_backup_name(&o.key)?, o)))
+        .collect();
+    named.sort_by_key(|(ms, _)| *ms);
+    let pick = if which == "latest" {
+        named.last()
+    } else {
+        named.iter().find(|(_, o)| {
+            let name = o.key.rsplit('/').next().unwrap_or_default();
+            name == which
+                || name
+                    .strip_prefix("backup-")
+                    .and_then(|s| s.strip_suffix(".tar.gz"))
+                    == Some(which)
+        })
+    };
+    let Some((_, object)) = pick else {
+        return Err(RestoreError::NoSnapshot(which.to_string()));
+    };
+    let name = object
+        .key
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    fs::create_dir_all(target)
+        .map_err(|e| local(format_args!("creating {}", target.display()), e))?;
+    let root = fs::canonicalize(target)
+        .map_err(|e| local(format_args!("resolving {}", target.display()), e))?;
+    progress.start(1, object.size);
+    let tmp = root.join(format!("{TMP_PREFIX}{:016x}.tar.gz", rand::random::<u64>()));
+    let mut backoff = Backoff::default();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match remote.get_to_file(&object.key, &tmp).await {
+            Ok(_) => break,
+            Err(e @ RemoteError::Transport { .. }) if tries < TRANSPORT_ATTEMPTS => {
+                tracing::debug!(error = %e, "snapshot download failed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e.into());
+            }
+        }
+    }
+    progress.advance(object.size);
+    let (archive, dest, force, exclude) =
+        (tmp.clone(), root.clone(), opts.force, opts.exclude.clone());
+    let extracted = tokio::task::spawn_blocking(move || extract(&archive, &dest, force, &exclude))
+        .await
+        .map_err(|e| RestoreError::Task(e.to_string()));
+    let _ = fs::remove_file(&tmp);
+    let mut report = extracted??;
+    progress.finish();
+    report.snapshot = Some(name);
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// Unpacks the archive at `archive` into `root` entry by entry.
+fn extract(
+    archive: &Path,
+    root: &Path,
+    force: bool,
+    exclude: &[String],
+) -> Result<RestoreReport, RestoreError> {
+    let file = fs::File::open(archive).map_err(|e| local("opening the snapshot", e))?;
+    let gz = flate2::read::GzDecoder::new(io::BufReader::with_capacity(256 * 1024, file));
+    let mut tar = tar::Archive::new(gz);
+    tar.set_preserve_permissions(true);
+    tar.set_preserve_mtime(true);
+    tar.set_overwrite(true);
+    tar.set_unpack_xattrs(false);
+    let rules = Rules::new(root, exclude)
+        .map_err(|e| local("exclude patterns", io::Error::other(e)))?
+        .keeping_git();
+    let mut report = RestoreReport::default();
+    let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
+    let entries = tar
+        .entries()
+        .map_err(|e| local("reading the snapshot", e))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| local("reading the snapshot", e))?;
+        let path = match entry.path() {
+            Ok(p) => p.into_owned(),
+            Err(e) => {
+                report.bad.push(BadEntry {
+                    path: String::from_utf8_lossy(&entry.path_bytes()).into_owned(),
+                    error: e.to_string(),
+                });
+                continue;
+            }
+        };
+        let label = path.to_string_lossy().trim_end_matches('/').to_string();
+        let kind = entry.header().entry_type();
+        if label.is_empty() || label == "." {
+            continue;
+        }
+        if rules.excluded_by_config(&path, kind.is_dir()) {
+            continue;
+        }
+        let plain = path.components().all(|c| matches!(c, Component::Normal(_)));
+        if !plain {
+            report.bad.push(BadEntry {
+                path: label,
+                error: "not a plain relative path".into(),
+            });
+            continue;
+        }
+        if let Err(error) = make_parents(root, &path, force) {
+            report.bad.push(BadEntry { path: label, error });
+            continue;
+        }
+        let dest = root.join(&path);
+        if !kind.is_dir() && fs::symlink_metadata(&dest).is_ok_and(|m| m.is_dir()) {
+            if !force {
+                report.bad.push(BadEntry {
+                    path: label,
+                    error: "a directory is in the way".into(),
+                });
+                continue;
+            }
+            let _ = fs::remove_dir_all(&dest);
+        }
+        if kind.is_dir() {
+            // Modes of directories are set at the end: a read-only one would refuse
+            // its own content.
+            if let Ok(mode) = entry.header().mode() {
+                dirs.push((dest.clone(), mode));
+            }
+            match fs::create_dir_all(&dest) {
+                Ok(()) => report.empty_dirs += 1,
+                Err(e) => report.bad.push(BadEntry {
+                    path: label,
+                    error: e.to_string(),
+                }),
+            }
+            continue;
+        }
+        let size = entry.header().size().unwrap_or(0);
+        match entry.unpack(&dest) {
+            Ok(_) if kind.is_symlink() => report.symlinks += 1,
+            Ok(_) => {
+                report.files += 1;
+                report.bytes += size;
+            }
+            Err(e) => report.bad.push(BadEntry {
+                path: label,
+                error: e.to_string(),
+            }),
+        }
+    }
+    // Directories that got content are not empty ones.
+    report.empty_dirs = dirs
+        .iter()
+        .filter(|(d, _)| fs::read_dir(d).is_ok_and(|mut r| r.next().is_none()))
+        .count() as u64;
+    for (d, mode) in dirs.iter().rev() {
+        let _ = fs::set_permissions(d, fs::Permissions::from_mode(mode & 0o7777));
+    }
+    report.bad.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_paths_are_checked() {
+        for ok in ["a", "a/b.txt", "dir/.gitignore", "x/.github/y"] {
+            assert!(checked_rel(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../b",
+            "./a",
+            "a//b",
+            "a/",
+            ".git/config",
+            "sub/.git/HEAD",
+            "a\0b",
+        ] {
+            assert!(checked_rel(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parents_never_go_through_symlinks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let outside = root.join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::create_dir(root.join("t")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("t/link")).unwrap();
+        let t = root.join("t");
+        assert!(make_parents(&t, Path::new("link/file"), false).is_err());
+        assert!(fs::read_dir(&outside).unwrap().next().is_none());
+        // With force the symlink is replaced by a real directory.
+        let made = make_parents(&t, Path::new("link/file"), true).unwrap();
+        assert!(fs::symlink_metadata(&made).unwrap().is_dir());
+        assert!(outside.exists());
+    }
+
+    #[test]
+    fn empty_means_nothing_but_excluded_entries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        assert!(is_empty_dir(&d.join("missing"), &[]).unwrap());
+        assert!(is_empty_dir(d, &[]).unwrap());
+        fs::create_dir(d.join("state")).unwrap();
+        assert!(!is_empty_dir(d, &[]).unwrap());
+        assert!(is_empty_dir(d, &["/state/".into()]).unwrap());
+        fs::write(d.join(".hidden"), "x").unwrap();
+        assert!(!is_empty_dir(d, &["/state/".into()]).unwrap());
+    }
+}

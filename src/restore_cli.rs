@@ -1,0 +1,138 @@
+//! `sandkeep restore --to DIR [--snapshot latest|NAME] [--force]`: restores a
+//! conversation's workspace straight from remote storage, no daemon needed (init
+//! containers). A progress bar on a terminal; a JSON summary on stdout otherwise.
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::cli::{EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE};
+use crate::config::Config;
+use crate::restore::{self, NoProgress, Progress, RestoreError, RestoreOptions};
+
+struct Bar(ProgressBar);
+
+impl Progress for Bar {
+    fn start(&self, _files: u64, bytes: u64) {
+        self.0.set_length(bytes);
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+pub fn run(config: &Config, to: &Path, snapshot: Option<&str>, force: bool) -> anyhow::Result<u8> {
+    if !force && !restore::is_empty_dir(to, &[])? {
+        eprintln!(
+            "sandkeep: {} is not empty; restore into an empty directory or pass --force \
+             (which replaces its content with the remote state)",
+            to.display()
+        );
+        return Ok(EXIT_USAGE);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(restore(config, to, snapshot, force))
+}
+
+async fn restore(
+    config: &Config,
+    to: &Path,
+    snapshot: Option<&str>,
+    force: bool,
+) -> anyhow::Result<u8> {
+    let remote = crate::remote::from_config(config).await?;
+    let prefix = config.conversation_prefix();
+    let mut opts = RestoreOptions::from_config(config, to, force);
+    // Offline, the target is not the daemon's workspace: only the mirror's own
+    // exclusions apply.
+    opts.exclude = config.sync.exclude.clone();
+    let tty = std::io::stderr().is_terminal();
+    let progress: Box<dyn Progress> = if tty {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} restoring [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )?
+            .progress_chars("=> "),
+        );
+        Box::new(Bar(bar))
+    } else {
+        Box::new(NoProgress)
+    };
+    let result = match snapshot {
+        Some(which) => restore::restore_snapshot(
+            remote.as_ref(),
+            &prefix,
+            which,
+            to,
+            &opts,
+            progress.as_ref(),
+        )
+        .await
+        .map(Some),
+        None => {
+            restore::restore_workspace(remote.as_ref(), &prefix, to, &opts, progress.as_ref()).await
+        }
+    };
+    let report = match result {
+        Ok(r) => r,
+        Err(e @ RestoreError::NoSnapshot(_)) => {
+            eprintln!("sandkeep: {e}");
+            return Ok(EXIT_NOT_FOUND);
+        }
+        Err(e) => {
+            eprintln!("sandkeep: restore failed: {e}");
+            return Ok(EXIT_ERROR);
+        }
+    };
+    let summary = match &report {
+        Some(r) => {
+            let mut v = serde_json::to_value(r)?;
+            v["restored"] = json!(true);
+            v
+        }
+        None => {
+            json!({"restored": false, "reason": "the remote holds no workspace manifest for this conversation"})
+        }
+    };
+    if let Some(r) = &report {
+        for b in &r.bad {
+            tracing::warn!(path = %b.path, error = %b.error, "entry not restored");
+        }
+    }
+    if tty {
+        match &report {
+            Some(r) => eprintln!(
+                "restored {} files ({} bytes, {} already there), {} symlinks, {} empty dirs, {} repositories in {} ms{}",
+                r.files + r.unchanged,
+                r.bytes,
+                r.unchanged,
+                r.symlinks,
+                r.empty_dirs,
+                r.repos.len(),
+                r.duration_ms,
+                if r.bad.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; {} entries NOT restored (see the JSON summary)",
+                        r.bad.len()
+                    )
+                }
+            ),
+            None => {
+                eprintln!("nothing to restore: the remote holds no workspace for this conversation")
+            }
+        }
+    }
+    println!("{summary}");
+    Ok(EXIT_OK)
+}
