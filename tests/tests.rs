@@ -31,6 +31,8 @@ mod git_bundle;
 mod lifecycle_e2e;
 #[path = "suite/remote_contract.rs"]
 mod remote_contract;
+#[path = "suite/restore_e2e.rs"]
+mod restore_e2e;
 #[path = "suite/s3_server.rs"]
 mod s3_server;
 #[path = "suite/snapshot_e2e.rs"]

@@ -1,0 +1,379 @@
+//! Restore, offline and at start: `sandkeep restore --to` from the file mirror and from
+//! a snapshot (empty-target check, `--force`, unknown snapshot, nothing to restore),
+//! bad entries (corrupt object, missing object, an entry that cannot be written, a
+//! path escaping the workspace) reported while the rest comes back and their remote
+//! copies are kept, `restore = auto` never clobbering a non-empty workspace, `force`
+//! replacing it, and a cut-short restore resumed by the next start.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::s3_server::S3Server;
+use crate::util::fs::{Entry, chmod, git, git_state, tree, write};
+use crate::util::{Daemon, ok, run_bounded, sandkeep_command};
+
+const CONV: &str = "conversations/u1/c1";
+/// No background work: only explicit syncs and the final sync write the remote.
+const CONFIG: &str = "[sync]\ndebounce_min = \"20s\"\ndebounce_max = \"30s\"\n\n[snapshot]\ninterval = \"0s\"\n\n[git]\ninterval = \"0s\"\n";
+
+fn not_git(rel: &str) -> bool {
+    rel == ".git" || rel.starts_with(".git/") || rel.contains("/.git")
+}
+
+/// Files, an executable, a symlink, an empty dir and (`with_git`) a repository with a
+/// commit and uncommitted work; then a synced, stopped daemon.
+async fn synced_workspace(s3: Option<&S3Server>, with_git: bool) -> Daemon {
+    let mut d = Daemon::prepare(CONFIG);
+    if let Some(s) = s3 {
+        s.configure(&d);
+    }
+    let ws = d.workspace.clone();
+    write(&ws, "a.txt", "alpha\n");
+    write(&ws, "src/lib/mod.rs", "pub fn f() {}\n");
+    write(&ws, "bin/tool", "#!/bin/sh\n");
+    chmod(&ws.join("bin/tool"), 0o750);
+    if with_git {
+        git(&ws, &["init", "-q"]);
+        git(&ws, &["add", "-A"]);
+        git(&ws, &["commit", "-q", "-m", "one"]);
+    }
+    write(&ws, "a.txt", "alpha, edited\n");
+    write(&ws, "untracked/new.md", "new\n");
+    write(&ws, "corrupt.txt", "will be corrupted\n");
+    write(&ws, "missing.txt", "will go missing\n");
+    std::fs::create_dir_all(ws.join("empty/dir")).unwrap();
+    std::os::unix::fs::symlink("src/lib/mod.rs", ws.join("link")).unwrap();
+    d.spawn_and_wait().await;
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    let status = ok(&d.api().get("/v1/status").await, 200);
+    assert_eq!(status["workspace"]["files"], 6, "{status}");
+    ok(&d.api().post("/v1/snapshots", &json!({})).await, 201);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+    d
+}
+
+fn restore_cli(d: &Daemon, args: &[&str], env: &[(&str, &str)]) -> crate::util::CliOutput {
+    let mut cmd = sandkeep_command();
+    cmd.arg("restore")
+        .arg("--config")
+        .arg(&d.config_path)
+        .args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run_bounded(cmd, None, Duration::from_secs(120))
+}
+
+fn remote_file(d: &Daemon, rel: &str) -> PathBuf {
+    d.remote.join(CONV).join("workspace/files").join(rel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_restore_from_the_mirror_and_from_snapshots() {
+    let d = synced_workspace(None, true).await;
+    let original = tree(&d.workspace, &not_git);
+    let original_git = git_state(&d.workspace);
+
+    // Into a non-empty directory only with --force.
+    let busy = d.root().join("busy");
+    write(&busy, "keep.txt", "x");
+    let out = restore_cli(&d, &["--to", busy.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("not empty"), "{out:?}");
+    assert_eq!(std::fs::read(busy.join("keep.txt")).unwrap(), b"x");
+
+    // From the mirror: the same tree, the same repository.
+    let target = d.root().join("restored");
+    let out = restore_cli(&d, &["--to", target.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let s = out.json();
+    assert_eq!(s["restored"], true, "{s}");
+    assert_eq!(s["bad"], json!([]), "{s}");
+    assert_eq!(s["symlinks"], 1, "{s}");
+    assert_eq!(s["repos"], json!([{"repo": ".", "refs": 1}]), "{s}");
+    assert_eq!(tree(&target, &not_git), original);
+    assert_eq!(git_state(&target), original_git);
+
+    // From the latest snapshot: the same tree (times to the second, as tar keeps them)
+    // with `.git` as archived.
+    let from_snapshot = d.root().join("from-snapshot");
+    let out = restore_cli(
+        &d,
+        &[
+            "--to",
+            from_snapshot.to_str().unwrap(),
+            "--snapshot",
+            "latest",
+        ],
+        &[],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let s = out.json();
+    let name = s["snapshot"].as_str().unwrap().to_string();
+    assert!(
+        name.starts_with("backup-") && name.ends_with(".tar.gz"),
+        "{s}"
+    );
+    assert_eq!(s["bad"], json!([]), "{s}");
+    assert_eq!(tree(&from_snapshot, &not_git), original);
+    assert_eq!(git_state(&from_snapshot), original_git);
+    // ... also named by its timestamp part.
+    let stamp = &name["backup-".len()..name.len() - ".tar.gz".len()];
+    let by_name = d.root().join("by-name");
+    let out = restore_cli(
+        &d,
+        &["--to", by_name.to_str().unwrap(), "--snapshot", stamp],
+        &[],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(tree(&by_name, &not_git), original);
+
+    // An unknown snapshot: exit 3, nothing written.
+    let none = d.root().join("none");
+    let out = restore_cli(
+        &d,
+        &[
+            "--to",
+            none.to_str().unwrap(),
+            "--snapshot",
+            "20000101T000000000Z",
+        ],
+        &[],
+    );
+    assert_eq!(out.code, 3, "{out:?}");
+
+    // A conversation never synced: nothing to restore, not an error.
+    let fresh = d.root().join("fresh");
+    let out = restore_cli(
+        &d,
+        &["--to", fresh.to_str().unwrap()],
+        &[("SANDKEEP_IDENTITY_CONVERSATION", "never-synced")],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["restored"], false, "{out:?}");
+
+    // --force: brought back to the remote state; an extra file goes, an edited one is
+    // replaced, an unchanged one is not downloaded, an ignored directory stays.
+    write(&target, "extra.txt", "not in the remote");
+    write(&target, "a.txt", "local edit\n");
+    write(&target, "node_modules/pkg/index.js", "ignored");
+    let out = restore_cli(&d, &["--to", target.to_str().unwrap(), "--force"], &[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let s = out.json();
+    assert_eq!(s["removed"], 1, "{s}");
+    assert!(s["unchanged"].as_u64().unwrap() >= 5, "{s}");
+    assert!(!target.join("extra.txt").exists());
+    assert!(target.join("node_modules/pkg/index.js").exists());
+    let mut t = tree(&target, &not_git);
+    t.retain(|k, _| !k.starts_with("node_modules"));
+    assert_eq!(t, original);
+}
+
+/// Breaks four entries of the remote workspace: a corrupt object, a missing object, an
+/// empty directory below a file (cannot be written) and a path leaving the workspace.
+fn break_remote(d: &Daemon) {
+    std::fs::write(remote_file(d, "corrupt.txt"), "tampered").unwrap();
+    std::fs::remove_file(remote_file(d, "missing.txt")).unwrap();
+    let mpath = d.remote.join(CONV).join("workspace/manifest.json");
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    m["empty_dirs"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("a.txt/below-a-file"));
+    let entry = m["files"]["a.txt"].clone();
+    m["files"]["../escape.txt"] = entry;
+    std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
+}
+
+fn bad_paths(report: &Value) -> Vec<String> {
+    report["bad"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no bad list: {report}"))
+        .iter()
+        .map(|b| b["path"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_entries_are_reported_the_rest_restored_and_their_remote_copies_kept() {
+    // No repository: its work-tree commit would bring the broken files back.
+    let mut d = synced_workspace(None, false).await;
+    let mut expected = tree(&d.workspace, &not_git);
+    break_remote(&d);
+    let want_bad = [
+        "../escape.txt",
+        "a.txt/below-a-file",
+        "corrupt.txt",
+        "missing.txt",
+    ];
+
+    // Offline.
+    let target = d.root().join("offline");
+    let out = restore_cli(&d, &["--to", target.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let s = out.json();
+    assert_eq!(bad_paths(&s), want_bad, "{s}");
+    let corrupt = s["bad"][2]["error"].as_str().unwrap();
+    assert!(corrupt.contains("hash"), "{s}");
+    assert!(!d.root().join("escape.txt").exists());
+    expected.remove("corrupt.txt");
+    expected.remove("missing.txt");
+    assert_eq!(tree(&target, &not_git), expected);
+    assert!(target.join("a.txt").is_file());
+
+    // At start: the same report in the status, ready all the same.
+    let key = std::fs::read_to_string(d.state_dir.join("kv.key")).unwrap();
+    std::fs::remove_dir_all(&d.state_dir).unwrap();
+    std::fs::remove_dir_all(&d.workspace).unwrap();
+    std::fs::create_dir(&d.workspace).unwrap();
+    d.set_env("SANDKEEP_KV_KEY", key.trim());
+    d.set_env("SANDKEEP_RESTORE", "auto");
+    d.spawn_and_wait().await;
+    let status = ok(&d.api().get("/v1/status").await, 200);
+    let report = &status["restore"]["workspace"];
+    assert_eq!(bad_paths(report), want_bad, "{status}");
+    assert_eq!(tree(&d.workspace, &not_git), expected);
+
+    // What could not be restored is not deleted from the remote by the next round.
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    assert_eq!(
+        std::fs::read(remote_file(&d, "corrupt.txt")).unwrap(),
+        b"tampered"
+    );
+    let m: Value = serde_json::from_slice(
+        &std::fs::read(d.remote.join(CONV).join("workspace/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(m["files"].get("corrupt.txt").is_some(), "{m}");
+    assert!(m["files"].get("missing.txt").is_some(), "{m}");
+    // Once the file is written here again, it syncs as usual.
+    write(&d.workspace, "corrupt.txt", "fixed by hand\n");
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    assert_eq!(
+        std::fs::read(remote_file(&d, "corrupt.txt")).unwrap(),
+        b"fixed by hand\n"
+    );
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+}
+
+async fn auto_never_clobbers_force_replaces(s3: Option<&S3Server>) {
+    let mut d = synced_workspace(s3, true).await;
+    let remote_state = tree(&d.workspace, &not_git);
+
+    // auto + a workspace with content: nothing restored over it; it is reconciled.
+    write(&d.workspace, "a.txt", "edited while the daemon was down\n");
+    write(&d.workspace, "local-only.txt", "local\n");
+    d.set_env("SANDKEEP_RESTORE", "auto");
+    d.spawn_and_wait().await;
+    assert_eq!(
+        std::fs::read_to_string(d.workspace.join("a.txt")).unwrap(),
+        "edited while the daemon was down\n"
+    );
+    let status = ok(&d.api().get("/v1/status").await, 200);
+    assert!(status["restore"].get("workspace").is_none(), "{status}");
+    let r = ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    assert_eq!(
+        r["files_uploaded"], 0,
+        "the startup round uploaded them: {r}"
+    );
+    let reconciled = tree(&d.workspace, &not_git);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+    assert_ne!(reconciled, remote_state);
+
+    // force: the workspace becomes the remote state again.
+    write(&d.workspace, "a.txt", "clobbered by force\n");
+    write(&d.workspace, "extra.txt", "goes away\n");
+    d.set_env("SANDKEEP_RESTORE", "force");
+    d.spawn_and_wait().await;
+    let status = ok(&d.api().get("/v1/status").await, 200);
+    let report = &status["restore"]["workspace"];
+    assert_eq!(report["removed"], 1, "{status}");
+    assert_eq!(report["bad"], json!([]), "{status}");
+    assert_eq!(tree(&d.workspace, &not_git), reconciled);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_never_clobbers_and_force_replaces_dir_remote() {
+    auto_never_clobbers_force_replaces(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_never_clobbers_and_force_replaces_s3_remote() {
+    let s3 = S3Server::start().await;
+    auto_never_clobbers_force_replaces(Some(&s3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_cut_short_is_resumed_not_mirrored() {
+    let mut d = synced_workspace(None, true).await;
+    let original = tree(&d.workspace, &not_git);
+    let original_git = git_state(&d.workspace);
+    let key = std::fs::read_to_string(d.state_dir.join("kv.key")).unwrap();
+    std::fs::remove_dir_all(&d.state_dir).unwrap();
+
+    // What a restore killed half-way leaves: some files, the marker in the state dir.
+    std::fs::remove_dir_all(&d.workspace).unwrap();
+    write(&d.workspace, "a.txt", "alpha, edited\n");
+    std::fs::create_dir_all(&d.state_dir).unwrap();
+    std::fs::write(d.state_dir.join("workspace-restore.pending"), "").unwrap();
+    d.set_env("SANDKEEP_KV_KEY", key.trim());
+    d.set_env("SANDKEEP_RESTORE", "auto");
+    d.spawn_and_wait().await;
+    let status = ok(&d.api().get("/v1/status").await, 200);
+    assert_eq!(status["restore"]["workspace"]["bad"], json!([]), "{status}");
+    assert_eq!(tree(&d.workspace, &not_git), original);
+    assert_eq!(git_state(&d.workspace), original_git);
+    assert!(!d.state_dir.join("workspace-restore.pending").exists());
+    // Nothing was deleted from the remote.
+    assert!(remote_file(&d, "src/lib/mod.rs").exists());
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+}
+
+/// The own directories of a daemon inside its workspace count as empty and are never
+/// restored over or mirrored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_dir_inside_the_workspace_is_neither_mirrored_nor_in_the_way() {
+    let mut d = Daemon::prepare(CONFIG);
+    let inner_state: PathBuf = d.workspace.join(".state");
+    let text = std::fs::read_to_string(&d.config_path).unwrap();
+    let text = text.replace(
+        &format!("state_dir = {:?}", d.state_dir.display().to_string()),
+        &format!("state_dir = {:?}", inner_state.display().to_string()),
+    );
+    std::fs::write(&d.config_path, text).unwrap();
+    write(&d.workspace, "f.txt", "f\n");
+    d.spawn_and_wait().await;
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    let m = manifest(&d.remote);
+    assert_eq!(
+        m["files"].as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["f.txt"],
+        "{m}"
+    );
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+
+    // A new sandbox whose workspace holds only the (new) state dir: restored.
+    let key = std::fs::read_to_string(inner_state.join("kv.key")).unwrap();
+    std::fs::remove_dir_all(&d.workspace).unwrap();
+    std::fs::create_dir_all(&inner_state).unwrap();
+    d.set_env("SANDKEEP_KV_KEY", key.trim());
+    d.set_env("SANDKEEP_RESTORE", "auto");
+    d.spawn_and_wait().await;
+    assert_eq!(
+        std::fs::read_to_string(d.workspace.join("f.txt")).unwrap(),
+        "f\n"
+    );
+    let t = tree(&d.workspace, &|r: &str| r.starts_with(".state"));
+    assert!(matches!(t.get("f.txt"), Some(Entry::File { .. })), "{t:?}");
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+}
+
+fn manifest(remote: &Path) -> Value {
+    serde_json::from_slice(
+        &std::fs::read(remote.join(CONV).join("workspace/manifest.json")).unwrap(),
+    )
+    .unwrap()
+}
