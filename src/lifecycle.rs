@@ -1,10 +1,12 @@
 //! The daemon's life: lock the state directory, open the store, bind the socket, serve,
 //! and on a signal (or `POST /v1/shutdown`) shut down in order.
 //!
-//! Start: state dir lock → KV key → database → socket → ready.
+//! Start: state dir lock → KV key → database → own the conversation (single writer)
+//! → socket → ready.
 //! Stop: not ready (readyz 503) → final sync (the remote part arrives with the sync
 //! engine; this is where it runs, while the API still answers) → refuse writes →
-//! drain HTTP requests → close the database → remove the socket → release the lock.
+//! release the conversation → drain HTTP requests → close the database → remove the
+//! socket → release the lock.
 
 use std::fs::File;
 use std::future::Future;
@@ -264,6 +266,34 @@ pub async fn run(
     let remote = crate::remote::from_config(&config)
         .await
         .context("setting up remote storage")?;
+    // -- Single writer (src/owner.rs) ------------------------------------------------
+    // Own the conversation before anything reads or writes it (a takeover restores what
+    // the previous owner left after its final sync); from here on every remote write
+    // goes through the owner's fence. The lease is renewed from the claim on, so a long
+    // restore cannot let it lapse.
+    let owner = crate::owner::Owner::new(remote.clone(), &config)?;
+    let mut shutdown = Box::pin(shutdown);
+    let claimed = tokio::select! {
+        () = owner.claim() => true,
+        () = lifecycle.shutdown.cancelled() => false,
+        () = &mut shutdown => false,
+    };
+    if !claimed {
+        tracing::warn!(
+            "stopped while waiting to own the conversation; nothing was written to remote storage"
+        );
+        tokio::task::spawn_blocking(move || kv.close())
+            .await
+            .context("closing the kv store")?;
+        return Ok(EXIT_INCOMPLETE);
+    }
+    let owner_stop = CancellationToken::new();
+    let _owner_stop = owner_stop.clone().drop_guard();
+    tokio::spawn(owner.clone().run(owner_stop));
+    let remote: Arc<dyn crate::remote::Remote> = Arc::new(
+        crate::remote::fenced::FencedRemote::new(remote, owner.fence()),
+    );
+    // -- end single writer -----------------------------------------------------------
     let (engine, sync, first_round) =
         SyncEngine::new(config.clone(), remote.clone(), metrics.clone()).await?;
 
@@ -301,6 +331,7 @@ pub async fn run(
         git: git.clone(),
         files: files.clone(),
         replica: replica.clone(),
+        owner: owner.clone(),
     };
     let server_stop = CancellationToken::new();
     let server = axum::serve(listener, api::router(state))
@@ -382,6 +413,7 @@ pub async fn run(
         &lifecycle.abort,
     )
     .await;
+    owner.release().await; // single writer: the next daemon may take over at once
 
     server_stop.cancel();
     match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
