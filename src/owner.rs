@@ -215,9 +215,9 @@ impl Owner {
                     if last_answer.elapsed() >= self.unreachable_after {
                         tracing::warn!(
                             waited_ms = last_answer.elapsed().as_millis() as u64,
-                            "remote storage does not answer: starting WITHOUT owning the \
-                             conversation; nothing is written to remote storage until the \
-                             claim succeeds (retried in the background)"
+                            "remote storage does not answer (or refuses the claim): starting \
+                             WITHOUT owning the conversation; nothing is written to remote \
+                             storage until the claim succeeds (retried in the background)"
                         );
                         return;
                     }
