@@ -104,8 +104,10 @@ struct Held {
     seen: Option<(String, Instant)>,
     /// The holder last logged, so the log names each new holder once.
     logged: Option<(String, u64)>,
-    /// Renewals failed since the last success.
+    /// Claims or renewals failed since the last success (for the log).
     failures: u32,
+    /// Whether the log already said that writes are held (renewals failing).
+    said_held: bool,
 }
 
 /// This daemon's claim on its conversation. Shared as `Arc<Owner>`: the lifecycle
@@ -163,6 +165,7 @@ impl Owner {
                 seen: None,
                 logged: None,
                 failures: 0,
+                said_held: false,
             }),
             status: std::sync::Mutex::new(OwnerStatus {
                 instance: instance.clone(),
@@ -210,8 +213,7 @@ impl Owner {
             match self.claim_step().await {
                 Ok(true) => return,
                 Ok(false) => last_answer = Instant::now(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read or claim the conversation's owner object yet; retrying");
+                Err(_) => {
                     if last_answer.elapsed() >= self.unreachable_after {
                         tracing::warn!(
                             waited_ms = last_answer.elapsed().as_millis() as u64,
@@ -259,11 +261,7 @@ impl Owner {
         match state {
             OwnerState::Waiting => match self.claim_step().await {
                 Ok(true) => Some(self.lease / 3),
-                Ok(false) => Some(self.poll()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot claim the conversation yet; retrying");
-                    Some(self.poll())
-                }
+                Ok(_) | Err(_) => Some(self.poll()),
             },
             OwnerState::Claimed => Some(self.renew_step().await),
             OwnerState::Lost | OwnerState::Released => None,
@@ -383,6 +381,19 @@ impl Owner {
         let result = tokio::time::timeout(self.step_timeout(), self.claim_once(&mut held))
             .await
             .unwrap_or_else(|_| Err(self.timed_out()));
+        if let Err(e) = &result {
+            held.failures += 1;
+            // Once, then about once a minute (a lookup every second or less).
+            if held.failures % 60 == 1 {
+                tracing::warn!(
+                    error = %e,
+                    failures = held.failures,
+                    "cannot read or claim the conversation's owner object; retrying"
+                );
+            }
+        } else {
+            held.failures = 0;
+        }
         let error = result.as_ref().err().map(ToString::to_string);
         self.update_status(|s| s.last_error = error);
         result
@@ -503,13 +514,22 @@ impl Owner {
                     );
                 }
                 held.failures = 0;
+                held.said_held = false;
                 self.update_status(|s| s.last_error = None);
                 self.lease / 3
             }
             Err(e) => {
                 held.failures += 1;
                 let writes = self.fence.allows_writes();
-                if held.failures == 1 || !writes {
+                if !writes && !held.said_held && held.state == OwnerState::Claimed {
+                    held.said_held = true;
+                    tracing::error!(
+                        error = %e,
+                        failures = held.failures,
+                        "the owner lease could not be renewed in time: remote writes are held \
+                         until it is"
+                    );
+                } else if held.failures % 30 == 1 {
                     tracing::warn!(
                         error = %e,
                         failures = held.failures,
