@@ -218,6 +218,9 @@ pub struct Remote {
     pub access_key_id: String,
     pub secret_access_key: String,
     pub allow_insecure: bool,
+    /// How long this daemon's claim on the conversation (`.sandkeep/owner.json`) lasts
+    /// without a renewal; see [`crate::owner`].
+    pub lease: HumanDuration,
 }
 
 impl Default for Remote {
@@ -233,6 +236,7 @@ impl Default for Remote {
             access_key_id: String::new(),
             secret_access_key: String::new(),
             allow_insecure: false,
+            lease: HumanDuration::secs(30),
         }
     }
 }
@@ -466,6 +470,9 @@ impl Config {
                 "remote.bucket",
                 "must be set when remote.kind = \"s3\"",
             ));
+        }
+        if self.remote.lease < HumanDuration::secs(1) {
+            return Err(invalid("remote.lease", "must be at least 1s"));
         }
         if !self.remote.prefix.is_empty() && !self.remote.prefix.ends_with('/') {
             return Err(invalid("remote.prefix", "must end with `/` when set"));
@@ -720,6 +727,7 @@ mod tests {
                 ("SANDKEEP_IDENTITY_USER", "42"),
                 ("SANDKEEP_KV_MAX_VALUE_BYTES", "100"),
                 ("SANDKEEP_REMOTE_FORCE_PATH_STYLE", "false"),
+                ("SANDKEEP_REMOTE_LEASE", "2s"),
                 ("SANDKEEP_SYNC_EXCLUDE", "a/, *.log"),
                 ("SANDKEEP_STATE_DIR", "/s"),
                 ("SANDKEEP_TOKEN", "not a config key"),
@@ -732,6 +740,7 @@ mod tests {
         assert_eq!(c.identity.user, "42");
         assert_eq!(c.kv.max_value_bytes, 100);
         assert!(!c.remote.force_path_style);
+        assert_eq!(c.remote.lease, HumanDuration::secs(2));
         assert_eq!(c.sync.exclude, vec!["a/", "*.log"]);
     }
 

@@ -10,7 +10,10 @@
 //! - [`kv`]: the KV store (validation, crypto, staged operations, redb writer).
 //! - [`auth`]: HS256 tokens, namespace grants and scopes.
 //! - [`api`]: the HTTP router, handlers and the error shape of every answer.
-//! - [`remote`]: object storage (S3 and a local directory) behind one trait.
+//! - [`remote`]: object storage (S3 and a local directory) behind one trait, and the
+//!   write fence.
+//! - [`owner`]: single writer: the claim on a conversation (`.sandkeep/owner.json`),
+//!   its lease and takeover.
 //! - [`sync`]: the continuous workspace sync (watcher, debounce, rounds, manifest).
 //! - [`snapshot`]: tar.gz snapshots of the workspace, streamed into remote storage.
 //! - [`gitbundle`]: git bundles (with uncommitted work) of the workspace's repositories.
@@ -29,6 +32,7 @@ pub mod gitbundle;
 pub mod kv;
 pub mod lifecycle;
 pub mod metrics;
+pub mod owner;
 pub mod remote;
 pub mod replicate;
 pub mod restore;

@@ -1,10 +1,12 @@
 //! The daemon's life: lock the state directory, open the store, bind the socket, serve,
 //! and on a signal (or `POST /v1/shutdown`) shut down in order.
 //!
-//! Start: state dir lock → KV key → database → socket → ready.
+//! Start: state dir lock → KV key → database → own the conversation (single writer)
+//! → socket → ready.
 //! Stop: not ready (readyz 503) → final sync (the remote part arrives with the sync
 //! engine; this is where it runs, while the API still answers) → refuse writes →
-//! drain HTTP requests → close the database → remove the socket → release the lock.
+//! release the conversation → drain HTTP requests → close the database → remove the
+//! socket → release the lock.
 
 use std::fs::File;
 use std::future::Future;
@@ -266,6 +268,13 @@ pub async fn run(
     let remote = crate::remote::from_config(&config)
         .await
         .context("setting up remote storage")?;
+    // -- Single writer (src/owner.rs): every remote write goes through the owner's
+    // fence, closed until the claim below succeeds.
+    let owner = crate::owner::Owner::new(remote.clone(), &config)?;
+    let remote: Arc<dyn crate::remote::Remote> = Arc::new(
+        crate::remote::fenced::FencedRemote::new(remote, owner.fence()),
+    );
+    let mut shutdown = Box::pin(futures::FutureExt::fuse(shutdown));
     let (mut engine, sync, first_round) =
         SyncEngine::new(config.clone(), remote.clone(), metrics.clone()).await?;
 
@@ -303,15 +312,38 @@ pub async fn run(
         git: git.clone(),
         files: files.clone(),
         replica: replica.clone(),
+        owner: owner.clone(),
     };
     let server_stop = CancellationToken::new();
     let server = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(server_stop.clone().cancelled_owned());
     let mut server = tokio::spawn(async move { server.await });
 
+    // Own the conversation before restoring or writing anything (a takeover restores
+    // what the previous owner left after its final sync). The lease is renewed from
+    // the claim on, so a long restore cannot let it lapse.
+    let claimed = tokio::select! {
+        () = owner.claim() => true,
+        () = lifecycle.shutdown.cancelled() => false,
+        () = &mut shutdown => {
+            lifecycle.request_shutdown();
+            false
+        }
+    };
+    let owner_stop = CancellationToken::new();
+    let _owner_stop = owner_stop.clone().drop_guard();
+    if claimed {
+        tokio::spawn(owner.clone().run(owner_stop));
+    }
+
     // Restore (the API answers `not_ready` meanwhile): the workspace first, then the
     // KV and the file store.
-    if let Some(force) = workspace_restore_plan(&config) {
+    let plan = if claimed {
+        workspace_restore_plan(&config)
+    } else {
+        None
+    };
+    if let Some(force) = plan {
         let marker = config.state_dir.join(WORKSPACE_RESTORE_MARKER);
         // Until the restore finished, a restart resumes it (a half-restored workspace
         // must never be taken for the truth and mirrored over the remote).
@@ -354,7 +386,7 @@ pub async fn run(
             ),
         }
     }
-    if files.restore_pending().await? && !lifecycle.shutdown.is_cancelled() {
+    if claimed && files.restore_pending().await? && !lifecycle.shutdown.is_cancelled() {
         let restored = tokio::select! {
             r = restore_stores_retrying(&kv, &files, remote.as_ref(), &config) => r,
             _ = lifecycle.shutdown.cancelled() => None,
@@ -379,7 +411,7 @@ pub async fn run(
     let background_stop = CancellationToken::new();
     // A shutdown during the restore: nothing was accepted (the API was not ready) and
     // nothing may be mirrored from a half-restored workspace.
-    let started = !lifecycle.shutdown.is_cancelled();
+    let started = claimed && !lifecycle.shutdown.is_cancelled();
     if started {
         tasks.spawn(kv.clone().run_purger(background_stop.clone()));
         tasks.spawn(engine.run(background_stop.clone()));
@@ -409,7 +441,7 @@ pub async fn run(
     }
 
     tokio::select! {
-        _ = shutdown => lifecycle.request_shutdown(),
+        _ = &mut shutdown => lifecycle.request_shutdown(),
         _ = lifecycle.shutdown.cancelled() => {}
         r = &mut server => {
             kv.close();
@@ -435,9 +467,13 @@ pub async fn run(
         )
         .await
     } else {
-        tracing::info!("stopped during start-up: remote storage was not written");
-        0
+        tracing::warn!(
+            "stopped during start-up (before owning the conversation or finishing the restore): \
+             nothing was written to remote storage"
+        );
+        EXIT_INCOMPLETE
     };
+    owner.release().await; // single writer: the next daemon may take over at once
 
     server_stop.cancel();
     match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {

@@ -29,6 +29,8 @@ mod files_replication;
 mod git_bundle;
 #[path = "suite/lifecycle_e2e.rs"]
 mod lifecycle_e2e;
+#[path = "suite/owner.rs"]
+mod owner;
 #[path = "suite/remote_contract.rs"]
 mod remote_contract;
 #[path = "suite/restore_e2e.rs"]

@@ -40,6 +40,8 @@ pub struct AppState {
     pub git: Arc<crate::gitbundle::GitBundler>,
     pub files: crate::files::FileStore,
     pub replica: crate::replicate::ReplicaHandle,
+    /// This daemon's claim on the conversation (`owner` in `/v1/status`).
+    pub owner: Arc<crate::owner::Owner>,
 }
 
 /// The whole router; `lifecycle::run` serves it on the socket, tests may call it directly.

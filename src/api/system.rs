@@ -91,6 +91,7 @@ pub async fn status(State(state): State<AppState>, ctx: Ctx) -> Result<Response,
             "restore": state.lifecycle.restored(),
             "snapshots": snapshots,
             "git": git,
+            "owner": state.owner.status(),
         }),
     ))
 }

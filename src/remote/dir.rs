@@ -1,6 +1,11 @@
 //! The `dir` backend: a local directory laid out exactly like the bucket. Writes go to a
 //! temporary file that is fsynced, renamed into place, and the directory fsynced, so a
 //! crash leaves either the old object or the new one.
+//!
+//! Conditional writes ([`Remote::put_bytes_if`]) compare and write under an exclusive
+//! `flock` on `<root>/.sandkeep-lock`, so they are atomic between every process that
+//! shares the directory (on a local file system; network file systems only as far as
+//! their `flock` is). The ETag of an object is the hex MD5 of its content.
 
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
@@ -9,10 +14,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use md5::{Digest, Md5};
 
-use super::{ListPage, ObjectInfo, Remote, RemoteError};
+use super::{ListPage, ObjectInfo, Precondition, Remote, RemoteError};
 
 /// Temporary files carry this marker and are never listed.
 const TMP_MARKER: &str = ".sandkeep-tmp-";
+/// The lock file of conditional writes, at the root; never listed.
+const LOCK_FILE: &str = ".sandkeep-lock";
 const PAGE: usize = 1000;
 
 pub struct DirRemote {
@@ -117,6 +124,7 @@ impl DirRemote {
                     }
                 } else if ft.is_file()
                     && key.starts_with(prefix)
+                    && key != LOCK_FILE
                     && !entry.file_name().to_string_lossy().starts_with(TMP_MARKER)
                 {
                     let meta = match entry.metadata() {
@@ -167,6 +175,50 @@ impl DirRemote {
             root: self.root.clone(),
         }
     }
+
+    /// The compare and the write of [`Remote::put_bytes_if`], under the lock.
+    fn put_if_sync(
+        &self,
+        key: &str,
+        data: &[u8],
+        cond: &Precondition,
+    ) -> Result<String, RemoteError> {
+        let dest = self.path_of("put", key)?;
+        let lock_path = self.root.join(LOCK_FILE);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| RemoteError::local("lock", &lock_path, e))?;
+        // Held until `lock` is dropped at the end of this function.
+        lock.lock()
+            .map_err(|e| RemoteError::local("lock", &lock_path, e))?;
+        let current = match std::fs::read(&dest) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(RemoteError::local("put", &dest, e)),
+        };
+        let holds = match (cond, &current) {
+            (Precondition::Absent, None) => true,
+            (Precondition::Matches(etag), Some(b)) => etag_of(b) == *etag,
+            _ => false,
+        };
+        if !holds {
+            return Err(RemoteError::PreconditionFailed { key: key.into() });
+        }
+        self.write_atomic(key, |f| {
+            f.write_all(data)
+                .map_err(|e| RemoteError::local("put", &dest, e))
+        })?;
+        Ok(etag_of(data))
+    }
+}
+
+/// The ETag of an object on a `dir` remote: the hex MD5 of its content (as S3 has it
+/// for single-part uploads).
+fn etag_of(data: &[u8]) -> String {
+    hex::encode(Md5::digest(data))
 }
 
 #[async_trait]
@@ -276,6 +328,17 @@ impl Remote for DirRemote {
         .await
     }
 
+    async fn put_bytes_if(
+        &self,
+        key: &str,
+        data: Bytes,
+        cond: Precondition,
+    ) -> Result<String, RemoteError> {
+        let this = self.clone_root();
+        let key = key.to_string();
+        blocking(move || this.put_if_sync(&key, &data, &cond)).await
+    }
+
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, RemoteError> {
         let src = self.path_of("get", key)?;
         let (key, dest) = (key.to_string(), dest.to_path_buf());
@@ -302,6 +365,13 @@ impl Remote for DirRemote {
             Err(e) => Err(RemoteError::local("get", &src, e)),
         })
         .await
+    }
+
+    async fn get_bytes_tagged(&self, key: &str) -> Result<Option<(Bytes, String)>, RemoteError> {
+        Ok(self.get_bytes(key).await?.map(|b| {
+            let etag = etag_of(&b);
+            (b, etag)
+        }))
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError> {
@@ -351,5 +421,49 @@ impl Remote for DirRemote {
             Ok(())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conditional_writes_racing_on_one_version_have_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = std::sync::Arc::new(DirRemote::new(dir.path()).unwrap());
+        let key = "c/.sandkeep/owner.json";
+        let v1 = remote
+            .put_bytes_if(key, Bytes::from_static(b"v1"), Precondition::Absent)
+            .await
+            .unwrap();
+        assert_eq!(v1, hex::encode(Md5::digest(b"v1")));
+        let racers: Vec<_> = (0..8)
+            .map(|i| {
+                let (remote, v1) = (remote.clone(), v1.clone());
+                tokio::spawn(async move {
+                    let data = Bytes::from(format!("racer {i}"));
+                    remote
+                        .put_bytes_if(key, data, Precondition::Matches(v1))
+                        .await
+                })
+            })
+            .collect();
+        let mut won = Vec::new();
+        for r in racers {
+            match r.await.unwrap() {
+                Ok(etag) => won.push(etag),
+                Err(RemoteError::PreconditionFailed { .. }) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(won.len(), 1, "{won:?}");
+        let (_, etag) = remote.get_bytes_tagged(key).await.unwrap().unwrap();
+        assert_eq!(etag, won[0]);
+        // The lock file is no object.
+        assert!(dir.path().join(LOCK_FILE).exists());
+        let all = crate::remote::list_all(remote.as_ref(), "").await.unwrap();
+        let keys: Vec<_> = all.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, [key]);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ListPage, ObjectInfo, Remote, RemoteError};
+use super::{ListPage, ObjectInfo, Precondition, Remote, RemoteError};
 
 /// Forwards to `inner` unless it is "down" or has failures queued.
 pub struct FlakyRemote {
@@ -73,6 +73,15 @@ impl Remote for FlakyRemote {
         self.check("put", key)?;
         self.inner.put_bytes(key, data).await
     }
+    async fn put_bytes_if(
+        &self,
+        key: &str,
+        data: Bytes,
+        cond: Precondition,
+    ) -> Result<String, RemoteError> {
+        self.check("put", key)?;
+        self.inner.put_bytes_if(key, data, cond).await
+    }
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, RemoteError> {
         self.check("get", key)?;
         self.inner.get_to_file(key, dest).await
@@ -80,6 +89,10 @@ impl Remote for FlakyRemote {
     async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, RemoteError> {
         self.check("get", key)?;
         self.inner.get_bytes(key).await
+    }
+    async fn get_bytes_tagged(&self, key: &str) -> Result<Option<(Bytes, String)>, RemoteError> {
+        self.check("get", key)?;
+        self.inner.get_bytes_tagged(key).await
     }
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError> {
         self.check("head", key)?;

@@ -1,7 +1,8 @@
 //! Remote object storage behind one small trait, with two backends: [`s3::S3Remote`]
 //! (S3, MinIO, any S3-compatible server) and [`dir::DirRemote`] (a local directory laid
 //! out exactly like the bucket). [`flaky::FlakyRemote`] wraps either to inject failures
-//! in tests.
+//! in tests, and [`fenced::FencedRemote`] wraps the configured one so that only the
+//! owner of the conversation writes (see [`crate::owner`]).
 //!
 //! Keys are full object keys (the configured prefix included). Every upload is verified
 //! before it returns: the backend checks that what it stored is the content whose MD5
@@ -9,6 +10,7 @@
 //! and upload is reported as [`RemoteError::Changed`] instead of being recorded.
 
 pub mod dir;
+pub mod fenced;
 pub mod flaky;
 pub mod insecure;
 pub mod s3;
@@ -58,6 +60,13 @@ pub enum RemoteError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The condition of [`Remote::put_bytes_if`] did not hold; nothing was written.
+    #[error("{key}: the object is not in the expected state (precondition failed)")]
+    PreconditionFailed { key: String },
+    /// A write refused because this daemon does not (or no longer) own the
+    /// conversation; nothing was sent. See [`fenced::FencedRemote`].
+    #[error("{key}: write refused: {message}")]
+    Fenced { key: String, message: String },
 }
 
 impl RemoteError {
@@ -76,9 +85,20 @@ impl RemoteError {
             | Self::Service { op, .. }
             | Self::Transport { op, .. }
             | Self::Local { op, .. } => op,
-            Self::Changed { .. } | Self::Source { .. } => "put",
+            Self::Changed { .. } | Self::Source { .. } | Self::PreconditionFailed { .. } => "put",
+            Self::Fenced { .. } => "fenced",
         }
     }
+}
+
+/// When a conditional write ([`Remote::put_bytes_if`]) may replace an object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Precondition {
+    /// Only if no object exists at the key (S3 `If-None-Match: *`).
+    Absent,
+    /// Only if the object's ETag is this one, as [`Remote::get_bytes_tagged`] or a
+    /// previous [`Remote::put_bytes_if`] returned it (S3 `If-Match`).
+    Matches(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,11 +135,27 @@ pub trait Remote: Send + Sync + 'static {
     /// Uploads a small object held in memory (manifests, exports).
     async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), RemoteError>;
 
+    /// Uploads a small object only if `cond` holds, atomically with respect to other
+    /// conditional writes of the same key; returns the new object's ETag, or
+    /// [`RemoteError::PreconditionFailed`] (nothing written). On S3 this relies on the
+    /// server honouring `If-None-Match`/`If-Match` on PutObject; a server that ignores
+    /// them writes unconditionally.
+    async fn put_bytes_if(
+        &self,
+        key: &str,
+        data: Bytes,
+        cond: Precondition,
+    ) -> Result<String, RemoteError>;
+
     /// Downloads an object into `dest` (created or truncated), streamed; returns its size.
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, RemoteError>;
 
     /// Downloads a small object; `None` when it does not exist.
     async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, RemoteError>;
+
+    /// Downloads a small object with its ETag (for [`Precondition::Matches`]); `None`
+    /// when it does not exist.
+    async fn get_bytes_tagged(&self, key: &str) -> Result<Option<(Bytes, String)>, RemoteError>;
 
     /// Size and time of an object; `None` when it does not exist.
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError>;

@@ -7,12 +7,19 @@
 //! at a time, a few in flight, so memory stays bounded; a failed multipart upload is
 //! aborted. Streams of unknown length (snapshots, bundles) go up the same way, in parts
 //! read from the stream into bounded buffers, each with its `Content-MD5`.
+//!
+//! Conditional writes send `If-None-Match: *` or `If-Match: <etag>` on PutObject
+//! (AWS S3 since 2024, MinIO, Ceph RGW, s3s); `412 Precondition Failed` and
+//! `409 ConditionalRequestConflict` (a concurrent conditional write) both become
+//! [`RemoteError::PreconditionFailed`]. A server that ignores the headers writes
+//! unconditionally: nothing here can tell.
 
 use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
@@ -26,7 +33,7 @@ use futures::StreamExt;
 use md5::{Digest, Md5};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{ListPage, ObjectInfo, Remote, RemoteError, content_md5};
+use super::{ListPage, ObjectInfo, Precondition, Remote, RemoteError, content_md5};
 use crate::config;
 
 /// Longest wait for a TCP (and TLS) connection to the endpoint.
@@ -313,16 +320,21 @@ fn verify_etag(key: &str, etag: Option<&str>, expected: &str) -> Result<(), Remo
 }
 
 /// Maps an SDK error, keeping "the service said no" apart from "no answer".
-fn sdk_error<E, R>(op: &'static str, key: &str, e: SdkError<E, R>) -> RemoteError
+fn sdk_error<E>(op: &'static str, key: &str, e: SdkError<E, HttpResponse>) -> RemoteError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
     let message = DisplayErrorContext(&e).to_string();
     match &e {
         SdkError::ServiceError(se) => {
             let code = se.err().code().unwrap_or_default();
-            if matches!(code, "NoSuchKey" | "NotFound" | "NoSuchUpload") {
+            let status = se.raw().status().as_u16();
+            if status == 412
+                || code == "PreconditionFailed"
+                || (status == 409 && code == "ConditionalRequestConflict")
+            {
+                RemoteError::PreconditionFailed { key: key.into() }
+            } else if matches!(code, "NoSuchKey" | "NotFound" | "NoSuchUpload") {
                 RemoteError::NotFound {
                     op,
                     key: key.into(),
@@ -426,6 +438,33 @@ impl Remote for S3Remote {
         verify_etag(key, out.e_tag(), &hex::encode(md5))
     }
 
+    async fn put_bytes_if(
+        &self,
+        key: &str,
+        data: Bytes,
+        cond: Precondition,
+    ) -> Result<String, RemoteError> {
+        let md5: [u8; 16] = Md5::digest(&data).into();
+        let put = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_length(data.len() as i64)
+            .content_md5(content_md5(&md5))
+            .body(ByteStream::from(data));
+        let put = match cond {
+            Precondition::Absent => put.if_none_match("*"),
+            Precondition::Matches(etag) => put.if_match(etag),
+        };
+        let out = put.send().await.map_err(|e| sdk_error("put", key, e))?;
+        verify_etag(key, out.e_tag(), &hex::encode(md5))?;
+        // Without an ETag in the answer, the one S3 gives a single-part upload.
+        Ok(out
+            .e_tag()
+            .map_or_else(|| format!("\"{}\"", hex::encode(md5)), str::to_string))
+    }
+
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, RemoteError> {
         let out = self
             .client
@@ -484,6 +523,42 @@ impl Remote for S3Remote {
                 message: e.to_string(),
             })?;
         Ok(Some(data.into_bytes()))
+    }
+
+    async fn get_bytes_tagged(&self, key: &str) -> Result<Option<(Bytes, String)>, RemoteError> {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                return match sdk_error("get", key, e) {
+                    RemoteError::NotFound { .. } => Ok(None),
+                    other => Err(other),
+                };
+            }
+        };
+        let Some(etag) = out.e_tag().map(str::to_string) else {
+            return Err(RemoteError::Service {
+                op: "get",
+                key: key.into(),
+                message: "the server returned no ETag".into(),
+            });
+        };
+        let data = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| RemoteError::Transport {
+                op: "get",
+                key: key.into(),
+                message: e.to_string(),
+            })?;
+        Ok(Some((data.into_bytes(), etag)))
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError> {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use md5::{Digest, Md5};
-use sandkeep::remote::{self, Remote, RemoteError};
+use sandkeep::remote::{self, Precondition, Remote, RemoteError};
 
 use crate::s3_server::S3Server;
 use crate::util::pattern;
@@ -46,6 +46,73 @@ async fn contract(remote: Arc<dyn Remote>, tmp: &std::path::Path) {
     );
     let head = remote.head(&format!("{p}m.json")).await.unwrap().unwrap();
     assert_eq!(head.size, 7);
+
+    // Conditional writes (the owner object's compare-and-swap): create only when
+    // absent, replace only the version read; a failed condition writes nothing.
+    let key = format!("{p}.sandkeep/owner.json");
+    let pre_failed = |r: Result<String, RemoteError>| match r {
+        Err(RemoteError::PreconditionFailed { key: k }) => assert_eq!(k, key),
+        other => panic!("expected PreconditionFailed, got {other:?}"),
+    };
+    assert_eq!(remote.get_bytes_tagged(&key).await.unwrap(), None);
+    pre_failed(
+        remote
+            .put_bytes_if(
+                &key,
+                Bytes::from_static(b"v0"),
+                Precondition::Matches("\"x\"".into()),
+            )
+            .await,
+    );
+    assert_eq!(remote.get_bytes(&key).await.unwrap(), None);
+    let v1 = remote
+        .put_bytes_if(&key, Bytes::from_static(b"v1"), Precondition::Absent)
+        .await
+        .unwrap();
+    let (data, tag) = remote.get_bytes_tagged(&key).await.unwrap().unwrap();
+    assert_eq!((data.as_ref(), &tag), (&b"v1"[..], &v1));
+    pre_failed(
+        remote
+            .put_bytes_if(&key, Bytes::from_static(b"v2"), Precondition::Absent)
+            .await,
+    );
+    let other = remote
+        .put_bytes_if(
+            &format!("{key}.other"),
+            Bytes::from_static(b"v2"),
+            Precondition::Absent,
+        )
+        .await
+        .unwrap();
+    pre_failed(
+        remote
+            .put_bytes_if(
+                &key,
+                Bytes::from_static(b"v2"),
+                Precondition::Matches(other),
+            )
+            .await,
+    );
+    let v2 = remote
+        .put_bytes_if(
+            &key,
+            Bytes::from_static(b"v2"),
+            Precondition::Matches(v1.clone()),
+        )
+        .await
+        .unwrap();
+    assert_ne!(v2, v1);
+    pre_failed(
+        remote
+            .put_bytes_if(&key, Bytes::from_static(b"v3"), Precondition::Matches(v1))
+            .await,
+    );
+    let (data, tag) = remote.get_bytes_tagged(&key).await.unwrap().unwrap();
+    assert_eq!((data.as_ref(), tag), (&b"v2"[..], v2));
+    remote
+        .delete_many(&[key.clone(), format!("{key}.other")])
+        .await
+        .unwrap();
 
     // A file, verified by its MD5; an empty file; a wrong MD5 is `Changed`.
     let f = tmp.join("small.bin");

@@ -139,13 +139,18 @@ impl Daemon {
 
     /// Starts the process (once more after a stop) and waits until `/readyz` is 200.
     pub async fn spawn_and_wait(&mut self) {
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    /// Starts the process (once more after a stop) without waiting for anything.
+    pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "the daemon is already running");
         let child = self
             .serve_command(&self.env.clone(), &self.log_path)
             .spawn()
             .expect("spawn sandkeep serve");
         self.child = Some(child);
-        self.wait_ready().await;
     }
 
     /// Polls `GET /readyz` until it answers 200; panics with the log after

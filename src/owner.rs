@@ -1,0 +1,887 @@
+//! Single writer: which daemon instance may write a conversation's prefix.
+//!
+//! `<conversation prefix>.sandkeep/owner.json` names the owner:
+//! `{"instance", "epoch", "lease_ms", "renewed_at", "host"}`. The owner rewrites it every
+//! `lease / 3` with a conditional write (`If-Match` the ETag it just read), and may write
+//! everything else only up to `0.9 × lease` after the last renewal it sent that
+//! succeeded; [`Owner::fence`] is the [`Fence`] that [`FencedRemote`](crate::remote::fenced::FencedRemote)
+//! obeys.
+//!
+//! Another daemon takes over when
+//! - there is no owner (created with `If-None-Match: *`, epoch 1);
+//! - the owner is itself: the same instance id (kept in `<state_dir>/owner-id`), i.e. a
+//!   restart on the same state directory, which the state-dir lock makes the only
+//!   daemon with that id;
+//! - the owner released it (`lease_ms` 0, written at a clean shutdown);
+//! - or its lease expired: the same ETag stayed in place for `lease_ms` as measured
+//!   on this machine's monotonic clock from when this daemon first saw it. Remote
+//!   clocks (`renewed_at`) are only for people.
+//!
+//! A takeover writes epoch + 1 with `If-Match` the ETag it judged, so of two daemons
+//! that judge at once, one wins. The old owner learns it lost at its next renewal (the
+//! object names another instance or epoch) and revokes its fence for good. Because the
+//! taker waits a whole lease from a renewal it saw, and the old owner stops writing
+//! `0.1 × lease` before the lease ends from a renewal it sent earlier, their writes do
+//! not interleave, except for a single write that had already started (a long
+//! multipart upload) when the window closed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::remote::fenced::Fence;
+use crate::remote::{Precondition, Remote, RemoteError};
+
+/// The owner object, under the conversation prefix.
+pub const OWNER_KEY: &str = ".sandkeep/owner.json";
+/// The file in the state directory that keeps this daemon's instance id.
+pub const INSTANCE_FILE: &str = "owner-id";
+/// At start, a remote that gave no answer for this long is not waited for any more: the
+/// daemon starts with writes held, and keeps claiming in the background.
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(10);
+/// Longest a release at shutdown may take.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum OwnerError {
+    #[error("cannot read or create the instance id {}: {source}", path.display())]
+    InstanceId {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The content of `owner.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRecord {
+    pub instance: String,
+    pub epoch: u64,
+    /// 0: released, anyone may take over at once.
+    pub lease_ms: u64,
+    pub renewed_at: String,
+    pub host: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OwnerState {
+    /// Not the owner (yet): writes are held while the claim goes on.
+    Waiting,
+    /// The owner: writes allowed while the lease is renewed.
+    Claimed,
+    /// Another daemon took over: no remote write any more, for good.
+    Lost,
+    /// Released at shutdown.
+    Released,
+}
+
+/// The `owner` object of `GET /v1/status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct OwnerStatus {
+    pub instance: String,
+    /// This daemon's epoch while it owns (or owned) the conversation; 0 before.
+    pub epoch: u64,
+    pub state: OwnerState,
+    /// Whether a remote write may start now (owned and the lease renewed in time).
+    pub writes_allowed: bool,
+    pub lease_ms: u64,
+    /// The other daemon's record: the one waited for, or the one that took over.
+    pub holder: Option<OwnerRecord>,
+    pub last_error: Option<String>,
+}
+
+/// The claim/renewal protocol's state.
+struct Held {
+    state: OwnerState,
+    epoch: u64,
+    /// While waiting: the ETag of the owner object and when this daemon first saw it.
+    seen: Option<(String, Instant)>,
+    /// The holder last logged, so the log names each new holder once.
+    logged: Option<(String, u64)>,
+    /// Claims or renewals failed since the last success (for the log).
+    failures: u32,
+    /// Whether the log already said that writes are held (renewals failing).
+    said_held: bool,
+}
+
+/// This daemon's claim on its conversation. Shared as `Arc<Owner>`: the lifecycle
+/// claims, spawns [`Owner::run`] and calls [`Owner::release`]; the API reads
+/// [`Owner::status`].
+pub struct Owner {
+    /// The remote without the fence: the owner object itself is always written.
+    remote: Arc<dyn Remote>,
+    key: String,
+    instance: String,
+    host: String,
+    lease: Duration,
+    unreachable_after: Duration,
+    fence: Arc<Fence>,
+    /// Held across one protocol step (a read and maybe a write), so renewals and the
+    /// release never interleave.
+    held: tokio::sync::Mutex<Held>,
+    /// What `/v1/status` shows; never held across I/O.
+    status: std::sync::Mutex<OwnerStatus>,
+    /// Cancelled when the claim ends for good (lost or released): [`Owner::run`] ends.
+    ended: CancellationToken,
+}
+
+impl Owner {
+    /// The owner of `config`'s conversation, with the instance id of its state dir.
+    pub fn new(remote: Arc<dyn Remote>, config: &Config) -> Result<Arc<Self>, OwnerError> {
+        Self::build(
+            remote,
+            &config.conversation_prefix(),
+            &config.state_dir,
+            config.remote.lease.0,
+            UNREACHABLE_AFTER,
+        )
+    }
+
+    fn build(
+        remote: Arc<dyn Remote>,
+        conversation_prefix: &str,
+        state_dir: &Path,
+        lease: Duration,
+        unreachable_after: Duration,
+    ) -> Result<Arc<Self>, OwnerError> {
+        let instance = instance_id(state_dir)?;
+        let lease_ms = lease.as_millis() as u64;
+        Ok(Arc::new(Self {
+            remote,
+            key: format!("{conversation_prefix}{OWNER_KEY}"),
+            host: hostname(),
+            lease,
+            unreachable_after,
+            fence: Arc::new(Fence::new()),
+            held: tokio::sync::Mutex::new(Held {
+                state: OwnerState::Waiting,
+                epoch: 0,
+                seen: None,
+                logged: None,
+                failures: 0,
+                said_held: false,
+            }),
+            status: std::sync::Mutex::new(OwnerStatus {
+                instance: instance.clone(),
+                epoch: 0,
+                state: OwnerState::Waiting,
+                writes_allowed: false,
+                lease_ms,
+                holder: None,
+                last_error: None,
+            }),
+            ended: CancellationToken::new(),
+            instance,
+        }))
+    }
+
+    /// The fence every other remote write goes through.
+    pub fn fence(&self) -> Arc<Fence> {
+        self.fence.clone()
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    pub fn status(&self) -> OwnerStatus {
+        let mut s = self
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        s.writes_allowed = self.fence.allows_writes();
+        s
+    }
+
+    fn update_status(&self, f: impl FnOnce(&mut OwnerStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Waits until this daemon owns the conversation, or until the remote has not
+    /// answered for 10 s (then the daemon starts with writes held and [`Owner::run`]
+    /// keeps claiming). Cancel it by dropping the future (a stop signal while waiting).
+    pub async fn claim(&self) {
+        let mut last_answer = Instant::now();
+        loop {
+            match self.claim_step().await {
+                Ok(true) => return,
+                Ok(false) => last_answer = Instant::now(),
+                Err(_) => {
+                    if last_answer.elapsed() >= self.unreachable_after {
+                        tracing::warn!(
+                            waited_ms = last_answer.elapsed().as_millis() as u64,
+                            "remote storage does not answer (or refuses the claim): starting \
+                             WITHOUT owning the conversation; nothing is written to remote \
+                             storage until the claim succeeds (retried in the background)"
+                        );
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(self.poll()).await;
+        }
+    }
+
+    /// Keeps the claim: renews the lease every `lease / 3` (sooner after a failure),
+    /// or goes on claiming when the daemon started unclaimed. Ends on `stop`, when
+    /// another daemon took over, or after [`Owner::release`].
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut next = match self.held.lock().await.state {
+            OwnerState::Claimed => self.lease / 3,
+            _ => self.poll(),
+        };
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.ended.cancelled() => return,
+                _ = tokio::time::sleep(next) => {}
+            }
+            let step = tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.ended.cancelled() => return,
+                step = self.step() => step,
+            };
+            match step {
+                Some(d) => next = d,
+                None => return,
+            }
+        }
+    }
+
+    /// One claim or renewal; the delay before the next, or `None` when done.
+    async fn step(&self) -> Option<Duration> {
+        let state = self.held.lock().await.state;
+        match state {
+            OwnerState::Waiting => match self.claim_step().await {
+                Ok(true) => Some(self.lease / 3),
+                Ok(_) | Err(_) => Some(self.poll()),
+            },
+            OwnerState::Claimed => Some(self.renew_step().await),
+            OwnerState::Lost | OwnerState::Released => None,
+        }
+    }
+
+    /// Gives the conversation up at a clean shutdown, after the final sync: the fence
+    /// closes for good and the owner object is rewritten with `lease_ms` 0, so the next
+    /// daemon takes over at once. Bounded (5 s); on failure the next daemon waits for
+    /// the lease instead.
+    pub async fn release(&self) {
+        // Ends `run` first, so that a renewal in flight lets go of the state.
+        self.ended.cancel();
+        let work = async {
+            let mut held = self.held.lock().await;
+            let was = held.state;
+            if matches!(was, OwnerState::Lost | OwnerState::Released) {
+                return;
+            }
+            held.state = OwnerState::Released;
+            self.fence
+                .revoke("this daemon released the conversation at shutdown");
+            self.update_status(|s| s.state = OwnerState::Released);
+            if was != OwnerState::Claimed {
+                return;
+            }
+            match self.release_once(held.epoch).await {
+                Ok(true) => tracing::info!(
+                    instance = %self.instance,
+                    epoch = held.epoch,
+                    "released the conversation: the next daemon may take over at once"
+                ),
+                Ok(false) => {
+                    tracing::warn!("not releasing the conversation: another daemon already owns it")
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "cannot release the conversation; the next daemon waits for the lease to expire"
+                ),
+            }
+        };
+        if tokio::time::timeout(RELEASE_TIMEOUT, work).await.is_err() {
+            self.fence
+                .revoke("this daemon released the conversation at shutdown");
+            self.update_status(|s| s.state = OwnerState::Released);
+            tracing::warn!(
+                "releasing the conversation timed out; the next daemon waits for the lease to expire"
+            );
+        }
+    }
+
+    async fn release_once(&self, epoch: u64) -> Result<bool, RemoteError> {
+        let Some((bytes, etag)) = self.remote.get_bytes_tagged(&self.key).await? else {
+            return Ok(false);
+        };
+        if !self.is_ours(&bytes, epoch) {
+            return Ok(false);
+        }
+        self.remote
+            .put_bytes_if(
+                &self.key,
+                self.record(epoch, Duration::ZERO),
+                Precondition::Matches(etag),
+            )
+            .await?;
+        Ok(true)
+    }
+
+    /// How long a protocol step may take before it counts as failed.
+    fn step_timeout(&self) -> Duration {
+        (self.lease / 2).min(Duration::from_secs(5))
+    }
+
+    /// How often a waiting daemon looks at the owner object.
+    fn poll(&self) -> Duration {
+        (self.lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+
+    /// How long writes stay allowed after a renewal was sent.
+    fn window(&self) -> Duration {
+        self.lease.mul_f64(0.9)
+    }
+
+    fn record(&self, epoch: u64, lease: Duration) -> Bytes {
+        let record = OwnerRecord {
+            instance: self.instance.clone(),
+            epoch,
+            lease_ms: lease.as_millis() as u64,
+            renewed_at: crate::kv::rfc3339(crate::kv::now_ms()),
+            host: self.host.clone(),
+        };
+        let mut text = serde_json::to_vec_pretty(&record).unwrap_or_default();
+        text.push(b'\n');
+        Bytes::from(text)
+    }
+
+    fn is_ours(&self, bytes: &[u8], epoch: u64) -> bool {
+        serde_json::from_slice::<OwnerRecord>(bytes)
+            .is_ok_and(|r| r.instance == self.instance && r.epoch == epoch)
+    }
+
+    fn timed_out(&self) -> RemoteError {
+        RemoteError::Transport {
+            op: "owner",
+            key: self.key.clone(),
+            message: format!("no answer within {} ms", self.step_timeout().as_millis()),
+        }
+    }
+
+    /// One claim attempt: `Ok(true)` once owned, `Ok(false)` while another daemon
+    /// holds the conversation (or won a race just now).
+    async fn claim_step(&self) -> Result<bool, RemoteError> {
+        let mut held = self.held.lock().await;
+        if held.state != OwnerState::Waiting {
+            return Ok(held.state == OwnerState::Claimed);
+        }
+        let result = tokio::time::timeout(self.step_timeout(), self.claim_once(&mut held))
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out()));
+        if let Err(e) = &result {
+            held.failures += 1;
+            // Once, then about once a minute (a lookup every second or less).
+            if held.failures % 60 == 1 {
+                tracing::warn!(
+                    error = %e,
+                    failures = held.failures,
+                    "cannot read or claim the conversation's owner object; retrying"
+                );
+            }
+        } else {
+            held.failures = 0;
+        }
+        let error = result.as_ref().err().map(ToString::to_string);
+        self.update_status(|s| s.last_error = error);
+        result
+    }
+
+    async fn claim_once(&self, held: &mut Held) -> Result<bool, RemoteError> {
+        let (cond, epoch, reason) = match self.remote.get_bytes_tagged(&self.key).await? {
+            None => (Precondition::Absent, 1, "no daemon owned it"),
+            Some((bytes, etag)) => {
+                let record = serde_json::from_slice::<OwnerRecord>(&bytes).ok();
+                let lease = record
+                    .as_ref()
+                    .map_or(self.lease, |r| Duration::from_millis(r.lease_ms));
+                let epoch = record.as_ref().map_or(0, |r| r.epoch) + 1;
+                let now = Instant::now();
+                let since = match &held.seen {
+                    Some((seen, since)) if *seen == etag => *since,
+                    _ => {
+                        held.seen = Some((etag.clone(), now));
+                        now
+                    }
+                };
+                let reason = if record.as_ref().is_some_and(|r| r.instance == self.instance) {
+                    "restarted on the same state directory"
+                } else if lease.is_zero() {
+                    "the previous owner released it"
+                } else if now - since >= lease {
+                    "the previous owner's lease expired"
+                } else {
+                    self.note_holder(held, record);
+                    return Ok(false);
+                };
+                (Precondition::Matches(etag), epoch, reason)
+            }
+        };
+        let sent = Instant::now();
+        match self
+            .remote
+            .put_bytes_if(&self.key, self.record(epoch, self.lease), cond)
+            .await
+        {
+            Ok(_) => {
+                held.state = OwnerState::Claimed;
+                held.epoch = epoch;
+                held.seen = None;
+                held.failures = 0;
+                self.fence.allow_until(sent + self.window());
+                self.update_status(|s| {
+                    s.state = OwnerState::Claimed;
+                    s.epoch = epoch;
+                    s.holder = None;
+                });
+                tracing::info!(
+                    instance = %self.instance,
+                    epoch,
+                    lease_ms = self.lease.as_millis() as u64,
+                    reason,
+                    "this daemon owns the conversation and writes its remote storage"
+                );
+                Ok(true)
+            }
+            // Another daemon wrote the object since it was read: look again.
+            Err(RemoteError::PreconditionFailed { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Logs (once per holder) and shows who holds the conversation while waiting.
+    fn note_holder(&self, held: &mut Held, record: Option<OwnerRecord>) {
+        let id = record
+            .as_ref()
+            .map_or((String::new(), 0), |r| (r.instance.clone(), r.epoch));
+        if held.logged.as_ref() != Some(&id) {
+            match &record {
+                Some(r) => tracing::warn!(
+                    holder_instance = %r.instance,
+                    holder_host = %r.host,
+                    holder_epoch = r.epoch,
+                    holder_lease_ms = r.lease_ms,
+                    holder_renewed_at = %r.renewed_at,
+                    key = %self.key,
+                    "another daemon owns this conversation: waiting until it stops or its lease \
+                     expires; nothing is written meanwhile"
+                ),
+                None => tracing::warn!(
+                    key = %self.key,
+                    "the conversation's owner object is unreadable: waiting until it stays \
+                     unchanged for a lease before taking over"
+                ),
+            }
+            held.logged = Some(id);
+        }
+        self.update_status(|s| s.holder = record);
+    }
+
+    /// One renewal (retried once at once when the object changed under it); the delay
+    /// before the next step.
+    async fn renew_step(&self) -> Duration {
+        let mut held = self.held.lock().await;
+        if held.state != OwnerState::Claimed {
+            return self.poll();
+        }
+        let mut result = Err(self.timed_out());
+        for _ in 0..2 {
+            result = tokio::time::timeout(self.step_timeout(), self.renew_once(&mut held))
+                .await
+                .unwrap_or_else(|_| Err(self.timed_out()));
+            if !matches!(result, Err(RemoteError::PreconditionFailed { .. })) {
+                break;
+            }
+        }
+        match result {
+            Ok(()) => {
+                if held.failures > 0 && held.state == OwnerState::Claimed {
+                    tracing::info!(
+                        failures = held.failures,
+                        "owner lease renewed again; remote writes allowed"
+                    );
+                }
+                held.failures = 0;
+                held.said_held = false;
+                self.update_status(|s| s.last_error = None);
+                self.lease / 3
+            }
+            Err(e) => {
+                held.failures += 1;
+                let writes = self.fence.allows_writes();
+                if !writes && !held.said_held && held.state == OwnerState::Claimed {
+                    held.said_held = true;
+                    tracing::error!(
+                        error = %e,
+                        failures = held.failures,
+                        "the owner lease could not be renewed in time: remote writes are held \
+                         until it is"
+                    );
+                } else if held.failures % 30 == 1 {
+                    tracing::warn!(
+                        error = %e,
+                        failures = held.failures,
+                        writes_allowed = writes,
+                        "cannot renew the owner lease; retrying (remote writes are held once \
+                         0.9 x the lease passed since the last renewal)"
+                    );
+                }
+                let message = e.to_string();
+                self.update_status(|s| s.last_error = Some(message));
+                (self.lease / 10).max(Duration::from_millis(100))
+            }
+        }
+    }
+
+    async fn renew_once(&self, held: &mut Held) -> Result<(), RemoteError> {
+        let cond = match self.remote.get_bytes_tagged(&self.key).await? {
+            // Deleted by someone: put it back, unless another daemon is faster.
+            None => Precondition::Absent,
+            Some((bytes, etag)) => {
+                if !self.is_ours(&bytes, held.epoch) {
+                    let record = serde_json::from_slice::<OwnerRecord>(&bytes).ok();
+                    self.lose(held, record);
+                    return Ok(());
+                }
+                Precondition::Matches(etag)
+            }
+        };
+        let sent = Instant::now();
+        self.remote
+            .put_bytes_if(&self.key, self.record(held.epoch, self.lease), cond)
+            .await?;
+        self.fence.allow_until(sent + self.window());
+        Ok(())
+    }
+
+    /// Another daemon took over: no remote write from here on, for good.
+    fn lose(&self, held: &mut Held, record: Option<OwnerRecord>) {
+        held.state = OwnerState::Lost;
+        self.ended.cancel();
+        let who = record.as_ref().map_or_else(
+            || "an unreadable owner object".to_string(),
+            |r| format!("instance {} on {} (epoch {})", r.instance, r.host, r.epoch),
+        );
+        self.fence.revoke(format!(
+            "another daemon took over the conversation ({who}); this daemon no longer writes \
+             its remote storage"
+        ));
+        tracing::error!(
+            instance = %self.instance,
+            epoch = held.epoch,
+            new_owner = %who,
+            "ANOTHER DAEMON TOOK OVER THIS CONVERSATION: this daemon no longer writes remote \
+             storage (local KV keeps serving; later changes stay local)"
+        );
+        self.update_status(|s| {
+            s.state = OwnerState::Lost;
+            s.holder = record;
+        });
+    }
+}
+
+/// This daemon's instance id: read from `<state_dir>/owner-id`, or made (16 random
+/// bytes, hex) and kept there, so a restart on the same state dir is the same instance.
+fn instance_id(state_dir: &Path) -> Result<String, OwnerError> {
+    let path = state_dir.join(INSTANCE_FILE);
+    let err = |source| OwnerError::InstanceId {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let id = text.trim();
+            if (1..=64).contains(&id.len())
+                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                return Ok(id.to_string());
+            }
+            tracing::warn!(file = %path.display(), "not a valid instance id; making a new one");
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let id = hex::encode(rand::random::<[u8; 16]>());
+    let tmp = state_dir.join(format!("{INSTANCE_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{id}\n")).map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)?;
+    Ok(id)
+}
+
+/// The machine's host name, for people reading `owner.json`.
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes; the result is cut at the
+    // first NUL (or the end, should a long name have been truncated without one).
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::dir::DirRemote;
+    use crate::remote::fenced::FencedRemote;
+    use crate::remote::flaky::FlakyRemote;
+
+    const PREFIX: &str = "conversations/u1/c1/";
+    const LEASE: Duration = Duration::from_millis(600);
+
+    struct Env {
+        dir: tempfile::TempDir,
+        remote: Arc<dyn Remote>,
+    }
+
+    impl Env {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let remote = Arc::new(DirRemote::new(&dir.path().join("remote")).unwrap());
+            Self { dir, remote }
+        }
+
+        /// An owner on the shared remote with the state dir `name`.
+        fn owner(&self, name: &str) -> Arc<Owner> {
+            self.owner_on(self.remote.clone(), name)
+        }
+
+        fn owner_on(&self, remote: Arc<dyn Remote>, name: &str) -> Arc<Owner> {
+            let state = self.dir.path().join(name);
+            std::fs::create_dir_all(&state).unwrap();
+            Owner::build(remote, PREFIX, &state, LEASE, UNREACHABLE_AFTER).unwrap()
+        }
+
+        async fn record(&self) -> OwnerRecord {
+            let bytes = self
+                .remote
+                .get_bytes(&format!("{PREFIX}{OWNER_KEY}"))
+                .await
+                .unwrap()
+                .expect("owner.json");
+            serde_json::from_slice(&bytes).unwrap()
+        }
+    }
+
+    /// Claims in the background; the task ends once `owner` owns the conversation.
+    fn claim_in_background(owner: &Arc<Owner>) -> tokio::task::JoinHandle<Instant> {
+        let owner = owner.clone();
+        tokio::spawn(async move {
+            owner.claim().await;
+            Instant::now()
+        })
+    }
+
+    async fn fenced_write(owner: &Owner, remote: &Arc<dyn Remote>) -> Result<(), RemoteError> {
+        FencedRemote::new(remote.clone(), owner.fence())
+            .put_bytes(&format!("{PREFIX}data"), Bytes::from_static(b"x"))
+            .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn claim_creates_the_owner_object_and_opens_the_fence() {
+        let env = Env::new();
+        let a = env.owner("a");
+        assert!(fenced_write(&a, &env.remote).await.is_err());
+        assert_eq!(a.status().state, OwnerState::Waiting);
+        a.claim().await;
+        let r = env.record().await;
+        assert_eq!(r.instance, a.instance());
+        assert_eq!(r.epoch, 1);
+        assert_eq!(r.lease_ms, 600);
+        assert!(!r.host.is_empty());
+        humantime::parse_rfc3339(&r.renewed_at).unwrap();
+        let id = std::fs::read_to_string(env.dir.path().join("a").join(INSTANCE_FILE)).unwrap();
+        assert_eq!(id.trim(), a.instance());
+        let s = a.status();
+        assert_eq!(
+            (s.state, s.epoch, s.writes_allowed),
+            (OwnerState::Claimed, 1, true)
+        );
+        fenced_write(&a, &env.remote).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_daemon_waits_while_the_lease_is_renewed_then_takes_over_after_it_expires() {
+        let env = Env::new();
+        let a = env.owner("a");
+        a.claim().await;
+        let a_stop = CancellationToken::new();
+        let a_run = tokio::spawn(a.clone().run(a_stop.clone()));
+
+        let b = env.owner("b");
+        let b_claim = claim_in_background(&b);
+        // Several leases pass: A keeps renewing, B keeps waiting and names A.
+        tokio::time::sleep(LEASE * 3).await;
+        assert!(
+            !b_claim.is_finished(),
+            "B claimed while A renewed its lease"
+        );
+        let s = b.status();
+        assert_eq!(s.state, OwnerState::Waiting);
+        assert!(!s.writes_allowed);
+        assert_eq!(s.holder.unwrap().instance, a.instance());
+        assert!(fenced_write(&b, &env.remote).await.is_err());
+        fenced_write(&a, &env.remote).await.unwrap();
+        assert_eq!(env.record().await.instance, a.instance());
+
+        // A stops renewing (frozen, partitioned): its writes stop within 0.9 x lease,
+        // B takes over only after a whole lease.
+        a_stop.cancel();
+        a_run.await.unwrap();
+        let frozen = Instant::now();
+        let taken = b_claim.await.unwrap();
+        assert!(taken - frozen >= LEASE * 2 / 3, "{:?}", taken - frozen);
+        assert!(!a.fence.allows_writes(), "A still writes after B took over");
+        let r = env.record().await;
+        assert_eq!((r.instance.as_str(), r.epoch), (b.instance(), 2));
+        fenced_write(&b, &env.remote).await.unwrap();
+
+        // A comes back: its next renewal finds B and fences it for good.
+        let a_run = tokio::spawn(a.clone().run(CancellationToken::new()));
+        tokio::time::timeout(Duration::from_secs(5), a_run)
+            .await
+            .expect("A's run ends once it lost")
+            .unwrap();
+        let s = a.status();
+        assert_eq!(s.state, OwnerState::Lost);
+        assert_eq!(s.holder.unwrap().instance, b.instance());
+        let err = fenced_write(&a, &env.remote).await.unwrap_err();
+        assert!(err.to_string().contains("took over"), "{err}");
+        assert_eq!(env.record().await.instance, b.instance());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_same_instance_takes_over_at_once() {
+        let env = Env::new();
+        let a = env.owner("a");
+        a.claim().await;
+        drop(a); // killed: no release, the lease is still running
+        let again = env.owner("a");
+        let t = Instant::now();
+        again.claim().await;
+        assert!(t.elapsed() < LEASE / 2, "{:?}", t.elapsed());
+        let r = env.record().await;
+        assert_eq!((r.instance.as_str(), r.epoch), (again.instance(), 2));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn release_lets_the_next_daemon_take_over_at_once() {
+        let env = Env::new();
+        let lease = Duration::from_secs(30);
+        let state = env.dir.path().join("a");
+        std::fs::create_dir_all(&state).unwrap();
+        let a = Owner::build(env.remote.clone(), PREFIX, &state, lease, UNREACHABLE_AFTER).unwrap();
+        a.claim().await;
+        let a_run = tokio::spawn(a.clone().run(CancellationToken::new()));
+        let b = env.owner("b");
+        let b_claim = claim_in_background(&b);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!b_claim.is_finished());
+        let released = Instant::now();
+        a.release().await;
+        assert_eq!(a.status().state, OwnerState::Released);
+        assert!(fenced_write(&a, &env.remote).await.is_err());
+        tokio::time::timeout(Duration::from_secs(2), a_run)
+            .await
+            .expect("run ends after release")
+            .unwrap();
+        let taken = b_claim.await.unwrap();
+        assert!(taken - released < Duration::from_secs(2));
+        let r = env.record().await;
+        assert_eq!((r.instance.as_str(), r.epoch), (b.instance(), 2));
+        // Releasing twice, or after losing, does nothing.
+        a.release().await;
+        assert_eq!(env.record().await.instance, b.instance());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_are_held_while_renewals_fail_and_resume_after() {
+        let env = Env::new();
+        let flaky = Arc::new(FlakyRemote::new(env.remote.clone()));
+        let a = env.owner_on(flaky.clone(), "a");
+        a.claim().await;
+        let run = tokio::spawn(a.clone().run(CancellationToken::new()));
+        flaky.set_down(true);
+        tokio::time::sleep(LEASE).await;
+        let s = a.status();
+        assert_eq!(s.state, OwnerState::Claimed);
+        assert!(!s.writes_allowed);
+        assert!(s.last_error.is_some());
+        assert!(fenced_write(&a, &env.remote).await.is_err());
+        flaky.set_down(false);
+        tokio::time::sleep(LEASE).await;
+        let s = a.status();
+        assert!(s.writes_allowed && s.last_error.is_none(), "{s:?}");
+        fenced_write(&a, &env.remote).await.unwrap();
+        run.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_remote_starts_unclaimed_and_claims_in_the_background() {
+        let env = Env::new();
+        let flaky = Arc::new(FlakyRemote::new(env.remote.clone()));
+        flaky.set_down(true);
+        let state = env.dir.path().join("a");
+        std::fs::create_dir_all(&state).unwrap();
+        let a = Owner::build(flaky.clone(), PREFIX, &state, LEASE, LEASE).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), a.claim())
+            .await
+            .expect("claim gives up waiting for an answer");
+        let s = a.status();
+        assert_eq!(s.state, OwnerState::Waiting);
+        assert!(s.last_error.is_some() && !s.writes_allowed);
+        let run = tokio::spawn(a.clone().run(CancellationToken::new()));
+        flaky.set_down(false);
+        tokio::time::sleep(LEASE).await;
+        assert_eq!(a.status().state, OwnerState::Claimed);
+        fenced_write(&a, &env.remote).await.unwrap();
+        run.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn of_daemons_claiming_at_once_exactly_one_wins() {
+        let env = Env::new();
+        let owners: Vec<_> = (0..6)
+            .map(|i| {
+                let state = env.dir.path().join(format!("s{i}"));
+                std::fs::create_dir_all(&state).unwrap();
+                let lease = Duration::from_secs(30);
+                Owner::build(env.remote.clone(), PREFIX, &state, lease, UNREACHABLE_AFTER).unwrap()
+            })
+            .collect();
+        let claims: Vec<_> = owners.iter().map(claim_in_background).collect();
+        let claimed = || {
+            owners
+                .iter()
+                .filter(|o| o.status().state == OwnerState::Claimed)
+                .collect::<Vec<_>>()
+        };
+        let t = Instant::now();
+        while claimed().is_empty() && t.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The losers keep waiting (their lookups see the winner's object).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let claimed = claimed();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(env.record().await.instance, claimed[0].instance());
+        for c in claims {
+            c.abort();
+        }
+    }
+}

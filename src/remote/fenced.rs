@@ -1,0 +1,243 @@
+//! The write fence: a [`Fence`] says whether this daemon may write to the
+//! conversation's prefix now, and [`FencedRemote`] refuses every write the fence does
+//! not allow with [`RemoteError::Fenced`], before anything is sent. Reads always pass.
+//!
+//! [`crate::owner::Owner`] is the only one that moves the fence: it opens it up to a
+//! deadline after each successful claim or lease renewal and closes it for good when
+//! another daemon took over or at release. The owner object itself is written through
+//! the inner remote, never through the fence.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::{ListPage, ObjectInfo, Precondition, Remote, RemoteError};
+
+#[derive(Clone, Debug)]
+enum State {
+    /// Ownership not (yet) established: writes wait for the first claim.
+    Unclaimed,
+    /// Owned: writes allowed until `until` (the lease renewal moves it forward).
+    Owned { until: Instant },
+    /// Never again: another daemon took over, or this one released the conversation.
+    Revoked { reason: String },
+}
+
+/// Whether writes are allowed now. Shared between the [`crate::owner::Owner`] that
+/// moves it and the [`FencedRemote`]s that obey it.
+#[derive(Debug)]
+pub struct Fence {
+    state: Mutex<State>,
+}
+
+impl Default for Fence {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(State::Unclaimed),
+        }
+    }
+}
+
+impl Fence {
+    /// A closed fence: nothing may be written until [`Fence::allow_until`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Allows writes until `until` (a later renewal moves it again). No effect once
+    /// the fence was revoked.
+    pub fn allow_until(&self, until: Instant) {
+        let mut s = self.state();
+        match &*s {
+            State::Revoked { .. } => {}
+            State::Owned { until: old } if *old >= until => {}
+            _ => *s = State::Owned { until },
+        }
+    }
+
+    /// Refuses every write from now on, for good.
+    pub fn revoke(&self, reason: impl Into<String>) {
+        *self.state() = State::Revoked {
+            reason: reason.into(),
+        };
+    }
+
+    /// Whether a write may start now.
+    pub fn allows_writes(&self) -> bool {
+        self.check("").is_ok()
+    }
+
+    /// Whether the fence was revoked.
+    pub fn is_revoked(&self) -> bool {
+        matches!(*self.state(), State::Revoked { .. })
+    }
+
+    /// `Ok` when a write of `key` may start now, else [`RemoteError::Fenced`] saying why.
+    pub fn check(&self, key: &str) -> Result<(), RemoteError> {
+        let message = match &*self.state() {
+            State::Owned { until } => {
+                let now = Instant::now();
+                if now < *until {
+                    return Ok(());
+                }
+                format!(
+                    "ownership of the conversation has not been confirmed for {} ms past its \
+                     lease (renewal failing); writes resume once the lease is renewed",
+                    (now - *until).as_millis()
+                )
+            }
+            State::Unclaimed => {
+                "this daemon does not own the conversation yet (claim pending)".to_string()
+            }
+            State::Revoked { reason } => reason.clone(),
+        };
+        Err(RemoteError::Fenced {
+            key: key.to_string(),
+            message,
+        })
+    }
+}
+
+/// Forwards to `inner`; every write first asks the [`Fence`].
+pub struct FencedRemote {
+    inner: Arc<dyn Remote>,
+    fence: Arc<Fence>,
+}
+
+impl FencedRemote {
+    pub fn new(inner: Arc<dyn Remote>, fence: Arc<Fence>) -> Self {
+        Self { inner, fence }
+    }
+}
+
+#[async_trait]
+impl Remote for FencedRemote {
+    async fn put_file(&self, key: &str, path: &Path, md5: [u8; 16]) -> Result<u64, RemoteError> {
+        self.fence.check(key)?;
+        self.inner.put_file(key, path, md5).await
+    }
+    async fn put_stream(
+        &self,
+        key: &str,
+        reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    ) -> Result<u64, RemoteError> {
+        self.fence.check(key)?;
+        self.inner.put_stream(key, reader).await
+    }
+    async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), RemoteError> {
+        self.fence.check(key)?;
+        self.inner.put_bytes(key, data).await
+    }
+    async fn put_bytes_if(
+        &self,
+        key: &str,
+        data: Bytes,
+        cond: Precondition,
+    ) -> Result<String, RemoteError> {
+        self.fence.check(key)?;
+        self.inner.put_bytes_if(key, data, cond).await
+    }
+    async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, RemoteError> {
+        self.inner.get_to_file(key, dest).await
+    }
+    async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, RemoteError> {
+        self.inner.get_bytes(key).await
+    }
+    async fn get_bytes_tagged(&self, key: &str) -> Result<Option<(Bytes, String)>, RemoteError> {
+        self.inner.get_bytes_tagged(key).await
+    }
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError> {
+        self.inner.head(key).await
+    }
+    async fn list(&self, prefix: &str, token: Option<String>) -> Result<ListPage, RemoteError> {
+        self.inner.list(prefix, token).await
+    }
+    async fn delete_many(&self, keys: &[String]) -> Result<(), RemoteError> {
+        if let Some(first) = keys.first() {
+            self.fence.check(first)?;
+        }
+        self.inner.delete_many(keys).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::remote::dir::DirRemote;
+
+    #[tokio::test]
+    async fn writes_need_an_open_fence_and_reads_always_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner: Arc<dyn Remote> = Arc::new(DirRemote::new(dir.path()).unwrap());
+        inner
+            .put_bytes("k/there", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        let fence = Arc::new(Fence::new());
+        let remote = FencedRemote::new(inner.clone(), fence.clone());
+        let fenced = |r: Result<(), RemoteError>| match r {
+            Err(RemoteError::Fenced { message, .. }) => message,
+            other => panic!("expected Fenced, got {other:?}"),
+        };
+
+        // Unclaimed: every kind of write is refused, nothing reaches the inner remote.
+        let m = fenced(remote.put_bytes("k/a", Bytes::from_static(b"x")).await);
+        assert!(m.contains("claim pending"), "{m}");
+        let f = dir.path().join("src");
+        std::fs::write(&f, b"x").unwrap();
+        let md5: [u8; 16] = <md5::Md5 as md5::Digest>::digest(b"x").into();
+        fenced(remote.put_file("k/b", &f, md5).await.map(drop));
+        fenced(
+            remote
+                .put_stream("k/c", Box::new(&b"x"[..]))
+                .await
+                .map(drop),
+        );
+        fenced(
+            remote
+                .put_bytes_if("k/d", Bytes::from_static(b"x"), Precondition::Absent)
+                .await
+                .map(drop),
+        );
+        fenced(remote.delete_many(&["k/there".into()]).await);
+        assert!(remote.delete_many(&[]).await.is_ok());
+        assert_eq!(inner.list("k/", None).await.unwrap().objects.len(), 1);
+        assert!(remote.get_bytes("k/there").await.unwrap().is_some());
+        assert!(remote.get_bytes_tagged("k/there").await.unwrap().is_some());
+
+        // Owned until a deadline: writes pass, then stop at the deadline.
+        fence.allow_until(Instant::now() + Duration::from_millis(300));
+        remote
+            .put_bytes("k/a", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        // An earlier deadline never shortens the window.
+        fence.allow_until(Instant::now());
+        assert!(fence.allows_writes());
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let m = fenced(remote.put_bytes("k/a", Bytes::from_static(b"y")).await);
+        assert!(m.contains("renewal failing"), "{m}");
+        fence.allow_until(Instant::now() + Duration::from_secs(10));
+        remote
+            .put_bytes("k/a", Bytes::from_static(b"y"))
+            .await
+            .unwrap();
+
+        // Revoked: for good, whatever comes later.
+        fence.revoke("another daemon took over");
+        fence.allow_until(Instant::now() + Duration::from_secs(10));
+        assert!(fence.is_revoked() && !fence.allows_writes());
+        let m = fenced(remote.put_bytes("k/a", Bytes::from_static(b"z")).await);
+        assert!(m.contains("took over"), "{m}");
+        assert_eq!(inner.get_bytes("k/a").await.unwrap().unwrap(), "y");
+    }
+}
