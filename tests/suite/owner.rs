@@ -139,13 +139,14 @@ async fn start_first(p: &mut Pair) {
     assert_eq!(p.object("notes/a.txt").await.as_deref(), Some(&b"a"[..]));
 }
 
-/// B runs and waits: no socket, nothing written, its log names A.
+/// B runs and waits: not ready, nothing written, its log names A.
 async fn assert_waiting(p: &mut Pair, before: &BTreeMap<String, Vec<u8>>, a_instance: &str) {
     assert!(p.b.is_running(), "B exited; log:\n{}", p.b.log());
-    assert!(
-        !p.b.socket.exists(),
-        "B serves while A owns the conversation"
-    );
+    // B answers, but is not ready and says why.
+    assert_eq!(p.b.api().get("/readyz").await.status, 503);
+    let s = owner_status(&p.b).await;
+    assert_eq!(s["state"], "waiting", "{s}");
+    assert_eq!(p.b.api().get("/v1/kv/k").await.status, 503);
     assert_eq!(&p.objects().await, before, "B (or A) wrote to the remote");
     assert_eq!(p.owner().await["instance"], a_instance);
     let log = p.b.log();
@@ -370,7 +371,7 @@ async fn sigterm_while_waiting_exits_75_without_writing() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(
         p.b.log()
-            .contains("stopped while waiting to own the conversation"),
+            .contains("stopped during start-up (before owning the conversation"),
         "{}",
         p.b.log()
     );
