@@ -116,7 +116,9 @@ rss_kib() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status"; }
 log "syncing it once with the daemon"
 EXTRA_TOML='[sync]\nconcurrency = 16' start_daemon "$TMP/ws" restore; wait_synced; stop_daemon
 CONFIG=$TMP/sk-restore/sandkeep.toml
-SRC="s3:$BUCKET/conversations/bench/restore/workspace/files"
+# The trailing slash tells rclone the root is a directory: without it rclone first HEADs
+# the path to see whether it names a file, which s3s-fs answers with a 500 after ~40 s.
+SRC="s3:$BUCKET/conversations/bench/restore/workspace/files/"
 
 declare -A T
 for rep in $(seq "$REPS"); do

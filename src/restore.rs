@@ -13,7 +13,8 @@
 
 use std::collections::BTreeSet;
 use std::fs::{self, FileTimes};
-use std::io;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,7 +28,6 @@ use crate::remote::{self, Backoff, Remote, RemoteError};
 use crate::snapshot::{self, COMPRESSED_DIR};
 use crate::sync::manifest::{FileEntry, Manifest};
 use crate::sync::rules::Rules;
-use crate::sync::scan::hash_file;
 
 /// Attempts at a download that fails for want of an answer (connection, 5xx).
 const TRANSPORT_ATTEMPTS: u32 = 4;
@@ -268,16 +268,23 @@ impl Job<'_> {
         let dest = self.root.join(relp);
         match fs::symlink_metadata(&dest) {
             Ok(m) if m.is_file() && m.len() == e.size => {
-                let (p, want) = (dest.clone(), e.hash.clone());
+                let (p, entry) = (dest.clone(), e.clone());
                 let same = tokio::task::spawn_blocking(move || {
-                    hash_file(&p).map(|h| h.hash == want).unwrap_or(false)
+                    if blake3_of_file(&p).ok()? != entry.hash {
+                        return Some(false);
+                    }
+                    set_mode_and_time(&p, &entry).ok().map(|()| true)
                 })
                 .await
-                .unwrap_or(false);
-                if same {
-                    set_mode_and_time(&dest, e).map_err(|err| format!("setting mode: {err}"))?;
-                    self.progress.advance(e.size);
-                    return Ok(FileOutcome::Unchanged);
+                .ok()
+                .flatten();
+                match same {
+                    Some(true) => {
+                        self.progress.advance(e.size);
+                        return Ok(FileOutcome::Unchanged);
+                    }
+                    Some(false) => {}
+                    None => return Err("setting the mode and time of the file in place".into()),
                 }
             }
             Ok(m) if m.is_dir() && !self.force => {
@@ -289,11 +296,23 @@ impl Job<'_> {
             _ => {}
         }
         let tmp = dir.join(format!("{TMP_PREFIX}{:016x}", rand::random::<u64>()));
-        let result = self.download(rel, e, &tmp).await;
-        let done = result.and_then(|()| {
-            set_mode_and_time(&tmp, e).map_err(|err| format!("setting mode: {err}"))?;
-            fs::rename(&tmp, &dest).map_err(|err| format!("renaming into place: {err}"))
-        });
+        let key = format!("{}{rel}", self.files_prefix);
+        let mut done = Err(String::new());
+        // A mismatch is downloaded once more: the object may have been replaced
+        // between the manifest and now.
+        for attempt in 0..2 {
+            done = self.fetch_verified(&key, e, &tmp, &dest).await;
+            match &done {
+                Err(err) if err == MISMATCH => {
+                    tracing::warn!(
+                        path = rel,
+                        attempt,
+                        "restored file does not match the manifest hash"
+                    );
+                }
+                _ => break,
+            }
+        }
         if done.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -303,41 +322,102 @@ impl Job<'_> {
         })
     }
 
-    /// Downloads into `tmp` and checks the hash; a mismatch is downloaded once more.
-    async fn download(&self, rel: &str, e: &FileEntry, tmp: &Path) -> Result<(), String> {
-        let key = format!("{}{rel}", self.files_prefix);
-        for attempt in 0..2 {
-            let mut backoff = Backoff::default();
-            let mut tries = 0;
-            loop {
-                tries += 1;
-                match self.remote.get_to_file(&key, tmp).await {
-                    Ok(_) => break,
-                    Err(RemoteError::NotFound { .. }) => {
-                        return Err("missing in remote storage".into());
-                    }
-                    Err(err @ RemoteError::Transport { .. }) if tries < TRANSPORT_ATTEMPTS => {
-                        tracing::debug!(error = %err, "restore download failed; retrying");
-                        tokio::time::sleep(backoff.next_delay()).await;
-                    }
-                    Err(err) => return Err(err.to_string()),
+    /// Downloads the object, checks its hash and puts it in place at `dest` (through
+    /// `tmp`) with its mode and time. Small files go through memory in one blocking
+    /// step; large ones are streamed to `tmp` and hashed from there.
+    async fn fetch_verified(
+        &self,
+        key: &str,
+        e: &FileEntry,
+        tmp: &Path,
+        dest: &Path,
+    ) -> Result<(), String> {
+        let entry = e.clone();
+        let (tmp, dest) = (tmp.to_path_buf(), dest.to_path_buf());
+        if e.size <= IN_MEMORY_MAX {
+            let data = retry_transport(|| self.remote.get_bytes(key))
+                .await?
+                .ok_or_else(|| "missing in remote storage".to_string())?;
+            return tokio::task::spawn_blocking(move || {
+                if format!("blake3:{}", blake3::hash(&data).to_hex()) != entry.hash {
+                    return Err(MISMATCH.to_string());
                 }
-            }
-            let p = tmp.to_path_buf();
-            let hashed = tokio::task::spawn_blocking(move || hash_file(&p))
-                .await
-                .map_err(|err| err.to_string())?
-                .map_err(|err| format!("hashing: {err}"))?;
-            if hashed.hash == e.hash {
-                return Ok(());
-            }
-            tracing::warn!(
-                path = rel,
-                attempt,
-                "restored file does not match the manifest hash"
-            );
+                let mut f = fs::File::options()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(|err| format!("creating the file: {err}"))?;
+                f.write_all(&data)
+                    .map_err(|err| format!("writing the file: {err}"))?;
+                place(f, &tmp, &dest, &entry)
+            })
+            .await
+            .map_err(|err| err.to_string())?;
         }
-        Err("the content does not match the manifest hash".into())
+        match retry_transport(|| self.remote.get_to_file(key, &tmp)).await {
+            Ok(_) => {}
+            Err(err) if err.starts_with(NOT_FOUND) => {
+                return Err("missing in remote storage".into());
+            }
+            Err(err) => return Err(err),
+        }
+        tokio::task::spawn_blocking(move || {
+            if blake3_of_file(&tmp).map_err(|err| format!("hashing: {err}"))? != entry.hash {
+                return Err(MISMATCH.to_string());
+            }
+            let f = fs::File::options()
+                .write(true)
+                .open(&tmp)
+                .map_err(|err| format!("opening the file: {err}"))?;
+            place(f, &tmp, &dest, &entry)
+        })
+        .await
+        .map_err(|err| err.to_string())?
+    }
+}
+
+/// Files up to this size are downloaded into memory and written in one go.
+const IN_MEMORY_MAX: u64 = 4 << 20;
+const MISMATCH: &str = "the content does not match the manifest hash";
+const NOT_FOUND: &str = "not found:";
+
+/// Gives the open file `f` (at `tmp`) its mode and time and renames it to `dest`.
+fn place(f: fs::File, tmp: &Path, dest: &Path, e: &FileEntry) -> Result<(), String> {
+    f.set_times(FileTimes::new().set_modified(system_time(e.mtime)))
+        .and_then(|()| f.set_permissions(fs::Permissions::from_mode(e.mode & 0o7777)))
+        .map_err(|err| format!("setting mode and time: {err}"))?;
+    drop(f);
+    fs::rename(tmp, dest).map_err(|err| format!("renaming into place: {err}"))
+}
+
+/// `blake3:<hex>` of a file's content.
+fn blake3_of_file(path: &Path) -> io::Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(fs::File::open(path)?)?;
+    Ok(format!("blake3:{}", h.finalize().to_hex()))
+}
+
+/// Runs a download, retrying answers that did not come (connection, 5xx) with
+/// backoff; a missing object is reported as `not found: ...`.
+async fn retry_transport<T, F, Fut>(mut op: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, RemoteError>>,
+{
+    let mut backoff = Backoff::default();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(RemoteError::NotFound { key, .. }) => return Err(format!("{NOT_FOUND} {key}")),
+            Err(err @ RemoteError::Transport { .. }) if tries < TRANSPORT_ATTEMPTS => {
+                tracing::debug!(error = %err, "restore download failed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(err) => return Err(err.to_string()),
+        }
     }
 }
 

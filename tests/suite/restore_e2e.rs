@@ -43,12 +43,14 @@ async fn synced_workspace(s3: Option<&S3Server>, with_git: bool) -> Daemon {
     write(&ws, "untracked/new.md", "new\n");
     write(&ws, "corrupt.txt", "will be corrupted\n");
     write(&ws, "missing.txt", "will go missing\n");
+    // Above the size restore keeps in memory: streamed to disk, hashed from there.
+    write(&ws, "data/big.bin", crate::util::pattern(5 << 20, 3));
     std::fs::create_dir_all(ws.join("empty/dir")).unwrap();
     std::os::unix::fs::symlink("src/lib/mod.rs", ws.join("link")).unwrap();
     d.spawn_and_wait().await;
     ok(&d.api().post("/v1/sync", &json!({})).await, 200);
     let status = ok(&d.api().get("/v1/status").await, 200);
-    assert_eq!(status["workspace"]["files"], 6, "{status}");
+    assert_eq!(status["workspace"]["files"], 7, "{status}");
     ok(&d.api().post("/v1/snapshots", &json!({})).await, 201);
     assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
     d
@@ -163,7 +165,7 @@ async fn offline_restore_from_the_mirror_and_from_snapshots() {
     assert_eq!(out.code, 0, "{out:?}");
     let s = out.json();
     assert_eq!(s["removed"], 1, "{s}");
-    assert!(s["unchanged"].as_u64().unwrap() >= 5, "{s}");
+    assert!(s["unchanged"].as_u64().unwrap() >= 6, "{s}");
     assert!(!target.join("extra.txt").exists());
     assert!(target.join("node_modules/pkg/index.js").exists());
     let mut t = tree(&target, &not_git);
@@ -171,10 +173,16 @@ async fn offline_restore_from_the_mirror_and_from_snapshots() {
     assert_eq!(t, original);
 }
 
-/// Breaks four entries of the remote workspace: a corrupt object, a missing object, an
+/// Breaks five entries of the remote workspace: two corrupt objects (small and large), a missing object, an
 /// empty directory below a file (cannot be written) and a path leaving the workspace.
 fn break_remote(d: &Daemon) {
     std::fs::write(remote_file(d, "corrupt.txt"), "tampered").unwrap();
+    // The same for a file restore streams to disk.
+    std::fs::write(
+        remote_file(d, "data/big.bin"),
+        crate::util::pattern(5 << 20, 4),
+    )
+    .unwrap();
     std::fs::remove_file(remote_file(d, "missing.txt")).unwrap();
     let mpath = d.remote.join(CONV).join("workspace/manifest.json");
     let mut m: Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
@@ -206,6 +214,7 @@ async fn bad_entries_are_reported_the_rest_restored_and_their_remote_copies_kept
         "../escape.txt",
         "a.txt/below-a-file",
         "corrupt.txt",
+        "data/big.bin",
         "missing.txt",
     ];
 
@@ -215,11 +224,18 @@ async fn bad_entries_are_reported_the_rest_restored_and_their_remote_copies_kept
     assert_eq!(out.code, 0, "{out:?}");
     let s = out.json();
     assert_eq!(bad_paths(&s), want_bad, "{s}");
-    let corrupt = s["bad"][2]["error"].as_str().unwrap();
-    assert!(corrupt.contains("hash"), "{s}");
+    for i in [2, 3] {
+        let corrupt = s["bad"][i]["error"].as_str().unwrap();
+        assert!(corrupt.contains("hash"), "{s}");
+    }
+    assert!(
+        s["bad"][4]["error"].as_str().unwrap().contains("missing"),
+        "{s}"
+    );
     assert!(!d.root().join("escape.txt").exists());
     expected.remove("corrupt.txt");
     expected.remove("missing.txt");
+    expected.remove("data/big.bin");
     assert_eq!(tree(&target, &not_git), expected);
     assert!(target.join("a.txt").is_file());
 
