@@ -393,3 +393,47 @@ fn manifest(remote: &Path) -> Value {
     )
     .unwrap()
 }
+
+/// A new sandbox whose remote does not answer: not ready and nothing restored
+/// while it retries; a stop meanwhile exits 75 at once; once the remote is back, the
+/// next start restores everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_waits_for_the_remote_and_a_stop_meanwhile_exits_75() {
+    let mut s3 = S3Server::start().await;
+    let mut d = synced_workspace(Some(&s3), true).await;
+    let original = tree(&d.workspace, &not_git);
+    let original_git = git_state(&d.workspace);
+    let key = std::fs::read_to_string(d.state_dir.join("kv.key")).unwrap();
+    std::fs::remove_dir_all(&d.state_dir).unwrap();
+    std::fs::remove_dir_all(&d.workspace).unwrap();
+    std::fs::create_dir(&d.workspace).unwrap();
+    d.set_env("SANDKEEP_KV_KEY", key.trim());
+    d.set_env("SANDKEEP_RESTORE", "auto");
+
+    s3.stop();
+    d.spawn();
+    // Past the 10 s after which a silent remote no longer holds up the start: the
+    // daemon now retries the restore itself.
+    let retrying =
+        crate::util::poll_until(Duration::from_secs(30), Duration::from_millis(200), || {
+            let log = d.log();
+            async move {
+                log.contains("cannot restore the workspace yet")
+                    .then_some(())
+            }
+        })
+        .await;
+    assert!(retrying.is_some(), "log:\n{}", d.log());
+    assert_eq!(d.api().get("/readyz").await.status, 503);
+    assert_eq!(d.api().get("/v1/kv/x").await.status, 503);
+    assert!(tree(&d.workspace, &not_git).is_empty());
+    let status = d.terminate();
+    assert_eq!(status.code(), Some(75), "log:\n{}", d.log());
+    assert!(d.log().contains("stopped during start-up"), "{}", d.log());
+
+    s3.restart().await;
+    d.spawn_and_wait().await;
+    assert_eq!(tree(&d.workspace, &not_git), original);
+    assert_eq!(git_state(&d.workspace), original_git);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+}
