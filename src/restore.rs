@@ -269,8 +269,9 @@ impl Job<'_> {
         match fs::symlink_metadata(&dest) {
             Ok(m) if m.is_file() && m.len() == e.size => {
                 let (p, entry) = (dest.clone(), e.clone());
+                // Unreadable or different: downloaded like a missing file.
                 let same = tokio::task::spawn_blocking(move || {
-                    if blake3_of_file(&p).ok()? != entry.hash {
+                    if blake3_of_file(&p).ok() != Some(entry.hash.clone()) {
                         return Some(false);
                     }
                     set_mode_and_time(&p, &entry).ok().map(|()| true)
