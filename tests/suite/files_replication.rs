@@ -20,13 +20,6 @@ fn object(d: &Daemon, rel: &str) -> PathBuf {
     d.remote.join(CONV).join(rel)
 }
 
-fn generated_key(d: &Daemon) -> String {
-    std::fs::read_to_string(d.state_dir.join("kv.key"))
-        .expect("generated kv key")
-        .trim()
-        .to_string()
-}
-
 /// Removes the state directory (database, manifest cache, key) as a new sandbox has it.
 fn wipe_state(d: &Daemon) {
     std::fs::remove_dir_all(&d.state_dir).unwrap();
@@ -211,7 +204,7 @@ async fn kv_exports_follow_writes_after_the_replicate_delay_and_hold_no_plaintex
     }
     // A later write is exported again.
     ok(&api.put("/v1/kv/k", &json!(2)).await, 200);
-    let key = sandkeep::kv::crypto::Cipher::from_base64(&generated_key(&d)).unwrap();
+    let key = sandkeep::kv::crypto::Cipher::from_base64(&d.generated_key()).unwrap();
     let version = poll_until(
         Duration::from_secs(10),
         Duration::from_millis(100),
@@ -297,7 +290,7 @@ async fn stores_survive_a_new_state_dir(d: &mut Daemon) {
     let status = d.terminate();
     assert_eq!(status.code(), Some(0), "log:\n{}", d.log());
 
-    let key = generated_key(d);
+    let key = d.generated_key();
     wipe_state(d);
     d.set_env("SANDKEEP_KV_KEY", &key);
     d.spawn_and_wait().await;

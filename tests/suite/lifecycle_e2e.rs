@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::s3_server::S3Server;
 use crate::util::fs::{Entry, chmod, git, git_state, tree, write};
-use crate::util::{Daemon, ok, run_bounded, sandkeep_command};
+use crate::util::{Daemon, ok};
 
 const CONV: &str = "conversations/u1/c1";
 const CANARY: &str = "kv-canary-7d3f1a";
@@ -170,12 +170,7 @@ async fn whole_life(s3: Option<&S3Server>) {
     }
 
     // A new sandbox: empty workspace, empty state directory, same remote and key.
-    let key = std::fs::read_to_string(d.state_dir.join("kv.key")).unwrap();
-    std::fs::remove_dir_all(&d.state_dir).unwrap();
-    std::fs::remove_dir_all(&d.workspace).unwrap();
-    std::fs::create_dir(&d.workspace).unwrap();
-    d.set_env("SANDKEEP_KV_KEY", key.trim());
-    d.set_env("SANDKEEP_RESTORE", "auto");
+    d.become_new_sandbox();
     d.spawn_and_wait().await;
 
     assert_eq!(tree(&d.workspace, &not_git), ws_before);
@@ -192,12 +187,7 @@ async fn whole_life(s3: Option<&S3Server>) {
 
     // The same offline, as an init container does it.
     let target = d.root().join("offline");
-    let mut cmd = sandkeep_command();
-    cmd.args(["restore", "--config"])
-        .arg(&d.config_path)
-        .arg("--to")
-        .arg(&target);
-    let out = run_bounded(cmd, None, Duration::from_secs(120));
+    let out = d.restore_cli(&["--to", target.to_str().unwrap()], &[]);
     assert_eq!(out.code, 0, "{out:?}");
     let summary = out.json();
     assert_eq!(summary["restored"], true, "{summary}");

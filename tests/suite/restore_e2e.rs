@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::s3_server::S3Server;
 use crate::util::fs::{Entry, chmod, git, git_state, tree, write};
-use crate::util::{Daemon, ok, run_bounded, sandkeep_command};
+use crate::util::{Daemon, ok};
 
 const CONV: &str = "conversations/u1/c1";
 /// No background work: only explicit syncs and the final sync write the remote.
@@ -56,18 +56,6 @@ async fn synced_workspace(s3: Option<&S3Server>, with_git: bool) -> Daemon {
     d
 }
 
-fn restore_cli(d: &Daemon, args: &[&str], env: &[(&str, &str)]) -> crate::util::CliOutput {
-    let mut cmd = sandkeep_command();
-    cmd.arg("restore")
-        .arg("--config")
-        .arg(&d.config_path)
-        .args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    run_bounded(cmd, None, Duration::from_secs(120))
-}
-
 fn remote_file(d: &Daemon, rel: &str) -> PathBuf {
     d.remote.join(CONV).join("workspace/files").join(rel)
 }
@@ -81,14 +69,14 @@ async fn offline_restore_from_the_mirror_and_from_snapshots() {
     // Into a non-empty directory only with --force.
     let busy = d.root().join("busy");
     write(&busy, "keep.txt", "x");
-    let out = restore_cli(&d, &["--to", busy.to_str().unwrap()], &[]);
+    let out = d.restore_cli(&["--to", busy.to_str().unwrap()], &[]);
     assert_eq!(out.code, 2, "{out:?}");
     assert!(out.stderr.contains("not empty"), "{out:?}");
     assert_eq!(std::fs::read(busy.join("keep.txt")).unwrap(), b"x");
 
     // From the mirror: the same tree, the same repository.
     let target = d.root().join("restored");
-    let out = restore_cli(&d, &["--to", target.to_str().unwrap()], &[]);
+    let out = d.restore_cli(&["--to", target.to_str().unwrap()], &[]);
     assert_eq!(out.code, 0, "{out:?}");
     let s = out.json();
     assert_eq!(s["restored"], true, "{s}");
@@ -101,8 +89,7 @@ async fn offline_restore_from_the_mirror_and_from_snapshots() {
     // From the latest snapshot: the same tree (times to the second, as tar keeps them)
     // with `.git` as archived.
     let from_snapshot = d.root().join("from-snapshot");
-    let out = restore_cli(
-        &d,
+    let out = d.restore_cli(
         &[
             "--to",
             from_snapshot.to_str().unwrap(),
@@ -124,8 +111,7 @@ async fn offline_restore_from_the_mirror_and_from_snapshots() {
     // ... also named by its timestamp part.
     let stamp = &name["backup-".len()..name.len() - ".tar.gz".len()];
     let by_name = d.root().join("by-name");
-    let out = restore_cli(
-        &d,
+    let out = d.restore_cli(
         &["--to", by_name.to_str().unwrap(), "--snapshot", stamp],
         &[],
     );
@@ -134,8 +120,7 @@ async fn offline_restore_from_the_mirror_and_from_snapshots() {
 
     // An unknown snapshot: exit 3, nothing written.
     let none = d.root().join("none");
-    let out = restore_cli(
-        &d,
+    let out = d.restore_cli(
         &[
             "--to",
             none.to_str().unwrap(),
@@ -148,8 +133,7 @@ async fn offline_restore_from_the_mirror_and_from_snapshots() {
 
     // A conversation never synced: nothing to restore, not an error.
     let fresh = d.root().join("fresh");
-    let out = restore_cli(
-        &d,
+    let out = d.restore_cli(
         &["--to", fresh.to_str().unwrap()],
         &[("SANDKEEP_IDENTITY_CONVERSATION", "never-synced")],
     );
@@ -161,7 +145,7 @@ async fn offline_restore_from_the_mirror_and_from_snapshots() {
     write(&target, "extra.txt", "not in the remote");
     write(&target, "a.txt", "local edit\n");
     write(&target, "node_modules/pkg/index.js", "ignored");
-    let out = restore_cli(&d, &["--to", target.to_str().unwrap(), "--force"], &[]);
+    let out = d.restore_cli(&["--to", target.to_str().unwrap(), "--force"], &[]);
     assert_eq!(out.code, 0, "{out:?}");
     let s = out.json();
     assert_eq!(s["removed"], 1, "{s}");
@@ -220,7 +204,7 @@ async fn bad_entries_are_reported_the_rest_restored_and_their_remote_copies_kept
 
     // Offline.
     let target = d.root().join("offline");
-    let out = restore_cli(&d, &["--to", target.to_str().unwrap()], &[]);
+    let out = d.restore_cli(&["--to", target.to_str().unwrap()], &[]);
     assert_eq!(out.code, 0, "{out:?}");
     let s = out.json();
     assert_eq!(bad_paths(&s), want_bad, "{s}");
@@ -240,12 +224,7 @@ async fn bad_entries_are_reported_the_rest_restored_and_their_remote_copies_kept
     assert!(target.join("a.txt").is_file());
 
     // At start: the same report in the status, ready all the same.
-    let key = std::fs::read_to_string(d.state_dir.join("kv.key")).unwrap();
-    std::fs::remove_dir_all(&d.state_dir).unwrap();
-    std::fs::remove_dir_all(&d.workspace).unwrap();
-    std::fs::create_dir(&d.workspace).unwrap();
-    d.set_env("SANDKEEP_KV_KEY", key.trim());
-    d.set_env("SANDKEEP_RESTORE", "auto");
+    d.become_new_sandbox();
     d.spawn_and_wait().await;
     let status = ok(&d.api().get("/v1/status").await, 200);
     let report = &status["restore"]["workspace"];
@@ -327,7 +306,7 @@ async fn a_restore_cut_short_is_resumed_not_mirrored() {
     let mut d = synced_workspace(None, true).await;
     let original = tree(&d.workspace, &not_git);
     let original_git = git_state(&d.workspace);
-    let key = std::fs::read_to_string(d.state_dir.join("kv.key")).unwrap();
+    let key = d.generated_key();
     std::fs::remove_dir_all(&d.state_dir).unwrap();
 
     // What a restore killed half-way leaves: some files, the marker in the state dir.
@@ -335,7 +314,7 @@ async fn a_restore_cut_short_is_resumed_not_mirrored() {
     write(&d.workspace, "a.txt", "alpha, edited\n");
     std::fs::create_dir_all(&d.state_dir).unwrap();
     std::fs::write(d.state_dir.join("workspace-restore.pending"), "").unwrap();
-    d.set_env("SANDKEEP_KV_KEY", key.trim());
+    d.set_env("SANDKEEP_KV_KEY", &key);
     d.set_env("SANDKEEP_RESTORE", "auto");
     d.spawn_and_wait().await;
     let status = ok(&d.api().get("/v1/status").await, 200);
@@ -403,12 +382,7 @@ async fn a_restore_waits_for_the_remote_and_a_stop_meanwhile_exits_75() {
     let mut d = synced_workspace(Some(&s3), true).await;
     let original = tree(&d.workspace, &not_git);
     let original_git = git_state(&d.workspace);
-    let key = std::fs::read_to_string(d.state_dir.join("kv.key")).unwrap();
-    std::fs::remove_dir_all(&d.state_dir).unwrap();
-    std::fs::remove_dir_all(&d.workspace).unwrap();
-    std::fs::create_dir(&d.workspace).unwrap();
-    d.set_env("SANDKEEP_KV_KEY", key.trim());
-    d.set_env("SANDKEEP_RESTORE", "auto");
+    d.become_new_sandbox();
 
     s3.stop();
     d.spawn();

@@ -110,6 +110,39 @@ impl Daemon {
         self.dir.path()
     }
 
+    /// The KV key the daemon generated into its state directory.
+    pub fn generated_key(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("kv.key"))
+            .expect("generated kv key")
+            .trim()
+            .to_string()
+    }
+
+    /// Makes the (stopped) daemon's next start that of a new sandbox for the same
+    /// conversation: an empty workspace, no state directory, the same remote and (through
+    /// `SANDKEEP_KV_KEY`) the same key, `restore = auto`.
+    pub fn become_new_sandbox(&mut self) {
+        let key = self.generated_key();
+        std::fs::remove_dir_all(&self.state_dir).unwrap();
+        std::fs::remove_dir_all(&self.workspace).unwrap();
+        std::fs::create_dir(&self.workspace).unwrap();
+        self.set_env("SANDKEEP_KV_KEY", &key);
+        self.set_env("SANDKEEP_RESTORE", "auto");
+    }
+
+    /// Runs `sandkeep restore --config <this daemon's config> ARGS` with `env` added.
+    pub fn restore_cli(&self, args: &[&str], env: &[(&str, &str)]) -> CliOutput {
+        let mut cmd = sandkeep_command();
+        cmd.arg("restore")
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        run_bounded(cmd, None, Duration::from_secs(120))
+    }
+
     /// Extra environment for the next starts of the daemon.
     pub fn set_env(&mut self, name: &str, value: &str) {
         self.env.retain(|(k, _)| k != name);
