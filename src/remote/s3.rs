@@ -26,6 +26,7 @@ use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::get_object::GetObjectOutput;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use bytes::{Bytes, BytesMut};
@@ -173,6 +174,24 @@ impl S3Remote {
 }
 
 impl S3Remote {
+    /// GetObject; `None` when the object does not exist.
+    async fn get_object(&self, key: &str) -> Result<Option<GetObjectOutput>, RemoteError> {
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(o) => Ok(Some(o)),
+            Err(e) => match sdk_error("get", key, e) {
+                RemoteError::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
     /// Uploads a stream of unknown length: one PutObject when it fits in one part,
     /// else a multipart upload (aborted on any failure).
     async fn put_stream_inner(
@@ -302,6 +321,16 @@ impl S3Remote {
 
 /// Compares an ETag with what the uploaded content must give. Servers that do not use
 /// MD5 ETags (e.g. with SSE-KMS) are accepted on the strength of Content-MD5.
+/// A response body, whole, in memory.
+async fn collect_body(key: &str, body: ByteStream) -> Result<Bytes, RemoteError> {
+    let data = body.collect().await.map_err(|e| RemoteError::Transport {
+        op: "get",
+        key: key.into(),
+        message: e.to_string(),
+    })?;
+    Ok(data.into_bytes())
+}
+
 fn verify_etag(key: &str, etag: Option<&str>, expected: &str) -> Result<(), RemoteError> {
     let Some(etag) = etag.map(|e| e.trim_matches('"').to_ascii_lowercase()) else {
         return Ok(());
@@ -466,14 +495,12 @@ impl Remote for S3Remote {
     }
 
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, RemoteError> {
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| sdk_error("get", key, e))?;
+        let Some(out) = self.get_object(key).await? else {
+            return Err(RemoteError::NotFound {
+                op: "get",
+                key: key.into(),
+            });
+        };
         let mut file = tokio::fs::File::create(dest)
             .await
             .map_err(|e| RemoteError::local("get", dest, e))?;
@@ -497,50 +524,15 @@ impl Remote for S3Remote {
     }
 
     async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, RemoteError> {
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
-            Ok(o) => o,
-            Err(e) => {
-                return match sdk_error("get", key, e) {
-                    RemoteError::NotFound { .. } => Ok(None),
-                    other => Err(other),
-                };
-            }
-        };
-        let data = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| RemoteError::Transport {
-                op: "get",
-                key: key.into(),
-                message: e.to_string(),
-            })?;
-        Ok(Some(data.into_bytes()))
+        match self.get_object(key).await? {
+            Some(out) => Ok(Some(collect_body(key, out.body).await?)),
+            None => Ok(None),
+        }
     }
 
     async fn get_bytes_tagged(&self, key: &str) -> Result<Option<(Bytes, String)>, RemoteError> {
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
-            Ok(o) => o,
-            Err(e) => {
-                return match sdk_error("get", key, e) {
-                    RemoteError::NotFound { .. } => Ok(None),
-                    other => Err(other),
-                };
-            }
+        let Some(out) = self.get_object(key).await? else {
+            return Ok(None);
         };
         let Some(etag) = out.e_tag().map(str::to_string) else {
             return Err(RemoteError::Service {
@@ -549,16 +541,7 @@ impl Remote for S3Remote {
                 message: "the server returned no ETag".into(),
             });
         };
-        let data = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| RemoteError::Transport {
-                op: "get",
-                key: key.into(),
-                message: e.to_string(),
-            })?;
-        Ok(Some((data.into_bytes(), etag)))
+        Ok(Some((collect_body(key, out.body).await?, etag)))
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError> {
