@@ -237,15 +237,11 @@ fn system_time(ns: i64) -> SystemTime {
     }
 }
 
-/// Gives the file at `path` its manifest mode and modification time.
-fn set_mode_and_time(path: &Path, e: &FileEntry) -> io::Result<()> {
-    let f = fs::File::options().write(true).open(path).or_else(|_| {
-        // A read-only file: open it for reading to set the times, then fix the mode.
-        fs::File::open(path)
-    })?;
+/// Gives the open file `f` its manifest modification time and mode (neither needs the
+/// file open for writing).
+fn set_mode_and_time(f: &fs::File, e: &FileEntry) -> io::Result<()> {
     f.set_times(FileTimes::new().set_modified(system_time(e.mtime)))?;
-    drop(f);
-    fs::set_permissions(path, fs::Permissions::from_mode(e.mode & 0o7777))
+    f.set_permissions(fs::Permissions::from_mode(e.mode & 0o7777))
 }
 
 struct Job<'a> {
@@ -274,7 +270,8 @@ impl Job<'_> {
                     if blake3_of_file(&p).ok() != Some(entry.hash.clone()) {
                         return Some(false);
                     }
-                    set_mode_and_time(&p, &entry).ok().map(|()| true)
+                    let f = fs::File::open(&p).ok()?;
+                    set_mode_and_time(&f, &entry).ok().map(|()| true)
                 })
                 .await
                 .ok()
@@ -337,8 +334,9 @@ impl Job<'_> {
         let (tmp, dest) = (tmp.to_path_buf(), dest.to_path_buf());
         if e.size <= IN_MEMORY_MAX {
             let data = retry_transport(|| self.remote.get_bytes(key))
-                .await?
-                .ok_or_else(|| "missing in remote storage".to_string())?;
+                .await
+                .map_err(|err| err.to_string())?
+                .ok_or_else(|| MISSING.to_string())?;
             return tokio::task::spawn_blocking(move || {
                 if format!("blake3:{}", blake3::hash(&data).to_hex()) != entry.hash {
                     return Err(MISMATCH.to_string());
@@ -358,19 +356,14 @@ impl Job<'_> {
         }
         match retry_transport(|| self.remote.get_to_file(key, &tmp)).await {
             Ok(_) => {}
-            Err(err) if err.starts_with(NOT_FOUND) => {
-                return Err("missing in remote storage".into());
-            }
-            Err(err) => return Err(err),
+            Err(RemoteError::NotFound { .. }) => return Err(MISSING.into()),
+            Err(err) => return Err(err.to_string()),
         }
         tokio::task::spawn_blocking(move || {
             if blake3_of_file(&tmp).map_err(|err| format!("hashing: {err}"))? != entry.hash {
                 return Err(MISMATCH.to_string());
             }
-            let f = fs::File::options()
-                .write(true)
-                .open(&tmp)
-                .map_err(|err| format!("opening the file: {err}"))?;
+            let f = fs::File::open(&tmp).map_err(|err| format!("opening the file: {err}"))?;
             place(f, &tmp, &dest, &entry)
         })
         .await
@@ -381,13 +374,11 @@ impl Job<'_> {
 /// Files up to this size are downloaded into memory and written in one go.
 const IN_MEMORY_MAX: u64 = 4 << 20;
 const MISMATCH: &str = "the content does not match the manifest hash";
-const NOT_FOUND: &str = "not found:";
+const MISSING: &str = "missing in remote storage";
 
 /// Gives the open file `f` (at `tmp`) its mode and time and renames it to `dest`.
 fn place(f: fs::File, tmp: &Path, dest: &Path, e: &FileEntry) -> Result<(), String> {
-    f.set_times(FileTimes::new().set_modified(system_time(e.mtime)))
-        .and_then(|()| f.set_permissions(fs::Permissions::from_mode(e.mode & 0o7777)))
-        .map_err(|err| format!("setting mode and time: {err}"))?;
+    set_mode_and_time(&f, e).map_err(|err| format!("setting mode and time: {err}"))?;
     drop(f);
     fs::rename(tmp, dest).map_err(|err| format!("renaming into place: {err}"))
 }
@@ -399,9 +390,9 @@ fn blake3_of_file(path: &Path) -> io::Result<String> {
     Ok(format!("blake3:{}", h.finalize().to_hex()))
 }
 
-/// Runs a download, retrying answers that did not come (connection, 5xx) with
-/// backoff; a missing object is reported as `not found: ...`.
-async fn retry_transport<T, F, Fut>(mut op: F) -> Result<T, String>
+/// Runs a download, retrying (with backoff, [`TRANSPORT_ATTEMPTS`] times in all) the
+/// failures that got no answer (connection, 5xx).
+async fn retry_transport<T, F, Fut>(mut op: F) -> Result<T, RemoteError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, RemoteError>>,
@@ -411,13 +402,11 @@ where
     loop {
         tries += 1;
         match op().await {
-            Ok(v) => return Ok(v),
-            Err(RemoteError::NotFound { key, .. }) => return Err(format!("{NOT_FOUND} {key}")),
             Err(err @ RemoteError::Transport { .. }) if tries < TRANSPORT_ATTEMPTS => {
                 tracing::debug!(error = %err, "restore download failed; retrying");
                 tokio::time::sleep(backoff.next_delay()).await;
             }
-            Err(err) => return Err(err.to_string()),
+            other => return other,
         }
     }
 }
@@ -655,8 +644,8 @@ pub async fn restore_snapshot(
             let name = o.key.rsplit('/').next().unwrap_or_default();
             name == which
                 || name
-                    .strip_prefix("backup-")
-                    .and_then(|s| s.strip_suffix(".tar.gz"))
+                    .strip_prefix(snapshot::NAME_PREFIX)
+                    .and_then(|s| s.strip_suffix(snapshot::NAME_SUFFIX))
                     == Some(which)
         })
     };
@@ -675,21 +664,9 @@ pub async fn restore_snapshot(
         .map_err(|e| local(format_args!("resolving {}", target.display()), e))?;
     progress.start(1, object.size);
     let tmp = root.join(format!("{TMP_PREFIX}{:016x}.tar.gz", rand::random::<u64>()));
-    let mut backoff = Backoff::default();
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        match remote.get_to_file(&object.key, &tmp).await {
-            Ok(_) => break,
-            Err(e @ RemoteError::Transport { .. }) if tries < TRANSPORT_ATTEMPTS => {
-                tracing::debug!(error = %e, "snapshot download failed; retrying");
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(e.into());
-            }
-        }
+    if let Err(e) = retry_transport(|| remote.get_to_file(&object.key, &tmp)).await {
+        let _ = fs::remove_file(&tmp);
+        return Err(e.into());
     }
     progress.advance(object.size);
     let (archive, dest, force, exclude) =

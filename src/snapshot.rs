@@ -35,8 +35,9 @@ use crate::sync::rules::Rules;
 
 /// Where snapshots live, below the conversation prefix.
 pub const COMPRESSED_DIR: &str = "workspace/compressed/";
-const NAME_PREFIX: &str = "backup-";
-const NAME_SUFFIX: &str = ".tar.gz";
+/// Snapshot object names: `<NAME_PREFIX><timestamp><NAME_SUFFIX>`.
+pub const NAME_PREFIX: &str = "backup-";
+pub const NAME_SUFFIX: &str = ".tar.gz";
 /// Deflate level: zlib-rs at 3 compresses source trees nearly as well as gzip -6 at a
 /// fraction of its time (see `benches/snapshot-vs-tar.sh`).
 pub const LEVEL: u32 = 3;
