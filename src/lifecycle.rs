@@ -505,7 +505,7 @@ fn workspace_restore_plan(config: &Config) -> Option<bool> {
         RestoreMode::Never => None,
         RestoreMode::Force => Some(true),
         RestoreMode::Auto => {
-            let own = crate::restore::own_excludes(config, &config.workspace);
+            let own = crate::sync::rules::own_excludes(config, &config.workspace);
             match crate::restore::is_empty_dir(&config.workspace, &own) {
                 Ok(true) => Some(false),
                 Ok(false) => {

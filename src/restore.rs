@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::config::{Config, RemoteKind};
+use crate::config::Config;
 use crate::gitbundle::{self, GIT_DIR};
 use crate::remote::{self, Backoff, Remote, RemoteError};
 use crate::snapshot::{self, COMPRESSED_DIR};
@@ -74,29 +74,13 @@ pub struct RestoreOptions {
 impl RestoreOptions {
     pub fn from_config(config: &Config, target: &Path, force: bool) -> Self {
         let mut exclude = config.sync.exclude.clone();
-        exclude.extend(own_excludes(config, target));
+        exclude.extend(crate::sync::rules::own_excludes(config, target));
         Self {
             concurrency: config.sync.concurrency.max(1) as usize,
             force,
             exclude,
         }
     }
-}
-
-/// Anchored patterns for the daemon's own directories (state dir, a `dir` remote)
-/// when they lie inside `root`.
-pub fn own_excludes(config: &Config, root: &Path) -> Vec<String> {
-    let root = fs::canonicalize(root)
-        .or_else(|_| std::path::absolute(root))
-        .unwrap_or_else(|_| root.to_path_buf());
-    let mut own = vec![config.state_dir.clone()];
-    if let Some(dir) = config.socket.parent() {
-        own.push(dir.to_path_buf());
-    }
-    if config.remote.kind == RemoteKind::Dir {
-        own.push(config.remote.path.clone());
-    }
-    snapshot::inner_excludes(&root, &own)
 }
 
 /// One entry that could not be restored.

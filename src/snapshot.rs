@@ -153,19 +153,6 @@ pub fn select_expired(keys: &[String], keep: usize) -> Vec<String> {
         .collect()
 }
 
-/// Anchored exclude patterns (`/rel/`) for those of `dirs` that lie inside `root`.
-pub fn inner_excludes(root: &Path, dirs: &[PathBuf]) -> Vec<String> {
-    dirs.iter()
-        .filter_map(|d| {
-            let abs = std::fs::canonicalize(d)
-                .or_else(|_| std::path::absolute(d))
-                .ok()?;
-            let rel = abs.strip_prefix(root).ok()?.to_str()?;
-            (!rel.is_empty()).then(|| format!("/{rel}/"))
-        })
-        .collect()
-}
-
 /// A file's bytes cut or zero-padded to exactly the size in its tar header, so that a
 /// file changing while it is read never corrupts the archive.
 struct ExactReader<R> {
@@ -523,11 +510,7 @@ impl Snapshots {
         // put every snapshot into the next one).
         let mut excludes = config.sync.exclude.clone();
         excludes.extend(config.snapshot.exclude.iter().cloned());
-        let mut own = vec![config.state_dir.clone()];
-        if config.remote.kind == crate::config::RemoteKind::Dir {
-            own.push(config.remote.path.clone());
-        }
-        excludes.extend(inner_excludes(&root, &own));
+        excludes.extend(crate::sync::rules::own_excludes(config, &root));
         let fingerprint_path = config.state_dir.join(FINGERPRINT_FILE);
         let last = std::fs::read_to_string(&fingerprint_path)
             .ok()
@@ -828,7 +811,7 @@ mod tests {
         let root = dir.path().canonicalize().unwrap();
         std::fs::create_dir_all(root.join(".sandkeep/remote")).unwrap();
         let outside = tempfile::tempdir().unwrap();
-        let got = inner_excludes(
+        let got = crate::sync::rules::inner_excludes(
             &root,
             &[
                 root.join(".sandkeep/remote"),

@@ -241,7 +241,7 @@ impl SyncEngine {
         };
         // The daemon's own directories (state, a `dir` remote) are never mirrored.
         let mut excludes = config.sync.exclude.clone();
-        excludes.extend(crate::restore::own_excludes(&config, &root));
+        excludes.extend(crate::sync::rules::own_excludes(&config, &root));
         let rules = Arc::new(Rules::new(&root, &excludes)?);
         let cache_path = config.state_dir.join("sync.redb");
         let cache = tokio::task::spawn_blocking(move || ManifestCache::open(&cache_path)).await??;

@@ -15,6 +15,36 @@ use std::sync::{Arc, Mutex};
 use ignore::Match;
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 
+/// Anchored patterns for the daemon's own directories (state dir, socket dir, a `dir`
+/// remote) when they lie inside `root`: the mirror, snapshots and restore leave them
+/// out.
+pub fn own_excludes(config: &crate::config::Config, root: &Path) -> Vec<String> {
+    let root = std::fs::canonicalize(root)
+        .or_else(|_| std::path::absolute(root))
+        .unwrap_or_else(|_| root.to_path_buf());
+    let mut own = vec![config.state_dir.clone()];
+    if let Some(dir) = config.socket.parent() {
+        own.push(dir.to_path_buf());
+    }
+    if config.remote.kind == crate::config::RemoteKind::Dir {
+        own.push(config.remote.path.clone());
+    }
+    inner_excludes(&root, &own)
+}
+
+/// Anchored exclude patterns (`/rel/`) for those of `dirs` that lie inside `root`.
+pub fn inner_excludes(root: &Path, dirs: &[PathBuf]) -> Vec<String> {
+    dirs.iter()
+        .filter_map(|d| {
+            let abs = std::fs::canonicalize(d)
+                .or_else(|_| std::path::absolute(d))
+                .ok()?;
+            let rel = abs.strip_prefix(root).ok()?.to_str()?;
+            (!rel.is_empty()).then(|| format!("/{rel}/"))
+        })
+        .collect()
+}
+
 /// Names of the per-directory ignore files, lowest precedence first.
 pub const IGNORE_FILES: [&str; 2] = [".gitignore", ".sandkeepignore"];
 
