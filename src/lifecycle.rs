@@ -530,27 +530,25 @@ fn remove_marker(marker: &Path) {
     }
 }
 
-/// Restores the workspace, retrying while remote storage cannot be read.
-async fn restore_workspace_retrying(
-    remote: &dyn crate::remote::Remote,
-    config: &Config,
-    force: bool,
-) -> Result<Option<crate::restore::RestoreReport>, crate::restore::RestoreError> {
-    let opts = crate::restore::RestoreOptions::from_config(config, &config.workspace, force);
+/// Runs `op` again, after a backoff and a log line `<what>; retrying`, for as long as
+/// it fails with an error `transient` accepts. The restores at start wait for remote
+/// storage this way: starting without them would let the first writes overwrite what
+/// the remote holds.
+async fn retrying<T, E, Fut>(
+    what: &str,
+    mut op: impl FnMut() -> Fut,
+    transient: impl Fn(&E) -> bool,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    Fut: Future<Output = Result<T, E>>,
+{
     let mut backoff = crate::remote::Backoff::default();
     loop {
-        match crate::restore::restore_workspace(
-            remote,
-            &config.conversation_prefix(),
-            &config.workspace,
-            &opts,
-            &crate::restore::NoProgress,
-        )
-        .await
-        {
-            Err(crate::restore::RestoreError::Remote(e)) => {
+        match op().await {
+            Err(e) if transient(&e) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot restore the workspace yet; retrying");
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what}; retrying");
                 tokio::time::sleep(delay).await;
             }
             other => return other,
@@ -558,34 +556,54 @@ async fn restore_workspace_retrying(
     }
 }
 
+/// Restores the workspace, retrying while remote storage cannot be read.
+async fn restore_workspace_retrying(
+    remote: &dyn crate::remote::Remote,
+    config: &Config,
+    force: bool,
+) -> Result<Option<crate::restore::RestoreReport>, crate::restore::RestoreError> {
+    let opts = crate::restore::RestoreOptions::from_config(config, &config.workspace, force);
+    let prefix = config.conversation_prefix();
+    retrying(
+        "cannot restore the workspace yet",
+        || {
+            crate::restore::restore_workspace(
+                remote,
+                &prefix,
+                &config.workspace,
+                &opts,
+                &crate::restore::NoProgress,
+            )
+        },
+        |e| matches!(e, crate::restore::RestoreError::Remote(_)),
+    )
+    .await
+}
+
 /// Imports the KV namespaces and the file store of a new state directory, retrying
-/// while remote storage cannot be listed (starting empty would let the first export
-/// overwrite what the remote holds).
+/// every failure (remote storage cannot be listed, an import did not commit).
 async fn restore_stores_retrying(
     kv: &KvStore,
     files: &FileStore,
     remote: &dyn crate::remote::Remote,
     config: &Config,
 ) -> Option<crate::replicate::StoresRestored> {
-    let mut backoff = crate::remote::Backoff::default();
-    loop {
-        match crate::replicate::restore_stores(
-            kv,
-            files,
-            remote,
-            &config.conversation_prefix(),
-            config.files.max_file_bytes,
-        )
-        .await
-        {
-            Ok(r) => return Some(r),
-            Err(e) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot restore the kv and file store yet; retrying");
-                tokio::time::sleep(delay).await;
-            }
-        }
-    }
+    let prefix = config.conversation_prefix();
+    retrying(
+        "cannot restore the kv and file store yet",
+        || {
+            crate::replicate::restore_stores(
+                kv,
+                files,
+                remote,
+                &prefix,
+                config.files.max_file_bytes,
+            )
+        },
+        |_| true,
+    )
+    .await
+    .ok()
 }
 
 /// The final sync: the last workspace round with its manifest, the git bundles and
