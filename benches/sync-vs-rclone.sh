@@ -24,50 +24,8 @@ REPS=${REPS:-3}
 ONLY=${ONLY:-init,100m,rss,sigterm}   # init (with the 1-file change and idle RSS), 100m, rss (1 GiB), sigterm
 want() { case ",$ONLY," in *",$1,"*) return 0;; *) return 1;; esac; }
 FILES=${FILES:-10000}
-PORT=${PORT:-$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')}
-AK=AKBENCH SK=SKBENCH12345678 BUCKET=sandboxes
-while read -r v; do unset "$v"; done < <(env | sed -n 's/^\(SANDKEEP_[A-Za-z0-9_]*\)=.*/\1/p')
-unset AWS_CA_BUNDLE 2>/dev/null || true
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/sync-vs-rclone.XXXXXX")
-S3_PID="" SK_PID=""
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  for p in $SK_PID $S3_PID; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in $SK_PID $S3_PID; do wait "$p" 2>/dev/null || true; done
-  if [ "${KEEP_TMP:-0}" = 1 ]; then echo "kept $TMP" >&2; else rm -rf "$TMP"; fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-log() { echo "== $*" >&2; }
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
-
-log "building sandkeep and s3serve (release)"
-cargo build --release --bin sandkeep --bench s3serve --message-format=json-render-diagnostics > "$TMP/build.json"
-exe_of() { grep '"reason":"compiler-artifact"' "$TMP/build.json" | grep "\"name\":\"$1\"" |
-  sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1; }
-SANDKEEP=$(exe_of sandkeep); S3SERVE=$(exe_of s3serve)
-[ -x "$SANDKEEP" ] && [ -x "$S3SERVE" ] || { echo "cannot find the built binaries" >&2; exit 1; }
-if ! command -v rclone >/dev/null; then
-  log "installing rclone with apt-get"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rclone >/dev/null
-fi
-rclone version 2>/dev/null | sed -n 1p >&2
-
-mkdir -p "$TMP/s3/$BUCKET"
-"$S3SERVE" --port "$PORT" --root "$TMP/s3" --access-key "$AK" --secret-key "$SK" > "$TMP/s3.log" 2>&1 &
-S3_PID=$!
-for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PORT/" && break; sleep 0.1; done
-export RCLONE_CONFIG_S3_TYPE=s3 RCLONE_CONFIG_S3_PROVIDER=Other RCLONE_CONFIG_S3_ENV_AUTH=false
-export RCLONE_CONFIG_S3_ACCESS_KEY_ID=$AK RCLONE_CONFIG_S3_SECRET_ACCESS_KEY=$SK
-export RCLONE_CONFIG_S3_ENDPOINT=http://127.0.0.1:$PORT RCLONE_CONFIG_S3_REGION=us-east-1
-export RCLONE_CONFIG_S3_FORCE_PATH_STYLE=true
+BENCH=sync-vs-rclone
+. benches/s3-bench-common.sh
 
 # ---------------------------------------------------------------- workspaces
 log "generating workspaces"
@@ -90,41 +48,6 @@ for name, size, want in (("ws-100m", 100 << 20, "100m"), ("ws-1g", 1 << 30, "rss
         for _ in range(size >> 20):
             f.write(chunk)
 EOF
-
-# start_daemon WORKSPACE NAME: a fresh state dir and conversation; sets SK_PID, SK_SOCK
-start_daemon() {
-  local ws=$1 name=$2 dir=$TMP/sk-$2
-  rm -rf "$dir"; mkdir -p "$dir"
-  SK_SOCK=$dir/s.sock
-  cat > "$dir/sandkeep.toml" <<EOT
-socket = "$SK_SOCK"
-state_dir = "$dir/state"
-workspace = "$ws"
-restore = "never"
-[identity]
-user = "bench"
-conversation = "$name"
-[remote]
-kind = "s3"
-bucket = "$BUCKET"
-endpoint = "http://127.0.0.1:$PORT"
-access_key_id = "$AK"
-secret_access_key = "$SK"
-EOT
-  if [ -n "${EXTRA_TOML:-}" ]; then printf '%b\n' "$EXTRA_TOML" >> "$dir/sandkeep.toml"; fi
-  SANDKEEP_LOG=warn "$SANDKEEP" serve --config "$dir/sandkeep.toml" > "$dir/log" 2>&1 &
-  SK_PID=$!
-}
-wait_synced() { # ready, then a sync barrier
-  for _ in $(seq 6000); do
-    curl -sf --unix-socket "$SK_SOCK" http://sk/readyz >/dev/null 2>&1 && break
-    kill -0 "$SK_PID" 2>/dev/null || { echo "sandkeep died" >&2; exit 1; }
-    sleep 0.01
-  done
-  curl -sf --max-time 600 --unix-socket "$SK_SOCK" -X POST -d '{"timeout_s": 600}' http://sk/v1/sync >/dev/null
-}
-stop_daemon() { kill -TERM "$SK_PID"; wait "$SK_PID" 2>/dev/null || true; SK_PID=""; }
-rss_kib() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status"; }
 
 declare -A T
 IDLE_RSS=0 PEAK_RSS=0
