@@ -562,7 +562,9 @@ async fn restore_workspace_retrying(
     config: &Config,
     force: bool,
 ) -> Result<Option<crate::restore::RestoreReport>, crate::restore::RestoreError> {
-    let opts = crate::restore::RestoreOptions::from_config(config, &config.workspace, force);
+    let mut opts = crate::restore::RestoreOptions::from_config(config, force);
+    opts.exclude
+        .extend(crate::sync::rules::own_excludes(config, &config.workspace));
     let prefix = config.conversation_prefix();
     retrying(
         "cannot restore the workspace yet",

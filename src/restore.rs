@@ -72,13 +72,12 @@ pub struct RestoreOptions {
 }
 
 impl RestoreOptions {
-    pub fn from_config(config: &Config, target: &Path, force: bool) -> Self {
-        let mut exclude = config.sync.exclude.clone();
-        exclude.extend(crate::sync::rules::own_excludes(config, target));
+    /// The mirror's concurrency and excludes (the daemon adds its own directories).
+    pub fn from_config(config: &Config, force: bool) -> Self {
         Self {
             concurrency: config.sync.concurrency.max(1) as usize,
             force,
-            exclude,
+            exclude: config.sync.exclude.clone(),
         }
     }
 }

@@ -50,10 +50,7 @@ async fn restore(
 ) -> anyhow::Result<u8> {
     let remote = crate::remote::from_config(config).await?;
     let prefix = config.conversation_prefix();
-    let mut opts = RestoreOptions::from_config(config, to, force);
-    // Offline, the target is not the daemon's workspace: only the mirror's own
-    // exclusions apply.
-    opts.exclude = config.sync.exclude.clone();
+    let opts = RestoreOptions::from_config(config, force);
     let tty = std::io::stderr().is_terminal();
     let progress: Box<dyn Progress> = if tty {
         let bar = ProgressBar::new(0);
