@@ -1,8 +1,8 @@
 //! The daemon's life: lock the state directory, open the store, bind the socket, serve,
 //! and on a signal (or `POST /v1/shutdown`) shut down in order.
 //!
-//! Start: state dir lock → KV key → database → own the conversation (single writer)
-//! → socket → ready.
+//! Start: state dir lock → KV key → database → socket → own the conversation (single
+//! writer) → restore (workspace, then KV and file store) → reconcile → ready.
 //! Stop: not ready (readyz 503) → final sync (the remote part arrives with the sync
 //! engine; this is where it runs, while the API still answers) → refuse writes →
 //! release the conversation → drain HTTP requests → close the database → remove the
@@ -352,6 +352,12 @@ pub async fn run(
             r = restore_workspace_retrying(remote.as_ref(), &config, force) => Some(r),
             _ = lifecycle.shutdown.cancelled() => None,
         };
+        // Finished, whatever it found: the next start need not resume it.
+        if restored.is_some()
+            && let Err(e) = std::fs::remove_file(&marker)
+        {
+            tracing::warn!(error = %e, marker = %marker.display(), "cannot remove the restore marker");
+        }
         match restored {
             Some(Ok(Some(report))) => {
                 tracing::info!(
@@ -369,17 +375,14 @@ pub async fn run(
                 }
                 engine.protect(report.bad.iter().map(|b| b.path.clone()));
                 lifecycle.record_restore("workspace", serde_json::json!(report));
-                remove_marker(&marker);
             }
             Some(Ok(None)) => {
                 tracing::info!("nothing to restore: the remote holds no workspace manifest");
                 lifecycle.record_restore("workspace", serde_json::json!({"restored": false}));
-                remove_marker(&marker);
             }
             Some(Err(e)) => {
                 tracing::error!(error = %e, "the workspace cannot be restored; starting with what it holds");
                 lifecycle.record_restore("workspace", serde_json::json!({"error": e.to_string()}));
-                remove_marker(&marker);
             }
             None => tracing::warn!(
                 "shut down before the workspace was restored; the next start resumes it"
@@ -521,12 +524,6 @@ fn workspace_restore_plan(config: &Config) -> Option<bool> {
                 }
             }
         }
-    }
-}
-
-fn remove_marker(marker: &Path) {
-    if let Err(e) = std::fs::remove_file(marker) {
-        tracing::warn!(error = %e, marker = %marker.display(), "cannot remove the restore marker");
     }
 }
 
