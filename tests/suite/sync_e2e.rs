@@ -269,9 +269,14 @@ async fn mirror_basics(backend: Backend) {
     let stats = env.sync().await;
     assert!(stats["files_uploaded"].as_u64().unwrap() >= 1, "{stats}");
     assert_eq!(env.object("last.txt").await.unwrap(), b"last");
+    // A late event of that write (its close after the barrier's scan) may mark the file
+    // pending again for one round; the daemon settles with nothing pending.
+    eventually(Duration::from_secs(10), "nothing pending", || async {
+        env.status().await["sync"]["pending_files"] == 0
+    })
+    .await;
     let status = env.status().await;
     assert_eq!(status["state"], "ready", "{status}");
-    assert_eq!(status["sync"]["pending_files"], 0, "{status}");
     assert_eq!(status["sync"]["watch_mode"], "native", "{status}");
 }
 
