@@ -8,6 +8,8 @@
 //!   request (or batch) changes nothing.
 //! - [`store`]: the redb database, the single writer thread with group commit, reads,
 //!   watch notifications and the TTL purger.
+//! - [`wal`]: the write-ahead log that makes a write group durable with one small
+//!   fsync'd append; the database is checkpointed from it.
 
 pub mod crypto;
 pub mod export;
@@ -15,6 +17,7 @@ pub mod jsonpath;
 pub mod ops;
 pub mod store;
 pub mod validate;
+mod wal;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

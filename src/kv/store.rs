@@ -3,24 +3,31 @@
 //!
 //! Every write request goes through a bounded queue to the writer thread, which takes
 //! all requests waiting in the queue, runs each against its own staged overlay in one
-//! redb write transaction, and commits once (durably) for the whole group. A request
-//! is answered only after that commit returned, so an acknowledged write survives a
-//! crash, while many concurrent writers share one fsync.
+//! redb write transaction, and makes the whole group durable at once: its changes are
+//! appended to the write-ahead log ([`super::wal`]) with one fdatasync, then the
+//! transaction commits without an fsync of its own. A request is answered only after
+//! that, so an acknowledged write survives a crash (the next open replays the log),
+//! while many concurrent writers share one small fsync; and nothing a reader sees was
+//! not durable first. A durable redb commit (a checkpoint) empties the log once it
+//! holds [`CHECKPOINT_BYTES`], is [`CHECKPOINT_AGE`] old, or the writer is idle; groups
+//! with other writes ([`Job::Exec`]: file store, imports, bookkeeping, whose tables the
+//! log does not describe) and the shutdown commit durably in redb, and so checkpoint.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 
 use super::crypto::Cipher;
 use super::ops::{Backing, BatchRequest, Limits, Loaded, NsTxn};
+use super::wal::{self, Change, Wal};
 use super::{KvError, Record, now_ms};
 
 /// (namespace, key) → sealed record.
@@ -43,6 +50,14 @@ const SEAL_OVERHEAD: usize = 28;
 const MAX_GROUP: usize = 512;
 /// Most expired records deleted by one purge transaction.
 const PURGE_BATCH: usize = 10_000;
+/// `META` entry: the last write-ahead log LSN that a durable commit covers.
+const WAL_LSN: &str = "wal_lsn";
+/// The log is checkpointed once its frames take this many bytes...
+pub(crate) const CHECKPOINT_BYTES: u64 = 16 << 20;
+/// ... or its oldest frame is this old ...
+pub(crate) const CHECKPOINT_AGE: Duration = Duration::from_secs(1);
+/// ... or no write came for this long.
+const CHECKPOINT_IDLE: Duration = Duration::from_millis(250);
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NsMeta {
@@ -211,6 +226,7 @@ impl KvStore {
         let db = Database::create(&opts.path)
             .map_err(|e| KvError::Storage(format!("{}: {e}", opts.path.display())))?;
         check_key(&db, &opts.cipher)?;
+        let wal = recover(&db, &wal_path(&opts.path))?;
         let db = Arc::new(db);
         let (tx, rx) = std::sync::mpsc::sync_channel(opts.queue_capacity.max(1));
         let watchers = Arc::new(Watchers::default());
@@ -221,6 +237,7 @@ impl KvStore {
             limits: opts.limits,
             watchers: watchers.clone(),
             changes: changes.clone(),
+            wal,
         };
         let handle = std::thread::Builder::new()
             .name("kv-writer".into())
@@ -669,13 +686,66 @@ fn check_key(db: &Database, cipher: &Cipher) -> Result<(), KvError> {
     Ok(())
 }
 
-/// Owns redb write transactions; runs on its own thread.
+/// The write-ahead log beside a database file (`sandkeep.redb` → `sandkeep.wal`).
+pub fn wal_path(db: &Path) -> PathBuf {
+    db.with_extension("wal")
+}
+
+/// Opens the write-ahead log and applies the frames newer than the database's last
+/// checkpoint in one durable commit, which leaves the log empty.
+fn recover(db: &Database, path: &Path) -> Result<Wal, KvError> {
+    let applied = {
+        let rtx = db.begin_read()?;
+        let meta = rtx.open_table(META)?;
+        let lsn = meta.get(WAL_LSN)?;
+        lsn.and_then(|v| v.value().try_into().ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0)
+    };
+    let (mut wal, pending) = Wal::open(path, applied).map_err(KvError::Storage)?;
+    if pending.torn {
+        tracing::warn!(
+            log = %path.display(),
+            "dropped the torn end of the KV write-ahead log (a write cut short by a crash, never acknowledged)"
+        );
+    }
+    if !pending.frames.is_empty() {
+        let wtx = db.begin_write()?;
+        {
+            let mut tables = Tables {
+                records: wtx.open_table(RECORDS)?,
+                namespaces: wtx.open_table(NAMESPACES)?,
+                expiry: wtx.open_table(EXPIRY)?,
+            };
+            for (lsn, payload) in &pending.frames {
+                let changes = wal::decode(payload).map_err(|e| {
+                    KvError::Storage(format!("{} frame {lsn}: {e}", path.display()))
+                })?;
+                for c in changes {
+                    c.apply(&mut tables)?;
+                }
+            }
+            wtx.open_table(META)?
+                .insert(WAL_LSN, wal.lsn().to_le_bytes().as_slice())?;
+        }
+        wtx.commit()?;
+        tracing::info!(
+            frames = pending.frames.len(),
+            "replayed the KV write-ahead log into the database"
+        );
+    }
+    wal.reset();
+    Ok(wal)
+}
+
+/// Owns redb write transactions and the write-ahead log; runs on its own thread.
 struct Writer {
     db: Arc<Database>,
     cipher: Cipher,
     limits: Limits,
     watchers: Arc<Watchers>,
     changes: Arc<tokio::sync::Notify>,
+    wal: Wal,
 }
 
 struct TableBacking<'a, 't> {
@@ -696,8 +766,23 @@ impl Backing for TableBacking<'_, '_> {
 type Reply = oneshot::Sender<Result<WriteOutcome, KvError>>;
 
 impl Writer {
-    fn run(self, rx: Receiver<Job>) {
-        while let Ok(first) = rx.recv() {
+    fn run(mut self, rx: Receiver<Job>) {
+        loop {
+            let first = if self.wal.is_empty() {
+                match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                }
+            } else {
+                match rx.recv_timeout(CHECKPOINT_IDLE) {
+                    Ok(j) => j,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.commit_group(Vec::new(), true);
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            };
             let mut jobs = vec![first];
             while jobs.len() < MAX_GROUP {
                 match rx.try_recv() {
@@ -705,17 +790,29 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit_group(jobs);
+            self.commit_group(jobs, false);
+        }
+        if !self.wal.is_empty() {
+            // Closing: leave the database complete and the log empty.
+            self.commit_group(Vec::new(), true);
         }
     }
 
-    /// Runs every job of the group in one transaction and commits once.
-    fn commit_group(&self, jobs: Vec<Job>) {
+    /// Runs every job of the group in one transaction and makes it durable once: with
+    /// a log append and a non-durable commit, or with a durable commit (a checkpoint)
+    /// when `checkpoint` asks for one, one is due, the group has [`Job::Exec`] writes,
+    /// or the log cannot be appended to.
+    fn commit_group(&mut self, jobs: Vec<Job>, checkpoint: bool) {
+        let mut durable = checkpoint
+            || self.wal.needs_checkpoint(CHECKPOINT_BYTES, CHECKPOINT_AGE)
+            || jobs.iter().any(|j| matches!(j, Job::Exec(_)));
         let mut replies: Vec<(Reply, Result<WriteOutcome, KvError>)> = Vec::new();
         let mut done: Vec<Done> = Vec::new();
         let mut changed: HashMap<String, u64> = HashMap::new();
+        let mut frame = Vec::new();
+        let mut appended = None;
         let outcome = (|| -> Result<(), KvError> {
-            let wtx = self.db.begin_write()?;
+            let mut wtx = self.db.begin_write()?;
             {
                 let mut tables = Tables {
                     records: wtx.open_table(RECORDS)?,
@@ -723,6 +820,7 @@ impl Writer {
                     expiry: wtx.open_table(EXPIRY)?,
                 };
                 for job in jobs {
+                    let log = (!durable).then_some(&mut frame);
                     match job {
                         Job::Write {
                             ns,
@@ -730,20 +828,56 @@ impl Writer {
                             batch,
                             reply,
                         } => {
-                            let result = self.execute(&mut tables, &ns, &req, batch);
+                            let result = self.execute(&mut tables, &ns, &req, batch, log);
                             if let Ok(o) = &result {
                                 changed.insert(ns, o.version);
                             }
                             replies.push((reply, result));
                         }
-                        Job::Purge => self.purge(&mut tables, &mut changed)?,
+                        Job::Purge => self.purge(&mut tables, &mut changed, log)?,
                         Job::Exec(f) => done.push(f(&wtx, &mut tables, &self.cipher)),
                     }
                 }
             }
+            if !durable && !frame.is_empty() {
+                let mark = self.wal.mark();
+                match self.wal.append(&frame) {
+                    Ok(()) => appended = Some(mark),
+                    Err(e) => {
+                        tracing::warn!(
+                            log = %self.wal.path().display(),
+                            error = %e,
+                            "cannot append to the KV write-ahead log; committing to the database directly until the next checkpoint"
+                        );
+                        durable = true;
+                    }
+                }
+            }
+            if durable {
+                wtx.set_durability(Durability::Immediate)
+                    .map_err(|e| KvError::Storage(e.to_string()))?;
+                wtx.open_table(META)?
+                    .insert(WAL_LSN, self.wal.lsn().to_le_bytes().as_slice())?;
+            } else {
+                wtx.set_durability(Durability::None)
+                    .map_err(|e| KvError::Storage(e.to_string()))?;
+            }
             wtx.commit()?;
             Ok(())
         })();
+        if outcome.is_ok() && durable {
+            self.wal.reset();
+        }
+        if outcome.is_err()
+            && let Some(mark) = appended
+            && let Err(e) = self.wal.undo(mark)
+        {
+            tracing::error!(
+                log = %self.wal.path().display(),
+                error = %e,
+                "cannot take a failed group's frame back out of the KV write-ahead log: a restart may apply writes that were answered with an error"
+            );
+        }
         match outcome {
             Ok(()) => {
                 for (reply, result) in replies {
@@ -772,22 +906,24 @@ impl Writer {
         }
     }
 
+    /// Runs one request against `ns` and writes what it changed, also into `log` when
+    /// the group goes to the write-ahead log.
     fn execute(
         &self,
         tables: &mut Tables<'_>,
         ns: &str,
         req: &BatchRequest,
         batch: bool,
+        mut log: Option<&mut Vec<u8>>,
     ) -> Result<WriteOutcome, KvError> {
-        let Tables {
-            records,
-            namespaces,
-            expiry,
-        } = tables;
-        let meta = namespaces.get(ns)?.map(|v| v.value()).unwrap_or((0, 0, 0));
+        let meta = tables
+            .namespaces
+            .get(ns)?
+            .map(|v| v.value())
+            .unwrap_or((0, 0, 0));
         let (version, bytes, keys) = meta;
         let mut backing = TableBacking {
-            records,
+            records: &mut tables.records,
             cipher: &self.cipher,
             ns,
         };
@@ -802,23 +938,47 @@ impl Writer {
         let entries = std::mem::take(&mut txn.entries);
         drop(txn);
         for (key, entry) in entries.into_iter().filter(|(_, e)| e.dirty) {
+            let key = key.as_str();
             if let Some(at) = entry.orig_expires {
-                expiry.remove((at, ns, key.as_str()))?;
+                let c = Change::Expiry {
+                    at,
+                    ns,
+                    key,
+                    set: false,
+                };
+                write(tables, &mut log, c)?;
             }
             match entry.cur {
                 Some((rec, json)) => {
-                    let blob = self.cipher.seal(&aad(ns, &key), &encode(&rec, &json));
-                    records.insert((ns, key.as_str()), blob.as_slice())?;
+                    let blob = self.cipher.seal(&aad(ns, key), &encode(&rec, &json));
+                    let c = Change::Record {
+                        ns,
+                        key,
+                        blob: Some(&blob),
+                    };
+                    write(tables, &mut log, c)?;
                     if let Some(at) = rec.expires_ms {
-                        expiry.insert((at, ns, key.as_str()), ())?;
+                        let c = Change::Expiry {
+                            at,
+                            ns,
+                            key,
+                            set: true,
+                        };
+                        write(tables, &mut log, c)?;
                     }
                 }
                 None => {
-                    records.remove((ns, key.as_str()))?;
+                    let c = Change::Record {
+                        ns,
+                        key,
+                        blob: None,
+                    };
+                    write(tables, &mut log, c)?;
                 }
             }
         }
-        namespaces.insert(ns, (new_version, new_bytes, new_keys))?;
+        let meta = (new_version, new_bytes, new_keys);
+        write(tables, &mut log, Change::Namespace { ns, meta })?;
         Ok(WriteOutcome {
             version: new_version,
             results,
@@ -829,14 +989,11 @@ impl Writer {
         &self,
         tables: &mut Tables<'_>,
         changed: &mut HashMap<String, u64>,
+        mut log: Option<&mut Vec<u8>>,
     ) -> Result<(), KvError> {
-        let Tables {
-            records,
-            namespaces,
-            expiry,
-        } = tables;
         let now = now_ms();
-        let due: Vec<(u64, String, String)> = expiry
+        let due: Vec<(u64, String, String)> = tables
+            .expiry
             .range(..(now + 1, "", ""))?
             .take(PURGE_BATCH)
             .map(|item| {
@@ -848,31 +1005,58 @@ impl Writer {
             .collect::<Result<_, _>>()?;
         let mut freed: HashMap<String, (u64, u64)> = HashMap::new();
         for (at, ns, key) in due {
-            expiry.remove((at, ns.as_str(), key.as_str()))?;
-            if let Some(blob) = records.remove((ns.as_str(), key.as_str()))? {
-                let json_len = blob
-                    .value()
-                    .len()
-                    .saturating_sub(SEAL_OVERHEAD + HEADER_LEN);
-                let f = freed.entry(ns).or_default();
+            let (ns, key) = (ns.as_str(), key.as_str());
+            let c = Change::Expiry {
+                at,
+                ns,
+                key,
+                set: false,
+            };
+            write(tables, &mut log, c)?;
+            let sealed_len = tables.records.get((ns, key))?.map(|b| b.value().len());
+            if let Some(len) = sealed_len {
+                write(
+                    tables,
+                    &mut log,
+                    Change::Record {
+                        ns,
+                        key,
+                        blob: None,
+                    },
+                )?;
+                let json_len = len.saturating_sub(SEAL_OVERHEAD + HEADER_LEN);
+                let f = freed.entry(ns.to_string()).or_default();
                 f.0 += (key.len() + json_len) as u64;
                 f.1 += 1;
             }
         }
         for (ns, (bytes, keys)) in freed {
-            let (version, b, k) = namespaces
+            let (version, b, k) = tables
+                .namespaces
                 .get(ns.as_str())?
                 .map(|v| v.value())
                 .unwrap_or((0, 0, 0));
             let v = version + 1;
-            namespaces.insert(
-                ns.as_str(),
-                (v, b.saturating_sub(bytes), k.saturating_sub(keys)),
-            )?;
+            let meta = (v, b.saturating_sub(bytes), k.saturating_sub(keys));
+            write(tables, &mut log, Change::Namespace { ns: &ns, meta })?;
             changed.insert(ns, v);
         }
         Ok(())
     }
+}
+
+/// Makes `change` in the group's tables and, when the group goes to the write-ahead
+/// log, records it in the group's frame.
+fn write(
+    tables: &mut Tables<'_>,
+    log: &mut Option<&mut Vec<u8>>,
+    change: Change<'_>,
+) -> Result<(), KvError> {
+    change.apply(tables)?;
+    if let Some(frame) = log {
+        change.encode(frame);
+    }
+    Ok(())
 }
 
 impl Drop for Inner {
@@ -971,6 +1155,91 @@ mod tests {
         assert_eq!(meta.version, 200);
         let (keys, _, _) = s.list("ns", "k1", Some("k199".into()), 5).await.unwrap();
         assert!(keys.is_empty(), "{keys:?}");
+    }
+
+    /// The state a crash leaves: frames in the log that the database's last checkpoint
+    /// does not cover, and a torn frame after them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_log_is_replayed_at_open_once() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = store(dir.path(), 1).unwrap();
+            s.write("ns", set("a", json!(1)), false).await.unwrap();
+            s.close();
+        }
+        let applied = {
+            let db = Database::create(db_path(dir.path())).unwrap();
+            let rtx = db.begin_read().unwrap();
+            let meta = rtx.open_table(META).unwrap();
+            let v = meta.get(WAL_LSN).unwrap().unwrap().value().to_vec();
+            u64::from_le_bytes(v.try_into().unwrap())
+        };
+        assert!(applied >= 1, "closing checkpointed the first write");
+        let cipher = Cipher::new(&[1; 32]);
+        let rec = Record {
+            value: json!("from the log"),
+            version: 2,
+            created_ms: 5,
+            updated_ms: 5,
+            expires_ms: None,
+        };
+        let blob = cipher.seal(&aad("ns", "b"), &encode(&rec, b"\"from the log\""));
+        let path = wal_path(&db_path(dir.path()));
+        let (mut log, pending) = Wal::open(&path, applied).unwrap();
+        assert!(pending.frames.is_empty());
+        let mut frame = Vec::new();
+        Change::Record {
+            ns: "ns",
+            key: "b",
+            blob: Some(&blob),
+        }
+        .encode(&mut frame);
+        Change::Namespace {
+            ns: "ns",
+            meta: (2, 2 + 15, 2),
+        }
+        .encode(&mut frame);
+        log.append(&frame).unwrap();
+        // A second frame that a crash cut short: only its header made it.
+        log.append(b"never acknowledged").unwrap();
+        drop(log);
+        let torn_at = {
+            let data = std::fs::read(&path).unwrap();
+            let at = data
+                .windows(b"never acknowledged".len())
+                .position(|w| w == b"never acknowledged")
+                .unwrap();
+            at as u64
+        };
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(torn_at + 3)
+            .unwrap();
+
+        let s = store(dir.path(), 1).unwrap();
+        let b = s.get("ns", "b").await.unwrap().unwrap();
+        assert_eq!(b.value, json!("from the log"));
+        assert_eq!(b.version, 2);
+        let meta = s.ns_meta("ns").await.unwrap();
+        assert_eq!((meta.version, meta.keys), (2, 2));
+        // Later writes continue from the replayed state, and the next open does not
+        // apply the frame again over them.
+        let o = s
+            .write("ns", set("b", json!("newer")), false)
+            .await
+            .unwrap();
+        assert_eq!(o.version, 3);
+        s.close();
+        drop(s);
+        let s = store(dir.path(), 1).unwrap();
+        assert_eq!(
+            s.get("ns", "b").await.unwrap().unwrap().value,
+            json!("newer")
+        );
+        assert_eq!(s.ns_meta("ns").await.unwrap().version, 3);
+        assert_eq!(s.get("ns", "a").await.unwrap().unwrap().value, json!(1));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
