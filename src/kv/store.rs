@@ -847,7 +847,7 @@ impl Writer {
                         tracing::warn!(
                             log = %self.wal.path().display(),
                             error = %e,
-                            "cannot append to the KV write-ahead log; committing to the database directly until the next checkpoint"
+                            "cannot append to the KV write-ahead log; this group commits to the database directly"
                         );
                         durable = true;
                     }
@@ -1240,6 +1240,55 @@ mod tests {
         );
         assert_eq!(s.ns_meta("ns").await.unwrap().version, 3);
         assert_eq!(s.get("ns", "a").await.unwrap().unwrap().value, json!(1));
+    }
+
+    /// While the log cannot be appended to, groups commit durably to the database
+    /// instead: every write is answered and kept, and none of them is in the log.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_go_to_the_database_while_the_log_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = wal_path(&db_path(dir.path()));
+        let s = store(dir.path(), 1).unwrap();
+        s.write("ns", set("before", json!(0)), false).await.unwrap();
+        super::wal::tests::fail_appends(&path, true);
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.write("ns", set(&format!("failing-{i}"), json!(i)), false)
+                    .await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().expect("answered from a durable commit");
+        }
+        // Durable already: in the database file, not only in redb's write buffer (key
+        // names are stored in clear).
+        let db_file = std::fs::read(db_path(dir.path())).unwrap();
+        for i in 0..20 {
+            let k = format!("failing-{i}");
+            assert!(
+                db_file.windows(k.len()).any(|w| w == k.as_bytes()),
+                "{k} was answered but is not in the database file"
+            );
+        }
+        super::wal::tests::fail_appends(&path, false);
+        s.write("ns", set("after", json!(1)), false).await.unwrap();
+        let log = std::fs::read(&path).unwrap();
+        let has = |k: &str| log.windows(k.len()).any(|w| w == k.as_bytes());
+        assert!(has("after"), "the log is used again");
+        assert!(
+            !has("failing-"),
+            "writes during the failure went to the database"
+        );
+        s.close();
+        drop(s);
+        let s = store(dir.path(), 1).unwrap();
+        for i in 0..20 {
+            let k = format!("failing-{i}");
+            assert_eq!(s.get("ns", &k).await.unwrap().unwrap().value, json!(i));
+        }
+        assert_eq!(s.ns_meta("ns").await.unwrap().version, 22);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -329,6 +329,10 @@ impl Wal {
     }
 
     fn write_frame(&mut self, payload: &[u8]) -> std::io::Result<()> {
+        #[cfg(test)]
+        if tests::failing(&self.path) {
+            return Err(std::io::Error::other("injected append failure"));
+        }
         let len = u32::try_from(payload.len())
             .map_err(|_| std::io::Error::other("a KV log frame over 4 GiB"))?;
         let mut crc = crc32fast::Hasher::new();
@@ -446,8 +450,24 @@ fn frame_at(data: &[u8], pos: usize) -> Frame<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// Logs whose appends fail (tests run in parallel: by path, not globally).
+    static FAILING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    pub(crate) fn fail_appends(path: &Path, fail: bool) {
+        let mut f = FAILING.lock().unwrap();
+        f.retain(|p| p != path);
+        if fail {
+            f.push(path.to_path_buf());
+        }
+    }
+
+    pub(super) fn failing(path: &Path) -> bool {
+        FAILING.lock().unwrap().iter().any(|p| p == path)
+    }
 
     fn changes() -> Vec<Change<'static>> {
         vec![
@@ -580,6 +600,26 @@ mod tests {
         let (_, pending) = Wal::open(&path, 4).unwrap();
         assert_eq!(pending.frames.len(), 1);
         assert_eq!(pending.frames[0].1.len(), GROW as usize);
+    }
+
+    #[test]
+    fn a_failed_append_blocks_the_log_until_a_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.wal");
+        let (mut wal, _) = Wal::open(&path, 0).unwrap();
+        wal.append(b"one").unwrap();
+        fail_appends(&path, true);
+        assert!(wal.append(b"two").is_err());
+        fail_appends(&path, false);
+        assert!(wal.append(b"three").is_err(), "not before a checkpoint");
+        assert!(wal.needs_checkpoint(u64::MAX, Duration::MAX));
+        assert_eq!(wal.lsn(), 2, "the failed append used its LSN");
+        // A checkpoint covered LSN 2; the log starts again after it.
+        wal.reset();
+        wal.append(b"four").unwrap();
+        drop(wal);
+        let (_, pending) = Wal::open(&path, 2).unwrap();
+        assert_eq!(pending.frames, vec![(3, b"four".to_vec())]);
     }
 
     #[test]
