@@ -940,41 +940,16 @@ impl Writer {
         for (key, entry) in entries.into_iter().filter(|(_, e)| e.dirty) {
             let key = key.as_str();
             if let Some(at) = entry.orig_expires {
-                let c = Change::Expiry {
-                    at,
-                    ns,
-                    key,
-                    set: false,
-                };
-                write(tables, &mut log, c)?;
+                let set = false;
+                write(tables, &mut log, Change::Expiry { at, ns, key, set })?;
             }
-            match entry.cur {
-                Some((rec, json)) => {
-                    let blob = self.cipher.seal(&aad(ns, key), &encode(&rec, &json));
-                    let c = Change::Record {
-                        ns,
-                        key,
-                        blob: Some(&blob),
-                    };
-                    write(tables, &mut log, c)?;
-                    if let Some(at) = rec.expires_ms {
-                        let c = Change::Expiry {
-                            at,
-                            ns,
-                            key,
-                            set: true,
-                        };
-                        write(tables, &mut log, c)?;
-                    }
-                }
-                None => {
-                    let c = Change::Record {
-                        ns,
-                        key,
-                        blob: None,
-                    };
-                    write(tables, &mut log, c)?;
-                }
+            let cur = entry.cur.as_ref();
+            let blob = cur.map(|(rec, json)| self.cipher.seal(&aad(ns, key), &encode(rec, json)));
+            let blob = blob.as_deref();
+            write(tables, &mut log, Change::Record { ns, key, blob })?;
+            if let Some(at) = cur.and_then(|(rec, _)| rec.expires_ms) {
+                let set = true;
+                write(tables, &mut log, Change::Expiry { at, ns, key, set })?;
             }
         }
         let meta = (new_version, new_bytes, new_keys);
