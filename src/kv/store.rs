@@ -223,10 +223,14 @@ pub(crate) fn open_record(
 impl KvStore {
     /// Opens (or creates) the database, checks the key, and starts the writer thread.
     pub fn open(opts: StoreOptions) -> Result<Self, KvError> {
+        let log = wal_path(&opts.path);
+        if !opts.path.exists() {
+            discard_orphan_log(&log)?;
+        }
         let db = Database::create(&opts.path)
             .map_err(|e| KvError::Storage(format!("{}: {e}", opts.path.display())))?;
         check_key(&db, &opts.cipher)?;
-        let wal = recover(&db, &wal_path(&opts.path))?;
+        let wal = recover(&db, &log)?;
         let db = Arc::new(db);
         let (tx, rx) = std::sync::mpsc::sync_channel(opts.queue_capacity.max(1));
         let watchers = Arc::new(Watchers::default());
@@ -689,6 +693,22 @@ fn check_key(db: &Database, cipher: &Cipher) -> Result<(), KvError> {
 /// The write-ahead log beside a database file (`sandkeep.redb` → `sandkeep.wal`).
 pub fn wal_path(db: &Path) -> PathBuf {
     db.with_extension("wal")
+}
+
+/// A log without its database (the database file was removed to start afresh) belongs
+/// to data that is gone: a new database must not start with its frames.
+fn discard_orphan_log(log: &Path) -> Result<(), KvError> {
+    match std::fs::remove_file(log) {
+        Ok(()) => {
+            tracing::warn!(
+                log = %log.display(),
+                "removed a KV write-ahead log whose database file is gone; the new database starts empty"
+            );
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(KvError::Storage(format!("{}: {e}", log.display()))),
+    }
 }
 
 /// Opens the write-ahead log and applies the frames newer than the database's last
@@ -1264,6 +1284,40 @@ mod tests {
             assert_eq!(s.get("ns", &k).await.unwrap().unwrap().value, json!(i));
         }
         assert_eq!(s.ns_meta("ns").await.unwrap().version, 22);
+    }
+
+    /// Removing the database file (to start afresh) leaves its log behind: the new
+    /// database starts empty, without the old frames, and takes writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_log_without_its_database_is_not_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = wal_path(&db_path(dir.path()));
+        {
+            let s = store(dir.path(), 1).unwrap();
+            s.write("ns", set("old", json!(1)), false).await.unwrap();
+            s.close();
+        }
+        // Leave a frame in the log, as a crash would, then remove the database.
+        {
+            let (mut log, _) = Wal::open(&path, 0).unwrap();
+            let mut frame = Vec::new();
+            Change::Namespace {
+                ns: "ns",
+                meta: (9, 9, 9),
+            }
+            .encode(&mut frame);
+            log.append(&frame).unwrap();
+        }
+        std::fs::remove_file(db_path(dir.path())).unwrap();
+        let s = store(dir.path(), 1).unwrap();
+        assert_eq!(s.get("ns", "old").await.unwrap(), None);
+        assert_eq!(s.ns_meta("ns").await.unwrap(), NsMeta::default());
+        let o = s.write("ns", set("new", json!(2)), false).await.unwrap();
+        assert_eq!(o.version, 1);
+        s.close();
+        drop(s);
+        let s = store(dir.path(), 1).unwrap();
+        assert_eq!(s.get("ns", "new").await.unwrap().unwrap().value, json!(2));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
