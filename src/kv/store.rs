@@ -788,7 +788,7 @@ type Reply = oneshot::Sender<Result<WriteOutcome, KvError>>;
 impl Writer {
     fn run(mut self, rx: Receiver<Job>) {
         loop {
-            let first = if self.wal.is_empty() {
+            let first = if !self.wal.uncovered() {
                 match rx.recv() {
                     Ok(j) => j,
                     Err(_) => break,
@@ -812,7 +812,7 @@ impl Writer {
             }
             self.commit_group(jobs, false);
         }
-        if !self.wal.is_empty() {
+        if self.wal.uncovered() {
             // Closing: leave the database complete and the log empty.
             self.commit_group(Vec::new(), true);
         }

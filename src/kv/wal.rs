@@ -297,6 +297,12 @@ impl Wal {
         self.end == MAGIC.len() as u64
     }
 
+    /// Whether a checkpoint has anything to cover: frames, or a failed append whose
+    /// LSN no checkpoint has recorded yet (its bytes may be on disk).
+    pub(crate) fn uncovered(&self) -> bool {
+        !self.is_empty() || self.needs_reset
+    }
+
     /// Whether the next group must checkpoint: the log holds `bytes` or more, its
     /// oldest frame is `age` old, or an append failed.
     pub(crate) fn needs_checkpoint(&self, bytes: u64, age: Duration) -> bool {
