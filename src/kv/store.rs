@@ -104,6 +104,16 @@ pub struct Tables<'t> {
     pub expiry: redb::Table<'t, (u64, &'static str, &'static str), ()>,
 }
 
+impl<'t> Tables<'t> {
+    fn open(wtx: &'t redb::WriteTransaction) -> Result<Self, KvError> {
+        Ok(Tables {
+            records: wtx.open_table(RECORDS)?,
+            namespaces: wtx.open_table(NAMESPACES)?,
+            expiry: wtx.open_table(EXPIRY)?,
+        })
+    }
+}
+
 type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
 type ExecFn = Box<
     dyn for<'a, 't> FnOnce(&'a redb::WriteTransaction, &'a mut Tables<'t>, &'a Cipher) -> Done
@@ -711,17 +721,27 @@ fn discard_orphan_log(log: &Path) -> Result<(), KvError> {
     }
 }
 
+/// The last log LSN that a durable commit covers (0 before the first checkpoint).
+fn checkpointed_lsn(rtx: &redb::ReadTransaction) -> Result<u64, KvError> {
+    let meta = rtx.open_table(META)?;
+    let lsn = meta.get(WAL_LSN)?;
+    Ok(lsn
+        .and_then(|v| v.value().try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0))
+}
+
+/// Records in `wtx`, whose commit is durable, that it covers the log up to `lsn`.
+fn record_checkpoint(wtx: &redb::WriteTransaction, lsn: u64) -> Result<(), KvError> {
+    wtx.open_table(META)?
+        .insert(WAL_LSN, lsn.to_le_bytes().as_slice())?;
+    Ok(())
+}
+
 /// Opens the write-ahead log and applies the frames newer than the database's last
 /// checkpoint in one durable commit, which leaves the log empty.
 fn recover(db: &Database, path: &Path) -> Result<Wal, KvError> {
-    let applied = {
-        let rtx = db.begin_read()?;
-        let meta = rtx.open_table(META)?;
-        let lsn = meta.get(WAL_LSN)?;
-        lsn.and_then(|v| v.value().try_into().ok())
-            .map(u64::from_le_bytes)
-            .unwrap_or(0)
-    };
+    let applied = checkpointed_lsn(&db.begin_read()?)?;
     let (mut wal, pending) = Wal::open(path, applied).map_err(KvError::Storage)?;
     if pending.torn {
         tracing::warn!(
@@ -732,11 +752,7 @@ fn recover(db: &Database, path: &Path) -> Result<Wal, KvError> {
     if !pending.frames.is_empty() {
         let wtx = db.begin_write()?;
         {
-            let mut tables = Tables {
-                records: wtx.open_table(RECORDS)?,
-                namespaces: wtx.open_table(NAMESPACES)?,
-                expiry: wtx.open_table(EXPIRY)?,
-            };
+            let mut tables = Tables::open(&wtx)?;
             for (lsn, payload) in &pending.frames {
                 let changes = wal::decode(payload).map_err(|e| {
                     KvError::Storage(format!("{} frame {lsn}: {e}", path.display()))
@@ -745,9 +761,8 @@ fn recover(db: &Database, path: &Path) -> Result<Wal, KvError> {
                     c.apply(&mut tables)?;
                 }
             }
-            wtx.open_table(META)?
-                .insert(WAL_LSN, wal.lsn().to_le_bytes().as_slice())?;
         }
+        record_checkpoint(&wtx, wal.lsn())?;
         wtx.commit()?;
         tracing::info!(
             frames = pending.frames.len(),
@@ -834,11 +849,7 @@ impl Writer {
         let outcome = (|| -> Result<(), KvError> {
             let mut wtx = self.db.begin_write()?;
             {
-                let mut tables = Tables {
-                    records: wtx.open_table(RECORDS)?,
-                    namespaces: wtx.open_table(NAMESPACES)?,
-                    expiry: wtx.open_table(EXPIRY)?,
-                };
+                let mut tables = Tables::open(&wtx)?;
                 for job in jobs {
                     let log = (!durable).then_some(&mut frame);
                     match job {
@@ -876,8 +887,7 @@ impl Writer {
             if durable {
                 wtx.set_durability(Durability::Immediate)
                     .map_err(|e| KvError::Storage(e.to_string()))?;
-                wtx.open_table(META)?
-                    .insert(WAL_LSN, self.wal.lsn().to_le_bytes().as_slice())?;
+                record_checkpoint(&wtx, self.wal.lsn())?;
             } else {
                 wtx.set_durability(Durability::None)
                     .map_err(|e| KvError::Storage(e.to_string()))?;
@@ -1164,10 +1174,7 @@ mod tests {
         }
         let applied = {
             let db = Database::create(db_path(dir.path())).unwrap();
-            let rtx = db.begin_read().unwrap();
-            let meta = rtx.open_table(META).unwrap();
-            let v = meta.get(WAL_LSN).unwrap().unwrap().value().to_vec();
-            u64::from_le_bytes(v.try_into().unwrap())
+            checkpointed_lsn(&db.begin_read().unwrap()).unwrap()
         };
         assert!(applied >= 1, "closing checkpointed the first write");
         let cipher = Cipher::new(&[1; 32]);
