@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 
 use clap::{CommandFactory, Parser, ValueEnum};
 use serde_json::json;
@@ -199,26 +200,26 @@ impl Conn {
         path: &str,
         body: &[u8],
     ) -> Result<(u16, Vec<u8>), String> {
-        let mut head = String::with_capacity(256);
+        // Writes into a Vec cannot fail.
+        let req = &mut self.req;
+        req.clear();
         let _ = write!(
-            head,
+            req,
             "{method} {path}{} HTTP/1.1\r\nhost: sandkeep\r\n",
             target.query
         );
         if !body.is_empty() {
             let _ = write!(
-                head,
+                req,
                 "content-type: application/json\r\ncontent-length: {}\r\n",
                 body.len()
             );
         }
         if let Some(t) = &target.token {
-            let _ = write!(head, "authorization: Bearer {t}\r\n");
+            let _ = write!(req, "authorization: Bearer {t}\r\n");
         }
-        head.push_str("\r\n");
-        self.req.clear();
-        self.req.extend_from_slice(head.as_bytes());
-        self.req.extend_from_slice(body);
+        req.extend_from_slice(b"\r\n");
+        req.extend_from_slice(body);
         self.stream
             .write_all(&self.req)
             .await
