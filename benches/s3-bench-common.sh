@@ -6,6 +6,8 @@
 #   log MSG, now, since T0, median (stdin), ratio A B,
 #   start_daemon WORKSPACE NAME (sets SK_PID, SK_SOCK; EXTRA_TOML is appended to its
 #   config), wait_synced, stop_daemon, rss_kib PID FIELD.
+# BENCH_SANDKEEP=PATH measures another sandkeep binary (an A/B against a build of an
+# earlier commit) instead of the one built here.
 PORT=${PORT:-$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')}
 AK=AKBENCH SK=SKBENCH12345678 BUCKET=sandboxes
 while read -r v; do unset "$v"; done < <(env | sed -n 's/^\(SANDKEEP_[A-Za-z0-9_]*\)=.*/\1/p')
@@ -34,7 +36,7 @@ log "building sandkeep and s3serve (release)"
 cargo build --release --bin sandkeep --bench s3serve --message-format=json-render-diagnostics > "$TMP/build.json"
 exe_of() { grep '"reason":"compiler-artifact"' "$TMP/build.json" | grep "\"name\":\"$1\"" |
   sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1; }
-SANDKEEP=$(exe_of sandkeep); S3SERVE=$(exe_of s3serve)
+SANDKEEP=${BENCH_SANDKEEP:-$(exe_of sandkeep)}; S3SERVE=$(exe_of s3serve)
 [ -x "$SANDKEEP" ] && [ -x "$S3SERVE" ] || { echo "cannot find the built binaries" >&2; exit 1; }
 if ! command -v rclone >/dev/null; then
   log "installing rclone with apt-get"
