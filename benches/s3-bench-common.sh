@@ -5,7 +5,12 @@
 # started here), points rclone's `s3:` remote at it, and defines:
 #   log MSG, now, since T0, median (stdin), ratio A B,
 #   start_daemon WORKSPACE NAME (sets SK_PID, SK_SOCK; EXTRA_TOML is appended to its
-#   config), wait_synced, stop_daemon, rss_kib PID FIELD.
+#   config), wait_synced, stop_daemon, rss_kib PID FIELD, use_bucket NAME.
+# use_bucket NAME runs s3serve on a root of its own for bucket NAME (kept, so a later
+# use_bucket NAME finds its objects again) and makes NAME $BUCKET, in $S3ROOT/$BUCKET.
+# Each measured run gets its own: s3s-fs keeps a metadata file per object in its root
+# directory and walks the whole bucket for every listing page, so a server that already
+# holds the other side's objects is slower (and the side measured second paid for it).
 # BENCH_SANDKEEP=PATH measures another sandkeep binary (an A/B against a build of an
 # earlier commit) instead of the one built here.
 PORT=${PORT:-$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')}
@@ -44,10 +49,15 @@ if ! command -v rclone >/dev/null; then
 fi
 rclone version 2>/dev/null | sed -n 1p >&2
 
-mkdir -p "$TMP/s3/$BUCKET"
-"$S3SERVE" --port "$PORT" --root "$TMP/s3" --access-key "$AK" --secret-key "$SK" > "$TMP/s3.log" 2>&1 &
-S3_PID=$!
-for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PORT/" && break; sleep 0.1; done
+use_bucket() {
+  if [ -n "$S3_PID" ]; then kill -TERM "$S3_PID"; wait "$S3_PID" 2>/dev/null || true; S3_PID=""; fi
+  BUCKET=$1 S3ROOT=$TMP/s3-$1
+  mkdir -p "$S3ROOT/$BUCKET"
+  "$S3SERVE" --port "$PORT" --root "$S3ROOT" --access-key "$AK" --secret-key "$SK" >> "$TMP/s3.log" 2>&1 &
+  S3_PID=$!
+  for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PORT/" && break; sleep 0.1; done
+}
+use_bucket "$BUCKET"
 export RCLONE_CONFIG_S3_TYPE=s3 RCLONE_CONFIG_S3_PROVIDER=Other RCLONE_CONFIG_S3_ENV_AUTH=false
 export RCLONE_CONFIG_S3_ACCESS_KEY_ID=$AK RCLONE_CONFIG_S3_SECRET_ACCESS_KEY=$SK
 export RCLONE_CONFIG_S3_ENDPOINT=http://127.0.0.1:$PORT RCLONE_CONFIG_S3_REGION=us-east-1
@@ -74,7 +84,7 @@ access_key_id = "$AK"
 secret_access_key = "$SK"
 EOT
   if [ -n "${EXTRA_TOML:-}" ]; then printf '%b\n' "$EXTRA_TOML" >> "$dir/sandkeep.toml"; fi
-  SANDKEEP_LOG=warn "$SANDKEEP" serve --config "$dir/sandkeep.toml" > "$dir/log" 2>&1 &
+  SANDKEEP_LOG=${SANDKEEP_LOG_LEVEL:-warn} "$SANDKEEP" serve --config "$dir/sandkeep.toml" > "$dir/log" 2>&1 &
   SK_PID=$!
 }
 wait_synced() { # ready, then a sync barrier

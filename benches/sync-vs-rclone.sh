@@ -53,8 +53,10 @@ declare -A T
 IDLE_RSS=0 PEAK_RSS=0
 # ---------------------------------------------------------------- 1. initial sync
 want init && for rep in $(seq "$REPS"); do
-  t=$(now); rclone sync --transfers 16 "$TMP/ws-small" "s3:$BUCKET/rclone/small-$rep" 2>>"$TMP/rclone.log"
+  use_bucket "rclone-small-$rep"
+  t=$(now); rclone sync --transfers 16 "$TMP/ws-small" "s3:$BUCKET/small" 2>>"$TMP/rclone.log"
   T[rclone_init]+=" $(since "$t")"
+  use_bucket "sk-small-$rep"
   t=$(now); start_daemon "$TMP/ws-small" "small-$rep"; wait_synced
   T[sk_init]+=" $(since "$t")"
   if [ "$rep" = "$REPS" ]; then
@@ -63,7 +65,7 @@ want init && for rep in $(seq "$REPS"); do
     IDLE_RSS=$(rss_kib "$SK_PID" VmRSS)
     # ---------------------------------------------------------- 2. one file changed
     f=d07/s0/f00007.txt
-    obj=$TMP/s3/$BUCKET/conversations/bench/small-$rep/workspace/files/$f
+    obj=$S3ROOT/$BUCKET/conversations/bench/small-$rep/workspace/files/$f
     for i in 1 2 3; do
       echo "change $i $(now)" > "$TMP/ws-small/$f"
       t=$(now)
@@ -71,19 +73,23 @@ want init && for rep in $(seq "$REPS"); do
       T[sk_one]+=" $(since "$t")"
       sleep 3
     done
+    stop_daemon
+    use_bucket "rclone-small-$rep"
     for i in 1 2 3; do
       echo "rclone change $i $(now)" > "$TMP/ws-small/$f"
-      t=$(now); rclone sync --transfers 16 "$TMP/ws-small" "s3:$BUCKET/rclone/small-$rep" 2>>"$TMP/rclone.log"
+      t=$(now); rclone sync --transfers 16 "$TMP/ws-small" "s3:$BUCKET/small" 2>>"$TMP/rclone.log"
       T[rclone_one]+=" $(since "$t")"
     done
   fi
-  stop_daemon
+  [ -z "$SK_PID" ] || stop_daemon
 done
 
 # ---------------------------------------------------------------- 3. 100 MB file
 want 100m && for rep in $(seq "$REPS"); do
-  t=$(now); rclone copy --transfers 16 "$TMP/ws-100m" "s3:$BUCKET/rclone/100m-$rep" 2>>"$TMP/rclone.log"
+  use_bucket "rclone-100m-$rep"
+  t=$(now); rclone copy --transfers 16 "$TMP/ws-100m" "s3:$BUCKET/100m" 2>>"$TMP/rclone.log"
   T[rclone_100m]+=" $(since "$t")"
+  use_bucket "sk-100m-$rep"
   t=$(now); start_daemon "$TMP/ws-100m" "100m-$rep"; wait_synced
   T[sk_100m]+=" $(since "$t")"
   stop_daemon
@@ -91,6 +97,7 @@ done
 
 # ---------------------------------------------------------------- 4. 1 GiB peak RSS
 if want rss; then
+  use_bucket sk-1g
   start_daemon "$TMP/ws-1g" "1g"; wait_synced
   PEAK_RSS=$(rss_kib "$SK_PID" VmHWM)
   stop_daemon
@@ -100,6 +107,7 @@ fi
 SIGTERM_CODES=""
 want sigterm && for rep in $(seq "$REPS"); do
   ws=$TMP/ws-term-$rep; mkdir -p "$ws"
+  use_bucket "sk-term-$rep"
   EXTRA_TOML='[sync]\ndebounce_min = "60s"\ndebounce_max = "120s"\n[kv]\nreplicate_delay = "1h"' \
     start_daemon "$ws" "term-$rep"; wait_synced
   python3 - "$ws" <<'EOF2'
@@ -118,7 +126,7 @@ EOF2
   t=$(now); kill -TERM "$SK_PID"; code=0; wait "$SK_PID" || code=$?
   T[sk_term]+=" $(since "$t")"; SK_PID=""
   SIGTERM_CODES+=" $code"
-  n=$(find "$TMP/s3/$BUCKET/conversations/bench/term-$rep/workspace/files" -type f | wc -l)
+  n=$(find "$S3ROOT/$BUCKET/conversations/bench/term-$rep/workspace/files" -type f | wc -l)
   [ "$n" = 1000 ] || echo "warning: $n of 1000 files in the bucket after SIGTERM" >&2
 done
 
