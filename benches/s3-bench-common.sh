@@ -12,7 +12,8 @@
 # directory and walks the whole bucket for every listing page, so a server that already
 # holds the other side's objects is slower (and the side measured second paid for it).
 # BENCH_SANDKEEP=PATH measures another sandkeep binary (an A/B against a build of an
-# earlier commit) instead of the one built here.
+# earlier commit) instead of the one built here; BENCH_LOG=info (default warn) is the
+# daemons' log level (their logs are in $TMP/sk-NAME/log, kept with KEEP_TMP=1).
 PORT=${PORT:-$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')}
 AK=AKBENCH SK=SKBENCH12345678 BUCKET=sandboxes
 while read -r v; do unset "$v"; done < <(env | sed -n 's/^\(SANDKEEP_[A-Za-z0-9_]*\)=.*/\1/p')
@@ -84,7 +85,7 @@ access_key_id = "$AK"
 secret_access_key = "$SK"
 EOT
   if [ -n "${EXTRA_TOML:-}" ]; then printf '%b\n' "$EXTRA_TOML" >> "$dir/sandkeep.toml"; fi
-  SANDKEEP_LOG=${SANDKEEP_LOG_LEVEL:-warn} "$SANDKEEP" serve --config "$dir/sandkeep.toml" > "$dir/log" 2>&1 &
+  SANDKEEP_LOG=${BENCH_LOG:-warn} "$SANDKEEP" serve --config "$dir/sandkeep.toml" > "$dir/log" 2>&1 &
   SK_PID=$!
 }
 wait_synced() { # ready, then a sync barrier
