@@ -717,11 +717,12 @@ async fn final_sync(
     }
 }
 
-/// Keeps the allocator from hoarding memory: large buffers (upload parts, hashing
-/// buffers) always come from mmap and go back to the OS when freed, and the number of
-/// malloc arenas stays small however many blocking threads hash and upload at once.
-/// glibc otherwise raises its mmap threshold after the first large free and keeps one
-/// arena per thread, which showed as ~20 MiB of extra resident memory.
+/// Keeps glibc's malloc from hoarding memory. Rust code allocates with jemalloc (see
+/// `main.rs`); the bundled C libraries (libgit2 building bundles, aws-lc) still call
+/// glibc's malloc. Their large buffers come from mmap and go back to the OS when freed,
+/// and they get at most two arenas however many blocking threads call them. glibc
+/// otherwise raises its mmap threshold after the first large free and keeps one arena
+/// per thread (this showed as ~20 MiB of extra resident memory before jemalloc).
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; it is called before any
