@@ -319,8 +319,6 @@ impl S3Remote {
     }
 }
 
-/// Compares an ETag with what the uploaded content must give. Servers that do not use
-/// MD5 ETags (e.g. with SSE-KMS) are accepted on the strength of Content-MD5.
 /// A response body, whole, in memory.
 async fn collect_body(key: &str, body: ByteStream) -> Result<Bytes, RemoteError> {
     let data = body.collect().await.map_err(|e| RemoteError::Transport {
@@ -331,6 +329,8 @@ async fn collect_body(key: &str, body: ByteStream) -> Result<Bytes, RemoteError>
     Ok(data.into_bytes())
 }
 
+/// Compares an ETag with what the uploaded content must give. Servers that do not use
+/// MD5 ETags (e.g. with SSE-KMS) are accepted on the strength of Content-MD5.
 fn verify_etag(key: &str, etag: Option<&str>, expected: &str) -> Result<(), RemoteError> {
     let Some(etag) = etag.map(|e| e.trim_matches('"').to_ascii_lowercase()) else {
         return Ok(());
