@@ -34,45 +34,12 @@ REPS=${REPS:-3}
 KEYS=10000
 VALUE_SIZE=3
 SIDES="sandkeep noaof always"
-# The daemon must see only the temp config.
-while read -r v; do unset "$v"; done < <(env | sed -n 's/^\(SANDKEEP_[A-Za-z0-9_]*\)=.*/\1/p')
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/kv-vs-redis.XXXXXX")
-declare -A PID=()
-
-stop_pid() { # stop_pid PID NAME: TERM, wait up to 30 s, then KILL
-  local pid=$1 name=$2
-  [ -n "$pid" ] || return 0
-  kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then
-    echo "warning: $name ($pid) ignored SIGTERM for 30 s: killing it" >&2
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
-}
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  for side in "${!PID[@]}"; do stop_pid "${PID[$side]}" "$side"; done
-  if [ "${KEEP_TMP:-0}" = 1 ]; then echo "kept $TMP" >&2; else rm -rf "$TMP"; fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-log() { echo "== $*" >&2; }
+BENCH=kv-vs-redis
+. benches/harness.sh
 
 # ---------------------------------------------------------------------------- build
 log "building sandkeep and the kvload bench (release)"
-cargo build --release --bin sandkeep --bench kvload --message-format=json-render-diagnostics \
-  > "$TMP/build.json"
-exe_of() { # exe_of TARGET-NAME: the executable cargo reported for it
-  grep '"reason":"compiler-artifact"' "$TMP/build.json" | grep "\"name\":\"$1\"" |
-    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
-}
+build_release --bin sandkeep --bench kvload
 SANDKEEP=$(exe_of sandkeep)
 KVLOAD=$(exe_of kvload)
 [ -x "$SANDKEEP" ] && [ -x "$KVLOAD" ] || { echo "cannot find the built binaries" >&2; exit 1; }

@@ -1,9 +1,9 @@
 # s3-bench-common.sh: sourced by sync-vs-rclone.sh and restore-vs-rclone.sh (after
-# `cd` to the project root, with BENCH set to the script's name). Builds sandkeep and
+# `cd` to the project root, with BENCH set to the script's name). On top of
+# benches/harness.sh ($TMP, PID, stop_pid, log, exe_of) it builds sandkeep and
 # benches/s3serve.rs (release), installs rclone with apt-get when missing (as root),
-# starts s3serve on a free port in a temp dir ($TMP, removed on exit with every process
-# started here), points rclone's `s3:` remote at it, and defines:
-#   log MSG, now, since T0, median (stdin), ratio A B,
+# starts s3serve on a free port, points rclone's `s3:` remote at it, and defines:
+#   now, since T0, median (stdin), ratio A B,
 #   start_daemon WORKSPACE NAME (sets SK_PID, SK_SOCK; EXTRA_TOML is appended to its
 #   config), wait_synced, stop_daemon, rss_kib PID FIELD, use_bucket NAME.
 # use_bucket NAME runs s3serve on a root of its own for bucket NAME (kept, so a later
@@ -14,34 +14,18 @@
 # BENCH_SANDKEEP=PATH measures another sandkeep binary (an A/B against a build of an
 # earlier commit) instead of the one built here; BENCH_LOG=info (default warn) is the
 # daemons' log level (their logs are in $TMP/sk-NAME/log, kept with KEEP_TMP=1).
+. benches/harness.sh
 PORT=${PORT:-$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')}
 AK=AKBENCH SK=SKBENCH12345678 BUCKET=sandboxes
-while read -r v; do unset "$v"; done < <(env | sed -n 's/^\(SANDKEEP_[A-Za-z0-9_]*\)=.*/\1/p')
 unset AWS_CA_BUNDLE 2>/dev/null || true
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/$BENCH.XXXXXX")
-S3_PID="" SK_PID=""
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  for p in $SK_PID $S3_PID; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in $SK_PID $S3_PID; do wait "$p" 2>/dev/null || true; done
-  if [ "${KEEP_TMP:-0}" = 1 ]; then echo "kept $TMP" >&2; else rm -rf "$TMP"; fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-log() { echo "== $*" >&2; }
+SK_PID=""
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 
 log "building sandkeep and s3serve (release)"
-cargo build --release --bin sandkeep --bench s3serve --message-format=json-render-diagnostics > "$TMP/build.json"
-exe_of() { grep '"reason":"compiler-artifact"' "$TMP/build.json" | grep "\"name\":\"$1\"" |
-  sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1; }
+build_release --bin sandkeep --bench s3serve
 SANDKEEP=${BENCH_SANDKEEP:-$(exe_of sandkeep)}; S3SERVE=$(exe_of s3serve)
 [ -x "$SANDKEEP" ] && [ -x "$S3SERVE" ] || { echo "cannot find the built binaries" >&2; exit 1; }
 if ! command -v rclone >/dev/null; then
@@ -51,11 +35,11 @@ fi
 rclone version 2>/dev/null | sed -n 1p >&2
 
 use_bucket() {
-  if [ -n "$S3_PID" ]; then kill -TERM "$S3_PID"; wait "$S3_PID" 2>/dev/null || true; S3_PID=""; fi
+  stop_pid "${PID[s3serve]:-}" s3serve
   BUCKET=$1 S3ROOT=$TMP/s3-$1
   mkdir -p "$S3ROOT/$BUCKET"
   "$S3SERVE" --port "$PORT" --root "$S3ROOT" --access-key "$AK" --secret-key "$SK" >> "$TMP/s3.log" 2>&1 &
-  S3_PID=$!
+  PID[s3serve]=$!
   for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PORT/" && break; sleep 0.1; done
 }
 use_bucket "$BUCKET"
@@ -87,6 +71,7 @@ EOT
   if [ -n "${EXTRA_TOML:-}" ]; then printf '%b\n' "$EXTRA_TOML" >> "$dir/sandkeep.toml"; fi
   SANDKEEP_LOG=${BENCH_LOG:-warn} "$SANDKEEP" serve --config "$dir/sandkeep.toml" > "$dir/log" 2>&1 &
   SK_PID=$!
+  PID[sandkeep]=$SK_PID
 }
 wait_synced() { # ready, then a sync barrier
   for _ in $(seq 6000); do
@@ -96,6 +81,7 @@ wait_synced() { # ready, then a sync barrier
   done
   curl -sf --max-time 600 --unix-socket "$SK_SOCK" -X POST -d '{"timeout_s": 600}' http://sk/v1/sync >/dev/null
 }
-stop_daemon() { kill -TERM "$SK_PID"; wait "$SK_PID" 2>/dev/null || true; SK_PID=""; }
+# stop_daemon: TERM (then KILL after 30 s) and wait; nothing when none is running
+stop_daemon() { stop_pid "$SK_PID" sandkeep; SK_PID=""; unset 'PID[sandkeep]'; }
 rss_kib() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status"; }
 

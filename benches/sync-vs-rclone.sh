@@ -81,7 +81,7 @@ want init && for rep in $(seq "$REPS"); do
       T[rclone_one]+=" $(since "$t")"
     done
   fi
-  [ -z "$SK_PID" ] || stop_daemon
+  stop_daemon
 done
 
 # ---------------------------------------------------------------- 3. 100 MB file
@@ -124,7 +124,7 @@ EOF2
     curl -sf --unix-socket "$SK_SOCK" -X PUT --data-binary "event $i" "http://sk/v1/files/events/e$i.json" >/dev/null
   done
   t=$(now); kill -TERM "$SK_PID"; code=0; wait "$SK_PID" || code=$?
-  T[sk_term]+=" $(since "$t")"; SK_PID=""
+  T[sk_term]+=" $(since "$t")"; SK_PID=""; unset 'PID[sandkeep]'
   SIGTERM_CODES+=" $code"
   n=$(find "$S3ROOT/$BUCKET/conversations/bench/term-$rep/workspace/files" -type f | wc -l)
   [ "$n" = 1000 ] || echo "warning: $n of 1000 files in the bucket after SIGTERM" >&2
