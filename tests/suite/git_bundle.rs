@@ -15,47 +15,12 @@ use std::time::Duration;
 use sandkeep::gitbundle::{self, HeadMeta};
 use serde_json::Value;
 
+use crate::util::fs::{git, git_raw, write};
 use crate::util::{Daemon, ok};
 
 const GIT_PREFIX: &str = "conversations/u1/c1/workspace/git/";
 /// Periodic bundles off unless a test wants them.
 const NO_PERIODIC: &str = "[git]\ninterval = \"0s\"\n[snapshot]\ninterval = \"0s\"\n";
-
-/// Runs `git` in `dir` with a clean, fixed identity; panics with its output on failure.
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = git_raw(dir, args);
-    assert!(
-        out.status.success(),
-        "git {args:?} in {} failed: {}{}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn git_raw(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new("git")
-        .current_dir(dir)
-        .args(["-c", "init.defaultBranch=main", "-c", "core.autocrlf=false"])
-        .args(args)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_AUTHOR_NAME", "Test")
-        .env("GIT_AUTHOR_EMAIL", "test@example.com")
-        .env("GIT_COMMITTER_NAME", "Test")
-        .env("GIT_COMMITTER_EMAIL", "test@example.com")
-        .env_remove("GIT_DIR")
-        .env_remove("GIT_WORK_TREE")
-        .output()
-        .expect("run git")
-}
-
-fn write(dir: &Path, rel: &str, text: &str) {
-    let p = dir.join(rel);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    std::fs::write(p, text).unwrap();
-}
 
 /// A repository with history, a branch, tags, and every kind of uncommitted change.
 fn rich_repo(dir: &Path) {

@@ -6,8 +6,7 @@
 //! change; and the daemon's peak memory stays bounded while it snapshots a workspace
 //! of incompressible files larger than that bound.
 
-use std::collections::BTreeMap;
-use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -17,6 +16,7 @@ use sandkeep::remote::{self, Remote};
 use serde_json::Value;
 
 use crate::s3_server::S3Server;
+use crate::util::fs::{Entry, git, tree, write};
 use crate::util::{Daemon, ok};
 
 const SNAP_PREFIX: &str = "conversations/u1/c1/workspace/compressed/";
@@ -100,76 +100,6 @@ impl Env {
         assert!(st.success(), "GNU tar could not extract the snapshot");
         out
     }
-}
-
-fn write(dir: &Path, rel: &str, data: &[u8]) {
-    let p = dir.join(rel);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    std::fs::write(p, data).unwrap();
-}
-
-fn git(dir: &Path, args: &[&str]) {
-    let st = Command::new("git")
-        .current_dir(dir)
-        .args(["-c", "init.defaultBranch=main"])
-        .args(args)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_AUTHOR_NAME", "T")
-        .env("GIT_AUTHOR_EMAIL", "t@example.com")
-        .env("GIT_COMMITTER_NAME", "T")
-        .env("GIT_COMMITTER_EMAIL", "t@example.com")
-        .status()
-        .unwrap();
-    assert!(st.success(), "git {args:?}");
-}
-
-/// What a tree holds, entry by entry.
-#[derive(Debug, PartialEq, Eq)]
-enum Entry {
-    File {
-        data: Vec<u8>,
-        mode: u32,
-        mtime: i64,
-    },
-    Dir {
-        mode: u32,
-    },
-    Link(PathBuf),
-}
-
-/// Every entry below `root`, except those for which `skip` is true (not descended).
-fn tree(root: &Path, skip: &dyn Fn(&str) -> bool) -> BTreeMap<String, Entry> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        for e in std::fs::read_dir(root.join(&rel)).unwrap() {
-            let e = e.unwrap();
-            let r = rel.join(e.file_name());
-            let key = r.to_str().unwrap().to_string();
-            if skip(&key) {
-                continue;
-            }
-            let m = std::fs::symlink_metadata(e.path()).unwrap();
-            let mode = m.permissions().mode() & 0o7777;
-            if m.file_type().is_symlink() {
-                out.insert(key, Entry::Link(std::fs::read_link(e.path()).unwrap()));
-            } else if m.is_dir() {
-                out.insert(key, Entry::Dir { mode });
-                stack.push(r);
-            } else if m.is_file() {
-                out.insert(
-                    key,
-                    Entry::File {
-                        data: std::fs::read(e.path()).unwrap(),
-                        mode,
-                        mtime: m.mtime(),
-                    },
-                );
-            }
-        }
-    }
-    out
 }
 
 /// A workspace with every kind of entry, some excluded by each rule.
