@@ -322,7 +322,7 @@ async fn unborn_empty_and_detached_repos_in_subdirectories() {
     std::fs::create_dir_all(&det).unwrap();
     git(&det, &["init", "-q"]);
     for i in 0..3 {
-        write(&det, "f.txt", &format!("v{i}\n"));
+        write(&det, "f.txt", format!("v{i}\n"));
         git(&det, &["add", "f.txt"]);
         git(&det, &["commit", "-q", "-m", &format!("c{i}")]);
     }

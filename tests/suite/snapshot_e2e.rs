@@ -106,7 +106,7 @@ impl Env {
 fn fill_workspace(ws: &Path) {
     write(ws, "README.md", b"# project\n");
     write(ws, "src/main.rs", b"fn main() {}\n");
-    write(ws, "src/deep/er/mod.rs", &vec![b'x'; 300_000]);
+    write(ws, "src/deep/er/mod.rs", vec![b'x'; 300_000]);
     write(ws, "bin/run.sh", b"#!/bin/sh\n");
     std::fs::set_permissions(
         ws.join("bin/run.sh"),
