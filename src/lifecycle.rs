@@ -659,9 +659,9 @@ async fn final_sync(
         match replica.flush().await {
             Ok(stats) => {
                 tracing::info!(
-                    namespaces = stats.namespaces,
-                    files = stats.files_uploaded + stats.files_deleted,
-                    "final sync: kv and file store in remote storage"
+                    namespaces_exported = stats.namespaces,
+                    files_exported = stats.files_uploaded + stats.files_deleted,
+                    "final sync: kv and file store in remote storage (counts are what changed since the last export)"
                 );
                 stores_done = true;
             }

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::files::{self, FileStore, Pending};
+use crate::kv::export::Imported;
 use crate::kv::{KvError, KvStore};
 use crate::metrics::Metrics;
 use crate::remote::{self, Backoff, Remote, RemoteError};
@@ -297,6 +298,11 @@ impl Replicator {
 pub struct BadObject {
     pub key: String,
     pub error: String,
+    /// For a KV export that cannot be read: the copy of it kept beside it, so that this
+    /// daemon's own exports of the namespace cannot overwrite the only copy (`null` when
+    /// the copy could not be written).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_as: Option<String>,
 }
 
 /// What [`restore_stores`] brought back.
@@ -308,9 +314,26 @@ pub struct StoresRestored {
     pub bad: Vec<BadObject>,
 }
 
+/// Where an export that cannot be read is kept: beside it, under a name the restore
+/// does not import and that its content decides (`kv/<namespace>.kv.unreadable-<md5>`),
+/// so keeping the same export again writes the same object.
+pub fn unreadable_key(export_key: &str, data: &[u8]) -> String {
+    use md5::Digest;
+    format!(
+        "{export_key}.unreadable-{}",
+        hex::encode(md5::Md5::digest(data))
+    )
+}
+
 /// Imports every KV namespace export and every file store object of the conversation
-/// into a new, empty state directory. An object that cannot be read, decrypted or
-/// stored is reported and skipped; only failing to list the remote is an error.
+/// into a new, empty state directory.
+///
+/// Nothing is given up for a failure that may pass: listing or reading remote storage
+/// is retried (here, or by the caller for an error) until it works, because a
+/// namespace left out would be overwritten by the first export of the new daemon. An
+/// export that cannot be read (another KV key, damaged) is reported in `bad` and copied
+/// beside itself first, for the same reason. A restore cut short may run again: a
+/// namespace that is already here is counted, not imported twice.
 pub async fn restore_stores(
     kv: &KvStore,
     files: &FileStore,
@@ -327,27 +350,35 @@ pub async fn restore_stores(
         let Some(rel) = o.key.strip_prefix(conversation_prefix) else {
             continue;
         };
-        let bad = |error: String| BadObject {
-            key: o.key.clone(),
-            error,
-        };
         if rel.starts_with("kv/") {
             let Some(ns) = crate::kv::export::namespace_of(&o.key, &kv_prefix) else {
                 continue;
             };
-            let imported = match remote.get_bytes(&o.key).await {
-                Ok(Some(bytes)) => kv.import(&ns, &bytes).await.map_err(|e| e.to_string()),
-                Ok(None) => Err("vanished while restoring".to_string()),
-                Err(e) => Err(e.to_string()),
+            let Some(bytes) = read_retrying(remote, &o.key).await else {
+                continue;
             };
-            match imported {
-                Ok(keys) => {
+            match kv.import(&ns, &bytes).await? {
+                Imported::Keys(keys) => {
                     out.namespaces += 1;
                     out.keys += keys as u64;
                 }
-                Err(e) => {
-                    tracing::warn!(key = %o.key, error = %e, "kv namespace not restored");
-                    out.bad.push(bad(e));
+                Imported::AlreadyHere => {
+                    out.namespaces += 1;
+                    out.keys += kv.ns_meta(&ns).await?.keys;
+                }
+                Imported::Unreadable(error) => {
+                    let kept_as = keep_aside(remote, &o.key, bytes).await;
+                    tracing::error!(
+                        key = %o.key,
+                        error = %error,
+                        kept_as = kept_as.as_deref().unwrap_or("(not kept)"),
+                        "kv namespace not restored; it starts empty here, and the export is kept under another name so that new exports cannot overwrite it"
+                    );
+                    out.bad.push(BadObject {
+                        key: o.key,
+                        error,
+                        kept_as,
+                    });
                 }
             }
             continue;
@@ -356,24 +387,21 @@ pub async fn restore_stores(
             continue;
         }
         if o.size > max_file_bytes {
-            let e = format!(
+            let error = format!(
                 "{} bytes is above files.max_file_bytes ({max_file_bytes})",
                 o.size
             );
-            tracing::warn!(key = %o.key, error = %e, "file not restored");
-            out.bad.push(bad(e));
+            tracing::warn!(key = %o.key, error = %error, "file not restored");
+            out.bad.push(BadObject {
+                key: o.key,
+                error,
+                kept_as: None,
+            });
             continue;
         }
-        match remote.get_bytes(&o.key).await {
-            Ok(Some(data)) => {
-                batch_bytes += data.len();
-                batch.push((rel.to_string(), data.to_vec()));
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(key = %o.key, error = %e, "file not restored");
-                out.bad.push(bad(e.to_string()));
-            }
+        if let Some(data) = read_retrying(remote, &o.key).await {
+            batch_bytes += data.len();
+            batch.push((rel.to_string(), data.to_vec()));
         }
         if batch_bytes >= IMPORT_BATCH_BYTES {
             out.files += batch.len() as u64;
@@ -386,6 +414,53 @@ pub async fn restore_stores(
         files.import(batch).await?;
     }
     Ok(out)
+}
+
+/// Reads an object, retrying every failure with backoff; `None` when it is gone.
+async fn read_retrying(remote: &dyn Remote, key: &str) -> Option<Bytes> {
+    let mut backoff = Backoff::default();
+    loop {
+        match remote.get_bytes(key).await {
+            Ok(data) => return data,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(
+                    key,
+                    error = %e,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "cannot read an object to restore; retrying"
+                );
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Copies an export that cannot be read to [`unreadable_key`], retrying with backoff;
+/// `None` when this daemon may not write (it does not own the conversation, so its
+/// exports cannot overwrite the original either).
+async fn keep_aside(remote: &dyn Remote, key: &str, bytes: Bytes) -> Option<String> {
+    let aside = unreadable_key(key, &bytes);
+    let mut backoff = Backoff::default();
+    loop {
+        match remote.put_bytes(&aside, bytes.clone()).await {
+            Ok(()) => return Some(aside),
+            Err(e @ RemoteError::Fenced { .. }) => {
+                tracing::warn!(key, error = %e, "cannot keep a copy of an unreadable kv export");
+                return None;
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(
+                    key = %aside,
+                    error = %e,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "cannot keep a copy of an unreadable kv export yet; retrying"
+                );
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -505,5 +580,108 @@ mod tests {
         assert_eq!(s, PassStats::default());
         stop.cancel();
         task.await.unwrap();
+    }
+
+    /// A new state directory's restore: reads that fail are retried (a namespace left
+    /// out would be overwritten by the first export), an export sealed with another key
+    /// is reported and kept beside itself (and survives the new daemon's export of the
+    /// namespace), and a restore that runs again counts what it already imported.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn restore_retries_reads_keeps_unreadable_exports_and_runs_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir: Arc<dyn Remote> = Arc::new(DirRemote::new(&tmp.path().join("remote")).unwrap());
+        let old = tmp.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        let src = store(&old);
+        set(&src, "good", "k1", json!(1)).await;
+        set(&src, "good", "k2", json!("two")).await;
+        let good = src.export("good").await.unwrap();
+        dir.put_bytes(&export_key(PREFIX, "good"), good.bytes.into())
+            .await
+            .unwrap();
+        let foreign = KvStore::open(StoreOptions {
+            path: tmp.path().join("foreign.redb"),
+            cipher: Cipher::new(&[7; 32]),
+            limits: Limits {
+                max_value_bytes: 1 << 16,
+                max_namespace_bytes: 1 << 24,
+            },
+            queue_capacity: 64,
+        })
+        .unwrap();
+        set(&foreign, "other", "k", json!(2)).await;
+        let sealed_elsewhere = Bytes::from(foreign.export("other").await.unwrap().bytes);
+        let other_key = export_key(PREFIX, "other");
+        dir.put_bytes(&other_key, sealed_elsewhere.clone())
+            .await
+            .unwrap();
+        dir.put_bytes(&format!("{PREFIX}events/e1"), Bytes::from_static(b"e1"))
+            .await
+            .unwrap();
+
+        let flaky = Arc::new(FlakyRemote::new(dir.clone()));
+        flaky.fail_next_of("get", 2);
+        let new = tmp.path().join("new");
+        std::fs::create_dir(&new).unwrap();
+        let kv = store(&new);
+        let files = FileStore::new(kv.clone());
+        let r = restore_stores(&kv, &files, flaky.as_ref(), PREFIX, 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(flaky.refused.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!((r.namespaces, r.keys, r.files), (1, 2, 1));
+        assert_eq!(r.bad.len(), 1, "{:?}", r.bad);
+        assert_eq!(r.bad[0].key, other_key);
+        assert!(
+            r.bad[0].error.contains("cannot be decrypted"),
+            "{:?}",
+            r.bad
+        );
+        let kept = r.bad[0].kept_as.clone().expect("a copy was kept");
+        assert!(
+            kept.starts_with(&format!("{other_key}.unreadable-")),
+            "{kept}"
+        );
+        assert_eq!(
+            dir.get_bytes(&kept).await.unwrap(),
+            Some(sealed_elsewhere.clone())
+        );
+        assert_eq!(
+            kv.get("good", "k2").await.unwrap().unwrap().value,
+            json!("two")
+        );
+        assert_eq!(kv.ns_meta("other").await.unwrap().version, 0);
+
+        // Run again (as after a restart in the middle): nothing is imported twice and
+        // the kept copy is not taken for an export.
+        let again = restore_stores(&kv, &files, dir.as_ref(), PREFIX, 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!((again.namespaces, again.keys, again.files), (1, 2, 1));
+        assert_eq!(again.bad.len(), 1);
+        assert_eq!(again.bad[0].kept_as.as_ref(), Some(&kept));
+        let listed = remote::list_all(dir.as_ref(), PREFIX).await.unwrap();
+        assert_eq!(listed.len(), 4, "{listed:?}"); // two exports, one copy, one file
+
+        // The new daemon's first export of `other` replaces the original; the copy stays.
+        set(&kv, "other", "new", json!(3)).await;
+        let (rep, handle) = Replicator::new(
+            kv.clone(),
+            files.clone(),
+            dir.clone(),
+            PREFIX.into(),
+            Duration::from_secs(3600),
+            Arc::new(Metrics::new()),
+        );
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(rep.run(stop.clone()));
+        handle.flush().await.unwrap();
+        stop.cancel();
+        task.await.unwrap();
+        assert_ne!(
+            dir.get_bytes(&other_key).await.unwrap(),
+            Some(sealed_elsewhere.clone())
+        );
+        assert_eq!(dir.get_bytes(&kept).await.unwrap(), Some(sealed_elsewhere));
     }
 }

@@ -76,32 +76,47 @@ fn seal(cipher: &Cipher, body: &ExportBody) -> Result<Vec<u8>, KvError> {
     Ok(out)
 }
 
-/// Opens an export of `ns` (the name its object key gives).
-fn open(cipher: &Cipher, ns: &str, bytes: &[u8]) -> Result<ExportBody, KvError> {
+/// Opens an export of `ns` (the name its object key gives) and checks what it holds;
+/// the error says why it cannot be read.
+fn open(cipher: &Cipher, ns: &str, bytes: &[u8]) -> Result<ExportBody, String> {
     let sealed = bytes
         .strip_prefix(MAGIC)
-        .ok_or_else(|| bad(format!("`{ns}` is not a sandkeep kv export")))?;
+        .ok_or_else(|| format!("`{ns}` is not a sandkeep kv export"))?;
     let packed = cipher.open(&aad(ns), sealed).map_err(|_| {
-        bad(format!(
-            "`{ns}` cannot be decrypted: it was written with another kv key, or it is damaged"
-        ))
+        format!("`{ns}` cannot be decrypted: it was written with another kv key, or it is damaged")
     })?;
     let mut json = Vec::new();
     flate2::read::GzDecoder::new(packed.as_slice())
         .take(MAX_PLAIN)
         .read_to_end(&mut json)
-        .map_err(bad)?;
-    let body: ExportBody = serde_json::from_slice(&json).map_err(bad)?;
+        .map_err(|e| format!("`{ns}`: {e}"))?;
+    let body: ExportBody = serde_json::from_slice(&json).map_err(|e| format!("`{ns}`: {e}"))?;
     if body.namespace != ns {
-        return Err(bad(format!("`{ns}` holds namespace `{}`", body.namespace)));
+        return Err(format!("`{ns}` holds namespace `{}`", body.namespace));
+    }
+    for r in &body.records {
+        super::validate::key(&r.key).map_err(|e| format!("`{ns}`: {e}"))?;
     }
     Ok(body)
 }
 
 /// Decrypts an export and tells what it holds (for tests and tools).
 pub fn inspect(cipher: &Cipher, ns: &str, bytes: &[u8]) -> Result<(u64, usize), KvError> {
-    let body = open(cipher, ns, bytes)?;
+    let body = open(cipher, ns, bytes).map_err(bad)?;
     Ok((body.version, body.records.len()))
+}
+
+/// What [`KvStore::import`] did with an export.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Imported {
+    /// The namespace was new here and now holds the export's keys (this many).
+    Keys(usize),
+    /// The namespace exists here already (a restore that was cut short imported it);
+    /// it was left as it is.
+    AlreadyHere,
+    /// The export cannot be read: not an export, sealed with another KV key, damaged,
+    /// or holding an invalid key. Nothing was stored.
+    Unreadable(String),
 }
 
 impl KvStore {
@@ -204,22 +219,18 @@ impl KvStore {
 
     /// Imports the export `bytes` of `ns` into a namespace that holds nothing yet:
     /// values, versions, timestamps and expiry times as they were. Records that expired
-    /// meanwhile are left out. Returns the keys imported.
-    pub async fn import(&self, ns: &str, bytes: &[u8]) -> Result<usize, KvError> {
+    /// meanwhile are left out. An error is a local storage failure (worth retrying); an
+    /// export that cannot be read is [`Imported::Unreadable`].
+    pub async fn import(&self, ns: &str, bytes: &[u8]) -> Result<Imported, KvError> {
         super::validate::namespace(ns)?;
-        let body = {
-            let cipher = self.cipher();
-            open(&cipher, ns, bytes)?
+        let body = match open(&self.cipher(), ns, bytes) {
+            Ok(body) => body,
+            Err(why) => return Ok(Imported::Unreadable(why)),
         };
-        for r in &body.records {
-            super::validate::key(&r.key)?;
-        }
         let ns = ns.to_string();
         self.exec(true, move |wtx, tables: &mut Tables<'_>, cipher| {
             if tables.namespaces.get(ns.as_str())?.is_some() {
-                return Err(KvError::Storage(format!(
-                    "namespace `{ns}` already exists here; not importing over it"
-                )));
+                return Ok(Imported::AlreadyHere);
             }
             let now = now_ms();
             let (mut bytes, mut keys) = (0u64, 0u64);
@@ -252,7 +263,7 @@ impl KvStore {
                 .insert(ns.as_str(), (body.version, bytes, keys))?;
             wtx.open_table(EXPORTED)?
                 .insert(ns.as_str(), body.version)?;
-            Ok(keys as usize)
+            Ok(Imported::Keys(keys as usize))
         })
         .await
     }
@@ -273,8 +284,8 @@ mod tests {
     use serde_json::json;
     use std::time::Duration;
 
-    fn store(dir: &std::path::Path, name: &str) -> KvStore {
-        KvStore::open(StoreOptions {
+    fn options(dir: &std::path::Path, name: &str) -> StoreOptions {
+        StoreOptions {
             path: dir.join(name),
             cipher: Cipher::new(&[3; 32]),
             limits: Limits {
@@ -282,8 +293,11 @@ mod tests {
                 max_namespace_bytes: 1 << 24,
             },
             queue_capacity: 64,
-        })
-        .unwrap()
+        }
+    }
+
+    fn store(dir: &std::path::Path, name: &str) -> KvStore {
+        KvStore::open(options(dir, name)).unwrap()
     }
 
     fn set(key: &str, value: serde_json::Value, ttl: Option<Duration>) -> BatchRequest {
@@ -336,7 +350,10 @@ mod tests {
         assert!(!export.bytes.windows(2).any(|w| w == b"v2"));
 
         let b = store(tmp.path(), "b.redb");
-        assert_eq!(b.import("ns", &export.bytes).await.unwrap(), 2);
+        assert_eq!(
+            b.import("ns", &export.bytes).await.unwrap(),
+            Imported::Keys(2)
+        );
         for key in ["k1", "ttl"] {
             assert_eq!(
                 a.get("ns", key).await.unwrap(),
@@ -351,8 +368,24 @@ mod tests {
         // Imported is exported: nothing due.
         assert!(b.exports_due().await.unwrap().is_empty());
         // Not over an existing namespace, not under another name, not with another key.
-        assert!(b.import("ns", &export.bytes).await.is_err());
-        assert!(b.import("ns2", &export.bytes).await.is_err());
+        assert_eq!(
+            b.import("ns", &export.bytes).await.unwrap(),
+            Imported::AlreadyHere
+        );
+        assert!(matches!(
+            b.import("ns2", &export.bytes).await.unwrap(),
+            Imported::Unreadable(_)
+        ));
+        let c = KvStore::open(StoreOptions {
+            cipher: Cipher::new(&[4; 32]),
+            ..options(tmp.path(), "c.redb")
+        })
+        .unwrap();
+        assert!(matches!(
+            c.import("ns", &export.bytes).await.unwrap(),
+            Imported::Unreadable(why) if why.contains("cannot be decrypted")
+        ));
+        assert_eq!(c.ns_meta("ns").await.unwrap().version, 0, "nothing stored");
         assert!(inspect(&Cipher::new(&[4; 32]), "ns", &export.bytes).is_err());
         assert!(inspect(&Cipher::new(&[3; 32]), "ns", b"garbage").is_err());
     }

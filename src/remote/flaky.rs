@@ -1,8 +1,8 @@
 //! A failure-injecting wrapper around any backend, for retry and outage tests.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -14,6 +14,9 @@ pub struct FlakyRemote {
     inner: Arc<dyn Remote>,
     down: AtomicBool,
     fail_next: AtomicU64,
+    /// The operation (`get`, `put`, `list`, ...) the queued failures are for; any when
+    /// `None`.
+    fail_op: Mutex<Option<&'static str>>,
     /// Calls refused so far.
     pub refused: AtomicU64,
 }
@@ -24,6 +27,7 @@ impl FlakyRemote {
             inner,
             down: AtomicBool::new(false),
             fail_next: AtomicU64::new(0),
+            fail_op: Mutex::new(None),
             refused: AtomicU64::new(0),
         }
     }
@@ -35,14 +39,31 @@ impl FlakyRemote {
 
     /// The next `n` calls fail.
     pub fn fail_next(&self, n: u64) {
+        self.queue(None, n);
+    }
+
+    /// The next `n` calls of `op` (`get`, `put`, `list`, `head`, `delete`) fail; other
+    /// calls go through.
+    pub fn fail_next_of(&self, op: &'static str, n: u64) {
+        self.queue(Some(op), n);
+    }
+
+    fn queue(&self, op: Option<&'static str>, n: u64) {
+        *self.fail_op.lock().unwrap_or_else(|e| e.into_inner()) = op;
         self.fail_next.store(n, Ordering::SeqCst);
     }
 
     fn check(&self, op: &'static str, key: &str) -> Result<(), RemoteError> {
-        let queued = self
-            .fail_next
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
+        let applies = self
+            .fail_op
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|o| o == op);
+        let queued = applies
+            && self
+                .fail_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
         if queued || self.down.load(Ordering::SeqCst) {
             self.refused.fetch_add(1, Ordering::SeqCst);
             return Err(RemoteError::Transport {

@@ -337,6 +337,49 @@ async fn kv_and_files_come_back_in_a_new_state_dir_dir_remote() {
     stores_survive_a_new_state_dir(&mut d).await;
 }
 
+/// A new sandbox started without the KV key cannot read the exports: it starts, says
+/// so in its log and status, and keeps each export under another name, so that its own
+/// exports of the namespace do not destroy the only copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_sealed_with_another_key_is_kept_not_overwritten() {
+    let mut d = Daemon::start_with("[kv]\nreplicate_delay = \"1h\"\n").await;
+    ok(
+        &d.api()
+            .put("/v1/kv/a?ns=conversation", &json!("precious"))
+            .await,
+        201,
+    );
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+    let export = object(&d, "kv/conversation.kv");
+    let original = std::fs::read(&export).unwrap();
+
+    wipe_state(&d); // and with it the generated key: the new daemon makes another
+    d.spawn_and_wait().await;
+    let api = d.api();
+    assert_error(&api.get("/v1/kv/a?ns=conversation").await, 404, "not_found");
+    let status = ok(&api.get("/v1/status").await, 200);
+    let bad = &status["restore"]["stores"]["bad"];
+    assert_eq!(bad.as_array().map(Vec::len), Some(1), "{status}");
+    assert!(
+        bad[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be decrypted"),
+        "{bad}"
+    );
+    let kept = bad[0]["kept_as"].as_str().unwrap().to_string();
+    let kept_path = d.remote.join(&kept);
+    assert_eq!(std::fs::read(&kept_path).unwrap(), original);
+    assert!(d.log().contains("kv namespace not restored"), "{}", d.log());
+
+    // The namespace goes on empty here; its next export replaces `conversation.kv`
+    // and leaves the kept copy as it was.
+    ok(&api.put("/v1/kv/b?ns=conversation", &json!(1)).await, 201);
+    ok(&api.post("/v1/sync", &json!({})).await, 200);
+    assert_ne!(std::fs::read(&export).unwrap(), original);
+    assert_eq!(std::fs::read(&kept_path).unwrap(), original);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_and_files_come_back_in_a_new_state_dir_s3_remote() {
     let s3 = S3Server::start().await;
