@@ -299,8 +299,8 @@ pub struct BadObject {
     pub key: String,
     pub error: String,
     /// For a KV export that cannot be read: the copy of it kept beside it, so that this
-    /// daemon's own exports of the namespace cannot overwrite the only copy (`null` when
-    /// the copy could not be written).
+    /// daemon's own exports of the namespace cannot overwrite the only copy. Absent for
+    /// files, and when this daemon may not write (it lost the conversation).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kept_as: Option<String>,
 }
