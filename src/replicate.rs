@@ -354,8 +354,10 @@ pub async fn restore_stores(
             let Some(ns) = crate::kv::export::namespace_of(&o.key, &kv_prefix) else {
                 continue;
             };
-            let Some(bytes) = read_retrying(remote, &o.key).await else {
-                continue;
+            // Every failure is waited out: a namespace left out would be overwritten.
+            let bytes = match read_retrying(remote, &o.key, |_| true).await {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) | Err(_) => continue,
             };
             match kv.import(&ns, &bytes).await? {
                 Imported::Keys(keys) => {
@@ -399,9 +401,23 @@ pub async fn restore_stores(
             });
             continue;
         }
-        if let Some(data) = read_retrying(remote, &o.key).await {
-            batch_bytes += data.len();
-            batch.push((rel.to_string(), data.to_vec()));
+        // A file the service refuses to give (permissions, an archived object) is
+        // reported; nothing here overwrites its remote copy.
+        let transient = |e: &RemoteError| matches!(e, RemoteError::Transport { .. });
+        match read_retrying(remote, &o.key, transient).await {
+            Ok(Some(data)) => {
+                batch_bytes += data.len();
+                batch.push((rel.to_string(), data.to_vec()));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(key = %o.key, error = %e, "file not restored; its remote copy is kept");
+                out.bad.push(BadObject {
+                    key: o.key,
+                    error: e.to_string(),
+                    kept_as: None,
+                });
+            }
         }
         if batch_bytes >= IMPORT_BATCH_BYTES {
             out.files += batch.len() as u64;
@@ -416,22 +432,27 @@ pub async fn restore_stores(
     Ok(out)
 }
 
-/// Reads an object, retrying every failure with backoff; `None` when it is gone.
-async fn read_retrying(remote: &dyn Remote, key: &str) -> Option<Bytes> {
+/// Reads an object to restore, retrying with backoff while it fails with an error
+/// `retry` accepts; `Ok(None)` when the object is gone.
+async fn read_retrying(
+    remote: &dyn Remote,
+    key: &str,
+    retry: impl Fn(&RemoteError) -> bool,
+) -> Result<Option<Bytes>, RemoteError> {
     let mut backoff = Backoff::default();
     loop {
         match remote.get_bytes(key).await {
-            Ok(data) => return data,
-            Err(e) => {
+            Err(e) if retry(&e) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(
                     key,
                     error = %e,
                     retry_in_ms = delay.as_millis() as u64,
-                    "cannot read an object to restore; retrying"
+                    "cannot read an object to restore; the daemon is not ready until it can"
                 );
                 tokio::time::sleep(delay).await;
             }
+            other => return other,
         }
     }
 }
@@ -585,7 +606,8 @@ mod tests {
     /// A new state directory's restore: reads that fail are retried (a namespace left
     /// out would be overwritten by the first export), an export sealed with another key
     /// is reported and kept beside itself (and survives the new daemon's export of the
-    /// namespace), and a restore that runs again counts what it already imported.
+    /// namespace), a restore that runs again counts what it already imported, and a
+    /// file the service refuses is reported while a refused export is waited for.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn restore_retries_reads_keeps_unreadable_exports_and_runs_again() {
         let tmp = tempfile::tempdir().unwrap();
@@ -683,5 +705,23 @@ mod tests {
             Some(sealed_elsewhere.clone())
         );
         assert_eq!(dir.get_bytes(&kept).await.unwrap(), Some(sealed_elsewhere));
+
+        // Refusals (not transient): a file is reported and skipped; a KV export is
+        // waited for. The objects come in key order: events/e1, then kv/good.kv.
+        let flaky = Arc::new(FlakyRemote::new(dir.clone()));
+        flaky.refuse_next_of("get", 3);
+        let third = tmp.path().join("third");
+        std::fs::create_dir(&third).unwrap();
+        let kv = store(&third);
+        let files = FileStore::new(kv.clone());
+        let r = restore_stores(&kv, &files, flaky.as_ref(), PREFIX, 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(flaky.refused.load(std::sync::atomic::Ordering::SeqCst), 3);
+        // `other.kv` is the new daemon's export by now, sealed with this key.
+        assert_eq!((r.namespaces, r.keys, r.files), (2, 3, 0));
+        assert_eq!(r.bad.len(), 1, "{:?}", r.bad);
+        assert_eq!(r.bad[0].key, format!("{PREFIX}events/e1"));
+        assert_eq!(r.bad[0].kept_as, None);
     }
 }

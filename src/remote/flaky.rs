@@ -13,12 +13,20 @@ use super::{ListPage, ObjectInfo, Precondition, Remote, RemoteError};
 pub struct FlakyRemote {
     inner: Arc<dyn Remote>,
     down: AtomicBool,
-    fail_next: AtomicU64,
-    /// The operation (`get`, `put`, `list`, ...) the queued failures are for; any when
-    /// `None`.
-    fail_op: Mutex<Option<&'static str>>,
+    queue: Mutex<Queue>,
     /// Calls refused so far.
     pub refused: AtomicU64,
+}
+
+/// Failures queued for the next calls.
+#[derive(Default)]
+struct Queue {
+    n: u64,
+    /// Only calls of this operation fail; any when `None`.
+    op: Option<&'static str>,
+    /// A refusal by the service ([`RemoteError::Service`]) instead of no answer
+    /// ([`RemoteError::Transport`]).
+    refuse: bool,
 }
 
 impl FlakyRemote {
@@ -26,8 +34,7 @@ impl FlakyRemote {
         Self {
             inner,
             down: AtomicBool::new(false),
-            fail_next: AtomicU64::new(0),
-            fail_op: Mutex::new(None),
+            queue: Mutex::new(Queue::default()),
             refused: AtomicU64::new(0),
         }
     }
@@ -37,42 +44,61 @@ impl FlakyRemote {
         self.down.store(down, Ordering::SeqCst);
     }
 
-    /// The next `n` calls fail.
+    /// The next `n` calls fail with a transport error.
     pub fn fail_next(&self, n: u64) {
-        self.queue(None, n);
+        self.set_queue(Queue::default().times(n));
     }
 
-    /// The next `n` calls of `op` (`get`, `put`, `list`, `head`, `delete`) fail; other
-    /// calls go through.
+    /// The next `n` calls of `op` (`get`, `put`, `list`, `head`, `delete`) fail with a
+    /// transport error; other calls go through.
     pub fn fail_next_of(&self, op: &'static str, n: u64) {
-        self.queue(Some(op), n);
+        self.set_queue(Queue {
+            op: Some(op),
+            ..Queue::default().times(n)
+        });
     }
 
-    fn queue(&self, op: Option<&'static str>, n: u64) {
-        *self.fail_op.lock().unwrap_or_else(|e| e.into_inner()) = op;
-        self.fail_next.store(n, Ordering::SeqCst);
+    /// The next `n` calls of `op` are refused by the "service" (not transient).
+    pub fn refuse_next_of(&self, op: &'static str, n: u64) {
+        self.set_queue(Queue {
+            op: Some(op),
+            refuse: true,
+            ..Queue::default().times(n)
+        });
+    }
+
+    fn set_queue(&self, q: Queue) {
+        *self.queue.lock().unwrap_or_else(|e| e.into_inner()) = q;
     }
 
     fn check(&self, op: &'static str, key: &str) -> Result<(), RemoteError> {
-        let applies = self
-            .fail_op
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none_or(|o| o == op);
-        let queued = applies
-            && self
-                .fail_next
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-        if queued || self.down.load(Ordering::SeqCst) {
-            self.refused.fetch_add(1, Ordering::SeqCst);
-            return Err(RemoteError::Transport {
-                op,
-                key: key.to_string(),
-                message: "injected failure".into(),
-            });
-        }
-        Ok(())
+        let refuse = {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if q.n > 0 && q.op.is_none_or(|o| o == op) {
+                q.n -= 1;
+                Some(q.refuse)
+            } else if self.down.load(Ordering::SeqCst) {
+                Some(false)
+            } else {
+                None
+            }
+        };
+        let Some(refuse) = refuse else {
+            return Ok(());
+        };
+        self.refused.fetch_add(1, Ordering::SeqCst);
+        let (key, message) = (key.to_string(), "injected failure".to_string());
+        Err(if refuse {
+            RemoteError::Service { op, key, message }
+        } else {
+            RemoteError::Transport { op, key, message }
+        })
+    }
+}
+
+impl Queue {
+    fn times(self, n: u64) -> Self {
+        Self { n, ..self }
     }
 }
 
