@@ -264,7 +264,11 @@ pub async fn run(
     }
 
     ensure_workspace(&config.workspace);
-    let metrics = Arc::new(Metrics::new());
+    let metrics = {
+        let mut m = Metrics::new();
+        m.register_kv_commits(kv.commit_stats());
+        Arc::new(m)
+    };
     let remote = crate::remote::from_config(&config)
         .await
         .context("setting up remote storage")?;

@@ -1,13 +1,18 @@
 //! Prometheus metrics: names as constants in one place, one registry per daemon.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
+
+use crate::kv::CommitStats;
 
 /// `sandkeep_kv_ops_total{op,status}`: KV requests by operation and HTTP status.
 pub const KV_OPS: &str = "sandkeep_kv_ops";
@@ -41,6 +46,14 @@ pub const SNAPSHOTS: &str = "sandkeep_snapshots";
 pub const GIT_BUNDLES: &str = "sandkeep_git_bundles";
 /// `sandkeep_git_bundle_duration_seconds`: time to build and upload one bundle.
 pub const GIT_BUNDLE_DURATION: &str = "sandkeep_git_bundle_duration";
+
+/// `sandkeep_kv_commits_total`: KV commit groups (one durable commit each).
+pub const KV_COMMITS: &str = "sandkeep_kv_commits";
+/// `sandkeep_kv_committed_writes_total`: successful KV write requests in those
+/// groups; divided by the commits, about the mean group size.
+pub const KV_COMMITTED_WRITES: &str = "sandkeep_kv_committed_writes";
+/// `sandkeep_kv_checkpoints_total`: durable commits of the KV database itself.
+pub const KV_CHECKPOINTS: &str = "sandkeep_kv_checkpoints";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpStatus {
@@ -283,6 +296,12 @@ impl Metrics {
         }
     }
 
+    /// Exposes the KV writer's counts (read at each scrape).
+    pub fn register_kv_commits(&mut self, stats: Arc<CommitStats>) {
+        self.registry
+            .register_collector(Box::new(KvCommitCollector(stats)));
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -290,6 +309,42 @@ impl Metrics {
             tracing::error!(error = %e, "cannot encode metrics");
         }
         out
+    }
+}
+
+/// Encodes [`CommitStats`] as counters.
+#[derive(Debug)]
+struct KvCommitCollector(Arc<CommitStats>);
+
+impl Collector for KvCommitCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        for (name, help, value) in [
+            (
+                KV_COMMITS,
+                "KV commit groups, each made durable at once",
+                &s.groups,
+            ),
+            (
+                KV_COMMITTED_WRITES,
+                "KV write requests committed (a batch counts once)",
+                &s.writes,
+            ),
+            (
+                KV_CHECKPOINTS,
+                "Durable commits of the KV database (write-ahead log checkpoints)",
+                &s.checkpoints,
+            ),
+        ] {
+            let counter = ConstCounter::new(value.load(Ordering::Relaxed));
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        Ok(())
     }
 }
 
@@ -326,5 +381,21 @@ mod tests {
             text.contains(r#"sandkeep_snapshots_total{result="ok"} 1"#),
             "{text}"
         );
+
+        let mut m = Metrics::new();
+        let stats = Arc::new(CommitStats::default());
+        m.register_kv_commits(stats.clone());
+        stats.groups.store(3, Ordering::Relaxed);
+        stats.writes.store(40, Ordering::Relaxed);
+        stats.checkpoints.store(1, Ordering::Relaxed);
+        let text = m.encode();
+        for line in [
+            "sandkeep_kv_commits_total 3",
+            "sandkeep_kv_committed_writes_total 40",
+            "sandkeep_kv_checkpoints_total 1",
+            "# TYPE sandkeep_kv_commits counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}: {text}");
+        }
     }
 }

@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 pub use ops::{BatchRequest, Op, Ttl};
-pub use store::{KvStore, NsMeta, StoreOptions};
+pub use store::{CommitStats, KvStore, NsMeta, StoreOptions};
 
 /// Everything a KV request can fail with; the HTTP layer maps each to API.md's codes.
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -163,6 +163,19 @@ struct Inner {
     /// Woken after every commit that changed KV data (and by the file store): the
     /// replicator waits on it.
     changes: Arc<tokio::sync::Notify>,
+    stats: Arc<CommitStats>,
+}
+
+/// What the writer committed since the store was opened (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    /// Commit groups, each made durable at once: one log append and fdatasync, or a
+    /// durable database commit.
+    pub groups: AtomicU64,
+    /// Write requests those groups answered with success (a batch counts once).
+    pub writes: AtomicU64,
+    /// Durable database commits (checkpoints of the write-ahead log included).
+    pub checkpoints: AtomicU64,
 }
 
 /// Cheap to clone; all clones share one database and one writer.
@@ -245,12 +258,14 @@ impl KvStore {
         let (tx, rx) = std::sync::mpsc::sync_channel(opts.queue_capacity.max(1));
         let watchers = Arc::new(Watchers::default());
         let changes = Arc::new(tokio::sync::Notify::new());
+        let stats = Arc::new(CommitStats::default());
         let writer = Writer {
             db: db.clone(),
             cipher: opts.cipher.clone(),
             limits: opts.limits,
             watchers: watchers.clone(),
             changes: changes.clone(),
+            stats: stats.clone(),
             wal,
         };
         let handle = std::thread::Builder::new()
@@ -276,6 +291,7 @@ impl KvStore {
                 watchers,
                 accepting: AtomicBool::new(true),
                 changes,
+                stats,
             }),
         })
     }
@@ -351,6 +367,11 @@ impl KvStore {
     }
 
     /// Notified after commits that changed data; the replicator waits on it.
+    /// The writer's counts, live.
+    pub fn commit_stats(&self) -> Arc<CommitStats> {
+        self.inner.stats.clone()
+    }
+
     pub fn changes(&self) -> Arc<tokio::sync::Notify> {
         self.inner.changes.clone()
     }
@@ -780,6 +801,7 @@ struct Writer {
     limits: Limits,
     watchers: Arc<Watchers>,
     changes: Arc<tokio::sync::Notify>,
+    stats: Arc<CommitStats>,
     wal: Wal,
 }
 
@@ -838,6 +860,7 @@ impl Writer {
     /// when `checkpoint` asks for one, one is due, the group has [`Job::Exec`] writes,
     /// or the log cannot be appended to.
     fn commit_group(&mut self, jobs: Vec<Job>, checkpoint: bool) {
+        let group = !jobs.is_empty();
         let mut durable = checkpoint
             || self.wal.needs_checkpoint(CHECKPOINT_BYTES, CHECKPOINT_AGE)
             || jobs.iter().any(|j| matches!(j, Job::Exec(_)));
@@ -910,6 +933,14 @@ impl Writer {
         }
         match outcome {
             Ok(()) => {
+                if group {
+                    self.stats.groups.fetch_add(1, Ordering::Relaxed);
+                }
+                let writes = replies.iter().filter(|(_, r)| r.is_ok()).count() as u64;
+                self.stats.writes.fetch_add(writes, Ordering::Relaxed);
+                if durable {
+                    self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+                }
                 for (reply, result) in replies {
                     let _ = reply.send(result);
                 }

@@ -355,6 +355,15 @@ async fn health_readiness_status_and_metrics() {
     );
     assert!(text.contains("sandkeep_kv_conflicts_total"), "{text}");
     assert!(text.contains("sandkeep_kv_op_duration_seconds"), "{text}");
+    // The writer's counts: one successful write so far, in at least one commit group.
+    let counter = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}:\n{text}"))
+    };
+    assert_eq!(counter("sandkeep_kv_committed_writes_total"), 1, "{text}");
+    assert!(counter("sandkeep_kv_commits_total") >= 1, "{text}");
+    assert!(counter("sandkeep_kv_checkpoints_total") >= 1, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
