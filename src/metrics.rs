@@ -327,7 +327,7 @@ impl Collector for KvCommitCollector {
             ),
             (
                 KV_COMMITTED_WRITES,
-                "KV write requests committed (a batch counts once)",
+                "Successful KV write requests committed (a batch counts once)",
                 &s.writes,
             ),
             (

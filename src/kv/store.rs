@@ -366,12 +366,12 @@ impl KvStore {
         self.exec(true, |_, _, _| Ok(())).await
     }
 
-    /// Notified after commits that changed data; the replicator waits on it.
     /// The writer's counts, live.
     pub fn commit_stats(&self) -> Arc<CommitStats> {
         self.inner.stats.clone()
     }
 
+    /// Notified after commits that changed data; the replicator waits on it.
     pub fn changes(&self) -> Arc<tokio::sync::Notify> {
         self.inner.changes.clone()
     }
