@@ -531,32 +531,6 @@ fn workspace_restore_plan(config: &Config) -> Option<bool> {
     }
 }
 
-/// Runs `op` again, after a backoff and a log line `<what>; retrying`, for as long as
-/// it fails with an error `transient` accepts. The restores at start wait for remote
-/// storage this way: starting without them would let the first writes overwrite what
-/// the remote holds.
-async fn retrying<T, E, Fut>(
-    what: &str,
-    mut op: impl FnMut() -> Fut,
-    transient: impl Fn(&E) -> bool,
-) -> Result<T, E>
-where
-    E: std::fmt::Display,
-    Fut: Future<Output = Result<T, E>>,
-{
-    let mut backoff = crate::remote::Backoff::default();
-    loop {
-        match op().await {
-            Err(e) if transient(&e) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what}; retrying");
-                tokio::time::sleep(delay).await;
-            }
-            other => return other,
-        }
-    }
-}
-
 /// Restores the workspace, retrying while remote storage cannot be read.
 async fn restore_workspace_retrying(
     remote: &dyn crate::remote::Remote,
@@ -567,7 +541,7 @@ async fn restore_workspace_retrying(
     opts.exclude
         .extend(crate::sync::rules::own_excludes(config, &config.workspace));
     let prefix = config.conversation_prefix();
-    retrying(
+    crate::remote::retrying(
         "cannot restore the workspace yet",
         || {
             crate::restore::restore_workspace(
@@ -592,7 +566,7 @@ async fn restore_stores_retrying(
     config: &Config,
 ) -> Option<crate::replicate::StoresRestored> {
     let prefix = config.conversation_prefix();
-    retrying(
+    crate::remote::retrying(
         "cannot restore the kv and file store yet",
         || {
             crate::replicate::restore_stores(

@@ -439,22 +439,12 @@ async fn read_retrying(
     key: &str,
     retry: impl Fn(&RemoteError) -> bool,
 ) -> Result<Option<Bytes>, RemoteError> {
-    let mut backoff = Backoff::default();
-    loop {
-        match remote.get_bytes(key).await {
-            Err(e) if retry(&e) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(
-                    key,
-                    error = %e,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "cannot read an object to restore; the daemon is not ready until it can"
-                );
-                tokio::time::sleep(delay).await;
-            }
-            other => return other,
-        }
-    }
+    remote::retrying(
+        "cannot read an object to restore (the daemon is not ready until it can)",
+        || remote.get_bytes(key),
+        retry,
+    )
+    .await
 }
 
 /// Copies an export that cannot be read to [`unreadable_key`], retrying with backoff;
@@ -462,24 +452,17 @@ async fn read_retrying(
 /// exports cannot overwrite the original either).
 async fn keep_aside(remote: &dyn Remote, key: &str, bytes: Bytes) -> Option<String> {
     let aside = unreadable_key(key, &bytes);
-    let mut backoff = Backoff::default();
-    loop {
-        match remote.put_bytes(&aside, bytes.clone()).await {
-            Ok(()) => return Some(aside),
-            Err(e @ RemoteError::Fenced { .. }) => {
-                tracing::warn!(key, error = %e, "cannot keep a copy of an unreadable kv export");
-                return None;
-            }
-            Err(e) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(
-                    key = %aside,
-                    error = %e,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "cannot keep a copy of an unreadable kv export yet; retrying"
-                );
-                tokio::time::sleep(delay).await;
-            }
+    let kept = remote::retrying(
+        "cannot keep a copy of an unreadable kv export yet",
+        || remote.put_bytes(&aside, bytes.clone()),
+        |e| !matches!(e, RemoteError::Fenced { .. }),
+    )
+    .await;
+    match kept {
+        Ok(()) => Some(aside),
+        Err(e) => {
+            tracing::warn!(key, error = %e, "cannot keep a copy of an unreadable kv export");
+            None
         }
     }
 }

@@ -221,6 +221,32 @@ impl Backoff {
     }
 }
 
+/// Runs `op` again, after a backoff and a log line `<what>; retrying`, for as long as
+/// it fails with an error `transient` accepts. The restores at start wait for remote
+/// storage this way: starting without them would let the first writes overwrite what
+/// the remote holds.
+pub async fn retrying<T, E, Fut>(
+    what: &str,
+    mut op: impl FnMut() -> Fut,
+    transient: impl Fn(&E) -> bool,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::default();
+    loop {
+        match op().await {
+            Err(e) if transient(&e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what}; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Whether `key` fits S3's limits: at most 1024 bytes, segments at most 255.
 pub fn key_fits(key: &str) -> bool {
     key.len() <= MAX_KEY_BYTES && key.split('/').all(|s| s.len() <= MAX_SEGMENT_BYTES)
