@@ -479,8 +479,8 @@ mod tests {
 
     const PREFIX: &str = "conversations/u/c/";
 
-    fn store(dir: &std::path::Path) -> KvStore {
-        KvStore::open(StoreOptions {
+    fn options(dir: &std::path::Path) -> StoreOptions {
+        StoreOptions {
             path: dir.join("db.redb"),
             cipher: Cipher::new(&[9; 32]),
             limits: Limits {
@@ -488,8 +488,27 @@ mod tests {
                 max_namespace_bytes: 1 << 24,
             },
             queue_capacity: 64,
-        })
-        .unwrap()
+        }
+    }
+
+    fn store(dir: &std::path::Path) -> KvStore {
+        KvStore::open(options(dir)).unwrap()
+    }
+
+    /// Restores `remote` into a new state directory `dir/name`.
+    async fn restore_into(
+        dir: &std::path::Path,
+        name: &str,
+        remote: &dyn Remote,
+    ) -> (KvStore, FileStore, StoresRestored) {
+        let state = dir.join(name);
+        std::fs::create_dir(&state).unwrap();
+        let kv = store(&state);
+        let files = FileStore::new(kv.clone());
+        let r = restore_stores(&kv, &files, remote, PREFIX, 1 << 20)
+            .await
+            .unwrap();
+        (kv, files, r)
     }
 
     async fn set(kv: &KvStore, ns: &str, key: &str, value: serde_json::Value) {
@@ -607,11 +626,7 @@ mod tests {
         let foreign = KvStore::open(StoreOptions {
             path: tmp.path().join("foreign.redb"),
             cipher: Cipher::new(&[7; 32]),
-            limits: Limits {
-                max_value_bytes: 1 << 16,
-                max_namespace_bytes: 1 << 24,
-            },
-            queue_capacity: 64,
+            ..options(tmp.path())
         })
         .unwrap();
         set(&foreign, "other", "k", json!(2)).await;
@@ -626,13 +641,7 @@ mod tests {
 
         let flaky = Arc::new(FlakyRemote::new(dir.clone()));
         flaky.fail_next_of("get", 2);
-        let new = tmp.path().join("new");
-        std::fs::create_dir(&new).unwrap();
-        let kv = store(&new);
-        let files = FileStore::new(kv.clone());
-        let r = restore_stores(&kv, &files, flaky.as_ref(), PREFIX, 1 << 20)
-            .await
-            .unwrap();
+        let (kv, files, r) = restore_into(tmp.path(), "new", flaky.as_ref()).await;
         assert_eq!(flaky.refused.load(std::sync::atomic::Ordering::SeqCst), 2);
         assert_eq!((r.namespaces, r.keys, r.files), (1, 2, 1));
         assert_eq!(r.bad.len(), 1, "{:?}", r.bad);
@@ -693,13 +702,7 @@ mod tests {
         // waited for. The objects come in key order: events/e1, then kv/good.kv.
         let flaky = Arc::new(FlakyRemote::new(dir.clone()));
         flaky.refuse_next_of("get", 3);
-        let third = tmp.path().join("third");
-        std::fs::create_dir(&third).unwrap();
-        let kv = store(&third);
-        let files = FileStore::new(kv.clone());
-        let r = restore_stores(&kv, &files, flaky.as_ref(), PREFIX, 1 << 20)
-            .await
-            .unwrap();
+        let (_, _, r) = restore_into(tmp.path(), "third", flaky.as_ref()).await;
         assert_eq!(flaky.refused.load(std::sync::atomic::Ordering::SeqCst), 3);
         // `other.kv` is the new daemon's export by now, sealed with this key.
         assert_eq!((r.namespaces, r.keys, r.files), (2, 3, 0));

@@ -46,24 +46,29 @@ impl FlakyRemote {
 
     /// The next `n` calls fail with a transport error.
     pub fn fail_next(&self, n: u64) {
-        self.set_queue(Queue::default().times(n));
+        self.set_queue(Queue {
+            n,
+            op: None,
+            refuse: false,
+        });
     }
 
     /// The next `n` calls of `op` (`get`, `put`, `list`, `head`, `delete`) fail with a
     /// transport error; other calls go through.
     pub fn fail_next_of(&self, op: &'static str, n: u64) {
         self.set_queue(Queue {
+            n,
             op: Some(op),
-            ..Queue::default().times(n)
+            refuse: false,
         });
     }
 
     /// The next `n` calls of `op` are refused by the "service" (not transient).
     pub fn refuse_next_of(&self, op: &'static str, n: u64) {
         self.set_queue(Queue {
+            n,
             op: Some(op),
             refuse: true,
-            ..Queue::default().times(n)
         });
     }
 
@@ -93,12 +98,6 @@ impl FlakyRemote {
         } else {
             RemoteError::Transport { op, key, message }
         })
-    }
-}
-
-impl Queue {
-    fn times(self, n: u64) -> Self {
-        Self { n, ..self }
     }
 }
 
