@@ -495,6 +495,29 @@ mod tests {
         KvStore::open(options(dir)).unwrap()
     }
 
+    /// A running replicator (exporting only when flushed) and what stops it.
+    fn start_replicator(
+        kv: &KvStore,
+        files: &FileStore,
+        remote: Arc<dyn Remote>,
+    ) -> (
+        ReplicaHandle,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (rep, handle) = Replicator::new(
+            kv.clone(),
+            files.clone(),
+            remote,
+            PREFIX.into(),
+            Duration::from_secs(3600),
+            Arc::new(Metrics::new()),
+        );
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(rep.run(stop.clone()));
+        (handle, stop, task)
+    }
+
     /// Restores `remote` into a new state directory `dir/name`.
     async fn restore_into(
         dir: &std::path::Path,
@@ -532,16 +555,7 @@ mod tests {
         let flaky = Arc::new(FlakyRemote::new(dir.clone()));
         let kv = store(tmp.path());
         let files = FileStore::new(kv.clone());
-        let (rep, handle) = Replicator::new(
-            kv.clone(),
-            files.clone(),
-            flaky.clone(),
-            PREFIX.into(),
-            Duration::from_secs(3600),
-            Arc::new(Metrics::new()),
-        );
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(rep.run(stop.clone()));
+        let (handle, stop, task) = start_replicator(&kv, &files, flaky.clone());
         // Let the pass the replicator runs at start finish first: it could otherwise
         // pick up the writes below and leave the flush with nothing to count.
         assert_eq!(handle.flush().await.unwrap(), PassStats::default());
@@ -679,16 +693,7 @@ mod tests {
 
         // The new daemon's first export of `other` replaces the original; the copy stays.
         set(&kv, "other", "new", json!(3)).await;
-        let (rep, handle) = Replicator::new(
-            kv.clone(),
-            files.clone(),
-            dir.clone(),
-            PREFIX.into(),
-            Duration::from_secs(3600),
-            Arc::new(Metrics::new()),
-        );
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(rep.run(stop.clone()));
+        let (handle, stop, task) = start_replicator(&kv, &files, dir.clone());
         handle.flush().await.unwrap();
         stop.cancel();
         task.await.unwrap();
