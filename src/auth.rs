@@ -171,13 +171,32 @@ impl Authenticator {
             }
         })?;
         let c = data.claims;
-        if c.exp.saturating_sub(c.iat) > self.max_ttl.as_secs() {
+        // `iat` bounds the lifetime only if it cannot be set ahead: a token issued "in
+        // ten years" with a short lifetime would otherwise be valid for ten years.
+        if c.iat > unix_now() + IAT_SKEW_S {
+            return Err(unauthorized("the token's iat is in the future"));
+        }
+        if c.iat > c.exp {
+            return Err(unauthorized("the token's iat is after its exp"));
+        }
+        if c.exp - c.iat > self.max_ttl.as_secs() {
             return Err(unauthorized(
                 "the token's lifetime (exp - iat) exceeds auth.max_ttl",
             ));
         }
         Ok(Grant::Token(c))
     }
+}
+
+/// How far a token's `iat` may be ahead of this machine's clock (the issuer's clock
+/// may run a little fast).
+const IAT_SKEW_S: u64 = 60;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Signs a token for `namespaces` with `scopes`, valid for `ttl` (capped at `max_ttl`).
@@ -189,10 +208,7 @@ pub fn mint(
     max_ttl: Duration,
     sub: Option<String>,
 ) -> Result<String, jsonwebtoken::errors::Error> {
-    let iat = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let iat = unix_now();
     let claims = Claims {
         ns: namespaces.to_vec(),
         scope: scopes.iter().map(|s| s.as_str().to_string()).collect(),
@@ -311,6 +327,36 @@ mod tests {
         )
         .unwrap();
         assert!(a.authenticate(Some(&format!("Bearer {capped}"))).is_ok());
+    }
+
+    #[test]
+    fn iat_in_the_future_or_after_exp_is_refused() {
+        let c = token_config();
+        let a = Authenticator::new(&c);
+        let signed = |iat: u64, exp: u64| {
+            let claims = Claims {
+                ns: vec!["a".into()],
+                scope: vec!["kv:read".into()],
+                iat,
+                exp,
+                sub: None,
+            };
+            let key = EncodingKey::from_secret(c.auth.secret.as_bytes());
+            let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
+            a.authenticate(Some(&format!("Bearer {t}")))
+        };
+        let now = unix_now();
+        let year = 365 * 86_400;
+        // A short lifetime that starts in ten years: usable now for ten years otherwise.
+        assert!(
+            matches!(signed(now + 10 * year, now + 10 * year + 60), Err(AuthError::Unauthorized(m)) if m.contains("future"))
+        );
+        assert!(
+            matches!(signed(now + 50, now + 10), Err(AuthError::Unauthorized(m)) if m.contains("after its exp"))
+        );
+        // A little clock skew is tolerated; a plain token is fine.
+        assert!(signed(now + 30, now + 600).is_ok());
+        assert!(signed(now, now + 600).is_ok());
     }
 
     #[test]
