@@ -112,6 +112,34 @@ fn seal_file(cipher: &Cipher, path: &str, data: &[u8]) -> Vec<u8> {
     cipher.seal(&aad(path), &plain)
 }
 
+/// Refuses a new file at `path` when one of its parents is a file or when files exist
+/// below it: a file and a directory cannot share a name in the `dir` remote, in a
+/// workspace, or in a local file store that the conversation may move to.
+fn refuse_file_dir_clash<T: ReadableTable<&'static str, &'static [u8]>>(
+    files: &T,
+    path: &str,
+) -> Result<(), KvError> {
+    for (i, _) in path.match_indices('/') {
+        let parent = &path[..i];
+        if files.get(parent)?.is_some() {
+            return Err(KvError::InvalidPath(format!(
+                "invalid file path: `{parent}` is a file, so nothing can be stored below it"
+            )));
+        }
+    }
+    let below = format!("{path}/");
+    if let Some(item) = files.range(below.as_str()..)?.next() {
+        let (k, _) = item?;
+        if k.value().starts_with(&below) {
+            return Err(KvError::InvalidPath(format!(
+                "invalid file path: `{path}` is a directory (it holds `{}`)",
+                k.value()
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl FileStore {
     pub fn new(kv: KvStore) -> Self {
         Self { kv }
@@ -134,6 +162,9 @@ impl FileStore {
                 let existed = files.get(path.as_str())?.is_some();
                 if existed && if_absent {
                     return Err(KvError::FileExists(path));
+                }
+                if !existed {
+                    refuse_file_dir_clash(&files, &path)?;
                 }
                 let seq = next_seq(wtx)?;
                 files.insert(path.as_str(), seal_file(cipher, &path, &data).as_slice())?;

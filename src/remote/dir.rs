@@ -59,11 +59,7 @@ impl DirRemote {
         let dest = self.path_of("put", key)?;
         let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
         std::fs::create_dir_all(&parent).map_err(|e| RemoteError::local("put", &parent, e))?;
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = parent.join(format!("{TMP_MARKER}{}-{name}", rand::random::<u64>()));
+        let tmp = tmp_beside(&parent);
         let result = (|| {
             let mut f =
                 std::fs::File::create(&tmp).map_err(|e| RemoteError::local("put", &tmp, e))?;
@@ -215,6 +211,12 @@ impl DirRemote {
     }
 }
 
+/// A new temporary file's path in `dir`. Its name does not repeat the object's: a
+/// name of 255 bytes (the most a file system allows) must still get a temporary file.
+fn tmp_beside(dir: &Path) -> PathBuf {
+    dir.join(format!("{TMP_MARKER}{:016x}", rand::random::<u64>()))
+}
+
 /// The ETag of an object on a `dir` remote: the hex MD5 of its content (as S3 has it
 /// for single-part uploads).
 fn etag_of(data: &[u8]) -> String {
@@ -266,11 +268,7 @@ impl Remote for DirRemote {
         tokio::fs::create_dir_all(&parent)
             .await
             .map_err(|e| RemoteError::local("put", &parent, e))?;
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = parent.join(format!("{TMP_MARKER}{}-{name}", rand::random::<u64>()));
+        let tmp = tmp_beside(&parent);
         let result = async {
             let mut f = tokio::fs::File::create(&tmp)
                 .await
@@ -427,6 +425,33 @@ impl Remote for DirRemote {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn names_of_255_bytes_are_stored_by_every_kind_of_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = DirRemote::new(dir.path()).unwrap();
+        let name = "n".repeat(255);
+        let bytes_key = format!("a/{name}");
+        remote
+            .put_bytes(&bytes_key, Bytes::from_static(b"one"))
+            .await
+            .unwrap();
+        let src = dir.path().join("src");
+        std::fs::write(&src, b"two").unwrap();
+        let file_key = format!("b/{name}");
+        let md5 = <[u8; 16]>::from(Md5::digest(b"two"));
+        remote.put_file(&file_key, &src, md5).await.unwrap();
+        let stream_key = format!("c/{name}");
+        let reader = Box::new(std::io::Cursor::new(b"three".to_vec()));
+        remote.put_stream(&stream_key, reader).await.unwrap();
+        let got = |k: String| {
+            let remote = &remote;
+            async move { remote.get_bytes(&k).await.unwrap().unwrap() }
+        };
+        assert_eq!(got(bytes_key).await, "one");
+        assert_eq!(got(file_key).await, "two");
+        assert_eq!(got(stream_key).await, "three");
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn conditional_writes_racing_on_one_version_have_one_winner() {

@@ -176,6 +176,50 @@ async fn files_are_mirrored_path_for_path_and_sync_true_waits_for_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_path_the_store_takes_reaches_the_dir_remote() {
+    let d = Daemon::start().await;
+    let api = d.api();
+    // A segment of 255 bytes, the most a path may have (and a file system allows).
+    let long = "s".repeat(255);
+    let r = api
+        .raw(Method::PUT, &format!("/v1/files/{long}?sync=true"), b"L")
+        .await;
+    ok(&r, 201);
+    assert_eq!(std::fs::read(object(&d, &long)).unwrap(), b"L");
+    // A file and a directory cannot share a name: refused both ways, before anything
+    // is stored that could never be mirrored.
+    ok(&api.raw(Method::PUT, "/v1/files/x1", b"f").await, 201);
+    let e = assert_error(
+        &api.raw(Method::PUT, "/v1/files/x1/y", b"g").await,
+        400,
+        "invalid_path",
+    );
+    assert!(
+        e["message"].as_str().unwrap().contains("`x1` is a file"),
+        "{e}"
+    );
+    ok(&api.raw(Method::PUT, "/v1/files/d/e/f", b"h").await, 201);
+    for clash in ["/v1/files/d", "/v1/files/d/e"] {
+        assert_error(
+            &api.raw(Method::PUT, clash, b"i").await,
+            400,
+            "invalid_path",
+        );
+    }
+    // Replacing the file itself is fine; once `x1` is gone, `x1/y` may be stored.
+    ok(&api.raw(Method::PUT, "/v1/files/x1", b"F").await, 200);
+    ok(&api.delete("/v1/files/x1").await, 200);
+    ok(
+        &api.raw(Method::PUT, "/v1/files/x1/y?sync=true", b"g").await,
+        201,
+    );
+    assert_eq!(std::fs::read(object(&d, "x1/y")).unwrap(), b"g");
+    assert_eq!(std::fs::read(object(&d, "d/e/f")).unwrap(), b"h");
+    // Nothing is stuck: a sync answers at once.
+    ok(&api.post("/v1/sync", &json!({"timeout_s": 10})).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_exports_follow_writes_after_the_replicate_delay_and_hold_no_plaintext() {
     let d = Daemon::start_with("[kv]\nreplicate_delay = \"300ms\"\n").await;
     let api = d.api();
