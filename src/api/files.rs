@@ -3,13 +3,13 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::error::json_ok;
-use super::{ApiError, AppState, Ctx, read_body};
+use super::{ApiError, AppState, Ctx, FilePath, read_body};
 use crate::auth::Scope;
 use crate::files::validate_path;
 
@@ -24,7 +24,7 @@ fn checked(state: &AppState, path: &str) -> Result<(), ApiError> {
 pub async fn put_file(
     State(state): State<AppState>,
     ctx: Ctx,
-    Path(path): Path<String>,
+    FilePath(path): FilePath,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -87,7 +87,7 @@ pub async fn put_file(
 pub async fn get_file(
     State(state): State<AppState>,
     ctx: Ctx,
-    Path(path): Path<String>,
+    FilePath(path): FilePath,
 ) -> Result<Response, ApiError> {
     ctx.grant.require(Scope::FilesRead)?;
     ctx.query.allow(&[])?;
@@ -108,7 +108,7 @@ pub async fn get_file(
 pub async fn delete_file(
     State(state): State<AppState>,
     ctx: Ctx,
-    Path(path): Path<String>,
+    FilePath(path): FilePath,
 ) -> Result<Response, ApiError> {
     ctx.grant.require(Scope::FilesWrite)?;
     ctx.query.allow(&[])?;

@@ -4,15 +4,15 @@
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use serde_json::{Map, Value, json};
 
 use super::error::json_ok;
-use super::{ApiError, AppState, Ctx, KeyParam, read_body};
+use super::{ActionParam, ApiError, AppState, Ctx, KeyParam, read_body};
 use crate::auth::Scope;
 use crate::kv::ops::{self, MAX_BATCH_OPS};
 use crate::kv::{BatchRequest, KvError, Op, Ttl, validate};
@@ -208,7 +208,7 @@ pub async fn post_action(
     State(state): State<AppState>,
     ctx: Ctx,
     KeyParam(key): KeyParam,
-    Path((_, action)): Path<(String, String)>,
+    ActionParam(action): ActionParam,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -221,7 +221,8 @@ pub async fn post_action(
         "lpop" => "lpop",
         "rpop" => "rpop",
         "expire" => "expire",
-        _ => return ApiError::not_found(format!("no action `{action}` (POST)")).into_response(),
+        "len" | "watch" => return action_method_not_allowed(&action, "GET"),
+        _ => return ApiError::not_found(format!("no action `{action}`")).into_response(),
     };
     let result = async {
         ctx.query.allow(&[])?;
@@ -272,7 +273,7 @@ pub async fn get_action(
     State(state): State<AppState>,
     ctx: Ctx,
     KeyParam(key): KeyParam,
-    Path((_, action)): Path<(String, String)>,
+    ActionParam(action): ActionParam,
 ) -> Response {
     let started = Instant::now();
     match action.as_str() {
@@ -284,8 +285,29 @@ pub async fn get_action(
             let result = watch(&state, &ctx, key).await;
             finish(&state, "watch", started, result)
         }
-        _ => ApiError::not_found(format!("no action `{action}` (GET)")).into_response(),
+        "incr" | "decr" | "lpush" | "rpush" | "lpop" | "rpop" | "expire" => {
+            action_method_not_allowed(&action, "POST")
+        }
+        _ => ApiError::not_found(format!("no action `{action}`")).into_response(),
     }
+}
+
+/// `/v1/kv/` with any method: the key is empty.
+pub async fn empty_key() -> ApiError {
+    KvError::InvalidKey("the key is empty (1 to 255 bytes)".into()).into()
+}
+
+/// 405 for a known action asked with the other method, with the one it takes.
+fn action_method_not_allowed(action: &str, allow: &'static str) -> Response {
+    let mut r = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("`{action}` takes {allow}"),
+    )
+    .into_response();
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
 }
 
 async fn len(state: &AppState, ctx: &Ctx, key: String) -> Result<Response, ApiError> {
@@ -303,7 +325,9 @@ async fn len(state: &AppState, ctx: &Ctx, key: String) -> Result<Response, ApiEr
 }
 
 /// Long poll: answers once the key's version exceeds `after_version` (or the key is
-/// deleted), 204 when `timeout_s` passes first, 503 when the daemon shuts down.
+/// deleted), 204 when `timeout_s` passes first, 503 when the daemon shuts down. A key
+/// missing at the start is reported deleted at once only when the namespace has changed
+/// since `after_version`; otherwise the watch waits for it to appear.
 async fn watch(state: &AppState, ctx: &Ctx, key: String) -> Result<Response, ApiError> {
     ctx.query.allow(&["after_version", "timeout_s"])?;
     let ns = ctx.namespace(Scope::KvRead)?;
@@ -316,16 +340,16 @@ async fn watch(state: &AppState, ctx: &Ctx, key: String) -> Result<Response, Api
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
     // Subscribe before the first read so no commit between the two is missed.
     let mut changes = state.kv.subscribe(&ns, 0);
-    let (rec, _) = state.kv.get_with_meta(&ns, &key).await?;
-    let after = match ctx.query.u64("after_version")? {
-        Some(v) => v,
-        None => rec.as_ref().map_or(0, |r| r.version),
-    };
-    let mut existed = after > 0;
-    let mut current = rec;
+    let (mut current, meta) = state.kv.get_with_meta(&ns, &key).await?;
+    let given = ctx.query.u64("after_version")?;
+    let after = given.unwrap_or_else(|| current.as_ref().map_or(0, |r| r.version));
+    // A key missing at the start counts as deleted only when the namespace changed
+    // after `after_version`: then the caller's copy may have been deleted since. The
+    // answer carries the namespace version, so a watch resumed from it waits.
+    let mut existed = given.is_some_and(|v| v > 0 && meta.version > v);
+    let mut ns_version = meta.version;
     let shutdown = state.lifecycle.shutdown.clone();
     loop {
-        let ns_version = state.kv.ns_meta(&ns).await?.version;
         match &current {
             Some(r) if r.version > after => {
                 let body = ops::get_body(&key, r, None, Some(ns_version))?;
@@ -351,7 +375,9 @@ async fn watch(state: &AppState, ctx: &Ctx, key: String) -> Result<Response, Api
             }
             _ = shutdown.cancelled() => return Err(KvError::ShuttingDown.into()),
         }
-        current = state.kv.get(&ns, &key).await?;
+        let (rec, meta) = state.kv.get_with_meta(&ns, &key).await?;
+        current = rec;
+        ns_version = meta.version;
     }
 }
 

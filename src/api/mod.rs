@@ -15,7 +15,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Path};
 use axum::http::{HeaderMap, header, request::Parts};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use http_body_util::BodyExt;
 
 use crate::auth::{Authenticator, Grant, Scope};
@@ -66,6 +66,7 @@ pub fn router(state: AppState) -> Router {
                 .delete(files::delete_file),
         )
         .route("/v1/kv", get(kv::list))
+        .route("/v1/kv/", any(kv::empty_key))
         .route(
             "/v1/kv/batch",
             post(kv::batch)
@@ -178,10 +179,10 @@ impl FromRequestParts<AppState> for Ctx {
             .get(header::AUTHORIZATION)
             .map(|v| v.to_str().unwrap_or(""));
         let grant = state.auth.authenticate(header)?;
-        // While the daemon restores, only its status may be asked: the stores and the
-        // workspace are not what they will be.
+        // While the daemon restores, only its status and metrics may be asked: the
+        // stores and the workspace are not what they will be.
         if state.lifecycle.phase() == crate::lifecycle::Phase::Starting
-            && parts.uri.path() != "/v1/status"
+            && !matches!(parts.uri.path(), "/v1/status" | "/metrics")
         {
             return Err(ApiError::new(
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -200,16 +201,75 @@ pub struct KeyParam(pub String);
 impl<S: Send + Sync> FromRequestParts<S> for KeyParam {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let params = Path::<Vec<(String, String)>>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| crate::kv::KvError::InvalidKey(format!("key is not valid UTF-8: {e}")))?;
-        let key = match params.0.into_iter().find(|(k, _)| k == "key") {
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let params = route_params(parts).await?;
+        let key = match params.into_iter().find(|(k, _)| k == "key") {
             Some((_, v)) => v,
             None => "batch".to_string(),
         };
         crate::kv::validate::key(&key)?;
         Ok(Self(key))
+    }
+}
+
+/// The named parameters of the matched route, percent-decoded. One that is not UTF-8
+/// gets a JSON answer like every other error (not axum's plain text), with the code of
+/// what it names: `invalid_key`, `invalid_path` (a file path) or `invalid_param`.
+async fn route_params(parts: &mut Parts) -> Result<Vec<(String, String)>, ApiError> {
+    use crate::kv::KvError;
+    use axum::extract::path::ErrorKind;
+    use axum::extract::rejection::PathRejection;
+    Path::<Vec<(String, String)>>::from_request_parts(parts, &())
+        .await
+        .map(|p| p.0)
+        .map_err(|e| {
+            let message = e.body_text();
+            let name = match &e {
+                PathRejection::FailedToDeserializePathParams(f) => match f.kind() {
+                    ErrorKind::InvalidUtf8InPathParam { key } => key.as_str(),
+                    _ => "",
+                },
+                _ => "",
+            };
+            match name {
+                "key" => KvError::InvalidKey(message),
+                "path" => KvError::InvalidPath(message),
+                _ => KvError::InvalidParam(message),
+            }
+            .into()
+        })
+}
+
+/// The `{*path}` of a file store route, percent-decoded (validated by the handler).
+pub struct FilePath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for FilePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let params = route_params(parts).await?;
+        Ok(Self(
+            params
+                .into_iter()
+                .map(|(_, v)| v)
+                .next()
+                .unwrap_or_default(),
+        ))
+    }
+}
+
+/// The `{action}` of `/v1/kv/{key}/{action}`.
+pub struct ActionParam(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ActionParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let params = route_params(parts).await?;
+        match params.into_iter().find(|(k, _)| k == "action") {
+            Some((_, v)) => Ok(Self(v)),
+            None => Err(ApiError::not_found("no such route")),
+        }
     }
 }
 

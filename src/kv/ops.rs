@@ -333,7 +333,40 @@ impl BatchRequest {
     }
 }
 
+/// The fields each batch operation takes besides `op` and `key`: those of its
+/// single-key route. Any other field is refused, so that a misplaced `if_version` cannot
+/// make a conditional write a blind one.
+fn op_fields(op: &str) -> Option<&'static [&'static str]> {
+    Some(match op {
+        "get" => &["path", "meta"],
+        "set" => &["value", "nx", "xx", "if_version", "ttl", "keep_ttl", "get"],
+        "patch" => &["value", "path", "if_version"],
+        "delete" => &["if_version", "get"],
+        "incr" | "decr" => &["by"],
+        "lpush" | "rpush" => &["value", "values"],
+        "lpop" | "rpop" => &["count"],
+        "expire" => &["ttl"],
+        _ => return None,
+    })
+}
+
 fn parse_op(v: Value) -> Result<Op, KvError> {
+    if let Value::Object(m) = &v
+        && let Some(Value::String(op)) = m.get("op")
+        && let Some(fields) = op_fields(op)
+        && let Some(k) = m
+            .keys()
+            .find(|k| !matches!(k.as_str(), "op" | "key") && !fields.contains(&k.as_str()))
+    {
+        return Err(KvError::InvalidParam(format!(
+            "`{op}` takes no `{k}` (it takes {})",
+            fields
+                .iter()
+                .map(|f| format!("`{f}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     let raw: RawOp =
         serde_json::from_value(v).map_err(|e| KvError::InvalidParam(format!("operation: {e}")))?;
     validate::key(&raw.key)?;
@@ -351,6 +384,11 @@ fn parse_op(v: Value) -> Result<Op, KvError> {
             if raw.nx && raw.xx {
                 return Err(KvError::InvalidParam(
                     "`nx` and `xx` exclude each other".into(),
+                ));
+            }
+            if raw.ttl.is_some() && raw.keep_ttl {
+                return Err(KvError::InvalidParam(
+                    "`ttl` and `keep_ttl` exclude each other".into(),
                 ));
             }
             Op::Set {

@@ -416,6 +416,26 @@ async fn batch_bodies_are_validated() {
     .await;
     let body = assert_error(&r, 400, "invalid_key");
     assert_eq!(body["index"], 0);
+    // A field that the operation does not take is refused, not ignored: a misplaced
+    // condition must not turn into a blind write.
+    for (i, op) in [
+        json!({"op": "incr", "key": "c", "if_version": 999}),
+        json!({"op": "rpush", "key": "l", "value": 1, "if_version": 3}),
+        json!({"op": "expire", "key": "a", "ttl": 5, "if_version": 3}),
+        json!({"op": "delete", "key": "a", "nx": true}),
+        json!({"op": "delete", "key": "a", "ttl": 5}),
+        json!({"op": "incr", "key": "c", "value": 5}),
+        json!({"op": "get", "key": "a", "if_version": 1}),
+        json!({"op": "set", "key": "a", "value": 1, "ttl": 5, "keep_ttl": true}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ops = vec![json!({"op": "set", "key": "ok", "value": 1}), op.clone()];
+        let r = batch(&api, json!({ "operations": ops })).await;
+        let body = assert_error(&r, 400, "invalid_param");
+        assert_eq!(body["index"], 1, "case {i}: {op}");
+    }
     assert_eq!(api.ns_version(None).await, 0);
 }
 

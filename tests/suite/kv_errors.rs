@@ -274,6 +274,21 @@ async fn not_found_and_path_not_found() {
     assert_error(&api.get("/v1/kv/k/frob").await, 404, "not_found");
     let r = api.delete("/v1/kv").await;
     assert_error(&r, 405, "method_not_allowed");
+    // A known action with the other method is 405 too, naming the one it takes.
+    let r = api.post_empty("/v1/kv/k/len").await;
+    assert_error(&r, 405, "method_not_allowed");
+    assert_eq!(r.headers.get("allow").unwrap(), "GET");
+    let r = api.get("/v1/kv/k/incr").await;
+    assert_error(&r, 405, "method_not_allowed");
+    assert_eq!(r.headers.get("allow").unwrap(), "POST");
+    // An empty key is an invalid key, not an unknown route.
+    assert_error(&api.put("/v1/kv/", &json!(1)).await, 400, "invalid_key");
+    assert_error(&api.get("/v1/kv/").await, 400, "invalid_key");
+    // Path parameters that are not UTF-8 get a JSON error like any other.
+    assert_error(&api.get("/v1/kv/a%FFb").await, 400, "invalid_key");
+    assert_error(&api.get("/v1/kv/k/%FF").await, 400, "invalid_param");
+    assert_error(&api.get("/v1/files/a%FFb").await, 400, "invalid_path");
+    assert_error(&api.delete("/v1/files/a%FFb").await, 400, "invalid_path");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

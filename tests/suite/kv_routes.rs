@@ -856,6 +856,36 @@ async fn watch_answers_a_deletion() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_of_a_missing_key_reports_a_deletion_only_when_the_namespace_moved_on() {
+    let d = Daemon::start().await;
+    let api = d.api();
+    ok(&api.put("/v1/kv/k", &json!(1)).await, 201);
+    ok(&api.delete("/v1/kv/k").await, 200);
+    ok(&api.put("/v1/kv/other", &json!(1)).await, 201);
+    // The caller last saw `k` at version 1; it was deleted since: answered at once.
+    let r = watch(&api, "/v1/kv/k/watch?after_version=1&timeout_s=10").await;
+    let body = ok(&r, 200);
+    assert_eq!(body, json!({"key": "k", "deleted": true, "version": 3}));
+    // Resumed from that answer, the watch waits (no loop answering `deleted` at once)...
+    let r = watch(&api, "/v1/kv/k/watch?after_version=3&timeout_s=1").await;
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    // ...and so does a key that never existed, with a version beyond the namespace's.
+    let r = watch(&api, "/v1/kv/never/watch?after_version=100&timeout_s=1").await;
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    // A resumed watch still sees the key come back.
+    let w = api.clone();
+    let handle =
+        tokio::spawn(async move { watch(&w, "/v1/kv/k/watch?after_version=3&timeout_s=15").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ok(&api.put("/v1/kv/k", &json!("again")).await, 201);
+    let r = tokio::time::timeout(Duration::from_secs(5), handle)
+        .await
+        .expect("the resumed watch did not wake on the new key")
+        .unwrap();
+    assert_eq!(ok(&r, 200)["value"], "again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watch_timeout_is_at_most_300() {
     let d = Daemon::start().await;
     let api = d.api();

@@ -147,6 +147,9 @@ async fn assert_waiting(p: &mut Pair, before: &BTreeMap<String, Vec<u8>>, a_inst
     let s = owner_status(&p.b).await;
     assert_eq!(s["state"], "waiting", "{s}");
     assert_eq!(p.b.api().get("/v1/kv/k").await.status, 503);
+    // Metrics answer while it starts: that is when an operator looks at them.
+    let m = p.b.api().get("/metrics").await;
+    assert_eq!(m.status, 200, "{}", String::from_utf8_lossy(&m.body));
     assert_eq!(&p.objects().await, before, "B (or A) wrote to the remote");
     assert_eq!(p.owner().await["instance"], a_instance);
     let log = p.b.log();
