@@ -64,6 +64,18 @@ pub struct RoundStats {
     pub duration_ms: u64,
 }
 
+impl RoundStats {
+    /// What two rounds did together.
+    fn plus(self, o: RoundStats) -> RoundStats {
+        RoundStats {
+            files_uploaded: self.files_uploaded + o.files_uploaded,
+            files_deleted: self.files_deleted + o.files_deleted,
+            bytes_uploaded: self.bytes_uploaded + o.bytes_uploaded,
+            duration_ms: self.duration_ms + o.duration_ms,
+        }
+    }
+}
+
 /// The sync part of `GET /v1/status`.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SyncStatus {
@@ -164,6 +176,21 @@ fn remove_under<V>(map: &mut BTreeMap<String, V>, under: &str) -> Vec<String> {
     doomed
 }
 
+/// Whether `set` holds a parent directory of `path`, or a path below it.
+fn clashes(set: &BTreeSet<&str>, path: &str) -> bool {
+    let parent_in_set = Path::new(path)
+        .ancestors()
+        .skip(1)
+        .filter_map(|a| a.to_str())
+        .any(|a| !a.is_empty() && set.contains(a));
+    let below = format!("{path}/");
+    parent_in_set
+        || set
+            .range(below.as_str()..)
+            .next()
+            .is_some_and(|q| q.starts_with(&below))
+}
+
 fn remove_under_set(set: &mut BTreeSet<String>, under: &str) {
     if under.is_empty() {
         set.clear();
@@ -224,6 +251,8 @@ pub struct SyncEngine {
     available: bool,
     skipped: u64,
     first_round: Option<oneshot::Sender<()>>,
+    /// A round left files for a second one (they replace paths it deleted).
+    again: bool,
 }
 
 impl SyncEngine {
@@ -291,6 +320,7 @@ impl SyncEngine {
             available: true,
             skipped: 0,
             first_round: Some(first_tx),
+            again: false,
             config,
         };
         Ok((engine, SyncHandle { tx: cmd_tx, status }, first_rx))
@@ -462,7 +492,13 @@ impl SyncEngine {
     async fn round_and_reply(&mut self) -> bool {
         let waiters = std::mem::take(&mut self.waiters);
         let confirm = waiters.iter().any(|(c, _)| *c);
-        let result = self.round(confirm).await;
+        let mut result = self.round(confirm).await;
+        if let Ok(first) = &result
+            && std::mem::take(&mut self.again)
+        {
+            let first = *first;
+            result = self.round(confirm).await.map(|second| first.plus(second));
+        }
         if let Some(tx) = self.first_round.take() {
             let _ = tx.send(());
         }
@@ -816,6 +852,39 @@ impl SyncEngine {
             self.hold = None;
         }
 
+        // A file that takes the place of a directory of the old manifest, or the reverse
+        // (`y` replaced by `y/z`): an object store or a `dir` remote may refuse the new
+        // key while the old object exists. Such an old path is replaced, not deleted, so
+        // no guard holds it; the new file is uploaded by a second round once the old
+        // object is gone, before anyone waiting is answered.
+        if let Some(hold) = &mut self.hold {
+            let new: BTreeSet<&str> = candidates.iter().map(|(p, _)| p.as_str()).collect();
+            let replaced: Vec<String> = hold
+                .paths
+                .iter()
+                .filter(|p| clashes(&new, p))
+                .cloned()
+                .collect();
+            for p in replaced {
+                hold.paths.remove(&p);
+                next.files.remove(&p);
+                gone.push(p);
+            }
+            if hold.paths.is_empty() {
+                self.hold = None;
+            }
+        }
+        if !gone.is_empty() {
+            let old: BTreeSet<&str> = gone.iter().map(String::as_str).collect();
+            let (later, now): (Vec<_>, Vec<_>) =
+                candidates.into_iter().partition(|(p, _)| clashes(&old, p));
+            candidates = now;
+            for (p, _) in later {
+                self.pending.insert(p);
+                self.again = true;
+            }
+        }
+
         // A directory holding anything mirrored is not empty.
         let occupied: Vec<String> = next
             .files
@@ -1086,6 +1155,88 @@ mod tests {
         assert_eq!(f.remote.refused.load(Ordering::SeqCst), 3);
         f.stop.cancel();
         f.task.await.unwrap();
+    }
+
+    /// The workspace files in the remote, by path.
+    async fn mirrored(f: &Fixture) -> BTreeMap<String, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        for o in crate::remote::list_all(f.remote.as_ref(), "")
+            .await
+            .unwrap()
+        {
+            if let Some((_, rel)) = o.key.split_once("/workspace/files/") {
+                let data = f.remote.get_bytes(&o.key).await.unwrap().unwrap();
+                out.insert(rel.to_string(), data.to_vec());
+            }
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_swapped_with_a_directory_reaches_the_remote_even_while_deletes_are_held() {
+        let f = engine().await;
+        std::fs::create_dir_all(f.ws.join("many")).unwrap();
+        for i in 0..120 {
+            std::fs::write(f.ws.join(format!("many/m{i}")), "m").unwrap();
+        }
+        std::fs::write(f.ws.join("y"), "old y").unwrap();
+        std::fs::create_dir_all(f.ws.join("d")).unwrap();
+        std::fs::write(f.ws.join("d/a"), "old d/a").unwrap();
+        f.handle.sync(false).await.unwrap();
+        // A mass deletion is held; meanwhile `y` becomes a directory and `d` a file.
+        std::fs::remove_dir_all(f.ws.join("many")).unwrap();
+        std::fs::remove_file(f.ws.join("y")).unwrap();
+        std::fs::create_dir_all(f.ws.join("y")).unwrap();
+        std::fs::write(f.ws.join("y/z"), "new work").unwrap();
+        std::fs::remove_dir_all(f.ws.join("d")).unwrap();
+        std::fs::write(f.ws.join("d"), "d is a file").unwrap();
+        let stats = tokio::time::timeout(Duration::from_secs(20), f.handle.sync(false))
+            .await
+            .expect("the sync finished")
+            .unwrap();
+        assert_eq!(
+            (stats.files_uploaded, stats.files_deleted),
+            (2, 2),
+            "{stats:?}"
+        );
+        let s = f.handle.status();
+        assert_eq!(s.held_deletes, 120, "{s:?}");
+        assert!(!s.degraded && s.last_error.is_none(), "{s:?}");
+        let remote = mirrored(&f).await;
+        assert_eq!(remote.get("y/z").map(Vec::as_slice), Some(&b"new work"[..]));
+        assert_eq!(
+            remote.get("d").map(Vec::as_slice),
+            Some(&b"d is a file"[..])
+        );
+        assert!(!remote.contains_key("y") && !remote.contains_key("d/a"));
+        assert_eq!(
+            remote.keys().filter(|k| k.starts_with("many/")).count(),
+            120
+        );
+        // Without a hold, a swap is just as clean: no failed upload on the way.
+        std::fs::remove_dir_all(f.ws.join("y")).unwrap();
+        std::fs::write(f.ws.join("y"), "y again").unwrap();
+        f.handle.sync(true).await.unwrap();
+        let s = f.handle.status();
+        assert!(!s.degraded && s.last_error.is_none(), "{s:?}");
+        let remote = mirrored(&f).await;
+        assert_eq!(remote.get("y").map(Vec::as_slice), Some(&b"y again"[..]));
+        assert_eq!(remote.keys().filter(|k| k.starts_with("many/")).count(), 0);
+        f.stop.cancel();
+        f.task.await.unwrap();
+    }
+
+    #[test]
+    fn clashes_finds_parents_and_children_only() {
+        let set: BTreeSet<&str> = ["a/b", "c", "e/f/g"].into_iter().collect();
+        assert!(clashes(&set, "a")); // a/b is below a
+        assert!(clashes(&set, "c/d")); // c is a parent
+        assert!(clashes(&set, "e/f")); // e/f/g is below
+        assert!(clashes(&set, "e/f/g/h/i"));
+        assert!(!clashes(&set, "a/b")); // the same path is a replacement in place
+        assert!(!clashes(&set, "a/bc"));
+        assert!(!clashes(&set, "ab"));
+        assert!(!clashes(&set, "cd"));
     }
 
     #[test]
