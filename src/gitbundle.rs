@@ -997,10 +997,18 @@ pub struct GitBundler {
     last: Mutex<HashMap<String, [u8; 32]>>,
     /// One pass at a time.
     running: tokio::sync::Mutex<()>,
+    /// The workspace mirror, whose delete guards bundle pruning follows.
+    mirror: Option<crate::sync::SyncHandle>,
 }
 
 impl GitBundler {
-    pub fn new(config: &Config, remote: Arc<dyn Remote>, metrics: Arc<Metrics>) -> Self {
+    /// `mirror`: the workspace mirror; without one, bundles are never pruned.
+    pub fn new(
+        config: &Config,
+        remote: Arc<dyn Remote>,
+        metrics: Arc<Metrics>,
+        mirror: Option<crate::sync::SyncHandle>,
+    ) -> Self {
         let root = std::fs::canonicalize(&config.workspace)
             .or_else(|_| std::path::absolute(&config.workspace))
             .unwrap_or_else(|_| config.workspace.clone());
@@ -1012,6 +1020,7 @@ impl GitBundler {
             interval: config.git.interval.0,
             last: Mutex::new(HashMap::new()),
             running: tokio::sync::Mutex::new(()),
+            mirror,
         }
     }
 
@@ -1063,25 +1072,50 @@ impl GitBundler {
         Ok(round)
     }
 
-    /// Deletes the bundles of repositories that are gone from the workspace.
+    /// Deletes the bundles of repositories that this daemon bundled and that are gone
+    /// from the workspace, under the mirror's delete guards: not while the workspace
+    /// is unavailable, while the mirror holds deletions back (an emptied workspace, a
+    /// mass deletion, files of a new state directory missing here), or before it has
+    /// caught up with the tree. A bundle is often the only copy of commits and of
+    /// ignored tracked files, so one that this daemon never wrote (a repository missing
+    /// from a new sandbox's workspace) is never deleted.
     async fn prune(&self, repos: &[RepoDir]) {
-        let objects = match remote::list_all(self.remote.as_ref(), &self.prefix).await {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list git bundles");
-                return;
-            }
+        let Some(mirror) = &self.mirror else {
+            return;
         };
-        let wanted: Vec<(String, String)> = repos.iter().map(|r| self.keys(r)).collect();
-        let stale: Vec<String> = objects
-            .into_iter()
-            .map(|o| o.key)
-            .filter(|k| k.ends_with(".bundle") || k.ends_with(".json"))
-            .filter(|k| !wanted.iter().any(|(b, j)| b == k || j == k))
-            .collect();
-        if stale.is_empty() {
+        let gone: Vec<String> = {
+            let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            last.keys()
+                .filter(|repo| !repos.iter().any(|r| &r.repo == *repo))
+                .cloned()
+                .collect()
+        };
+        if gone.is_empty() {
             return;
         }
+        let s = mirror.status();
+        if !s.workspace_available
+            || s.held_deletes > 0
+            || s.pending_files > 0
+            || s.full_rescan_pending
+        {
+            tracing::debug!(
+                repos = ?gone,
+                "bundles of repositories that are gone are kept while the workspace mirror holds deletions back or catches up"
+            );
+            return;
+        }
+        let stale: Vec<String> = gone
+            .iter()
+            .flat_map(|repo| {
+                let stem = if repo == "." {
+                    ROOT_STEM
+                } else {
+                    repo.as_str()
+                };
+                ["bundle", "json"].map(|ext| format!("{}{stem}.{ext}", self.prefix))
+            })
+            .collect();
         match self.remote.delete_many(&stale).await {
             Ok(()) => {
                 tracing::info!(

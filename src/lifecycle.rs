@@ -291,6 +291,7 @@ pub async fn run(
         &config,
         remote.clone(),
         metrics.clone(),
+        Some(sync.clone()),
     ));
     let (replicator, replica) = Replicator::new(
         kv.clone(),

@@ -253,6 +253,12 @@ pub struct SyncEngine {
     first_round: Option<oneshot::Sender<()>>,
     /// A round left files for a second one (they replace paths it deleted).
     again: bool,
+    /// The state directory had no manifest of its own: the first full round keeps
+    /// what the tree lacks (see `round_inner`).
+    first_of_new_state: bool,
+    /// The remote manifest was read at start (or found missing): until then no round
+    /// may publish one.
+    manifest_adopted: bool,
 }
 
 impl SyncEngine {
@@ -321,6 +327,8 @@ impl SyncEngine {
             skipped: 0,
             first_round: Some(first_tx),
             again: false,
+            first_of_new_state: false,
+            manifest_adopted: false,
             config,
         };
         Ok((engine, SyncHandle { tx: cmd_tx, status }, first_rx))
@@ -368,7 +376,7 @@ impl SyncEngine {
     /// Adopts the remote manifest when it is newer than the cached one (a new state
     /// directory, or another daemon wrote since). Runs when the engine starts, after
     /// any restore, so the first round compares the tree with what the remote holds.
-    async fn adopt_remote_manifest(&mut self) {
+    async fn adopt_remote_manifest(&mut self) -> Result<(), SyncError> {
         match self.remote.get_bytes(&self.keys.manifest()).await {
             Ok(Some(bytes)) => match serde_json::from_slice::<Manifest>(&bytes) {
                 Ok(m) if m.generation > self.manifest.generation => {
@@ -396,14 +404,24 @@ impl SyncEngine {
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read the remote manifest; using the local cache")
+                // A round now would publish a manifest that does not know what the
+                // remote one names: the rounds wait for it (retried with backoff).
+                self.metrics.remote_error(e.op());
+                return Err(SyncError::Remote(format!(
+                    "cannot read the remote manifest: {e}"
+                )));
             }
         }
+        self.manifest_adopted = true;
+        Ok(())
     }
 
     /// Runs until `stop` fires.
     pub async fn run(mut self, stop: CancellationToken) {
-        self.adopt_remote_manifest().await;
+        self.first_of_new_state = self.manifest.generation == 0;
+        if let Err(e) = self.adopt_remote_manifest().await {
+            tracing::warn!(error = %e, "the first round waits for the remote manifest");
+        }
         self.start_watching();
         let mut force = true; // the startup reconcile
         let mut poll_tick = tokio::time::interval(self.config.watch.poll_interval.0);
@@ -644,7 +662,8 @@ impl SyncEngine {
             generation: self.manifest.generation,
             files: self.manifest.files.len() as u64,
             bytes: self.manifest.total_bytes(),
-            held_deletes: self.hold.as_ref().map_or(0, |h| h.paths.len() as u64),
+            held_deletes: self.hold.as_ref().map_or(0, |h| h.paths.len() as u64)
+                + self.protected.len() as u64,
             skipped_files: self.skipped,
         };
         self.metrics.sync_gauges(
@@ -688,6 +707,9 @@ impl SyncEngine {
             "sync round starts"
         );
         self.root_available()?;
+        if !self.manifest_adopted {
+            self.adopt_remote_manifest().await?;
+        }
         let full = std::mem::take(&mut self.full_rescan);
         let paths = std::mem::take(&mut self.pending);
         self.debouncer.taken();
@@ -772,6 +794,33 @@ impl SyncEngine {
             self.skipped = obs.skipped.total();
         }
         next.symlinks.extend(obs.symlinks.clone());
+        // A new state directory whose workspace was not restored (it had content): what
+        // the remote mirror holds and this tree lacks was never here, so its absence is
+        // no deletion. It stays in remote storage, like entries a restore could not
+        // write, until it appears here or a sync confirms deletions.
+        if full && std::mem::take(&mut self.first_of_new_state) {
+            let missing: Vec<String> = gone
+                .iter()
+                .cloned()
+                .chain(
+                    self.manifest
+                        .symlinks
+                        .keys()
+                        .filter(|p| !obs.symlinks.contains_key(*p))
+                        .cloned(),
+                )
+                .collect();
+            if !missing.is_empty() && !confirm {
+                tracing::warn!(
+                    entries = missing.len(),
+                    "a new state directory: the workspace lacks entries of the remote mirror; they stay in remote storage (POST /v1/sync with confirm_deletes deletes them)"
+                );
+                self.protected.extend(missing);
+            }
+        }
+        if confirm {
+            self.protected.clear();
+        }
         if !self.protected.is_empty() {
             self.protected
                 .retain(|p| !obs.files.contains_key(p) && !obs.symlinks.contains_key(p));
@@ -1066,18 +1115,30 @@ mod tests {
 
     async fn engine() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let ws = dir.path().join("ws");
+        let inner = Arc::new(DirRemote::new(&dir.path().join("remote")).unwrap());
+        let remote = Arc::new(FlakyRemote::new(inner));
+        engine_in(dir, "", remote, |_| {}).await
+    }
+
+    /// An engine on `<dir>/<name>ws` with the state directory `<dir>/<name>state`;
+    /// `before_run` sees the workspace before the engine starts.
+    async fn engine_in(
+        dir: tempfile::TempDir,
+        name: &str,
+        remote: Arc<FlakyRemote>,
+        before_run: impl FnOnce(&Path),
+    ) -> Fixture {
+        let ws = dir.path().join(format!("{name}ws"));
         std::fs::create_dir_all(&ws).unwrap();
         let mut config = Config {
             workspace: ws.clone(),
-            state_dir: dir.path().join("state"),
+            state_dir: dir.path().join(format!("{name}state")),
             ..Config::default()
         };
         std::fs::create_dir_all(&config.state_dir).unwrap();
         config.sync.debounce_min = crate::config::HumanDuration::millis(100);
         config.sync.debounce_max = crate::config::HumanDuration::millis(500);
-        let inner = Arc::new(DirRemote::new(&dir.path().join("remote")).unwrap());
-        let remote = Arc::new(FlakyRemote::new(inner));
+        before_run(&ws);
         let (engine, handle, _first) =
             SyncEngine::new(Arc::new(config), remote.clone(), Arc::new(Metrics::new()))
                 .await
@@ -1092,6 +1153,57 @@ mod tests {
             stop,
             task,
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_state_directory_keeps_what_its_tree_lacks_and_waits_for_the_manifest() {
+        let f = engine().await;
+        for name in ["a", "b", "c"] {
+            std::fs::write(f.ws.join(name), name).unwrap();
+        }
+        f.handle.sync(false).await.unwrap();
+        f.stop.cancel();
+        f.task.await.unwrap();
+        // A new sandbox: new state directory, a workspace with other content, and the
+        // remote manifest unreadable for a moment when the engine starts.
+        let remote = f.remote.clone();
+        remote.fail_next_of("get", 2);
+        let g = engine_in(f._dir, "new-", remote, |ws| {
+            std::fs::write(ws.join("x"), "x").unwrap();
+        })
+        .await;
+        let stats = tokio::time::timeout(Duration::from_secs(20), g.handle.sync(false))
+            .await
+            .expect("the sync finished")
+            .unwrap();
+        assert_eq!(
+            (stats.files_uploaded, stats.files_deleted),
+            (1, 0),
+            "{stats:?}"
+        );
+        assert_eq!(g.handle.status().held_deletes, 3);
+        let remote = mirrored(&g).await;
+        assert_eq!(
+            remote.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["a", "b", "c", "x"]
+        );
+        let manifest = Keys::new(&Config::default()).manifest();
+        let m: Manifest =
+            serde_json::from_slice(&g.remote.get_bytes(&manifest).await.unwrap().unwrap()).unwrap();
+        assert_eq!(m.files.keys().collect::<Vec<_>>(), ["a", "b", "c", "x"]);
+        // A file that turns up again is mirrored as usual; a confirming sync deletes the rest.
+        std::fs::write(g.ws.join("a"), "a2").unwrap();
+        g.handle.sync(false).await.unwrap();
+        assert_eq!(g.handle.status().held_deletes, 2);
+        g.handle.sync(true).await.unwrap();
+        let remote = mirrored(&g).await;
+        assert_eq!(
+            remote.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["a", "x"]
+        );
+        assert_eq!(remote["a"], b"a2");
+        g.stop.cancel();
+        g.task.await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use sandkeep::gitbundle::{self, HeadMeta};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::util::fs::{git, git_raw, write};
 use crate::util::{Daemon, ok};
@@ -434,8 +434,10 @@ async fn unborn_empty_and_detached_repos_in_subdirectories() {
     assert_eq!(unborn_status["dirty"], 1);
     assert_eq!(unborn_status["untracked"], 1);
 
-    // A repository that disappears loses its bundle at the next pass.
+    // A repository that disappears loses its bundle at the next pass once the mirror
+    // has seen it go (a sync makes sure of that).
     std::fs::remove_dir_all(ws.join("empty")).unwrap();
+    ok(&d.api().post("/v1/sync", &serde_json::json!({})).await, 200);
     let body = post_bundle(&d).await;
     assert_eq!(body["bundles"].as_array().unwrap().len(), 2, "{body}");
     assert!(!bundle_path(&d, "empty").exists());
@@ -480,6 +482,88 @@ async fn periodic_bundles_follow_changes_only() {
     git(&repo, &["commit", "-q", "-am", "two"]);
     let status = ok(&d.api().get("/v1/status").await, 200);
     assert_eq!(status["git"][0]["unpushed"], 1, "{status}");
+}
+
+/// Empties `dir` (its `.git` too), leaving the directory itself.
+fn empty_dir(dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p).unwrap();
+        } else {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_are_deleted_only_as_the_mirror_deletes_files() {
+    let mut d = Daemon::prepare(NO_PERIODIC);
+    let ws = d.workspace.clone();
+    for repo in [ws.clone(), ws.join("sub")] {
+        std::fs::create_dir_all(&repo).unwrap();
+        git(&repo, &["init", "-q"]);
+        write(&repo, "a.txt", "1\n");
+        git(&repo, &["add", "a.txt"]);
+        git(&repo, &["commit", "-q", "-m", "one"]);
+    }
+    write(&ws, "b.txt", "2\n");
+    d.spawn_and_wait().await;
+    let api = d.api();
+    ok(&api.post("/v1/sync", &json!({"timeout_s": 30})).await, 200);
+    assert!(bundle_path(&d, "workspace").exists() && bundle_path(&d, "sub").exists());
+
+    // A repository deleted as any directory is: its bundle goes with its files.
+    std::fs::remove_dir_all(ws.join("sub")).unwrap();
+    ok(&api.post("/v1/sync", &json!({"timeout_s": 30})).await, 200);
+    post_bundle(&d).await;
+    assert!(
+        !bundle_path(&d, "sub").exists(),
+        "the bundle of a deleted repo stays"
+    );
+    assert!(bundle_path(&d, "workspace").exists());
+
+    // An emptied workspace: the mirror holds the deletion, and so does the bundler.
+    empty_dir(&ws);
+    ok(&api.post("/v1/sync", &json!({"timeout_s": 30})).await, 200);
+    let status = ok(&api.get("/v1/status").await, 200);
+    assert!(
+        status["sync"]["held_deletes"].as_u64() > Some(0),
+        "{status}"
+    );
+    post_bundle(&d).await;
+    assert!(
+        bundle_path(&d, "workspace").exists(),
+        "an emptied workspace deleted the bundle; log:\n{}",
+        d.log()
+    );
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+
+    // A new sandbox whose workspace is not empty (a template file): nothing is
+    // restored, and nothing of the conversation is deleted either.
+    d.become_new_sandbox();
+    write(&d.workspace, "README.md", "template\n");
+    d.spawn_and_wait().await;
+    let api = d.api();
+    ok(&api.post("/v1/sync", &json!({"timeout_s": 30})).await, 200);
+    post_bundle(&d).await;
+    assert!(bundle_path(&d, "workspace").exists(), "log:\n{}", d.log());
+    let status = ok(&api.get("/v1/status").await, 200);
+    assert_eq!(status["sync"]["held_deletes"], 2, "{status}");
+    let files = d.remote.join("conversations/u1/c1/workspace/files");
+    for f in ["a.txt", "b.txt", "README.md"] {
+        assert!(files.join(f).exists(), "{f} is not in the remote");
+    }
+    // A confirming sync lets the deletions through.
+    ok(
+        &api.post(
+            "/v1/sync",
+            &json!({"timeout_s": 30, "confirm_deletes": true}),
+        )
+        .await,
+        200,
+    );
+    assert!(!files.join("a.txt").exists() && files.join("README.md").exists());
 }
 
 /// Every file below `dir` with its size and mtime.

@@ -77,11 +77,8 @@ async fn invalid_key() {
         400,
         "invalid_key",
     );
-    // An empty key is not a route.
-    let r = api.put("/v1/kv/", &json!(1)).await;
-    assert!(r.status == 404 || r.status == 405, "{r:?}");
-    let b = r.json();
-    assert!(b["error"].is_string() && b["message"].is_string(), "{b}");
+    // An empty key is an invalid key.
+    assert_error(&api.put("/v1/kv/", &json!(1)).await, 400, "invalid_key");
     assert_eq!(ok(&api.get("/v1/kv").await, 200)["count"], 1);
 }
 
