@@ -1024,6 +1024,11 @@ impl GitBundler {
         }
     }
 
+    /// The workspace whose repositories are bundled.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The object keys of a repository's bundle and json.
     pub fn keys(&self, r: &RepoDir) -> (String, String) {
         (

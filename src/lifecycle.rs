@@ -36,6 +36,9 @@ use crate::sync::SyncEngine;
 
 /// How long in-flight requests may take to finish once the server stops.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most of `shutdown.deadline` (at most a fifth of it) kept from the final sync for
+/// what follows it: releasing the conversation, stopping the server and the tasks.
+const TAIL_RESERVE: Duration = Duration::from_secs(3);
 /// Write requests that may wait for the writer before new ones get `busy`.
 const WRITE_QUEUE: usize = 16_384;
 /// Longest wait for the startup reconcile round before the daemon reports ready anyway
@@ -465,12 +468,21 @@ pub async fn run(
     if let Err(e) = kv.drain().await {
         tracing::error!(error = %e, "the kv writer did not drain");
     }
+    // Everything below fits in `shutdown.deadline`: the final sync leaves a little of it
+    // for releasing the conversation and stopping the server and the tasks.
+    let deadline = config.shutdown.deadline.0;
+    let stop_by = tokio::time::Instant::now() + deadline;
+    let left = || {
+        stop_by
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(500))
+    };
     let code = if started {
         final_sync(
             &sync,
             &git,
             &replica,
-            config.shutdown.deadline.0,
+            deadline.saturating_sub((deadline / 5).min(TAIL_RESERVE)),
             &lifecycle.abort,
         )
         .await
@@ -481,10 +493,10 @@ pub async fn run(
         );
         EXIT_INCOMPLETE
     };
-    owner.release().await; // single writer: the next daemon may take over at once
+    owner.release(left()).await; // single writer: the next daemon may take over at once
 
     server_stop.cancel();
-    match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
+    match tokio::time::timeout(DRAIN_TIMEOUT.min(left()), &mut server).await {
         Ok(r) => r.context("server task")?.context("server")?,
         Err(_) => {
             tracing::warn!("requests still running after the drain timeout; closing them");
@@ -493,7 +505,16 @@ pub async fn run(
     }
     background_stop.cancel();
     tasks.close();
-    tasks.wait().await;
+    // A task inside a remote call that hangs (a server that accepts and never answers)
+    // would otherwise keep the daemon past its deadline until the client times out.
+    if tokio::time::timeout(DRAIN_TIMEOUT.min(left()), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "background tasks did not stop within the shutdown deadline (a remote call that hangs); leaving them"
+        );
+    }
     tokio::task::spawn_blocking(move || kv.close())
         .await
         .context("closing the kv store")?;
@@ -629,6 +650,11 @@ async fn final_sync(
                         tracing::warn!(repo = %f.repo, error = %f.error, "final sync: git bundle failed; retrying");
                     }
                 }
+                Err(e) if !git.root().exists() => {
+                    // Nothing to bundle, and waiting will not bring the workspace back.
+                    tracing::error!(error = %e, "final sync: git bundles: the workspace is missing");
+                    return;
+                }
                 Err(e) => tracing::warn!(error = %e, "final sync: git bundles failed; retrying"),
             }
             tokio::time::sleep(backoff.next_delay()).await;
@@ -721,7 +747,7 @@ pub fn serve(config: Config) -> anyhow::Result<u8> {
         .thread_name("sandkeep")
         .build()
         .context("cannot start the tokio runtime")?;
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let lifecycle = Arc::new(Lifecycle::default());
         let mut signals = signal_hook_tokio::Signals::new([
             signal_hook::consts::SIGTERM,
@@ -747,7 +773,10 @@ pub fn serve(config: Config) -> anyhow::Result<u8> {
         handle.close();
         watcher.abort();
         code
-    })
+    });
+    // Blocking work still running (a remote call that hangs) must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
 }
 
 #[cfg(test)]

@@ -270,9 +270,9 @@ impl Owner {
 
     /// Gives the conversation up at a clean shutdown, after the final sync: the fence
     /// closes for good and the owner object is rewritten with `lease_ms` 0, so the next
-    /// daemon takes over at once. Bounded (5 s); on failure the next daemon waits for
-    /// the lease instead.
-    pub async fn release(&self) {
+    /// daemon takes over at once. Bounded by `within` (at most 5 s); on failure the next
+    /// daemon waits for the lease instead.
+    pub async fn release(&self, within: Duration) {
         // Ends `run` first, so that a renewal in flight lets go of the state.
         self.ended.cancel();
         let work = async {
@@ -303,7 +303,10 @@ impl Owner {
                 ),
             }
         };
-        if tokio::time::timeout(RELEASE_TIMEOUT, work).await.is_err() {
+        if tokio::time::timeout(within.min(RELEASE_TIMEOUT), work)
+            .await
+            .is_err()
+        {
             self.fence
                 .revoke("this daemon released the conversation at shutdown");
             self.update_status(|s| s.state = OwnerState::Released);
@@ -793,7 +796,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!b_claim.is_finished());
         let released = Instant::now();
-        a.release().await;
+        a.release(Duration::from_secs(5)).await;
         assert_eq!(a.status().state, OwnerState::Released);
         assert!(fenced_write(&a, &env.remote).await.is_err());
         tokio::time::timeout(Duration::from_secs(2), a_run)
@@ -805,7 +808,7 @@ mod tests {
         let r = env.record().await;
         assert_eq!((r.instance.as_str(), r.epoch), (b.instance(), 2));
         // Releasing twice, or after losing, does nothing.
-        a.release().await;
+        a.release(Duration::from_secs(5)).await;
         assert_eq!(env.record().await.instance, b.instance());
     }
 

@@ -208,3 +208,49 @@ async fn a_sandbox_comes_back_exactly_s3_remote() {
     let s3 = S3Server::start().await;
     whole_life(Some(&s3)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_that_hangs_does_not_hold_the_stop_past_the_deadline() {
+    let mut s3 = S3Server::start().await;
+    let mut d = Daemon::prepare("[shutdown]\ndeadline = \"6s\"\n[git]\ninterval = \"0s\"\n");
+    s3.configure(&d);
+    d.spawn_and_wait().await;
+    std::fs::write(d.workspace.join("first.txt"), "1").unwrap();
+    ok(
+        &d.api().post("/v1/sync", &json!({"timeout_s": 30})).await,
+        200,
+    );
+    s3.hang().await;
+    std::fs::write(d.workspace.join("late.txt"), "2").unwrap();
+    ok(&d.api().put("/v1/kv/k", &json!(1)).await, 201);
+    let started = std::time::Instant::now();
+    let status = d.terminate();
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(75), "log:\n{}", d.log());
+    assert!(
+        took < Duration::from_secs(8),
+        "a 6 s deadline took {took:?}; log:\n{}",
+        d.log()
+    );
+    assert!(!d.socket.exists(), "the socket was left behind");
+    assert!(
+        d.log()
+            .contains("exiting before everything reached remote storage")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_workspace_ends_the_final_sync_without_waiting_for_the_deadline() {
+    let mut d = Daemon::prepare("[shutdown]\ndeadline = \"20s\"\n");
+    d.spawn_and_wait().await;
+    std::fs::remove_dir_all(&d.workspace).unwrap();
+    let started = std::time::Instant::now();
+    let status = d.terminate();
+    assert_eq!(status.code(), Some(75), "log:\n{}", d.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}; log:\n{}",
+        started.elapsed(),
+        d.log()
+    );
+}

@@ -152,21 +152,37 @@ impl S3Server {
         }
     }
 
-    /// Serves again on the same port, with the same data.
-    pub async fn restart(&mut self) {
+    /// Stops serving and, on the same port, accepts connections and never answers: a
+    /// server that hangs rather than refuses.
+    pub async fn hang(&mut self) {
         self.stop();
+        let listener = self.rebind().await;
+        let accept = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        self.tasks.lock().unwrap().push(accept.abort_handle());
+    }
+
+    async fn rebind(&self) -> TcpListener {
         let mut last = None;
         for _ in 0..50 {
             match TcpListener::bind(self.addr).await {
-                Ok(l) => {
-                    self.serve(l);
-                    return;
-                }
+                Ok(l) => return l,
                 Err(e) => last = Some(e),
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         panic!("cannot bind {} again: {last:?}", self.addr);
+    }
+
+    /// Serves again on the same port, with the same data.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let listener = self.rebind().await;
+        self.serve(listener);
     }
 
     /// Reads an object straight from the server's storage.
