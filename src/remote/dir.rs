@@ -51,6 +51,23 @@ impl DirRemote {
         Ok(self.root.join(rel))
     }
 
+    /// Creates the directory `parent` of an object, below a root that must exist: a
+    /// root that vanished (an unmounted volume) is an outage, not something to build
+    /// again with only the objects written from now on.
+    fn make_parent(&self, key: &str, parent: &Path) -> Result<(), RemoteError> {
+        if !self.root.is_dir() {
+            return Err(RemoteError::Transport {
+                op: "put",
+                key: key.into(),
+                message: format!(
+                    "the dir remote's root {} is missing (an unmounted volume?)",
+                    self.root.display()
+                ),
+            });
+        }
+        std::fs::create_dir_all(parent).map_err(|e| RemoteError::local("put", parent, e))
+    }
+
     fn write_atomic(
         &self,
         key: &str,
@@ -58,7 +75,7 @@ impl DirRemote {
     ) -> Result<(), RemoteError> {
         let dest = self.path_of("put", key)?;
         let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
-        std::fs::create_dir_all(&parent).map_err(|e| RemoteError::local("put", &parent, e))?;
+        self.make_parent(key, &parent)?;
         let tmp = tmp_beside(&parent);
         let result = (|| {
             let mut f =
@@ -265,9 +282,7 @@ impl Remote for DirRemote {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let dest = self.path_of("put", key)?;
         let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
-        tokio::fs::create_dir_all(&parent)
-            .await
-            .map_err(|e| RemoteError::local("put", &parent, e))?;
+        self.make_parent(key, &parent)?;
         let tmp = tmp_beside(&parent);
         let result = async {
             let mut f = tokio::fs::File::create(&tmp)
@@ -425,6 +440,31 @@ impl Remote for DirRemote {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_root_that_vanished_is_an_outage_not_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("mnt");
+        let remote = DirRemote::new(&root).unwrap();
+        remote
+            .put_bytes("a/b", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        std::fs::rename(&root, dir.path().join("away")).unwrap();
+        let err = remote
+            .put_bytes("a/c", Bytes::from_static(b"2"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RemoteError::Transport { .. }), "{err}");
+        let reader = Box::new(std::io::Cursor::new(b"3".to_vec()));
+        assert!(remote.put_stream("a/d", reader).await.is_err());
+        assert!(!root.exists(), "the root was built again");
+        std::fs::rename(dir.path().join("away"), &root).unwrap();
+        remote
+            .put_bytes("a/c", Bytes::from_static(b"2"))
+            .await
+            .unwrap();
+    }
 
     #[tokio::test]
     async fn names_of_255_bytes_are_stored_by_every_kind_of_put() {

@@ -83,10 +83,18 @@ impl Debouncer {
         self.deadline().is_some_and(|d| d <= now)
     }
 
-    /// A round took every pending change.
-    pub fn taken(&mut self) {
-        self.first_pending = None;
+    /// A round took every pending change; returns when the oldest of them arrived, for
+    /// [`Debouncer::not_taken`] (None when none was pending).
+    pub fn taken(&mut self) -> Option<Instant> {
         self.last_change = None;
+        self.first_pending.take()
+    }
+
+    /// The round that took the changes pending since `first` failed: they are pending
+    /// again, and the lag keeps counting from the oldest.
+    pub fn not_taken(&mut self, first: Instant) {
+        self.first_pending = Some(self.first_pending.map_or(first, |p| p.min(first)));
+        self.last_change.get_or_insert(first);
     }
 
     /// The current delay (for status and metrics), after calm-down.

@@ -712,12 +712,14 @@ impl SyncEngine {
         }
         let full = std::mem::take(&mut self.full_rescan);
         let paths = std::mem::take(&mut self.pending);
-        self.debouncer.taken();
+        let since = self.debouncer.taken().unwrap_or_else(Instant::now);
         let result = self.round_inner(confirm, full, &paths).await;
         if result.is_err() {
-            // Nothing is lost: look at the same paths again next time.
+            // Nothing is lost: look at the same paths again next time, and the lag
+            // (what an alert watches during an outage) keeps growing.
             self.full_rescan |= full;
             self.pending.extend(paths);
+            self.debouncer.not_taken(since);
         }
         let mut stats = result?;
         stats.duration_ms = started.elapsed().as_millis() as u64;
@@ -1228,6 +1230,8 @@ mod tests {
                 .is_some_and(|e| e.contains("injected")),
             "{s:?}"
         );
+        // The lag counts from the oldest change still waiting, through failed rounds.
+        assert!(s.lag_ms >= 1000, "{s:?}");
         assert!(
             f.remote.refused.load(Ordering::SeqCst) >= 2,
             "retried with backoff"
