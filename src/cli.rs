@@ -272,9 +272,23 @@ pub fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("sandkeep: {e:#}");
-            ExitCode::from(EXIT_ERROR)
+            if e.downcast_ref::<Usage>().is_some() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::from(EXIT_ERROR)
+            }
         }
     }
+}
+
+/// A bad argument, found before anything is asked of the daemon: exit 2, like the
+/// argument parser's own errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+fn usage(message: impl Into<String>) -> anyhow::Error {
+    Usage(message.into()).into()
 }
 
 fn init_logging(daemon: bool) {
@@ -308,7 +322,10 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
 fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Serve => {
-            let config = load_config(cli.config.as_deref())?;
+            let mut config = load_config(cli.config.as_deref())?;
+            if let Some(socket) = cli.socket {
+                config.socket = socket;
+            }
             crate::lifecycle::serve(config)
         }
         Command::Token(TokenCommand::Mint {
@@ -349,13 +366,16 @@ fn mint(
     ttl: Option<HumanDuration>,
     sub: Option<String>,
 ) -> anyhow::Result<u8> {
-    if config.auth.secret.is_empty() {
-        anyhow::bail!("no auth secret: set auth.secret in the config or SANDKEEP_AUTH_SECRET");
+    if config.auth.secret.len() < crate::config::MIN_AUTH_SECRET {
+        anyhow::bail!(
+            "auth.secret (or SANDKEEP_AUTH_SECRET) must be at least {} bytes, as the daemon requires",
+            crate::config::MIN_AUTH_SECRET
+        );
     }
     for n in ns {
         let name = n.strip_suffix('*').unwrap_or(n);
         if !(name.is_empty() && n == "*") {
-            crate::kv::validate::namespace(name).map_err(|e| anyhow::anyhow!("--ns {n}: {e}"))?;
+            crate::kv::validate::namespace(name).map_err(|e| usage(format!("--ns {n}: {e}")))?;
         }
     }
     let scopes = if scope.is_empty() {
@@ -363,11 +383,14 @@ fn mint(
     } else {
         scope
             .iter()
-            .map(|s| Scope::parse(s).ok_or_else(|| anyhow::anyhow!("unknown scope `{s}`")))
+            .map(|s| Scope::parse(s).ok_or_else(|| usage(format!("unknown scope `{s}`"))))
             .collect::<anyhow::Result<_>>()?
     };
     let max = config.auth.max_ttl.0;
     let ttl = ttl.map_or(max, |t| t.0);
+    if ttl < Duration::from_secs(1) {
+        return Err(usage("--ttl must be at least 1s"));
+    }
     if ttl > max {
         eprintln!(
             "sandkeep: --ttl {} exceeds auth.max_ttl; the token lives {}",
@@ -415,7 +438,9 @@ fn parse_value(text: &str, as_string: bool) -> anyhow::Result<Value> {
         return Ok(Value::String(text));
     }
     serde_json::from_str(&text).map_err(|e| {
-        anyhow::anyhow!("value is not JSON ({e}); quote it (e.g. '\"text\"') or pass --string")
+        usage(format!(
+            "value is not JSON ({e}); quote it (e.g. '\"text\"') or pass --string"
+        ))
     })
 }
 
@@ -458,8 +483,9 @@ async fn remote(client: &Client, command: Command) -> anyhow::Result<u8> {
     let reply = match command {
         Command::Status { ready: false } => client.get("/v1/status").await?,
         Command::Status { ready: true } => {
-            let r = client.get("/readyz").await?;
-            return Ok(if r.status == 200 { EXIT_OK } else { EXIT_ERROR });
+            // A probe: silent, whatever the answer (or none).
+            let ready = client.get("/readyz").await.is_ok_and(|r| r.status == 200);
+            return Ok(if ready { EXIT_OK } else { EXIT_ERROR });
         }
         Command::Snapshot { list: true } => client.get("/v1/snapshots").await?,
         Command::Snapshot { list: false } => {

@@ -20,6 +20,8 @@ pub const DEV_CONFIG: &str = include_str!("../config/dev.toml");
 
 /// Default path of the configuration file used by `serve`, `restore` and `token mint`.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/sandkeep/sandkeep.toml";
+/// The shortest `auth.secret` a daemon in token mode accepts (and `token mint` signs with).
+pub const MIN_AUTH_SECRET: usize = 16;
 
 /// Environment variables that start with `SANDKEEP_` but are not configuration keys.
 const NON_CONFIG_ENV: &[&str] = &[
@@ -31,10 +33,11 @@ const NON_CONFIG_ENV: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    // `error` (not `source`): it is part of the message, not a cause printed again.
+    #[error("cannot read config file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("invalid config {origin}: {message}")]
     Parse { origin: String, message: String },
@@ -407,9 +410,9 @@ impl Config {
         let env: Vec<(String, String)> = std::env::vars().collect();
         match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                let text = std::fs::read_to_string(p).map_err(|error| ConfigError::Read {
                     path: p.to_path_buf(),
-                    source,
+                    error,
                 })?;
                 Self::from_parts(&text, Source::File(p), &env)
             }
@@ -477,7 +480,7 @@ impl Config {
         if !self.remote.prefix.is_empty() && !self.remote.prefix.ends_with('/') {
             return Err(invalid("remote.prefix", "must end with `/` when set"));
         }
-        if self.auth.mode == AuthMode::Token && self.auth.secret.len() < 16 {
+        if self.auth.mode == AuthMode::Token && self.auth.secret.len() < MIN_AUTH_SECRET {
             return Err(invalid(
                 "auth.secret",
                 "auth.mode = \"token\" needs a secret of at least 16 bytes (or SANDKEEP_AUTH_SECRET)",

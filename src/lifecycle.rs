@@ -209,14 +209,40 @@ fn ensure_workspace(path: &Path) {
 }
 
 /// Removes the socket file on drop, if it is still ours.
-struct SocketGuard(PathBuf);
+struct SocketGuard {
+    path: PathBuf,
+    /// The identity of the socket file this daemon bound.
+    id: Option<(u64, u64, i64, i64)>,
+}
+
+/// Device, inode and change time: an inode number alone is soon reused.
+fn file_id(path: &Path) -> Option<(u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
+impl SocketGuard {
+    fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            id: file_id(path),
+        }
+    }
+}
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.0)
+        // Only the file this daemon bound: another daemon may have bound the path
+        // after someone removed ours.
+        if self.id.is_none() || file_id(&self.path) != self.id {
+            return;
+        }
+        if let Err(e) = std::fs::remove_file(&self.path)
             && e.kind() != std::io::ErrorKind::NotFound
         {
-            tracing::warn!(socket = %self.0.display(), error = %e, "cannot remove socket");
+            tracing::warn!(socket = %self.path.display(), error = %e, "cannot remove socket");
         }
     }
 }
@@ -235,6 +261,10 @@ pub async fn run(
         );
     }
     let _lock = lock_state_dir(&config.state_dir)?;
+    // The socket before anything is created in the state directory: a start that cannot
+    // serve (a socket path taken) leaves nothing behind that a corrected start trips on.
+    let listener = bind_socket(&config.socket, config.socket_mode_bits()?)?;
+    let _socket = SocketGuard::new(&config.socket);
     let env_key = std::env::var("SANDKEEP_KV_KEY").ok();
     let (cipher, source) =
         crypto::load_key(env_key.as_deref(), &config.kv.key_file, &config.state_dir)?;
@@ -304,9 +334,6 @@ pub async fn run(
         config.kv.replicate_delay.0,
         metrics.clone(),
     );
-
-    let listener = bind_socket(&config.socket, config.socket_mode_bits()?)?;
-    let _socket = SocketGuard(config.socket.clone());
 
     let state = AppState {
         config: config.clone(),
@@ -791,6 +818,23 @@ mod tests {
         assert!(err.contains("another sandkeep daemon"), "{err}");
         drop(first);
         assert!(lock_state_dir(dir.path()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_socket_guard_removes_only_the_socket_it_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let first = bind_socket(&path, 0o600).unwrap();
+        let guard = SocketGuard::new(&path);
+        // Someone removes our socket and another daemon binds the path.
+        std::fs::remove_file(&path).unwrap();
+        drop(first);
+        let _second = bind_socket(&path, 0o600).unwrap();
+        drop(guard);
+        assert!(path.exists(), "the other daemon's socket was removed");
+        let own = SocketGuard::new(&path);
+        drop(own);
+        assert!(!path.exists());
     }
 
     #[tokio::test]

@@ -413,13 +413,24 @@ async fn token_mint_prints_a_working_token() {
     let api = d.api_with_token(out.stdout.trim());
     assert_eq!(api.value_in(Some("app"), "k").await, Some(json!("minted")));
 
-    // Bad input.
-    let out = mint_cli(&d, &["--ns", "app", "--scope", "root"]);
-    assert_ne!(out.code, 0, "{out:?}");
-    let out = mint_cli(&d, &["--ns", "bad ns"]);
-    assert_ne!(out.code, 0, "{out:?}");
-    let out = mint_cli(&d, &[]);
-    assert_eq!(out.code, 2, "--ns is required: {out:?}");
+    // Bad arguments are usage errors (2).
+    for args in [
+        &["--ns", "app", "--scope", "root"][..],
+        &["--ns", "bad ns"],
+        &["--ns", "app", "--ttl", "0s"],
+        &[],
+    ] {
+        let out = mint_cli(&d, args);
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "{out:?}");
+    }
+    // A secret the daemon would refuse is refused here too.
+    let mut cmd = sandkeep_command();
+    cmd.env("SANDKEEP_AUTH_SECRET", "short")
+        .args(["token", "mint", "--ns", "app"]);
+    let out = run_bounded(cmd, None, Duration::from_secs(30));
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("at least 16 bytes"), "{out:?}");
     // The secret may come from SANDKEEP_AUTH_SECRET instead of the config (here the
     // embedded config, whose max_ttl is 24 h: --ttl keeps it under the daemon's 1 h).
     let mut cmd = sandkeep_command();

@@ -95,7 +95,10 @@ async fn exit_codes() {
 
     // 1: errors.
     let out = cli.run(&["kv", "set", "k", "{not json"]).await;
-    assert_eq!(out.code, 1, "invalid value: {out:?}");
+    assert_eq!(
+        out.code, 2,
+        "a value that is not JSON is a bad argument: {out:?}"
+    );
     assert!(!out.stderr.is_empty());
     let out = cli.run(&["kv", "incr", "k"]).await;
     assert_eq!(out.code, 1, "wrong_type: {out:?}");
@@ -105,7 +108,20 @@ async fn exit_codes() {
     let nobody = Cli::new(&d.root().join("nobody.sock"));
     let out = nobody.run(&["kv", "get", "k"]).await;
     assert_eq!(out.code, 1, "daemon not running: {out:?}");
-    assert!(!out.stderr.is_empty());
+    assert!(out.stderr.contains("No such file or directory"), "{out:?}");
+    // A probe says nothing, whatever happens.
+    let out = nobody.run(&["status", "--ready"]).await;
+    assert_eq!(
+        (out.code, out.stdout.as_str(), out.stderr.as_str()),
+        (1, "", ""),
+        "{out:?}"
+    );
+    let out = cli.run(&["status", "--ready"]).await;
+    assert_eq!(
+        (out.code, out.stdout.as_str(), out.stderr.as_str()),
+        (0, "", ""),
+        "{out:?}"
+    );
 
     // 2: usage.
     let out = cli.run(&["kv", "frobnicate", "k"]).await;
@@ -168,7 +184,7 @@ async fn lists() {
     let out = cli.run(&["kv", "len", "l"]).await;
     assert_eq!(out.json(), json!({"length": 0}));
     let out = cli.run(&["kv", "rpush", "l", "not-json"]).await;
-    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.code, 2, "{out:?}");
     let out = cli.run(&["kv", "lpush", "l"]).await;
     assert_eq!(out.code, 2, "values are required: {out:?}");
 }
@@ -389,4 +405,40 @@ async fn socket_and_token_from_environment_and_config() {
         .await;
     assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stderr.contains("forbidden"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_binds_the_socket_given_on_the_command_line() {
+    let d = crate::util::Daemon::prepare("");
+    let other = d.root().join("other.sock");
+    let log = d.log_path.clone();
+    let mut child = d
+        .serve_command(&[], &log)
+        .arg("--socket")
+        .arg(&other)
+        .spawn()
+        .unwrap();
+    let api = crate::util::Api::from(sandkeep::client::Client::new(&other, None));
+    let ready =
+        crate::util::poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+            let client = api.client.clone();
+            async move {
+                match client.request(hyper::Method::GET, "/readyz", None).await {
+                    Ok(r) if r.status == 200 => Some(()),
+                    _ => None,
+                }
+            }
+        })
+        .await;
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
+    let status = child.wait().unwrap();
+    assert!(
+        ready.is_some(),
+        "not ready on --socket; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(!d.socket.exists(), "the config's socket was bound");
+    assert_eq!(status.code(), Some(0));
 }

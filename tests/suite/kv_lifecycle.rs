@@ -287,6 +287,11 @@ async fn a_regular_file_at_the_socket_path_is_left_alone() {
     let status = status.unwrap_or_else(|| panic!("the daemon replaced a regular file:\n{out}"));
     assert!(!status.success());
     assert_eq!(std::fs::read_to_string(&d.socket).unwrap(), "not a socket");
+    // Nothing was created that a corrected start would trip on (a generated key that
+    // does not match the one configured next).
+    for made in ["kv.key", "sandkeep.redb"] {
+        assert!(!d.state_dir.join(made).exists(), "{made} created:\n{out}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
