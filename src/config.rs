@@ -59,6 +59,9 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct HumanDuration(pub Duration);
 
+/// The longest duration a configuration value may name (10 years).
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 impl HumanDuration {
     pub fn secs(s: u64) -> Self {
         Self(Duration::from_secs(s))
@@ -78,9 +81,16 @@ impl FromStr for HumanDuration {
         if s == "0" {
             return Ok(Self(Duration::ZERO));
         }
-        humantime::parse_duration(s)
-            .map(Self)
-            .map_err(|e| format!("`{s}` is not a duration such as \"500ms\", \"2s\", \"5m\": {e}"))
+        let d = humantime::parse_duration(s).map_err(|e| {
+            format!("`{s}` is not a duration such as \"500ms\", \"2s\", \"5m\": {e}")
+        })?;
+        // Longer is a typo, and deadlines computed from it would overflow.
+        if d > MAX_DURATION {
+            return Err(format!(
+                "`{s}` is longer than the longest duration allowed, 10 years"
+            ));
+        }
+        Ok(Self(d))
     }
 }
 
@@ -434,12 +444,16 @@ impl Config {
             origin: origin.clone(),
             message: e.to_string(),
         })?;
-        apply_env(&mut table, env)?;
-        let config: Config =
-            Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
-                origin,
-                message: e.to_string(),
-            })?;
+        let from_env = apply_env(&mut table, env)?;
+        let config: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let message = e.to_string();
+            // A value that came from the environment is blamed on its variable.
+            let origin = from_env
+                .iter()
+                .find(|(key, _)| message.contains(&format!("`{key}`")))
+                .map_or(origin, |(_, var)| format!("(environment variable {var})"));
+            ConfigError::Parse { origin, message }
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -480,6 +494,17 @@ impl Config {
         if !self.remote.prefix.is_empty() && !self.remote.prefix.ends_with('/') {
             return Err(invalid("remote.prefix", "must end with `/` when set"));
         }
+        let prefix = self.remote.prefix.trim_end_matches('/');
+        if !prefix.is_empty()
+            && prefix.split('/').any(|seg| {
+                seg.is_empty() || seg == "." || seg == ".." || seg.chars().any(char::is_control)
+            })
+        {
+            return Err(invalid(
+                "remote.prefix",
+                "must be `/`-separated names, with no empty, `.` or `..` segment and no control characters",
+            ));
+        }
         if self.auth.mode == AuthMode::Token && self.auth.secret.len() < MIN_AUTH_SECRET {
             return Err(invalid(
                 "auth.secret",
@@ -516,8 +541,9 @@ impl Config {
                 "must be at least 5 MiB (the S3 minimum part size)",
             ));
         }
-        if self.watch.poll_interval.is_zero() {
-            return Err(invalid("watch.poll_interval", "must be greater than 0"));
+        if self.watch.poll_interval.0 < Duration::from_millis(100) {
+            // Each poll rescans the whole tree.
+            return Err(invalid("watch.poll_interval", "must be at least 100ms"));
         }
         if self.snapshot.keep == 0 {
             return Err(invalid("snapshot.keep", "must be at least 1"));
@@ -572,7 +598,12 @@ pub fn validate_id(key: &str, id: &str) -> Result<(), ConfigError> {
 }
 
 /// Overlays `SANDKEEP_*` variables on `table`, typed by the schema's defaults.
-fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), ConfigError> {
+/// Overlays the `SANDKEEP_*` variables on `table`; returns which dotted key each one set.
+fn apply_env(
+    table: &mut toml::Table,
+    env: &[(String, String)],
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut applied = Vec::new();
     let defaults = match toml::Value::try_from(Config::default()) {
         Ok(toml::Value::Table(t)) => t,
         _ => unreachable!("Config always serializes to a table"),
@@ -587,6 +618,7 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), Co
         // Top-level key first (`SANDKEEP_STATE_DIR`), then `<section>_<key>`.
         if let Some(default) = defaults.get(&name).filter(|v| !v.is_table()) {
             let v = typed_env_value(&name, default, value)?;
+            applied.push((name.clone(), var.clone()));
             table.insert(name, v);
             continue;
         }
@@ -604,6 +636,7 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), Co
                     });
                 };
                 let v = typed_env_value(&dotted, default, value)?;
+                applied.push((dotted, var.clone()));
                 let entry = table
                     .entry(section.clone())
                     .or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -619,7 +652,7 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), Co
             }
         }
     }
-    Ok(())
+    Ok(applied)
 }
 
 fn typed_env_value(
@@ -761,6 +794,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sync.bogus"), "{err}");
+        // A value that parses as a string but is no valid duration or variant names
+        // its variable, not the file.
+        for (var, value, key) in [
+            ("SANDKEEP_SYNC_DEBOUNCE_MIN", "5x", "sync.debounce_min"),
+            ("SANDKEEP_RESTORE", "bogus", "restore"),
+        ] {
+            let err = Config::from_parts(
+                "",
+                Source::File(Path::new("/f.toml")),
+                &env(&[(var, value)]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains(var) && err.contains(key) && !err.contains("/f.toml"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn extreme_values_are_refused_by_name() {
+        for (text, key) in [
+            (
+                "[kv]\nreplicate_delay = \"100000000000y\"\n",
+                "replicate_delay",
+            ),
+            ("[git]\ninterval = \"11years\"\n", "interval"),
+            ("[watch]\npoll_interval = \"1ns\"\n", "watch.poll_interval"),
+            ("[remote]\nprefix = \"../escape/\"\n", "remote.prefix"),
+            ("[remote]\nprefix = \"a//b/\"\n", "remote.prefix"),
+        ] {
+            let err = Config::from_parts(text, Source::Embedded, &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        let c = Config::from_parts("[remote]\nprefix = \"team/a/\"\n", Source::Embedded, &[]);
+        assert!(c.is_ok(), "{c:?}");
     }
 
     #[test]

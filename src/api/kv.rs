@@ -48,7 +48,12 @@ fn finish(
 
 /// Body limit of single-key routes: room for a value at the limit, pretty-printed.
 fn value_body_limit(state: &AppState) -> u64 {
-    state.config.kv.max_value_bytes.saturating_mul(2) + 4096
+    state
+        .config
+        .kv
+        .max_value_bytes
+        .saturating_mul(2)
+        .saturating_add(4096)
 }
 
 async fn write_one(state: &AppState, ns: &str, op: Op) -> Result<Value, ApiError> {
