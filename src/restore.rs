@@ -427,7 +427,8 @@ pub async fn restore_workspace(
     let excluded = |rel: &str, is_dir: bool| rules.excluded_by_config(Path::new(rel), is_dir);
 
     if opts.force {
-        report.removed = remove_extras(&root, &rules, &manifest, &mut report.bad);
+        let doomed = extras(&root, &rules, &manifest);
+        report.removed = remove_paths(&root, &doomed, &mut report.bad);
     }
 
     // Repositories: the bundles' work trees first, the mirror's files over them.
@@ -471,6 +472,16 @@ pub async fn restore_workspace(
             }),
         }
     }
+
+    // What the bundles checked out and the manifest does not name: the bundles may be
+    // older than the manifest (written every `git.interval`), so these may be files
+    // deleted since. Looked at again once the manifest's files (its `.gitignore`s
+    // among them) are in place.
+    let from_bundles = if report.repos.is_empty() {
+        Vec::new()
+    } else {
+        extras(&root, &rules, &manifest)
+    };
 
     // Files, in parallel.
     let wanted: Vec<(&String, &FileEntry)> = manifest
@@ -537,6 +548,17 @@ pub async fn restore_workspace(
             }),
         }
     }
+    if !from_bundles.is_empty() {
+        // The manifest is the newer state: a file it does not name and that its rules
+        // would mirror was deleted after the bundle was written.
+        let rules = Rules::new(&root, &opts.exclude)
+            .map_err(|e| local("exclude patterns", io::Error::other(e)))?;
+        let deleted: Vec<String> = from_bundles
+            .into_iter()
+            .filter(|rel| !rules.is_ignored(Path::new(rel), false))
+            .collect();
+        report.removed += remove_paths(&root, &deleted, &mut report.bad);
+    }
     progress.finish();
     report.bad.sort_by(|a, b| a.path.cmp(&b.path));
     report.duration_ms = started.elapsed().as_millis() as u64;
@@ -563,10 +585,10 @@ fn restore_symlink(root: &Path, rel: &str, link: &str, force: bool) -> Result<()
     std::os::unix::fs::symlink(link, &dest).map_err(|e| format!("creating the symlink: {e}"))
 }
 
-/// Removes files and symlinks the manifest does not name (and that the mirror would
-/// carry: excluded and ignored entries and `.git` stay); returns how many.
-fn remove_extras(root: &Path, rules: &Rules, manifest: &Manifest, bad: &mut Vec<BadEntry>) -> u64 {
-    let mut removed = 0;
+/// The files and symlinks the manifest does not name and that the mirror would carry
+/// (excluded and ignored entries and `.git` are left out).
+fn extras(root: &Path, rules: &Rules, manifest: &Manifest) -> Vec<String> {
+    let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
     let keep_dirs: BTreeSet<&str> = manifest.empty_dirs.iter().map(String::as_str).collect();
     while let Some(rel_dir) = stack.pop() {
@@ -586,16 +608,25 @@ fn remove_extras(root: &Path, rules: &Rules, manifest: &Manifest, bad: &mut Vec<
                 }
                 continue;
             }
-            if manifest.files.contains_key(key) || manifest.symlinks.contains_key(key) {
-                continue;
+            if !manifest.files.contains_key(key) && !manifest.symlinks.contains_key(key) {
+                out.push(key.to_string());
             }
-            match fs::remove_file(e.path()) {
-                Ok(()) => removed += 1,
-                Err(err) => bad.push(BadEntry {
-                    path: key.to_string(),
-                    error: format!("removing: {err}"),
-                }),
-            }
+        }
+    }
+    out
+}
+
+/// Removes `paths` (relative to `root`); returns how many were removed.
+fn remove_paths(root: &Path, paths: &[String], bad: &mut Vec<BadEntry>) -> u64 {
+    let mut removed = 0;
+    for rel in paths {
+        match fs::remove_file(root.join(rel)) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => bad.push(BadEntry {
+                path: rel.clone(),
+                error: format!("removing: {err}"),
+            }),
         }
     }
     removed

@@ -411,3 +411,52 @@ async fn a_restore_waits_for_the_remote_and_a_stop_meanwhile_exits_75() {
     assert_eq!(git_state(&d.workspace), original_git);
     assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_deleted_after_the_last_bundle_stay_deleted() {
+    let mut d = Daemon::prepare(
+        "[sync]\ndebounce_min = \"200ms\"\ndebounce_max = \"1s\"\n\n[snapshot]\ninterval = \"0s\"\n\n[git]\ninterval = \"0s\"\n",
+    );
+    let ws = d.workspace.clone();
+    git(&ws, &["init", "-q"]);
+    write(&ws, "keep.txt", "keep\n");
+    write(&ws, "deleteme.txt", "old\n");
+    write(&ws, "local.cfg", "tracked but ignored\n");
+    git(&ws, &["add", "."]);
+    git(&ws, &["commit", "-q", "-m", "one"]);
+    write(&ws, ".gitignore", "local.cfg\n");
+    // A short lease: the new sandbox need not wait long for the killed daemon's claim.
+    d.set_env("SANDKEEP_REMOTE_LEASE", "2s");
+    d.spawn_and_wait().await;
+    // The bundle (and the manifest) of this state.
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    // Then a deletion the debounced mirror carries, but no bundle (git.interval off).
+    std::fs::remove_file(ws.join("deleteme.txt")).unwrap();
+    let manifest = d.remote.join(CONV).join("workspace/manifest.json");
+    let gone = crate::util::poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        let m = std::fs::read_to_string(&manifest).unwrap_or_default();
+        async move { (!m.is_empty() && !m.contains("deleteme.txt")).then_some(()) }
+    })
+    .await;
+    assert!(gone.is_some(), "the mirror never carried the deletion");
+    d.kill9();
+
+    d.become_new_sandbox();
+    d.spawn_and_wait().await;
+    let ws = d.workspace.clone();
+    assert!(
+        !ws.join("deleteme.txt").exists(),
+        "the stale bundle brought a deleted file back"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join("keep.txt")).unwrap(),
+        "keep\n"
+    );
+    // Ignored by the manifest's rules, so only the bundle has it: kept.
+    assert_eq!(
+        std::fs::read_to_string(ws.join("local.cfg")).unwrap(),
+        "tracked but ignored\n"
+    );
+    let status = git(&ws, &["status", "--porcelain"]);
+    assert!(status.contains(" D deleteme.txt"), "{status}");
+}
