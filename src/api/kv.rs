@@ -391,10 +391,20 @@ pub async fn list(State(state): State<AppState>, ctx: Ctx) -> Response {
     let result = async {
         ctx.query.allow(&["prefix", "limit", "cursor", "meta"])?;
         let ns = ctx.namespace(Scope::KvRead)?;
-        let limit = match ctx.query.u64("limit")? {
+        // Any larger count is clamped, however many digits it has.
+        let limit = match ctx.query.get("limit") {
             None => LIST_DEFAULT,
-            Some(0) => return Err(ApiError::invalid_param("`limit` must be at least 1")),
-            Some(n) => (n as usize).min(LIST_MAX),
+            Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
+                match v.trim_start_matches('0') {
+                    "" => return Err(ApiError::invalid_param("`limit` must be at least 1")),
+                    n => n.parse::<usize>().map_or(LIST_MAX, |n| n.min(LIST_MAX)),
+                }
+            }
+            Some(v) => {
+                return Err(ApiError::invalid_param(format!(
+                    "`limit` must be a positive integer, got `{v}`"
+                )));
+            }
         };
         let after = ctx
             .query

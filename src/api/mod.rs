@@ -96,6 +96,29 @@ pub fn router(state: AppState) -> Router {
 pub struct Query(Vec<(String, String)>);
 
 impl Query {
+    /// Parses a query string (`application/x-www-form-urlencoded`). A name or value
+    /// that does not decode to UTF-8 is refused, not turned into U+FFFD: `prefix=%FF`
+    /// must not quietly list keys that start with the replacement character.
+    pub fn parse(q: &str) -> Result<Self, ApiError> {
+        let decode = |raw: &str| {
+            let spaced = raw.replace('+', " ");
+            percent_encoding::percent_decode_str(&spaced)
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| {
+                    ApiError::invalid_param(format!(
+                        "query parameter `{raw}` is not valid UTF-8 once decoded"
+                    ))
+                })
+        };
+        let mut pairs = Vec::new();
+        for part in q.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            pairs.push((decode(k)?, decode(v)?));
+        }
+        Ok(Self(pairs))
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0
             .iter()
@@ -168,10 +191,7 @@ impl FromRequestParts<AppState> for Ctx {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let query = match parts.uri.query() {
-            Some(q) => Query(
-                serde_urlencoded::from_str(q)
-                    .map_err(|e| ApiError::invalid_param(format!("malformed query string: {e}")))?,
-            ),
+            Some(q) => Query::parse(q)?,
             None => Query::default(),
         };
         let header = parts

@@ -812,6 +812,10 @@ impl<'b, B: Backing> NsTxn<'b, B> {
                     .cloned()
                     .ok_or_else(|| KvError::NotFound(key.clone()))?;
                 let expires = ttl.map(|t| t.deadline(self.now_ms));
+                if expires.is_none() && rec.expires_ms.is_none() {
+                    // Clearing a TTL that is not there changes nothing (Redis PERSIST).
+                    return Ok(json!({"expires_at": null}));
+                }
                 self.put(key, rec.value, expires)?;
                 Ok(json!({"expires_at": expires.map(super::rfc3339)}))
             }

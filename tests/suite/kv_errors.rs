@@ -496,3 +496,34 @@ async fn chunked_bodies_within_the_limit_are_read() {
     assert_eq!(r.status, 201, "{r:?}");
     assert_eq!(d.api().value("k").await, Some(json!({"a": [1, 2]})));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn query_and_depth_edges() {
+    let d = Daemon::start().await;
+    let api = d.api();
+    ok(&api.put("/v1/kv/a", &json!(1)).await, 201);
+    // A limit of any size is clamped; zero and non-numbers are refused.
+    let r = api.get("/v1/kv?limit=100000000000000000000").await;
+    assert_eq!(ok(&r, 200)["count"], 1);
+    assert_error(&api.get("/v1/kv?limit=0").await, 400, "invalid_param");
+    assert_error(&api.get("/v1/kv?limit=-1").await, 400, "invalid_param");
+    // A query value that is not UTF-8 is refused, not read as U+FFFD.
+    ok(&api.put("/v1/kv/%EF%BF%BDx", &json!(1)).await, 201);
+    assert_error(&api.get("/v1/kv?prefix=%FF").await, 400, "invalid_param");
+    // Too deep is 422 in a batch as on the single-key route.
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let body = format!(r#"{{"operations": [{{"op": "set", "key": "d", "value": {deep}}}]}}"#);
+    let r = api
+        .raw(hyper::Method::POST, "/v1/kv/batch", body.as_bytes())
+        .await;
+    assert_error(&r, 422, "invalid_value");
+    let r = api
+        .raw(hyper::Method::PUT, "/v1/kv/d", deep.as_bytes())
+        .await;
+    assert_error(&r, 422, "invalid_value");
+    // Clearing a TTL the key does not have changes nothing.
+    let before = api.ns_version(None).await;
+    let r = api.post("/v1/kv/a/expire", &json!({"ttl": 0})).await;
+    assert_eq!(ok(&r, 200), json!({"expires_at": null}));
+    assert_eq!(api.ns_version(None).await, before);
+}
