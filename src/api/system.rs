@@ -52,10 +52,13 @@ pub async fn status(State(state): State<AppState>, ctx: Ctx) -> Result<Response,
     let sync = state.sync.status();
     let git = state.git.status().await;
     let snapshots = state.snapshots.status();
+    let owner = state.owner.status();
     let phase = match state.lifecycle.phase() {
         Phase::Starting => "restoring",
         Phase::ShuttingDown => "shutting_down",
-        Phase::Ready if sync.degraded => "degraded",
+        // Remote storage refuses or ignores this daemon (bad credentials, an outage
+        // since start): nothing reaches it, whatever the mirror has to do.
+        Phase::Ready if sync.degraded || !owner.writes_allowed => "degraded",
         Phase::Ready => "ready",
     };
     Ok(json_ok(
@@ -91,7 +94,7 @@ pub async fn status(State(state): State<AppState>, ctx: Ctx) -> Result<Response,
             "restore": state.lifecycle.restored(),
             "snapshots": snapshots,
             "git": git,
-            "owner": state.owner.status(),
+            "owner": owner,
         }),
     ))
 }

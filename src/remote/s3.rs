@@ -353,11 +353,16 @@ fn sdk_error<E>(op: &'static str, key: &str, e: SdkError<E, HttpResponse>) -> Re
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
-    let message = DisplayErrorContext(&e).to_string();
+    let mut message = DisplayErrorContext(&e).to_string();
     match &e {
         SdkError::ServiceError(se) => {
             let code = se.err().code().unwrap_or_default();
             let status = se.raw().status().as_u16();
+            // The service's own words; the SDK's context repeats the whole response.
+            message = match se.err().message() {
+                Some(m) if !m.is_empty() => format!("{code} (HTTP {status}): {m}"),
+                _ => format!("{code} (HTTP {status})"),
+            };
             if status == 412
                 || code == "PreconditionFailed"
                 || (status == 409 && code == "ConditionalRequestConflict")

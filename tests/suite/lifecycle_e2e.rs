@@ -254,3 +254,21 @@ async fn a_missing_workspace_ends_the_final_sync_without_waiting_for_the_deadlin
         d.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_that_refuses_the_daemon_shows_as_degraded() {
+    let s3 = S3Server::start().await;
+    let mut d = Daemon::prepare("");
+    s3.configure(&d);
+    d.spawn_and_wait().await;
+    assert_eq!(ok(&d.api().get("/v1/status").await, 200)["state"], "ready");
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+    // Restarted with a secret the server refuses: ready once the claim stops holding
+    // up the start (10 s), with writes held.
+    d.set_env("SANDKEEP_REMOTE_SECRET_ACCESS_KEY", "not-the-secret-key");
+    d.spawn_and_wait().await;
+    let s = ok(&d.api().get("/v1/status").await, 200);
+    assert_eq!(s["owner"]["writes_allowed"], false, "{s}");
+    assert_eq!(s["state"], "degraded", "{s}");
+    assert!(s["owner"]["last_error"].is_string(), "{s}");
+}
