@@ -2,7 +2,10 @@
 # Multi-stage build: a Rust toolchain image compiles the release binary; the runtime
 # image is Debian slim with CA certificates and a non-root user.
 #   docker build -t sandkeep .
-#   docker run --rm -v sk-run:/run/sandkeep -v sk-ws:/workspace sandkeep
+#   docker run --rm --stop-timeout 40 -v sk-run:/run/sandkeep -v sk-ws:/workspace \
+#     -e SANDKEEP_REMOTE_ENDPOINT=... -e SANDKEEP_REMOTE_BUCKET=... sandkeep
+# --stop-timeout (compose: stop_grace_period) must exceed shutdown.deadline (25 s):
+# Docker's default of 10 s would SIGKILL the final sync.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
@@ -26,5 +29,8 @@ COPY config/sandkeep.toml /etc/sandkeep/sandkeep.toml
 USER 10001:10001
 ENV SANDKEEP_LOG=info
 VOLUME ["/run/sandkeep", "/var/lib/sandkeep", "/workspace"]
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \
+  CMD ["/usr/local/bin/sandkeep", "--config", "/etc/sandkeep/sandkeep.toml", "status", "--ready"]
 ENTRYPOINT ["/usr/local/bin/sandkeep"]
 CMD ["serve", "--config", "/etc/sandkeep/sandkeep.toml"]

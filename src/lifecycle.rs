@@ -776,9 +776,12 @@ pub fn serve(config: Config) -> anyhow::Result<u8> {
         .context("cannot start the tokio runtime")?;
     let code = runtime.block_on(async move {
         let lifecycle = Arc::new(Lifecycle::default());
+        // SIGHUP too: a terminal closed on a foreground `serve` must not lose work
+        // (there is no configuration reload to give it).
         let mut signals = signal_hook_tokio::Signals::new([
             signal_hook::consts::SIGTERM,
             signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGHUP,
         ])
         .context("cannot install signal handlers")?;
         let handle = signals.handle();

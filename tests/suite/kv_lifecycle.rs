@@ -150,6 +150,14 @@ async fn sigterm_exits_zero_and_removes_the_socket() {
         !d.socket.exists(),
         "the socket file is still there after SIGINT"
     );
+    // And SIGHUP (a closed terminal) too: the final sync runs, nothing is lost.
+    d.restart().await;
+    ok(&d.api().put("/v1/kv/k", &json!("before hup")).await, 200);
+    let status = d.signal_and_wait("HUP");
+    assert_eq!(status.code(), Some(0), "log:\n{}", d.log());
+    assert!(d.log().contains("final sync done"), "log:\n{}", d.log());
+    d.restart().await;
+    assert_eq!(d.api().value("k").await, Some(json!("before hup")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
