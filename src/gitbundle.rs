@@ -32,7 +32,7 @@
 //! [`restore_bundle`] turns a bundle back into a `.git` with the same refs and HEAD,
 //! the index equal to `wip-index` and the work tree equal to `wip`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Display;
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -107,7 +107,7 @@ impl<T> Context<T> for Result<T, io::Error> {
     }
 }
 
-/// `<name>.json`: what HEAD names.
+/// `<name>.json`: what HEAD names, and the parts of `.git` that a bundle cannot carry.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HeadMeta {
     /// The branch HEAD is on (`refs/heads/main`), also when it is unborn; `null` when
@@ -116,6 +116,134 @@ pub struct HeadMeta {
     /// The commit HEAD points to; `null` on an unborn branch.
     pub head_oid: Option<String>,
     pub detached: bool,
+    /// `.git/config` (remotes, upstream branches, user settings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    /// `.git/info/exclude`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info_exclude: Option<String>,
+    /// `.git/hooks/*` (not the `.sample`s), by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hooks: BTreeMap<String, Hook>,
+    /// The stash, newest first as `git stash list` shows it; the bundle carries each
+    /// entry's commit as `refs/sandkeep/stash/<i>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stash: Vec<StashEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Hook {
+    pub content: String,
+    pub executable: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StashEntry {
+    pub oid: String,
+    pub message: String,
+}
+
+/// Files of `.git` kept in the json are at most this large (larger ones are left out).
+const META_FILE_MAX: u64 = 256 * 1024;
+/// The stash entries' refs in a bundle (never created in a restored repository).
+const STASH_REF_PREFIX: &str = "refs/sandkeep/stash/";
+
+/// A small UTF-8 file of `.git`, or None.
+fn small_text(path: &Path) -> Option<String> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_file() || meta.len() > META_FILE_MAX {
+        return None;
+    }
+    String::from_utf8(std::fs::read(path).ok()?).ok()
+}
+
+/// The `.git` parts of [`HeadMeta`] that are not HEAD.
+fn git_dir_meta(repo: &Repository, meta: &mut HeadMeta) {
+    use std::os::unix::fs::PermissionsExt;
+    let git_dir = repo.path();
+    meta.config = small_text(&git_dir.join("config"));
+    meta.info_exclude = small_text(&git_dir.join("info/exclude"));
+    if let Ok(entries) = std::fs::read_dir(git_dir.join("hooks")) {
+        for e in entries.flatten() {
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
+            if name.ends_with(".sample") {
+                continue;
+            }
+            if let Some(content) = small_text(&e.path()) {
+                let executable = e
+                    .metadata()
+                    .is_ok_and(|m| m.permissions().mode() & 0o111 != 0);
+                meta.hooks.insert(
+                    name,
+                    Hook {
+                        content,
+                        executable,
+                    },
+                );
+            }
+        }
+    }
+    // Only with a stash: reading a reflog that does not exist creates its file, and the
+    // user's `.git` is never written to.
+    if repo.find_reference("refs/stash").is_ok()
+        && git_dir.join("logs/refs/stash").is_file()
+        && let Ok(log) = repo.reflog("refs/stash")
+    {
+        meta.stash = log
+            .iter()
+            .map(|e| StashEntry {
+                oid: e.id_new().to_string(),
+                message: e.message().ok().flatten().unwrap_or("").to_string(),
+            })
+            .collect();
+    }
+}
+
+/// Writes back what [`git_dir_meta`] kept, and the stash's reflog from `stash`
+/// (the entries' commits, newest first, already in the object database).
+fn restore_git_dir_meta(repo: &Repository, meta: &HeadMeta) -> Result<(), GitError> {
+    use std::os::unix::fs::PermissionsExt;
+    let git_dir = repo.path().to_path_buf();
+    if let Some(config) = &meta.config {
+        std::fs::write(git_dir.join("config"), config).ctx("writing .git/config")?;
+    }
+    if let Some(exclude) = &meta.info_exclude {
+        std::fs::create_dir_all(git_dir.join("info")).ctx("creating .git/info")?;
+        std::fs::write(git_dir.join("info/exclude"), exclude).ctx("writing .git/info/exclude")?;
+    }
+    for (name, hook) in &meta.hooks {
+        if name.contains('/') || name.starts_with('.') {
+            continue;
+        }
+        let path = git_dir.join("hooks").join(name);
+        std::fs::create_dir_all(git_dir.join("hooks")).ctx("creating .git/hooks")?;
+        std::fs::write(&path, &hook.content).ctx(format_args!("writing .git/hooks/{name}"))?;
+        let mode = if hook.executable { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .ctx(format_args!("setting the mode of .git/hooks/{name}"))?;
+    }
+    if !meta.stash.is_empty() {
+        let mut log = repo
+            .reflog("refs/stash")
+            .ctx("reading the stash's reflog")?;
+        while !log.is_empty() {
+            log.remove(0, false).ctx("clearing the stash's reflog")?;
+        }
+        for entry in meta.stash.iter().rev() {
+            let Ok(oid) = Oid::from_str(&entry.oid) else {
+                continue;
+            };
+            let Ok(commit) = repo.find_commit(oid) else {
+                continue;
+            };
+            log.append(oid, &commit.committer(), Some(&entry.message))
+                .ctx("rebuilding the stash's reflog")?;
+        }
+        log.write().ctx("writing the stash's reflog")?;
+    }
+    Ok(())
 }
 
 /// A repository of the workspace.
@@ -231,11 +359,13 @@ fn head_meta(repo: &Repository) -> Result<HeadMeta, GitError> {
             head: Some(target.to_string()),
             head_oid: repo.refname_to_id(target).ok().map(|o| o.to_string()),
             detached: false,
+            ..HeadMeta::default()
         },
         None => HeadMeta {
             head: None,
             head_oid: head.target().map(|o| o.to_string()),
             detached: true,
+            ..HeadMeta::default()
         },
     })
 }
@@ -320,7 +450,8 @@ fn wip_commits(repo: &Repository, parent: Option<Oid>) -> Result<(Oid, Oid, Oid,
 }
 
 fn prepare(repo: &Repository) -> Result<Prepared, GitError> {
-    let head = head_meta(repo)?;
+    let mut head = head_meta(repo)?;
+    git_dir_meta(repo, &mut head);
     let odb = repo.odb().ctx("object database")?;
     let mut refs: Vec<(Oid, String)> = Vec::new();
     for r in repo.references().ctx("listing refs")? {
@@ -336,6 +467,14 @@ fn prepare(repo: &Repository) -> Result<Prepared, GitError> {
             continue;
         }
         refs.push((oid, name.to_string()));
+    }
+    // Older stash entries: only the newest is refs/stash, the rest live in its reflog.
+    for (i, entry) in head.stash.iter().enumerate().skip(1) {
+        if let Ok(oid) = Oid::from_str(&entry.oid)
+            && odb.exists(oid)
+        {
+            refs.push((oid, format!("{STASH_REF_PREFIX}{i}")));
+        }
     }
     refs.sort_by(|a, b| a.1.cmp(&b.1));
     let head_oid = head.head_oid.as_deref().and_then(|o| Oid::from_str(o).ok());
@@ -802,6 +941,7 @@ pub fn restore_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<R
             "HEAD" => bundle_head = Some(*oid),
             WIP_REF => wip = Some(*oid),
             WIP_INDEX_REF => wip_index = Some(*oid),
+            n if n.starts_with(STASH_REF_PREFIX) => {}
             _ => {
                 repo.reference(name, *oid, true, "sandkeep: restored from a bundle")
                     .ctx(format_args!("creating {name}"))?;
@@ -851,6 +991,7 @@ pub fn restore_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<R
         index.read_tree(&tree).ctx("setting the index")?;
         index.write().ctx("writing the index")?;
     }
+    restore_git_dir_meta(&repo, meta)?;
     Ok(Restored {
         refs: created,
         had_wip: wip.is_some(),

@@ -437,10 +437,9 @@ async fn unborn_empty_and_detached_repos_in_subdirectories() {
     // A repository that disappears loses its bundle at the next pass once the mirror
     // has seen it go (a sync makes sure of that).
     std::fs::remove_dir_all(ws.join("empty")).unwrap();
-    ok(&d.api().post("/v1/sync", &serde_json::json!({})).await, 200);
+    assert!(pruned_after_sync(&d, "empty").await);
     let body = post_bundle(&d).await;
     assert_eq!(body["bundles"].as_array().unwrap().len(), 2, "{body}");
-    assert!(!bundle_path(&d, "empty").exists());
     assert!(bundle_path(&d, "unborn").exists());
 }
 
@@ -484,6 +483,26 @@ async fn periodic_bundles_follow_changes_only() {
     assert_eq!(status["git"][0]["unpushed"], 1, "{status}");
 }
 
+/// Syncs and bundles until the bundle of `stem` is gone (a repository deleted from the
+/// workspace); false when it stays. Pruning waits for the mirror to catch up, and
+/// watcher events that arrive after a sync defer it to the next pass.
+async fn pruned_after_sync(d: &Daemon, stem: &str) -> bool {
+    crate::util::poll_until(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async {
+            ok(
+                &d.api().post("/v1/sync", &json!({"timeout_s": 30})).await,
+                200,
+            );
+            post_bundle(d).await;
+            (!bundle_path(d, stem).exists()).then_some(())
+        },
+    )
+    .await
+    .is_some()
+}
+
 /// Empties `dir` (its `.git` too), leaving the directory itself.
 fn empty_dir(dir: &Path) {
     for e in std::fs::read_dir(dir).unwrap() {
@@ -515,10 +534,8 @@ async fn bundles_are_deleted_only_as_the_mirror_deletes_files() {
 
     // A repository deleted as any directory is: its bundle goes with its files.
     std::fs::remove_dir_all(ws.join("sub")).unwrap();
-    ok(&api.post("/v1/sync", &json!({"timeout_s": 30})).await, 200);
-    post_bundle(&d).await;
     assert!(
-        !bundle_path(&d, "sub").exists(),
+        pruned_after_sync(&d, "sub").await,
         "the bundle of a deleted repo stays"
     );
     assert!(bundle_path(&d, "workspace").exists());
@@ -776,4 +793,78 @@ async fn s3_bundle_round_trip() {
         git(&repo, &["log", "--all", "--format=%H %s"])
     );
     assert_eq!(work_tree(&target), work_tree(&repo));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_hooks_exclude_and_every_stash_entry_come_back() {
+    let mut d = Daemon::prepare(NO_PERIODIC);
+    let ws = d.workspace.clone();
+    git(&ws, &["init", "-q", "-b", "main"]);
+    write(&ws, "a.txt", "1\n");
+    git(&ws, &["add", "a.txt"]);
+    git(&ws, &["commit", "-q", "-m", "one"]);
+    git(
+        &ws,
+        &[
+            "remote",
+            "add",
+            "origin",
+            "https://example.invalid/repo.git",
+        ],
+    );
+    git(&ws, &["config", "branch.main.remote", "origin"]);
+    git(&ws, &["config", "branch.main.merge", "refs/heads/main"]);
+    git(&ws, &["config", "user.email", "agent@example.invalid"]);
+    write(&ws, ".git/hooks/pre-commit", "#!/bin/sh\nexit 0\n");
+    std::fs::set_permissions(
+        ws.join(".git/hooks/pre-commit"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    write(&ws, ".git/info/exclude", "# local\nscratch/\n");
+    for i in 1..=3 {
+        write(&ws, "a.txt", format!("stash {i}\n"));
+        git(&ws, &["stash", "push", "-q", "-m", &format!("change {i}")]);
+    }
+    let stashes = git(&ws, &["stash", "list", "--format=%H %gs"]);
+    assert_eq!(stashes.lines().count(), 3, "{stashes}");
+    d.spawn_and_wait().await;
+    post_bundle(&d).await;
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+
+    d.become_new_sandbox();
+    d.spawn_and_wait().await;
+    let ws = d.workspace.clone();
+    assert_eq!(git(&ws, &["stash", "list", "--format=%H %gs"]), stashes);
+    let oldest = git(&ws, &["stash", "show", "-p", "stash@{2}"]);
+    assert!(oldest.contains("+stash 1"), "{oldest}");
+    assert_eq!(
+        git(&ws, &["config", "--get", "remote.origin.url"]).trim(),
+        "https://example.invalid/repo.git"
+    );
+    assert_eq!(
+        git(&ws, &["config", "--get", "branch.main.merge"]).trim(),
+        "refs/heads/main"
+    );
+    assert_eq!(
+        git(&ws, &["config", "--get", "user.email"]).trim(),
+        "agent@example.invalid"
+    );
+    let hook = ws.join(".git/hooks/pre-commit");
+    assert_eq!(
+        std::fs::read_to_string(&hook).unwrap(),
+        "#!/bin/sh\nexit 0\n"
+    );
+    assert_eq!(
+        std::fs::metadata(&hook).unwrap().permissions().mode() & 0o111,
+        0o111
+    );
+    assert!(
+        std::fs::read_to_string(ws.join(".git/info/exclude"))
+            .unwrap()
+            .contains("scratch/")
+    );
+    // The stash's helper refs stay inside the bundle.
+    assert!(!git(&ws, &["for-each-ref"]).contains("refs/sandkeep/"));
 }
