@@ -561,8 +561,12 @@ fn workspace_restore_plan(config: &Config) -> Option<bool> {
         RestoreMode::Never => None,
         RestoreMode::Force => Some(true),
         RestoreMode::Auto => {
-            let own = crate::sync::rules::own_excludes(config, &config.workspace);
-            match crate::restore::is_empty_dir(&config.workspace, &own) {
+            // What the mirror would never carry (the daemon's own directories,
+            // `sync.exclude` such as `node_modules/` baked into an image) does not
+            // make a workspace worth keeping over the conversation's.
+            let mut skip = crate::sync::rules::own_excludes(config, &config.workspace);
+            skip.extend(config.sync.exclude.iter().cloned());
+            match crate::restore::is_empty_dir(&config.workspace, &skip) {
                 Ok(true) => Some(false),
                 Ok(false) => {
                     tracing::info!(

@@ -460,3 +460,26 @@ async fn files_deleted_after_the_last_bundle_stay_deleted() {
     let status = git(&ws, &["status", "--porcelain"]);
     assert!(status.contains(" D deleteme.txt"), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_restores_over_content_the_mirror_would_never_carry() {
+    let mut d = synced_workspace(None, false).await;
+    d.become_new_sandbox();
+    // An image that bakes dependencies into the workspace (sync.exclude has them).
+    write(
+        &d.workspace,
+        "node_modules/p/index.js",
+        "module.exports = 1;\n",
+    );
+    d.spawn_and_wait().await;
+    let status = ok(&d.api().get("/v1/status").await, 200);
+    assert!(
+        status["restore"]["workspace"].is_object(),
+        "not restored: {status}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.workspace.join("a.txt")).unwrap(),
+        "alpha, edited\n"
+    );
+    assert!(d.workspace.join("node_modules/p/index.js").exists());
+}
