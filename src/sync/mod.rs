@@ -17,7 +17,7 @@ pub mod rules;
 pub mod scan;
 pub mod watcher;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -174,6 +174,11 @@ fn remove_under<V>(map: &mut BTreeMap<String, V>, under: &str) -> Vec<String> {
         map.remove(k);
     }
     doomed
+}
+
+/// The last segment of a `/`-separated path.
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
 }
 
 /// Whether `set` holds a parent directory of `path`, or a path below it.
@@ -856,7 +861,23 @@ impl SyncEngine {
         let before = self.manifest.files.len();
         let remaining = next.files.len() + candidates.len();
         let everything = before > 0 && remaining == 0 && !gone.is_empty();
-        let mass = gone.len() * 2 > before && gone.len() >= MASS_DELETE_MIN;
+        // A directory renamed or moved is no mass deletion: its files turn up under
+        // another path with the same name, size and modification time (to the
+        // nanosecond, which a move keeps).
+        let arrived: HashSet<(&str, u64, i64)> = candidates
+            .iter()
+            .map(|(p, st)| (file_name(p), st.size, st.mtime))
+            .collect();
+        let vanished = gone
+            .iter()
+            .filter(|p| {
+                self.manifest
+                    .files
+                    .get(*p)
+                    .is_none_or(|e| !arrived.contains(&(file_name(p), e.size, e.mtime)))
+            })
+            .count();
+        let mass = vanished * 2 > before && vanished >= MASS_DELETE_MIN;
         if !confirm && (everything || mass) {
             let set: BTreeSet<String> = gone.iter().cloned().collect();
             let now = Instant::now();
@@ -1338,6 +1359,33 @@ mod tests {
         let remote = mirrored(&f).await;
         assert_eq!(remote.get("y").map(Vec::as_slice), Some(&b"y again"[..]));
         assert_eq!(remote.keys().filter(|k| k.starts_with("many/")).count(), 0);
+        f.stop.cancel();
+        f.task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_renamed_directory_is_no_mass_deletion() {
+        let f = engine().await;
+        std::fs::create_dir_all(f.ws.join("src")).unwrap();
+        for i in 0..150 {
+            std::fs::write(f.ws.join(format!("src/f{i}.rs")), format!("{i}")).unwrap();
+        }
+        f.handle.sync(false).await.unwrap();
+        std::fs::rename(f.ws.join("src"), f.ws.join("lib")).unwrap();
+        let stats = f.handle.sync(false).await.unwrap();
+        assert_eq!(
+            (stats.files_uploaded, stats.files_deleted),
+            (150, 150),
+            "{stats:?}"
+        );
+        assert_eq!(f.handle.status().held_deletes, 0);
+        let remote = mirrored(&f).await;
+        assert!(remote.keys().all(|k| k.starts_with("lib/")), "{remote:?}");
+        // Removing them for good is still held.
+        std::fs::remove_dir_all(f.ws.join("lib")).unwrap();
+        std::fs::write(f.ws.join("other"), "x").unwrap();
+        f.handle.sync(false).await.unwrap();
+        assert_eq!(f.handle.status().held_deletes, 150);
         f.stop.cancel();
         f.task.await.unwrap();
     }
