@@ -131,24 +131,43 @@ pub async fn sync(
             "`timeout_s` must be 1-{SYNC_MAX_TIMEOUT_S}"
         )));
     }
-    let work = async {
-        let mut stats = state.sync.sync(req.confirm_deletes).await?;
-        // Git bundles of the repositories that changed (a sync ignores git.interval).
+    // The three parts run side by side; which finished tells a timeout's answer.
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    let (ws_done, stores_done) = (AtomicBool::new(false), AtomicBool::new(false));
+    let workspace = async {
+        let stats = state.sync.sync(req.confirm_deletes).await?;
+        ws_done.store(true, Relaxed);
+        Ok::<_, crate::sync::SyncError>(stats)
+    };
+    // Git bundles of the repositories that changed (a sync ignores git.interval); a
+    // repository that fails is logged, as in the periodic pass.
+    let bundles = async {
         match state.git.write_all(false).await {
             Ok(round) => {
-                stats.bytes_uploaded += round.bundles.iter().map(|b| b.bytes).sum::<u64>();
-                for f in round.errors {
+                for f in &round.errors {
                     tracing::warn!(repo = %f.repo, error = %f.error, "sync: git bundle failed");
                 }
+                round.bundles.iter().map(|b| b.bytes).sum::<u64>()
             }
-            Err(e) => tracing::warn!(error = %e, "sync: git bundles skipped"),
+            Err(e) => {
+                tracing::warn!(error = %e, "sync: git bundles skipped");
+                0
+            }
         }
-        // KV exports and the file store.
-        let replicated = state.replica.flush().await.map_err(|e| {
+    };
+    // KV exports and the file store.
+    let stores = async {
+        let r = state.replica.flush().await.map_err(|e| {
             crate::sync::SyncError::Remote(format!("kv and file store replication: {e}"))
         })?;
-        stats.bytes_uploaded += replicated.bytes_uploaded;
-        Ok(stats)
+        stores_done.store(true, Relaxed);
+        Ok::<_, crate::sync::SyncError>(r.bytes_uploaded)
+    };
+    let work = async {
+        let (ws, git_bytes, store_bytes) = tokio::join!(workspace, bundles, stores);
+        let mut stats = ws?;
+        stats.bytes_uploaded += git_bytes + store_bytes?;
+        Ok::<_, crate::sync::SyncError>(stats)
     };
     let waited = tokio::time::timeout(std::time::Duration::from_secs(timeout), work).await;
     match waited {
@@ -165,19 +184,30 @@ pub async fn sync(
         )),
         Err(_) => {
             let s = state.sync.status();
+            let (workspace, stores) = (!ws_done.load(Relaxed), !stores_done.load(Relaxed));
+            let last_error = if workspace {
+                s.last_error
+            } else {
+                state.replica.status().last_error
+            };
             Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout",
                 format!(
                     "not everything reached remote storage within {timeout} s{}",
-                    s.last_error
+                    last_error
                         .map(|e| format!(" (last error: {e})"))
                         .unwrap_or_default()
                 ),
             )
             .with(
                 "pending",
-                json!({"files": s.pending_files, "full_rescan": s.full_rescan_pending}),
+                json!({
+                    "files": s.pending_files,
+                    "full_rescan": s.full_rescan_pending,
+                    "workspace": workspace,
+                    "stores": stores,
+                }),
             ))
         }
     }

@@ -513,3 +513,24 @@ async fn file_scopes_are_enforced_with_tokens() {
     assert_error(&kv_only.get("/v1/files/f").await, 403, "forbidden");
     assert_error(&d.api().get("/v1/files/f").await, 401, "unauthorized");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_timeout_says_which_part_is_behind() {
+    let d = Daemon::start().await;
+    let api = d.api();
+    // A file where the KV exports' directory should be: exports fail, the workspace
+    // mirror does not.
+    std::fs::create_dir_all(d.remote.join(CONV)).unwrap();
+    std::fs::write(object(&d, "kv"), "in the way").unwrap();
+    ok(&api.put("/v1/kv/k", &json!(1)).await, 201);
+    std::fs::write(d.workspace.join("w.txt"), "w").unwrap();
+    let r = api.post("/v1/sync", &json!({"timeout_s": 3})).await;
+    let e = assert_error(&r, 504, "timeout");
+    assert_eq!(e["pending"]["workspace"], false, "{e}");
+    assert_eq!(e["pending"]["stores"], true, "{e}");
+    assert!(e["message"].as_str().unwrap().contains("last error"), "{e}");
+    assert!(object(&d, "workspace/files/w.txt").exists());
+    std::fs::remove_file(object(&d, "kv")).unwrap();
+    ok(&api.post("/v1/sync", &json!({"timeout_s": 60})).await, 200);
+    assert!(object(&d, "kv/default.kv").exists());
+}
