@@ -76,8 +76,12 @@ pub enum Command {
         #[arg(long)]
         ready: bool,
     },
-    /// Ask the daemon to do its final sync and exit.
-    Shutdown,
+    /// Ask the daemon to do its final sync and exit; waits until it is gone (the
+    /// socket stops answering), at most `--wait` seconds (0: do not wait).
+    Shutdown {
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
     /// Restore the conversation's workspace into DIR straight from remote storage (no
     /// daemon needed: for init containers). Prints a JSON summary.
     Restore {
@@ -503,7 +507,23 @@ async fn remote(client: &Client, command: Command) -> anyhow::Result<u8> {
             .await
             .map_err(|_| anyhow::anyhow!("the daemon did not answer the sync in time"))??
         }
-        Command::Shutdown => client.request(Method::POST, "/v1/shutdown", None).await?,
+        Command::Shutdown { wait } => {
+            let reply = client.request(Method::POST, "/v1/shutdown", None).await?;
+            let code = print_reply(&reply);
+            if code != EXIT_OK || wait == 0 {
+                return Ok(code);
+            }
+            // Gone once nothing answers on the socket any more.
+            let until = tokio::time::Instant::now() + Duration::from_secs(wait);
+            while client.get("/healthz").await.is_ok() {
+                if tokio::time::Instant::now() >= until {
+                    eprintln!("sandkeep: the daemon is still running after {wait} s");
+                    return Ok(EXIT_ERROR);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            return Ok(EXIT_OK);
+        }
         Command::Kv(args) => return kv(client, args).await,
         Command::Files(cmd) => return files(client, cmd).await,
         Command::Serve | Command::Token(_) | Command::Restore { .. } => {

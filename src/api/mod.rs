@@ -199,10 +199,10 @@ impl FromRequestParts<AppState> for Ctx {
             .get(header::AUTHORIZATION)
             .map(|v| v.to_str().unwrap_or(""));
         let grant = state.auth.authenticate(header)?;
-        // While the daemon restores, only its status and metrics may be asked: the
-        // stores and the workspace are not what they will be.
+        // While the daemon restores, only its status and metrics may be asked (and it
+        // may be stopped): the stores and the workspace are not what they will be.
         if state.lifecycle.phase() == crate::lifecycle::Phase::Starting
-            && !matches!(parts.uri.path(), "/v1/status" | "/metrics")
+            && !matches!(parts.uri.path(), "/v1/status" | "/v1/shutdown" | "/metrics")
         {
             return Err(ApiError::new(
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,

@@ -351,8 +351,15 @@ async fn status_and_shutdown() {
     let out = cli.run(&["status"]).await;
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.json()["state"], "ready");
+    ok(&d.api().put("/v1/kv/k", &json!(1)).await, 201);
     let out = cli.run(&["shutdown"]).await;
     assert_eq!(out.code, 0, "{out:?}");
+    // It returned once the daemon was gone: the final sync is done, the socket removed.
+    assert!(
+        !d.socket.exists(),
+        "shutdown returned before the daemon exited"
+    );
+    assert!(d.log().contains("final sync done"), "log:\n{}", d.log());
     let st = d.wait_exit(crate::util::EXIT_TIMEOUT);
     assert_eq!(st.code(), Some(0));
     let out = cli.run(&["status"]).await;

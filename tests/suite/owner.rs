@@ -357,6 +357,16 @@ async fn a_restart_on_the_same_state_dir_takes_over_at_once_s3() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_waiting_exits_75_without_writing() {
+    stop_while_waiting(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_over_the_api_while_waiting_exits_75_without_writing() {
+    stop_while_waiting(true).await;
+}
+
+/// B waits for A's claim and is stopped: with SIGTERM, or with `POST /v1/shutdown`.
+async fn stop_while_waiting(over_the_api: bool) {
     let mut p = Pair::new(Backend::Dir).await;
     start_first(&mut p).await;
     let a_instance = owner_status(&p.a).await["instance"]
@@ -369,7 +379,12 @@ async fn sigterm_while_waiting_exits_75_without_writing() {
     tokio::time::sleep(LEASE).await;
     assert_waiting(&mut p, &before, &a_instance).await;
     let started = Instant::now();
-    let status = p.b.terminate();
+    let status = if over_the_api {
+        assert_eq!(p.b.api().post_empty("/v1/shutdown").await.status, 202);
+        p.b.wait_exit(crate::util::EXIT_TIMEOUT)
+    } else {
+        p.b.terminate()
+    };
     assert_eq!(status.code(), Some(75), "{}", p.b.log());
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(
