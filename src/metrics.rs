@@ -218,6 +218,21 @@ impl Metrics {
             Unit::Seconds,
             git_bundle_duration.clone(),
         );
+        // The series alerts watch exist from the start at 0, so that `rate()` and
+        // `increase()` see their first event (a series born at 1 shows no increase).
+        for result in ["ok", "error", "unavailable"] {
+            drop(sync_rounds.get_or_create(&ResultLabel { result }));
+        }
+        for result in ["ok", "error"] {
+            drop(snapshots.get_or_create(&ResultLabel { result }));
+            drop(git_bundles.get_or_create(&ResultLabel { result }));
+        }
+        for op in ["put", "get", "head", "list", "delete"] {
+            drop(remote_errors.get_or_create(&OpLabel { op }));
+        }
+        for reason in ["version_mismatch", "exists", "not_exists"] {
+            drop(kv_conflicts.get_or_create(&Reason { reason }));
+        }
         Self {
             registry,
             snapshot_duration,
@@ -351,6 +366,20 @@ impl Collector for KvCommitCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_series_alerts_watch_exist_at_zero_from_the_start() {
+        let text = Metrics::new().encode();
+        for series in [
+            r#"sandkeep_sync_rounds_total{result="error"} 0"#,
+            r#"sandkeep_snapshots_total{result="error"} 0"#,
+            r#"sandkeep_git_bundles_total{result="error"} 0"#,
+            r#"sandkeep_remote_errors_total{op="put"} 0"#,
+            r#"sandkeep_kv_conflicts_total{reason="version_mismatch"} 0"#,
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+    }
 
     #[test]
     fn names_match_the_design() {
