@@ -142,17 +142,36 @@ pub fn lock_state_dir(dir: &Path) -> anyhow::Result<StateLock> {
         .with_context(|| format!("cannot open {}", path.display()))?;
     match file.try_lock() {
         Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "another sandkeep daemon is running on state_dir {} (it holds {})",
-            dir.display(),
-            path.display()
-        ),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok())
+                .map(|pid| format!(", pid {pid}"))
+                .unwrap_or_default();
+            anyhow::bail!(
+                "another sandkeep daemon is running on state_dir {} (it holds {}{holder})",
+                dir.display(),
+                path.display()
+            )
+        }
         Err(std::fs::TryLockError::Error(e)) => {
             return Err(e).with_context(|| format!("cannot lock {}", path.display()));
         }
     }
     file.set_len(0)?;
     writeln!(file, "{}", std::process::id())?;
+    // A state directory made by someone else (a Kubernetes emptyDir is 0777) keeps
+    // its mode: its database holds the keys in plain and its key file the KV key.
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(dir)
+        && m.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            state_dir = %dir.display(),
+            mode = format!("{:o}", m.permissions().mode() & 0o777),
+            "the state directory is open to other users: make it 0700 (the daemon creates it so, but does not change an existing one)"
+        );
+    }
     Ok(StateLock { _file: file })
 }
 
@@ -823,6 +842,10 @@ mod tests {
         let first = lock_state_dir(dir.path()).unwrap();
         let err = lock_state_dir(dir.path()).err().unwrap().to_string();
         assert!(err.contains("another sandkeep daemon"), "{err}");
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
         drop(first);
         assert!(lock_state_dir(dir.path()).is_ok());
     }

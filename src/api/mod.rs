@@ -111,10 +111,17 @@ impl Query {
                     ))
                 })
         };
-        let mut pairs = Vec::new();
+        let mut pairs: Vec<(String, String)> = Vec::new();
         for part in q.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = part.split_once('=').unwrap_or((part, ""));
-            pairs.push((decode(k)?, decode(v)?));
+            let k = decode(k)?;
+            // `nx=true&nx=false` must not be read either way without a word.
+            if pairs.iter().any(|(seen, _)| *seen == k) {
+                return Err(ApiError::invalid_param(format!(
+                    "query parameter `{k}` is given more than once"
+                )));
+            }
+            pairs.push((k, decode(v)?));
         }
         Ok(Self(pairs))
     }

@@ -510,6 +510,9 @@ async fn query_and_depth_edges() {
     // A query value that is not UTF-8 is refused, not read as U+FFFD.
     ok(&api.put("/v1/kv/%EF%BF%BDx", &json!(1)).await, 201);
     assert_error(&api.get("/v1/kv?prefix=%FF").await, 400, "invalid_param");
+    // A parameter given twice is refused, not read either way.
+    let r = api.put("/v1/kv/a?nx=true&nx=false", &json!(2)).await;
+    assert_error(&r, 400, "invalid_param");
     // Too deep is 422 in a batch as on the single-key route.
     let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
     let body = format!(r#"{{"operations": [{{"op": "set", "key": "d", "value": {deep}}}]}}"#);
