@@ -859,8 +859,6 @@ impl SyncEngine {
         }
         // Never delete everything, or a mass of files, by accident.
         let before = self.manifest.files.len();
-        let remaining = next.files.len() + candidates.len();
-        let everything = before > 0 && remaining == 0 && !gone.is_empty();
         // A directory renamed or moved is no mass deletion: its files turn up under
         // another path with the same name, size and modification time (to the
         // nanosecond, which a move keeps).
@@ -878,6 +876,16 @@ impl SyncEngine {
             })
             .count();
         let mass = vanished * 2 > before && vanished >= MASS_DELETE_MIN;
+        // Every file the manifest named is gone (new ones or not: a workspace root
+        // emptied and a first file written again is the usual accident), or still
+        // gone since a round found so: files written after it do not release it.
+        let still_everything = self.hold.as_ref().is_some_and(|h| {
+            h.everything && {
+                let now_gone: HashSet<&String> = gone.iter().collect();
+                h.paths.iter().all(|p| now_gone.contains(p))
+            }
+        });
+        let everything = (before > 0 && vanished == before) || still_everything;
         if !confirm && (everything || mass) {
             let set: BTreeSet<String> = gone.iter().cloned().collect();
             let now = Instant::now();

@@ -540,9 +540,14 @@ async fn bundles_are_deleted_only_as_the_mirror_deletes_files() {
     );
     assert!(bundle_path(&d, "workspace").exists());
 
-    // An emptied workspace: the mirror holds the deletion, and so does the bundler.
+    // An emptied workspace (and a first new file in it): the mirror holds the
+    // deletion, and so does the bundler.
     empty_dir(&ws);
     ok(&api.post("/v1/sync", &json!({"timeout_s": 30})).await, 200);
+    write(&ws, "fresh.txt", "new\n");
+    ok(&api.post("/v1/sync", &json!({"timeout_s": 30})).await, 200);
+    let files = d.remote.join("conversations/u1/c1/workspace/files");
+    assert!(files.join("b.txt").exists() && files.join("fresh.txt").exists());
     let status = ok(&api.get("/v1/status").await, 200);
     assert!(
         status["sync"]["held_deletes"].as_u64() > Some(0),
@@ -566,7 +571,7 @@ async fn bundles_are_deleted_only_as_the_mirror_deletes_files() {
     post_bundle(&d).await;
     assert!(bundle_path(&d, "workspace").exists(), "log:\n{}", d.log());
     let status = ok(&api.get("/v1/status").await, 200);
-    assert_eq!(status["sync"]["held_deletes"], 2, "{status}");
+    assert_eq!(status["sync"]["held_deletes"], 3, "{status}");
     let files = d.remote.join("conversations/u1/c1/workspace/files");
     for f in ["a.txt", "b.txt", "README.md"] {
         assert!(files.join(f).exists(), "{f} is not in the remote");
