@@ -148,13 +148,25 @@ const META_FILE_MAX: u64 = 256 * 1024;
 /// The stash entries' refs in a bundle (never created in a restored repository).
 const STASH_REF_PREFIX: &str = "refs/sandkeep/stash/";
 
-/// A small UTF-8 file of `.git`, or None.
+/// A small UTF-8 file of `.git`, or None (with a warning when it exists but cannot be
+/// kept: a restore will lack it).
 fn small_text(path: &Path) -> Option<String> {
     let meta = std::fs::metadata(path).ok()?;
-    if !meta.is_file() || meta.len() > META_FILE_MAX {
+    if !meta.is_file() {
         return None;
     }
-    String::from_utf8(std::fs::read(path).ok()?).ok()
+    let kept = (meta.len() <= META_FILE_MAX)
+        .then(|| std::fs::read(path).ok())
+        .flatten()
+        .and_then(|b| String::from_utf8(b).ok());
+    if kept.is_none() {
+        tracing::warn!(
+            file = %path.display(),
+            bytes = meta.len(),
+            "not kept with the git bundle (over 256 KiB, unreadable or not UTF-8): a restore will lack it"
+        );
+    }
+    kept
 }
 
 /// The `.git` parts of [`HeadMeta`] that are not HEAD.
@@ -1219,12 +1231,12 @@ impl GitBundler {
     }
 
     /// Deletes the bundles of repositories that this daemon bundled and that are gone
-    /// from the workspace, under the mirror's delete guards: not while the workspace
-    /// is unavailable, while the mirror holds deletions back (an emptied workspace, a
-    /// mass deletion, files of a new state directory missing here), or before it has
-    /// caught up with the tree. A bundle is often the only copy of commits and of
-    /// ignored tracked files, so one that this daemon never wrote (a repository missing
-    /// from a new sandbox's workspace) is never deleted.
+    /// from the workspace, under the mirror's delete guards: after a round of the
+    /// mirror, and not while the workspace is unavailable or the mirror holds deletions
+    /// back (an emptied workspace, a mass deletion, files of a new state directory
+    /// missing here). A bundle is often the only copy of commits and of ignored tracked
+    /// files, so one that this daemon never wrote (a repository missing from a new
+    /// sandbox's workspace) is never deleted.
     async fn prune(&self, repos: &[RepoDir]) {
         let Some(mirror) = &self.mirror else {
             return;
@@ -1239,15 +1251,17 @@ impl GitBundler {
         if gone.is_empty() {
             return;
         }
+        // The mirror must have looked at the tree as it is now (polling, it looks only
+        // every poll_interval): a round first, then its verdict.
+        if let Err(e) = mirror.sync(false).await {
+            tracing::debug!(error = %e, "bundles of repositories that are gone are kept: the mirror's round failed");
+            return;
+        }
         let s = mirror.status();
-        if !s.workspace_available
-            || s.held_deletes > 0
-            || s.pending_files > 0
-            || s.full_rescan_pending
-        {
+        if !s.workspace_available || s.held_deletes > 0 {
             tracing::debug!(
                 repos = ?gone,
-                "bundles of repositories that are gone are kept while the workspace mirror holds deletions back or catches up"
+                "bundles of repositories that are gone are kept while the workspace mirror holds deletions back"
             );
             return;
         }

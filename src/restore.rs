@@ -69,6 +69,9 @@ pub struct RestoreOptions {
     /// Gitignore patterns of what restore never touches (the mirror's excludes and
     /// the daemon's own directories inside the target).
     pub exclude: Vec<String>,
+    /// Files larger than this are not mirrored (`sync.max_file_bytes`): one that only a
+    /// bundle holds is kept, as an ignored one is.
+    pub max_file_bytes: u64,
 }
 
 impl RestoreOptions {
@@ -78,6 +81,7 @@ impl RestoreOptions {
             concurrency: config.sync.concurrency.max(1) as usize,
             force,
             exclude: config.sync.exclude.clone(),
+            max_file_bytes: config.sync.max_file_bytes,
         }
     }
 }
@@ -427,7 +431,7 @@ pub async fn restore_workspace(
     let excluded = |rel: &str, is_dir: bool| rules.excluded_by_config(Path::new(rel), is_dir);
 
     if opts.force {
-        let doomed = extras(&root, &rules, &manifest);
+        let doomed = extras(&root, &rules, &manifest, opts.max_file_bytes);
         report.removed = remove_paths(&root, &doomed, &mut report.bad);
     }
 
@@ -480,7 +484,7 @@ pub async fn restore_workspace(
     let from_bundles = if report.repos.is_empty() {
         Vec::new()
     } else {
-        extras(&root, &rules, &manifest)
+        extras(&root, &rules, &manifest, opts.max_file_bytes)
     };
 
     // Files, in parallel.
@@ -493,11 +497,16 @@ pub async fn restore_workspace(
         wanted.len() as u64,
         wanted.iter().map(|(_, e)| e.size).sum(),
     );
+    // What a bundle checked out may stand where the manifest has something else (a
+    // file that became a directory since the bundle): the manifest's entry replaces it.
+    // Without `force` the workspace held nothing the mirror carries before the restore,
+    // so whatever stands in the way came from a bundle.
+    let replace = opts.force || !report.repos.is_empty();
     let job = Job {
         remote,
         files_prefix: format!("{conversation_prefix}workspace/files/"),
         root: &root,
-        force: opts.force,
+        force: replace,
         progress,
     };
     let mut results = futures::stream::iter(wanted)
@@ -526,7 +535,7 @@ pub async fn restore_workspace(
             continue;
         }
         let made = checked_rel(dir)
-            .and_then(|rel| make_parents(&root, &rel.join("x"), opts.force).map(|_| ()));
+            .and_then(|rel| make_parents(&root, &rel.join("x"), replace).map(|_| ()));
         match made {
             Ok(()) => report.empty_dirs += 1,
             Err(error) => report.bad.push(BadEntry {
@@ -540,7 +549,7 @@ pub async fn restore_workspace(
         if excluded(rel, false) {
             continue;
         }
-        match restore_symlink(&root, rel, link, opts.force) {
+        match restore_symlink(&root, rel, link, replace) {
             Ok(()) => report.symlinks += 1,
             Err(error) => report.bad.push(BadEntry {
                 path: rel.clone(),
@@ -587,7 +596,7 @@ fn restore_symlink(root: &Path, rel: &str, link: &str, force: bool) -> Result<()
 
 /// The files and symlinks the manifest does not name and that the mirror would carry
 /// (excluded and ignored entries and `.git` are left out).
-fn extras(root: &Path, rules: &Rules, manifest: &Manifest) -> Vec<String> {
+fn extras(root: &Path, rules: &Rules, manifest: &Manifest, max_file_bytes: u64) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
     let keep_dirs: BTreeSet<&str> = manifest.empty_dirs.iter().map(String::as_str).collect();
@@ -608,7 +617,11 @@ fn extras(root: &Path, rules: &Rules, manifest: &Manifest) -> Vec<String> {
                 }
                 continue;
             }
-            if !manifest.files.contains_key(key) && !manifest.symlinks.contains_key(key) {
+            let too_large = ft.is_file() && e.metadata().is_ok_and(|m| m.len() > max_file_bytes);
+            if !too_large
+                && !manifest.files.contains_key(key)
+                && !manifest.symlinks.contains_key(key)
+            {
                 out.push(key.to_string());
             }
         }
@@ -620,7 +633,13 @@ fn extras(root: &Path, rules: &Rules, manifest: &Manifest) -> Vec<String> {
 fn remove_paths(root: &Path, paths: &[String], bad: &mut Vec<BadEntry>) -> u64 {
     let mut removed = 0;
     for rel in paths {
-        match fs::remove_file(root.join(rel)) {
+        // Only a file or symlink still there: the manifest's entries may have taken
+        // its place since it was listed (a directory now, or a file below one).
+        let path = root.join(rel);
+        if fs::symlink_metadata(&path).map_or(true, |m| m.is_dir()) {
+            continue;
+        }
+        match fs::remove_file(&path) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(err) => bad.push(BadEntry {

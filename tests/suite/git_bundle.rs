@@ -484,8 +484,7 @@ async fn periodic_bundles_follow_changes_only() {
 }
 
 /// Syncs and bundles until the bundle of `stem` is gone (a repository deleted from the
-/// workspace); false when it stays. Pruning waits for the mirror to catch up, and
-/// watcher events that arrive after a sync defer it to the next pass.
+/// workspace); false when it stays within 20 s.
 async fn pruned_after_sync(d: &Daemon, stem: &str) -> bool {
     crate::util::poll_until(
         Duration::from_secs(20),

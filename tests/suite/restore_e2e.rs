@@ -483,3 +483,67 @@ async fn auto_restores_over_content_the_mirror_would_never_carry() {
     );
     assert!(d.workspace.join("node_modules/p/index.js").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_bundle_gives_way_to_the_manifest_and_keeps_what_only_it_holds() {
+    let mut d = Daemon::prepare(
+        "[sync]\ndebounce_min = \"200ms\"\ndebounce_max = \"1s\"\nmax_file_bytes = 1000\n\n[snapshot]\ninterval = \"0s\"\n\n[git]\ninterval = \"0s\"\n",
+    );
+    let ws = d.workspace.clone();
+    git(&ws, &["init", "-q"]);
+    write(&ws, "x", "x is a file\n");
+    write(&ws, "d/a", "d is a directory\n");
+    write(&ws, "big.bin", crate::util::pattern(5000, 1));
+    git(&ws, &["add", "."]);
+    git(&ws, &["commit", "-q", "-m", "one"]);
+    d.set_env("SANDKEEP_REMOTE_LEASE", "2s");
+    d.spawn_and_wait().await;
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    // Swapped after the bundle; the debounced mirror carries it (no new bundle).
+    std::fs::remove_file(ws.join("x")).unwrap();
+    write(&ws, "x/y", "new work\n");
+    std::fs::remove_dir_all(ws.join("d")).unwrap();
+    write(&ws, "d", "d is a file now\n");
+    let manifest = d.remote.join(CONV).join("workspace/manifest.json");
+    let carried =
+        crate::util::poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+            let m = std::fs::read_to_string(&manifest).unwrap_or_default();
+            async move { m.contains("\"x/y\"").then_some(()) }
+        })
+        .await;
+    assert!(carried.is_some(), "the mirror never carried the swap");
+    d.kill9();
+
+    d.become_new_sandbox();
+    d.spawn_and_wait().await;
+    let ws = d.workspace.clone();
+    let status = ok(&d.api().get("/v1/status").await, 200);
+    assert_eq!(status["restore"]["workspace"]["bad"], json!([]), "{status}");
+    assert_eq!(
+        std::fs::read_to_string(ws.join("x/y")).unwrap(),
+        "new work\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join("d")).unwrap(),
+        "d is a file now\n"
+    );
+    // Over sync.max_file_bytes: never mirrored, so only the bundle has it: kept.
+    assert_eq!(
+        std::fs::read(ws.join("big.bin")).unwrap(),
+        crate::util::pattern(5000, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_restores_onto_a_fresh_volume_with_lost_and_found() {
+    let mut d = synced_workspace(None, false).await;
+    d.become_new_sandbox();
+    std::fs::create_dir_all(d.workspace.join("lost+found")).unwrap();
+    d.spawn_and_wait().await;
+    let status = ok(&d.api().get("/v1/status").await, 200);
+    assert!(
+        status["restore"]["workspace"].is_object(),
+        "not restored: {status}"
+    );
+    assert!(d.workspace.join("a.txt").exists());
+}
