@@ -41,6 +41,28 @@ impl Manifest {
     }
 }
 
+/// What the delete guards hold back, kept across restarts: a restart must not let
+/// through what a running daemon refused to delete.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Guards {
+    /// Paths kept in remote storage while missing here (a new state directory's, a
+    /// restore's bad entries) until they turn up or deletions are confirmed.
+    pub kept: BTreeSet<String>,
+    pub hold: Option<HeldDeletes>,
+    /// The state directory is new and its first full round has not run yet.
+    #[serde(default)]
+    pub new_state: bool,
+}
+
+/// A held mass deletion (or deletion of everything).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldDeletes {
+    pub paths: BTreeSet<String>,
+    pub everything: bool,
+    /// When the same set was first held (Unix milliseconds).
+    pub since_ms: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("sync state database: {0}")]
 pub struct CacheError(String);
@@ -65,6 +87,7 @@ const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("sync_state");
 /// Object keys whose files are gone and whose deletion has not been confirmed done.
 const PENDING_DELETES: TableDefinition<&str, ()> = TableDefinition::new("sync_pending_deletes");
 const MANIFEST_KEY: &str = "manifest";
+const GUARDS_KEY: &str = "guards";
 
 /// The last published manifest, kept durably so a restarted daemon compares against
 /// exactly what the remote holds.
@@ -94,6 +117,24 @@ impl ManifestCache {
                 ..Manifest::default()
             }),
         }
+    }
+
+    /// The delete guards' state (none held when never stored).
+    pub fn load_guards(&self) -> Result<Guards, CacheError> {
+        let rtx = self.db.begin_read()?;
+        let t = rtx.open_table(STATE)?;
+        match t.get(GUARDS_KEY)? {
+            Some(v) => Ok(serde_json::from_slice(v.value())?),
+            None => Ok(Guards::default()),
+        }
+    }
+
+    pub fn store_guards(&self, guards: &Guards) -> Result<(), CacheError> {
+        let json = serde_json::to_vec(guards)?;
+        let wtx = self.db.begin_write()?;
+        wtx.open_table(STATE)?.insert(GUARDS_KEY, json.as_slice())?;
+        wtx.commit()?;
+        Ok(())
     }
 
     pub fn pending_deletes(&self) -> Result<Vec<String>, CacheError> {

@@ -288,6 +288,8 @@ impl SyncEngine {
         let cache = Arc::new(cache);
         let keys = Keys::new(&config);
         let manifest = cache.load()?;
+        let guards = cache.load_guards()?;
+        let new_state = guards.new_state || manifest.generation == 0;
         let (tx, events) = mpsc::channel(EVENT_QUEUE);
         let sink = EventSink {
             tx,
@@ -319,8 +321,19 @@ impl SyncEngine {
             poll: false,
             backoff: Backoff::default(),
             retry_at: None,
-            hold: None,
-            protected: BTreeSet::new(),
+            hold: guards.hold.map(|h| {
+                let held_for = crate::kv::now_ms().saturating_sub(h.since_ms);
+                let now = Instant::now();
+                Hold {
+                    since: now
+                        .checked_sub(Duration::from_millis(held_for))
+                        .unwrap_or(now),
+                    paths: h.paths,
+                    everything: h.everything,
+                    expiry_round_done: false,
+                }
+            }),
+            protected: guards.kept,
             waiters: Vec::new(),
             commands,
             status: status.clone(),
@@ -332,7 +345,7 @@ impl SyncEngine {
             skipped: 0,
             first_round: Some(first_tx),
             again: false,
-            first_of_new_state: false,
+            first_of_new_state: new_state,
             manifest_adopted: false,
             config,
         };
@@ -343,6 +356,35 @@ impl SyncEngine {
     /// they are missing from the workspace; one that appears again syncs as usual.
     pub fn protect(&mut self, paths: impl IntoIterator<Item = String>) {
         self.protected.extend(paths);
+        if let Err(e) = self.cache.store_guards(&self.guards()) {
+            tracing::error!(error = %e, "cannot record the entries kept in remote storage");
+        }
+    }
+
+    /// The delete guards' state, as [`ManifestCache::store_guards`] keeps it.
+    fn guards(&self) -> manifest::Guards {
+        let now_ms = crate::kv::now_ms();
+        manifest::Guards {
+            kept: self.protected.clone(),
+            hold: self.hold.as_ref().map(|h| manifest::HeldDeletes {
+                paths: h.paths.clone(),
+                everything: h.everything,
+                since_ms: now_ms.saturating_sub(h.since.elapsed().as_millis() as u64),
+            }),
+            new_state: self.first_of_new_state,
+        }
+    }
+
+    /// Records the delete guards durably: a restart must hold back what this daemon
+    /// held back. A failure is logged (the guards then hold only until a restart).
+    async fn persist_guards(&self) {
+        let guards = self.guards();
+        let cache = self.cache.clone();
+        match tokio::task::spawn_blocking(move || cache.store_guards(&guards)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot record the delete guards"),
+            Err(e) => tracing::error!(error = %e, "cannot record the delete guards"),
+        }
     }
 
     fn root_available(&self) -> Result<(), SyncError> {
@@ -423,7 +465,11 @@ impl SyncEngine {
 
     /// Runs until `stop` fires.
     pub async fn run(mut self, stop: CancellationToken) {
-        self.first_of_new_state = self.manifest.generation == 0;
+        if self.first_of_new_state {
+            // Adopting the remote manifest caches it: a restart before the first round
+            // must still know that this state directory is new.
+            self.persist_guards().await;
+        }
         if let Err(e) = self.adopt_remote_manifest().await {
             tracing::warn!(error = %e, "the first round waits for the remote manifest");
         }
@@ -719,6 +765,7 @@ impl SyncEngine {
         let paths = std::mem::take(&mut self.pending);
         let since = self.debouncer.taken().unwrap_or_else(Instant::now);
         let result = self.round_inner(confirm, full, &paths).await;
+        self.persist_guards().await;
         if result.is_err() {
             // Nothing is lost: look at the same paths again next time, and the lag
             // (what an alert watches during an outage) keeps growing.
@@ -1067,7 +1114,9 @@ impl SyncEngine {
             );
         }
 
-        // Publish the manifest, then delete what it no longer names.
+        // Publish the manifest, then delete what it no longer names. The guards are
+        // recorded first: the manifest may name files only they keep.
+        self.persist_guards().await;
         let changed = next.files != self.manifest.files
             || next.symlinks != self.manifest.symlinks
             || next.empty_dirs != self.manifest.empty_dirs;
@@ -1508,6 +1557,61 @@ mod tests {
         );
         assert!(remote.contains_key("other"), "{remote:?}");
         assert_eq!(g.handle.status().held_deletes, 1);
+        g.stop.cancel();
+        g.task.await.unwrap();
+    }
+
+    /// Stops `f` and starts an engine on the same state directory and workspace.
+    async fn restart(f: Fixture) -> Fixture {
+        f.stop.cancel();
+        f.task.await.unwrap();
+        engine_in(f._dir, "", f.remote.clone(), |_| {}).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_the_guards_hold_stays_held_across_restarts() {
+        let f = engine().await;
+        for i in 0..20 {
+            std::fs::write(f.ws.join(format!("f{i}.txt")), "w").unwrap();
+        }
+        f.handle.sync(false).await.unwrap();
+        // Everything gone and a new file: held, also after a restart (the manifest now
+        // names the new file, so a restart alone would not see "everything" again).
+        for i in 0..20 {
+            std::fs::remove_file(f.ws.join(format!("f{i}.txt"))).unwrap();
+        }
+        std::fs::write(f.ws.join("new.txt"), "n").unwrap();
+        f.handle.sync(false).await.unwrap();
+        assert_eq!(f.handle.status().held_deletes, 20);
+        let f = restart(f).await;
+        f.handle.sync(false).await.unwrap();
+        assert_eq!(f.handle.status().held_deletes, 20);
+        assert_eq!(mirrored(&f).await.len(), 21);
+        f.stop.cancel();
+        f.task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn files_a_new_state_directory_lacks_stay_kept_across_restarts() {
+        let f = engine().await;
+        for i in 0..5 {
+            std::fs::write(f.ws.join(format!("w{i}.txt")), "w").unwrap();
+        }
+        f.handle.sync(false).await.unwrap();
+        f.stop.cancel();
+        f.task.await.unwrap();
+        let g = engine_in(f._dir, "new-", f.remote.clone(), |ws| {
+            std::fs::write(ws.join("baked.txt"), "b").unwrap();
+        })
+        .await;
+        g.handle.sync(false).await.unwrap();
+        assert_eq!(g.handle.status().held_deletes, 5);
+        g.stop.cancel();
+        g.task.await.unwrap();
+        let g = engine_in(g._dir, "new-", g.remote.clone(), |_| {}).await;
+        g.handle.sync(false).await.unwrap();
+        assert_eq!(g.handle.status().held_deletes, 5);
+        assert_eq!(mirrored(&g).await.len(), 6);
         g.stop.cancel();
         g.task.await.unwrap();
     }
