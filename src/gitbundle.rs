@@ -129,6 +129,10 @@ pub struct HeadMeta {
     /// entry's commit as `refs/sandkeep/stash/<i>`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stash: Vec<StashEntry>,
+    /// When the work tree was read (Unix milliseconds): a restore compares it with the
+    /// manifest's `updated_at` to know which of the two is newer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_at_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -462,6 +466,7 @@ fn wip_commits(repo: &Repository, parent: Option<Oid>) -> Result<(Oid, Oid, Oid,
 }
 
 fn prepare(repo: &Repository) -> Result<Prepared, GitError> {
+    let read_at = crate::kv::now_ms();
     let mut head = head_meta(repo)?;
     git_dir_meta(repo, &mut head);
     let odb = repo.odb().ctx("object database")?;
@@ -504,6 +509,8 @@ fn prepare(repo: &Repository) -> Result<Prepared, GitError> {
         refs.push((index_commit, WIP_INDEX_REF.into()));
         refs.push((wip_commit, WIP_REF.into()));
     }
+    // After the digest: the time alone is no change.
+    head.read_at_ms = Some(read_at);
     Ok(Prepared {
         refs,
         head,
@@ -917,6 +924,8 @@ pub struct Restored {
     /// Refs created (HEAD and the WIP refs not counted).
     pub refs: usize,
     pub had_wip: bool,
+    /// When the bundled work tree was read (from the json), if it says.
+    pub read_at_ms: Option<u64>,
 }
 
 /// Turns the bundle at `bundle` into a repository at `target` (created if needed):
@@ -1007,6 +1016,7 @@ pub fn restore_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<R
     Ok(Restored {
         refs: created,
         had_wip: wip.is_some(),
+        read_at_ms: meta.read_at_ms,
     })
 }
 

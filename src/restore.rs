@@ -436,6 +436,14 @@ pub async fn restore_workspace(
     }
 
     // Repositories: the bundles' work trees first, the mirror's files over them.
+    let manifest_ms = humantime::parse_rfc3339_weak(&manifest.updated_at)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64);
+    // Each restored repository's directory (`""`: the root; else `<name>/`) and whether
+    // its bundle is newer than the manifest: there the manifest only fills in files the
+    // checkout did not write, and what the checkout wrote is never removed as deleted.
+    let mut bundle_is_newer: Vec<(String, bool)> = Vec::new();
     let mut stems: Vec<String> = git_objects
         .iter()
         .filter_map(|o| o.key.rsplit('/').next()?.strip_suffix(".json"))
@@ -468,7 +476,21 @@ pub async fn restore_workspace(
             format!("{repo}/.git")
         };
         match gitbundle::fetch_and_restore(remote, conversation_prefix, &stem, &dir, &root).await {
-            Ok(Some(r)) => report.repos.push(RepoRestored { repo, refs: r.refs }),
+            Ok(Some(r)) => {
+                // A bundle newer than the manifest (the mirror's last round was
+                // cut short, or came before the bundle): its work tree is the newer
+                // state of the repository's files.
+                let newer = r
+                    .read_at_ms
+                    .is_some_and(|b| manifest_ms.is_some_and(|m| b > m));
+                let dir = if repo == "." {
+                    String::new()
+                } else {
+                    format!("{repo}/")
+                };
+                bundle_is_newer.push((dir, newer));
+                report.repos.push(RepoRestored { repo, refs: r.refs });
+            }
             Ok(None) => {}
             Err(e) => report.bad.push(BadEntry {
                 path: label,
@@ -481,18 +503,38 @@ pub async fn restore_workspace(
     // older than the manifest (written every `git.interval`), so these may be files
     // deleted since. Looked at again once the manifest's files (its `.gitignore`s
     // among them) are in place.
-    let from_bundles = if report.repos.is_empty() {
+    // The repository a path belongs to is the innermost one holding it.
+    let in_newer = |rel: &str| {
+        bundle_is_newer
+            .iter()
+            .filter(|(d, _)| rel.starts_with(d.as_str()))
+            .max_by_key(|(d, _)| d.len())
+            .is_some_and(|(_, newer)| *newer)
+    };
+    let from_bundles: Vec<String> = if report.repos.is_empty() {
         Vec::new()
     } else {
         extras(&root, &rules, &manifest, opts.max_file_bytes)
+            .into_iter()
+            .filter(|rel| !in_newer(rel))
+            .collect()
     };
 
     // Files, in parallel.
-    let wanted: Vec<(&String, &FileEntry)> = manifest
+    let mut wanted: Vec<(&String, &FileEntry)> = manifest
         .files
         .iter()
         .filter(|(rel, _)| !excluded(rel, false))
         .collect();
+    if bundle_is_newer.iter().any(|(_, newer)| *newer) {
+        wanted.retain(|(rel, _)| {
+            let keep = in_newer(rel) && fs::symlink_metadata(root.join(rel)).is_ok();
+            if keep {
+                report.unchanged += 1;
+            }
+            !keep
+        });
+    }
     progress.start(
         wanted.len() as u64,
         wanted.iter().map(|(_, e)| e.size).sum(),

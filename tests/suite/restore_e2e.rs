@@ -547,3 +547,47 @@ async fn auto_restores_onto_a_fresh_volume_with_lost_and_found() {
     );
     assert!(d.workspace.join("a.txt").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_newer_than_the_manifest_keeps_its_work() {
+    // CONFIG: a debounce of 20 s and no periodic bundles, so only the calls below write.
+    let mut d = Daemon::prepare(CONFIG);
+    let ws = d.workspace.clone();
+    git(&ws, &["init", "-q"]);
+    write(&ws, "a.txt", "a\n");
+    write(&ws, "old.txt", "old\n");
+    git(&ws, &["add", "."]);
+    git(&ws, &["commit", "-q", "-m", "one"]);
+    d.set_env("SANDKEEP_REMOTE_LEASE", "2s");
+    d.spawn_and_wait().await;
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    // Work after the manifest, carried by a bundle only; then a crash before the
+    // mirror's debounced round.
+    write(&ws, "new_feature.py", "two hours of work\n");
+    write(&ws, "a.txt", "a, edited\n");
+    ok(&d.api().post("/v1/git/bundle", &json!({})).await, 200);
+    d.kill9();
+
+    d.become_new_sandbox();
+    d.spawn_and_wait().await;
+    let ws = d.workspace.clone();
+    assert_eq!(
+        std::fs::read_to_string(ws.join("new_feature.py")).unwrap(),
+        "two hours of work\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join("a.txt")).unwrap(),
+        "a, edited\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join("old.txt")).unwrap(),
+        "old\n"
+    );
+    // And the mirror catches up with it.
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    let remote = d.remote.join(CONV).join("workspace/files/new_feature.py");
+    assert_eq!(
+        std::fs::read_to_string(remote).unwrap(),
+        "two hours of work\n"
+    );
+}
