@@ -527,8 +527,14 @@ pub async fn restore_workspace(
         .filter(|(rel, _)| !excluded(rel, false))
         .collect();
     if bundle_is_newer.iter().any(|(_, newer)| *newer) {
-        wanted.retain(|(rel, _)| {
-            let keep = in_newer(rel) && fs::symlink_metadata(root.join(rel)).is_ok();
+        // A file the newer bundle checked out with other content than the manifest's
+        // changed after the manifest: it stays. One with the same content is the
+        // manifest's (which then sets its mode and time).
+        wanted.retain(|(rel, e)| {
+            let path = root.join(rel);
+            let keep = in_newer(rel)
+                && fs::symlink_metadata(&path).is_ok_and(|m| m.is_file())
+                && blake3_of_file(&path).is_ok_and(|h| h != e.hash);
             if keep {
                 report.unchanged += 1;
             }
