@@ -76,8 +76,9 @@ pub enum Command {
         #[arg(long)]
         ready: bool,
     },
-    /// Ask the daemon to do its final sync and exit; waits until it is gone (the
-    /// socket stops answering), at most `--wait` seconds (0: do not wait).
+    /// Ask the daemon to do its final sync and exit; waits until it is gone, at most
+    /// `--wait` seconds (0: do not wait), and exits with the daemon's exit code (0, or
+    /// 75 when the final sync was cut short).
     Shutdown {
         #[arg(long, default_value_t = 60)]
         wait: u64,
@@ -407,6 +408,41 @@ fn mint(
     Ok(EXIT_OK)
 }
 
+/// `shutdown`: asks for the stop, prints the final sync's outcome, waits until the
+/// daemon has removed its socket (its last act), and exits with the daemon's exit code
+/// (0, or 75 when the final sync was cut short).
+async fn shutdown_and_wait(client: &Client, wait: Duration) -> anyhow::Result<u8> {
+    let until = tokio::time::Instant::now() + wait;
+    let still_running = || {
+        eprintln!(
+            "sandkeep: the daemon is still stopping after {} s",
+            wait.as_secs()
+        );
+        Ok(EXIT_ERROR)
+    };
+    let asked = client.request(Method::POST, "/v1/shutdown?wait=true", None);
+    let reply = match tokio::time::timeout_at(until, asked).await {
+        Ok(r) => r?,
+        Err(_) => return still_running(),
+    };
+    let code = print_reply(&reply);
+    if code != EXIT_OK {
+        return Ok(code);
+    }
+    let exit = serde_json::from_slice::<Value>(&reply.body)
+        .ok()
+        .and_then(|b| b["exit_code"].as_u64())
+        .and_then(|c| u8::try_from(c).ok())
+        .unwrap_or(EXIT_ERROR);
+    while client.socket().exists() {
+        if tokio::time::Instant::now() >= until {
+            return still_running();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(exit)
+}
+
 /// Maps an HTTP status to the CLI's exit code.
 pub fn exit_code(status: u16) -> u8 {
     match status {
@@ -508,21 +544,11 @@ async fn remote(client: &Client, command: Command) -> anyhow::Result<u8> {
             .map_err(|_| anyhow::anyhow!("the daemon did not answer the sync in time"))??
         }
         Command::Shutdown { wait } => {
-            let reply = client.request(Method::POST, "/v1/shutdown", None).await?;
-            let code = print_reply(&reply);
-            if code != EXIT_OK || wait == 0 {
-                return Ok(code);
+            if wait == 0 {
+                client.request(Method::POST, "/v1/shutdown", None).await?
+            } else {
+                return shutdown_and_wait(client, Duration::from_secs(wait)).await;
             }
-            // Gone once nothing answers on the socket any more.
-            let until = tokio::time::Instant::now() + Duration::from_secs(wait);
-            while client.get("/healthz").await.is_ok() {
-                if tokio::time::Instant::now() >= until {
-                    eprintln!("sandkeep: the daemon is still running after {wait} s");
-                    return Ok(EXIT_ERROR);
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            return Ok(EXIT_OK);
         }
         Command::Kv(args) => return kv(client, args).await,
         Command::Files(cmd) => return files(client, cmd).await,

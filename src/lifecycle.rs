@@ -67,6 +67,8 @@ pub struct Lifecycle {
     pub abort: CancellationToken,
     /// What the restores at start did, for `GET /v1/status`.
     restored: std::sync::Mutex<serde_json::Map<String, serde_json::Value>>,
+    /// The final sync's outcome once it is known: the exit code and what was left.
+    stopped: tokio::sync::watch::Sender<Option<(u8, Vec<String>)>>,
 }
 
 impl Default for Lifecycle {
@@ -76,6 +78,7 @@ impl Default for Lifecycle {
             shutdown: CancellationToken::new(),
             abort: CancellationToken::new(),
             restored: Default::default(),
+            stopped: tokio::sync::watch::Sender::new(None),
         }
     }
 }
@@ -118,6 +121,16 @@ impl Lifecycle {
     pub fn request_shutdown(&self) {
         self.set_phase(Phase::ShuttingDown);
         self.shutdown.cancel();
+    }
+
+    /// Waits for the final sync's outcome: the exit code the daemon will have (0 or
+    /// 75) and what was left out of remote storage.
+    pub async fn final_sync_outcome(&self) -> (u8, Vec<String>) {
+        let mut rx = self.stopped.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().unwrap_or((EXIT_INCOMPLETE, Vec::new())),
+            Err(_) => (EXIT_INCOMPLETE, Vec::new()),
+        }
     }
 }
 
@@ -518,12 +531,8 @@ pub async fn run(
     // for releasing the conversation and stopping the server and the tasks.
     let deadline = config.shutdown.deadline.0;
     let stop_by = tokio::time::Instant::now() + deadline;
-    let left = || {
-        stop_by
-            .saturating_duration_since(tokio::time::Instant::now())
-            .max(Duration::from_millis(500))
-    };
-    let code = if started {
+    let left = || stop_by.saturating_duration_since(tokio::time::Instant::now());
+    let (code, left_out) = if started {
         final_sync(
             &sync,
             &git,
@@ -537,12 +546,20 @@ pub async fn run(
             "stopped during start-up (before owning the conversation or finishing the restore): \
              nothing was written to remote storage"
         );
-        EXIT_INCOMPLETE
+        (
+            EXIT_INCOMPLETE,
+            vec!["everything: stopped during start-up".to_string()],
+        )
     };
+    // `POST /v1/shutdown?wait=true` answers with this while the server drains.
+    lifecycle.stopped.send_replace(Some((code, left_out)));
     owner.release(left()).await; // single writer: the next daemon may take over at once
 
     server_stop.cancel();
-    match tokio::time::timeout(DRAIN_TIMEOUT.min(left()), &mut server).await {
+    // (At least a moment, even past the deadline: `shutdown?wait=true` callers are
+    // being answered the outcome.)
+    let drain = DRAIN_TIMEOUT.min(left()).max(Duration::from_millis(200));
+    match tokio::time::timeout(drain, &mut server).await {
         Ok(r) => r.context("server task")?.context("server")?,
         Err(_) => {
             tracing::warn!("requests still running after the drain timeout; closing them");
@@ -669,7 +686,7 @@ async fn final_sync(
     replica: &crate::replicate::ReplicaHandle,
     deadline: Duration,
     abort: &CancellationToken,
-) -> u8 {
+) -> (u8, Vec<String>) {
     let started = Instant::now();
     let (mut ws_done, mut git_done, mut stores_done) = (false, false, false);
     let workspace = async {
@@ -764,14 +781,14 @@ async fn final_sync(
             duration_ms = started.elapsed().as_millis() as u64,
             "final sync done: everything is in remote storage"
         );
-        0
+        (0, left)
     } else {
         tracing::error!(
             reason = cut_short.unwrap_or("a part failed"),
             left = %left.join("; "),
             "exiting before everything reached remote storage"
         );
-        EXIT_INCOMPLETE
+        (EXIT_INCOMPLETE, left)
     }
 }
 
@@ -830,8 +847,9 @@ pub fn serve(config: Config) -> anyhow::Result<u8> {
         watcher.abort();
         code
     });
-    // Blocking work still running (a remote call that hangs) must not hold the exit.
-    runtime.shutdown_timeout(Duration::from_secs(1));
+    // Blocking work still running (a remote call that hangs) must not hold the exit
+    // (the database is closed by now).
+    runtime.shutdown_timeout(Duration::from_millis(100));
     code
 }
 

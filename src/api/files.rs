@@ -49,7 +49,18 @@ pub async fn put_file(
     let size = data.len();
     let (created, _) = state.files.put(&path, data, if_absent).await?;
     if sync {
-        match tokio::time::timeout(SYNC_WAIT, state.replica.flush()).await {
+        let shutdown = state.lifecycle.shutdown.clone();
+        let waited = tokio::select! {
+            w = tokio::time::timeout(SYNC_WAIT, state.replica.flush()) => w,
+            _ = shutdown.cancelled() => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting_down",
+                    "the file is stored locally; the daemon is stopping and its final sync carries it",
+                ));
+            }
+        };
+        match waited {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 return Err(ApiError::new(

@@ -169,7 +169,18 @@ pub async fn sync(
         stats.bytes_uploaded += git_bytes + store_bytes?;
         Ok::<_, crate::sync::SyncError>(stats)
     };
-    let waited = tokio::time::timeout(std::time::Duration::from_secs(timeout), work).await;
+    // A stop ends the wait with an answer (the final sync carries on with the work).
+    let shutdown = state.lifecycle.shutdown.clone();
+    let waited = tokio::select! {
+        w = tokio::time::timeout(std::time::Duration::from_secs(timeout), work) => w,
+        _ = shutdown.cancelled() => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the daemon is stopping: its final sync carries on with what this sync waited for",
+            ));
+        }
+    };
     match waited {
         Ok(Ok(stats)) => Ok(json_ok(StatusCode::OK, json!(stats))),
         Ok(Err(crate::sync::SyncError::WorkspaceUnavailable(m))) => Err(ApiError::new(
@@ -213,12 +224,23 @@ pub async fn sync(
     }
 }
 
+/// `POST /v1/shutdown`: 202 at once; with `wait=true`, 200 once the final sync is over,
+/// with the daemon's exit code (0, or 75 when it was cut short) and what was left.
 pub async fn shutdown(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
     ctx.grant.require(Scope::Admin)?;
-    tracing::info!("shutdown requested over the API");
+    ctx.query.allow(&["wait"])?;
+    let wait = ctx.query.flag("wait")?;
+    tracing::info!(wait, "shutdown requested over the API");
     state.lifecycle.request_shutdown();
+    if !wait {
+        return Ok(json_ok(
+            StatusCode::ACCEPTED,
+            json!({"status": "shutting_down"}),
+        ));
+    }
+    let (code, left) = state.lifecycle.final_sync_outcome().await;
     Ok(json_ok(
-        StatusCode::ACCEPTED,
-        json!({"status": "shutting_down"}),
+        StatusCode::OK,
+        json!({"status": "stopping", "exit_code": code, "left": left}),
     ))
 }

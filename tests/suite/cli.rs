@@ -354,6 +354,7 @@ async fn status_and_shutdown() {
     ok(&d.api().put("/v1/kv/k", &json!(1)).await, 201);
     let out = cli.run(&["shutdown"]).await;
     assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["exit_code"], 0, "{out:?}");
     // It returned once the daemon was gone: the final sync is done, the socket removed.
     assert!(
         !d.socket.exists(),

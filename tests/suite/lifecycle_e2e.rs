@@ -272,3 +272,45 @@ async fn a_remote_that_refuses_the_daemon_shows_as_degraded() {
     assert_eq!(s["state"], "degraded", "{s}");
     assert!(s["owner"]["last_error"].is_string(), "{s}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_over_the_cli_answers_waiting_syncs_and_reports_what_was_left() {
+    let mut s3 = S3Server::start().await;
+    let mut d = Daemon::prepare("[shutdown]\ndeadline = \"6s\"\n[git]\ninterval = \"0s\"\n");
+    s3.configure(&d);
+    d.spawn_and_wait().await;
+    ok(
+        &d.api().post("/v1/sync", &json!({"timeout_s": 30})).await,
+        200,
+    );
+    s3.hang().await;
+    std::fs::write(d.workspace.join("late.txt"), "2").unwrap();
+    // A sync that waits on the hanging remote when the stop comes.
+    let api = d.api();
+    let waiting = tokio::spawn(async move {
+        api.request_within(
+            Duration::from_secs(30),
+            Method::POST,
+            "/v1/sync",
+            Some(br#"{"timeout_s": 600}"#.to_vec()),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let out = d.cli().run(&["shutdown"]).await;
+    let took = started.elapsed();
+    assert_eq!(out.code, 75, "{out:?}\nlog:\n{}", d.log());
+    let body = out.json();
+    assert_eq!(body["exit_code"], 75, "{body}");
+    assert!(!body["left"].as_array().unwrap().is_empty(), "{body}");
+    assert!(
+        took < Duration::from_secs(8),
+        "a 6 s deadline took {took:?}"
+    );
+    assert!(!d.socket.exists());
+    let r = waiting.await.unwrap();
+    let e = crate::util::assert_error(&r, 503, "shutting_down");
+    assert!(e["message"].as_str().unwrap().contains("final sync"), "{e}");
+    assert_eq!(d.wait_exit(crate::util::EXIT_TIMEOUT).code(), Some(75));
+}
