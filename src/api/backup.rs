@@ -47,6 +47,9 @@ impl From<GitError> for ApiError {
     }
 }
 
+/// Longest `GET /v1/snapshots` waits for remote storage.
+const LIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// `POST /v1/snapshots`: takes a snapshot now.
 pub async fn take_snapshot(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
     ctx.grant.require(Scope::Admin)?;
@@ -59,7 +62,20 @@ pub async fn take_snapshot(State(state): State<AppState>, ctx: Ctx) -> Result<Re
 pub async fn list_snapshots(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
     ctx.grant.require(Scope::Admin)?;
     ctx.query.allow(&[])?;
-    let listed = state.snapshots.list().await?;
+    // A listing is quick or the remote is in trouble: no client waits out the SDK's
+    // retries of a server that hangs.
+    let listed = tokio::time::timeout(LIST_TIMEOUT, state.snapshots.list())
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "remote_error",
+                format!(
+                    "remote storage did not list the snapshots within {} s",
+                    LIST_TIMEOUT.as_secs()
+                ),
+            )
+        })??;
     Ok(json_ok(StatusCode::OK, json!({"snapshots": listed})))
 }
 

@@ -58,7 +58,9 @@ pub async fn status(State(state): State<AppState>, ctx: Ctx) -> Result<Response,
         Phase::ShuttingDown => "shutting_down",
         // Remote storage refuses or ignores this daemon (bad credentials, an outage
         // since start): nothing reaches it, whatever the mirror has to do.
-        Phase::Ready if sync.degraded || !owner.writes_allowed => "degraded",
+        Phase::Ready if sync.degraded || !owner.writes_allowed || replica.last_error.is_some() => {
+            "degraded"
+        }
         Phase::Ready => "ready",
     };
     Ok(json_ok(

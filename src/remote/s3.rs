@@ -353,7 +353,18 @@ fn sdk_error<E>(op: &'static str, key: &str, e: SdkError<E, HttpResponse>) -> Re
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
-    let mut message = DisplayErrorContext(&e).to_string();
+    // The error and its causes in their own words (the SDK's context adds a Debug
+    // dump of the whole error).
+    let mut message = {
+        let mut m = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            m.push_str(": ");
+            m.push_str(&c.to_string());
+            cause = c.source();
+        }
+        m
+    };
     match &e {
         SdkError::ServiceError(se) => {
             let code = se.err().code().unwrap_or_default();

@@ -530,7 +530,11 @@ async fn a_sync_timeout_says_which_part_is_behind() {
     assert_eq!(e["pending"]["stores"], true, "{e}");
     assert!(e["message"].as_str().unwrap().contains("last error"), "{e}");
     assert!(object(&d, "workspace/files/w.txt").exists());
+    // The exports failing is a degraded state, whatever the workspace mirror says.
+    let status = ok(&api.get("/v1/status").await, 200);
+    assert_eq!(status["state"], "degraded", "{status}");
     std::fs::remove_file(object(&d, "kv")).unwrap();
     ok(&api.post("/v1/sync", &json!({"timeout_s": 60})).await, 200);
     assert!(object(&d, "kv/default.kv").exists());
+    assert_eq!(ok(&api.get("/v1/status").await, 200)["state"], "ready");
 }
