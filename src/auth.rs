@@ -132,6 +132,10 @@ impl Authenticator {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
         validation.validate_exp = true;
+        // A token not valid yet is refused (RFC 7519); an audience is not checked
+        // (sandkeep names none), so a token that carries one is not refused for it.
+        validation.validate_nbf = true;
+        validation.validate_aud = false;
         validation.set_required_spec_claims(&["exp", "iat"]);
         Self {
             mode: config.auth.mode,
@@ -178,6 +182,12 @@ impl Authenticator {
         }
         if c.iat > c.exp {
             return Err(unauthorized("the token's iat is after its exp"));
+        }
+        if let Some(bad) = c.scope.iter().find(|s| Scope::parse(s).is_none()) {
+            // A typo would otherwise grant less than meant without a word.
+            return Err(AuthError::Unauthorized(format!(
+                "the token names an unknown scope `{bad}`"
+            )));
         }
         if c.exp - c.iat > self.max_ttl.as_secs() {
             return Err(unauthorized(
@@ -357,6 +367,30 @@ mod tests {
         // A little clock skew is tolerated; a plain token is fine.
         assert!(signed(now + 30, now + 600).is_ok());
         assert!(signed(now, now + 600).is_ok());
+    }
+
+    #[test]
+    fn nbf_unknown_scopes_and_audiences() {
+        let c = token_config();
+        let a = Authenticator::new(&c);
+        let now = unix_now();
+        let signed = |claims: serde_json::Value| {
+            let key = EncodingKey::from_secret(c.auth.secret.as_bytes());
+            let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
+            a.authenticate(Some(&format!("Bearer {t}")))
+        };
+        let base =
+            serde_json::json!({"ns": ["a"], "scope": ["kv:read"], "iat": now, "exp": now + 600});
+        assert!(signed(base.clone()).is_ok());
+        let mut later = base.clone();
+        later["nbf"] = (now + 3600).into();
+        assert!(matches!(signed(later), Err(AuthError::Unauthorized(_))));
+        let mut typo = base.clone();
+        typo["scope"] = serde_json::json!(["kv:read", "kv:admin"]);
+        assert!(matches!(signed(typo), Err(AuthError::Unauthorized(m)) if m.contains("kv:admin")));
+        let mut aud = base;
+        aud["aud"] = "some-platform".into();
+        assert!(signed(aud).is_ok());
     }
 
     #[test]

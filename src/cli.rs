@@ -58,7 +58,7 @@ pub enum Command {
     /// Wait until every workspace change made so far is in remote storage.
     Sync {
         /// Seconds to wait (1-3600).
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
         /// Allow this sync to delete what the delete guards hold back.
         #[arg(long)]
@@ -152,7 +152,7 @@ pub enum FilesCommand {
 #[derive(Args, Debug)]
 pub struct KvArgs {
     /// Namespace (default: `default`, or the token's only namespace).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = namespace_arg)]
     pub ns: Option<String>,
     #[command(subcommand)]
     pub command: KvCommand,
@@ -174,7 +174,7 @@ pub enum KvCommand {
         value: String,
         #[arg(long)]
         string: bool,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "xx")]
         nx: bool,
         #[arg(long)]
         xx: bool,
@@ -237,7 +237,7 @@ pub enum KvCommand {
     List {
         #[arg(long)]
         prefix: Option<String>,
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         limit: Option<u64>,
         #[arg(long)]
         cursor: Option<String>,
@@ -257,9 +257,16 @@ pub enum KvCommand {
         #[arg(long)]
         after_version: Option<u64>,
         /// Seconds (at most 300).
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=300))]
         timeout: u64,
     },
+}
+
+/// `--ns`: a namespace name as the daemon accepts it.
+fn namespace_arg(s: &str) -> Result<String, String> {
+    crate::kv::validate::namespace(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// Entry point of the binary.

@@ -59,8 +59,9 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct HumanDuration(pub Duration);
 
-/// The longest duration a configuration value may name (10 years).
-const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// The longest duration a configuration value may name: 10 years (of 365.25 days, as
+/// `"10y"` reads).
+const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
 
 impl HumanDuration {
     pub fn secs(s: u64) -> Self {
@@ -548,8 +549,9 @@ impl Config {
         if self.snapshot.keep == 0 {
             return Err(invalid("snapshot.keep", "must be at least 1"));
         }
-        if self.shutdown.deadline.is_zero() {
-            return Err(invalid("shutdown.deadline", "must be greater than 0"));
+        if self.shutdown.deadline.0 < Duration::from_secs(1) {
+            // Below that no final sync could ever finish: every stop would exit 75.
+            return Err(invalid("shutdown.deadline", "must be at least 1s"));
         }
         Ok(())
     }
@@ -822,6 +824,7 @@ mod tests {
                 "replicate_delay",
             ),
             ("[git]\ninterval = \"11years\"\n", "interval"),
+            ("[shutdown]\ndeadline = \"1ms\"\n", "shutdown.deadline"),
             ("[watch]\npoll_interval = \"1ns\"\n", "watch.poll_interval"),
             ("[remote]\nprefix = \"../escape/\"\n", "remote.prefix"),
             ("[remote]\nprefix = \"a//b/\"\n", "remote.prefix"),
@@ -831,6 +834,7 @@ mod tests {
                 .to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
+        assert!(Config::from_parts("[git]\ninterval = \"10y\"\n", Source::Embedded, &[]).is_ok());
         let c = Config::from_parts("[remote]\nprefix = \"team/a/\"\n", Source::Embedded, &[]);
         assert!(c.is_ok(), "{c:?}");
     }

@@ -128,6 +128,11 @@ pub async fn delete_file(
     Ok(json_ok(StatusCode::OK, json!({"deleted": deleted})))
 }
 
+/// `/v1/files/` with any method: the path is empty.
+pub async fn empty_path() -> ApiError {
+    crate::kv::KvError::InvalidPath("invalid file path: the path is empty".into()).into()
+}
+
 pub async fn list_files(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
     ctx.grant.require(Scope::FilesRead)?;
     ctx.query.allow(&["prefix"])?;

@@ -297,6 +297,17 @@ pub async fn get_action(
     }
 }
 
+/// `/v1/kv/{key}/{action}` with PUT, PATCH or DELETE: 405 for a known action, else 404.
+pub async fn other_method_action(ActionParam(action): ActionParam) -> Response {
+    match action.as_str() {
+        "len" | "watch" => action_method_not_allowed(&action, "GET"),
+        "incr" | "decr" | "lpush" | "rpush" | "lpop" | "rpop" | "expire" => {
+            action_method_not_allowed(&action, "POST")
+        }
+        _ => ApiError::not_found(format!("no action `{action}`")).into_response(),
+    }
+}
+
 /// `/v1/kv/` with any method: the key is empty.
 pub async fn empty_key() -> ApiError {
     KvError::InvalidKey("the key is empty (1 to 255 bytes)".into()).into()

@@ -59,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/git/bundle", post(backup::write_bundles))
         .route("/v1/files", get(files::list_files))
+        .route("/v1/files/", any(files::empty_path))
         .route(
             "/v1/files/{*path}",
             get(files::get_file)
@@ -84,7 +85,11 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/v1/kv/{key}/{action}",
-            get(kv::get_action).post(kv::post_action),
+            get(kv::get_action)
+                .post(kv::post_action)
+                .put(kv::other_method_action)
+                .patch(kv::other_method_action)
+                .delete(kv::other_method_action),
         )
         .fallback(error::no_route)
         .method_not_allowed_fallback(|| async { error::method_not_allowed() })
@@ -115,13 +120,18 @@ impl Query {
         for part in q.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = part.split_once('=').unwrap_or((part, ""));
             let k = decode(k)?;
+            let v = decode(v).map_err(|_| {
+                ApiError::invalid_param(format!(
+                    "the value of query parameter `{k}` is not valid UTF-8 once decoded"
+                ))
+            })?;
             // `nx=true&nx=false` must not be read either way without a word.
             if pairs.iter().any(|(seen, _)| *seen == k) {
                 return Err(ApiError::invalid_param(format!(
                     "query parameter `{k}` is given more than once"
                 )));
             }
-            pairs.push((k, decode(v)?));
+            pairs.push((k, v));
         }
         Ok(Self(pairs))
     }
@@ -298,6 +308,20 @@ impl<S: Send + Sync> FromRequestParts<S> for ActionParam {
             None => Err(ApiError::not_found("no such route")),
         }
     }
+}
+
+/// Parses a body that must be a JSON object into `T`: malformed JSON is
+/// `invalid_json`; another JSON value (an array would fill a struct by position), or a
+/// field of the wrong type or name, is `invalid_param`.
+pub fn json_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    crate::kv::ops::require_object(bytes)?;
+    serde_json::from_slice(bytes).map_err(|e| {
+        if e.is_data() {
+            ApiError::invalid_param(format!("body: {e}"))
+        } else {
+            crate::kv::validate::json_error(e).into()
+        }
+    })
 }
 
 /// Reads a request body of at most `limit` bytes. A declared length over the limit is

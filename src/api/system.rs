@@ -46,6 +46,7 @@ pub async fn metrics(State(state): State<AppState>, ctx: Ctx) -> Result<Response
 
 pub async fn status(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
     ctx.grant.require(Scope::Admin)?;
+    ctx.query.allow(&[])?;
     let (namespaces, bytes) = state.kv.stats().await?;
     let (file_count, file_bytes) = state.files.stats().await?;
     let replica = state.replica.status();
@@ -124,8 +125,7 @@ pub async fn sync(
     let req: SyncBody = if bytes.iter().all(u8::is_ascii_whitespace) {
         SyncBody::default()
     } else {
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?
+        super::json_object(&bytes)?
     };
     let timeout = req.timeout_s.unwrap_or(60);
     if timeout == 0 || timeout > SYNC_MAX_TIMEOUT_S {

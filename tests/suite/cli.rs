@@ -103,8 +103,18 @@ async fn exit_codes() {
     let out = cli.run(&["kv", "incr", "k"]).await;
     assert_eq!(out.code, 1, "wrong_type: {out:?}");
     assert!(out.stderr.contains("wrong_type"), "{out:?}");
-    let out = cli.run(&["kv", "get", "k", "--ns", "bad ns"]).await;
-    assert_eq!(out.code, 1, "invalid namespace: {out:?}");
+    // Bad arguments found before anything is sent: 2.
+    for args in [
+        &["kv", "get", "k", "--ns", "bad ns"][..],
+        &["kv", "set", "k", "1", "--nx", "--xx"],
+        &["kv", "list", "--limit", "0"],
+        &["sync", "--timeout", "0"],
+        &["sync", "--timeout", "99999"],
+        &["kv", "watch", "k", "--timeout", "301"],
+    ] {
+        let out = cli.run(args).await;
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+    }
     let nobody = Cli::new(&d.root().join("nobody.sock"));
     let out = nobody.run(&["kv", "get", "k"]).await;
     assert_eq!(out.code, 1, "daemon not running: {out:?}");

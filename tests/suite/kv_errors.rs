@@ -510,6 +510,32 @@ async fn query_and_depth_edges() {
     // A query value that is not UTF-8 is refused, not read as U+FFFD.
     ok(&api.put("/v1/kv/%EF%BF%BDx", &json!(1)).await, 201);
     assert_error(&api.get("/v1/kv?prefix=%FF").await, 400, "invalid_param");
+    let e = assert_error(&api.get("/v1/kv?prefix=%FF").await, 400, "invalid_param");
+    assert!(e["message"].as_str().unwrap().contains("`prefix`"), "{e}");
+    // Unknown actions are 404 whatever the method; bodies that must be objects are.
+    assert_error(&api.put("/v1/kv/a/b", &json!(1)).await, 404, "not_found");
+    assert_error(&api.delete("/v1/kv/a/b").await, 404, "not_found");
+    assert_error(
+        &api.delete("/v1/kv/a/incr").await,
+        405,
+        "method_not_allowed",
+    );
+    let positional = json!([null, [], [{"op": "set", "key": "arr", "value": 7}]]);
+    assert_error(
+        &api.post("/v1/kv/batch", &positional).await,
+        400,
+        "invalid_param",
+    );
+    assert_eq!(api.value("arr").await, None);
+    for body in [json!([]), json!({"timeout": 5}), json!({"timeout_s": "5"})] {
+        assert_error(&api.post("/v1/sync", &body).await, 400, "invalid_param");
+    }
+    assert_error(&api.get("/v1/status?x=1").await, 400, "invalid_param");
+    assert_error(
+        &api.raw(hyper::Method::PUT, "/v1/files/", b"x").await,
+        400,
+        "invalid_path",
+    );
     // A parameter given twice is refused, not read either way.
     let r = api.put("/v1/kv/a?nx=true&nx=false", &json!(2)).await;
     assert_error(&r, 400, "invalid_param");
