@@ -314,14 +314,15 @@ impl<S: Send + Sync> FromRequestParts<S> for ActionParam {
 /// `invalid_json`; another JSON value (an array would fill a struct by position), or a
 /// field of the wrong type or name, is `invalid_param`.
 pub fn json_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    crate::kv::ops::require_object(bytes)?;
-    serde_json::from_slice(bytes).map_err(|e| {
+    let value = serde_json::from_slice(bytes).map_err(|e| -> ApiError {
         if e.is_data() {
             ApiError::invalid_param(format!("body: {e}"))
         } else {
             crate::kv::validate::json_error(e).into()
         }
-    })
+    })?;
+    crate::kv::ops::require_object(bytes)?;
+    Ok(value)
 }
 
 /// Reads a request body of at most `limit` bytes. A declared length over the limit is

@@ -291,22 +291,21 @@ struct RawOp {
     meta: bool,
 }
 
-/// Refuses a body whose JSON value is not an object (serde would fill a struct from an
-/// array by position). Malformed JSON is left to the parser's own error.
+/// Refuses a body that parsed but is not a JSON object (serde fills a struct from an
+/// array by position). Called after a successful parse, so that malformed JSON keeps
+/// the parser's own error.
 pub fn require_object(body: &[u8]) -> Result<(), KvError> {
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') | None => Ok(()),
-        Some(b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => Err(KvError::InvalidParam(
+        Some(_) => Err(KvError::InvalidParam(
             "the body must be a JSON object".into(),
         )),
-        Some(_) => Ok(()),
     }
 }
 
 impl BatchRequest {
     /// Parses and validates a batch body; errors in operation `i` carry `index: i`.
     pub fn parse(body: &[u8]) -> Result<Self, KvError> {
-        require_object(body)?;
         let raw: RawBatch = serde_json::from_slice(body).map_err(|e| {
             if e.is_data() {
                 KvError::InvalidParam(format!("batch body: {e}"))
@@ -314,6 +313,7 @@ impl BatchRequest {
                 validate::json_error(e)
             }
         })?;
+        require_object(body)?;
         if raw.operations.len() > MAX_BATCH_OPS {
             return Err(KvError::InvalidParam(format!(
                 "a batch holds at most {MAX_BATCH_OPS} operations, got {}",
