@@ -440,7 +440,10 @@ pub async fn run(
                 for b in &report.bad {
                     tracing::error!(path = %b.path, error = %b.error, "entry not restored; its remote copy is kept");
                 }
-                engine.protect(report.bad.iter().map(|b| b.path.clone()));
+                // The restore decided what the tree holds: what it left out on purpose
+                // (a newer bundle's state) is no "never here" for the first round; what
+                // it could not write is kept.
+                engine.restored(report.bad.iter().map(|b| b.path.clone()));
                 lifecycle.record_restore("workspace", serde_json::json!(report));
             }
             Some(Ok(None)) => {

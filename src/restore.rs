@@ -526,15 +526,27 @@ pub async fn restore_workspace(
         .iter()
         .filter(|(rel, _)| !excluded(rel, false))
         .collect();
+    // Whether the newer bundle of `rel`'s repository put something at `rel` or in its
+    // way (a file where the manifest has a directory, or the reverse): that is the
+    // newer state, which the manifest's entry must not replace.
+    let newer_in_the_way = |rel: &str| {
+        in_newer(rel)
+            && (fs::symlink_metadata(root.join(rel)).is_ok()
+                || Path::new(rel)
+                    .ancestors()
+                    .skip(1)
+                    .filter(|a| !a.as_os_str().is_empty())
+                    .any(|a| fs::symlink_metadata(root.join(a)).is_ok_and(|m| !m.is_dir())))
+    };
     if bundle_is_newer.iter().any(|(_, newer)| *newer) {
-        // A file the newer bundle checked out with other content than the manifest's
-        // changed after the manifest: it stays. One with the same content is the
-        // manifest's (which then sets its mode and time).
+        // A file the newer bundle checked out with the manifest's content is the
+        // manifest's (which then sets its mode and time); anything else it put there
+        // changed after the manifest and stays.
         wanted.retain(|(rel, e)| {
             let path = root.join(rel);
-            let keep = in_newer(rel)
-                && fs::symlink_metadata(&path).is_ok_and(|m| m.is_file())
-                && blake3_of_file(&path).is_ok_and(|h| h != e.hash);
+            let same = fs::symlink_metadata(&path).is_ok_and(|m| m.is_file())
+                && blake3_of_file(&path).is_ok_and(|h| h == e.hash);
+            let keep = newer_in_the_way(rel) && !same;
             if keep {
                 report.unchanged += 1;
             }
@@ -579,7 +591,7 @@ pub async fn restore_workspace(
     drop(results);
 
     for dir in &manifest.empty_dirs {
-        if excluded(dir, true) {
+        if excluded(dir, true) || newer_in_the_way(dir) {
             continue;
         }
         let made = checked_rel(dir)
@@ -594,7 +606,8 @@ pub async fn restore_workspace(
     }
     // Symlinks last: nothing is ever written through one of them.
     for (rel, link) in &manifest.symlinks {
-        if excluded(rel, false) {
+        let same = fs::read_link(root.join(rel)).is_ok_and(|t| t == Path::new(link));
+        if excluded(rel, false) || (newer_in_the_way(rel) && !same) {
             continue;
         }
         match restore_symlink(&root, rel, link, replace) {

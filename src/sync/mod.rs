@@ -356,6 +356,18 @@ impl SyncEngine {
     /// they are missing from the workspace; one that appears again syncs as usual.
     pub fn protect(&mut self, paths: impl IntoIterator<Item = String>) {
         self.protected.extend(paths);
+        self.save_guards_now();
+    }
+
+    /// The workspace was restored into this new state directory: the entries in
+    /// `bad` are kept (see [`SyncEngine::protect`]); anything else the tree lacks the
+    /// restore left out on purpose, so the first round mirrors the tree as it is.
+    pub fn restored(&mut self, bad: impl IntoIterator<Item = String>) {
+        self.first_of_new_state = false;
+        self.protect(bad);
+    }
+
+    fn save_guards_now(&self) {
         if let Err(e) = self.cache.store_guards(&self.guards()) {
             tracing::error!(error = %e, "cannot record the entries kept in remote storage");
         }
@@ -794,6 +806,9 @@ impl SyncEngine {
         full: bool,
         paths: &BTreeSet<String>,
     ) -> Result<RoundStats, SyncError> {
+        // The manifest's `updated_at`: when the tree was looked at, not when the
+        // manifest went out (a restore compares bundles, read at their own time, with it).
+        let scanned_at = crate::kv::now_ms();
         let mut stats = RoundStats {
             files_deleted: self.flush_pending_deletes().await?,
             ..RoundStats::default()
@@ -989,39 +1004,27 @@ impl SyncEngine {
 
         // A file that takes the place of a directory of the old manifest, or the reverse
         // (`y` replaced by `y/z`): an object store or a `dir` remote may refuse the new
-        // key while the old object exists. Such an old path is replaced, not deleted, so
-        // no guard holds it; the new file is uploaded by a second round once the old
-        // object is gone, before anyone waiting is answered.
-        // The same for paths kept back for a new state directory or a restore.
-        let new: BTreeSet<&str> = candidates.iter().map(|(p, _)| p.as_str()).collect();
-        if let Some(hold) = &mut self.hold {
-            let replaced: Vec<String> = hold
-                .paths
-                .iter()
-                .filter(|p| clashes(&new, p))
-                .cloned()
-                .collect();
-            for p in replaced {
-                hold.paths.remove(&p);
-                next.files.remove(&p);
-                gone.push(p);
-            }
-            if hold.paths.is_empty() {
-                self.hold = None;
-            }
-        }
-        let replaced: Vec<String> = self
-            .protected
+        // key while the old object exists. An old path deleted by this round is gone
+        // first and the new file uploaded by a second round, before anyone waiting is
+        // answered. An old path a guard holds back stays held: the new file waits for
+        // the guard (`confirm_deletes`, or a mass deletion's hold running out) and the
+        // round says so as its error, rather than the guard giving way to one new file.
+        let held: BTreeSet<&str> = self
+            .hold
             .iter()
-            .filter(|p| clashes(&new, p))
-            .cloned()
+            .flat_map(|h| h.paths.iter())
+            .chain(self.protected.iter())
+            .map(String::as_str)
             .collect();
-        for p in replaced {
-            self.protected.remove(&p);
-            if next.files.remove(&p).is_some() {
-                gone.push(p.clone());
+        let mut blocked: Vec<String> = Vec::new();
+        if !held.is_empty() {
+            let (wait, go): (Vec<_>, Vec<_>) =
+                candidates.into_iter().partition(|(p, _)| clashes(&held, p));
+            candidates = go;
+            for (p, _) in wait {
+                self.pending.insert(p.clone());
+                blocked.push(p);
             }
-            next.symlinks.remove(&p);
         }
         if !gone.is_empty() {
             let old: BTreeSet<&str> = gone.iter().map(String::as_str).collect();
@@ -1123,7 +1126,7 @@ impl SyncEngine {
         if changed {
             next.format = manifest::FORMAT;
             next.generation = self.manifest.generation + 1;
-            next.updated_at = crate::kv::rfc3339(crate::kv::now_ms());
+            next.updated_at = crate::kv::rfc3339(scanned_at);
             let json =
                 serde_json::to_vec_pretty(&next).map_err(|e| SyncError::Remote(e.to_string()))?;
             let len = json.len() as u64;
@@ -1146,6 +1149,15 @@ impl SyncEngine {
             if !gone.is_empty() {
                 stats.files_deleted += self.flush_pending_deletes().await?;
             }
+        }
+        if failure.is_none()
+            && let Some(first) = blocked.first()
+        {
+            failure = Some(format!(
+                "{} new file(s) (`{first}`...) take the place of files a delete guard holds \
+                 back; POST /v1/sync with confirm_deletes lets the deletion, and them, through",
+                blocked.len()
+            ));
         }
         match failure {
             Some(e) => Err(SyncError::Remote(e)),
@@ -1402,18 +1414,14 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_file_swapped_with_a_directory_reaches_the_remote_even_while_deletes_are_held() {
+    async fn a_file_swapped_with_a_directory_reaches_the_remote_unless_a_guard_holds_it() {
         let f = engine().await;
-        std::fs::create_dir_all(f.ws.join("many")).unwrap();
-        for i in 0..120 {
-            std::fs::write(f.ws.join(format!("many/m{i}")), "m").unwrap();
-        }
         std::fs::write(f.ws.join("y"), "old y").unwrap();
         std::fs::create_dir_all(f.ws.join("d")).unwrap();
         std::fs::write(f.ws.join("d/a"), "old d/a").unwrap();
+        std::fs::write(f.ws.join("keep"), "k").unwrap();
         f.handle.sync(false).await.unwrap();
-        // A mass deletion is held; meanwhile `y` becomes a directory and `d` a file.
-        std::fs::remove_dir_all(f.ws.join("many")).unwrap();
+        // `y` becomes a directory and `d` a file: both land, with no failed upload.
         std::fs::remove_file(f.ws.join("y")).unwrap();
         std::fs::create_dir_all(f.ws.join("y")).unwrap();
         std::fs::write(f.ws.join("y/z"), "new work").unwrap();
@@ -1429,7 +1437,6 @@ mod tests {
             "{stats:?}"
         );
         let s = f.handle.status();
-        assert_eq!(s.held_deletes, 120, "{s:?}");
         assert!(!s.degraded && s.last_error.is_none(), "{s:?}");
         let remote = mirrored(&f).await;
         assert_eq!(remote.get("y/z").map(Vec::as_slice), Some(&b"new work"[..]));
@@ -1438,18 +1445,39 @@ mod tests {
             Some(&b"d is a file"[..])
         );
         assert!(!remote.contains_key("y") && !remote.contains_key("d/a"));
+
+        // A mass deletion held, and one file takes the deleted directory's name: the
+        // hold stays, and the new file waits for a confirmation, saying so.
+        std::fs::create_dir_all(f.ws.join("many")).unwrap();
+        for i in 0..120 {
+            std::fs::write(f.ws.join(format!("many/m{i}")), "m").unwrap();
+        }
+        f.handle.sync(false).await.unwrap();
+        std::fs::remove_dir_all(f.ws.join("many")).unwrap();
+        f.handle.sync(false).await.unwrap();
+        assert_eq!(f.handle.status().held_deletes, 120);
+        std::fs::write(f.ws.join("many"), "oops").unwrap();
+        let waited = tokio::time::timeout(Duration::from_secs(3), f.handle.sync(false)).await;
+        assert!(waited.is_err(), "the new file went past the hold");
+        let s = f.handle.status();
+        assert_eq!(s.held_deletes, 120, "{s:?}");
+        assert!(
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("confirm_deletes")),
+            "{s:?}"
+        );
         assert_eq!(
-            remote.keys().filter(|k| k.starts_with("many/")).count(),
+            mirrored(&f)
+                .await
+                .keys()
+                .filter(|k| k.starts_with("many/"))
+                .count(),
             120
         );
-        // Without a hold, a swap is just as clean: no failed upload on the way.
-        std::fs::remove_dir_all(f.ws.join("y")).unwrap();
-        std::fs::write(f.ws.join("y"), "y again").unwrap();
         f.handle.sync(true).await.unwrap();
-        let s = f.handle.status();
-        assert!(!s.degraded && s.last_error.is_none(), "{s:?}");
         let remote = mirrored(&f).await;
-        assert_eq!(remote.get("y").map(Vec::as_slice), Some(&b"y again"[..]));
+        assert_eq!(remote.get("many").map(Vec::as_slice), Some(&b"oops"[..]));
         assert_eq!(remote.keys().filter(|k| k.starts_with("many/")).count(), 0);
         f.stop.cancel();
         f.task.await.unwrap();
@@ -1533,7 +1561,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_kept_back_file_does_not_block_a_directory_of_its_name() {
+    async fn a_new_file_in_the_place_of_a_kept_back_one_waits_for_confirmation() {
         let f = engine().await;
         std::fs::write(f.ws.join("notes"), "old").unwrap();
         std::fs::write(f.ws.join("other"), "o").unwrap();
@@ -1546,17 +1574,29 @@ mod tests {
             std::fs::write(ws.join("notes/today.md"), "today").unwrap();
         })
         .await;
-        tokio::time::timeout(Duration::from_secs(20), g.handle.sync(false))
-            .await
-            .expect("the sync finished")
-            .unwrap();
+        let waited = tokio::time::timeout(Duration::from_secs(3), g.handle.sync(false)).await;
+        assert!(waited.is_err(), "the new file went past the kept one");
+        let s = g.handle.status();
+        assert!(
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("confirm_deletes")),
+            "{s:?}"
+        );
+        assert_eq!(
+            mirrored(&g).await.get("notes").map(Vec::as_slice),
+            Some(&b"old"[..])
+        );
+        g.handle.sync(true).await.unwrap();
         let remote = mirrored(&g).await;
         assert_eq!(
             remote.get("notes/today.md").map(Vec::as_slice),
             Some(&b"today"[..])
         );
-        assert!(remote.contains_key("other"), "{remote:?}");
-        assert_eq!(g.handle.status().held_deletes, 1);
+        assert!(
+            !remote.contains_key("notes") && !remote.contains_key("other"),
+            "{remote:?}"
+        );
         g.stop.cancel();
         g.task.await.unwrap();
     }

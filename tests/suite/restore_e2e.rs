@@ -493,6 +493,8 @@ async fn an_older_bundle_gives_way_to_the_manifest_and_keeps_what_only_it_holds(
     git(&ws, &["init", "-q"]);
     write(&ws, "x", "x is a file\n");
     write(&ws, "d/a", "d is a directory\n");
+    // (Not every file goes: that would be held as everything gone.)
+    write(&ws, "keep.txt", "stays\n");
     write(&ws, "big.bin", crate::util::pattern(5000, 1));
     git(&ws, &["add", "."]);
     git(&ws, &["commit", "-q", "-m", "one"]);
@@ -556,6 +558,8 @@ async fn a_bundle_newer_than_the_manifest_keeps_its_work() {
     git(&ws, &["init", "-q"]);
     write(&ws, "a.txt", "a\n");
     write(&ws, "old.txt", "old\n");
+    write(&ws, "was_file", "a file\n");
+    write(&ws, "was_dir/keep", "in a directory\n");
     git(&ws, &["add", "."]);
     git(&ws, &["commit", "-q", "-m", "one"]);
     d.set_env("SANDKEEP_REMOTE_LEASE", "2s");
@@ -565,6 +569,10 @@ async fn a_bundle_newer_than_the_manifest_keeps_its_work() {
     // mirror's debounced round.
     write(&ws, "new_feature.py", "two hours of work\n");
     write(&ws, "a.txt", "a, edited\n");
+    std::fs::remove_file(ws.join("was_file")).unwrap();
+    write(&ws, "was_file/inside.txt", "now a directory\n");
+    std::fs::remove_dir_all(ws.join("was_dir")).unwrap();
+    write(&ws, "was_dir", "now a file\n");
     ok(&d.api().post("/v1/git/bundle", &json!({})).await, 200);
     d.kill9();
 
@@ -582,6 +590,14 @@ async fn a_bundle_newer_than_the_manifest_keeps_its_work() {
     assert_eq!(
         std::fs::read_to_string(ws.join("old.txt")).unwrap(),
         "old\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join("was_file/inside.txt")).unwrap(),
+        "now a directory\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join("was_dir")).unwrap(),
+        "now a file\n"
     );
     // And the mirror catches up with it.
     ok(&d.api().post("/v1/sync", &json!({})).await, 200);
