@@ -516,7 +516,16 @@ pub async fn restore_workspace(
     } else {
         extras(&root, &rules, &manifest, opts.max_file_bytes)
             .into_iter()
-            .filter(|rel| !in_newer(rel))
+            .filter(|rel| {
+                // Nor what stands where a held entry was (a directory's name taken by a
+                // file the guard kept from the mirror).
+                let below = format!("{rel}/");
+                !in_newer(rel)
+                    && !manifest
+                        .held
+                        .iter()
+                        .any(|h| h.starts_with(&below) || rel.starts_with(&format!("{h}/")))
+            })
             .collect()
     };
 
@@ -528,9 +537,12 @@ pub async fn restore_workspace(
         .collect();
     // Whether the newer bundle of `rel`'s repository put something at `rel` or in its
     // way (a file where the manifest has a directory, or the reverse): that is the
-    // newer state, which the manifest's entry must not replace.
+    // newer state, which the manifest's entry must not replace. The same for an entry a
+    // guard held in the manifest (gone from the workspace, kept in remote storage):
+    // whatever a bundle put in its place came after it.
+    let held = &manifest.held;
     let newer_in_the_way = |rel: &str| {
-        in_newer(rel)
+        (in_newer(rel) || held.contains(rel))
             && (fs::symlink_metadata(root.join(rel)).is_ok()
                 || Path::new(rel)
                     .ancestors()
@@ -538,7 +550,7 @@ pub async fn restore_workspace(
                     .filter(|a| !a.as_os_str().is_empty())
                     .any(|a| fs::symlink_metadata(root.join(a)).is_ok_and(|m| !m.is_dir())))
     };
-    if bundle_is_newer.iter().any(|(_, newer)| *newer) {
+    if bundle_is_newer.iter().any(|(_, newer)| *newer) || !held.is_empty() {
         // A file the newer bundle checked out with the manifest's content is the
         // manifest's (which then sets its mode and time); anything else it put there
         // changed after the manifest and stays.

@@ -30,6 +30,11 @@ pub struct Manifest {
     pub symlinks: BTreeMap<String, String>,
     #[serde(default)]
     pub empty_dirs: BTreeSet<String>,
+    /// Files named here that the workspace no longer has, kept by a delete guard (a
+    /// held deletion, a new state directory's missing files): a restore lets a newer
+    /// bundle's entry in their place stand.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub held: BTreeSet<String>,
 }
 
 impl Manifest {

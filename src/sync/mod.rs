@@ -1025,7 +1025,33 @@ impl SyncEngine {
                 self.pending.insert(p.clone());
                 blocked.push(p);
             }
+            // A new symlink or empty directory in a held path's place waits too.
+            let new_links: Vec<String> = next
+                .symlinks
+                .keys()
+                .filter(|p| !self.manifest.symlinks.contains_key(*p) && clashes(&held, p))
+                .cloned()
+                .collect();
+            let new_dirs: Vec<String> = next
+                .empty_dirs
+                .iter()
+                .filter(|p| !self.manifest.empty_dirs.contains(*p) && clashes(&held, p))
+                .cloned()
+                .collect();
+            for p in new_links {
+                next.symlinks.remove(&p);
+                blocked.push(p);
+            }
+            for p in new_dirs {
+                next.empty_dirs.remove(&p);
+                blocked.push(p);
+            }
         }
+        next.held = held
+            .iter()
+            .filter(|p| next.files.contains_key(**p) || next.symlinks.contains_key(**p))
+            .map(|p| p.to_string())
+            .collect();
         if !gone.is_empty() {
             let old: BTreeSet<&str> = gone.iter().map(String::as_str).collect();
             let (later, now): (Vec<_>, Vec<_>) =
@@ -1121,6 +1147,7 @@ impl SyncEngine {
         // recorded first: the manifest may name files only they keep.
         self.persist_guards().await;
         let changed = next.files != self.manifest.files
+            || next.held != self.manifest.held
             || next.symlinks != self.manifest.symlinks
             || next.empty_dirs != self.manifest.empty_dirs;
         if changed {
@@ -1599,6 +1626,35 @@ mod tests {
         );
         g.stop.cancel();
         g.task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_symlink_in_the_place_of_held_files_waits_too() {
+        let f = engine().await;
+        std::fs::create_dir_all(f.ws.join("proj")).unwrap();
+        std::fs::write(f.ws.join("proj/f1"), "1").unwrap();
+        std::fs::write(f.ws.join("proj/f2"), "2").unwrap();
+        f.handle.sync(false).await.unwrap();
+        std::fs::remove_dir_all(f.ws.join("proj")).unwrap();
+        std::os::unix::fs::symlink("/etc", f.ws.join("proj")).unwrap();
+        let waited = tokio::time::timeout(Duration::from_secs(3), f.handle.sync(false)).await;
+        assert!(waited.is_err(), "the symlink went past the hold");
+        let s = f.handle.status();
+        assert_eq!(s.held_deletes, 2, "{s:?}");
+        assert!(
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("confirm_deletes")),
+            "{s:?}"
+        );
+        let manifest = Keys::new(&Config::default()).manifest();
+        let m: Manifest =
+            serde_json::from_slice(&f.remote.get_bytes(&manifest).await.unwrap().unwrap()).unwrap();
+        assert!(m.symlinks.is_empty(), "{m:?}");
+        assert_eq!(m.held.len(), 2, "{m:?}");
+        f.handle.sync(true).await.unwrap();
+        f.stop.cancel();
+        f.task.await.unwrap();
     }
 
     /// Stops `f` and starts an engine on the same state directory and workspace.

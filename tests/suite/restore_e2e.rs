@@ -607,3 +607,58 @@ async fn a_bundle_newer_than_the_manifest_keeps_its_work() {
         "two hours of work\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_a_guard_kept_from_the_mirror_comes_back_from_its_bundle() {
+    let mut d = Daemon::prepare(
+        "[sync]\ndebounce_min = \"200ms\"\ndebounce_max = \"1s\"\n\n[snapshot]\ninterval = \"0s\"\n\n[git]\ninterval = \"0s\"\n",
+    );
+    let repo = d.workspace.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q"]);
+    for i in 0..3 {
+        write(&repo, &format!("big/f{i}"), "old\n");
+    }
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "one"]);
+    d.set_env("SANDKEEP_REMOTE_LEASE", "2s");
+    d.spawn_and_wait().await;
+    let api = d.api();
+    ok(&api.post("/v1/sync", &json!({})).await, 200);
+    // Every file gone (held), and a file takes their directory's name: it waits for
+    // the guard, so only its bundle carries it.
+    std::fs::remove_dir_all(repo.join("big")).unwrap();
+    write(&repo, "big", "BIGFILE\n");
+    let held = crate::util::poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        let api = &api;
+        async move {
+            let s = ok(&api.get("/v1/status").await, 200);
+            (s["sync"]["held_deletes"] == 3).then_some(())
+        }
+    })
+    .await;
+    assert!(held.is_some(), "never held");
+    ok(&api.post("/v1/git/bundle", &json!({})).await, 200);
+    // A later change publishes a manifest newer than that bundle, still naming big/*.
+    write(&d.workspace, "other.txt", "later\n");
+    let manifest = d.remote.join(CONV).join("workspace/manifest.json");
+    let later =
+        crate::util::poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+            let m = std::fs::read_to_string(&manifest).unwrap_or_default();
+            async move { m.contains("other.txt").then_some(()) }
+        })
+        .await;
+    assert!(
+        later.is_some(),
+        "the later change never reached the manifest"
+    );
+    d.kill9();
+
+    d.become_new_sandbox();
+    d.spawn_and_wait().await;
+    let big = d.workspace.join("repo/big");
+    assert_eq!(
+        std::fs::read_to_string(&big).unwrap_or_else(|e| panic!("{e}; log:\n{}", d.log())),
+        "BIGFILE\n"
+    );
+}
