@@ -51,6 +51,10 @@ pub enum SyncError {
     WorkspaceUnavailable(String),
     #[error("remote storage: {0}")]
     Remote(String),
+    /// New entries wait for a delete guard (nothing failed: retried at the pace of
+    /// the debounce, not with the backoff of a failing remote).
+    #[error("{0}")]
+    Held(String),
     #[error("the sync engine has stopped")]
     Stopped,
 }
@@ -613,6 +617,15 @@ impl SyncEngine {
                 // Checked again on the poll tick.
                 self.retry_at = Some(Instant::now() + self.config.watch.poll_interval.0);
                 false
+            }
+            Err(SyncError::Held(m)) => {
+                self.metrics.sync_round("error");
+                tracing::warn!(reason = %m, "sync round: new entries wait for a delete guard");
+                self.degraded = true;
+                self.last_error = Some(m);
+                self.retry_at = Some(Instant::now() + self.config.sync.debounce_max.0);
+                self.waiters.extend(waiters);
+                true
             }
             Err(e) => {
                 self.metrics.sync_round("error");
@@ -1177,18 +1190,17 @@ impl SyncEngine {
                 stats.files_deleted += self.flush_pending_deletes().await?;
             }
         }
-        if failure.is_none()
-            && let Some(first) = blocked.first()
-        {
-            failure = Some(format!(
-                "{} new file(s) (`{first}`...) take the place of files a delete guard holds \
+        let blocked_message = blocked.first().map(|first| {
+            format!(
+                "{} new entries (`{first}`...) take the place of files a delete guard holds \
                  back; POST /v1/sync with confirm_deletes lets the deletion, and them, through",
                 blocked.len()
-            ));
-        }
-        match failure {
-            Some(e) => Err(SyncError::Remote(e)),
-            None => Ok(stats),
+            )
+        });
+        match (failure, blocked_message) {
+            (Some(e), _) => Err(SyncError::Remote(e)),
+            (None, Some(m)) => Err(SyncError::Held(m)),
+            (None, None) => Ok(stats),
         }
     }
 
