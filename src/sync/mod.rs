@@ -1045,10 +1045,18 @@ impl SyncEngine {
                 .filter(|p| !self.manifest.symlinks.contains_key(*p) && clashes(&held, p))
                 .cloned()
                 .collect();
+            // (An empty directory left where held files were is no clash: the
+            // manifest may name both. One in a held file's place, or below it, is.)
             let new_dirs: Vec<String> = next
                 .empty_dirs
                 .iter()
-                .filter(|p| !self.manifest.empty_dirs.contains(*p) && clashes(&held, p))
+                .filter(|p| {
+                    !self.manifest.empty_dirs.contains(*p)
+                        && Path::new(p.as_str())
+                            .ancestors()
+                            .filter_map(|a| a.to_str())
+                            .any(|a| !a.is_empty() && held.contains(a))
+                })
                 .cloned()
                 .collect();
             for p in new_links {
