@@ -226,8 +226,7 @@ pub async fn post_action(
         "lpop" => "lpop",
         "rpop" => "rpop",
         "expire" => "expire",
-        "len" | "watch" => return action_method_not_allowed(&action, "GET"),
-        _ => return ApiError::not_found(format!("no action `{action}`")).into_response(),
+        _ => return no_such_action(&action),
     };
     let result = async {
         ctx.query.allow(&[])?;
@@ -290,19 +289,22 @@ pub async fn get_action(
             let result = watch(&state, &ctx, key).await;
             finish(&state, "watch", started, result)
         }
-        "incr" | "decr" | "lpush" | "rpush" | "lpop" | "rpop" | "expire" => {
-            action_method_not_allowed(&action, "POST")
-        }
-        _ => ApiError::not_found(format!("no action `{action}`")).into_response(),
+        _ => no_such_action(&action),
     }
 }
 
-/// `/v1/kv/{key}/{action}` with PUT, PATCH or DELETE: 405 for a known action, else 404.
+/// `/v1/kv/{key}/{action}` with PUT, PATCH or DELETE.
 pub async fn other_method_action(ActionParam(action): ActionParam) -> Response {
-    match action.as_str() {
-        "len" | "watch" => action_method_not_allowed(&action, "GET"),
+    no_such_action(&action)
+}
+
+/// An action asked with a method it does not take: 405 with the one it takes for a
+/// known action, else 404.
+fn no_such_action(action: &str) -> Response {
+    match action {
+        "len" | "watch" => action_method_not_allowed(action, "GET"),
         "incr" | "decr" | "lpush" | "rpush" | "lpop" | "rpop" | "expire" => {
-            action_method_not_allowed(&action, "POST")
+            action_method_not_allowed(action, "POST")
         }
         _ => ApiError::not_found(format!("no action `{action}`")).into_response(),
     }
