@@ -86,7 +86,7 @@ impl Client {
             .http
             .request(req)
             .await
-            .map_err(|e| connect_err(error_chain(&e)))?;
+            .map_err(|e| connect_err(crate::error_chain(&e)))?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp
@@ -134,17 +134,4 @@ pub fn encode_segment(s: &str) -> String {
 /// Percent-encodes a query parameter value.
 pub fn encode_query(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
-}
-
-/// An error and its causes, `: `-separated (hyper's own message alone says only
-/// "client error (Connect)").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }

@@ -39,3 +39,17 @@ pub mod restore;
 pub mod restore_cli;
 pub mod snapshot;
 pub mod sync;
+
+/// An error and its causes in their own words, `: `-separated (some errors' own message
+/// says little, such as hyper's "client error (Connect)"; some `Debug`s dump whole
+/// responses).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}

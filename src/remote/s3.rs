@@ -353,24 +353,12 @@ fn sdk_error<E>(op: &'static str, key: &str, e: SdkError<E, HttpResponse>) -> Re
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
-    // The error and its causes in their own words (the SDK's context adds a Debug
-    // dump of the whole error).
-    let mut message = {
-        let mut m = e.to_string();
-        let mut cause = std::error::Error::source(&e);
-        while let Some(c) = cause {
-            m.push_str(": ");
-            m.push_str(&c.to_string());
-            cause = c.source();
-        }
-        m
-    };
     match &e {
         SdkError::ServiceError(se) => {
             let code = se.err().code().unwrap_or_default();
             let status = se.raw().status().as_u16();
             // The service's own words; the SDK's context repeats the whole response.
-            message = match se.err().message() {
+            let message = match se.err().message() {
                 Some(m) if !m.is_empty() => format!("{code} (HTTP {status}): {m}"),
                 _ => format!("{code} (HTTP {status})"),
             };
@@ -400,10 +388,11 @@ where
                 }
             }
         }
+        // The error and its causes (the SDK's context adds a Debug dump of it).
         _ => RemoteError::Transport {
             op,
             key: key.into(),
-            message,
+            message: crate::error_chain(&e),
         },
     }
 }
