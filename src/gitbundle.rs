@@ -1194,9 +1194,13 @@ impl GitBundler {
 
     /// The object keys of a repository's bundle and json.
     pub fn keys(&self, r: &RepoDir) -> (String, String) {
+        self.keys_of_stem(&r.stem)
+    }
+
+    fn keys_of_stem(&self, stem: &str) -> (String, String) {
         (
-            format!("{}{}.bundle", self.prefix, r.stem),
-            format!("{}{}.json", self.prefix, r.stem),
+            format!("{}{stem}.bundle", self.prefix),
+            format!("{}{stem}.json", self.prefix),
         )
     }
 
@@ -1278,12 +1282,10 @@ impl GitBundler {
         let stale: Vec<String> = gone
             .iter()
             .flat_map(|repo| {
-                let stem = if repo == "." {
-                    ROOT_STEM
-                } else {
-                    repo.as_str()
-                };
-                ["bundle", "json"].map(|ext| format!("{}{stem}.{ext}", self.prefix))
+                // The object name `discover` gives the repository.
+                let stem = if repo == "." { ROOT_STEM } else { repo };
+                let (bundle, json) = self.keys_of_stem(stem);
+                [bundle, json]
             })
             .collect();
         match self.remote.delete_many(&stale).await {
