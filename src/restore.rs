@@ -511,21 +511,15 @@ pub async fn restore_workspace(
             .max_by_key(|(d, _)| d.len())
             .is_some_and(|(_, newer)| *newer)
     };
+    let held_paths: BTreeSet<&str> = manifest.held.iter().map(String::as_str).collect();
     let from_bundles: Vec<String> = if report.repos.is_empty() {
         Vec::new()
     } else {
+        // Nor what stands where a held entry was (a directory's name taken by a file
+        // the guard kept from the mirror).
         extras(&root, &rules, &manifest, opts.max_file_bytes)
             .into_iter()
-            .filter(|rel| {
-                // Nor what stands where a held entry was (a directory's name taken by a
-                // file the guard kept from the mirror).
-                let below = format!("{rel}/");
-                !in_newer(rel)
-                    && !manifest
-                        .held
-                        .iter()
-                        .any(|h| h.starts_with(&below) || rel.starts_with(&format!("{h}/")))
-            })
+            .filter(|rel| !in_newer(rel) && !crate::sync::clashes(&held_paths, rel))
             .collect()
     };
 
@@ -540,9 +534,8 @@ pub async fn restore_workspace(
     // newer state, which the manifest's entry must not replace. The same for an entry a
     // guard held in the manifest (gone from the workspace, kept in remote storage):
     // whatever a bundle put in its place came after it.
-    let held = &manifest.held;
     let newer_in_the_way = |rel: &str| {
-        (in_newer(rel) || held.contains(rel))
+        (in_newer(rel) || held_paths.contains(rel))
             && (fs::symlink_metadata(root.join(rel)).is_ok()
                 || Path::new(rel)
                     .ancestors()
@@ -550,7 +543,7 @@ pub async fn restore_workspace(
                     .filter(|a| !a.as_os_str().is_empty())
                     .any(|a| fs::symlink_metadata(root.join(a)).is_ok_and(|m| !m.is_dir())))
     };
-    if bundle_is_newer.iter().any(|(_, newer)| *newer) || !held.is_empty() {
+    if bundle_is_newer.iter().any(|(_, newer)| *newer) || !held_paths.is_empty() {
         // A file the newer bundle checked out with the manifest's content is the
         // manifest's (which then sets its mode and time); anything else it put there
         // changed after the manifest and stays.

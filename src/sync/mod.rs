@@ -186,7 +186,7 @@ fn file_name(path: &str) -> &str {
 }
 
 /// Whether `set` holds a parent directory of `path`, or a path below it.
-fn clashes(set: &BTreeSet<&str>, path: &str) -> bool {
+pub(crate) fn clashes(set: &BTreeSet<&str>, path: &str) -> bool {
     let parent_in_set = Path::new(path)
         .ancestors()
         .skip(1)
