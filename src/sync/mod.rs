@@ -212,6 +212,8 @@ fn remove_under_set(set: &mut BTreeSet<String>, under: &str) {
 /// Deletions held back by a guard.
 struct Hold {
     since: Instant,
+    /// `since` as Unix milliseconds, as the state directory records it.
+    since_ms: u64,
     paths: BTreeSet<String>,
     /// Everything would be gone: only `confirm_deletes` lets it through.
     everything: bool,
@@ -268,6 +270,8 @@ pub struct SyncEngine {
     /// The remote manifest was read at start (or found missing): until then no round
     /// may publish one.
     manifest_adopted: bool,
+    /// The guards as the state directory last recorded them.
+    stored_guards: manifest::Guards,
 }
 
 impl SyncEngine {
@@ -325,19 +329,20 @@ impl SyncEngine {
             poll: false,
             backoff: Backoff::default(),
             retry_at: None,
-            hold: guards.hold.map(|h| {
+            hold: guards.hold.clone().map(|h| {
                 let held_for = crate::kv::now_ms().saturating_sub(h.since_ms);
                 let now = Instant::now();
                 Hold {
                     since: now
                         .checked_sub(Duration::from_millis(held_for))
                         .unwrap_or(now),
+                    since_ms: h.since_ms,
                     paths: h.paths,
                     everything: h.everything,
                     expiry_round_done: false,
                 }
             }),
-            protected: guards.kept,
+            protected: guards.kept.clone(),
             waiters: Vec::new(),
             commands,
             status: status.clone(),
@@ -351,6 +356,7 @@ impl SyncEngine {
             again: false,
             first_of_new_state: new_state,
             manifest_adopted: false,
+            stored_guards: guards,
             config,
         };
         Ok((engine, SyncHandle { tx: cmd_tx, status }, first_rx))
@@ -371,33 +377,42 @@ impl SyncEngine {
         self.protect(bad);
     }
 
-    fn save_guards_now(&self) {
-        if let Err(e) = self.cache.store_guards(&self.guards()) {
-            tracing::error!(error = %e, "cannot record the entries kept in remote storage");
+    fn save_guards_now(&mut self) {
+        let Some(guards) = self.changed_guards() else {
+            return;
+        };
+        match self.cache.store_guards(&guards) {
+            Ok(()) => self.stored_guards = guards,
+            Err(e) => tracing::error!(error = %e, "cannot record the delete guards"),
         }
     }
 
-    /// The delete guards' state, as [`ManifestCache::store_guards`] keeps it.
-    fn guards(&self) -> manifest::Guards {
-        let now_ms = crate::kv::now_ms();
-        manifest::Guards {
+    /// The delete guards' state, as [`ManifestCache::store_guards`] keeps it, when it
+    /// differs from what the state directory holds.
+    fn changed_guards(&self) -> Option<manifest::Guards> {
+        let guards = manifest::Guards {
             kept: self.protected.clone(),
             hold: self.hold.as_ref().map(|h| manifest::HeldDeletes {
                 paths: h.paths.clone(),
                 everything: h.everything,
-                since_ms: now_ms.saturating_sub(h.since.elapsed().as_millis() as u64),
+                since_ms: h.since_ms,
             }),
             new_state: self.first_of_new_state,
-        }
+        };
+        (guards != self.stored_guards).then_some(guards)
     }
 
-    /// Records the delete guards durably: a restart must hold back what this daemon
-    /// held back. A failure is logged (the guards then hold only until a restart).
-    async fn persist_guards(&self) {
-        let guards = self.guards();
+    /// Records the delete guards durably when they changed: a restart must hold back
+    /// what this daemon held back. A failure is logged (the guards then hold only until
+    /// a restart, and the next round tries again).
+    async fn persist_guards(&mut self) {
+        let Some(guards) = self.changed_guards() else {
+            return;
+        };
         let cache = self.cache.clone();
-        match tokio::task::spawn_blocking(move || cache.store_guards(&guards)).await {
-            Ok(Ok(())) => {}
+        let stored = guards.clone();
+        match tokio::task::spawn_blocking(move || cache.store_guards(&stored)).await {
+            Ok(Ok(())) => self.stored_guards = guards,
             Ok(Err(e)) => tracing::error!(error = %e, "cannot record the delete guards"),
             Err(e) => tracing::error!(error = %e, "cannot record the delete guards"),
         }
@@ -973,9 +988,9 @@ impl SyncEngine {
             let set: BTreeSet<String> = gone.iter().cloned().collect();
             let now = Instant::now();
             let same = self.hold.as_ref().is_some_and(|h| h.paths == set);
-            let since = match &self.hold {
-                Some(h) if same => h.since,
-                _ => now,
+            let (since, since_ms) = match &self.hold {
+                Some(h) if same => (h.since, h.since_ms),
+                _ => (now, crate::kv::now_ms()),
             };
             let expired = !everything && now >= since + self.config.sync.mass_delete_hold.0;
             if expired {
@@ -1006,6 +1021,7 @@ impl SyncEngine {
                 let expiry_round_done = same && now >= since + self.config.sync.mass_delete_hold.0;
                 self.hold = Some(Hold {
                     since,
+                    since_ms,
                     paths: set,
                     everything,
                     expiry_round_done,
