@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::error::json_ok;
-use super::{ApiError, AppState, Ctx, FilePath, read_body};
+use super::{ApiError, AppState, Ctx, FilePath, read_body, wait_unless_stopping};
 use crate::auth::Scope;
 use crate::files::validate_path;
 
@@ -49,17 +49,13 @@ pub async fn put_file(
     let size = data.len();
     let (created, _) = state.files.put(&path, data, if_absent).await?;
     if sync {
-        let shutdown = state.lifecycle.shutdown.clone();
-        let waited = tokio::select! {
-            w = tokio::time::timeout(SYNC_WAIT, state.replica.flush()) => w,
-            _ = shutdown.cancelled() => {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "shutting_down",
-                    "the file is stored locally; the daemon is stopping and its final sync carries it",
-                ));
-            }
-        };
+        let waited = wait_unless_stopping(
+            &state,
+            SYNC_WAIT,
+            state.replica.flush(),
+            "the file is stored locally; the daemon is stopping and its final sync carries it",
+        )
+        .await?;
         match waited {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {

@@ -310,6 +310,26 @@ impl<S: Send + Sync> FromRequestParts<S> for ActionParam {
     }
 }
 
+/// Waits for a barrier (`work`, at most `limit`) on remote storage. A stop of the
+/// daemon ends the wait at once with 503 `shutting_down` and `message` (the final sync
+/// carries on with the work), rather than leaving the caller to the server's drain.
+pub async fn wait_unless_stopping<T>(
+    state: &AppState,
+    limit: std::time::Duration,
+    work: impl std::future::Future<Output = T>,
+    message: &'static str,
+) -> Result<Result<T, tokio::time::error::Elapsed>, ApiError> {
+    let shutdown = state.lifecycle.shutdown.clone();
+    tokio::select! {
+        w = tokio::time::timeout(limit, work) => Ok(w),
+        _ = shutdown.cancelled() => Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            message,
+        )),
+    }
+}
+
 /// Parses a body that must be a JSON object into `T`: malformed JSON is
 /// `invalid_json`; another JSON value (an array would fill a struct by position), or a
 /// field of the wrong type or name, is `invalid_param`.

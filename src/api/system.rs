@@ -171,18 +171,13 @@ pub async fn sync(
         stats.bytes_uploaded += git_bytes + store_bytes?;
         Ok::<_, crate::sync::SyncError>(stats)
     };
-    // A stop ends the wait with an answer (the final sync carries on with the work).
-    let shutdown = state.lifecycle.shutdown.clone();
-    let waited = tokio::select! {
-        w = tokio::time::timeout(std::time::Duration::from_secs(timeout), work) => w,
-        _ = shutdown.cancelled() => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "the daemon is stopping: its final sync carries on with what this sync waited for",
-            ));
-        }
-    };
+    let waited = super::wait_unless_stopping(
+        &state,
+        std::time::Duration::from_secs(timeout),
+        work,
+        "the daemon is stopping: its final sync carries on with what this sync waited for",
+    )
+    .await?;
     match waited {
         Ok(Ok(stats)) => Ok(json_ok(StatusCode::OK, json!(stats))),
         Ok(Err(crate::sync::SyncError::WorkspaceUnavailable(m))) => Err(ApiError::new(
