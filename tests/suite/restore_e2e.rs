@@ -366,6 +366,19 @@ async fn state_dir_inside_the_workspace_is_neither_mirrored_nor_in_the_way() {
     assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
 }
 
+/// Polls the remote manifest's text (empty while there is none) until `ok` accepts it;
+/// false when 20 s pass first.
+async fn manifest_until(d: &Daemon, ok: impl Fn(&str) -> bool) -> bool {
+    let path = d.remote.join(CONV).join("workspace/manifest.json");
+    crate::util::poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        let m = std::fs::read_to_string(&path).unwrap_or_default();
+        let done = ok(&m);
+        async move { done.then_some(()) }
+    })
+    .await
+    .is_some()
+}
+
 fn manifest(remote: &Path) -> Value {
     serde_json::from_slice(
         &std::fs::read(remote.join(CONV).join("workspace/manifest.json")).unwrap(),
@@ -432,13 +445,8 @@ async fn files_deleted_after_the_last_bundle_stay_deleted() {
     ok(&d.api().post("/v1/sync", &json!({})).await, 200);
     // Then a deletion the debounced mirror carries, but no bundle (git.interval off).
     std::fs::remove_file(ws.join("deleteme.txt")).unwrap();
-    let manifest = d.remote.join(CONV).join("workspace/manifest.json");
-    let gone = crate::util::poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
-        let m = std::fs::read_to_string(&manifest).unwrap_or_default();
-        async move { (!m.is_empty() && !m.contains("deleteme.txt")).then_some(()) }
-    })
-    .await;
-    assert!(gone.is_some(), "the mirror never carried the deletion");
+    let gone = manifest_until(&d, |m| !m.is_empty() && !m.contains("deleteme.txt")).await;
+    assert!(gone, "the mirror never carried the deletion");
     d.kill9();
 
     d.become_new_sandbox();
@@ -506,14 +514,8 @@ async fn an_older_bundle_gives_way_to_the_manifest_and_keeps_what_only_it_holds(
     write(&ws, "x/y", "new work\n");
     std::fs::remove_dir_all(ws.join("d")).unwrap();
     write(&ws, "d", "d is a file now\n");
-    let manifest = d.remote.join(CONV).join("workspace/manifest.json");
-    let carried =
-        crate::util::poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
-            let m = std::fs::read_to_string(&manifest).unwrap_or_default();
-            async move { m.contains("\"x/y\"").then_some(()) }
-        })
-        .await;
-    assert!(carried.is_some(), "the mirror never carried the swap");
+    let carried = manifest_until(&d, |m| m.contains("\"x/y\"")).await;
+    assert!(carried, "the mirror never carried the swap");
     d.kill9();
 
     d.become_new_sandbox();
@@ -641,17 +643,8 @@ async fn a_file_a_guard_kept_from_the_mirror_comes_back_from_its_bundle() {
     ok(&api.post("/v1/git/bundle", &json!({})).await, 200);
     // A later change publishes a manifest newer than that bundle, still naming big/*.
     write(&d.workspace, "other.txt", "later\n");
-    let manifest = d.remote.join(CONV).join("workspace/manifest.json");
-    let later =
-        crate::util::poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
-            let m = std::fs::read_to_string(&manifest).unwrap_or_default();
-            async move { m.contains("other.txt").then_some(()) }
-        })
-        .await;
-    assert!(
-        later.is_some(),
-        "the later change never reached the manifest"
-    );
+    let later = manifest_until(&d, |m| m.contains("other.txt")).await;
+    assert!(later, "the later change never reached the manifest");
     d.kill9();
 
     d.become_new_sandbox();
