@@ -791,6 +791,8 @@ fn recover(db: &Database, path: &Path) -> Result<Wal, KvError> {
         );
     }
     wal.reset();
+    wal.upgrade()
+        .map_err(|e| KvError::Storage(format!("{}: {e}", path.display())))?;
     Ok(wal)
 }
 
@@ -1322,6 +1324,59 @@ mod tests {
             assert_eq!(s.get("ns", &k).await.unwrap().unwrap().value, json!(i));
         }
         assert_eq!(s.ns_meta("ns").await.unwrap().version, 22);
+    }
+
+    /// A log an older build left (the first format, frames back to back) is replayed,
+    /// then rewritten, and later writes go through it again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_log_of_the_first_format_is_replayed_and_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = store(dir.path(), 1).unwrap();
+            s.write("ns", set("a", json!(1)), false).await.unwrap();
+            s.close();
+        }
+        let applied = {
+            let db = Database::create(db_path(dir.path())).unwrap();
+            checkpointed_lsn(&db.begin_read().unwrap()).unwrap()
+        };
+        let rec = Record {
+            value: json!("old format"),
+            version: 2,
+            created_ms: 5,
+            updated_ms: 5,
+            expires_ms: None,
+        };
+        let blob = Cipher::new(&[1; 32]).seal(&aad("ns", "b"), &encode(&rec, b"\"old format\""));
+        let mut frame = Vec::new();
+        let b = Some(blob.as_slice());
+        Change::Record {
+            ns: "ns",
+            key: "b",
+            blob: b,
+        }
+        .encode(&mut frame);
+        let meta = (2, 2 + 12, 2);
+        Change::Namespace { ns: "ns", meta }.encode(&mut frame);
+        let path = wal_path(&db_path(dir.path()));
+        wal::tests::v1_log(&path, &[(applied + 1, &frame)]);
+
+        let s = store(dir.path(), 1).unwrap();
+        assert_eq!(
+            s.get("ns", "b").await.unwrap().unwrap().value,
+            json!("old format")
+        );
+        let o = s.write("ns", set("c", json!(3)), false).await.unwrap();
+        assert_eq!(o.version, 3);
+        // The write is a frame of the current format, not a database commit.
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(&data[..8], b"SKWAL\x00\x00\x02");
+        assert_eq!(data[4096 + 8..4096 + 16], (applied + 2).to_le_bytes());
+        s.close();
+        drop(s);
+        let s = store(dir.path(), 1).unwrap();
+        assert_eq!(s.get("ns", "c").await.unwrap().unwrap().value, json!(3));
+        assert_eq!(s.ns_meta("ns").await.unwrap().keys, 3);
     }
 
     /// Removing the database file (to start afresh) leaves its log behind: the new
