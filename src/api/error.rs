@@ -99,10 +99,18 @@ impl From<KvError> for ApiError {
             KvError::Overflow(_) => Self::new(S::BAD_REQUEST, "overflow", msg),
             KvError::NotFound(_) => Self::new(S::NOT_FOUND, "not_found", msg),
             KvError::PathNotFound(_) => Self::new(S::NOT_FOUND, "path_not_found", msg),
-            KvError::VersionMismatch { expected, actual } => {
-                Self::new(S::CONFLICT, "version_mismatch", msg)
+            KvError::VersionMismatch {
+                key,
+                expected,
+                actual,
+            } => {
+                let e = Self::new(S::CONFLICT, "version_mismatch", msg)
                     .with("expected_version", expected)
-                    .with("actual_version", actual)
+                    .with("actual_version", actual);
+                match key {
+                    Some(key) => e.with("key", key),
+                    None => e,
+                }
             }
             KvError::Exists(_) => Self::new(S::CONFLICT, "exists", msg),
             KvError::NotExists(_) => Self::new(S::CONFLICT, "not_exists", msg),

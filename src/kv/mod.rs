@@ -47,8 +47,16 @@ pub enum KvError {
     NotFound(String),
     #[error("path `{0}` does not exist in the value")]
     PathNotFound(String),
-    #[error("version mismatch: expected {expected}, found {actual}")]
-    VersionMismatch { expected: u64, actual: u64 },
+    #[error(
+        "version mismatch{}: expected {expected}, found {actual}",
+        key.as_ref().map(|k| format!(" on `{k}`")).unwrap_or_default()
+    )]
+    VersionMismatch {
+        /// The key whose version differs; `None` for the namespace's version.
+        key: Option<String>,
+        expected: u64,
+        actual: u64,
+    },
     #[error("key `{0}` already exists")]
     Exists(String),
     #[error("key `{0}` does not exist")]

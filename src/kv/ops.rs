@@ -174,9 +174,13 @@ pub fn get_body(
 }
 
 /// Checks `if_version` against a key's version (absent: 0).
-fn check_version(if_version: Option<u64>, actual: u64) -> Result<(), KvError> {
+fn check_version(key: &str, if_version: Option<u64>, actual: u64) -> Result<(), KvError> {
     match if_version {
-        Some(expected) if expected != actual => Err(KvError::VersionMismatch { expected, actual }),
+        Some(expected) if expected != actual => Err(KvError::VersionMismatch {
+            key: Some(key.to_string()),
+            expected,
+            actual,
+        }),
         _ => Ok(()),
     }
 }
@@ -603,7 +607,6 @@ impl<'b, B: Backing> NsTxn<'b, B> {
     fn put(&mut self, key: &str, value: Value, expires_ms: Option<u64>) -> Result<(), KvError> {
         let json = validate::storable(&value, self.limits.max_value_bytes)?;
         let (now, version) = (self.now_ms, self.write_version());
-        let before = self.bytes();
         let entry = self.entry(key)?;
         let (old_b, old_k) = (entry.byte_delta(key), entry.key_delta());
         let created_ms = entry.cur.as_ref().map_or(now, |(r, _)| r.created_ms);
@@ -621,8 +624,14 @@ impl<'b, B: Backing> NsTxn<'b, B> {
         let (new_b, new_k) = (entry.byte_delta(key), entry.key_delta());
         self.byte_delta += new_b - old_b;
         self.key_delta += new_k - old_k;
+        Ok(())
+    }
+
+    /// The namespace quota, judged on what the request leaves behind: over the limit
+    /// only when it grew the namespace.
+    fn check_quota(&self) -> Result<(), KvError> {
         let after = self.bytes();
-        if after > self.limits.max_namespace_bytes && after > before {
+        if after > self.limits.max_namespace_bytes && after > self.base_bytes {
             return Err(KvError::TooLarge {
                 what: "namespace",
                 limit_bytes: self.limits.max_namespace_bytes,
@@ -672,7 +681,7 @@ impl<'b, B: Backing> NsTxn<'b, B> {
                 get,
             } => {
                 let existing = self.get(key)?.cloned();
-                check_version(*if_version, existing.as_ref().map_or(0, |r| r.version))?;
+                check_version(key, *if_version, existing.as_ref().map_or(0, |r| r.version))?;
                 if *nx && existing.is_some() {
                     return Err(KvError::Exists(key.clone()));
                 }
@@ -705,7 +714,7 @@ impl<'b, B: Backing> NsTxn<'b, B> {
                     .get(key)?
                     .cloned()
                     .ok_or_else(|| KvError::NotFound(key.clone()))?;
-                check_version(*if_version, rec.version)?;
+                check_version(key, *if_version, rec.version)?;
                 let mut doc = rec.value;
                 match path {
                     Some((p, text)) => p.set(&mut doc, value.clone(), text)?,
@@ -720,7 +729,7 @@ impl<'b, B: Backing> NsTxn<'b, B> {
                 get,
             } => {
                 let v = self.version_of(key)?;
-                check_version(*if_version, v)?;
+                check_version(key, *if_version, v)?;
                 let old = self.remove(key)?;
                 let mut body = json!({"deleted": old.is_some()});
                 if *get {
@@ -773,9 +782,9 @@ impl<'b, B: Backing> NsTxn<'b, B> {
                     return Err(validate::too_deep());
                 }
                 if *front {
-                    for v in values {
-                        list.insert(0, v.clone());
-                    }
+                    // Each value goes to the front in turn, as Redis LPUSH does: the
+                    // last one given ends up first.
+                    list.splice(0..0, values.iter().rev().cloned());
                 } else {
                     list.extend(values.iter().cloned());
                 }
@@ -841,21 +850,30 @@ impl<'b, B: Backing> NsTxn<'b, B> {
             && expected != self.base_version
         {
             return Err(KvError::VersionMismatch {
+                key: None,
                 expected,
                 actual: self.base_version,
             });
         }
         for (key, expected) in &req.checks {
             let actual = self.version_of(key)?;
-            check_version(Some(*expected), actual)?;
+            check_version(key, Some(*expected), actual)?;
         }
+        let at = |e: KvError, i: usize| if batch { e.at(i) } else { e };
         let mut results = Vec::with_capacity(req.ops.len());
+        // The operation since which the namespace has been over its quota: the one
+        // a refusal names. Only the end state counts, as the batch commits whole.
+        let mut over_since = None;
         for (i, op) in req.ops.iter().enumerate() {
-            match self.apply(op) {
-                Ok(body) => results.push(body),
-                Err(e) if batch => return Err(e.at(i)),
-                Err(e) => return Err(e),
+            results.push(self.apply(op).map_err(|e| at(e, i))?);
+            if self.bytes() > self.limits.max_namespace_bytes {
+                over_since.get_or_insert(i);
+            } else {
+                over_since = None;
             }
+        }
+        if let Some(i) = over_since {
+            self.check_quota().map_err(|e| at(e, i))?;
         }
         Ok(results)
     }
@@ -993,26 +1011,43 @@ mod tests {
             vec![op(json!({"op": "set", "key": "b", "value": big}))],
         )
         .unwrap();
-        let mut t = NsTxn::new(&mut m, 1_000, 2, 1806, LIMITS);
-        let err = t
-            .apply(&op(json!({"op": "set", "key": "c", "value": big})))
-            .unwrap_err();
+        let batch = |m: &mut Mem, base: u64, ops: Vec<Value>| {
+            let ops = ops.into_iter().map(op).collect();
+            let req = BatchRequest {
+                ops,
+                ..Default::default()
+            };
+            let mut t = NsTxn::new(m, 1_000, 2, base, LIMITS);
+            t.run(&req, true)
+                .map(|_| t.bytes())
+                .map_err(|e| format!("{e:?}"))
+        };
+        let set_c = json!({"op": "set", "key": "c", "value": big});
+        let set_d = json!({"op": "set", "key": "d", "value": big});
+        let del_a = json!({"op": "delete", "key": "a"});
+        let err = batch(&mut m, 1806, vec![set_c.clone()]).unwrap_err();
+        assert!(err.starts_with("Batch { index: 0"), "{err}");
         assert!(
-            matches!(
-                err,
-                KvError::TooLarge {
-                    what: "namespace",
-                    limit_bytes: 2000,
-                    current_size_bytes: 2709
-                }
+            err.contains(
+                r#"TooLarge { what: "namespace", limit_bytes: 2000, current_size_bytes: 2709 }"#
             ),
-            "{err:?}"
+            "{err}"
         );
+        // Only what the batch leaves behind counts, whatever the order.
+        assert_eq!(
+            batch(&mut m, 1806, vec![set_c.clone(), del_a.clone()]),
+            Ok(1806)
+        );
+        assert_eq!(
+            batch(&mut m, 1806, vec![del_a.clone(), set_c.clone()]),
+            Ok(1806)
+        );
+        // A refusal names the operation since which the namespace is over.
+        let err = batch(&mut m, 1806, vec![set_c.clone(), del_a, set_d]).unwrap_err();
+        assert!(err.starts_with("Batch { index: 2"), "{err}");
         // Shrinking is always allowed, even over the quota.
-        let mut t = NsTxn::new(&mut m, 1_000, 2, 5000, LIMITS);
-        t.apply(&op(json!({"op": "set", "key": "a", "value": 1})))
-            .unwrap();
-        assert_eq!(t.bytes(), 5000 - 903 + 2);
+        let shrink = json!({"op": "set", "key": "a", "value": 1});
+        assert_eq!(batch(&mut m, 5000, vec![shrink]), Ok(5000 - 903 + 2));
     }
 
     #[test]

@@ -226,6 +226,7 @@ async fn batch_checks_compare_key_versions() {
     let body = assert_error(&r, 409, "version_mismatch");
     assert_eq!(body["expected_version"], 1);
     assert_eq!(body["actual_version"], 2);
+    assert_eq!(body["key"], "b", "the check that failed");
     // Version 0 means "must not exist".
     let r = batch(
         &api,

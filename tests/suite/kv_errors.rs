@@ -355,6 +355,30 @@ async fn namespace_over_max_namespace_bytes_is_413() {
     ok(&api.put("/v1/kv/k1", &json!(1)).await, 200);
     ok(&api.put("/v1/kv/k5", &v).await, 201);
     assert_eq!(ok(&api.get("/v1/kv").await, 200)["count"], 5);
+
+    // A full batch is judged on what it leaves behind, whatever its order: replacing
+    // a key by another fits both ways round.
+    let swap = |first: Value, second: Value| json!({"operations": [first, second]});
+    let set = |k: &str| json!({"op": "set", "key": k, "value": v});
+    let del = |k: &str| json!({"op": "delete", "key": k});
+    let r = api.post("/v1/kv/batch", &swap(set("k6"), del("k2"))).await;
+    ok(&r, 200);
+    let r = api.post("/v1/kv/batch", &swap(del("k3"), set("k7"))).await;
+    ok(&r, 200);
+    let s = ok(&api.get("/v1/status").await, 200);
+    assert_eq!(s["kv"]["bytes"], 4 * 902 + 3 + 902, "{s}"); // and `other`
+    // One that ends over the quota names the operation since which it was over.
+    let r = api
+        .post(
+            "/v1/kv/batch",
+            &json!({"operations": [set("k8"), del("k4"), set("k9"), set("k10")]}),
+        )
+        .await;
+    let b = assert_error(&r, 413, "too_large");
+    assert_eq!(b["index"], 2, "{b}");
+    assert_eq!(b["current_size_bytes"], 5 * 902 + 903 + 3, "{b}");
+    assert_eq!(api.value("k8").await, None);
+    assert_eq!(api.value("k4").await, Some(v.clone()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
