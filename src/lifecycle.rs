@@ -382,9 +382,11 @@ pub async fn run(
         owner: owner.clone(),
     };
     let server_stop = CancellationToken::new();
-    let server = axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(server_stop.clone().cancelled_owned());
-    let mut server = tokio::spawn(async move { server.await });
+    let mut server = tokio::spawn(api::server::serve(
+        listener,
+        api::router(state),
+        server_stop.clone(),
+    ));
 
     // Own the conversation before restoring or writing anything (a takeover restores
     // what the previous owner left after its final sync). The lease is renewed from
@@ -518,7 +520,7 @@ pub async fn run(
         _ = lifecycle.shutdown.cancelled() => {}
         r = &mut server => {
             kv.close();
-            r.context("server task")?.context("server")?;
+            r.context("server task")?;
             anyhow::bail!("the HTTP server stopped unexpectedly");
         }
     }
@@ -563,7 +565,7 @@ pub async fn run(
     // being answered the outcome.)
     let drain = DRAIN_TIMEOUT.min(left()).max(Duration::from_millis(200));
     match tokio::time::timeout(drain, &mut server).await {
-        Ok(r) => r.context("server task")?.context("server")?,
+        Ok(r) => r.context("server task")?,
         Err(_) => {
             tracing::warn!("requests still running after the drain timeout; closing them");
             server.abort();

@@ -6,6 +6,7 @@ pub mod backup;
 pub mod error;
 pub mod files;
 pub mod kv;
+pub mod server;
 pub mod system;
 
 use std::sync::Arc;
