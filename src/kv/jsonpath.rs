@@ -118,9 +118,16 @@ impl JsonPath {
         let wrong = |what: &str| KvError::WrongType(format!("path `{display}`: {what}"));
         let (last, init) = self.0.split_last().ok_or_else(not_found)?;
         let mut cur = root;
-        for seg in init {
+        for (k, seg) in init.iter().enumerate() {
             cur = match seg {
+                // A missing field is created as an object, unless the path indexes it:
+                // arrays are not made up.
                 Segment::Field(f) => match cur {
+                    Value::Object(o)
+                        if !o.contains_key(f) && matches!(self.0[k + 1], Segment::Index(_)) =>
+                    {
+                        return Err(not_found());
+                    }
                     Value::Object(o) => o
                         .entry(f.clone())
                         .or_insert_with(|| Value::Object(Default::default())),
@@ -234,5 +241,18 @@ mod tests {
             JsonPath::parse("a.b.c").unwrap().set(&mut v, json!(1), ""),
             Err(KvError::WrongType(_))
         ));
+        // A missing field that the path indexes is not made up (as an object or
+        // an array), and the value is left as it was.
+        let before = v.clone();
+        for p in ["a.new[0]", "x.y.new[0].z"] {
+            assert!(
+                matches!(
+                    JsonPath::parse(p).unwrap().set(&mut v, json!(1), ""),
+                    Err(KvError::PathNotFound(_))
+                ),
+                "{p}"
+            );
+        }
+        assert_eq!(v, before);
     }
 }
