@@ -171,6 +171,7 @@ pub enum KvCommand {
     /// Store a JSON value (`-` reads it from stdin; --string stores the text as a string).
     Set {
         key: String,
+        #[arg(allow_negative_numbers = true)]
         value: String,
         #[arg(long)]
         string: bool,
@@ -181,7 +182,7 @@ pub enum KvCommand {
         #[arg(long)]
         if_version: Option<u64>,
         /// Seconds to live.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "keep_ttl", value_parser = parse_ttl)]
         ttl: Option<f64>,
         #[arg(long)]
         keep_ttl: bool,
@@ -210,13 +211,13 @@ pub enum KvCommand {
     /// Push JSON values at the front, one by one (like Redis LPUSH).
     Lpush {
         key: String,
-        #[arg(required = true)]
+        #[arg(required = true, allow_negative_numbers = true)]
         values: Vec<String>,
     },
     /// Push JSON values at the back.
     Rpush {
         key: String,
-        #[arg(required = true)]
+        #[arg(required = true, allow_negative_numbers = true)]
         values: Vec<String>,
     },
     /// Pop from the front.
@@ -473,10 +474,21 @@ fn print_reply(reply: &Reply) -> u8 {
     exit_code(reply.status)
 }
 
+/// `--ttl`: checked here as the daemon would, so that a bad one is a usage error.
+fn parse_ttl(s: &str) -> Result<f64, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    crate::kv::Ttl::from_secs_f64(secs, "ttl").map_err(|e| e.to_string())?;
+    Ok(secs)
+}
+
 fn parse_value(text: &str, as_string: bool) -> anyhow::Result<Value> {
     let text = if text == "-" {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s)?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| usage(format!("cannot read the value from standard input: {e}")))?;
         s
     } else {
         text.to_string()
@@ -712,6 +724,9 @@ async fn kv(client: &Client, args: KvArgs) -> anyhow::Result<u8> {
             } else {
                 std::fs::read(&file).map_err(|e| anyhow::anyhow!("{file}: {e}"))?
             };
+            if let Err(e) = serde_json::from_slice::<Value>(&body) {
+                return Err(usage(format!("the batch is not JSON ({e})")));
+            }
             let p = Q::new(&ns).path("/v1/kv/batch");
             client.request(Method::POST, &p, Some(body)).await?
         }

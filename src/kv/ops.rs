@@ -27,9 +27,11 @@ pub struct Ttl(pub Duration);
 
 impl Ttl {
     pub fn from_secs_f64(secs: f64, name: &str) -> Result<Self, KvError> {
-        if !secs.is_finite() || secs <= 0.0 || secs > MAX_TTL_SECS {
+        // Below a millisecond (the deadlines' unit) a TTL would expire at once: more
+        // likely a unit mistake than a wish, as Redis refuses `PX 0`.
+        if !(0.001..=MAX_TTL_SECS).contains(&secs) {
             return Err(KvError::InvalidParam(format!(
-                "`{name}` must be a positive number of seconds (at most 100 years)"
+                "`{name}` must be a number of seconds from 0.001 (1 ms) to 100 years"
             )));
         }
         Ok(Self(Duration::from_secs_f64(secs)))

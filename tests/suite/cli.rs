@@ -111,10 +111,23 @@ async fn exit_codes() {
         &["sync", "--timeout", "0"],
         &["sync", "--timeout", "99999"],
         &["kv", "watch", "k", "--timeout", "301"],
+        &["kv", "set", "k", "1", "--ttl", "10", "--keep-ttl"],
+        &["kv", "set", "k", "1", "--ttl", "0"],
+        &["kv", "set", "k", "1", "--ttl", "nan"],
     ] {
         let out = cli.run(args).await;
         assert_eq!(out.code, 2, "{args:?}: {out:?}");
     }
+    let out = cli.run_stdin(&["kv", "batch", "-"], Some("not json")).await;
+    assert_eq!(out.code, 2, "a batch that is not JSON: {out:?}");
+    // Negative numbers are values, not options.
+    assert_eq!(cli.run(&["kv", "set", "neg", "-5"]).await.code, 0);
+    assert_eq!(
+        cli.run(&["kv", "get", "neg"]).await.stdout.trim(),
+        r#"{"key":"neg","value":-5}"#
+    );
+    let out = cli.run(&["kv", "rpush", "negl", "-1", "-2.5"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
     let nobody = Cli::new(&d.root().join("nobody.sock"));
     let out = nobody.run(&["kv", "get", "k"]).await;
     assert_eq!(out.code, 1, "daemon not running: {out:?}");

@@ -123,6 +123,14 @@ async fn invalid_param() {
             .await,
         201,
     );
+    // A TTL under a millisecond would expire at once: refused, like Redis `PX 0`.
+    for ttl in ["0", "0.0001", "-1"] {
+        let r = api.put(&format!("/v1/kv/t?ttl={ttl}"), &json!(1)).await;
+        assert_error(&r, 400, "invalid_param");
+    }
+    let r = api.post("/v1/kv/k/expire", &json!({"ttl": 1e-9})).await;
+    assert_error(&r, 400, "invalid_param");
+    ok(&api.put("/v1/kv/t?ttl=0.001", &json!(1)).await, 201);
     ok(&api.put("/v1/kv/k?ns=a-Z_0.9%3A%40", &json!(1)).await, 201);
     // An unknown query parameter is refused, so a typo cannot make a blind write.
     let r = api.put("/v1/kv/k?if_verison=3", &json!(2)).await;
