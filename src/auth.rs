@@ -183,6 +183,22 @@ impl Authenticator {
         if c.iat > c.exp {
             return Err(unauthorized("the token's iat is after its exp"));
         }
+        // RFC 7519: the token is refused from the second `exp` names on (the library
+        // lets that second through).
+        if c.exp <= unix_now() {
+            return Err(unauthorized("the token has expired"));
+        }
+        // A grant that names no namespace a request could use is a bad token, not a
+        // bad request.
+        if let Some(bad) = c.ns.iter().find(|g| match g.strip_suffix('*') {
+            Some("") => false,
+            Some(prefix) => crate::kv::validate::namespace(prefix).is_err(),
+            None => crate::kv::validate::namespace(g).is_err(),
+        }) {
+            return Err(AuthError::Unauthorized(format!(
+                "the token names an invalid namespace `{bad}`"
+            )));
+        }
         if let Some(bad) = c.scope.iter().find(|s| Scope::parse(s).is_none()) {
             // A typo would otherwise grant less than meant without a word.
             return Err(AuthError::Unauthorized(format!(
@@ -388,9 +404,28 @@ mod tests {
         let mut typo = base.clone();
         typo["scope"] = serde_json::json!(["kv:read", "kv:admin"]);
         assert!(matches!(signed(typo), Err(AuthError::Unauthorized(m)) if m.contains("kv:admin")));
-        let mut aud = base;
+        let mut aud = base.clone();
         aud["aud"] = "some-platform".into();
         assert!(signed(aud).is_ok());
+        // No second of grace at `exp` itself.
+        let mut at_exp = base.clone();
+        at_exp["iat"] = (now - 10).into();
+        at_exp["exp"] = now.into();
+        assert!(matches!(signed(at_exp), Err(AuthError::Unauthorized(m)) if m.contains("expired")));
+        // Namespace grants must name usable namespaces (or prefixes of them).
+        for ns in [vec!["bad ns"], vec!["ok", "x/*"], vec![""]] {
+            let mut bad = base.clone();
+            bad["ns"] = serde_json::json!(ns);
+            assert!(
+                matches!(signed(bad), Err(AuthError::Unauthorized(m)) if m.contains("invalid namespace")),
+                "{ns:?}"
+            );
+        }
+        for ns in [vec!["*"], vec!["actor:*", "app"]] {
+            let mut good = base.clone();
+            good["ns"] = serde_json::json!(ns);
+            assert!(signed(good).is_ok(), "{ns:?}");
+        }
     }
 
     #[test]
