@@ -588,3 +588,59 @@ async fn query_and_depth_edges() {
     assert_eq!(ok(&r, 200), json!({"expires_at": null}));
     assert_eq!(api.ns_version(None).await, before);
 }
+
+/// A request refused on its URL, query or token before its body was read: a client
+/// that sends the body after the headers still gets to send it, reads the JSON error,
+/// and may use the connection again (the daemon reads a small body it did not need).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_error_before_the_body_still_lets_the_client_send_it() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let d = Daemon::start_with(LIMITS).await;
+    let socket = d.socket.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut reader = BufReader::new(s.try_clone().unwrap());
+        // Reads one answer: its status line and its JSON body.
+        let mut answer = || {
+            let (mut status, mut len) = (String::new(), 0usize);
+            reader.read_line(&mut status).unwrap();
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            (status, String::from_utf8(body).unwrap())
+        };
+        for (path, code) in [
+            ("/v1/kv/%24reserved", "reserved_key"),
+            ("/v1/kv/k?if_verison=1", "invalid_param"),
+            ("/v1/kv/k?ns=bad%20ns", "invalid_param"),
+        ] {
+            let head = format!("PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\n");
+            s.write_all(head.as_bytes()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            s.write_all(b"\"value\"")
+                .unwrap_or_else(|e| panic!("{path}: the body could not be sent: {e}"));
+            let (status, body) = answer();
+            assert!(status.starts_with("HTTP/1.1 400"), "{path}: {status}");
+            let body: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(body["error"], code, "{path}: {body}");
+        }
+        // The same connection still serves.
+        s.write_all(b"PUT /v1/kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n1")
+            .unwrap();
+        let (status, _) = answer();
+        assert!(status.starts_with("HTTP/1.1 201"), "{status}");
+    })
+    .await
+    .unwrap();
+}

@@ -1,0 +1,92 @@
+//! Lingering on an unread request body, as nginx's lingering close does. A request
+//! refused on its URL, query or token is answered before its body is read; hyper then
+//! closes the connection, and a client still writing the body (one that sends headers
+//! and body in separate writes) gets a broken pipe instead of the JSON error. So when
+//! the handler did not touch a small body (at most [`LINGER_BYTES`], announced with
+//! `Content-Length`), it is read and dropped before the answer goes out, for at most
+//! [`LINGER_TIME`]: the client reads its error, and the connection stays usable.
+//! Bodies the client sends only after `100 Continue` are left alone (the client
+//! waits for the answer instead), and so are large ones (a 413 closes at once).
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::Request;
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::Response;
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+
+/// Largest unread body read before an answer.
+const LINGER_BYTES: u64 = 64 * 1024;
+/// Longest wait for it.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// The middleware: see the module's documentation.
+pub async fn linger(req: Request, next: Next) -> Response {
+    let small = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|n| (1..=LINGER_BYTES).contains(&n));
+    if !small || req.headers().contains_key(header::EXPECT) {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let shared = Arc::new(Mutex::new(Shared {
+        body: Some(body),
+        touched: false,
+    }));
+    let tracked = Body::new(Tracked(shared.clone()));
+    let response = next.run(Request::from_parts(parts, tracked)).await;
+    let unread = {
+        let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+        if s.touched { None } else { s.body.take() }
+    };
+    if let Some(body) = unread {
+        let _ = tokio::time::timeout(LINGER_TIME, body.collect()).await;
+    }
+    response
+}
+
+struct Shared {
+    body: Option<Body>,
+    /// The handler polled the body (it read it, or part of it, itself).
+    touched: bool,
+}
+
+/// The body the handler gets: the request's own, which the middleware keeps a hold on.
+struct Tracked(Arc<Mutex<Shared>>);
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        s.touched = true;
+        match s.body.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        s.body.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        s.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
