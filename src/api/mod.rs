@@ -259,7 +259,15 @@ async fn route_params(parts: &mut Parts) -> Result<Vec<(String, String)>, ApiErr
     use crate::kv::KvError;
     use axum::extract::path::ErrorKind;
     use axum::extract::rejection::PathRejection;
-    Path::<Vec<(String, String)>>::from_request_parts(parts, &())
+    let kind = |name: &str, message: String| -> ApiError {
+        match name {
+            "key" => KvError::InvalidKey(message),
+            "path" => KvError::InvalidPath(message),
+            _ => KvError::InvalidParam(message),
+        }
+        .into()
+    };
+    let params = Path::<Vec<(String, String)>>::from_request_parts(parts, &())
         .await
         .map(|p| p.0)
         .map_err(|e| {
@@ -271,13 +279,27 @@ async fn route_params(parts: &mut Parts) -> Result<Vec<(String, String)>, ApiErr
                 },
                 _ => "",
             };
-            match name {
-                "key" => KvError::InvalidKey(message),
-                "path" => KvError::InvalidPath(message),
-                _ => KvError::InvalidParam(message),
-            }
-            .into()
-        })
+            kind(name, message)
+        })?;
+    // A `%` that starts no escape would be taken as itself, so that `%zz` and `%25zz`
+    // named one key: refused, as an undecodable escape is.
+    let raw = parts.uri.path().as_bytes();
+    let stray = raw.iter().enumerate().any(|(i, b)| {
+        *b == b'%'
+            && !raw
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if stray {
+        let name = params
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .find(|k| *k != "action");
+        let message =
+            "a `%` in the URL path must start an escape such as `%25` (a literal `%`)".to_string();
+        return Err(kind(name.unwrap_or(""), message));
+    }
+    Ok(params)
 }
 
 /// The `{*path}` of a file store route, percent-decoded (validated by the handler).

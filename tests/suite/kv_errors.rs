@@ -64,6 +64,17 @@ async fn invalid_key() {
     assert_error(&api.put("/v1/kv/a%C3", &json!(1)).await, 400, "invalid_key");
     // Written by hand: a control character as %01.
     assert_error(&api.put("/v1/kv/a%01", &json!(1)).await, 400, "invalid_key");
+    // A `%` that starts no escape is refused, not taken as itself (`%zz` and `%25zz`
+    // would name one key).
+    for path in ["/v1/kv/%zz", "/v1/kv/100%", "/v1/kv/a%2", "/v1/kv/%zz/incr"] {
+        assert_error(&api.put(path, &json!(1)).await, 400, "invalid_key");
+    }
+    assert_error(&api.post_empty("/v1/kv/%zz/incr").await, 400, "invalid_key");
+    assert_error(
+        &api.raw(hyper::Method::PUT, "/v1/files/a%zz", b"x").await,
+        400,
+        "invalid_path",
+    );
     // 255 bytes (multi-byte characters count in bytes) is the longest key.
     let k255 = format!("{}{}", "é".repeat(127), "k"); // 254 + 1
     assert_eq!(k255.len(), 255);
@@ -80,6 +91,8 @@ async fn invalid_key() {
     // An empty key is an invalid key.
     assert_error(&api.put("/v1/kv/", &json!(1)).await, 400, "invalid_key");
     assert_eq!(ok(&api.get("/v1/kv").await, 200)["count"], 1);
+    ok(&api.put("/v1/kv/100%25", &json!(1)).await, 201);
+    assert_eq!(api.value("100%").await, Some(json!(1)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
