@@ -695,7 +695,7 @@ async fn final_sync(
     let started = Instant::now();
     let (mut ws_done, mut git_done, mut stores_done) = (false, false, false);
     let workspace = async {
-        match sync.sync(false).await {
+        match sync.sync_unless_held().await {
             Ok(stats) => {
                 tracing::info!(
                     uploaded = stats.files_uploaded,

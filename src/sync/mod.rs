@@ -101,10 +101,16 @@ pub struct SyncStatus {
 }
 
 enum Command {
-    Sync {
-        confirm_deletes: bool,
-        reply: oneshot::Sender<Result<RoundStats, SyncError>>,
-    },
+    Sync(Waiter),
+}
+
+/// A caller waiting for a round that carries the workspace as it is now.
+struct Waiter {
+    confirm_deletes: bool,
+    /// Answered with [`SyncError::Held`] by a round that a guard holds back, instead
+    /// of waiting for one that is not (the final sync: nobody is left to confirm).
+    until_held: bool,
+    reply: oneshot::Sender<Result<RoundStats, SyncError>>,
 }
 
 /// The API's handle on the engine.
@@ -117,12 +123,25 @@ pub struct SyncHandle {
 impl SyncHandle {
     /// Waits until everything changed before the call is in the remote.
     pub async fn sync(&self, confirm_deletes: bool) -> Result<RoundStats, SyncError> {
+        self.ask(confirm_deletes, false).await
+    }
+
+    /// Like [`SyncHandle::sync`], but a round that a delete guard holds back answers
+    /// [`SyncError::Held`] at once: for the final sync, which would otherwise wait for
+    /// a `confirm_deletes` that cannot come any more.
+    pub async fn sync_unless_held(&self) -> Result<RoundStats, SyncError> {
+        self.ask(false, true).await
+    }
+
+    async fn ask(&self, confirm_deletes: bool, until_held: bool) -> Result<RoundStats, SyncError> {
         let (reply, rx) = oneshot::channel();
+        let waiter = Waiter {
+            confirm_deletes,
+            until_held,
+            reply,
+        };
         self.tx
-            .send(Command::Sync {
-                confirm_deletes,
-                reply,
-            })
+            .send(Command::Sync(waiter))
             .await
             .map_err(|_| SyncError::Stopped)?;
         rx.await.map_err(|_| SyncError::Stopped)?
@@ -252,7 +271,7 @@ pub struct SyncEngine {
     /// Paths a restore could not write: kept in the remote (and the manifest) while
     /// they are missing here, instead of being deleted as gone.
     protected: BTreeSet<String>,
-    waiters: Vec<(bool, oneshot::Sender<Result<RoundStats, SyncError>>)>,
+    waiters: Vec<Waiter>,
     commands: mpsc::Receiver<Command>,
     status: Arc<Mutex<SyncStatus>>,
     metrics: Arc<Metrics>,
@@ -542,8 +561,8 @@ impl SyncEngine {
                 biased;
                 _ = stop.cancelled() => return,
                 cmd = self.commands.recv() => match cmd {
-                    Some(Command::Sync { confirm_deletes, reply }) => {
-                        self.waiters.push((confirm_deletes, reply));
+                    Some(Command::Sync(waiter)) => {
+                        self.waiters.push(waiter);
                         self.full_rescan = true;
                         force = true;
                         self.retry_at = None;
@@ -591,7 +610,7 @@ impl SyncEngine {
     /// must be forced (a failure to retry).
     async fn round_and_reply(&mut self) -> bool {
         let waiters = std::mem::take(&mut self.waiters);
-        let confirm = waiters.iter().any(|(c, _)| *c);
+        let confirm = waiters.iter().any(|w| w.confirm_deletes);
         let mut result = self.round(confirm).await;
         if let Ok(first) = &result
             && std::mem::take(&mut self.again)
@@ -613,8 +632,8 @@ impl SyncEngine {
                 self.last_sync_ms = Some(crate::kv::now_ms());
                 // Whoever was waiting sees the new state in /v1/status at once.
                 self.publish_status();
-                for (_, w) in waiters {
-                    let _ = w.send(Ok(stats));
+                for w in waiters {
+                    let _ = w.reply.send(Ok(stats));
                 }
                 false
             }
@@ -626,8 +645,10 @@ impl SyncEngine {
                 self.last_error = Some(m.clone());
                 self.watcher = None;
                 self.publish_status();
-                for (_, w) in waiters {
-                    let _ = w.send(Err(SyncError::WorkspaceUnavailable(m.clone())));
+                for w in waiters {
+                    let _ = w
+                        .reply
+                        .send(Err(SyncError::WorkspaceUnavailable(m.clone())));
                 }
                 // Checked again on the poll tick.
                 self.retry_at = Some(Instant::now() + self.config.watch.poll_interval.0);
@@ -637,9 +658,15 @@ impl SyncEngine {
                 self.metrics.sync_round("error");
                 tracing::warn!(reason = %m, "sync round: new entries wait for a delete guard");
                 self.degraded = true;
-                self.last_error = Some(m);
                 self.retry_at = Some(Instant::now() + self.config.sync.debounce_max.0);
-                self.waiters.extend(waiters);
+                for w in waiters {
+                    if w.until_held {
+                        let _ = w.reply.send(Err(SyncError::Held(m.clone())));
+                    } else {
+                        self.waiters.push(w);
+                    }
+                }
+                self.last_error = Some(m);
                 true
             }
             Err(e) => {

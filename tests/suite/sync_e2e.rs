@@ -666,6 +666,34 @@ async fn final_sync_cut_short_by_the_deadline_exits_75_and_names_what_is_left() 
     assert!(log.contains("last error: remote storage"), "{log}");
 }
 
+/// A new entry that a delete guard holds back waits for `confirm_deletes`, which
+/// nobody can send once the daemon stops: the final sync says so at once instead of
+/// retrying until the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn final_sync_held_by_a_guard_exits_75_at_once() {
+    let mut env = Env::new(
+        Backend::Dir,
+        "[sync]\ndebounce_min = \"200ms\"\ndebounce_max = \"2s\"\n\n[shutdown]\ndeadline = \"30s\"\n",
+        true,
+    )
+    .await;
+    env.write("d/x.txt", b"x");
+    env.sync().await;
+    // Everything vanishes (held until confirmed), and a file takes the directory's name.
+    std::fs::remove_dir_all(env.ws().join("d")).unwrap();
+    env.sync().await;
+    env.write("d", b"a file now");
+    let started = Instant::now();
+    let status = env.daemon.terminate();
+    let took = started.elapsed();
+    let log = env.daemon.log();
+    assert_eq!(status.code(), Some(75), "{log}");
+    assert!(took < Duration::from_secs(10), "exit took {took:?}: {log}");
+    assert!(log.contains("left=workspace files ("), "{log}");
+    assert!(log.contains("confirm_deletes"), "{log}");
+    assert_eq!(env.object("d/x.txt").await.unwrap(), b"x", "still held");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_second_signal_aborts_the_final_sync() {
     let mut env = Env::new(
