@@ -32,7 +32,7 @@
 //! [`restore_bundle`] turns a bundle back into a `.git` with the same refs and HEAD,
 //! the index equal to `wip-index` and the work tree equal to `wip`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Display;
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -149,6 +149,27 @@ pub struct StashEntry {
 
 /// Files of `.git` kept in the json are at most this large (larger ones are left out).
 const META_FILE_MAX: u64 = 256 * 1024;
+/// In the state directory: the repositories whose bundles it wrote.
+const BUNDLED_FILE: &str = "git-bundled.json";
+
+#[derive(Serialize, Deserialize)]
+struct BundledRecord {
+    /// The conversation's bundle prefix: a state directory reused for another
+    /// conversation starts afresh.
+    prefix: String,
+    repos: BTreeSet<String>,
+}
+
+/// The repositories recorded as bundled under `prefix` (none when the file is
+/// missing, unreadable or of another conversation).
+fn load_bundled(path: &Path, prefix: &str) -> BTreeSet<String> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<BundledRecord>(&b).ok())
+        .filter(|r| r.prefix == prefix)
+        .map(|r| r.repos)
+        .unwrap_or_default()
+}
 /// The stash entries' refs in a bundle (never created in a restored repository).
 const STASH_REF_PREFIX: &str = "refs/sandkeep/stash/";
 
@@ -1158,6 +1179,10 @@ pub struct GitBundler {
     interval: Duration,
     /// Digest of each repository's last bundle (by `repo`).
     last: Mutex<HashMap<String, [u8; 32]>>,
+    /// The repositories whose bundles this state directory wrote, kept in
+    /// [`BUNDLED_FILE`] so that one deleted while the daemon was down is pruned too.
+    bundled: Mutex<BTreeSet<String>>,
+    bundled_file: PathBuf,
     /// One pass at a time.
     running: tokio::sync::Mutex<()>,
     /// The workspace mirror, whose delete guards bundle pruning follows.
@@ -1175,13 +1200,18 @@ impl GitBundler {
         let root = std::fs::canonicalize(&config.workspace)
             .or_else(|_| std::path::absolute(&config.workspace))
             .unwrap_or_else(|_| config.workspace.clone());
+        let prefix = format!("{}{GIT_DIR}", config.conversation_prefix());
+        let bundled_file = config.state_dir.join(BUNDLED_FILE);
+        let bundled = load_bundled(&bundled_file, &prefix);
         Self {
             remote,
             metrics,
             root,
-            prefix: format!("{}{GIT_DIR}", config.conversation_prefix()),
+            prefix,
             interval: config.git.interval.0,
             last: Mutex::new(HashMap::new()),
+            bundled: Mutex::new(bundled),
+            bundled_file,
             running: tokio::sync::Mutex::new(()),
             mirror,
         }
@@ -1240,12 +1270,40 @@ impl GitBundler {
                 }
             }
         }
+        self.remember(&round.bundles);
         self.prune(&repos).await;
         Ok(round)
     }
 
-    /// Deletes the bundles of repositories that this daemon bundled and that are gone
-    /// from the workspace, under the mirror's delete guards: after a round of the
+    /// Adds the repositories just bundled to the ones this state directory wrote.
+    fn remember(&self, bundles: &[BundleInfo]) {
+        let mut bundled = self.bundled.lock().unwrap_or_else(|e| e.into_inner());
+        let before = bundled.len();
+        bundled.extend(bundles.iter().map(|b| b.repo.clone()));
+        if bundled.len() != before {
+            self.save_bundled(&bundled);
+        }
+    }
+
+    fn save_bundled(&self, bundled: &BTreeSet<String>) {
+        let record = BundledRecord {
+            prefix: self.prefix.clone(),
+            repos: bundled.clone(),
+        };
+        let tmp = self.bundled_file.with_extension("json.tmp");
+        let written = serde_json::to_vec(&record)
+            .map_err(io::Error::other)
+            .and_then(|json| std::fs::write(&tmp, json))
+            .and_then(|()| std::fs::rename(&tmp, &self.bundled_file));
+        if let Err(e) = written {
+            // Only pruning after a restart depends on it.
+            tracing::warn!(file = %self.bundled_file.display(), error = %e, "cannot record which repositories were bundled");
+        }
+    }
+
+    /// Deletes the bundles of repositories that this state directory bundled (in this
+    /// run or an earlier one) and that are gone from the workspace, under the mirror's
+    /// delete guards: after a round of the
     /// mirror, and not while the workspace is unavailable or the mirror holds deletions
     /// back (an emptied workspace, a mass deletion, files of a new state directory
     /// missing here). A bundle is often the only copy of commits and of ignored tracked
@@ -1256,8 +1314,9 @@ impl GitBundler {
             return;
         };
         let gone: Vec<String> = {
-            let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-            last.keys()
+            let bundled = self.bundled.lock().unwrap_or_else(|e| e.into_inner());
+            bundled
+                .iter()
                 .filter(|repo| !repos.iter().any(|r| &r.repo == *repo))
                 .cloned()
                 .collect()
@@ -1296,6 +1355,9 @@ impl GitBundler {
                 );
                 let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
                 last.retain(|repo, _| repos.iter().any(|r| &r.repo == repo));
+                let mut bundled = self.bundled.lock().unwrap_or_else(|e| e.into_inner());
+                bundled.retain(|repo| !gone.contains(repo));
+                self.save_bundled(&bundled);
             }
             Err(e) => tracing::warn!(error = %e, "cannot delete stale git bundles"),
         }

@@ -587,6 +587,37 @@ async fn bundles_are_deleted_only_as_the_mirror_deletes_files() {
     assert!(!files.join("a.txt").exists() && files.join("README.md").exists());
 }
 
+/// The state directory remembers which repositories it bundled: one deleted while the
+/// daemon was down loses its bundle after the restart, as it would have while running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_deleted_while_the_daemon_was_down_loses_its_bundle() {
+    let mut d = Daemon::prepare(NO_PERIODIC);
+    let ws = d.workspace.clone();
+    for repo in [ws.join("keep"), ws.join("sub")] {
+        std::fs::create_dir_all(&repo).unwrap();
+        git(&repo, &["init", "-q"]);
+        write(&repo, "a.txt", "1\n");
+        git(&repo, &["add", "a.txt"]);
+        git(&repo, &["commit", "-q", "-m", "one"]);
+    }
+    d.spawn_and_wait().await;
+    ok(
+        &d.api().post("/v1/sync", &json!({"timeout_s": 30})).await,
+        200,
+    );
+    assert!(bundle_path(&d, "keep").exists() && bundle_path(&d, "sub").exists());
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+
+    std::fs::remove_dir_all(ws.join("sub")).unwrap();
+    d.spawn_and_wait().await;
+    assert!(
+        pruned_after_sync(&d, "sub").await,
+        "the bundle of a repository deleted while the daemon was down stays; log:\n{}",
+        d.log()
+    );
+    assert!(bundle_path(&d, "keep").exists());
+}
+
 /// Every file below `dir` with its size and mtime.
 fn files_under(dir: &Path) -> BTreeMap<PathBuf, (u64, std::time::SystemTime)> {
     let mut out = BTreeMap::new();
