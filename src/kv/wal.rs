@@ -309,6 +309,26 @@ impl Wal {
                 _ => break false,
             }
         };
+        // A frame cut short by a crash is the last one ever written. A good frame past
+        // the break that continues the LSNs means the log was damaged in the middle (or
+        // its magic was): what follows holds acknowledged writes, and starting without
+        // them must not be silent. (Frames left from before a checkpoint have LSNs it
+        // covers; a log cut short by truncation cannot be told from a torn end.)
+        let floor = last.unwrap_or(0).max(applied);
+        let mut at = pos;
+        while at + FRAME_HEADER <= data.len() {
+            if let Frame::Good { lsn, .. } = frame_at(&data, at)
+                && lsn > floor
+            {
+                return Err(format!(
+                    "{shown} is damaged at byte {pos}: the log breaks off after LSN {floor}, but \
+                     a frame at byte {at} holds LSN {lsn}, and the frames from there on hold \
+                     acknowledged writes. Restore the file from a copy; or move it away to \
+                     start without the writes after LSN {floor}"
+                ));
+            }
+            at = (at + 1).next_multiple_of(BLOCK as usize);
+        }
         if let Some((first, _)) = frames.first()
             && *first != applied + 1
         {
@@ -813,6 +833,44 @@ pub(crate) mod tests {
         drop(wal);
         let (_, pending) = Wal::open(&path, 10).unwrap();
         assert!(pending.frames.is_empty() && !pending.torn);
+    }
+
+    #[test]
+    fn damage_before_acknowledged_frames_stops_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.wal");
+        let (mut wal, _) = Wal::open(&path, 0).unwrap();
+        for i in 1..=5u8 {
+            wal.append(&[i; 100]).unwrap();
+        }
+        drop(wal);
+        let good = std::fs::read(&path).unwrap();
+        let third = 3 * BLOCK as usize;
+        type Damage = fn(&mut Vec<u8>, usize);
+        let damages: [(&str, Damage); 4] = [
+            ("a zeroed block", |d, at| d[at..at + 4096].fill(0)),
+            ("a flipped payload bit", |d, at| d[at + FRAME_HEADER] ^= 1),
+            ("a changed LSN", |d, at| d[at + 8] ^= 0x40),
+            ("the old format's magic", |d, _| d[7] = 1),
+        ];
+        for (what, damage) in damages {
+            let mut data = good.clone();
+            damage(&mut data, third);
+            std::fs::write(&path, &data).unwrap();
+            let err = Wal::open(&path, 0)
+                .err()
+                .unwrap_or_else(|| panic!("{what}: opened"));
+            assert!(err.contains("is damaged"), "{what}: {err}");
+            // Nothing was rewritten.
+            assert_eq!(std::fs::read(&path).unwrap(), data, "{what}");
+        }
+        // Damage to the last frame is a torn end: the others come back.
+        let mut data = good;
+        data[5 * BLOCK as usize + FRAME_HEADER] ^= 1;
+        std::fs::write(&path, &data).unwrap();
+        let (_, pending) = Wal::open(&path, 0).unwrap();
+        assert_eq!(pending.frames.len(), 4);
+        assert!(pending.torn);
     }
 
     #[test]
