@@ -373,6 +373,18 @@ pub fn json_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Ap
 /// Reads a request body of at most `limit` bytes. A declared length over the limit is
 /// refused before anything is read; a body without one is cut off at the limit.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes, ApiError> {
+    read_body_within(headers, body, limit, server::IDLE_TIMEOUT).await
+}
+
+/// [`read_body`], giving up with 408 `timeout` when the body sends nothing for `idle`:
+/// a client that announced a body and never sends it must not hold its connection
+/// (and a file descriptor) for ever.
+async fn read_body_within(
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+    idle: std::time::Duration,
+) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -382,16 +394,72 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<By
     {
         return Err(ApiError::too_large("request body", limit, n));
     }
-    let limited = http_body_util::Limited::new(body, limit as usize);
-    match limited.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(
-            "request body",
-            limit,
-            declared.unwrap_or(limit + 1),
-        )),
-        Err(e) => Err(ApiError::invalid_param(format!(
-            "cannot read the request body: {e}"
-        ))),
+    let mut limited = http_body_util::Limited::new(body, limit as usize);
+    let mut chunks: Vec<Bytes> = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout(idle, limited.frame()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    format!("the request body sent nothing for {} s", idle.as_secs_f64()),
+                ));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(ApiError::too_large(
+                    "request body",
+                    limit,
+                    declared.unwrap_or(limit + 1),
+                ));
+            }
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::invalid_param(format!(
+                    "cannot read the request body: {e}"
+                )));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            chunks.push(data);
+        }
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => chunks.concat().into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn a_body_that_stalls_is_given_up() {
+        let idle = std::time::Duration::from_millis(100);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        let stalled = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from("ab"))])
+            .chain(futures::stream::pending());
+        let started = std::time::Instant::now();
+        let err = read_body_within(&headers, Body::from_stream(stalled), 100, idle)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.status, err.code),
+            (axum::http::StatusCode::REQUEST_TIMEOUT, "timeout")
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // A slow body that keeps sending is read whole, in its chunks' order.
+        let slow = futures::stream::iter(["ab", "cd", "e"]).then(|c| async move {
+            tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+            Ok::<_, std::io::Error>(Bytes::from(c))
+        });
+        let got = read_body_within(&headers, Body::from_stream(slow), 100, idle)
+            .await
+            .unwrap();
+        assert_eq!(got, "abcde");
     }
 }
