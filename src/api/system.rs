@@ -16,6 +16,9 @@ pub async fn healthz() -> Response {
 
 pub async fn readyz(State(state): State<AppState>) -> Response {
     match state.lifecycle.phase() {
+        Phase::Ready if let Some(why) = state.kv.broken() => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", why).into_response()
+        }
         Phase::Ready => json_ok(StatusCode::OK, json!({"status": "ready"})),
         Phase::Starting => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -54,12 +57,18 @@ pub async fn status(State(state): State<AppState>, ctx: Ctx) -> Result<Response,
     let git = state.git.status().await;
     let snapshots = state.snapshots.status();
     let owner = state.owner.status();
+    let kv_broken = state.kv.broken();
     let phase = match state.lifecycle.phase() {
         Phase::Starting => "restoring",
         Phase::ShuttingDown => "shutting_down",
         // Remote storage refuses or ignores this daemon (bad credentials, an outage
         // since start): nothing reaches it, whatever the mirror has to do.
-        Phase::Ready if sync.degraded || !owner.writes_allowed || replica.last_error.is_some() => {
+        Phase::Ready
+            if sync.degraded
+                || !owner.writes_allowed
+                || replica.last_error.is_some()
+                || kv_broken.is_some() =>
+        {
             "degraded"
         }
         Phase::Ready => "ready",
@@ -91,7 +100,7 @@ pub async fn status(State(state): State<AppState>, ctx: Ctx) -> Result<Response,
                 "watch_mode": sync.watch_mode,
                 "held_deletes": sync.held_deletes,
             },
-            "kv": {"namespaces": namespaces, "bytes": bytes},
+            "kv": {"namespaces": namespaces, "bytes": bytes, "last_error": kv_broken},
             "files": {"count": file_count, "bytes": file_bytes},
             "replication": replica,
             "restore": state.lifecycle.restored(),

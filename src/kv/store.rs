@@ -164,6 +164,9 @@ struct Inner {
     /// replicator waits on it.
     changes: Arc<tokio::sync::Notify>,
     stats: Arc<CommitStats>,
+    /// Set when the database refuses every write until it is reopened (redb after an
+    /// I/O error, such as a full disk): what the writer saw.
+    broken: Arc<Mutex<Option<String>>>,
 }
 
 /// What the writer committed since the store was opened (for `/metrics`).
@@ -250,8 +253,11 @@ impl KvStore {
         if !opts.path.exists() {
             discard_orphan_log(&log)?;
         }
-        let db = Database::create(&opts.path)
-            .map_err(|e| KvError::Storage(format!("{}: {e}", opts.path.display())))?;
+        #[cfg(not(test))]
+        let db = Database::create(&opts.path);
+        #[cfg(test)]
+        let db = tests::open_database(&opts.path);
+        let db = db.map_err(|e| KvError::Storage(format!("{}: {e}", opts.path.display())))?;
         check_key(&db, &opts.cipher)?;
         let wal = recover(&db, &log)?;
         let db = Arc::new(db);
@@ -259,6 +265,7 @@ impl KvStore {
         let watchers = Arc::new(Watchers::default());
         let changes = Arc::new(tokio::sync::Notify::new());
         let stats = Arc::new(CommitStats::default());
+        let broken = Arc::new(Mutex::new(None));
         let writer = Writer {
             db: db.clone(),
             cipher: opts.cipher.clone(),
@@ -267,6 +274,7 @@ impl KvStore {
             changes: changes.clone(),
             stats: stats.clone(),
             wal,
+            broken: broken.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("kv-writer".into())
@@ -292,8 +300,28 @@ impl KvStore {
                 accepting: AtomicBool::new(true),
                 changes,
                 stats,
+                broken,
             }),
         })
+    }
+
+    /// Why the store takes no more writes until the daemon restarts (the database hit
+    /// an I/O error, such as a full disk), if it does not.
+    pub fn broken(&self) -> Option<String> {
+        self.inner
+            .broken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The error for a write whose reply never came: the writer stopped, or gave up
+    /// on a database that takes no more writes.
+    fn unanswered(&self) -> KvError {
+        match self.broken() {
+            Some(why) => KvError::Storage(why),
+            None => KvError::ShuttingDown,
+        }
     }
 
     /// Queues a write request and waits until its group commit is durable.
@@ -314,7 +342,7 @@ impl KvStore {
             reply,
         };
         self.send(job)?;
-        rx.await.map_err(|_| KvError::ShuttingDown)?
+        rx.await.map_err(|_| self.unanswered())?
     }
 
     /// Runs `f` inside the writer's next group transaction and answers once that commit
@@ -345,7 +373,7 @@ impl KvStore {
             },
         );
         self.send(Job::Exec(job))?;
-        rx.await.map_err(|_| KvError::ShuttingDown)?
+        rx.await.map_err(|_| self.unanswered())?
     }
 
     /// Runs `f` on a read transaction on the blocking pool.
@@ -446,7 +474,7 @@ impl KvStore {
             let tx = guard.as_ref().ok_or(KvError::ShuttingDown)?;
             tx.send(job).map_err(|_| KvError::ShuttingDown)?;
         }
-        rx.await.map_err(|_| KvError::ShuttingDown)?
+        rx.await.map_err(|_| self.unanswered())?
     }
 
     /// Runs a read on the blocking pool so redb's I/O never stalls the executor.
@@ -805,6 +833,7 @@ struct Writer {
     changes: Arc<tokio::sync::Notify>,
     stats: Arc<CommitStats>,
     wal: Wal,
+    broken: Arc<Mutex<Option<String>>>,
 }
 
 struct TableBacking<'a, 't> {
@@ -827,7 +856,8 @@ type Reply = oneshot::Sender<Result<WriteOutcome, KvError>>;
 impl Writer {
     fn run(mut self, rx: Receiver<Job>) {
         loop {
-            let first = if !self.wal.uncovered() {
+            // A broken database takes no checkpoint either: wait for writes (to refuse).
+            let first = if !self.wal.uncovered() || self.is_broken() {
                 match rx.recv() {
                     Ok(j) => j,
                     Err(_) => break,
@@ -871,11 +901,12 @@ impl Writer {
         let mut changed: HashMap<String, u64> = HashMap::new();
         let mut frame = Vec::new();
         let mut appended = None;
+        let mut jobs = jobs.into_iter();
         let outcome = (|| -> Result<(), KvError> {
             let mut wtx = self.db.begin_write()?;
             {
                 let mut tables = Tables::open(&wtx)?;
-                for job in jobs {
+                for job in jobs.by_ref() {
                     let log = (!durable).then_some(&mut frame);
                     match job {
                         Job::Write {
@@ -959,12 +990,45 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "kv commit failed; the group's writes were not applied");
+                self.check_usable();
                 for (reply, _) in replies {
                     let _ = reply.send(Err(KvError::Storage(e.to_string())));
                 }
                 for d in done {
                     d(Err(e.to_string()));
                 }
+                // Jobs the failure came before (the transaction did not even begin).
+                for job in jobs {
+                    if let Job::Write { reply, .. } = job {
+                        let _ = reply.send(Err(KvError::Storage(e.to_string())));
+                    }
+                    // An `Exec` dropped unrun: its caller gets `unanswered()`.
+                }
+            }
+        }
+    }
+
+    fn is_broken(&self) -> bool {
+        self.broken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// After a failed commit: whether the database still takes writes. redb refuses every
+    /// transaction after an I/O error until it is reopened; the store then says so
+    /// (readiness, status, every write) instead of failing each write alike.
+    fn check_usable(&self) {
+        if let Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) =
+            self.db.begin_write()
+        {
+            let mut broken = self.broken.lock().unwrap_or_else(|e| e.into_inner());
+            if broken.is_none() {
+                let why = "the KV database hit an I/O error (a full disk?) and takes no more \
+                           writes until the daemon restarts; acknowledged writes are safe"
+                    .to_string();
+                tracing::error!("{why}");
+                *broken = Some(why);
             }
         }
     }
@@ -1377,6 +1441,114 @@ mod tests {
         let s = store(dir.path(), 1).unwrap();
         assert_eq!(s.get("ns", "c").await.unwrap().unwrap().value, json!(3));
         assert_eq!(s.ns_meta("ns").await.unwrap().keys, 3);
+    }
+
+    /// A disk that fills up: redb refuses every transaction after its I/O error until it
+    /// is reopened. Every write gets a storage error (not `shutting_down`), the store
+    /// says it is broken, and a restart has every acknowledged write.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_breaks_the_store_loudly_and_loses_nothing_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1).unwrap();
+        for i in 0..20 {
+            s.write("ns", set(&format!("k{i}"), json!(i)), false)
+                .await
+                .unwrap();
+        }
+        assert_eq!(s.broken(), None);
+        disk_full(&db_path(dir.path()), true);
+        let big = json!("x".repeat(60_000));
+        let mut refused = 0;
+        for i in 0..20 {
+            match s
+                .write("ns", set(&format!("big{i}"), big.clone()), false)
+                .await
+            {
+                Ok(_) => {}
+                Err(KvError::Storage(_)) => refused += 1,
+                Err(e) => panic!("write {i}: {e:?}"),
+            }
+        }
+        assert!(refused > 0, "the full disk refused nothing");
+        let why = s.broken().expect("the store says it is broken");
+        assert!(why.contains("restart"), "{why}");
+        // Space again: the database still needs a reopen, and says so.
+        disk_full(&db_path(dir.path()), false);
+        let err = s
+            .write("ns", set("after", json!(1)), false)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, KvError::Storage(_)), "{err:?}");
+        s.close();
+        drop(s);
+        let s = store(dir.path(), 1).unwrap();
+        for i in 0..20 {
+            let v = s.get("ns", &format!("k{i}")).await.unwrap().unwrap().value;
+            assert_eq!(v, json!(i));
+        }
+        s.write("ns", set("after", json!(1)), false).await.unwrap();
+    }
+
+    /// Databases whose writes fail with ENOSPC (tests run in parallel: by path).
+    static FULL: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    fn disk_full(path: &Path, full: bool) {
+        let mut f = FULL.lock().unwrap();
+        f.retain(|p| p != path);
+        if full {
+            f.push(path.to_path_buf());
+        }
+    }
+
+    /// The store's database, on a backend that [`disk_full`] can fill up.
+    pub(super) fn open_database(path: &Path) -> Result<Database, redb::DatabaseError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let inner = redb::backends::FileBackend::new(file)?;
+        Database::builder().create_with_backend(FillingDisk {
+            inner,
+            path: path.to_path_buf(),
+        })
+    }
+
+    #[derive(Debug)]
+    struct FillingDisk {
+        inner: redb::backends::FileBackend,
+        path: PathBuf,
+    }
+
+    impl FillingDisk {
+        fn check(&self) -> std::io::Result<()> {
+            if FULL.lock().unwrap().contains(&self.path) {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            Ok(())
+        }
+    }
+
+    impl redb::StorageBackend for FillingDisk {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
     }
 
     /// Removing the database file (to start afresh) leaves its log behind: the new
