@@ -246,7 +246,12 @@ pub enum KvCommand {
         all: bool,
     },
     /// Set (seconds) or clear (0) a key's time to live.
-    Expire { key: String, ttl: f64 },
+    Expire {
+        key: String,
+        /// Seconds to live; 0 clears the TTL.
+        #[arg(value_parser = parse_expire)]
+        ttl: f64,
+    },
     /// Run a batch: the JSON body from FILE or stdin (`-`).
     Batch {
         #[arg(default_value = "-")]
@@ -481,6 +486,14 @@ fn parse_ttl(s: &str) -> Result<f64, String> {
         .map_err(|_| format!("`{s}` is not a number of seconds"))?;
     crate::kv::Ttl::from_secs_f64(secs, "ttl").map_err(|e| e.to_string())?;
     Ok(secs)
+}
+
+/// `kv expire SECONDS`: 0 clears the TTL, anything else is a `--ttl`.
+fn parse_expire(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(0.0) => Ok(0.0),
+        _ => parse_ttl(s),
+    }
 }
 
 fn parse_value(text: &str, as_string: bool) -> anyhow::Result<Value> {

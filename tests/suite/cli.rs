@@ -114,6 +114,8 @@ async fn exit_codes() {
         &["kv", "set", "k", "1", "--ttl", "10", "--keep-ttl"],
         &["kv", "set", "k", "1", "--ttl", "0"],
         &["kv", "set", "k", "1", "--ttl", "nan"],
+        &["kv", "expire", "k", "0.0001"],
+        &["kv", "expire", "k", "-1"],
     ] {
         let out = cli.run(args).await;
         assert_eq!(out.code, 2, "{args:?}: {out:?}");
