@@ -1,4 +1,5 @@
-//! Lingering on an unread request body, as nginx's lingering close does. A request
+//! Lingering on an unread request body (the server calls [`serve`] for requests that
+//! [`wanted`] picks), as nginx's lingering close does. A request
 //! refused on its URL, query or token is answered before its body is read; hyper then
 //! closes the connection, and a client still writing the body (one that sends headers
 //! and body in separate writes) gets a broken pipe instead of the JSON error. So when
@@ -13,36 +14,45 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::Router;
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::Request;
 use axum::http::header;
-use axum::middleware::Next;
 use axum::response::Response;
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
+use tower::ServiceExt;
 
 /// Largest unread body read before an answer.
 const LINGER_BYTES: u64 = 64 * 1024;
 /// Longest wait for it.
 const LINGER_TIME: Duration = Duration::from_secs(2);
 
-/// The middleware: see the module's documentation.
-pub async fn linger(req: Request, next: Next) -> Response {
+/// Whether [`serve`] must keep a hold on the request's body: a small one, announced with
+/// `Content-Length`, and not held back for `100 Continue`.
+pub fn wanted<B>(req: &axum::http::Request<B>) -> bool {
     let small = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .is_some_and(|n| (1..=LINGER_BYTES).contains(&n));
-    if !small || req.headers().contains_key(header::EXPECT) {
-        return next.run(req).await;
-    }
+    small && !req.headers().contains_key(header::EXPECT)
+}
+
+/// Answers `req` with `router`, reading what the handler left of its body first (see
+/// the module's documentation). Only for requests that [`wanted`] picked: the others
+/// go to the router as they are, at no cost.
+pub async fn serve(router: Router, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let shared = Arc::new(Mutex::new(Shared {
         body: Some(body),
         touched: false,
     }));
     let tracked = Body::new(Tracked(shared.clone()));
-    let response = next.run(Request::from_parts(parts, tracked)).await;
+    let response = match router.oneshot(Request::from_parts(parts, tracked)).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    };
     let unread = {
         let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
         if s.touched { None } else { s.body.take() }

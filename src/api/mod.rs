@@ -6,7 +6,7 @@ pub mod backup;
 pub mod error;
 pub mod files;
 pub mod kv;
-mod linger;
+pub mod linger;
 pub mod server;
 pub mod system;
 
@@ -95,7 +95,6 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(error::no_route)
         .method_not_allowed_fallback(|| async { error::method_not_allowed() })
-        .layer(axum::middleware::from_fn(linger::linger))
         .with_state(state)
 }
 

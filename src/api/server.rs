@@ -7,12 +7,17 @@
 
 use std::time::Duration;
 
+use std::convert::Infallible;
+
 use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
 /// How long a connection may take to send a request head, counted from its opening or
 /// from the end of its previous answer.
@@ -50,7 +55,18 @@ async fn serve_with(
             },
             () = stop.cancelled() => break,
         };
-        let service = TowerToHyperService::new(router.clone());
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let req = req.map(Body::new);
+            let router = router.clone();
+            async move {
+                if super::linger::wanted(&req) {
+                    Ok::<_, Infallible>(super::linger::serve(router, req).await)
+                } else {
+                    router.oneshot(req).await
+                }
+            }
+        });
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
