@@ -429,22 +429,15 @@ impl Wal {
         if tests::failing(&self.path) {
             return Err(std::io::Error::other("injected append failure"));
         }
-        let len = u32::try_from(payload.len())
-            .map_err(|_| std::io::Error::other("a KV log frame over 4 GiB"))?;
-        let lsn = self.lsn.to_le_bytes();
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&lsn);
-        crc.update(payload);
-        let crc = crc.finalize();
+        let header = frame_header(self.lsn, payload)
+            .ok_or_else(|| std::io::Error::other("a KV log frame over 4 GiB"))?;
         let size = FRAME_HEADER + payload.len();
         let new_end = self.end + (size as u64).next_multiple_of(BLOCK);
         if new_end > self.allocated {
             self.grow(new_end)?;
         }
         self.write_blocks(self.end, size, |b| {
-            b[..4].copy_from_slice(&len.to_le_bytes());
-            b[4..8].copy_from_slice(&crc.to_le_bytes());
-            b[8..16].copy_from_slice(&lsn);
+            b[..FRAME_HEADER].copy_from_slice(&header);
             b[FRAME_HEADER..size].copy_from_slice(payload);
         })?;
         self.end = new_end;
@@ -564,6 +557,25 @@ enum Frame<'a> {
     End,
 }
 
+/// A frame's checksum: CRC-32 over its LSN and its payload.
+fn checksum(lsn: u64, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&lsn.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+/// The header of the frame that holds `payload` as `lsn`: `[len][crc][lsn]`; `None`
+/// for a payload too long for its `len`.
+fn frame_header(lsn: u64, payload: &[u8]) -> Option<[u8; FRAME_HEADER]> {
+    let len = u32::try_from(payload.len()).ok()?;
+    let mut header = [0u8; FRAME_HEADER];
+    header[..4].copy_from_slice(&len.to_le_bytes());
+    header[4..8].copy_from_slice(&checksum(lsn, payload).to_le_bytes());
+    header[8..].copy_from_slice(&lsn.to_le_bytes());
+    Some(header)
+}
+
 /// The frame at `pos`.
 fn frame_at(data: &[u8], pos: usize) -> Frame<'_> {
     let Some(header) = data.get(pos..pos + FRAME_HEADER) else {
@@ -574,19 +586,16 @@ fn frame_at(data: &[u8], pos: usize) -> Frame<'_> {
     let (len, crc) = (word(0) as usize, word(4));
     let mut lsn = [0u8; 8];
     lsn.copy_from_slice(&header[8..16]);
-    let lsn_n = u64::from_le_bytes(lsn);
+    let lsn = u64::from_le_bytes(lsn);
     let start = pos + FRAME_HEADER;
     let Some(payload) = start.checked_add(len).and_then(|end| data.get(start..end)) else {
-        return Frame::Bad { lsn: lsn_n };
+        return Frame::Bad { lsn };
     };
-    let mut h = crc32fast::Hasher::new();
-    h.update(&lsn);
-    h.update(payload);
-    if h.finalize() != crc {
-        return Frame::Bad { lsn: lsn_n };
+    if checksum(lsn, payload) != crc {
+        return Frame::Bad { lsn };
     }
     Frame::Good {
-        lsn: lsn_n,
+        lsn,
         payload,
         next: start + len,
     }
@@ -617,12 +626,7 @@ pub(crate) mod tests {
     pub(crate) fn v1_log(path: &Path, frames: &[(u64, &[u8])]) {
         let mut data = MAGIC_V1.to_vec();
         for (lsn, payload) in frames {
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(&lsn.to_le_bytes());
-            crc.update(payload);
-            data.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            data.extend_from_slice(&crc.finalize().to_le_bytes());
-            data.extend_from_slice(&lsn.to_le_bytes());
+            data.extend_from_slice(&frame_header(*lsn, payload).unwrap());
             data.extend_from_slice(payload);
         }
         data.resize(GROW as usize, 0);
