@@ -21,6 +21,30 @@ mod wal;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Files for which a test turned on an injected fault (tests run in parallel: by path,
+/// not globally).
+#[cfg(test)]
+pub(crate) struct Faults(std::sync::Mutex<Vec<std::path::PathBuf>>);
+
+#[cfg(test)]
+impl Faults {
+    pub(crate) const fn new() -> Self {
+        Self(std::sync::Mutex::new(Vec::new()))
+    }
+
+    pub(crate) fn set(&self, path: &std::path::Path, on: bool) {
+        let mut f = self.0.lock().unwrap();
+        f.retain(|p| p != path);
+        if on {
+            f.push(path.to_path_buf());
+        }
+    }
+
+    pub(crate) fn on(&self, path: &std::path::Path) -> bool {
+        self.0.lock().unwrap().iter().any(|p| p == path)
+    }
+}
+
 use serde_json::Value;
 
 pub use ops::{BatchRequest, Op, Ttl};

@@ -1259,45 +1259,52 @@ mod tests {
         assert!(keys.is_empty(), "{keys:?}");
     }
 
-    /// The state a crash leaves: frames in the log that the database's last checkpoint
-    /// does not cover, and a torn frame after them.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_log_is_replayed_at_open_once() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A store in `dir` that took one write (`a` = 1) and was closed, which checkpointed
+    /// it: the LSN that checkpoint covers, and the payload of a log frame that makes
+    /// `b` = `value` the namespace's second write, as the writer would log it.
+    async fn second_write_frame(dir: &Path, value: &str) -> (u64, Vec<u8>) {
         {
-            let s = store(dir.path(), 1).unwrap();
+            let s = store(dir, 1).unwrap();
             s.write("ns", set("a", json!(1)), false).await.unwrap();
             s.close();
         }
         let applied = {
-            let db = Database::create(db_path(dir.path())).unwrap();
+            let db = Database::create(db_path(dir)).unwrap();
             checkpointed_lsn(&db.begin_read().unwrap()).unwrap()
         };
-        assert!(applied >= 1, "closing checkpointed the first write");
-        let cipher = Cipher::new(&[1; 32]);
         let rec = Record {
-            value: json!("from the log"),
+            value: json!(value),
             version: 2,
             created_ms: 5,
             updated_ms: 5,
             expires_ms: None,
         };
-        let blob = cipher.seal(&aad("ns", "b"), &encode(&rec, b"\"from the log\""));
-        let path = wal_path(&db_path(dir.path()));
-        let (mut log, pending) = Wal::open(&path, applied).unwrap();
-        assert!(pending.frames.is_empty());
+        let json = serde_json::to_vec(&rec.value).unwrap();
+        let blob = Cipher::new(&[1; 32]).seal(&aad("ns", "b"), &encode(&rec, &json));
         let mut frame = Vec::new();
+        let blob = Some(blob.as_slice());
         Change::Record {
             ns: "ns",
             key: "b",
-            blob: Some(&blob),
+            blob,
         }
         .encode(&mut frame);
-        Change::Namespace {
-            ns: "ns",
-            meta: (2, 2 + 15, 2),
-        }
-        .encode(&mut frame);
+        // Key and value bytes of `a` (2) and `b`.
+        let meta = (2, 2 + 1 + json.len() as u64, 2);
+        Change::Namespace { ns: "ns", meta }.encode(&mut frame);
+        (applied, frame)
+    }
+
+    /// The state a crash leaves: frames in the log that the database's last checkpoint
+    /// does not cover, and a torn frame after them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_log_is_replayed_at_open_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (applied, frame) = second_write_frame(dir.path(), "from the log").await;
+        assert!(applied >= 1, "closing checkpointed the first write");
+        let path = wal_path(&db_path(dir.path()));
+        let (mut log, pending) = Wal::open(&path, applied).unwrap();
+        assert!(pending.frames.is_empty());
         log.append(&frame).unwrap();
         // A second frame that a crash cut short: only its header made it.
         log.append(b"never acknowledged").unwrap();
@@ -1395,33 +1402,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_log_of_the_first_format_is_replayed_and_taken_over() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let s = store(dir.path(), 1).unwrap();
-            s.write("ns", set("a", json!(1)), false).await.unwrap();
-            s.close();
-        }
-        let applied = {
-            let db = Database::create(db_path(dir.path())).unwrap();
-            checkpointed_lsn(&db.begin_read().unwrap()).unwrap()
-        };
-        let rec = Record {
-            value: json!("old format"),
-            version: 2,
-            created_ms: 5,
-            updated_ms: 5,
-            expires_ms: None,
-        };
-        let blob = Cipher::new(&[1; 32]).seal(&aad("ns", "b"), &encode(&rec, b"\"old format\""));
-        let mut frame = Vec::new();
-        let b = Some(blob.as_slice());
-        Change::Record {
-            ns: "ns",
-            key: "b",
-            blob: b,
-        }
-        .encode(&mut frame);
-        let meta = (2, 2 + 12, 2);
-        Change::Namespace { ns: "ns", meta }.encode(&mut frame);
+        let (applied, frame) = second_write_frame(dir.path(), "old format").await;
         let path = wal_path(&db_path(dir.path()));
         wal::tests::v1_log(&path, &[(applied + 1, &frame)]);
 
@@ -1489,15 +1470,11 @@ mod tests {
         s.write("ns", set("after", json!(1)), false).await.unwrap();
     }
 
-    /// Databases whose writes fail with ENOSPC (tests run in parallel: by path).
-    static FULL: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    /// Databases whose writes fail with ENOSPC.
+    static FULL: crate::kv::Faults = crate::kv::Faults::new();
 
     fn disk_full(path: &Path, full: bool) {
-        let mut f = FULL.lock().unwrap();
-        f.retain(|p| p != path);
-        if full {
-            f.push(path.to_path_buf());
-        }
+        FULL.set(path, full);
     }
 
     /// The store's database, on a backend that [`disk_full`] can fill up.
@@ -1523,7 +1500,7 @@ mod tests {
 
     impl FillingDisk {
         fn check(&self) -> std::io::Result<()> {
-            if FULL.lock().unwrap().contains(&self.path) {
+            if FULL.on(&self.path) {
                 return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
             }
             Ok(())

@@ -604,21 +604,16 @@ fn frame_at(data: &[u8], pos: usize) -> Frame<'_> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::sync::Mutex;
 
-    /// Logs whose appends fail (tests run in parallel: by path, not globally).
-    static FAILING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    /// Logs whose appends fail.
+    static FAILING: crate::kv::Faults = crate::kv::Faults::new();
 
     pub(crate) fn fail_appends(path: &Path, fail: bool) {
-        let mut f = FAILING.lock().unwrap();
-        f.retain(|p| p != path);
-        if fail {
-            f.push(path.to_path_buf());
-        }
+        FAILING.set(path, fail);
     }
 
     pub(super) fn failing(path: &Path) -> bool {
-        FAILING.lock().unwrap().iter().any(|p| p == path)
+        FAILING.on(path)
     }
 
     /// Writes a log of the first format at `path`: `frames` back to back after the
