@@ -31,11 +31,8 @@ const LINGER_TIME: Duration = Duration::from_secs(2);
 /// Whether [`serve`] must keep a hold on the request's body: a small one, announced with
 /// `Content-Length`, and not held back for `100 Continue`.
 pub fn wanted<B>(req: &axum::http::Request<B>) -> bool {
-    let small = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .is_some_and(|n| (1..=LINGER_BYTES).contains(&n));
+    let small =
+        super::declared_length(req.headers()).is_some_and(|n| (1..=LINGER_BYTES).contains(&n));
     small && !req.headers().contains_key(header::EXPECT)
 }
 
@@ -69,7 +66,7 @@ struct Shared {
     touched: bool,
 }
 
-/// The body the handler gets: the request's own, which the middleware keeps a hold on.
+/// The body the handler gets: the request's own, which [`serve`] keeps a hold on.
 struct Tracked(Arc<Mutex<Shared>>);
 
 impl HttpBody for Tracked {

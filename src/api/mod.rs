@@ -369,6 +369,13 @@ pub fn json_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Ap
     Ok(value)
 }
 
+/// The body length a request announces with `Content-Length`, if it does (readably).
+pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+}
+
 /// Reads a request body of at most `limit` bytes. A declared length over the limit is
 /// refused before anything is read; a body without one is cut off at the limit.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes, ApiError> {
@@ -384,10 +391,7 @@ async fn read_body_within(
     limit: u64,
     idle: std::time::Duration,
 ) -> Result<Bytes, ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(headers);
     if let Some(n) = declared
         && n > limit
     {

@@ -5,9 +5,8 @@
 //! daemon ran out of file descriptors, and health checks, hooks and the sync with it.
 //! A request in flight (a watch long poll) is never cut by it.
 
-use std::time::Duration;
-
 use std::convert::Infallible;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
