@@ -1290,11 +1290,9 @@ impl GitBundler {
             prefix: self.prefix.clone(),
             repos: bundled.clone(),
         };
-        let tmp = self.bundled_file.with_extension("json.tmp");
         let written = serde_json::to_vec(&record)
             .map_err(io::Error::other)
-            .and_then(|json| std::fs::write(&tmp, json))
-            .and_then(|()| std::fs::rename(&tmp, &self.bundled_file));
+            .and_then(|json| crate::replace_file(&self.bundled_file, &json));
         if let Err(e) = written {
             // Only pruning after a restart depends on it.
             tracing::warn!(file = %self.bundled_file.display(), error = %e, "cannot record which repositories were bundled");

@@ -617,9 +617,7 @@ fn instance_id(state_dir: &Path) -> Result<String, OwnerError> {
         Err(e) => return Err(err(e)),
     }
     let id = hex::encode(rand::random::<[u8; 16]>());
-    let tmp = state_dir.join(format!("{INSTANCE_FILE}.tmp"));
-    std::fs::write(&tmp, format!("{id}\n")).map_err(err)?;
-    std::fs::rename(&tmp, &path).map_err(err)?;
+    crate::replace_file(&path, format!("{id}\n").as_bytes()).map_err(err)?;
     Ok(id)
 }
 
