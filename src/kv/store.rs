@@ -915,13 +915,32 @@ impl Writer {
                             batch,
                             reply,
                         } => {
-                            let result = self.execute(&mut tables, &ns, &req, batch, log);
+                            let mut result = self.execute(&mut tables, &ns, &req, batch, log);
+                            // Expired records the purger has not reached yet still
+                            // count in the namespace's size: free them and try again.
+                            if over_quota(&result) {
+                                let log = (!durable).then_some(&mut frame);
+                                match self.purge(&mut tables, &mut changed, log, usize::MAX) {
+                                    Ok(true) => {
+                                        let log = (!durable).then_some(&mut frame);
+                                        result = self.execute(&mut tables, &ns, &req, batch, log);
+                                    }
+                                    Ok(false) => {}
+                                    Err(e) => {
+                                        // Answered with the group's failure.
+                                        replies.push((reply, result));
+                                        return Err(e);
+                                    }
+                                }
+                            }
                             if let Ok(o) = &result {
                                 changed.insert(ns, o.version);
                             }
                             replies.push((reply, result));
                         }
-                        Job::Purge => self.purge(&mut tables, &mut changed, log)?,
+                        Job::Purge => {
+                            self.purge(&mut tables, &mut changed, log, PURGE_BATCH)?;
+                        }
                         Job::Exec(f) => done.push(f(&wtx, &mut tables, &self.cipher)),
                     }
                 }
@@ -1087,17 +1106,19 @@ impl Writer {
         })
     }
 
+    /// Deletes up to `limit` expired records and reports whether there were any.
     fn purge(
         &self,
         tables: &mut Tables<'_>,
         changed: &mut HashMap<String, u64>,
         mut log: Option<&mut Vec<u8>>,
-    ) -> Result<(), KvError> {
+        limit: usize,
+    ) -> Result<bool, KvError> {
         let now = now_ms();
         let due: Vec<(u64, String, String)> = tables
             .expiry
             .range(..(now + 1, "", ""))?
-            .take(PURGE_BATCH)
+            .take(limit)
             .map(|item| {
                 item.map(|(k, _)| {
                     let (at, ns, key) = k.value();
@@ -1105,6 +1126,7 @@ impl Writer {
                 })
             })
             .collect::<Result<_, _>>()?;
+        let any = !due.is_empty();
         let mut freed: HashMap<String, (u64, u64)> = HashMap::new();
         for (at, ns, key) in due {
             let (ns, key) = (ns.as_str(), key.as_str());
@@ -1143,8 +1165,26 @@ impl Writer {
             write(tables, &mut log, Change::Namespace { ns: &ns, meta })?;
             changed.insert(ns, v);
         }
-        Ok(())
+        Ok(any)
     }
+}
+
+/// Whether a write was refused for its namespace's quota.
+fn over_quota(result: &Result<WriteOutcome, KvError>) -> bool {
+    let mut e = match result {
+        Err(e) => e,
+        Ok(_) => return false,
+    };
+    while let KvError::Batch { source, .. } = e {
+        e = source;
+    }
+    matches!(
+        e,
+        KvError::TooLarge {
+            what: "namespace",
+            ..
+        }
+    )
 }
 
 /// Makes `change` in the group's tables and, when the group goes to the write-ahead
@@ -1560,6 +1600,48 @@ mod tests {
         drop(s);
         let s = store(dir.path(), 1).unwrap();
         assert_eq!(s.get("ns", "new").await.unwrap().unwrap().value, json!(2));
+    }
+
+    /// Expired records count in the namespace's size only until they are purged; a
+    /// write the quota would refuse purges them first, with no purger running.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn quota_does_not_count_expired_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1).unwrap();
+        let big = json!("x".repeat(60_000));
+        let ops = |prefix: &str, ttl: Option<Duration>| BatchRequest {
+            ops: (0..16)
+                .map(|i| Op::Set {
+                    key: format!("{prefix}{i}"),
+                    value: big.clone(),
+                    nx: false,
+                    xx: false,
+                    if_version: None,
+                    ttl: ttl.map(crate::kv::Ttl),
+                    keep_ttl: false,
+                    get: false,
+                })
+                .collect(),
+            ..BatchRequest::default()
+        };
+        let ttl = Some(Duration::from_secs(1));
+        s.write("ns", ops("old", ttl), true).await.unwrap();
+        s.write("other", ops("old", ttl), true).await.unwrap();
+        let expired = std::time::Instant::now() + Duration::from_millis(1050);
+        let e = s.write("ns", ops("new", None), true).await.unwrap_err();
+        assert!(matches!(e, KvError::Batch { .. }), "{e:?}");
+        tokio::time::sleep_until(expired.into()).await;
+        s.write("ns", ops("new", None), true).await.unwrap();
+        s.write("ns", set("one-more", json!(1)), false)
+            .await
+            .unwrap();
+        let meta = s.ns_meta("ns").await.unwrap();
+        assert_eq!(meta.keys, 17);
+        assert_eq!(s.ns_meta("other").await.unwrap().keys, 0);
+        assert_eq!(s.next_expiry().await.unwrap(), None);
+        // Over the quota with nothing expired: still refused.
+        let e = s.write("ns", ops("more", None), true).await.unwrap_err();
+        assert!(matches!(e, KvError::Batch { .. }), "{e:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
