@@ -1624,13 +1624,11 @@ mod tests {
                 .collect(),
             ..BatchRequest::default()
         };
-        let ttl = Some(Duration::from_secs(1));
+        let ttl = Some(Duration::from_millis(100));
         s.write("ns", ops("old", ttl), true).await.unwrap();
         s.write("other", ops("old", ttl), true).await.unwrap();
-        let expired = std::time::Instant::now() + Duration::from_millis(1050);
-        let e = s.write("ns", ops("new", None), true).await.unwrap_err();
-        assert!(matches!(e, KvError::Batch { .. }), "{e:?}");
-        tokio::time::sleep_until(expired.into()).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Without the expired records the namespace is empty; with them, over.
         s.write("ns", ops("new", None), true).await.unwrap();
         s.write("ns", set("one-more", json!(1)), false)
             .await
