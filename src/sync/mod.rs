@@ -44,6 +44,8 @@ use watcher::{EventSink, NativeWatcher, RawEvent};
 const EVENT_QUEUE: usize = 65_536;
 /// Deletions held back by the mass-delete guard need at least this many files.
 const MASS_DELETE_MIN: usize = 100;
+/// Rounds run at most after the first before waiters are answered (or kept waiting).
+const MAX_EXTRA_ROUNDS: usize = 3;
 
 #[derive(Debug, thiserror::Error, Clone)]
 pub enum SyncError {
@@ -244,9 +246,19 @@ enum Outcome {
     Uploaded(String, FileEntry, u64),
     /// Same content as the manifest says (only mtime or mode changed).
     MetaOnly(String, FileEntry),
-    /// Changed while being read, or vanished: look again next round.
+    /// Changed while being read: look again next round, uploading a copy then.
+    Unstable(String),
+    /// Vanished, or changed during the upload: look again next round.
     Retry(String),
+    /// The daemon may not read it: skipped (what the mirror holds of it is kept).
+    Unreadable(String),
     Failed(String, RemoteError),
+}
+
+/// Whether `path` is `dir` or lies below it.
+fn is_under(path: &str, dir: &str) -> bool {
+    path.strip_prefix(dir)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 pub struct SyncEngine {
@@ -291,6 +303,17 @@ pub struct SyncEngine {
     manifest_adopted: bool,
     /// The guards as the state directory last recorded them.
     stored_guards: manifest::Guards,
+    /// Files seen changing while they were read: the next attempt uploads a copy.
+    unstable: HashSet<String>,
+    /// Files the daemon may not read (skipped and counted until that changes).
+    unreadable: BTreeSet<String>,
+    /// Where copies of changing files are made (`<state_dir>/staging`).
+    staging: PathBuf,
+    /// The last round left files it must look at again (changed during the upload,
+    /// or vanished): whoever waits for it waits for another round.
+    retried: bool,
+    /// The ignore rules changed: directories they no longer ignore need watches.
+    rewatch: bool,
 }
 
 impl SyncEngine {
@@ -313,6 +336,13 @@ impl SyncEngine {
         let cache_path = config.state_dir.join("sync.redb");
         let cache = tokio::task::spawn_blocking(move || ManifestCache::open(&cache_path)).await??;
         let cache = Arc::new(cache);
+        // Copies of files that changed while read; none outlives its upload.
+        let staging = config.state_dir.join("staging");
+        match std::fs::remove_dir_all(&staging) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        std::fs::create_dir_all(&staging)?;
         let keys = Keys::new(&config);
         let manifest = cache.load()?;
         let guards = cache.load_guards()?;
@@ -376,6 +406,11 @@ impl SyncEngine {
             first_of_new_state: new_state,
             manifest_adopted: false,
             stored_guards: guards,
+            unstable: HashSet::new(),
+            unreadable: BTreeSet::new(),
+            staging,
+            retried: false,
+            rewatch: false,
             config,
         };
         Ok((engine, SyncHandle { tx: cmd_tx, status }, first_rx))
@@ -577,6 +612,14 @@ impl SyncEngine {
                             self.on_event(ev);
                         }
                     }
+                    if std::mem::take(&mut self.rewatch)
+                        && let Some(w) = self.watcher.as_mut()
+                        && let Err(e) = w.watch_tree(&self.rules, Path::new(""))
+                    {
+                        tracing::warn!(error = %e, "cannot watch the directories the ignore rules let in; polling instead");
+                        self.watcher = None;
+                        self.poll = true;
+                    }
                 }
                 _ = self.sink.wake.notified() => {}
                 _ = poll_tick.tick() => {
@@ -612,11 +655,25 @@ impl SyncEngine {
         let waiters = std::mem::take(&mut self.waiters);
         let confirm = waiters.iter().any(|w| w.confirm_deletes);
         let mut result = self.round(confirm).await;
-        if let Ok(first) = &result
-            && std::mem::take(&mut self.again)
-        {
+        // Files a round had to leave (moved out of the way of a deletion, changed
+        // while read or uploaded) are looked at again before anyone waiting is
+        // answered; a file that changed while read is uploaded from a copy then.
+        for _ in 0..MAX_EXTRA_ROUNDS {
+            let Ok(first) = &result else { break };
+            let again = std::mem::take(&mut self.again);
+            let waited_for = self.retried && !waiters.is_empty();
+            if !again && !waited_for {
+                break;
+            }
             let first = *first;
             result = self.round(confirm).await.map(|second| first.plus(second));
+        }
+        if result.is_ok() && self.retried && !waiters.is_empty() {
+            let files: Vec<&str> = self.pending.iter().take(3).map(String::as_str).collect();
+            result = Err(SyncError::Remote(format!(
+                "files keep changing or vanishing while they are uploaded ({}...); trying again",
+                files.join(", ")
+            )));
         }
         if let Some(tx) = self.first_round.take() {
             let _ = tx.send(());
@@ -726,6 +783,7 @@ impl SyncEngine {
                 // The rules themselves changed: everything may have moved in or out.
                 self.rules.invalidate();
                 self.full_rescan = true;
+                self.rewatch = true;
             }
             let is_dir = matches!(
                 ev.kind,
@@ -782,7 +840,7 @@ impl SyncEngine {
             bytes: self.manifest.total_bytes(),
             held_deletes: self.hold.as_ref().map_or(0, |h| h.paths.len() as u64)
                 + self.protected.len() as u64,
-            skipped_files: self.skipped,
+            skipped_files: self.skipped + self.unreadable.len() as u64,
         };
         self.metrics.sync_gauges(
             s.pending_files,
@@ -908,6 +966,19 @@ impl SyncEngine {
                 remove_under(&mut next.symlinks, c);
                 remove_under_set(&mut next.empty_dirs, c);
             }
+            // Nothing is known of what an unreadable directory holds: what the
+            // mirror has of it stays.
+            for dir in &obs.unreadable_dirs {
+                gone.retain(|p| !is_under(p, dir));
+                let m = &self.manifest;
+                let kept = m.files.iter().filter(|(p, _)| is_under(p, dir));
+                next.files.extend(kept.map(|(p, e)| (p.clone(), e.clone())));
+                let kept = m.symlinks.iter().filter(|(p, _)| is_under(p, dir));
+                next.symlinks
+                    .extend(kept.map(|(p, t)| (p.clone(), t.clone())));
+                let kept = m.empty_dirs.iter().filter(|p| is_under(p, dir));
+                next.empty_dirs.extend(kept.cloned());
+            }
             if !full && !gone.is_empty() {
                 full = true;
                 continue;
@@ -915,8 +986,11 @@ impl SyncEngine {
             break (obs, next, gone);
         };
         if full {
+            self.unreadable.retain(|p| obs.files.contains_key(p));
+            self.unstable.retain(|p| obs.files.contains_key(p));
             self.skipped = obs.skipped.total();
         }
+        self.retried = false;
         next.symlinks.extend(obs.symlinks.clone());
         // A new state directory whose workspace was not restored (it had content): what
         // the remote mirror holds and this tree lacks was never here, so its absence is
@@ -1158,6 +1232,21 @@ impl SyncEngine {
         let mut failure = None;
         let mut retried = false;
         for o in outcomes {
+            let path = match &o {
+                Outcome::Uploaded(p, ..)
+                | Outcome::MetaOnly(p, _)
+                | Outcome::Unstable(p)
+                | Outcome::Retry(p)
+                | Outcome::Unreadable(p)
+                | Outcome::Failed(p, _) => p,
+            };
+            if !matches!(o, Outcome::Unreadable(_)) {
+                self.unreadable.remove(path);
+            }
+            let unstable = matches!(o, Outcome::Unstable(_));
+            if !matches!(o, Outcome::Unstable(_) | Outcome::Failed(..)) {
+                self.unstable.remove(path);
+            }
             match o {
                 Outcome::Uploaded(p, e, bytes) => {
                     stats.files_uploaded += 1;
@@ -1168,13 +1257,28 @@ impl SyncEngine {
                 Outcome::MetaOnly(p, e) => {
                     next.files.insert(p, e);
                 }
-                Outcome::Retry(p) => {
+                Outcome::Unstable(p) | Outcome::Retry(p) => {
+                    if unstable {
+                        self.unstable.insert(p.clone());
+                    }
                     if let Some(e) = self.manifest.files.get(&p) {
                         next.files.insert(p.clone(), e.clone());
                     }
                     self.pending.insert(p);
                     self.debouncer.record(Instant::now(), 0);
                     retried = true;
+                }
+                Outcome::Unreadable(p) => {
+                    // Like an unreadable directory: the mirror keeps what it has.
+                    if let Some(e) = self.manifest.files.get(&p) {
+                        next.files.insert(p.clone(), e.clone());
+                    }
+                    if self.unreadable.insert(p.clone()) {
+                        tracing::warn!(
+                            path = p,
+                            "skipped: cannot read this file; what the mirror holds of it is kept"
+                        );
+                    }
                 }
                 Outcome::Failed(p, e) => {
                     self.metrics.remote_error(e.op());
@@ -1193,10 +1297,12 @@ impl SyncEngine {
         if (failure.is_some() || retried) && !gone.is_empty() {
             for p in gone.drain(..) {
                 if let Some(e) = self.manifest.files.get(&p) {
-                    next.files.insert(p, e.clone());
+                    next.files.insert(p.clone(), e.clone());
                 }
+                self.pending.insert(p);
             }
         }
+        self.retried = retried;
 
         let total = next.total_bytes();
         if total > self.config.sync.max_workspace_bytes {
@@ -1257,13 +1363,39 @@ impl SyncEngine {
 
     async fn upload_one(&self, rel: String, _seen: Stat) -> Outcome {
         let abs = self.root.join(&rel);
+        // A file that changed while it was read last time is uploaded from a copy:
+        // otherwise one written more often than it takes to read would never go out.
+        let copy = self.unstable.contains(&rel).then(|| {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            self.staging.join(format!("{n}"))
+        });
+        let outcome = self.upload_from(rel, &abs, copy.as_deref()).await;
+        if let Some(copy) = copy
+            && let Err(e) = tokio::fs::remove_file(&copy).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %copy.display(), error = %e, "cannot remove a staged copy");
+        }
+        outcome
+    }
+
+    /// Hashes `abs` (or copies it to `copy`, hashing the copy) and uploads it.
+    async fn upload_from(&self, rel: String, abs: &Path, copy: Option<&Path>) -> Outcome {
         let hashed = {
-            let abs = abs.clone();
-            tokio::task::spawn_blocking(move || scan::hash_file(&abs)).await
+            let (abs, copy) = (abs.to_path_buf(), copy.map(Path::to_path_buf));
+            tokio::task::spawn_blocking(move || match copy {
+                Some(to) => scan::copy_hashed(&abs, &to),
+                None => scan::hash_file(&abs),
+            })
+            .await
         };
         let hashed = match hashed {
             Ok(Ok(h)) => h,
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Outcome::Retry(rel),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Outcome::Unreadable(rel);
+            }
             Ok(Err(e)) => {
                 tracing::warn!(path = rel, error = %e, "cannot read file; will retry");
                 return Outcome::Retry(rel);
@@ -1271,12 +1403,12 @@ impl SyncEngine {
             Err(e) => {
                 return Outcome::Failed(
                     rel,
-                    RemoteError::local("hash", &abs, std::io::Error::other(e.to_string())),
+                    RemoteError::local("hash", abs, std::io::Error::other(e.to_string())),
                 );
             }
         };
         if !hashed.stable {
-            return Outcome::Retry(rel);
+            return Outcome::Unstable(rel);
         }
         let entry = FileEntry {
             size: hashed.stat.size,
@@ -1294,17 +1426,19 @@ impl SyncEngine {
         }
         match self
             .remote
-            .put_file(&self.keys.file(&rel), &abs, hashed.md5)
+            .put_file(&self.keys.file(&rel), copy.unwrap_or(abs), hashed.md5)
             .await
         {
+            // What a copy holds is what went out, however the file changed since.
+            Ok(bytes) if copy.is_some() => Outcome::Uploaded(rel, entry, bytes),
             Ok(bytes) => {
-                let now = std::fs::symlink_metadata(&abs).map(|m| Stat::of(&m)).ok();
+                let now = std::fs::symlink_metadata(abs).map(|m| Stat::of(&m)).ok();
                 if now != Some(hashed.stat) {
-                    return Outcome::Retry(rel);
+                    return Outcome::Unstable(rel);
                 }
                 Outcome::Uploaded(rel, entry, bytes)
             }
-            Err(RemoteError::Changed { .. }) => Outcome::Retry(rel),
+            Err(RemoteError::Changed { .. }) => Outcome::Unstable(rel),
             Err(RemoteError::Local { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
@@ -1484,6 +1618,62 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(f.remote.refused.load(Ordering::SeqCst), 3);
+        f.stop.cancel();
+        f.task.await.unwrap();
+    }
+
+    /// A file written more often than it can be read (a training log) still goes
+    /// out, from a copy: a sync answers once the remote holds everything written
+    /// before the call, and deletions are not held up meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_written_all_the_time_still_reaches_the_remote() {
+        use std::io::Write;
+        let f = engine().await;
+        let log = f.ws.join("train.log");
+        std::fs::write(&log, vec![b'x'; 8 << 20]).unwrap();
+        std::fs::write(f.ws.join("gone.txt"), "g").unwrap();
+        f.handle.sync(false).await.unwrap();
+        std::fs::remove_file(f.ws.join("gone.txt")).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = std::thread::spawn({
+            let (log, stop) = (log.clone(), stop.clone());
+            move || {
+                let mut out = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+                for n in 0u64.. {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    writeln!(out, "line {n}").unwrap();
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let before_call = std::fs::metadata(&log).unwrap().len();
+        let synced = tokio::time::timeout(Duration::from_secs(60), f.handle.sync(false)).await;
+        stop.store(true, Ordering::SeqCst);
+        writer.join().unwrap();
+        synced.expect("the sync finished").unwrap();
+        let remote = mirrored(&f).await;
+        assert!(!remote.contains_key("gone.txt"), "the deletion went out");
+        let sent = &remote["train.log"];
+        assert!(
+            sent.len() as u64 >= before_call,
+            "{} bytes sent, {before_call} written before the sync",
+            sent.len()
+        );
+        assert!(std::fs::read(&log).unwrap().starts_with(sent));
+        let manifest = Keys::new(&Config::default()).manifest();
+        let m: Manifest =
+            serde_json::from_slice(&f.remote.get_bytes(&manifest).await.unwrap().unwrap()).unwrap();
+        let entry = &m.files["train.log"];
+        assert_eq!(entry.size, sent.len() as u64);
+        assert_eq!(
+            entry.hash,
+            format!("blake3:{}", blake3::hash(sent).to_hex())
+        );
+        let staged = std::fs::read_dir(f._dir.path().join("state/staging")).unwrap();
+        assert_eq!(staged.count(), 0, "no copy outlives its upload");
         f.stop.cancel();
         f.task.await.unwrap();
     }

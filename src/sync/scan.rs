@@ -37,11 +37,13 @@ pub struct Skipped {
     pub too_large: u64,
     /// Names that are not UTF-8 or whose remote key would not fit.
     pub bad_name: u64,
+    /// Directories the daemon may not read (what the mirror holds of them is kept).
+    pub unreadable: u64,
 }
 
 impl Skipped {
     pub fn total(&self) -> u64 {
-        self.special + self.too_large + self.bad_name
+        self.special + self.too_large + self.bad_name + self.unreadable
     }
 }
 
@@ -54,6 +56,9 @@ pub struct Observation {
     /// Directories known to hold mirrored entries now (so not empty).
     pub non_empty_dirs: BTreeSet<String>,
     pub covered: Vec<String>,
+    /// Directories under `covered` that could not be read: nothing is known of what
+    /// they hold, so nothing under them counts as gone.
+    pub unreadable_dirs: Vec<String>,
     pub skipped: Skipped,
 }
 
@@ -98,6 +103,15 @@ fn visit(
             Ok(e) => e,
             // Removed while walking: nothing there.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            // One directory the daemon may not read does not stop the mirror (the
+            // root does: see `observe`).
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !rel.is_empty() => {
+                tracing::warn!(path = rel, error = %e, "skipped: cannot read this directory; what the mirror holds of it is kept");
+                obs.skipped.unreadable += 1;
+                obs.unreadable_dirs.push(rel.to_string());
+                obs.non_empty_dirs.insert(rel.to_string());
+                return Ok(true);
+            }
             Err(e) => return Err(e),
         };
         for entry in entries {
@@ -234,6 +248,7 @@ pub fn observe(
 
 /// A file's content hash (`blake3:<hex>`), its MD5 (for upload verification), and
 /// whether it stayed the same while being read.
+#[derive(Debug)]
 pub struct Hashed {
     pub hash: String,
     pub md5: [u8; 16],
@@ -242,11 +257,28 @@ pub struct Hashed {
 }
 
 pub fn hash_file(path: &Path) -> std::io::Result<Hashed> {
+    read_hashed(path, None)
+}
+
+/// Copies `path` to `to` (a new file), hashing what it copies: a file that keeps
+/// changing while it is read is uploaded from such a copy, which is one version of it
+/// (the `stat` returned has the copy's size and the original's mtime and mode).
+pub fn copy_hashed(path: &Path, to: &Path) -> std::io::Result<Hashed> {
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)?;
+    read_hashed(path, Some(out))
+}
+
+fn read_hashed(path: &Path, mut copy: Option<std::fs::File>) -> std::io::Result<Hashed> {
+    use std::io::Write;
     let mut f = std::fs::File::open(path)?;
     let before = Stat::of(&f.metadata()?);
     let mut b3 = blake3::Hasher::new();
     let mut md5 = Md5::new();
     let mut buf = vec![0u8; 256 * 1024];
+    let mut size = 0u64;
     loop {
         let n = f.read(&mut buf)?;
         if n == 0 {
@@ -254,11 +286,26 @@ pub fn hash_file(path: &Path) -> std::io::Result<Hashed> {
         }
         b3.update(&buf[..n]);
         md5.update(&buf[..n]);
+        if let Some(out) = copy.as_mut() {
+            out.write_all(&buf[..n])?;
+        }
+        size += n as u64;
+    }
+    let hash = format!("blake3:{}", b3.finalize().to_hex());
+    let md5 = md5.finalize().into();
+    if copy.is_some() {
+        let stat = Stat { size, ..before };
+        return Ok(Hashed {
+            hash,
+            md5,
+            stat,
+            stable: true,
+        });
     }
     let after = std::fs::symlink_metadata(path).map(|m| Stat::of(&m)).ok();
     Ok(Hashed {
-        hash: format!("blake3:{}", b3.finalize().to_hex()),
-        md5: md5.finalize().into(),
+        hash,
+        md5,
         stat: before,
         stable: after == Some(before),
     })

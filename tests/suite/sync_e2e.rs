@@ -615,6 +615,50 @@ async fn special_and_oversized_files_are_skipped() {
     assert_eq!(s["workspace"]["skipped_files"], 2, "{s}");
 }
 
+/// What the daemon may not read is skipped and counted, and the mirror keeps what it
+/// has of it: an unreadable file neither holds up deletions nor is deleted, and an
+/// unreadable directory does not stop the mirror (only the workspace root does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unreadable_entries_are_skipped_and_kept() {
+    let mut env = Env::new(Backend::Dir, FAST, false).await;
+    env.daemon.unprivileged();
+    env.write("secret.txt", b"v1");
+    env.write("priv/p.txt", b"p");
+    env.write("open/o1", b"1");
+    env.write("open/o2", b"2");
+    env.daemon.spawn_and_wait().await;
+    env.sync().await;
+    assert_eq!(
+        env.objects().await,
+        ["open/o1", "open/o2", "priv/p.txt", "secret.txt"]
+    );
+    let chmod = |rel: &str, mode: u32| {
+        let p = env.ws().join(rel);
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    chmod("secret.txt", 0o000);
+    chmod("priv", 0o000);
+    std::fs::remove_file(env.ws().join("open/o1")).unwrap();
+    env.write("open/o3", b"3");
+    let stats = env.sync().await;
+    assert_eq!(stats["files_deleted"], 1, "{stats}");
+    assert_eq!(
+        env.objects().await,
+        ["open/o2", "open/o3", "priv/p.txt", "secret.txt"]
+    );
+    let s = env.status().await;
+    assert_eq!(s["state"], "ready", "{s}");
+    assert_eq!(s["workspace"]["skipped_files"], 2, "{s}");
+    env.assert_manifest_consistent().await;
+
+    chmod("secret.txt", 0o644);
+    chmod("priv", 0o755);
+    env.write("secret.txt", b"v2");
+    env.sync().await;
+    assert_eq!(env.object("secret.txt").await.unwrap(), b"v2");
+    assert_eq!(env.status().await["workspace"]["skipped_files"], 0);
+}
+
 fn kill(pid: u32, sig: &str) {
     let st = std::process::Command::new("kill")
         .arg(format!("-{sig}"))

@@ -44,6 +44,8 @@ pub struct Daemon {
     pub log_path: PathBuf,
     child: Option<Child>,
     env: Vec<(String, String)>,
+    /// The user the daemon runs as, when not the test's own (see `unprivileged`).
+    uid: Option<u32>,
 }
 
 impl Daemon {
@@ -103,7 +105,28 @@ impl Daemon {
             log_path,
             child: None,
             env: Vec::new(),
+            uid: None,
         }
+    }
+
+    /// Makes the daemon run as `nobody` when the tests run as root (permission bits
+    /// bind it then, as they bind the test otherwise): its directories become
+    /// nobody's; files the test writes later stay readable to it (umask 022).
+    pub fn unprivileged(&mut self) {
+        const NOBODY: u32 = 65534;
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        fn chown_all(p: &Path) {
+            std::os::unix::fs::lchown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+            if p.is_dir() && !p.is_symlink() {
+                for e in std::fs::read_dir(p).unwrap() {
+                    chown_all(&e.unwrap().path());
+                }
+            }
+        }
+        chown_all(self.dir.path());
+        self.uid = Some(NOBODY);
     }
 
     pub fn root(&self) -> &Path {
@@ -154,6 +177,10 @@ impl Daemon {
     pub fn serve_command(&self, env: &[(String, String)], log: &Path) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.arg("serve").arg("--config").arg(&self.config_path);
+        if let Some(uid) = self.uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid);
+        }
         clear_sandkeep_env(&mut cmd);
         cmd.env("SANDKEEP_LOG", "info");
         for (k, v) in env {
