@@ -659,6 +659,28 @@ async fn unreadable_entries_are_skipped_and_kept() {
     assert_eq!(env.status().await["workspace"]["skipped_files"], 0);
 }
 
+/// A directory that the ignore rules stop ignoring is watched from then on: what is
+/// written in it later goes out without a sync call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_directory_let_in_by_the_rules_is_watched() {
+    let env = Env::new(Backend::Dir, FAST, true).await;
+    env.write(".gitignore", b"build/\n");
+    env.write("build/deep/a", b"a");
+    env.sync().await;
+    assert_eq!(env.objects().await, [".gitignore"]);
+    env.write(".gitignore", b"");
+    eventually(Duration::from_secs(15), "build/deep/a mirrored", || async {
+        env.object("build/deep/a").await.is_some()
+    })
+    .await;
+    env.write("build/deep/b", b"b");
+    env.write("build/deep/new/c", b"c");
+    eventually(Duration::from_secs(15), "later files mirrored", || async {
+        env.object("build/deep/b").await.is_some() && env.object("build/deep/new/c").await.is_some()
+    })
+    .await;
+}
+
 fn kill(pid: u32, sig: &str) {
     let st = std::process::Command::new("kill")
         .arg(format!("-{sig}"))
