@@ -156,21 +156,37 @@ pub fn is_empty_dir(dir: &Path, exclude: &[String]) -> io::Result<bool> {
 /// Checks a workspace-relative path from the remote: relative, plain segments only,
 /// never inside `.git`.
 fn checked_rel(rel: &str) -> Result<&Path, String> {
-    let p = Path::new(rel);
     if rel.is_empty() || rel.contains('\0') {
         return Err("empty path or NUL in the path".into());
     }
-    for c in p.components() {
-        match c {
-            Component::Normal(s) if s != ".git" => {}
-            Component::Normal(_) => return Err("paths inside .git are never restored".into()),
-            _ => return Err("not a plain relative path".into()),
+    for segment in rel.split('/') {
+        match segment {
+            "" | "." | ".." => return Err("not a plain relative path".into()),
+            ".git" => return Err("paths inside .git are never restored".into()),
+            _ => {}
         }
     }
-    if rel.ends_with('/') || rel.contains("//") {
-        return Err("not a plain relative path".into());
-    }
-    Ok(p)
+    Ok(Path::new(rel))
+}
+
+/// Takes the entries whose path [`checked_rel`] refuses out of `manifest` (nothing
+/// else may look at them: the ignore rules assume paths under the root) and reports
+/// them as bad.
+fn drop_bad_paths(manifest: &mut Manifest, bad: &mut Vec<BadEntry>) {
+    let mut refused = |rel: &String| match checked_rel(rel) {
+        Ok(_) => false,
+        Err(error) => {
+            bad.push(BadEntry {
+                path: rel.clone(),
+                error,
+            });
+            true
+        }
+    };
+    manifest.files.retain(|rel, _| !refused(rel));
+    manifest.symlinks.retain(|rel, _| !refused(rel));
+    manifest.empty_dirs.retain(|rel| !refused(rel));
+    manifest.held.retain(|rel| checked_rel(rel).is_ok());
 }
 
 /// Makes every directory from `root` down to `rel`'s parent a real directory (never
@@ -414,7 +430,7 @@ pub async fn restore_workspace(
     let Some(bytes) = remote.get_bytes(&manifest_key).await? else {
         return Ok(None);
     };
-    let manifest: Manifest =
+    let mut manifest: Manifest =
         serde_json::from_slice(&bytes).map_err(|e| RestoreError::Manifest(e.to_string()))?;
     let git_objects = remote::list_all(remote, &format!("{conversation_prefix}{GIT_DIR}")).await?;
 
@@ -428,6 +444,7 @@ pub async fn restore_workspace(
         generation: manifest.generation,
         ..Default::default()
     };
+    drop_bad_paths(&mut manifest, &mut report.bad);
     let excluded = |rel: &str, is_dir: bool| rules.excluded_by_config(Path::new(rel), is_dir);
 
     if opts.force {
@@ -906,6 +923,10 @@ mod tests {
             ".git/config",
             "sub/.git/HEAD",
             "a\0b",
+            "/",
+            "a/.",
+            "a/./b",
+            "a/..",
         ] {
             assert!(checked_rel(bad).is_err(), "{bad:?}");
         }

@@ -157,8 +157,9 @@ async fn offline_restore_from_the_mirror_and_from_snapshots() {
     assert_eq!(t, original);
 }
 
-/// Breaks five entries of the remote workspace: two corrupt objects (small and large), a missing object, an
-/// empty directory below a file (cannot be written) and a path leaving the workspace.
+/// Breaks entries of the remote workspace: two corrupt objects (small and large), a
+/// missing object, an empty directory below a file (cannot be written), and paths that
+/// leave the workspace or are not plain (a file, a symlink and an empty directory).
 fn break_remote(d: &Daemon) {
     std::fs::write(remote_file(d, "corrupt.txt"), "tampered").unwrap();
     // The same for a file restore streams to disk.
@@ -174,8 +175,12 @@ fn break_remote(d: &Daemon) {
         .as_array_mut()
         .unwrap()
         .push(json!("a.txt/below-a-file"));
+    m["empty_dirs"].as_array_mut().unwrap().push(json!("/"));
     let entry = m["files"]["a.txt"].clone();
-    m["files"]["../escape.txt"] = entry;
+    m["files"]["../escape.txt"] = entry.clone();
+    m["files"]["/abs.txt"] = entry.clone();
+    m["files"]["a/."] = entry;
+    m["symlinks"]["/abs-link"] = json!("a.txt");
     std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
 }
 
@@ -196,11 +201,22 @@ async fn bad_entries_are_reported_the_rest_restored_and_their_remote_copies_kept
     break_remote(&d);
     let want_bad = [
         "../escape.txt",
+        "/",
+        "/abs-link",
+        "/abs.txt",
         "a.txt/below-a-file",
+        "a/.",
         "corrupt.txt",
         "data/big.bin",
         "missing.txt",
     ];
+    let error_of = |report: &Value, path: &str| {
+        let bad = report["bad"].as_array().unwrap().iter();
+        bad.filter(|b| b["path"] == path)
+            .map(|b| b["error"].as_str().unwrap().to_string())
+            .next()
+            .unwrap()
+    };
 
     // Offline.
     let target = d.root().join("offline");
@@ -208,14 +224,13 @@ async fn bad_entries_are_reported_the_rest_restored_and_their_remote_copies_kept
     assert_eq!(out.code, 0, "{out:?}");
     let s = out.json();
     assert_eq!(bad_paths(&s), want_bad, "{s}");
-    for i in [2, 3] {
-        let corrupt = s["bad"][i]["error"].as_str().unwrap();
-        assert!(corrupt.contains("hash"), "{s}");
+    for corrupt in ["corrupt.txt", "data/big.bin"] {
+        assert!(error_of(&s, corrupt).contains("hash"), "{s}");
     }
-    assert!(
-        s["bad"][4]["error"].as_str().unwrap().contains("missing"),
-        "{s}"
-    );
+    assert!(error_of(&s, "missing.txt").contains("missing"), "{s}");
+    for not_plain in ["/", "/abs-link", "/abs.txt", "a/."] {
+        assert!(error_of(&s, not_plain).contains("plain"), "{s}");
+    }
     assert!(!d.root().join("escape.txt").exists());
     expected.remove("corrupt.txt");
     expected.remove("missing.txt");
