@@ -32,7 +32,9 @@ use crate::sync::rules::Rules;
 /// Attempts at a download that fails for want of an answer (connection, 5xx).
 const TRANSPORT_ATTEMPTS: u32 = 4;
 /// Prefix of the temporary names restored files are written under.
-const TMP_PREFIX: &str = ".sandkeep-restore-";
+/// Names of the files a restore writes before renaming them into place (never
+/// mirrored: see [`Rules::new`]).
+pub const TMP_PREFIX: &str = ".sandkeep-restore-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -445,6 +447,7 @@ pub async fn restore_workspace(
         ..Default::default()
     };
     drop_bad_paths(&mut manifest, &mut report.bad);
+    remove_leftovers(&root);
     let excluded = |rel: &str, is_dir: bool| rules.excluded_by_config(Path::new(rel), is_dir);
 
     if opts.force {
@@ -710,6 +713,32 @@ fn extras(root: &Path, rules: &Rules, manifest: &Manifest, max_file_bytes: u64) 
         }
     }
     out
+}
+
+/// Removes the files in the making that a restore killed before left in the tree
+/// (the restore that resumes it starts here).
+fn remove_leftovers(root: &Path) {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() && e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                match fs::remove_file(e.path()) {
+                    Ok(()) => {
+                        tracing::info!(path = %e.path().display(), "removed what an interrupted restore left")
+                    }
+                    Err(err) => {
+                        tracing::warn!(path = %e.path().display(), error = %err, "cannot remove what an interrupted restore left")
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Removes `paths` (relative to `root`); returns how many were removed.

@@ -61,6 +61,8 @@ impl Rules {
     /// `root` should be canonical; `excludes` are gitignore patterns relative to it.
     pub fn new(root: &Path, excludes: &[String]) -> Result<Self, ignore::Error> {
         let mut b = GitignoreBuilder::new(root);
+        // A restore's files in the making (left behind when it was killed).
+        b.add_line(None, &format!("{}*", crate::restore::TMP_PREFIX))?;
         for pattern in excludes {
             b.add_line(None, pattern)?;
         }
@@ -215,6 +217,10 @@ mod tests {
         assert!(ig("sub/.git/HEAD", false));
         assert!(!ig("src/main.rs", false));
         assert!(!ig(".gitignore", false));
+        assert!(
+            ig("src/.sandkeep-restore-00ff00ff00ff00ff", false),
+            "a restore's"
+        );
     }
 
     #[test]

@@ -327,6 +327,12 @@ async fn a_restore_cut_short_is_resumed_not_mirrored() {
     // What a restore killed half-way leaves: some files, the marker in the state dir.
     std::fs::remove_dir_all(&d.workspace).unwrap();
     write(&d.workspace, "a.txt", "alpha, edited\n");
+    write(&d.workspace, ".sandkeep-restore-0123456789abcdef", "half");
+    write(
+        &d.workspace,
+        "src/.sandkeep-restore-00ff00ff00ff00ff",
+        "half",
+    );
     std::fs::create_dir_all(&d.state_dir).unwrap();
     std::fs::write(d.state_dir.join("workspace-restore.pending"), "").unwrap();
     d.set_env("SANDKEEP_KV_KEY", &key);
@@ -337,8 +343,23 @@ async fn a_restore_cut_short_is_resumed_not_mirrored() {
     assert_eq!(tree(&d.workspace, &not_git), original);
     assert_eq!(git_state(&d.workspace), original_git);
     assert!(!d.state_dir.join("workspace-restore.pending").exists());
-    // Nothing was deleted from the remote.
+    // Nothing was deleted from the remote, nor the half-written files sent there.
     assert!(remote_file(&d, "src/lib/mod.rs").exists());
+    write(
+        &d.workspace,
+        "src/.sandkeep-restore-1111111111111111",
+        "half",
+    );
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    let m = manifest(&d.remote);
+    assert!(
+        m["files"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.contains(".sandkeep-restore-")),
+        "{m}"
+    );
     assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
 }
 
