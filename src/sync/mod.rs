@@ -1076,14 +1076,14 @@ impl SyncEngine {
                 h.paths.iter().all(|p| now_gone.contains(p))
             }
         });
-        // Most files gone and every other one written anew (`rm -rf *` and a fresh
-        // README.md) is the same accident.
+        // A mass of files gone and every other one written anew (`rm -rf *` and a
+        // fresh README.md) is the same accident. (In a small workspace, editing one
+        // file and deleting the two others is ordinary work.)
         let rewritten = candidates
             .iter()
             .filter(|(p, _)| self.manifest.files.contains_key(p))
             .count();
-        let all_touched =
-            vanished == before || (vanished * 2 > before && vanished + rewritten == before);
+        let all_touched = vanished == before || (mass && vanished + rewritten == before);
         let everything = (before > 0 && all_touched) || still_everything;
         if !confirm && (everything || mass) {
             let set: BTreeSet<String> = gone.iter().cloned().collect();
@@ -1824,18 +1824,38 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn emptied_and_a_file_written_again_is_held() {
         let f = engine().await;
-        for i in 0..20 {
+        for i in 0..120 {
             std::fs::write(f.ws.join(format!("f{i}.txt")), "w").unwrap();
         }
         std::fs::write(f.ws.join("README.md"), "old").unwrap();
         f.handle.sync(false).await.unwrap();
-        for i in 0..20 {
+        for i in 0..120 {
             std::fs::remove_file(f.ws.join(format!("f{i}.txt"))).unwrap();
         }
         std::fs::write(f.ws.join("README.md"), "# fresh").unwrap();
         f.handle.sync(false).await.unwrap();
-        assert_eq!(f.handle.status().held_deletes, 20);
-        assert_eq!(mirrored(&f).await.len(), 21);
+        assert_eq!(f.handle.status().held_deletes, 120);
+        assert_eq!(mirrored(&f).await.len(), 121);
+        f.stop.cancel();
+        f.task.await.unwrap();
+    }
+
+    /// In a small workspace, deleting most files and editing the rest is ordinary
+    /// work: no guard holds it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_workspace_edited_and_pruned_is_no_accident() {
+        let f = engine().await;
+        for name in ["main.py", "scratch1.txt", "scratch2.txt"] {
+            std::fs::write(f.ws.join(name), "v1").unwrap();
+        }
+        f.handle.sync(false).await.unwrap();
+        std::fs::write(f.ws.join("main.py"), "v2").unwrap();
+        std::fs::remove_file(f.ws.join("scratch1.txt")).unwrap();
+        std::fs::remove_file(f.ws.join("scratch2.txt")).unwrap();
+        let stats = f.handle.sync(false).await.unwrap();
+        assert_eq!(stats.files_deleted, 2, "{stats:?}");
+        assert_eq!(f.handle.status().held_deletes, 0);
+        assert_eq!(mirrored(&f).await.keys().collect::<Vec<_>>(), ["main.py"]);
         f.stop.cancel();
         f.task.await.unwrap();
     }
