@@ -134,6 +134,29 @@ impl Lifecycle {
     }
 }
 
+/// Records in a state directory which conversation it holds the state of, and refuses
+/// one that holds another's: its KV store and mirror cache would go out under this
+/// conversation's name (as etcd refuses a data directory of another cluster).
+pub fn claim_state_dir(dir: &Path, id: &crate::config::Identity) -> anyhow::Result<()> {
+    let path = dir.join("identity");
+    let ours = format!("{}/{}\n", id.user, id.conversation);
+    match std::fs::read_to_string(&path) {
+        Ok(theirs) if theirs == ours => Ok(()),
+        Ok(theirs) => anyhow::bail!(
+            "state_dir {} holds the state of conversation {} (see {}); this daemon is configured for {}: give it a state_dir of its own (or remove that one to start afresh)",
+            dir.display(),
+            theirs.trim(),
+            path.display(),
+            ours.trim()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            crate::replace_file(&path, ours.as_bytes())
+                .with_context(|| format!("cannot write {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
 /// An exclusive lock on the state directory, held for the daemon's life.
 pub struct StateLock {
     _file: File,
@@ -293,6 +316,7 @@ pub async fn run(
         );
     }
     let _lock = lock_state_dir(&config.state_dir)?;
+    claim_state_dir(&config.state_dir, &config.identity)?;
     // The socket before anything is created in the state directory: a start that cannot
     // serve (a socket path taken) leaves nothing behind that a corrected start trips on.
     let listener = bind_socket(&config.socket, config.socket_mode_bits()?)?;

@@ -250,6 +250,26 @@ async fn second_daemon_on_the_same_state_dir_exits_and_the_first_keeps_serving()
     assert_eq!(ok(&api.get("/readyz").await, 200)["status"], "ready");
 }
 
+/// A state directory holds one conversation's state: a daemon configured for another
+/// conversation refuses it (its KV and mirror cache would go out under the wrong name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_state_dir_of_another_conversation_is_refused() {
+    let mut d = Daemon::start().await;
+    ok(&d.api().put("/v1/kv/k", &json!(1)).await, 201);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+    let (status, out) = d.run_other_serve(
+        &[("SANDKEEP_IDENTITY_CONVERSATION".into(), "c2".into())],
+        Duration::from_secs(15),
+    );
+    let status =
+        status.unwrap_or_else(|| panic!("started on another conversation's state:\n{out}"));
+    assert!(!status.success(), "exit {status}:\n{out}");
+    assert!(out.contains("u1/c1") && out.contains("u1/c2"), "{out}");
+    // Its own conversation still opens it, with its data.
+    d.spawn_and_wait().await;
+    assert_eq!(d.api().value("k").await, Some(json!(1)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn second_daemon_on_a_live_socket_is_refused() {
     let first = Daemon::start().await;
