@@ -516,6 +516,29 @@ impl SyncEngine {
                         generation = m.generation,
                         "adopting the newer remote manifest"
                     );
+                    // Another daemon published since this state directory last did
+                    // (an old sandbox coming back after a newer one took over): what
+                    // it added, this tree never had, so its absence is no deletion.
+                    // It is kept like what a new state directory lacks.
+                    if self.manifest.generation > 0 {
+                        let ours = &self.manifest;
+                        let theirs: Vec<String> = m
+                            .files
+                            .keys()
+                            .chain(m.symlinks.keys())
+                            .filter(|p| {
+                                !ours.files.contains_key(*p) && !ours.symlinks.contains_key(*p)
+                            })
+                            .cloned()
+                            .collect();
+                        if !theirs.is_empty() {
+                            tracing::warn!(
+                                entries = theirs.len(),
+                                "another daemon added entries to the remote mirror since this state directory last synced; those this workspace lacks stay in remote storage (POST /v1/sync with confirm_deletes deletes them)"
+                            );
+                            self.protect(theirs);
+                        }
+                    }
                     if let Err(e) = self.cache.store(&m, &[]) {
                         tracing::error!(error = %e, "cannot cache the remote manifest");
                     }
@@ -1983,6 +2006,45 @@ mod tests {
         assert_eq!(mirrored(&g).await.len(), 6);
         g.stop.cancel();
         g.task.await.unwrap();
+    }
+
+    /// An old sandbox coming back after a newer one published: what the newer one
+    /// added and the old tree never had is kept, not deleted as gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_old_state_directory_keeps_what_another_daemon_added() {
+        let f = engine().await;
+        for name in ["a", "b"] {
+            std::fs::write(f.ws.join(name), name).unwrap();
+        }
+        f.handle.sync(false).await.unwrap();
+        f.stop.cancel();
+        f.task.await.unwrap();
+        let g = engine_in(f._dir, "newer-", f.remote.clone(), |ws| {
+            for name in ["a", "b", "d"] {
+                std::fs::write(ws.join(name), name).unwrap();
+            }
+        })
+        .await;
+        g.handle.sync(false).await.unwrap();
+        std::fs::write(g.ws.join("d"), "d2").unwrap();
+        g.handle.sync(false).await.unwrap();
+        g.stop.cancel();
+        g.task.await.unwrap();
+        // The first one's state directory and tree again (a, b; never d).
+        let f = engine_in(g._dir, "", g.remote.clone(), |_| {}).await;
+        f.handle.sync(false).await.unwrap();
+        assert_eq!(f.handle.status().held_deletes, 1);
+        let remote = mirrored(&f).await;
+        assert_eq!(remote.keys().collect::<Vec<_>>(), ["a", "b", "d"]);
+        assert_eq!(remote["d"], b"d2");
+        // A restart keeps it kept; a confirming sync lets the deletion through.
+        let f = restart(f).await;
+        f.handle.sync(false).await.unwrap();
+        assert_eq!(mirrored(&f).await.len(), 3);
+        f.handle.sync(true).await.unwrap();
+        assert_eq!(mirrored(&f).await.keys().collect::<Vec<_>>(), ["a", "b"]);
+        f.stop.cancel();
+        f.task.await.unwrap();
     }
 
     #[test]
