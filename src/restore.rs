@@ -452,7 +452,7 @@ pub async fn restore_workspace(
 
     if opts.force {
         let doomed = extras(&root, &rules, &manifest, opts.max_file_bytes);
-        report.removed = remove_paths(&root, &doomed, &mut report.bad);
+        report.removed = remove_paths(&root, &doomed, &manifest.empty_dirs, &mut report.bad);
     }
 
     // Repositories: the bundles' work trees first, the mirror's files over them.
@@ -652,7 +652,7 @@ pub async fn restore_workspace(
             .into_iter()
             .filter(|rel| !rules.is_ignored(Path::new(rel), false))
             .collect();
-        report.removed += remove_paths(&root, &deleted, &mut report.bad);
+        report.removed += remove_paths(&root, &deleted, &manifest.empty_dirs, &mut report.bad);
     }
     progress.finish();
     report.bad.sort_by(|a, b| a.path.cmp(&b.path));
@@ -741,8 +741,15 @@ fn remove_leftovers(root: &Path) {
     }
 }
 
-/// Removes `paths` (relative to `root`); returns how many were removed.
-fn remove_paths(root: &Path, paths: &[String], bad: &mut Vec<BadEntry>) -> u64 {
+/// Removes `paths` (relative to `root`), and the directories that leaves empty unless
+/// `empty_dirs` names them (the mirror would carry them as new empty directories);
+/// returns how many paths were removed.
+fn remove_paths(
+    root: &Path,
+    paths: &[String],
+    empty_dirs: &BTreeSet<String>,
+    bad: &mut Vec<BadEntry>,
+) -> u64 {
     let mut removed = 0;
     for rel in paths {
         // Only a file or symlink still there: the manifest's entries may have taken
@@ -752,7 +759,17 @@ fn remove_paths(root: &Path, paths: &[String], bad: &mut Vec<BadEntry>) -> u64 {
             continue;
         }
         match fs::remove_file(&path) {
-            Ok(()) => removed += 1,
+            Ok(()) => {
+                removed += 1;
+                let parents = Path::new(rel).ancestors().skip(1);
+                for dir in parents.take_while(|d| !d.as_os_str().is_empty()) {
+                    let named = dir.to_str().is_some_and(|d| empty_dirs.contains(d));
+                    // `remove_dir` fails on a directory that is not empty.
+                    if named || fs::remove_dir(root.join(dir)).is_err() {
+                        break;
+                    }
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(err) => bad.push(BadEntry {
                 path: rel.clone(),

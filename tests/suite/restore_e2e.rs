@@ -469,7 +469,7 @@ async fn files_deleted_after_the_last_bundle_stay_deleted() {
     let ws = d.workspace.clone();
     git(&ws, &["init", "-q"]);
     write(&ws, "keep.txt", "keep\n");
-    write(&ws, "deleteme.txt", "old\n");
+    write(&ws, "old/deleteme.txt", "old\n");
     write(&ws, "local.cfg", "tracked but ignored\n");
     git(&ws, &["add", "."]);
     git(&ws, &["commit", "-q", "-m", "one"]);
@@ -480,7 +480,8 @@ async fn files_deleted_after_the_last_bundle_stay_deleted() {
     // The bundle (and the manifest) of this state.
     ok(&d.api().post("/v1/sync", &json!({})).await, 200);
     // Then a deletion the debounced mirror carries, but no bundle (git.interval off).
-    std::fs::remove_file(ws.join("deleteme.txt")).unwrap();
+    std::fs::remove_file(ws.join("old/deleteme.txt")).unwrap();
+    std::fs::remove_dir(ws.join("old")).unwrap();
     let gone = manifest_until(&d, |m| !m.is_empty() && !m.contains("deleteme.txt")).await;
     assert!(gone, "the mirror never carried the deletion");
     d.kill9();
@@ -489,8 +490,8 @@ async fn files_deleted_after_the_last_bundle_stay_deleted() {
     d.spawn_and_wait().await;
     let ws = d.workspace.clone();
     assert!(
-        !ws.join("deleteme.txt").exists(),
-        "the stale bundle brought a deleted file back"
+        !ws.join("old").exists(),
+        "the stale bundle brought a deleted file (or its directory) back"
     );
     assert_eq!(
         std::fs::read_to_string(ws.join("keep.txt")).unwrap(),
@@ -502,7 +503,7 @@ async fn files_deleted_after_the_last_bundle_stay_deleted() {
         "tracked but ignored\n"
     );
     let status = git(&ws, &["status", "--porcelain"]);
-    assert!(status.contains(" D deleteme.txt"), "{status}");
+    assert!(status.contains(" D old/deleteme.txt"), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
