@@ -23,7 +23,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::gitbundle::{self, GIT_DIR};
+use crate::gitbundle::{self, GIT_DIR, GitError};
 use crate::remote::{self, Backoff, Remote, RemoteError};
 use crate::snapshot::{self, COMPRESSED_DIR};
 use crate::sync::manifest::{FileEntry, Manifest};
@@ -262,8 +262,31 @@ enum FileOutcome {
     Unchanged,
 }
 
+/// Why a file was not restored: its entry is bad (reported in `bad`, the rest goes
+/// on), or remote storage did not answer (the restore fails, to be tried again).
+enum FileError {
+    Bad(String),
+    Unreachable(RemoteError),
+}
+
+impl From<String> for FileError {
+    fn from(error: String) -> Self {
+        FileError::Bad(error)
+    }
+}
+
+impl From<RemoteError> for FileError {
+    fn from(err: RemoteError) -> Self {
+        match err {
+            RemoteError::Transport { .. } => FileError::Unreachable(err),
+            RemoteError::NotFound { .. } => FileError::Bad(MISSING.into()),
+            other => FileError::Bad(other.to_string()),
+        }
+    }
+}
+
 impl Job<'_> {
-    async fn file(&self, rel: &str, e: &FileEntry) -> Result<FileOutcome, String> {
+    async fn file(&self, rel: &str, e: &FileEntry) -> Result<FileOutcome, FileError> {
         let relp = checked_rel(rel)?;
         let dir = make_parents(self.root, relp, self.force)?;
         let dest = self.root.join(relp);
@@ -287,11 +310,14 @@ impl Job<'_> {
                         return Ok(FileOutcome::Unchanged);
                     }
                     Some(false) => {}
-                    None => return Err("setting the mode and time of the file in place".into()),
+                    None => {
+                        let error = "setting the mode and time of the file in place";
+                        return Err(FileError::Bad(error.into()));
+                    }
                 }
             }
             Ok(m) if m.is_dir() && !self.force => {
-                return Err("a directory is in the way".into());
+                return Err(FileError::Bad("a directory is in the way".into()));
             }
             Ok(m) if m.is_dir() => {
                 fs::remove_dir_all(&dest).map_err(|err| format!("removing a directory: {err}"))?;
@@ -300,13 +326,13 @@ impl Job<'_> {
         }
         let tmp = dir.join(format!("{TMP_PREFIX}{:016x}", rand::random::<u64>()));
         let key = format!("{}{rel}", self.files_prefix);
-        let mut done = Err(String::new());
+        let mut done = Err(FileError::Bad(String::new()));
         // A mismatch is downloaded once more: the object may have been replaced
         // between the manifest and now.
         for attempt in 0..2 {
             done = self.fetch_verified(&key, e, &tmp, &dest).await;
             match &done {
-                Err(err) if err == MISMATCH => {
+                Err(FileError::Bad(err)) if err == MISMATCH => {
                     tracing::warn!(
                         path = rel,
                         attempt,
@@ -334,13 +360,12 @@ impl Job<'_> {
         e: &FileEntry,
         tmp: &Path,
         dest: &Path,
-    ) -> Result<(), String> {
+    ) -> Result<(), FileError> {
         let entry = e.clone();
         let (tmp, dest) = (tmp.to_path_buf(), dest.to_path_buf());
         if e.size <= IN_MEMORY_MAX {
             let data = retry_transport(|| self.remote.get_bytes(key))
-                .await
-                .map_err(|err| err.to_string())?
+                .await?
                 .ok_or_else(|| MISSING.to_string())?;
             return tokio::task::spawn_blocking(move || {
                 if format!("blake3:{}", blake3::hash(&data).to_hex()) != entry.hash {
@@ -357,13 +382,10 @@ impl Job<'_> {
                 place(f, &tmp, &dest, &entry)
             })
             .await
-            .map_err(|err| err.to_string())?;
+            .map_err(|err| err.to_string())?
+            .map_err(FileError::Bad);
         }
-        match retry_transport(|| self.remote.get_to_file(key, &tmp)).await {
-            Ok(_) => {}
-            Err(RemoteError::NotFound { .. }) => return Err(MISSING.into()),
-            Err(err) => return Err(err.to_string()),
-        }
+        retry_transport(|| self.remote.get_to_file(key, &tmp)).await?;
         tokio::task::spawn_blocking(move || {
             if blake3_of_file(&tmp).map_err(|err| format!("hashing: {err}"))? != entry.hash {
                 return Err(MISMATCH.to_string());
@@ -373,6 +395,7 @@ impl Job<'_> {
         })
         .await
         .map_err(|err| err.to_string())?
+        .map_err(FileError::Bad)
     }
 }
 
@@ -512,6 +535,7 @@ pub async fn restore_workspace(
                 report.repos.push(RepoRestored { repo, refs: r.refs });
             }
             Ok(None) => {}
+            Err(GitError::Remote(err @ RemoteError::Transport { .. })) => return Err(err.into()),
             Err(e) => report.bad.push(BadEntry {
                 path: label,
                 error: e.to_string(),
@@ -607,10 +631,12 @@ pub async fn restore_workspace(
                 report.bytes += n;
             }
             Ok(FileOutcome::Unchanged) => report.unchanged += 1,
-            Err(error) => report.bad.push(BadEntry {
+            Err(FileError::Bad(error)) => report.bad.push(BadEntry {
                 path: rel.clone(),
                 error,
             }),
+            // Not this entry's fault: the restore fails (and is resumed later).
+            Err(FileError::Unreachable(err)) => return Err(err.into()),
         }
     }
     drop(results);
@@ -952,6 +978,56 @@ fn extract(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A remote that does not answer is no bad entry: the restore fails (the daemon
+    /// tries again, the CLI exits 1) and the next attempt resumes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_remote_that_does_not_answer_fails_the_restore_instead_of_its_entries() {
+        use crate::remote::flaky::FlakyRemote;
+        use bytes::Bytes;
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let inner = Arc::new(crate::remote::dir::DirRemote::new(&dir.path().join("r")).unwrap());
+        let remote = FlakyRemote::new(inner);
+        let prefix = "conversations/u/c/";
+        let mut manifest = Manifest {
+            format: crate::sync::manifest::FORMAT,
+            generation: 1,
+            ..Manifest::default()
+        };
+        for (rel, data) in [("a.txt", "alpha"), ("b/c.txt", "gamma")] {
+            let key = format!("{prefix}workspace/files/{rel}");
+            remote.put_bytes(&key, Bytes::from(data)).await.unwrap();
+            let entry = FileEntry {
+                size: data.len() as u64,
+                mtime: 1_700_000_000_000_000_000,
+                mode: 0o644,
+                hash: format!("blake3:{}", blake3::hash(data.as_bytes()).to_hex()),
+            };
+            manifest.files.insert(rel.into(), entry);
+        }
+        let json = serde_json::to_vec(&manifest).unwrap();
+        let key = format!("{prefix}workspace/manifest.json");
+        remote.put_bytes(&key, Bytes::from(json)).await.unwrap();
+        let opts = RestoreOptions {
+            concurrency: 2,
+            force: false,
+            exclude: Vec::new(),
+            max_file_bytes: u64::MAX,
+        };
+        let target = dir.path().join("ws");
+        remote.set_down_under(Some(&format!("{prefix}workspace/files/b/")));
+        let r = restore_workspace(&remote, prefix, &target, &opts, &NoProgress).await;
+        assert!(matches!(r, Err(RestoreError::Remote(_))), "{r:?}");
+        remote.set_down_under(None);
+        let report = restore_workspace(&remote, prefix, &target, &opts, &NoProgress)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(report.bad.is_empty(), "{report:?}");
+        assert_eq!(fs::read_to_string(target.join("b/c.txt")).unwrap(), "gamma");
+        assert_eq!(fs::read_to_string(target.join("a.txt")).unwrap(), "alpha");
+    }
 
     #[test]
     fn remote_paths_are_checked() {

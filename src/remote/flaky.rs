@@ -13,6 +13,8 @@ use super::{ListPage, ObjectInfo, Precondition, Remote, RemoteError};
 pub struct FlakyRemote {
     inner: Arc<dyn Remote>,
     down: AtomicBool,
+    /// Keys under this prefix fail as if the remote were down.
+    down_under: Mutex<Option<String>>,
     queue: Mutex<Queue>,
     /// Calls refused so far.
     pub refused: AtomicU64,
@@ -34,6 +36,7 @@ impl FlakyRemote {
         Self {
             inner,
             down: AtomicBool::new(false),
+            down_under: Mutex::new(None),
             queue: Mutex::new(Queue::default()),
             refused: AtomicU64::new(0),
         }
@@ -42,6 +45,11 @@ impl FlakyRemote {
     /// While down, every call fails with a transport error.
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// While set, every call on a key under `prefix` fails with a transport error.
+    pub fn set_down_under(&self, prefix: Option<&str>) {
+        *self.down_under.lock().unwrap_or_else(|e| e.into_inner()) = prefix.map(str::to_string);
     }
 
     /// The next `n` calls fail with a transport error.
@@ -82,7 +90,14 @@ impl FlakyRemote {
             if q.n > 0 && q.op.is_none_or(|o| o == op) {
                 q.n -= 1;
                 Some(q.refuse)
-            } else if self.down.load(Ordering::SeqCst) {
+            } else if self.down.load(Ordering::SeqCst)
+                || self
+                    .down_under
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_deref()
+                    .is_some_and(|p| key.starts_with(p))
+            {
                 Some(false)
             } else {
                 None
