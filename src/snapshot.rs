@@ -211,14 +211,30 @@ fn header(meta: &std::fs::Metadata, kind: tar::EntryType) -> tar::Header {
     h
 }
 
+/// Whether `rel` lies in the object store of a repository (`.../.git/objects/...`).
+fn in_git_objects(rel: &Path) -> bool {
+    let mut parts = rel.components().map(|c| c.as_os_str());
+    while let Some(p) = parts.next() {
+        if p == ".git" {
+            return parts.next().is_some_and(|n| n == "objects");
+        }
+    }
+    false
+}
+
 impl<W: Write> Walker<'_, W> {
     fn note(&mut self, rel: &Path, kind: u8, meta: &std::fs::Metadata, target: &[u8]) {
         let h = &mut self.hasher;
         h.update(rel.as_os_str().as_bytes());
         h.update(&[0, kind]);
         h.update(&meta.len().to_le_bytes());
-        h.update(&meta.mtime().to_le_bytes());
-        h.update(&meta.mtime_nsec().to_le_bytes());
+        // A git object's name is its content; git (and the bundler's work-tree
+        // commits) touch an object that exists already instead of writing it again,
+        // which is no change of the workspace.
+        if !(kind == b'f' && in_git_objects(rel)) {
+            h.update(&meta.mtime().to_le_bytes());
+            h.update(&meta.mtime_nsec().to_le_bytes());
+        }
         h.update(&meta.mode().to_le_bytes());
         h.update(target);
         h.update(&[0]);
@@ -890,6 +906,42 @@ mod tests {
 
         std::fs::write(root.join("src/a.txt"), "changed!").unwrap();
         assert_ne!(fingerprint(&rules).unwrap().fingerprint, stats.fingerprint);
+    }
+
+    /// git touches an object it would write again (its name is its content): no
+    /// change of the workspace, so no new snapshot. Any other file's time is one.
+    #[test]
+    fn a_touched_git_object_is_no_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join(".git/objects/ab")).unwrap();
+        std::fs::create_dir_all(root.join("sub/.git/objects/pack")).unwrap();
+        for f in [
+            ".git/objects/ab/cdef",
+            "sub/.git/objects/pack/p.pack",
+            ".git/HEAD",
+            "x.txt",
+        ] {
+            std::fs::write(root.join(f), "x").unwrap();
+        }
+        let rules = Rules::new(&root, &[]).unwrap().keeping_git();
+        let before = fingerprint(&rules).unwrap().fingerprint;
+        let touch = |f: &str| {
+            let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+            let file = std::fs::File::options()
+                .write(true)
+                .open(root.join(f))
+                .unwrap();
+            file.set_modified(later).unwrap();
+        };
+        touch(".git/objects/ab/cdef");
+        touch("sub/.git/objects/pack/p.pack");
+        assert_eq!(fingerprint(&rules).unwrap().fingerprint, before);
+        touch(".git/HEAD");
+        assert_ne!(fingerprint(&rules).unwrap().fingerprint, before);
+        assert!(in_git_objects(Path::new("a/.git/objects/x")));
+        assert!(!in_git_objects(Path::new("objects/x")));
+        assert!(!in_git_objects(Path::new(".git/refs/objects")));
     }
 
     #[tokio::test]
