@@ -166,7 +166,9 @@ impl Replicator {
                 biased;
                 _ = stop.cancelled() => return,
                 w = self.commands.recv() => match w {
-                    Some(w) => { waiters.push(w); continue; }
+                    // A new caller (a sync, the final sync) gets a pass at once, not
+                    // at the end of a backoff that an outage may have grown long.
+                    Some(w) => { waiters.push(w); retry_at = None; continue; }
                     None => return,
                 },
                 _ = changes.notified() => {
@@ -615,6 +617,45 @@ mod tests {
         // Nothing changed: a flush uploads nothing.
         let s = handle.flush().await.unwrap();
         assert_eq!(s, PassStats::default());
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    /// After a long outage the retries are far apart; a flush does not wait for the
+    /// next one: it gets a pass at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_after_an_outage_does_not_wait_for_the_backoff() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir: Arc<dyn Remote> = Arc::new(DirRemote::new(&tmp.path().join("remote")).unwrap());
+        let flaky = Arc::new(FlakyRemote::new(dir.clone()));
+        let kv = store(tmp.path());
+        let files = FileStore::new(kv.clone());
+        let (handle, stop, task) = start_replicator(&kv, &files, flaky.clone());
+        handle.flush().await.unwrap();
+        flaky.set_down(true);
+        set(&kv, "ns1", "k", json!(1)).await;
+        let first = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.flush().await }
+        });
+        // Two minutes of outage: the backoff reaches its cap (15 to 30 s).
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        // Just after a failed pass, the remote comes back.
+        let refused = flaky.refused.load(SeqCst);
+        while flaky.refused.load(SeqCst) == refused {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        flaky.set_down(false);
+        // Real time from here (the pass does blocking I/O, which paused time would
+        // skip over).
+        tokio::time::resume();
+        let s = tokio::time::timeout(Duration::from_secs(5), handle.flush())
+            .await
+            .expect("the flush waited for the backoff")
+            .unwrap();
+        assert_eq!(s.namespaces, 1);
+        assert!(first.await.unwrap().is_ok());
         stop.cancel();
         task.await.unwrap();
     }
