@@ -37,6 +37,8 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 
 pub async fn metrics(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
     ctx.grant.require(Scope::Admin)?;
+    // The lag as of now, also while a round hangs (the engine sets it between rounds).
+    state.metrics.sync_lag.set(state.sync.lag().as_secs_f64());
     Ok((
         [(
             header::CONTENT_TYPE,

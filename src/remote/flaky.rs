@@ -15,6 +15,8 @@ pub struct FlakyRemote {
     down: AtomicBool,
     /// Keys under this prefix fail as if the remote were down.
     down_under: Mutex<Option<String>>,
+    /// File uploads wait (a request that gets no answer) while set.
+    hang: AtomicBool,
     queue: Mutex<Queue>,
     /// Calls refused so far.
     pub refused: AtomicU64,
@@ -37,6 +39,7 @@ impl FlakyRemote {
             inner,
             down: AtomicBool::new(false),
             down_under: Mutex::new(None),
+            hang: AtomicBool::new(false),
             queue: Mutex::new(Queue::default()),
             refused: AtomicU64::new(0),
         }
@@ -50,6 +53,11 @@ impl FlakyRemote {
     /// While set, every call on a key under `prefix` fails with a transport error.
     pub fn set_down_under(&self, prefix: Option<&str>) {
         *self.down_under.lock().unwrap_or_else(|e| e.into_inner()) = prefix.map(str::to_string);
+    }
+
+    /// While set, file uploads hang (they go on once it is cleared).
+    pub fn set_hang(&self, hang: bool) {
+        self.hang.store(hang, Ordering::SeqCst);
     }
 
     /// The next `n` calls fail with a transport error.
@@ -120,6 +128,9 @@ impl FlakyRemote {
 impl Remote for FlakyRemote {
     async fn put_file(&self, key: &str, path: &Path, md5: [u8; 16]) -> Result<u64, RemoteError> {
         self.check("put", key)?;
+        while self.hang.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         self.inner.put_file(key, path, md5).await
     }
     async fn put_stream(

@@ -107,6 +107,11 @@ impl Debouncer {
         self.last_burst.is_some()
     }
 
+    /// When the oldest change not taken by a round arrived.
+    pub fn oldest(&self) -> Option<Instant> {
+        self.first_pending
+    }
+
     /// How long the oldest pending change has waited.
     pub fn lag(&self, now: Instant) -> Duration {
         self.first_pending

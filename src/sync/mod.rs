@@ -100,6 +100,11 @@ pub struct SyncStatus {
     pub bytes: u64,
     pub held_deletes: u64,
     pub skipped_files: u64,
+    /// When the oldest change not yet in remote storage arrived (also while a round
+    /// carrying it runs): `lag_ms` is computed from it when the status is read, so it
+    /// keeps growing while a round hangs.
+    #[serde(skip)]
+    pub oldest_change: Option<Instant>,
 }
 
 enum Command {
@@ -150,10 +155,20 @@ impl SyncHandle {
     }
 
     pub fn status(&self) -> SyncStatus {
-        self.status
+        let mut s = self
+            .status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone();
+        if let Some(oldest) = s.oldest_change {
+            s.lag_ms = oldest.elapsed().as_millis() as u64;
+        }
+        s
+    }
+
+    /// The age of the oldest change not yet in remote storage, now.
+    pub fn lag(&self) -> Duration {
+        Duration::from_millis(self.status().lag_ms)
     }
 }
 
@@ -314,6 +329,8 @@ pub struct SyncEngine {
     retried: bool,
     /// The ignore rules changed: directories they no longer ignore need watches.
     rewatch: bool,
+    /// The oldest change a running round carries (see [`SyncStatus::oldest_change`]).
+    in_flight: Option<Instant>,
 }
 
 impl SyncEngine {
@@ -411,6 +428,7 @@ impl SyncEngine {
             staging,
             retried: false,
             rewatch: false,
+            in_flight: None,
             config,
         };
         Ok((engine, SyncHandle { tx: cmd_tx, status }, first_rx))
@@ -842,7 +860,11 @@ impl SyncEngine {
     fn publish_status(&mut self) {
         let now = Instant::now();
         let delay = self.debouncer.delay(now);
-        let lag = self.debouncer.lag(now);
+        let oldest_change = match (self.debouncer.oldest(), self.in_flight) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let lag = oldest_change.map_or(Duration::ZERO, |o| now.duration_since(o));
         let s = SyncStatus {
             pending_files: self.pending.len() as u64,
             full_rescan_pending: self.full_rescan,
@@ -864,6 +886,7 @@ impl SyncEngine {
             held_deletes: self.hold.as_ref().map_or(0, |h| h.paths.len() as u64)
                 + self.protected.len() as u64,
             skipped_files: self.skipped + self.unreadable.len() as u64,
+            oldest_change,
         };
         self.metrics.sync_gauges(
             s.pending_files,
@@ -912,7 +935,10 @@ impl SyncEngine {
         let full = std::mem::take(&mut self.full_rescan);
         let paths = std::mem::take(&mut self.pending);
         let since = self.debouncer.taken().unwrap_or_else(Instant::now);
+        self.in_flight = Some(since);
+        self.publish_status();
         let result = self.round_inner(confirm, full, &paths).await;
+        self.in_flight = None;
         self.persist_guards().await;
         if result.is_err() {
             // Nothing is lost: look at the same paths again next time, and the lag
@@ -1697,6 +1723,30 @@ mod tests {
         );
         let staged = std::fs::read_dir(f._dir.path().join("state/staging")).unwrap();
         assert_eq!(staged.count(), 0, "no copy outlives its upload");
+        f.stop.cancel();
+        f.task.await.unwrap();
+    }
+
+    /// A round that hangs (an upload that gets no answer) shows in the lag, which
+    /// keeps growing until the change is in remote storage.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_lag_grows_while_a_round_hangs() {
+        let f = engine().await;
+        f.handle.sync(false).await.unwrap();
+        f.remote.set_hang(true);
+        std::fs::write(f.ws.join("a.txt"), "a").unwrap();
+        let waiting = tokio::spawn({
+            let handle = f.handle.clone();
+            async move { handle.sync(false).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!waiting.is_finished());
+        let s = f.handle.status();
+        assert!(s.lag_ms >= 1000, "{s:?}");
+        assert!(f.handle.lag() >= Duration::from_secs(1));
+        f.remote.set_hang(false);
+        waiting.await.unwrap().unwrap();
+        assert_eq!(f.handle.status().lag_ms, 0);
         f.stop.cancel();
         f.task.await.unwrap();
     }
