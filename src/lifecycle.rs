@@ -361,6 +361,9 @@ pub async fn run(
     let remote = crate::remote::from_config(&config)
         .await
         .context("setting up remote storage")?;
+    let remote: Arc<dyn crate::remote::Remote> = Arc::new(
+        crate::remote::metered::MeteredRemote::new(remote, metrics.clone()),
+    );
     // -- Single writer (src/owner.rs): every remote write goes through the owner's
     // fence, closed until the claim below succeeds.
     let owner = crate::owner::Owner::new(remote.clone(), &config)?;
@@ -388,7 +391,6 @@ pub async fn run(
         remote.clone(),
         config.conversation_prefix(),
         config.kv.replicate_delay.0,
-        metrics.clone(),
     );
 
     let state = AppState {

@@ -22,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 use crate::files::{self, FileStore, Pending};
 use crate::kv::export::Imported;
 use crate::kv::{KvError, KvStore};
-use crate::metrics::Metrics;
 use crate::remote::{self, Backoff, Remote, RemoteError};
 
 /// File uploads in flight during one pass.
@@ -107,7 +106,6 @@ pub struct Replicator {
     delay: Duration,
     commands: mpsc::Receiver<Waiter>,
     status: Arc<Mutex<ReplicaStatus>>,
-    metrics: Arc<Metrics>,
 }
 
 /// The object key of a namespace's export.
@@ -122,7 +120,6 @@ impl Replicator {
         remote: Arc<dyn Remote>,
         conversation_prefix: String,
         delay: Duration,
-        metrics: Arc<Metrics>,
     ) -> (Self, ReplicaHandle) {
         let (tx, commands) = mpsc::channel(1024);
         let status = Arc::new(Mutex::new(ReplicaStatus::default()));
@@ -134,7 +131,6 @@ impl Replicator {
             delay,
             commands,
             status: status.clone(),
-            metrics,
         };
         (r, ReplicaHandle { tx, status })
     }
@@ -231,8 +227,7 @@ impl Replicator {
             let size = export.bytes.len() as u64;
             self.remote
                 .put_bytes(&export_key(&self.prefix, &ns), Bytes::from(export.bytes))
-                .await
-                .inspect_err(|_| self.metrics.remote_error("put"))?;
+                .await?;
             self.kv.mark_exported(&ns, export.version).await?;
             tracing::debug!(namespace = %ns, version = export.version, keys = export.keys, bytes = size, "kv namespace exported");
             stats.namespaces += 1;
@@ -278,17 +273,11 @@ impl Replicator {
         match self.files.get(&p.path).await? {
             Some(data) => {
                 let n = data.len() as u64;
-                self.remote
-                    .put_bytes(&key, Bytes::from(data))
-                    .await
-                    .inspect_err(|_| self.metrics.remote_error("put"))?;
+                self.remote.put_bytes(&key, Bytes::from(data)).await?;
                 Ok((p, Some(n)))
             }
             None => {
-                self.remote
-                    .delete_many(std::slice::from_ref(&key))
-                    .await
-                    .inspect_err(|_| self.metrics.remote_error("delete"))?;
+                self.remote.delete_many(std::slice::from_ref(&key)).await?;
                 Ok((p, None))
             }
         }
@@ -513,7 +502,6 @@ mod tests {
             remote,
             PREFIX.into(),
             Duration::from_secs(3600),
-            Arc::new(Metrics::new()),
         );
         let stop = CancellationToken::new();
         let task = tokio::spawn(rep.run(stop.clone()));

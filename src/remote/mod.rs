@@ -13,6 +13,7 @@ pub mod dir;
 pub mod fenced;
 pub mod flaky;
 pub mod insecure;
+pub mod metered;
 pub mod s3;
 
 use std::path::{Path, PathBuf};

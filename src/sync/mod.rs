@@ -579,7 +579,6 @@ impl SyncEngine {
             Err(e) => {
                 // A round now would publish a manifest that does not know what the
                 // remote one names: the rounds wait for it (retried with backoff).
-                self.metrics.remote_error(e.op());
                 return Err(SyncError::Remote(format!(
                     "cannot read the remote manifest: {e}"
                 )));
@@ -906,10 +905,10 @@ impl SyncEngine {
         if keys.is_empty() {
             return Ok(0);
         }
-        self.remote.delete_many(&keys).await.map_err(|e| {
-            self.metrics.remote_error(e.op());
-            SyncError::Remote(e.to_string())
-        })?;
+        self.remote
+            .delete_many(&keys)
+            .await
+            .map_err(|e| SyncError::Remote(e.to_string()))?;
         let cache = self.cache.clone();
         let n = keys.len() as u64;
         tokio::task::spawn_blocking(move || cache.deletes_done(&keys))
@@ -1330,7 +1329,6 @@ impl SyncEngine {
                     }
                 }
                 Outcome::Failed(p, e) => {
-                    self.metrics.remote_error(e.op());
                     if let Some(old) = self.manifest.files.get(&p) {
                         next.files.insert(p.clone(), old.clone());
                     }
@@ -1379,10 +1377,7 @@ impl SyncEngine {
             self.remote
                 .put_bytes(&self.keys.manifest(), Bytes::from(json))
                 .await
-                .map_err(|e| {
-                    self.metrics.remote_error(e.op());
-                    SyncError::Remote(e.to_string())
-                })?;
+                .map_err(|e| SyncError::Remote(e.to_string()))?;
             stats.bytes_uploaded += len;
             let gone_keys: Vec<String> = gone.iter().map(|p| self.keys.file(p)).collect();
             let cache = self.cache.clone();

@@ -450,6 +450,15 @@ async fn a_restore_waits_for_the_remote_and_a_stop_meanwhile_exits_75() {
     assert_eq!(d.api().get("/readyz").await.status, 503);
     assert_eq!(d.api().get("/v1/kv/x").await.status, 503);
     assert!(tree(&d.workspace, &not_git).is_empty());
+    // The owner's claim and the restore's reads count as remote errors too.
+    let metrics = d.api().get("/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.body).to_string();
+    let get_errors: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("sandkeep_remote_errors_total{op=\"get\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(get_errors >= 1.0, "{text}");
     let status = d.terminate();
     assert_eq!(status.code(), Some(75), "log:\n{}", d.log());
     assert!(d.log().contains("stopped during start-up"), "{}", d.log());
