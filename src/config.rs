@@ -495,8 +495,8 @@ impl Config {
         if !self.remote.prefix.is_empty() && !self.remote.prefix.ends_with('/') {
             return Err(invalid("remote.prefix", "must end with `/` when set"));
         }
-        let prefix = self.remote.prefix.trim_end_matches('/');
-        if !prefix.is_empty()
+        let prefix = self.remote.prefix.strip_suffix('/').unwrap_or_default();
+        if !self.remote.prefix.is_empty()
             && prefix.split('/').any(|seg| {
                 seg.is_empty() || seg == "." || seg == ".." || seg.chars().any(char::is_control)
             })
@@ -828,6 +828,9 @@ mod tests {
             ("[watch]\npoll_interval = \"1ns\"\n", "watch.poll_interval"),
             ("[remote]\nprefix = \"../escape/\"\n", "remote.prefix"),
             ("[remote]\nprefix = \"a//b/\"\n", "remote.prefix"),
+            ("[remote]\nprefix = \"a//\"\n", "remote.prefix"),
+            ("[remote]\nprefix = \"//\"\n", "remote.prefix"),
+            ("[remote]\nprefix = \"/\"\n", "remote.prefix"),
         ] {
             let err = Config::from_parts(text, Source::Embedded, &[])
                 .unwrap_err()
