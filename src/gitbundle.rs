@@ -133,6 +133,13 @@ pub struct HeadMeta {
     /// manifest's `updated_at` to know which of the two is newer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_at_ms: Option<u64>,
+    /// Size and modification time (ns) of each work-tree file the work-tree commit
+    /// was made from, by path in the repository. Its commit is not always the file's
+    /// bytes (git's line-ending conversion, files marked assume-unchanged or
+    /// skip-worktree): where the mirror's entry has the same size and time, the file
+    /// did not change between the two, and a restore takes the mirror's exact copy.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub work_tree: BTreeMap<String, (u64, i64)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -417,7 +424,13 @@ struct Prepared {
 /// Builds the staged and work-tree commits on top of `parent` in the repository's
 /// object database (which the caller has backed with a mempack). The handle's index
 /// is changed in memory and never written.
-fn wip_commits(repo: &Repository, parent: Option<Oid>) -> Result<(Oid, Oid, Oid, Oid), GitError> {
+/// The commits of the index and of the work tree; `work_tree` gets the size and
+/// modification time of each work-tree file that went into the latter.
+fn wip_commits(
+    repo: &Repository,
+    parent: Option<Oid>,
+    work_tree: &mut BTreeMap<String, (u64, i64)>,
+) -> Result<(Oid, Oid, Oid, Oid), GitError> {
     let mut index = repo.index().ctx("reading the index")?;
     if index.has_conflicts() {
         // A tree cannot hold a conflict: take the work tree's version, as `git add`.
@@ -454,6 +467,17 @@ fn wip_commits(repo: &Repository, parent: Option<Oid>) -> Result<(Oid, Oid, Oid,
         .ctx("adding the work tree")?;
     index.update_all(["*"], None).ctx("recording deletions")?;
     let wip_tree = index.write_tree().ctx("writing the work tree")?;
+    for entry in index.iter() {
+        let Ok(path) = std::str::from_utf8(&entry.path) else {
+            continue;
+        };
+        if let Ok(m) = std::fs::symlink_metadata(workdir.join(path))
+            && m.is_file()
+        {
+            let stat = crate::sync::scan::Stat::of(&m);
+            work_tree.insert(path.to_string(), (stat.size, stat.mtime));
+        }
+    }
 
     let sig = git2::Signature::now("sandkeep", "sandkeep@localhost").ctx("signature")?;
     let parent = match parent {
@@ -524,14 +548,17 @@ fn prepare(repo: &Repository) -> Result<Prepared, GitError> {
     for (oid, name) in &refs {
         digest.update(format!("{oid} {name}\n").as_bytes());
     }
+    let mut work_tree = BTreeMap::new();
     if !repo.is_bare() {
-        let (index_commit, wip_commit, index_tree, wip_tree) = wip_commits(repo, head_oid)?;
+        let (index_commit, wip_commit, index_tree, wip_tree) =
+            wip_commits(repo, head_oid, &mut work_tree)?;
         digest.update(format!("{index_tree} {wip_tree}\n").as_bytes());
         refs.push((index_commit, WIP_INDEX_REF.into()));
         refs.push((wip_commit, WIP_REF.into()));
     }
-    // After the digest: the time alone is no change.
+    // After the digest: times alone are no change.
     head.read_at_ms = Some(read_at);
+    head.work_tree = work_tree;
     Ok(Prepared {
         refs,
         head,
@@ -947,6 +974,8 @@ pub struct Restored {
     pub had_wip: bool,
     /// When the bundled work tree was read (from the json), if it says.
     pub read_at_ms: Option<u64>,
+    /// See [`HeadMeta::work_tree`].
+    pub work_tree: BTreeMap<String, (u64, i64)>,
 }
 
 /// Turns the bundle at `bundle` into a repository at `target` (created if needed):
@@ -1038,6 +1067,7 @@ pub fn restore_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<R
         refs: created,
         had_wip: wip.is_some(),
         read_at_ms: meta.read_at_ms,
+        work_tree: meta.work_tree.clone(),
     })
 }
 

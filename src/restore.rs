@@ -11,7 +11,7 @@
 //! mode and modification time; an entry that cannot be restored is skipped and
 //! reported in [`RestoreReport::bad`], never a reason to abort the rest.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, FileTimes};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -487,6 +487,9 @@ pub async fn restore_workspace(
     // its bundle is newer than the manifest: there the manifest only fills in files the
     // checkout did not write, and what the checkout wrote is never removed as deleted.
     let mut bundle_is_newer: Vec<(String, bool)> = Vec::new();
+    // What each bundle's work-tree commit was made from (see `HeadMeta::work_tree`),
+    // by workspace path.
+    let mut bundled_stat: HashMap<String, (u64, i64)> = HashMap::new();
     let mut stems: Vec<String> = git_objects
         .iter()
         .filter_map(|o| o.key.rsplit('/').next()?.strip_suffix(".json"))
@@ -531,6 +534,9 @@ pub async fn restore_workspace(
                 } else {
                     format!("{repo}/")
                 };
+                for (path, stat) in &r.work_tree {
+                    bundled_stat.insert(format!("{dir}{path}"), *stat);
+                }
                 bundle_is_newer.push((dir, newer));
                 report.repos.push(RepoRestored { repo, refs: r.refs });
             }
@@ -595,7 +601,11 @@ pub async fn restore_workspace(
             let path = root.join(rel);
             let same = fs::symlink_metadata(&path).is_ok_and(|m| m.is_file())
                 && blake3_of_file(&path).is_ok_and(|h| h == e.hash);
-            let keep = newer_in_the_way(rel) && !same;
+            // The bundle's commit was made from the very file the manifest has (same
+            // size and time): the manifest's copy is that file byte for byte, the
+            // checkout maybe not (line endings, assume-unchanged files).
+            let unchanged_since = bundled_stat.get(rel.as_str()) == Some(&(e.size, e.mtime));
+            let keep = newer_in_the_way(rel) && !same && !unchanged_since;
             if keep {
                 report.unchanged += 1;
             }

@@ -598,6 +598,36 @@ async fn auto_restores_onto_a_fresh_volume_with_lost_and_found() {
     assert!(d.workspace.join("a.txt").exists());
 }
 
+/// A bundle's work-tree commit is not always the files' bytes: git converts line
+/// endings (`text=auto`) and keeps the index's version of an assume-unchanged file.
+/// Where the bundle (newer than the manifest) was made from the very file the
+/// manifest has, the restore takes the manifest's exact copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_bundle_does_not_replace_exact_copies_with_converted_ones() {
+    let mut d = Daemon::prepare(CONFIG);
+    let ws = d.workspace.clone();
+    git(&ws, &["init", "-q"]);
+    write(&ws, ".gitattributes", "* text=auto\n");
+    write(&ws, "crlf.txt", "one\r\ntwo\r\n");
+    write(&ws, "flagged.txt", "committed\n");
+    git(&ws, &["add", "."]);
+    git(&ws, &["commit", "-q", "-m", "one"]);
+    git(&ws, &["update-index", "--assume-unchanged", "flagged.txt"]);
+    write(&ws, "flagged.txt", "edited, git does not look\n");
+    write(&ws, "untracked_crlf.txt", "three\r\n");
+    d.set_env("SANDKEEP_REMOTE_LEASE", "2s");
+    d.spawn_and_wait().await;
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    // The bundle comes after the manifest, as at every final sync.
+    ok(&d.api().post("/v1/git/bundle", &json!({})).await, 200);
+    let original = tree(&d.workspace, &not_git);
+    d.kill9();
+
+    d.become_new_sandbox();
+    d.spawn_and_wait().await;
+    assert_eq!(tree(&d.workspace, &not_git), original);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bundle_newer_than_the_manifest_keeps_its_work() {
     // CONFIG: a debounce of 20 s and no periodic bundles, so only the calls below write.
