@@ -56,9 +56,10 @@ pub const WIP_INDEX_REF: &str = "refs/sandkeep/wip-index";
 pub const WIP_REF: &str = "refs/sandkeep/wip";
 /// The first line of every bundle we write.
 pub const SIGNATURE: &str = "# v2 git bundle";
-/// Untracked or modified files larger than this are left out of the `wip` commit (its
-/// objects are held in memory while the bundle is built).
-pub const MAX_WIP_FILE: u64 = 256 * 1024 * 1024;
+/// Untracked or modified files larger than this are left out of the `wip` commit: its
+/// objects are held in memory while the bundle is built (four 150 MB files took the
+/// daemon to 2 GB), and the mirror carries such files anyway.
+pub const MAX_WIP_FILE: u64 = 32 * 1024 * 1024;
 /// Name of the root repository's bundle.
 pub const ROOT_STEM: &str = "workspace";
 
@@ -252,6 +253,17 @@ fn restore_git_dir_meta(repo: &Repository, meta: &HeadMeta) -> Result<(), GitErr
     let git_dir = repo.path().to_path_buf();
     if let Some(config) = &meta.config {
         std::fs::write(git_dir.join("config"), config).ctx("writing .git/config")?;
+        // A submodule's (or a separate git dir's) config names where its work tree
+        // was seen from its git dir; the restored `.git` sits in the work tree itself.
+        let mut local = repo
+            .config()
+            .and_then(|c| c.open_level(git2::ConfigLevel::Local))
+            .ctx("opening .git/config")?;
+        if local.get_entry("core.worktree").is_ok() {
+            local
+                .remove("core.worktree")
+                .ctx("dropping core.worktree")?;
+        }
     }
     if let Some(exclude) = &meta.info_exclude {
         std::fs::create_dir_all(git_dir.join("info")).ctx("creating .git/info")?;
@@ -456,7 +468,7 @@ fn wip_commits(
             // Sockets, FIFOs, devices: nothing to commit (and a FIFO would block).
             Ok(m) if !(m.is_file() || m.is_dir() || m.file_type().is_symlink()) => 1,
             Ok(m) if m.is_file() && m.len() > MAX_WIP_FILE => {
-                tracing::warn!(path = %abs.display(), size = m.len(), "git bundle: file too large for the work-tree commit; left out");
+                tracing::debug!(path = %abs.display(), size = m.len(), "git bundle: file too large for the work-tree commit; left out (the mirror carries it)");
                 1
             }
             _ => 0,
@@ -1592,5 +1604,51 @@ mod tests {
                 .unwrap(),
             s.head.head.as_deref()
         );
+    }
+
+    /// A submodule's git dir lives in the superproject's `.git/modules/` and its config
+    /// says where its work tree is from there; restored, `.git` is in the work tree.
+    #[test]
+    fn a_submodule_comes_back_without_its_worktree_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let git = |cwd: &Path, args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@t", "-c"])
+                .arg("protocol.file.allow=always")
+                .args(args)
+                .current_dir(cwd)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "git {args:?}: {out:?}");
+        };
+        let (lib, sup) = (dir.path().join("lib"), dir.path().join("super"));
+        for d in [&lib, &sup] {
+            std::fs::create_dir(d).unwrap();
+            git(d, &["init", "-q"]);
+        }
+        std::fs::write(lib.join("l.txt"), "l").unwrap();
+        git(&lib, &["add", "."]);
+        git(&lib, &["commit", "-q", "-m", "lib"]);
+        git(
+            &sup,
+            &["submodule", "add", "-q", lib.to_str().unwrap(), "mod"],
+        );
+        let src = sup.join("mod");
+        let mut out = Vec::new();
+        let s = write_bundle(&src, None, || {}, &mut out).unwrap().unwrap();
+        assert!(s.head.config.as_deref().unwrap().contains("worktree"));
+        let path = dir.path().join("b.bundle");
+        std::fs::write(&path, &out).unwrap();
+        let dst = dir.path().join("dst");
+        restore_bundle(&path, &s.head, &dst).unwrap();
+        let status = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&dst)
+            .arg("status")
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{status:?}");
+        let config = std::fs::read_to_string(dst.join(".git/config")).unwrap();
+        assert!(!config.contains("worktree"), "{config}");
     }
 }
