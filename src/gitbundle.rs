@@ -1200,6 +1200,17 @@ pub struct BundleInfo {
 pub struct BundleFailure {
     pub repo: String,
     pub error: String,
+    /// Remote storage failed (worth trying again); else the repository itself could
+    /// not be read, which trying again does not mend.
+    #[serde(skip)]
+    pub remote: bool,
+}
+
+impl BundleRound {
+    /// The failures that trying again may mend (remote storage's).
+    pub fn remote_errors(&self) -> impl Iterator<Item = &BundleFailure> {
+        self.errors.iter().filter(|f| f.remote)
+    }
 }
 
 /// What one pass over the repositories did.
@@ -1308,6 +1319,7 @@ impl GitBundler {
                     round.errors.push(BundleFailure {
                         repo: r.repo.clone(),
                         error: e.to_string(),
+                        remote: matches!(e, GitError::Remote(_)),
                     });
                 }
             }

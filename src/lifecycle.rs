@@ -737,7 +737,12 @@ async fn final_sync(
         let mut backoff = crate::remote::Backoff::default();
         loop {
             match git.write_all(false).await {
-                Ok(round) if round.errors.is_empty() => {
+                Ok(round) if round.remote_errors().next().is_none() => {
+                    // A repository that cannot be read gets no bundle however long
+                    // this waits (it is in the status's `git[].error`).
+                    for f in &round.errors {
+                        tracing::error!(repo = %f.repo, error = %f.error, "final sync: no git bundle for this repository");
+                    }
                     tracing::info!(
                         written = round.bundles.len(),
                         unchanged = round.unchanged.len(),
@@ -747,7 +752,7 @@ async fn final_sync(
                     return;
                 }
                 Ok(round) => {
-                    for f in round.errors {
+                    for f in round.remote_errors() {
                         tracing::warn!(repo = %f.repo, error = %f.error, "final sync: git bundle failed; retrying");
                     }
                 }

@@ -147,25 +147,37 @@ pub async fn sync(
     // The three parts run side by side; which finished tells a timeout's answer.
     use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
     let (ws_done, stores_done) = (AtomicBool::new(false), AtomicBool::new(false));
+    let git_done = AtomicBool::new(false);
     let workspace = async {
         let stats = state.sync.sync(req.confirm_deletes).await?;
         ws_done.store(true, Relaxed);
         Ok::<_, crate::sync::SyncError>(stats)
     };
-    // Git bundles of the repositories that changed (a sync ignores git.interval); a
-    // repository that fails is logged, as in the periodic pass.
+    // Git bundles of the repositories that changed (a sync ignores git.interval).
+    // Remote storage failing is tried again (the sync waits for it, up to its
+    // timeout); a repository that cannot be read is logged, as in the periodic pass.
     let bundles = async {
-        match state.git.write_all(false).await {
-            Ok(round) => {
-                for f in &round.errors {
-                    tracing::warn!(repo = %f.repo, error = %f.error, "sync: git bundle failed");
+        let mut backoff = crate::remote::Backoff::default();
+        let mut bytes = 0;
+        loop {
+            match state.git.write_all(false).await {
+                Ok(round) => {
+                    bytes += round.bundles.iter().map(|b| b.bytes).sum::<u64>();
+                    for f in &round.errors {
+                        tracing::warn!(repo = %f.repo, error = %f.error, "sync: git bundle failed");
+                    }
+                    if round.remote_errors().next().is_none() {
+                        git_done.store(true, Relaxed);
+                        return bytes;
+                    }
                 }
-                round.bundles.iter().map(|b| b.bytes).sum::<u64>()
+                Err(e) => {
+                    tracing::warn!(error = %e, "sync: git bundles skipped");
+                    git_done.store(true, Relaxed);
+                    return bytes;
+                }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "sync: git bundles skipped");
-                0
-            }
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     };
     // KV exports and the file store.
@@ -226,6 +238,7 @@ pub async fn sync(
                     "full_rescan": s.full_rescan_pending,
                     "workspace": workspace,
                     "stores": stores,
+                    "git": !git_done.load(Relaxed),
                 }),
             ))
         }

@@ -789,6 +789,43 @@ async fn sync_writes_bundles_of_changed_repositories() {
     );
 }
 
+/// A repository libgit2 cannot read (here: a corrupt object) gets no bundle, which
+/// trying again does not mend: neither a sync nor the stop waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_that_cannot_be_read_holds_up_neither_sync_nor_stop() {
+    let mut d = Daemon::start_with(NO_PERIODIC).await;
+    for name in ["good", "bad"] {
+        let repo = d.workspace.join(name);
+        std::fs::create_dir(&repo).unwrap();
+        git(&repo, &["init", "-q"]);
+        write(&repo, "a.txt", &format!("{name}\n"));
+        git(&repo, &["add", "a.txt"]);
+        git(&repo, &["commit", "-q", "-m", "one"]);
+    }
+    let bad = d.workspace.join("bad");
+    let blob = git(&bad, &["rev-parse", "HEAD:a.txt"]);
+    let blob = blob.trim();
+    let object = bad.join(".git/objects").join(&blob[..2]).join(&blob[2..]);
+    std::fs::set_permissions(&object, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&object, b"not a zlib stream").unwrap();
+    let r = d.api().post("/v1/sync", &json!({"timeout_s": 30})).await;
+    ok(&r, 200);
+    assert!(bundle_path(&d, "good").exists());
+    assert!(!bundle_path(&d, "bad").exists());
+    let started = std::time::Instant::now();
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        d.log().contains("no git bundle for this repository"),
+        "{}",
+        d.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_bundle_round_trip() {
     use crate::s3_server::S3Server;
