@@ -798,7 +798,7 @@ async fn a_repository_that_cannot_be_read_holds_up_neither_sync_nor_stop() {
         let repo = d.workspace.join(name);
         std::fs::create_dir(&repo).unwrap();
         git(&repo, &["init", "-q"]);
-        write(&repo, "a.txt", &format!("{name}\n"));
+        write(&repo, "a.txt", format!("{name}\n"));
         git(&repo, &["add", "a.txt"]);
         git(&repo, &["commit", "-q", "-m", "one"]);
     }
