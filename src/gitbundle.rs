@@ -1224,6 +1224,9 @@ pub struct BundleRound {
 
 /// Writes the bundles of one workspace.
 pub struct GitBundler {
+    /// `sync.exclude` and the daemon's own directories: repositories there are not
+    /// bundled.
+    excludes: Vec<String>,
     remote: Arc<dyn Remote>,
     metrics: Arc<Metrics>,
     root: PathBuf,
@@ -1256,7 +1259,11 @@ impl GitBundler {
         let prefix = format!("{}{GIT_DIR}", config.conversation_prefix());
         let bundled_file = config.state_dir.join(BUNDLED_FILE);
         let bundled = load_bundled(&bundled_file, &prefix);
+        // What the mirror leaves out (and a restore never touches) is not bundled.
+        let mut excludes = config.sync.exclude.clone();
+        excludes.extend(crate::sync::rules::own_excludes(config, &root));
         Self {
+            excludes,
             remote,
             metrics,
             root,
@@ -1288,14 +1295,20 @@ impl GitBundler {
     }
 
     async fn repos(&self) -> Result<Vec<RepoDir>, GitError> {
-        let root = self.root.clone();
-        tokio::task::spawn_blocking(move || discover(&root))
-            .await
-            .map_err(|e| GitError::Task(e.to_string()))?
-            .ctx(format_args!(
-                "reading the workspace {}",
-                self.root.display()
-            ))
+        let (root, excludes) = (self.root.clone(), self.excludes.clone());
+        tokio::task::spawn_blocking(move || {
+            let rules =
+                crate::sync::rules::Rules::new(&root, &excludes).map_err(io::Error::other)?;
+            let mut repos = discover(&root)?;
+            repos.retain(|r| r.repo == "." || !rules.excluded_by_config(Path::new(&r.repo), true));
+            Ok::<_, io::Error>(repos)
+        })
+        .await
+        .map_err(|e| GitError::Task(e.to_string()))?
+        .ctx(format_args!(
+            "reading the workspace {}",
+            self.root.display()
+        ))
     }
 
     /// Writes the bundle of every repository (only those that changed unless `force`).

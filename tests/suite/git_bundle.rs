@@ -789,6 +789,24 @@ async fn sync_writes_bundles_of_changed_repositories() {
     );
 }
 
+/// A repository in a directory `sync.exclude` leaves out is not bundled (a restore
+/// would not touch it either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repositories_the_excludes_leave_out_are_not_bundled() {
+    let d = Daemon::start_with(&format!("{NO_PERIODIC}[sync]\nexclude = [\"vendor/\"]\n")).await;
+    for name in ["lib", "vendor"] {
+        let repo = d.workspace.join(name);
+        std::fs::create_dir(&repo).unwrap();
+        git(&repo, &["init", "-q"]);
+        write(&repo, "a.txt", "a\n");
+        git(&repo, &["add", "a.txt"]);
+        git(&repo, &["commit", "-q", "-m", "one"]);
+    }
+    let r = post_bundle(&d).await;
+    assert!(bundle_path(&d, "lib").exists(), "{r}");
+    assert!(!bundle_path(&d, "vendor").exists(), "{r}");
+}
+
 /// A repository libgit2 cannot read (here: a corrupt object) gets no bundle, which
 /// trying again does not mend: neither a sync nor the stop waits for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
