@@ -270,6 +270,15 @@ enum Outcome {
     Failed(String, RemoteError),
 }
 
+/// What a running round carries: still pending as far as the status goes.
+#[derive(Clone, Copy)]
+struct InFlight {
+    /// When the oldest change it carries arrived.
+    since: Instant,
+    files: u64,
+    full_rescan: bool,
+}
+
 /// Whether `path` is `dir` or lies below it.
 fn is_under(path: &str, dir: &str) -> bool {
     path.strip_prefix(dir)
@@ -330,7 +339,7 @@ pub struct SyncEngine {
     /// The ignore rules changed: directories they no longer ignore need watches.
     rewatch: bool,
     /// The oldest change a running round carries (see [`SyncStatus::oldest_change`]).
-    in_flight: Option<Instant>,
+    in_flight: Option<InFlight>,
 }
 
 impl SyncEngine {
@@ -859,14 +868,15 @@ impl SyncEngine {
     fn publish_status(&mut self) {
         let now = Instant::now();
         let delay = self.debouncer.delay(now);
-        let oldest_change = match (self.debouncer.oldest(), self.in_flight) {
+        let in_flight = self.in_flight.map(|f| f.since);
+        let oldest_change = match (self.debouncer.oldest(), in_flight) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         let lag = oldest_change.map_or(Duration::ZERO, |o| now.duration_since(o));
         let s = SyncStatus {
-            pending_files: self.pending.len() as u64,
-            full_rescan_pending: self.full_rescan,
+            pending_files: self.pending.len() as u64 + self.in_flight.map_or(0, |f| f.files),
+            full_rescan_pending: self.full_rescan || self.in_flight.is_some_and(|f| f.full_rescan),
             last_sync_at: self.last_sync_ms.map(crate::kv::rfc3339),
             lag_ms: lag.as_millis() as u64,
             debounce_ms: delay.as_millis() as u64,
@@ -934,7 +944,11 @@ impl SyncEngine {
         let full = std::mem::take(&mut self.full_rescan);
         let paths = std::mem::take(&mut self.pending);
         let since = self.debouncer.taken().unwrap_or_else(Instant::now);
-        self.in_flight = Some(since);
+        self.in_flight = Some(InFlight {
+            since,
+            files: paths.len() as u64,
+            full_rescan: full,
+        });
         self.publish_status();
         let result = self.round_inner(confirm, full, &paths).await;
         self.in_flight = None;
