@@ -51,6 +51,33 @@ impl DirRemote {
         Ok(self.root.join(rel))
     }
 
+    /// What an I/O error reading the remote side means: `None` for a missing object;
+    /// else the remote failing. A root that vanished (an unmounted volume) or an I/O
+    /// error (a network filesystem gone) is an outage, as a 5xx is on S3: callers try
+    /// again. A refused permission is the service refusing.
+    fn read_failure(&self, op: &'static str, key: &str, e: std::io::Error) -> Option<RemoteError> {
+        let key = key.to_string();
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+        ) {
+            if self.root.is_dir() {
+                return None;
+            }
+            let message = format!(
+                "the dir remote's root {} is missing (an unmounted volume?)",
+                self.root.display()
+            );
+            return Some(RemoteError::Transport { op, key, message });
+        }
+        let message = e.to_string();
+        Some(if e.kind() == std::io::ErrorKind::PermissionDenied {
+            RemoteError::Service { op, key, message }
+        } else {
+            RemoteError::Transport { op, key, message }
+        })
+    }
+
     /// Creates the directory `parent` of an object, below a root that must exist: a
     /// root that vanished (an unmounted volume) is an outage, not something to build
     /// again with only the objects written from now on.
@@ -110,9 +137,10 @@ impl DirRemote {
         while let Some(dir) = stack.pop() {
             let entries = match std::fs::read_dir(&dir) {
                 Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => continue,
-                Err(e) => return Err(RemoteError::local("list", &dir, e)),
+                Err(e) => match self.read_failure("list", prefix, e) {
+                    None => continue,
+                    Some(failure) => return Err(failure),
+                },
             };
             for entry in entries {
                 let entry = entry.map_err(|e| RemoteError::local("list", &dir, e))?;
@@ -209,8 +237,10 @@ impl DirRemote {
             .map_err(|e| RemoteError::local("lock", &lock_path, e))?;
         let current = match std::fs::read(&dest) {
             Ok(b) => Some(b),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(RemoteError::local("put", &dest, e)),
+            Err(e) => match self.read_failure("put", key, e) {
+                None => None,
+                Some(failure) => return Err(failure),
+            },
         };
         let holds = match (cond, &current) {
             (Precondition::Absent, None) => true,
@@ -354,28 +384,55 @@ impl Remote for DirRemote {
 
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, RemoteError> {
         let src = self.path_of("get", key)?;
+        let this = self.clone_root();
         let (key, dest) = (key.to_string(), dest.to_path_buf());
         blocking(move || {
             let mut f = match std::fs::File::open(&src) {
                 Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(RemoteError::NotFound { op: "get", key });
+                Err(e) => {
+                    return Err(this
+                        .read_failure("get", &key, e)
+                        .unwrap_or(RemoteError::NotFound { op: "get", key }));
                 }
-                Err(e) => return Err(RemoteError::local("get", &src, e)),
             };
             let mut out =
                 std::fs::File::create(&dest).map_err(|e| RemoteError::local("get", &dest, e))?;
-            std::io::copy(&mut f, &mut out).map_err(|e| RemoteError::local("get", &dest, e))
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut n = 0u64;
+            loop {
+                use std::io::{Read, Write};
+                let got = match f.read(&mut buf) {
+                    Ok(0) => return Ok(n),
+                    Ok(got) => got,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let key = key.clone();
+                        let message = e.to_string();
+                        return Err(RemoteError::Transport {
+                            op: "get",
+                            key,
+                            message,
+                        });
+                    }
+                };
+                out.write_all(&buf[..got])
+                    .map_err(|e| RemoteError::local("get", &dest, e))?;
+                n += got as u64;
+            }
         })
         .await
     }
 
     async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, RemoteError> {
         let src = self.path_of("get", key)?;
+        let this = self.clone_root();
+        let key = key.to_string();
         blocking(move || match std::fs::read(&src) {
             Ok(b) => Ok(Some(Bytes::from(b))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(RemoteError::local("get", &src, e)),
+            Err(e) => match this.read_failure("get", &key, e) {
+                None => Ok(None),
+                Some(failure) => Err(failure),
+            },
         })
         .await
     }
@@ -389,6 +446,7 @@ impl Remote for DirRemote {
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError> {
         let src = self.path_of("head", key)?;
+        let this = self.clone_root();
         let key = key.to_string();
         blocking(move || match std::fs::metadata(&src) {
             Ok(m) if m.is_file() => Ok(Some(ObjectInfo {
@@ -397,8 +455,10 @@ impl Remote for DirRemote {
                 last_modified: m.modified().ok(),
             })),
             Ok(_) => Ok(None),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(RemoteError::local("head", &src, e)),
+            Err(e) => match this.read_failure("head", &key, e) {
+                None => Ok(None),
+                Some(failure) => Err(failure),
+            },
         })
         .await
     }
@@ -459,7 +519,20 @@ mod tests {
         let reader = Box::new(std::io::Cursor::new(b"3".to_vec()));
         assert!(remote.put_stream("a/d", reader).await.is_err());
         assert!(!root.exists(), "the root was built again");
+        // Reads too: a missing root is no missing object (a restore, or the mirror
+        // reading the manifest, would take it for an empty remote).
+        let down = |r: Result<(), RemoteError>| matches!(r, Err(RemoteError::Transport { .. }));
+        assert!(down(remote.get_bytes("a/b").await.map(|_| ())));
+        assert!(down(remote.head("a/b").await.map(|_| ())));
+        assert!(down(remote.list("a/", None).await.map(|_| ())));
+        let dest = dir.path().join("dest");
+        assert!(down(remote.get_to_file("a/b", &dest).await.map(|_| ())));
         std::fs::rename(dir.path().join("away"), &root).unwrap();
+        assert_eq!(remote.get_bytes("a/missing").await.unwrap(), None);
+        assert!(matches!(
+            remote.get_to_file("a/missing", &dest).await,
+            Err(RemoteError::NotFound { .. })
+        ));
         remote
             .put_bytes("a/c", Bytes::from_static(b"2"))
             .await
