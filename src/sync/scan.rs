@@ -124,6 +124,14 @@ fn visit(
             let m = match entry.metadata() {
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                // Listed but not entered (no search permission): as unreadable.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !rel.is_empty() => {
+                    tracing::warn!(path = rel, error = %e, "skipped: cannot enter this directory; what the mirror holds of it is kept");
+                    obs.skipped.unreadable += 1;
+                    obs.unreadable_dirs.push(rel.to_string());
+                    obs.non_empty_dirs.insert(rel.to_string());
+                    return Ok(true);
+                }
                 Err(e) => return Err(e),
             };
             any |= visit(rules, limits, &child, &m, obs)?;

@@ -626,11 +626,22 @@ async fn unreadable_entries_are_skipped_and_kept() {
     env.write("priv/p.txt", b"p");
     env.write("open/o1", b"1");
     env.write("open/o2", b"2");
+    env.write("listonly/l.txt", b"l");
+    // Not enterable from the start: neither mirrored nor in the watcher's way.
+    env.write("early/sub/e.txt", b"e");
+    let early = env.ws().join("early");
+    std::fs::set_permissions(&early, std::fs::Permissions::from_mode(0o644)).unwrap();
     env.daemon.spawn_and_wait().await;
     env.sync().await;
     assert_eq!(
         env.objects().await,
-        ["open/o1", "open/o2", "priv/p.txt", "secret.txt"]
+        [
+            "listonly/l.txt",
+            "open/o1",
+            "open/o2",
+            "priv/p.txt",
+            "secret.txt"
+        ]
     );
     let chmod = |rel: &str, mode: u32| {
         let p = env.ws().join(rel);
@@ -638,24 +649,36 @@ async fn unreadable_entries_are_skipped_and_kept() {
     };
     chmod("secret.txt", 0o000);
     chmod("priv", 0o000);
+    // Listed but not entered (no search permission).
+    chmod("listonly", 0o644);
     std::fs::remove_file(env.ws().join("open/o1")).unwrap();
     env.write("open/o3", b"3");
     let stats = env.sync().await;
     assert_eq!(stats["files_deleted"], 1, "{stats}");
     assert_eq!(
         env.objects().await,
-        ["open/o2", "open/o3", "priv/p.txt", "secret.txt"]
+        [
+            "listonly/l.txt",
+            "open/o2",
+            "open/o3",
+            "priv/p.txt",
+            "secret.txt"
+        ]
     );
     let s = env.status().await;
     assert_eq!(s["state"], "ready", "{s}");
-    assert_eq!(s["workspace"]["skipped_files"], 2, "{s}");
+    assert_eq!(s["workspace"]["skipped_files"], 4, "{s}");
+    assert_eq!(s["sync"]["watch_mode"], "native", "{s}");
     env.assert_manifest_consistent().await;
 
     chmod("secret.txt", 0o644);
     chmod("priv", 0o755);
+    chmod("listonly", 0o755);
+    chmod("early", 0o755);
     env.write("secret.txt", b"v2");
     env.sync().await;
     assert_eq!(env.object("secret.txt").await.unwrap(), b"v2");
+    assert_eq!(env.object("early/sub/e.txt").await.unwrap(), b"e");
     assert_eq!(env.status().await["workspace"]["skipped_files"], 0);
 }
 
