@@ -141,7 +141,7 @@ pub fn claim_state_dir(dir: &Path, id: &crate::config::Identity) -> anyhow::Resu
     let path = dir.join("identity");
     let ours = format!("{}/{}\n", id.user, id.conversation);
     match std::fs::read_to_string(&path) {
-        Ok(theirs) if theirs == ours => Ok(()),
+        Ok(theirs) if theirs.trim() == ours.trim() => Ok(()),
         Ok(theirs) => anyhow::bail!(
             "state_dir {} holds the state of conversation {} (see {}); this daemon is configured for {}: give it a state_dir of its own (or remove that one to start afresh)",
             dir.display(),

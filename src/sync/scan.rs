@@ -272,9 +272,12 @@ pub fn hash_file(path: &Path) -> std::io::Result<Hashed> {
 /// changing while it is read is uploaded from such a copy, which is one version of it
 /// (the `stat` returned has the copy's size and the original's mtime and mode).
 pub fn copy_hashed(path: &Path, to: &Path) -> std::io::Result<Hashed> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Readable by the daemon only, whatever the original's mode.
     let out = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(to)?;
     read_hashed(path, Some(out))
 }

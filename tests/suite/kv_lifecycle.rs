@@ -265,7 +265,9 @@ async fn a_state_dir_of_another_conversation_is_refused() {
         status.unwrap_or_else(|| panic!("started on another conversation's state:\n{out}"));
     assert!(!status.success(), "exit {status}:\n{out}");
     assert!(out.contains("u1/c1") && out.contains("u1/c2"), "{out}");
-    // Its own conversation still opens it, with its data.
+    // Its own conversation still opens it, with its data (a record edited by hand
+    // without its newline included).
+    std::fs::write(d.state_dir.join("identity"), "u1/c1").unwrap();
     d.spawn_and_wait().await;
     assert_eq!(d.api().value("k").await, Some(json!(1)));
 }
