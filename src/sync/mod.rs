@@ -1028,9 +1028,9 @@ impl SyncEngine {
                 remove_under(&mut next.symlinks, c);
                 remove_under_set(&mut next.empty_dirs, c);
             }
-            // Nothing is known of what an unreadable directory holds: what the
-            // mirror has of it stays.
-            for dir in &obs.unreadable_dirs {
+            // Nothing is known of what an unreadable directory holds (nor taken of
+            // a file over the size limit): what the mirror has of it stays.
+            for dir in &obs.kept {
                 gone.retain(|p| !is_under(p, dir));
                 let m = &self.manifest;
                 let kept = m.files.iter().filter(|(p, _)| is_under(p, dir));

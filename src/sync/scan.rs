@@ -56,9 +56,10 @@ pub struct Observation {
     /// Directories known to hold mirrored entries now (so not empty).
     pub non_empty_dirs: BTreeSet<String>,
     pub covered: Vec<String>,
-    /// Directories under `covered` that could not be read: nothing is known of what
-    /// they hold, so nothing under them counts as gone.
-    pub unreadable_dirs: Vec<String>,
+    /// Paths under `covered` whose content is not looked at (directories that
+    /// could not be read, files over the size limit): what the mirror holds of them
+    /// stays as it is, nothing under them counts as gone.
+    pub kept: Vec<String>,
     pub skipped: Skipped,
 }
 
@@ -108,7 +109,7 @@ fn visit(
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !rel.is_empty() => {
                 tracing::warn!(path = rel, error = %e, "skipped: cannot read this directory; what the mirror holds of it is kept");
                 obs.skipped.unreadable += 1;
-                obs.unreadable_dirs.push(rel.to_string());
+                obs.kept.push(rel.to_string());
                 obs.non_empty_dirs.insert(rel.to_string());
                 return Ok(true);
             }
@@ -128,7 +129,7 @@ fn visit(
                 Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !rel.is_empty() => {
                     tracing::warn!(path = rel, error = %e, "skipped: cannot enter this directory; what the mirror holds of it is kept");
                     obs.skipped.unreadable += 1;
-                    obs.unreadable_dirs.push(rel.to_string());
+                    obs.kept.push(rel.to_string());
                     obs.non_empty_dirs.insert(rel.to_string());
                     return Ok(true);
                 }
@@ -174,11 +175,12 @@ fn visit(
     if ft.is_file() {
         if meta.len() > limits.max_file_bytes {
             obs.skipped.too_large += 1;
+            obs.kept.push(rel.to_string());
             tracing::warn!(
                 path = rel,
                 size = meta.len(),
                 limit = limits.max_file_bytes,
-                "skipped: larger than sync.max_file_bytes"
+                "skipped: larger than sync.max_file_bytes (what the mirror holds of it is kept)"
             );
             return Ok(false);
         }

@@ -607,12 +607,21 @@ async fn special_and_oversized_files_are_skipped() {
             .unwrap()
             .success()
     );
+    env.write("grows.log", &[1u8; 100]);
     let mut env = env;
     env.daemon.spawn_and_wait().await;
     env.sync().await;
-    assert_eq!(env.objects().await, vec!["small.txt"]);
+    assert_eq!(env.objects().await, vec!["grows.log", "small.txt"]);
     let s = env.status().await;
     assert_eq!(s["workspace"]["skipped_files"], 2, "{s}");
+    // A mirrored file that grows over the limit keeps its last copy there (as
+    // rclone's size filter leaves the destination's file alone).
+    env.write("grows.log", &[2u8; 1500]);
+    let stats = env.sync().await;
+    assert_eq!(stats["files_deleted"], 0, "{stats}");
+    assert_eq!(env.object("grows.log").await.unwrap(), [1u8; 100]);
+    assert_eq!(env.status().await["workspace"]["skipped_files"], 3);
+    env.assert_manifest_consistent().await;
 }
 
 /// What the daemon may not read is skipped and counted, and the mirror keeps what it
