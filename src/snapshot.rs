@@ -222,16 +222,35 @@ fn in_git_objects(rel: &Path) -> bool {
     false
 }
 
+/// Whether `rel` is a repository's index (`.../.git/index`).
+fn is_git_index(rel: &Path) -> bool {
+    rel.file_name().is_some_and(|n| n == "index")
+        && rel
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|p| p == ".git")
+}
+
 impl<W: Write> Walker<'_, W> {
     fn note(&mut self, rel: &Path, kind: u8, meta: &std::fs::Metadata, target: &[u8]) {
         let h = &mut self.hasher;
         h.update(rel.as_os_str().as_bytes());
         h.update(&[0, kind]);
         h.update(&meta.len().to_le_bytes());
-        // A git object's name is its content; git (and the bundler's work-tree
-        // commits) touch an object that exists already instead of writing it again,
-        // which is no change of the workspace.
-        if !(kind == b'f' && in_git_objects(rel)) {
+        if kind == b'd' || (kind == b'f' && in_git_objects(rel)) {
+            // A directory's time moves with every file made and removed in it (git
+            // writes `index.lock` and renames it), and its entries are noted anyway.
+            // A git object's name is its content; git (and the bundler's work-tree
+            // commits) touch an object that exists already instead of writing it
+            // again, which is no change of the workspace.
+        } else if kind == b'f'
+            && is_git_index(rel)
+            && let Ok(content) = std::fs::read(self.rules.root().join(rel))
+        {
+            // `git status` (run by prompts, editors and agents all the time) writes
+            // the index again with the same content: the content counts, not the time.
+            h.update(blake3::hash(&content).as_bytes());
+        } else {
             h.update(&meta.mtime().to_le_bytes());
             h.update(&meta.mtime_nsec().to_le_bytes());
         }
@@ -920,6 +939,7 @@ mod tests {
             ".git/objects/ab/cdef",
             "sub/.git/objects/pack/p.pack",
             ".git/HEAD",
+            ".git/index",
             "x.txt",
         ] {
             std::fs::write(root.join(f), "x").unwrap();
@@ -937,6 +957,23 @@ mod tests {
         touch(".git/objects/ab/cdef");
         touch("sub/.git/objects/pack/p.pack");
         assert_eq!(fingerprint(&rules).unwrap().fingerprint, before);
+        touch(".git/index");
+        assert_eq!(
+            fingerprint(&rules).unwrap().fingerprint,
+            before,
+            "same index"
+        );
+        std::fs::write(root.join(".git/index.lock"), "y").unwrap();
+        std::fs::remove_file(root.join(".git/index.lock")).unwrap();
+        let now = fingerprint(&rules).unwrap().fingerprint;
+        assert_eq!(now, before, "a lock came and went");
+        std::fs::write(root.join(".git/index"), "y").unwrap();
+        assert_ne!(
+            fingerprint(&rules).unwrap().fingerprint,
+            before,
+            "new index"
+        );
+        let before = fingerprint(&rules).unwrap().fingerprint;
         touch(".git/HEAD");
         assert_ne!(fingerprint(&rules).unwrap().fingerprint, before);
         assert!(in_git_objects(Path::new("a/.git/objects/x")));
