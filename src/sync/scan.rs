@@ -84,6 +84,16 @@ fn key_fits(limits: &Limits, rel: &str) -> bool {
             .all(|s| s.len() <= crate::remote::MAX_SEGMENT_BYTES)
 }
 
+/// Skips the directory `rel`, which the daemon may not read or enter: counted, and
+/// what the mirror holds of it kept. Returns that it counts as mirrored.
+fn skip_unreadable(obs: &mut Observation, rel: &str, e: &std::io::Error) -> bool {
+    tracing::warn!(path = rel, error = %e, "skipped: cannot read this directory; what the mirror holds of it is kept");
+    obs.skipped.unreadable += 1;
+    obs.kept.push(rel.to_string());
+    obs.non_empty_dirs.insert(rel.to_string());
+    true
+}
+
 /// Records one entry; recurses into directories. Returns whether the entry is
 /// mirrored (so its parent is not empty).
 fn visit(
@@ -107,11 +117,7 @@ fn visit(
             // One directory the daemon may not read does not stop the mirror (the
             // root does: see `observe`).
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !rel.is_empty() => {
-                tracing::warn!(path = rel, error = %e, "skipped: cannot read this directory; what the mirror holds of it is kept");
-                obs.skipped.unreadable += 1;
-                obs.kept.push(rel.to_string());
-                obs.non_empty_dirs.insert(rel.to_string());
-                return Ok(true);
+                return Ok(skip_unreadable(obs, rel, &e));
             }
             Err(e) => return Err(e),
         };
@@ -127,11 +133,7 @@ fn visit(
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 // Listed but not entered (no search permission): as unreadable.
                 Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !rel.is_empty() => {
-                    tracing::warn!(path = rel, error = %e, "skipped: cannot enter this directory; what the mirror holds of it is kept");
-                    obs.skipped.unreadable += 1;
-                    obs.kept.push(rel.to_string());
-                    obs.non_empty_dirs.insert(rel.to_string());
-                    return Ok(true);
+                    return Ok(skip_unreadable(obs, rel, &e));
                 }
                 Err(e) => return Err(e),
             };
