@@ -1032,16 +1032,37 @@ pub fn restore_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<R
             }
         }
     }
-    if meta.detached {
-        let oid = meta
-            .head_oid
-            .as_deref()
-            .and_then(|o| Oid::from_str(o).ok())
-            .or(bundle_head)
-            .ok_or_else(|| GitError::Bundle {
-                what: "restoring HEAD".into(),
-                message: "HEAD is detached but no commit is named".into(),
-            })?;
+    let meta_oid = meta.head_oid.as_deref().and_then(|o| Oid::from_str(o).ok());
+    if let Some(head) = bundle_head.filter(|h| meta_oid != Some(*h)) {
+        // The json is not the bundle's (written separately, one upload may have
+        // been cut short): the bundle's own HEAD commit is the truth. On the branch
+        // the json names if that branch is there, else on the one branch there, else
+        // detached.
+        let on = |name: &str| refs.iter().any(|(oid, n)| n == name && *oid == head);
+        let branches: Vec<&str> = refs
+            .iter()
+            .filter(|(oid, n)| n.starts_with("refs/heads/") && *oid == head)
+            .map(|(_, n)| n.as_str())
+            .collect();
+        let branch = match &meta.head {
+            Some(name) if on(name) => Some(name.as_str()),
+            _ if branches.len() == 1 => Some(branches[0]),
+            _ => None,
+        };
+        tracing::warn!(json = ?meta.head_oid, bundle = %head, "git bundle: its json names another HEAD; going by the bundle");
+        match branch {
+            Some(name) => repo
+                .set_head(name)
+                .ctx(format_args!("pointing HEAD at {name}"))?,
+            None => repo
+                .set_head_detached(head)
+                .ctx("setting a detached HEAD")?,
+        }
+    } else if meta.detached {
+        let oid = meta_oid.or(bundle_head).ok_or_else(|| GitError::Bundle {
+            what: "restoring HEAD".into(),
+            message: "HEAD is detached but no commit is named".into(),
+        })?;
         repo.set_head_detached(oid).ctx("setting a detached HEAD")?;
     } else if let Some(name) = &meta.head {
         repo.set_head(name)
@@ -1629,6 +1650,47 @@ mod tests {
                 .unwrap(),
             s.head.head.as_deref()
         );
+    }
+
+    /// A json left from an earlier bundle (the upload of the new one cut short): the
+    /// bundle's own HEAD is the truth, on the branch that points there.
+    #[test]
+    fn a_stale_json_gives_way_to_the_bundles_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let git = |args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .current_dir(&src)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "git {args:?}: {out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        };
+        git(&["init", "-q", "-b", "main"]);
+        std::fs::write(src.join("a.txt"), "1").unwrap();
+        git(&["add", "."]);
+        git(&["commit", "-q", "-m", "one"]);
+        git(&["checkout", "-q", "--detach"]);
+        let mut out = Vec::new();
+        let old = write_bundle(&src, None, || {}, &mut out).unwrap().unwrap();
+        assert!(old.head.detached);
+        git(&["checkout", "-q", "main"]);
+        std::fs::write(src.join("a.txt"), "2").unwrap();
+        git(&["commit", "-q", "-am", "two"]);
+        let tip = git(&["rev-parse", "HEAD"]);
+        let mut out = Vec::new();
+        write_bundle(&src, None, || {}, &mut out).unwrap().unwrap();
+        let path = dir.path().join("b.bundle");
+        std::fs::write(&path, &out).unwrap();
+        let dst = dir.path().join("dst");
+        restore_bundle(&path, &old.head, &dst).unwrap();
+        let repo = Repository::open(&dst).unwrap();
+        let head = repo.head().unwrap();
+        assert_eq!(head.name().unwrap(), "refs/heads/main");
+        assert_eq!(head.target().unwrap().to_string(), tip.trim());
     }
 
     /// A submodule's git dir lives in the superproject's `.git/modules/` and its config
