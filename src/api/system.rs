@@ -202,7 +202,12 @@ pub async fn sync(
     )
     .await?;
     match waited {
-        Ok(Ok(stats)) => Ok(json_ok(StatusCode::OK, json!(stats))),
+        Ok(Ok(stats)) => {
+            // A 200 with deletions a guard holds back says so.
+            let mut body = json!(stats);
+            body["held_deletes"] = json!(state.sync.status().held_deletes);
+            Ok(json_ok(StatusCode::OK, body))
+        }
         Ok(Err(crate::sync::SyncError::WorkspaceUnavailable(m))) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "workspace_unavailable",

@@ -514,7 +514,8 @@ async fn delete_guards_hold_until_confirmed() {
     for i in 0..120 {
         std::fs::remove_file(env.ws().join(format!("f/{i:03}.txt"))).unwrap();
     }
-    env.sync().await;
+    let answer = env.sync().await;
+    assert_eq!(answer["held_deletes"], 120, "{answer}");
     assert_eq!(env.objects().await.len(), 150, "mass deletion held");
     let s = env.status().await;
     assert_eq!(s["sync"]["held_deletes"], 120, "{s}");
