@@ -431,17 +431,18 @@ struct Prepared {
     refs: Vec<(Oid, String)>,
     head: HeadMeta,
     digest: [u8; 32],
+    /// The paths the work-tree commit was made from.
+    work_tree: Vec<String>,
 }
 
 /// Builds the staged and work-tree commits on top of `parent` in the repository's
 /// object database (which the caller has backed with a mempack). The handle's index
-/// is changed in memory and never written.
-/// The commits of the index and of the work tree; `work_tree` gets the size and
-/// modification time of each work-tree file that went into the latter.
+/// is changed in memory and never written. `work_tree` gets the paths of the files
+/// the work-tree commit was made from.
 fn wip_commits(
     repo: &Repository,
     parent: Option<Oid>,
-    work_tree: &mut BTreeMap<String, (u64, i64)>,
+    work_tree: &mut Vec<String>,
 ) -> Result<(Oid, Oid, Oid, Oid), GitError> {
     let mut index = repo.index().ctx("reading the index")?;
     if index.has_conflicts() {
@@ -479,17 +480,7 @@ fn wip_commits(
         .ctx("adding the work tree")?;
     index.update_all(["*"], None).ctx("recording deletions")?;
     let wip_tree = index.write_tree().ctx("writing the work tree")?;
-    for entry in index.iter() {
-        let Ok(path) = std::str::from_utf8(&entry.path) else {
-            continue;
-        };
-        if let Ok(m) = std::fs::symlink_metadata(workdir.join(path))
-            && m.is_file()
-        {
-            let stat = crate::sync::scan::Stat::of(&m);
-            work_tree.insert(path.to_string(), (stat.size, stat.mtime));
-        }
-    }
+    work_tree.extend(index.iter().filter_map(|e| String::from_utf8(e.path).ok()));
 
     let sig = git2::Signature::now("sandkeep", "sandkeep@localhost").ctx("signature")?;
     let parent = match parent {
@@ -560,7 +551,7 @@ fn prepare(repo: &Repository) -> Result<Prepared, GitError> {
     for (oid, name) in &refs {
         digest.update(format!("{oid} {name}\n").as_bytes());
     }
-    let mut work_tree = BTreeMap::new();
+    let mut work_tree = Vec::new();
     if !repo.is_bare() {
         let (index_commit, wip_commit, index_tree, wip_tree) =
             wip_commits(repo, head_oid, &mut work_tree)?;
@@ -570,12 +561,29 @@ fn prepare(repo: &Repository) -> Result<Prepared, GitError> {
     }
     // After the digest: times alone are no change.
     head.read_at_ms = Some(read_at);
-    head.work_tree = work_tree;
     Ok(Prepared {
         refs,
         head,
         digest: digest.finalize().into(),
+        work_tree,
     })
+}
+
+/// Size and modification time of the files at `paths` in the work tree (for
+/// [`HeadMeta::work_tree`]): looked at only for a bundle that is written, not at
+/// every check for changes.
+fn work_tree_stats(repo: &Repository, paths: &[String]) -> BTreeMap<String, (u64, i64)> {
+    let Some(workdir) = repo.workdir() else {
+        return BTreeMap::new();
+    };
+    paths
+        .iter()
+        .filter_map(|path| {
+            let m = std::fs::symlink_metadata(workdir.join(path)).ok()?;
+            let stat = crate::sync::scan::Stat::of(&m);
+            m.is_file().then(|| (path.clone(), (stat.size, stat.mtime)))
+        })
+        .collect()
 }
 
 /// Streams a pack of everything `refs` reach into `out`.
@@ -959,10 +967,11 @@ pub fn write_bundle<W: Write>(
     let _mempack = odb
         .add_new_mempack_backend(1000)
         .ctx("adding an in-memory object store")?;
-    let prep = prepare(&repo)?;
+    let mut prep = prepare(&repo)?;
     if skip_if == Some(prep.digest) {
         return Ok(None);
     }
+    prep.head.work_tree = work_tree_stats(&repo, &prep.work_tree);
     on_start();
     out.write_all(&bundle_header(&prep.refs))
         .ctx("writing the bundle header")?;
