@@ -1341,6 +1341,24 @@ impl GitBundler {
         ))
     }
 
+    /// [`GitBundler::write_all`] of the repositories that changed, again (with
+    /// backoff) while remote storage fails a bundle: for a sync, which waits until the
+    /// bundles are stored. A repository that cannot be read stays in `errors` (trying
+    /// again does not mend that). `bundles` has what every attempt wrote.
+    pub async fn write_changed_until_stored(&self) -> Result<BundleRound, GitError> {
+        let mut backoff = crate::remote::Backoff::default();
+        let mut written = Vec::new();
+        loop {
+            let mut round = self.write_all(false).await?;
+            written.append(&mut round.bundles);
+            if round.remote_errors().next().is_none() {
+                round.bundles = written;
+                return Ok(round);
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+
     /// Writes the bundle of every repository (only those that changed unless `force`).
     /// A repository that fails is reported in `errors`; the others go on.
     pub async fn write_all(&self, force: bool) -> Result<BundleRound, GitError> {

@@ -736,8 +736,8 @@ async fn final_sync(
     let bundles = async {
         let mut backoff = crate::remote::Backoff::default();
         loop {
-            match git.write_all(false).await {
-                Ok(round) if round.remote_errors().next().is_none() => {
+            match git.write_changed_until_stored().await {
+                Ok(round) => {
                     // A repository that cannot be read gets no bundle however long
                     // this waits (it is in the status's `git[].error`).
                     for f in &round.errors {
@@ -750,11 +750,6 @@ async fn final_sync(
                     );
                     git_done = true;
                     return;
-                }
-                Ok(round) => {
-                    for f in round.remote_errors() {
-                        tracing::warn!(repo = %f.repo, error = %f.error, "final sync: git bundle failed; retrying");
-                    }
                 }
                 Err(e) if !git.root().exists() => {
                     // Nothing to bundle, and waiting will not bring the workspace back.

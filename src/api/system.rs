@@ -157,28 +157,16 @@ pub async fn sync(
     // Remote storage failing is tried again (the sync waits for it, up to its
     // timeout); a repository that cannot be read is logged, as in the periodic pass.
     let bundles = async {
-        let mut backoff = crate::remote::Backoff::default();
-        let mut bytes = 0;
-        loop {
-            match state.git.write_all(false).await {
-                Ok(round) => {
-                    bytes += round.bundles.iter().map(|b| b.bytes).sum::<u64>();
-                    for f in &round.errors {
-                        tracing::warn!(repo = %f.repo, error = %f.error, "sync: git bundle failed");
-                    }
-                    if round.remote_errors().next().is_none() {
-                        git_done.store(true, Relaxed);
-                        return bytes;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "sync: git bundles skipped");
-                    git_done.store(true, Relaxed);
-                    return bytes;
-                }
+        // Each failing repository is logged by the bundler.
+        let bytes = match state.git.write_changed_until_stored().await {
+            Ok(round) => round.bundles.iter().map(|b| b.bytes).sum::<u64>(),
+            Err(e) => {
+                tracing::warn!(error = %e, "sync: git bundles skipped");
+                0
             }
-            tokio::time::sleep(backoff.next_delay()).await;
-        }
+        };
+        git_done.store(true, Relaxed);
+        bytes
     };
     // KV exports and the file store.
     let stores = async {
