@@ -111,12 +111,6 @@ impl Debouncer {
     pub fn oldest(&self) -> Option<Instant> {
         self.first_pending
     }
-
-    /// How long the oldest pending change has waited.
-    pub fn lag(&self, now: Instant) -> Duration {
-        self.first_pending
-            .map_or(Duration::ZERO, |f| now.duration_since(f))
-    }
 }
 
 #[cfg(test)]

@@ -241,8 +241,7 @@ fn remove_under_set(set: &mut BTreeSet<String>, under: &str) {
         set.clear();
         return;
     }
-    let below = format!("{under}/");
-    set.retain(|k| k != under && !k.starts_with(&below));
+    set.retain(|k| !is_under(k, under));
 }
 
 /// Deletions held back by a guard.
