@@ -1304,9 +1304,14 @@ impl SyncEngine {
             if !matches!(o, Outcome::Unreadable(_)) {
                 self.unreadable.remove(path);
             }
-            let unstable = matches!(o, Outcome::Unstable(_));
-            if !matches!(o, Outcome::Unstable(_) | Outcome::Failed(..)) {
-                self.unstable.remove(path);
+            match o {
+                Outcome::Unstable(_) => {
+                    self.unstable.insert(path.clone());
+                }
+                Outcome::Failed(..) => {}
+                _ => {
+                    self.unstable.remove(path);
+                }
             }
             match o {
                 Outcome::Uploaded(p, e, bytes) => {
@@ -1319,9 +1324,6 @@ impl SyncEngine {
                     next.files.insert(p, e);
                 }
                 Outcome::Unstable(p) | Outcome::Retry(p) => {
-                    if unstable {
-                        self.unstable.insert(p.clone());
-                    }
                     if let Some(e) = self.manifest.files.get(&p) {
                         next.files.insert(p.clone(), e.clone());
                     }
