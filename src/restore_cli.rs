@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::cli::{EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE};
-use crate::config::Config;
+use crate::config::{Config, RemoteKind};
 use crate::restore::{self, NoProgress, Progress, RestoreError, RestoreOptions};
 
 struct Bar(ProgressBar);
@@ -48,6 +48,16 @@ async fn restore(
     snapshot: Option<&str>,
     force: bool,
 ) -> anyhow::Result<u8> {
+    // Creating a missing root here would turn a mistyped `remote.path` (or a volume
+    // not mounted yet) into an empty remote and "nothing to restore", exit 0.
+    if config.remote.kind == RemoteKind::Dir && !config.remote.path.is_dir() {
+        eprintln!(
+            "sandkeep: restore failed: the dir remote's root {} is not a directory \
+             (remote.path mistyped, or its volume not mounted?)",
+            config.remote.path.display()
+        );
+        return Ok(EXIT_ERROR);
+    }
     let remote = crate::remote::from_config(config).await?;
     let prefix = config.conversation_prefix();
     let opts = RestoreOptions::from_config(config, force);

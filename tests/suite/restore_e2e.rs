@@ -140,6 +140,17 @@ async fn offline_restore_from_the_mirror_and_from_snapshots() {
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.json()["restored"], false, "{out:?}");
 
+    // A dir remote whose root is missing (a mistyped path, a volume not mounted):
+    // an error, and the root is not created.
+    let missing = d.root().join("no-such-remote");
+    let out = d.restore_cli(
+        &["--to", fresh.to_str().unwrap()],
+        &[("SANDKEEP_REMOTE_PATH", missing.to_str().unwrap())],
+    );
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("not a directory"), "{out:?}");
+    assert!(!missing.exists());
+
     // --force: brought back to the remote state; an extra file goes, an edited one is
     // replaced, an unchanged one is not downloaded, an ignored directory stays.
     write(&target, "extra.txt", "not in the remote");
