@@ -125,7 +125,8 @@ pub async fn delete_file(
 }
 
 /// `/v1/files/` with any method: the path is empty.
-pub async fn empty_path() -> ApiError {
+/// `/v1/files/`: an empty path, once the caller is authenticated (`Ctx`).
+pub async fn empty_path(_: Ctx) -> ApiError {
     crate::kv::KvError::InvalidPath("invalid file path: the path is empty".into()).into()
 }
 

@@ -311,7 +311,8 @@ fn no_such_action(action: &str) -> Response {
 }
 
 /// `/v1/kv/` with any method: the key is empty.
-pub async fn empty_key() -> ApiError {
+/// `/v1/kv/`: an empty key, once the caller is authenticated (`Ctx`).
+pub async fn empty_key(_: Ctx) -> ApiError {
     KvError::InvalidKey("the key is empty (1 to 255 bytes)".into()).into()
 }
 

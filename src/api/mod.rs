@@ -209,15 +209,17 @@ impl FromRequestParts<AppState> for Ctx {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let query = match parts.uri.query() {
-            Some(q) => Query::parse(q)?,
-            None => Query::default(),
-        };
+        // Who asks comes first: a caller without a valid token learns nothing about the
+        // request, not even that its query is malformed.
         let header = parts
             .headers
             .get(header::AUTHORIZATION)
             .map(|v| v.to_str().unwrap_or(""));
         let grant = state.auth.authenticate(header)?;
+        let query = match parts.uri.query() {
+            Some(q) => Query::parse(q)?,
+            None => Query::default(),
+        };
         // While the daemon restores, only its status and metrics may be asked (and it
         // may be stopped): the stores and the workspace are not what they will be.
         if state.lifecycle.phase() == crate::lifecycle::Phase::Starting

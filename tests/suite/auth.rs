@@ -47,6 +47,16 @@ async fn requests_without_a_usable_token_are_401() {
     assert_error(&d.api().get(path).await, 401, "unauthorized");
     assert_error(&d.api().put(path, &json!(1)).await, 401, "unauthorized");
     assert_error(&d.api().get("/v1/kv?ns=app").await, 401, "unauthorized");
+    // Before anything about the request is judged: an empty key or file path, a
+    // malformed query.
+    for bad in [
+        "/v1/kv/?ns=app",
+        "/v1/files/",
+        "/v1/kv/k?ns=%FF",
+        "/v1/kv/k?ns=a&ns=b",
+    ] {
+        assert_error(&d.api().get(bad).await, 401, "unauthorized");
+    }
     // Garbage.
     for t in ["garbage", "a.b.c", ""] {
         assert_error(&d.api_with_token(t).get(path).await, 401, "unauthorized");
