@@ -1,6 +1,8 @@
 //! The `dir` backend: a local directory laid out exactly like the bucket. Writes go to a
 //! temporary file that is fsynced, renamed into place, and the directory fsynced, so a
-//! crash leaves either the old object or the new one.
+//! crash leaves either the old object or the new one. Temporary files live in
+//! `<root>/.sandkeep-tmp/`, apart from the objects: any object name is a valid file name
+//! in a workspace, so no name pattern beside the objects could tell them apart.
 //!
 //! Conditional writes ([`Remote::put_bytes_if`]) compare and write under an exclusive
 //! `flock` on `<root>/.sandkeep-lock`, so they are atomic between every process that
@@ -16,8 +18,8 @@ use md5::{Digest, Md5};
 
 use super::{ListPage, ObjectInfo, Precondition, Remote, RemoteError};
 
-/// Temporary files carry this marker and are never listed.
-const TMP_MARKER: &str = ".sandkeep-tmp-";
+/// The directory of temporary files, at the root; never listed.
+const TMP_DIR: &str = ".sandkeep-tmp";
 /// The lock file of conditional writes, at the root; never listed.
 const LOCK_FILE: &str = ".sandkeep-lock";
 const PAGE: usize = 1000;
@@ -34,12 +36,16 @@ impl DirRemote {
         })
     }
 
-    /// The file of `key`; keys with `..`, `.` or empty segments are refused.
+    /// The file of `key`; keys with `..`, `.` or empty segments are refused, and so
+    /// are the remote's own files at the root (the lock and the temporary files).
     fn path_of(&self, op: &'static str, key: &str) -> Result<PathBuf, RemoteError> {
         let rel = Path::new(key);
+        let first = key.split('/').next().unwrap_or_default();
         let ok = !key.is_empty()
             && !key.contains("//")
             && !key.ends_with('/')
+            && first != TMP_DIR
+            && first != LOCK_FILE
             && rel.components().all(|c| matches!(c, Component::Normal(_)));
         if !ok {
             return Err(RemoteError::Service {
@@ -95,6 +101,21 @@ impl DirRemote {
         std::fs::create_dir_all(parent).map_err(|e| RemoteError::local("put", parent, e))
     }
 
+    /// A new temporary file's path, in [`TMP_DIR`] (made if missing). Its name does
+    /// not repeat the object's: a name of 255 bytes (the most a file system allows)
+    /// must still get a temporary file.
+    fn new_tmp(&self) -> Result<PathBuf, RemoteError> {
+        let dir = self.root.join(TMP_DIR);
+        // Not `create_dir_all`: a root that vanished is not built again (`make_parent`).
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(RemoteError::local("put", &dir, e));
+            }
+            _ => {}
+        }
+        Ok(dir.join(format!("{:016x}", rand::random::<u64>())))
+    }
+
     fn write_atomic(
         &self,
         key: &str,
@@ -103,7 +124,7 @@ impl DirRemote {
         let dest = self.path_of("put", key)?;
         let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
         self.make_parent(key, &parent)?;
-        let tmp = tmp_beside(&parent);
+        let tmp = self.new_tmp()?;
         let result = (|| {
             let mut f =
                 std::fs::File::create(&tmp).map_err(|e| RemoteError::local("put", &tmp, e))?;
@@ -160,14 +181,11 @@ impl DirRemote {
                 };
                 if ft.is_dir() {
                     let as_dir = format!("{key}/");
-                    if as_dir.starts_with(prefix) || prefix.starts_with(&as_dir) {
+                    if key != TMP_DIR && (as_dir.starts_with(prefix) || prefix.starts_with(&as_dir))
+                    {
                         stack.push(path);
                     }
-                } else if ft.is_file()
-                    && key.starts_with(prefix)
-                    && key != LOCK_FILE
-                    && !entry.file_name().to_string_lossy().starts_with(TMP_MARKER)
-                {
+                } else if ft.is_file() && key.starts_with(prefix) && key != LOCK_FILE {
                     let meta = match entry.metadata() {
                         Ok(m) => m,
                         Err(e) if gone(&e) => continue,
@@ -258,12 +276,6 @@ impl DirRemote {
     }
 }
 
-/// A new temporary file's path in `dir`. Its name does not repeat the object's: a
-/// name of 255 bytes (the most a file system allows) must still get a temporary file.
-fn tmp_beside(dir: &Path) -> PathBuf {
-    dir.join(format!("{TMP_MARKER}{:016x}", rand::random::<u64>()))
-}
-
 /// The ETag of an object on a `dir` remote: the hex MD5 of its content (as S3 has it
 /// for single-part uploads).
 fn etag_of(data: &[u8]) -> String {
@@ -313,7 +325,7 @@ impl Remote for DirRemote {
         let dest = self.path_of("put", key)?;
         let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
         self.make_parent(key, &parent)?;
-        let tmp = tmp_beside(&parent);
+        let tmp = self.new_tmp()?;
         let result = async {
             let mut f = tokio::fs::File::create(&tmp)
                 .await
@@ -603,5 +615,42 @@ mod tests {
         let all = crate::remote::list_all(remote.as_ref(), "").await.unwrap();
         let keys: Vec<_> = all.iter().map(|o| o.key.as_str()).collect();
         assert_eq!(keys, [key]);
+    }
+
+    #[tokio::test]
+    async fn any_object_name_is_listed_and_the_remotes_own_files_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = DirRemote::new(dir.path()).unwrap();
+        // Names a workspace, a namespace or a file store may well have.
+        let keys = [
+            "c/kv/.sandkeep-tmp-x.kv",
+            "c/files/.sandkeep-tmp-0123456789abcdef",
+            "c/files/.sandkeep-lock",
+            "c/files/.sandkeep-tmp/a",
+        ];
+        for k in keys {
+            remote.put_bytes(k, Bytes::from_static(b"v")).await.unwrap();
+        }
+        let reader = Box::new(std::io::Cursor::new(b"s".to_vec()));
+        remote.put_stream("c/s", reader).await.unwrap();
+        // A temporary file left by a put that was cut short.
+        std::fs::write(dir.path().join(TMP_DIR).join("0000000000000001"), b"x").unwrap();
+
+        let all = crate::remote::list_all(&remote, "").await.unwrap();
+        let mut listed: Vec<_> = all.iter().map(|o| o.key.as_str()).collect();
+        listed.sort();
+        let mut expected = keys.to_vec();
+        expected.push("c/s");
+        expected.sort();
+        assert_eq!(listed, expected);
+        for k in keys {
+            assert_eq!(remote.get_bytes(k).await.unwrap().unwrap(), "v", "{k}");
+        }
+        // The remote's own files are no keys.
+        for k in [".sandkeep-tmp/0000000000000001", ".sandkeep-lock"] {
+            assert!(remote.get_bytes(k).await.is_err(), "{k}");
+            let err = remote.put_bytes(k, Bytes::from_static(b"v")).await;
+            assert!(matches!(err, Err(RemoteError::Service { .. })), "{k}");
+        }
     }
 }
