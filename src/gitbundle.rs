@@ -111,6 +111,12 @@ impl<T> Context<T> for Result<T, io::Error> {
 /// `<name>.json`: what HEAD names, and the parts of `.git` that a bundle cannot carry.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HeadMeta {
+    /// The repository's directory: `"."` for the workspace root, else the
+    /// subdirectory's name. A subdirectory named `workspace` shares the root's object
+    /// name when the root is no repository; this tells a restore which it is (a json
+    /// without it is the root's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
     /// The branch HEAD is on (`refs/heads/main`), also when it is unborn; `null` when
     /// detached.
     pub head: Option<String>,
@@ -1123,14 +1129,42 @@ pub async fn fetch_and_restore(
     target: &Path,
     tmp_dir: &Path,
 ) -> Result<Option<Restored>, GitError> {
-    let base = format!("{conversation_prefix}{GIT_DIR}{stem}");
-    let Some(json) = remote.get_bytes(&format!("{base}.json")).await? else {
+    match fetch_meta(remote, conversation_prefix, stem).await? {
+        Some(meta) => {
+            restore_fetched(remote, conversation_prefix, stem, meta, target, tmp_dir).await
+        }
+        None => Ok(None),
+    }
+}
+
+/// The `.json` of `<prefix>workspace/git/<stem>`; `None` when there is none.
+pub async fn fetch_meta(
+    remote: &dyn Remote,
+    conversation_prefix: &str,
+    stem: &str,
+) -> Result<Option<HeadMeta>, GitError> {
+    let key = format!("{conversation_prefix}{GIT_DIR}{stem}.json");
+    let Some(json) = remote.get_bytes(&key).await? else {
         return Ok(None);
     };
-    let meta: HeadMeta = serde_json::from_slice(&json).map_err(|e| GitError::Bundle {
-        what: format!("{base}.json"),
-        message: e.to_string(),
-    })?;
+    serde_json::from_slice(&json)
+        .map(Some)
+        .map_err(|e| GitError::Bundle {
+            what: key,
+            message: e.to_string(),
+        })
+}
+
+/// [`fetch_and_restore`] once the `.json` is read ([`fetch_meta`]).
+pub async fn restore_fetched(
+    remote: &dyn Remote,
+    conversation_prefix: &str,
+    stem: &str,
+    meta: HeadMeta,
+    target: &Path,
+    tmp_dir: &Path,
+) -> Result<Option<Restored>, GitError> {
+    let base = format!("{conversation_prefix}{GIT_DIR}{stem}");
     let tmp = tmp_dir.join(format!(".sandkeep-bundle-{}-{stem}", rand::random::<u64>()));
     match remote.get_to_file(&format!("{base}.bundle"), &tmp).await {
         Ok(_) => {}
@@ -1453,9 +1487,17 @@ impl GitBundler {
         }
         let stale: Vec<String> = gone
             .iter()
-            .flat_map(|repo| {
-                // The object name `discover` gives the repository.
-                let stem = if repo == "." { ROOT_STEM } else { repo };
+            // The object name `discover` gave the repository.
+            .map(|repo| {
+                if repo == "." {
+                    ROOT_STEM
+                } else {
+                    repo.as_str()
+                }
+            })
+            // A subdirectory named like the root's object may be a repository now.
+            .filter(|stem| !repos.iter().any(|r| r.stem == *stem))
+            .flat_map(|stem| {
                 let (bundle, json) = self.keys_of_stem(stem);
                 [bundle, json]
             })
@@ -1524,8 +1566,11 @@ impl GitBundler {
                 return Err(GitError::Task("the bundle and its upload disagree".into()));
             }
         };
-        let json =
-            serde_json::to_vec_pretty(&summary.head).map_err(|e| GitError::Task(e.to_string()))?;
+        let head = HeadMeta {
+            repo: Some(r.repo.clone()),
+            ..summary.head
+        };
+        let json = serde_json::to_vec_pretty(&head).map_err(|e| GitError::Task(e.to_string()))?;
         self.remote
             .put_bytes(&json_key, bytes::Bytes::from(json))
             .await?;

@@ -497,7 +497,27 @@ pub async fn restore_workspace(
         .collect();
     stems.sort_by_key(|s| (s != gitbundle::ROOT_STEM, s.clone()));
     for stem in stems {
-        let (repo, dir) = if stem == gitbundle::ROOT_STEM {
+        let meta = match gitbundle::fetch_meta(remote, conversation_prefix, &stem).await {
+            Ok(Some(meta)) => meta,
+            Ok(None) => continue,
+            Err(GitError::Remote(err @ RemoteError::Transport { .. })) => return Err(err.into()),
+            Err(e) => {
+                let path = if stem == gitbundle::ROOT_STEM {
+                    ".git".to_string()
+                } else {
+                    format!("{stem}/.git")
+                };
+                report.bad.push(BadEntry {
+                    path,
+                    error: e.to_string(),
+                });
+                continue;
+            }
+        };
+        // The root's object name is also a subdirectory's when the root is no
+        // repository: the json says which.
+        let is_root = stem == gitbundle::ROOT_STEM && meta.repo.as_deref().is_none_or(|r| r == ".");
+        let (repo, dir) = if is_root {
             (".".to_string(), root.clone())
         } else {
             if checked_rel(&stem).is_err() || stem.contains('/') || excluded(&stem, true) {
@@ -521,7 +541,9 @@ pub async fn restore_workspace(
         } else {
             format!("{repo}/.git")
         };
-        match gitbundle::fetch_and_restore(remote, conversation_prefix, &stem, &dir, &root).await {
+        match gitbundle::restore_fetched(remote, conversation_prefix, &stem, meta, &dir, &root)
+            .await
+        {
             Ok(Some(r)) => {
                 // A bundle newer than the manifest (the mirror's last round was
                 // cut short, or came before the bundle): its work tree is the newer

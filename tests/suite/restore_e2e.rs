@@ -742,3 +742,44 @@ async fn a_file_a_guard_kept_from_the_mirror_comes_back_from_its_bundle() {
         "BIGFILE\n"
     );
 }
+
+/// `workspace.bundle` is the root repository's object and also that of a subdirectory
+/// named `workspace` when the root is no repository: the restore puts it back where
+/// it came from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subdirectory_repository_named_workspace_comes_back_in_its_directory() {
+    let mut d = Daemon::prepare(CONFIG);
+    let ws = d.workspace.clone();
+    let sub = ws.join("workspace");
+    write(&ws, "top.txt", "top\n");
+    write(&sub, "inner.txt", "inner\n");
+    git(&sub, &["init", "-q"]);
+    git(&sub, &["add", "-A"]);
+    git(&sub, &["commit", "-q", "-m", "inner"]);
+    write(&sub, "staged.txt", "staged\n");
+    git(&sub, &["add", "staged.txt"]);
+    let status_before = git(&sub, &["status", "--porcelain"]);
+    d.spawn_and_wait().await;
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+
+    let target = d.root().join("restored");
+    let out = d.restore_cli(&["--to", target.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let s = out.json();
+    assert_eq!(s["repos"], json!([{"repo": "workspace", "refs": 1}]), "{s}");
+    assert!(!target.join(".git").exists());
+    assert!(!target.join("inner.txt").exists());
+    assert!(target.join("workspace/.git").is_dir());
+    assert_eq!(
+        git(&target.join("workspace"), &["status", "--porcelain"]),
+        status_before
+    );
+    assert_eq!(
+        git(&target.join("workspace"), &["rev-parse", "--show-toplevel"]).trim(),
+        std::fs::canonicalize(target.join("workspace"))
+            .unwrap()
+            .to_str()
+            .unwrap()
+    );
+}
