@@ -628,15 +628,7 @@ fn workspace_restore_plan(config: &Config) -> Option<bool> {
         RestoreMode::Never => None,
         RestoreMode::Force => Some(true),
         RestoreMode::Auto => {
-            // What the mirror would never carry (the daemon's own directories,
-            // `sync.exclude` such as `node_modules/` baked into an image) and an empty
-            // volume's `lost+found` do not make a workspace worth keeping over the
-            // conversation's.
-            let mut skip = crate::sync::rules::own_excludes(config, &config.workspace);
-            skip.extend(config.sync.exclude.iter().cloned());
-            // A fresh ext4 volume (a Kubernetes PVC) has it.
-            skip.push("/lost+found/".into());
-            match crate::restore::is_empty_dir(&config.workspace, &skip) {
+            match crate::restore::holds_nothing_to_keep(config, &config.workspace) {
                 Ok(true) => Some(false),
                 Ok(false) => {
                     tracing::info!(

@@ -134,6 +134,18 @@ pub trait Progress: Send + Sync {
 pub struct NoProgress;
 impl Progress for NoProgress {}
 
+/// Whether `dir` holds nothing worth keeping over the conversation's workspace: only
+/// what the mirror would never carry (the daemon's own directories, `sync.exclude`
+/// such as a `node_modules/` baked into an image) and a fresh ext4 volume's (a
+/// Kubernetes PVC's) `lost+found`. `restore = auto` and `sandkeep restore` without
+/// `--force` restore only into such a directory.
+pub fn holds_nothing_to_keep(config: &Config, dir: &Path) -> io::Result<bool> {
+    let mut skip = crate::sync::rules::own_excludes(config, dir);
+    skip.extend(config.sync.exclude.iter().cloned());
+    skip.push("/lost+found/".into());
+    is_empty_dir(dir, &skip)
+}
+
 /// Whether `dir` holds nothing but what `exclude` (gitignore patterns relative to it)
 /// names. A missing directory is empty.
 pub fn is_empty_dir(dir: &Path, exclude: &[String]) -> io::Result<bool> {

@@ -27,13 +27,22 @@ impl Progress for Bar {
 }
 
 pub fn run(config: &Config, to: &Path, snapshot: Option<&str>, force: bool) -> anyhow::Result<u8> {
-    if !force && !restore::is_empty_dir(to, &[])? {
-        eprintln!(
-            "sandkeep: {} is not empty; restore into an empty directory or pass --force \
-             (which replaces its content with the remote state)",
-            to.display()
-        );
-        return Ok(EXIT_USAGE);
+    if !force {
+        match restore::holds_nothing_to_keep(config, to) {
+            Ok(true) => {}
+            Ok(false) => {
+                eprintln!(
+                    "sandkeep: {} is not empty; restore into an empty directory or pass \
+                     --force (which replaces its content with the remote state)",
+                    to.display()
+                );
+                return Ok(EXIT_USAGE);
+            }
+            Err(e) => {
+                eprintln!("sandkeep: cannot read {}: {e}", to.display());
+                return Ok(EXIT_ERROR);
+            }
+        }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -86,6 +86,26 @@ async fn offline_restore_from_the_mirror_and_from_snapshots() {
     assert_eq!(tree(&target, &not_git), original);
     assert_eq!(git_state(&target), original_git);
 
+    // Into a fresh volume (its `lost+found`) with a `node_modules/` baked into the
+    // image: nothing the mirror would carry, so no --force needed; both stay.
+    let volume = d.root().join("volume");
+    std::fs::create_dir_all(volume.join("lost+found")).unwrap();
+    write(&volume, "node_modules/pkg/index.js", "baked");
+    let out = d.restore_cli(&["--to", volume.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["restored"], true, "{out:?}");
+    assert!(volume.join("lost+found").is_dir());
+    assert!(volume.join("node_modules/pkg/index.js").exists());
+    let mut t = tree(&volume, &not_git);
+    t.retain(|k, _| !k.starts_with("node_modules") && !k.starts_with("lost+found"));
+    assert_eq!(t, original);
+    // A regular file is no directory to restore into: an error that names it.
+    let file = d.root().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let out = d.restore_cli(&["--to", file.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("a-file"), "{out:?}");
+
     // From the latest snapshot: the same tree (times to the second, as tar keeps them)
     // with `.git` as archived.
     let from_snapshot = d.root().join("from-snapshot");
