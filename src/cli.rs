@@ -80,7 +80,8 @@ pub enum Command {
     /// `--wait` seconds (0: do not wait), and exits with the daemon's exit code (0, or
     /// 75 when the final sync was cut short).
     Shutdown {
-        #[arg(long, default_value_t = 60)]
+        /// Seconds to wait for the daemon to be gone (0-3600; 0: do not wait).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=3600))]
         wait: u64,
     },
     /// Restore the conversation's workspace into DIR straight from remote storage (no
@@ -321,8 +322,10 @@ fn init_logging(daemon: bool) {
 }
 
 /// Loads the configuration: `--config`, else /etc/sandkeep/sandkeep.toml when it
-/// exists, else the embedded development config.
-pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+/// exists, else the embedded development config. `for_storage`: the command keeps or
+/// restores state (`serve`, `restore`), where falling back to the development config
+/// (a config volume not mounted?) deserves a warning.
+pub fn load_config(path: Option<&Path>, for_storage: bool) -> anyhow::Result<Config> {
     let default = Path::new(config::DEFAULT_CONFIG_PATH);
     let chosen = match path {
         Some(p) => Some(p),
@@ -330,9 +333,13 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
         None => None,
     };
     if chosen.is_none() {
-        tracing::info!(
-            "no configuration file: using the embedded development config (config/dev.toml)"
-        );
+        let what = "no configuration file: using the embedded development config \
+                    (config/dev.toml: everything under ./.sandkeep)";
+        if for_storage {
+            tracing::warn!(default = config::DEFAULT_CONFIG_PATH, "{what}");
+        } else {
+            tracing::info!("{what}");
+        }
     }
     Ok(Config::load(chosen)?)
 }
@@ -340,7 +347,7 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
 fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Serve => {
-            let mut config = load_config(cli.config.as_deref())?;
+            let mut config = load_config(cli.config.as_deref(), true)?;
             if let Some(socket) = cli.socket {
                 config.socket = socket;
             }
@@ -352,7 +359,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             ttl,
             sub,
         }) => {
-            let config = load_config(cli.config.as_deref())?;
+            let config = load_config(cli.config.as_deref(), false)?;
             mint(&config, &ns, &scope, ttl, sub)
         }
         Command::Restore {
@@ -360,13 +367,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             snapshot,
             force,
         } => {
-            let config = load_config(cli.config.as_deref())?;
+            let config = load_config(cli.config.as_deref(), true)?;
             crate::restore_cli::run(&config, &to, snapshot.as_deref(), force)
         }
         command => {
             let socket = match cli.socket {
                 Some(s) => s,
-                None => load_config(cli.config.as_deref())?.socket,
+                None => load_config(cli.config.as_deref(), false)?.socket,
             };
             let client = Client::new(socket, cli.token);
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -456,12 +463,15 @@ async fn shutdown_and_wait(client: &Client, wait: Duration) -> anyhow::Result<u8
     Ok(exit)
 }
 
-/// Maps an HTTP status to the CLI's exit code.
-pub fn exit_code(status: u16) -> u8 {
-    match status {
-        200..=299 => EXIT_OK,
-        404 => EXIT_NOT_FOUND,
-        409 | 412 => EXIT_CONFLICT,
+/// Maps an answer's HTTP status and error code to the CLI's exit code. A 409
+/// `workspace_unavailable` is no lost compare-and-set: a script that retries on 4
+/// must not retry it forever.
+pub fn exit_code(status: u16, error: Option<&str>) -> u8 {
+    match (status, error) {
+        (200..=299, _) => EXIT_OK,
+        (404, _) => EXIT_NOT_FOUND,
+        (409, Some("workspace_unavailable")) => EXIT_ERROR,
+        (409 | 412, _) => EXIT_CONFLICT,
         _ => EXIT_ERROR,
     }
 }
@@ -476,7 +486,9 @@ fn print_reply(reply: &Reply) -> u8 {
     } else {
         eprintln!("{}", text.trim_end());
     }
-    exit_code(reply.status)
+    let error = serde_json::from_slice::<Value>(&reply.body).ok();
+    let code = error.as_ref().and_then(|e| e["error"].as_str());
+    exit_code(reply.status, code)
 }
 
 /// `--ttl`: checked here as the daemon would, so that a bad one is a usage error.

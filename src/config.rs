@@ -117,6 +117,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
         enum Raw {
             Int(u64),
             Str(String),
+            Other(serde::de::IgnoredAny),
         }
         match Raw::deserialize(d)? {
             Raw::Int(0) => Ok(Self(Duration::ZERO)),
@@ -124,6 +125,9 @@ impl<'de> Deserialize<'de> for HumanDuration {
                 "durations are strings with a unit, such as \"{n}s\" (only 0 may be written bare)"
             ))),
             Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+            Raw::Other(_) => Err(serde::de::Error::custom(
+                "a duration is a string with a unit, such as \"500ms\", \"2s\" or \"5m\"",
+            )),
         }
     }
 }
@@ -418,7 +422,7 @@ impl Config {
     /// Loads `path` (or the embedded dev config when `path` is `None`), applies the
     /// environment and validates.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let env: Vec<(String, String)> = std::env::vars().collect();
+        let env = sandkeep_env()?;
         match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|error| ConfigError::Read {
@@ -448,10 +452,15 @@ impl Config {
         let from_env = apply_env(&mut table, env)?;
         let config: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
             let message = e.to_string();
-            // A value that came from the environment is blamed on its variable.
+            // A value that came from the environment is blamed on its variable: the
+            // error's last line says where it is (`in `sync.debounce_min``).
+            let at = message
+                .trim_end()
+                .rsplit_once("\nin `")
+                .map(|(_, at)| at.trim_end_matches('`'));
             let origin = from_env
                 .iter()
-                .find(|(key, _)| message.contains(&format!("`{key}`")))
+                .find(|(key, _)| at == Some(key.as_str()))
                 .map_or(origin, |(_, var)| format!("(environment variable {var})"));
             ConfigError::Parse { origin, message }
         })?;
@@ -559,8 +568,9 @@ impl Config {
     /// `socket_mode` as permission bits (an octal string such as `"0660"`).
     pub fn socket_mode_bits(&self) -> Result<u32, ConfigError> {
         let digits = self.socket_mode.trim_start_matches("0o");
+        let octal = !digits.is_empty() && digits.bytes().all(|b| (b'0'..=b'7').contains(&b));
         match u32::from_str_radix(digits, 8) {
-            Ok(bits) if bits <= 0o777 && !digits.is_empty() => Ok(bits),
+            Ok(bits) if bits <= 0o777 && octal => Ok(bits),
             _ => Err(invalid(
                 "socket_mode",
                 format!(
@@ -599,7 +609,27 @@ pub fn validate_id(key: &str, id: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Overlays `SANDKEEP_*` variables on `table`, typed by the schema's defaults.
+/// The process's `SANDKEEP_*` variables. Others are none of sandkeep's business,
+/// whatever bytes they hold; one of its own that is not UTF-8 is refused by name.
+fn sandkeep_env() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str().filter(|n| n.starts_with("SANDKEEP_")) else {
+            continue;
+        };
+        match value.into_string() {
+            Ok(value) => out.push((name.to_string(), value)),
+            Err(_) => {
+                return Err(ConfigError::Parse {
+                    origin: format!("(environment variable {name})"),
+                    message: "the value is not valid UTF-8".into(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Overlays the `SANDKEEP_*` variables on `table`; returns which dotted key each one set.
 fn apply_env(
     table: &mut toml::Table,
@@ -817,6 +847,40 @@ mod tests {
     }
 
     #[test]
+    fn a_mistake_in_the_file_is_not_blamed_on_the_environment() {
+        let env = env(&[
+            ("SANDKEEP_WORKSPACE", "/w"),
+            ("SANDKEEP_SYNC_DEBOUNCE_MAX", "5s"),
+        ]);
+        for text in [
+            "bogus = 1\n",
+            "[sync]\nbogus = 1\n",
+            "[sync]\ndebounce_min = \"5x\"\n",
+        ] {
+            let err = Config::from_parts(text, Source::File(Path::new("/f.toml")), &env)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("/f.toml") && !err.contains("environment"),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_duration_of_another_type_says_what_a_duration_is() {
+        for text in ["[git]\ninterval = 1.5\n", "[git]\ninterval = -1\n"] {
+            let err = Config::from_parts(text, Source::Embedded, &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("git.interval") && err.contains("a string with a unit"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn extreme_values_are_refused_by_name() {
         for (text, key) in [
             (
@@ -879,5 +943,11 @@ mod tests {
         assert!(c.socket_mode_bits().is_err());
         c.socket_mode = "1777".into();
         assert!(c.socket_mode_bits().is_err());
+        for bad in ["+660", "", "0o", "66 0"] {
+            c.socket_mode = bad.into();
+            assert!(c.socket_mode_bits().is_err(), "{bad:?}");
+        }
+        c.socket_mode = "0o640".into();
+        assert_eq!(c.socket_mode_bits().unwrap(), 0o640);
     }
 }

@@ -316,12 +316,19 @@ pub async fn run(
         );
     }
     let _lock = lock_state_dir(&config.state_dir)?;
-    claim_state_dir(&config.state_dir, &config.identity)?;
-    // The socket before anything is created in the state directory: a start that cannot
-    // serve (a socket path taken) leaves nothing behind that a corrected start trips on.
+    // The socket before anything is created in the state directory (its identity
+    // first): a start that cannot serve (a socket path taken) leaves nothing behind that
+    // a corrected start trips on.
     let listener = bind_socket(&config.socket, config.socket_mode_bits()?)?;
     let _socket = SocketGuard::new(&config.socket);
-    let env_key = std::env::var("SANDKEEP_KV_KEY").ok();
+    claim_state_dir(&config.state_dir, &config.identity)?;
+    let env_key = match std::env::var("SANDKEEP_KV_KEY") {
+        Ok(key) => Some(key),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => {
+            anyhow::bail!("SANDKEEP_KV_KEY is not valid UTF-8 (it holds a base64 key)")
+        }
+    };
     let (cipher, source) =
         crypto::load_key(env_key.as_deref(), &config.kv.key_file, &config.state_dir)?;
     match &source {

@@ -390,6 +390,11 @@ async fn status_and_shutdown() {
     assert_eq!(st.code(), Some(0));
     let out = cli.run(&["status"]).await;
     assert_eq!(out.code, 1, "daemon gone: {out:?}");
+    // A wait out of its range is a usage error, before anything is sent.
+    let out = cli
+        .run(&["shutdown", "--wait", "18446744073709551615"])
+        .await;
+    assert_eq!(out.code, 2, "{out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -425,6 +430,28 @@ async fn socket_and_token_from_environment_and_config() {
     let out = run(cmd);
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.json(), json!({"value": 2}));
+
+    // A variable that is not UTF-8 is none of sandkeep's business unless it is one of
+    // its own, which is then refused by name (not a panic).
+    use std::os::unix::ffi::OsStrExt;
+    let not_utf8 = std::ffi::OsStr::from_bytes(b"\xff");
+    let mut cmd = sandkeep_command();
+    cmd.env("SANDKEEP_CONFIG", &d.config_path)
+        .env("SANDKEEP_TOKEN", &t)
+        .env("SOMETHING_ELSE", not_utf8)
+        .args(["kv", "get", "k"]);
+    let out = run(cmd);
+    assert_eq!(out.code, 0, "{out:?}");
+    let mut cmd = sandkeep_command();
+    cmd.env("SANDKEEP_CONFIG", &d.config_path)
+        .env("SANDKEEP_WORKSPACE", not_utf8)
+        .args(["kv", "get", "k"]);
+    let out = run(cmd);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("SANDKEEP_WORKSPACE") && out.stderr.contains("UTF-8"),
+        "{out:?}"
+    );
 
     // Without a token: refused (401 is an error, exit 1), the error on stderr.
     let out = d.cli().run(&["kv", "get", "k"]).await;

@@ -319,7 +319,7 @@ async fn a_regular_file_at_the_socket_path_is_left_alone() {
     assert_eq!(std::fs::read_to_string(&d.socket).unwrap(), "not a socket");
     // Nothing was created that a corrected start would trip on (a generated key that
     // does not match the one configured next).
-    for made in ["kv.key", "sandkeep.redb"] {
+    for made in ["kv.key", "sandkeep.redb", "identity"] {
         assert!(!d.state_dir.join(made).exists(), "{made} created:\n{out}");
     }
 }

@@ -570,7 +570,8 @@ async fn vanished_workspace_deletes_nothing() {
         .unwrap();
     crate::util::assert_error(&r, 409, "workspace_unavailable");
     let out = env.daemon.cli().run(&["sync", "--timeout", "5"]).await;
-    assert_eq!(out.code, 4, "409 is a conflict for the CLI: {}", out.stderr);
+    // A 409, but no lost compare-and-set (4): an error.
+    assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(
         out.stderr.contains("workspace_unavailable"),
         "{}",
