@@ -366,6 +366,9 @@ async fn watch(state: &AppState, ctx: &Ctx, key: String) -> Result<Response, Api
     // after `after_version`: then the caller's copy may have been deleted since. The
     // answer carries the namespace version, so a watch resumed from it waits.
     let mut existed = given.is_some_and(|v| v > 0 && meta.version > v);
+    // A key created and deleted between two reads is missing at both: the store's
+    // deletions since the first read tell it.
+    let since = meta.version;
     let mut ns_version = meta.version;
     let shutdown = state.lifecycle.shutdown.clone();
     loop {
@@ -375,7 +378,7 @@ async fn watch(state: &AppState, ctx: &Ctx, key: String) -> Result<Response, Api
                 return Ok(json_ok(StatusCode::OK, body));
             }
             Some(_) => existed = true,
-            None if existed => {
+            None if existed || state.kv.deleted_after(&ns, &key, since) => {
                 return Ok(json_ok(
                     StatusCode::OK,
                     json!({"key": key, "deleted": true, "version": ns_version}),

@@ -13,7 +13,7 @@
 //! with other writes ([`Job::Exec`]: file store, imports, bookkeeping, whose tables the
 //! log does not describe) and the shutdown commit durably in redb, and so checkpoint.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -120,29 +120,73 @@ type ExecFn = Box<
         + Send,
 >;
 
-/// Per-namespace version channels that `watch` requests wait on.
+/// How many recent deletions a watched namespace remembers (see [`Watchers`]).
+const DELETIONS_KEPT: usize = 1024;
+
+/// Per-namespace version channels that `watch` requests wait on, and the keys deleted
+/// since the first of them began: a key created and deleted between two reads of a
+/// watch is missing at both, and only this tells the watch that it changed.
 #[derive(Default)]
 struct Watchers {
-    map: Mutex<HashMap<String, watch::Sender<u64>>>,
+    map: Mutex<HashMap<String, NsWatch>>,
+}
+
+struct NsWatch {
+    tx: watch::Sender<u64>,
+    /// The latest deletions, oldest first, as [`NsChange::deleted`] has them.
+    deleted: VecDeque<(u64, String)>,
+    /// The highest version among deletions no longer kept.
+    forgotten: u64,
+}
+
+/// What one commit changed in a namespace.
+#[derive(Default)]
+struct NsChange {
+    version: u64,
+    /// Keys deleted or expired (purged), each with the namespace version after which
+    /// a watch missing it may have missed it: the deletion's, or for an expired key the
+    /// version it was written at.
+    deleted: Vec<(u64, String)>,
 }
 
 impl Watchers {
     fn subscribe(&self, ns: &str, current: u64) -> watch::Receiver<u64> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(ns.to_string())
-            .or_insert_with(|| watch::channel(current).0)
+            .or_insert_with(|| NsWatch {
+                tx: watch::channel(current).0,
+                deleted: VecDeque::new(),
+                forgotten: 0,
+            })
+            .tx
             .subscribe()
     }
 
-    fn notify(&self, ns: &str, version: u64) {
+    fn notify(&self, ns: &str, change: NsChange) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = map.get(ns) {
-            if tx.receiver_count() == 0 {
-                map.remove(ns);
-            } else {
-                tx.send_replace(version);
-            }
+        let Some(w) = map.get_mut(ns) else { return };
+        if w.tx.receiver_count() == 0 {
+            map.remove(ns);
+            return;
         }
+        for (version, key) in change.deleted {
+            if w.deleted.len() == DELETIONS_KEPT
+                && let Some((v, _)) = w.deleted.pop_front()
+            {
+                w.forgotten = w.forgotten.max(v);
+            }
+            w.deleted.push_back((version, key));
+        }
+        w.tx.send_replace(change.version);
+    }
+
+    /// Whether `key` may have been deleted after namespace version `since`: it was, or
+    /// deletions after `since` are no longer kept.
+    fn deleted_after(&self, ns: &str, key: &str, since: u64) -> bool {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(ns).is_some_and(|w| {
+            w.forgotten > since || w.deleted.iter().any(|(v, k)| *v > since && k == key)
+        })
     }
 }
 
@@ -583,6 +627,14 @@ impl KvStore {
         self.inner.watchers.subscribe(ns, current)
     }
 
+    /// For a holder of a [`subscribe`](Self::subscribe) receiver taken before it read
+    /// namespace version `since`: whether `key` may have been deleted (or expired)
+    /// after it. `true` also when so many deletions came since that the ones after
+    /// `since` are no longer all known.
+    pub fn deleted_after(&self, ns: &str, key: &str, since: u64) -> bool {
+        self.inner.watchers.deleted_after(ns, key, since)
+    }
+
     /// When the earliest TTL runs out, if any key has one.
     pub async fn next_expiry(&self) -> Result<Option<u64>, KvError> {
         self.read(|inner| {
@@ -898,7 +950,7 @@ impl Writer {
             || jobs.iter().any(|j| matches!(j, Job::Exec(_)));
         let mut replies: Vec<(Reply, Result<WriteOutcome, KvError>)> = Vec::new();
         let mut done: Vec<Done> = Vec::new();
-        let mut changed: HashMap<String, u64> = HashMap::new();
+        let mut changed: HashMap<String, NsChange> = HashMap::new();
         let mut frame = Vec::new();
         let mut appended = None;
         let mut jobs = jobs.into_iter();
@@ -915,7 +967,9 @@ impl Writer {
                             batch,
                             reply,
                         } => {
-                            let mut result = self.execute(&mut tables, &ns, &req, batch, log);
+                            let mut deleted = Vec::new();
+                            let mut result =
+                                self.execute(&mut tables, &ns, &req, batch, log, &mut deleted);
                             // Expired records the purger has not reached yet still
                             // count in the namespace's size: free them and try again.
                             if over_quota(&result) {
@@ -923,7 +977,15 @@ impl Writer {
                                 match self.purge(&mut tables, &mut changed, log, usize::MAX) {
                                     Ok(true) => {
                                         let log = (!durable).then_some(&mut frame);
-                                        result = self.execute(&mut tables, &ns, &req, batch, log);
+                                        deleted.clear();
+                                        result = self.execute(
+                                            &mut tables,
+                                            &ns,
+                                            &req,
+                                            batch,
+                                            log,
+                                            &mut deleted,
+                                        );
                                     }
                                     Ok(false) => {}
                                     Err(e) => {
@@ -934,7 +996,9 @@ impl Writer {
                                 }
                             }
                             if let Ok(o) = &result {
-                                changed.insert(ns, o.version);
+                                let c = changed.entry(ns).or_default();
+                                c.version = o.version;
+                                c.deleted.extend(deleted.drain(..).map(|k| (o.version, k)));
                             }
                             replies.push((reply, result));
                         }
@@ -993,18 +1057,19 @@ impl Writer {
                 if durable {
                     self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
                 }
+                // Watchers first: once a write is answered, they know of it.
+                let any = !changed.is_empty();
+                for (ns, change) in changed {
+                    self.watchers.notify(&ns, change);
+                }
+                if any {
+                    self.changes.notify_one();
+                }
                 for (reply, result) in replies {
                     let _ = reply.send(result);
                 }
                 for d in done {
                     d(Ok(()));
-                }
-                let any = !changed.is_empty();
-                for (ns, version) in changed {
-                    self.watchers.notify(&ns, version);
-                }
-                if any {
-                    self.changes.notify_one();
                 }
             }
             Err(e) => {
@@ -1061,6 +1126,7 @@ impl Writer {
         req: &BatchRequest,
         batch: bool,
         mut log: Option<&mut Vec<u8>>,
+        deleted: &mut Vec<String>,
     ) -> Result<WriteOutcome, KvError> {
         let meta = tables
             .namespaces
@@ -1090,6 +1156,9 @@ impl Writer {
                 write(tables, &mut log, Change::Expiry { at, ns, key, set })?;
             }
             let cur = entry.cur.as_ref();
+            if cur.is_none() {
+                deleted.push(key.to_string());
+            }
             let blob = cur.map(|(rec, json)| self.cipher.seal(&aad(ns, key), &encode(rec, json)));
             let blob = blob.as_deref();
             write(tables, &mut log, Change::Record { ns, key, blob })?;
@@ -1110,7 +1179,7 @@ impl Writer {
     fn purge(
         &self,
         tables: &mut Tables<'_>,
-        changed: &mut HashMap<String, u64>,
+        changed: &mut HashMap<String, NsChange>,
         mut log: Option<&mut Vec<u8>>,
         limit: usize,
     ) -> Result<bool, KvError> {
@@ -1127,7 +1196,10 @@ impl Writer {
             })
             .collect::<Result<_, _>>()?;
         let any = !due.is_empty();
-        let mut freed: HashMap<String, (u64, u64)> = HashMap::new();
+        // Per namespace: bytes and keys freed, and the keys with the version each was
+        // written at (`None`: unreadable).
+        type Gone = Vec<(Option<u64>, String)>;
+        let mut freed: HashMap<String, (u64, u64, Gone)> = HashMap::new();
         for (at, ns, key) in due {
             let (ns, key) = (ns.as_str(), key.as_str());
             let c = Change::Expiry {
@@ -1137,8 +1209,14 @@ impl Writer {
                 set: false,
             };
             write(tables, &mut log, c)?;
-            let sealed_len = tables.records.get((ns, key))?.map(|b| b.value().len());
-            if let Some(len) = sealed_len {
+            let sealed = tables.records.get((ns, key))?.map(|b| b.value().to_vec());
+            if let Some(sealed) = sealed {
+                let len = sealed.len();
+                let written = self
+                    .cipher
+                    .open(&aad(ns, key), &sealed)
+                    .ok()
+                    .and_then(|plain| Some(u64::from_le_bytes(plain.get(..8)?.try_into().ok()?)));
                 write(
                     tables,
                     &mut log,
@@ -1152,9 +1230,10 @@ impl Writer {
                 let f = freed.entry(ns.to_string()).or_default();
                 f.0 += (key.len() + json_len) as u64;
                 f.1 += 1;
+                f.2.push((written, key.to_string()));
             }
         }
-        for (ns, (bytes, keys)) in freed {
+        for (ns, (bytes, keys, gone)) in freed {
             let (version, b, k) = tables
                 .namespaces
                 .get(ns.as_str())?
@@ -1163,7 +1242,12 @@ impl Writer {
             let v = version + 1;
             let meta = (v, b.saturating_sub(bytes), k.saturating_sub(keys));
             write(tables, &mut log, Change::Namespace { ns: &ns, meta })?;
-            changed.insert(ns, v);
+            let c = changed.entry(ns).or_default();
+            c.version = v;
+            // An expired key was last visible as of the version it was written at: a
+            // watch that began after that never saw it go.
+            c.deleted
+                .extend(gone.into_iter().map(|(at, key)| (at.unwrap_or(v), key)));
         }
         Ok(any)
     }
@@ -1297,6 +1381,68 @@ mod tests {
         assert_eq!(meta.version, 200);
         let (keys, _, _) = s.list("ns", "k1", Some("k199".into()), 5).await.unwrap();
         assert!(keys.is_empty(), "{keys:?}");
+    }
+
+    fn del(key: &str) -> BatchRequest {
+        BatchRequest::single(Op::Delete {
+            key: key.into(),
+            if_version: None,
+            get: false,
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watchers_learn_of_deletions_they_did_not_see() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1).unwrap();
+        s.write("ns", set("gone-before", json!(1)), false)
+            .await
+            .unwrap();
+        s.write("ns", del("gone-before"), false).await.unwrap();
+        let _rx = s.subscribe("ns", 0);
+        let since = s.ns_meta("ns").await.unwrap().version;
+        assert!(!s.deleted_after("ns", "gone-before", since));
+        // Created and deleted in two commits after `since`.
+        s.write("ns", set("k", json!(1)), false).await.unwrap();
+        s.write("ns", del("k"), false).await.unwrap();
+        assert!(s.deleted_after("ns", "k", since));
+        assert!(!s.deleted_after("ns", "k", since + 2));
+        assert!(!s.deleted_after("ns", "other", since));
+        assert!(!s.deleted_after("elsewhere", "k", 0));
+        // Expired and purged counts as deleted.
+        let mut req = set("t", json!(1));
+        if let Op::Set { ttl, .. } = &mut req.ops[0] {
+            *ttl = Some(crate::kv::Ttl(Duration::from_millis(1)));
+        }
+        let before_write = s.ns_meta("ns").await.unwrap().version;
+        s.write("ns", req, false).await.unwrap();
+        let before_purge = s.ns_meta("ns").await.unwrap().version;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let purger = tokio::spawn(s.clone().run_purger(stop.clone()));
+        let purged = async {
+            while s.ns_meta("ns").await.unwrap().version == before_purge {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), purged)
+            .await
+            .expect("purged");
+        stop.cancel();
+        purger.await.unwrap();
+        assert!(s.deleted_after("ns", "t", before_write));
+        // A watch that began once it was written saw it (or saw it had expired).
+        assert!(!s.deleted_after("ns", "t", before_purge));
+        // Once more deletions came than are kept, any key may have been deleted.
+        let since = s.ns_meta("ns").await.unwrap().version;
+        for i in 0..=DELETIONS_KEPT {
+            s.write("ns", set(&format!("x{i}"), json!(i)), false)
+                .await
+                .unwrap();
+            s.write("ns", del(&format!("x{i}")), false).await.unwrap();
+        }
+        assert!(s.deleted_after("ns", "never-there", since));
+        let recent = s.ns_meta("ns").await.unwrap().version - 2;
+        assert!(!s.deleted_after("ns", "never-there", recent));
     }
 
     /// A store in `dir` that took one write (`a` = 1) and was closed, which checkpointed

@@ -885,6 +885,45 @@ async fn a_watch_of_a_missing_key_reports_a_deletion_only_when_the_namespace_mov
     assert_eq!(ok(&r, 200)["value"], "again");
 }
 
+/// A key created and deleted between two reads of a watch is missing at both: the
+/// watch still answers its deletion (here both in one commit, which no timing can let
+/// the watch read between).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_sees_a_key_created_and_deleted_between_its_reads() {
+    let d = Daemon::start().await;
+    let api = d.api();
+    let w = api.clone();
+    let mut handle =
+        tokio::spawn(async move { watch(&w, "/v1/kv/k/watch?after_version=0&timeout_s=15").await });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(400), &mut handle)
+            .await
+            .is_err()
+    );
+    // Another key's deletion is no change of `k`.
+    ok(&api.put("/v1/kv/other", &json!(1)).await, 201);
+    ok(&api.delete("/v1/kv/other").await, 200);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut handle)
+            .await
+            .is_err(),
+        "watch answered for another key"
+    );
+    let body = json!({"operations": [
+        {"op": "set", "key": "k", "value": 1},
+        {"op": "delete", "key": "k"},
+    ]});
+    ok(&api.post("/v1/kv/batch", &body).await, 200);
+    let r = tokio::time::timeout(Duration::from_secs(5), handle)
+        .await
+        .expect("the watch missed the key's creation and deletion")
+        .unwrap();
+    assert_eq!(
+        ok(&r, 200),
+        json!({"key": "k", "deleted": true, "version": 3})
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watch_timeout_is_at_most_300() {
     let d = Daemon::start().await;
