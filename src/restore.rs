@@ -27,7 +27,7 @@ use crate::gitbundle::{self, GIT_DIR, GitError};
 use crate::remote::{self, Backoff, Remote, RemoteError};
 use crate::snapshot::{self, COMPRESSED_DIR};
 use crate::sync::manifest::{FileEntry, Manifest};
-use crate::sync::rules::Rules;
+use crate::sync::rules::{IGNORE_FILES, Rules};
 
 /// Attempts at a download that fails for want of an answer (connection, 5xx).
 const TRANSPORT_ATTEMPTS: u32 = 4;
@@ -486,7 +486,28 @@ pub async fn restore_workspace(
     let excluded = |rel: &str, is_dir: bool| rules.excluded_by_config(Path::new(rel), is_dir);
 
     if opts.force {
-        let doomed = extras(&root, &rules, &manifest, opts.max_file_bytes);
+        // What to remove is judged by the ignore files being restored, not by those the
+        // workspace had: the manifest's go into place first (the pass over every file
+        // below finds them there; one that cannot be fetched is reported there).
+        let early = Job {
+            remote,
+            files_prefix: format!("{conversation_prefix}workspace/files/"),
+            root: &root,
+            force: true,
+            progress: &NoProgress,
+        };
+        let ignore_files = manifest.files.iter().filter(|(rel, _)| {
+            let name = rel.rsplit('/').next().unwrap_or_default();
+            IGNORE_FILES.contains(&name) && !excluded(rel, false)
+        });
+        for (rel, e) in ignore_files {
+            if let Err(FileError::Unreachable(err)) = early.file(rel, e).await {
+                return Err(err.into());
+            }
+        }
+        let restored_rules = Rules::new(&root, &opts.exclude)
+            .map_err(|e| local("exclude patterns", io::Error::other(e)))?;
+        let doomed = extras(&root, &restored_rules, &manifest, opts.max_file_bytes);
         report.removed = remove_paths(&root, &doomed, &manifest.empty_dirs, &mut report.bad);
     }
 

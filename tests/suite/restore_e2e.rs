@@ -803,3 +803,44 @@ async fn a_subdirectory_repository_named_workspace_comes_back_in_its_directory()
             .unwrap()
     );
 }
+
+/// `--force` removes what the restored tree would mirror and the remote lacks, judged
+/// by the ignore files being restored, not by those the target had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_judges_what_to_remove_by_the_restored_ignore_files() {
+    let mut d = Daemon::prepare(CONFIG);
+    let ws = d.workspace.clone();
+    write(&ws, ".gitignore", "dist/\n");
+    write(&ws, "sub/.gitignore", "*.cache\n");
+    write(&ws, "a.txt", "a\n");
+    d.spawn_and_wait().await;
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+
+    let target = d.root().join("target");
+    // The target ignores `build/` (the remote does not) and nothing else.
+    write(&target, ".gitignore", "build/\n");
+    write(
+        &target,
+        "build/out.bin",
+        "not in the remote, mirrored once restored",
+    );
+    write(&target, "dist/bundle.js", "ignored by the restored rules");
+    write(&target, "sub/x.cache", "ignored by the restored rules");
+    write(&target, "sub/x.txt", "not in the remote");
+    let out = d.restore_cli(&["--to", target.to_str().unwrap(), "--force"], &[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["removed"], 2, "{out:?}");
+    assert!(!target.join("build/out.bin").exists());
+    assert!(!target.join("sub/x.txt").exists());
+    assert!(target.join("dist/bundle.js").exists());
+    assert!(target.join("sub/x.cache").exists());
+    assert_eq!(
+        std::fs::read_to_string(target.join(".gitignore")).unwrap(),
+        "dist/\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(target.join("a.txt")).unwrap(),
+        "a\n"
+    );
+}
