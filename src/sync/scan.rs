@@ -84,6 +84,24 @@ fn key_fits(limits: &Limits, rel: &str) -> bool {
             .all(|s| s.len() <= crate::remote::MAX_SEGMENT_BYTES)
 }
 
+/// Whether anything in the directory `rel` could have a remote key: a directory whose
+/// path is that long is not even read (one deeper than the system's path limit could
+/// not be, and would stop the round).
+fn dir_fits(limits: &Limits, rel: &str) -> bool {
+    limits.key_prefix_len + rel.len() + "/x".len() <= crate::remote::MAX_KEY_BYTES
+}
+
+/// Whether reading a directory failed in a way that is that directory's alone: no
+/// permission, or a path longer than the system takes (a workspace root with a long
+/// path of its own). Not so for the root, whose failure stops the mirror.
+fn unreadable_here(e: &std::io::Error, rel: &str) -> bool {
+    !rel.is_empty()
+        && matches!(
+            e.kind(),
+            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::InvalidFilename
+        )
+}
+
 /// Skips the directory `rel`, which the daemon may not read or enter: counted, and
 /// what the mirror holds of it kept. Returns that it counts as mirrored.
 fn skip_unreadable(obs: &mut Observation, rel: &str, e: &std::io::Error) -> bool {
@@ -109,6 +127,14 @@ fn visit(
         if !rel.is_empty() && rules.is_ignored(Path::new(rel), true) {
             return Ok(false);
         }
+        if !dir_fits(limits, rel) {
+            obs.skipped.bad_name += 1;
+            tracing::warn!(
+                path = rel,
+                "skipped: a directory so deep that nothing in it could have a remote key of at most 1024 bytes"
+            );
+            return Ok(false);
+        }
         let mut any = false;
         let entries = match std::fs::read_dir(&abs) {
             Ok(e) => e,
@@ -116,9 +142,7 @@ fn visit(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             // One directory the daemon may not read does not stop the mirror (the
             // root does: see `observe`).
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !rel.is_empty() => {
-                return Ok(skip_unreadable(obs, rel, &e));
-            }
+            Err(e) if unreadable_here(&e, rel) => return Ok(skip_unreadable(obs, rel, &e)),
             Err(e) => return Err(e),
         };
         for entry in entries {
@@ -132,9 +156,7 @@ fn visit(
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 // Listed but not entered (no search permission): as unreadable.
-                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !rel.is_empty() => {
-                    return Ok(skip_unreadable(obs, rel, &e));
-                }
+                Err(e) if unreadable_here(&e, rel) => return Ok(skip_unreadable(obs, rel, &e)),
                 Err(e) => return Err(e),
             };
             any |= visit(rules, limits, &child, &m, obs)?;
@@ -222,6 +244,10 @@ pub fn observe(
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {}
+            // Deeper than the system's path limit: nothing there has a remote key.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidFilename => {
+                obs.skipped.bad_name += 1;
+            }
             Err(e) => return Err(e),
         }
     }

@@ -71,9 +71,10 @@ impl NativeWatcher {
                 Ok(()) => {}
                 Err(e) if matches!(e.kind, notify::ErrorKind::PathNotFound) => continue,
                 Err(e) if is_not_found(&e) => continue,
-                // A directory the daemon may not read or enter is skipped by the
-                // rounds too; it does not cost the rest its watches.
-                Err(e) if is_permission_denied(&e) && !dir.as_os_str().is_empty() => continue,
+                // A directory the daemon may not read or enter (or whose path is
+                // longer than the system takes) is skipped by the rounds too; it does
+                // not cost the rest its watches.
+                Err(e) if is_unreadable(&e) && !dir.as_os_str().is_empty() => continue,
                 Err(e) => return Err(e),
             }
             let Ok(entries) = std::fs::read_dir(&abs) else {
@@ -93,8 +94,11 @@ impl NativeWatcher {
     }
 }
 
-fn is_permission_denied(e: &notify::Error) -> bool {
-    matches!(&e.kind, notify::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied)
+fn is_unreadable(e: &notify::Error) -> bool {
+    matches!(&e.kind, notify::ErrorKind::Io(io) if matches!(
+        io.kind(),
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::InvalidFilename
+    ))
 }
 
 fn is_not_found(e: &notify::Error) -> bool {

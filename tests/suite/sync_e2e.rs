@@ -626,6 +626,56 @@ async fn special_and_oversized_files_are_skipped() {
     env.assert_manifest_consistent().await;
 }
 
+/// A directory too deep for anything in it to have a remote key (here deeper than a
+/// path can even name) is skipped and counted; the rest is mirrored as ever, by the
+/// watcher and by the full scan of a start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn directories_too_deep_for_a_remote_key_are_skipped() {
+    let mut env = Env::new(Backend::Dir, "[sync]\ndebounce_min = \"200ms\"\n", true).await;
+    env.write("before.txt", b"b");
+    env.sync().await;
+    // 17 levels of 250-byte names: over the 4096 bytes a path may have. Made in two
+    // halves that each fit, one then moved to the bottom of the other.
+    let level = "d".repeat(250);
+    let half = |n: usize| (0..n).map(|_| level.as_str()).collect::<Vec<_>>().join("/");
+    let upper = env.ws().join("deep").join(half(8));
+    std::fs::create_dir_all(&upper).unwrap();
+    let lower = env.ws().join("lower");
+    std::fs::create_dir_all(lower.join(half(9))).unwrap();
+    std::fs::write(lower.join(half(9)).join("f.txt"), "x").unwrap();
+    std::fs::rename(&lower, upper.join("lower")).unwrap();
+    env.write("after.txt", b"a");
+    env.sync().await;
+    assert_eq!(env.objects().await, vec!["after.txt", "before.txt"]);
+    let s = env.status().await;
+    assert_eq!(s["state"], "ready", "{s}");
+    assert!(
+        s["workspace"]["skipped_files"].as_u64().unwrap() >= 1,
+        "{s}"
+    );
+    // A start scans the whole tree.
+    assert_eq!(
+        env.daemon.terminate().code(),
+        Some(0),
+        "log:\n{}",
+        env.daemon.log()
+    );
+    env.write("later.txt", b"l");
+    env.daemon.spawn_and_wait().await;
+    env.sync().await;
+    assert_eq!(
+        env.objects().await,
+        vec!["after.txt", "before.txt", "later.txt"]
+    );
+    assert_eq!(env.status().await["state"], "ready");
+    env.assert_manifest_consistent().await;
+    // Tidy: `remove_dir_all` cannot name the depths either.
+    let _ = std::process::Command::new("rm")
+        .arg("-rf")
+        .arg(env.ws().join("deep"))
+        .status();
+}
+
 /// What the daemon may not read is skipped and counted, and the mirror keeps what it
 /// has of it: an unreadable file neither holds up deletions nor is deleted, and an
 /// unreadable directory does not stop the mirror (only the workspace root does).
