@@ -22,8 +22,47 @@ impl Stat {
     pub fn of(m: &std::fs::Metadata) -> Self {
         Self {
             size: m.len(),
-            mtime: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            // Nanoseconds in an i64 reach from 1677 to 2262: a time beyond is kept as
+            // the nearest end (not wrapped round to the other one).
+            mtime: m
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.mtime_nsec()),
             mode: m.permissions().mode() & 0o7777,
+        }
+    }
+}
+
+#[cfg(test)]
+mod stat_tests {
+    use super::*;
+
+    #[test]
+    fn times_beyond_what_nanoseconds_hold_are_kept_at_the_nearest_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, "x").unwrap();
+        // (ext4 keeps times from 1901 to 2446: the far past cannot be set here.)
+        let year = |y: i64| (y - 1970) * 365 * 86_400;
+        for (secs, expected) in [
+            (year(2300), i64::MAX),
+            (-1, -1_000_000_000 + 5),
+            (year(2200), year(2200) * 1_000_000_000 + 5),
+        ] {
+            let t = if secs >= 0 {
+                std::time::UNIX_EPOCH + std::time::Duration::new(secs as u64, 5)
+            } else {
+                std::time::UNIX_EPOCH - std::time::Duration::new(secs.unsigned_abs(), 0)
+                    + std::time::Duration::from_nanos(5)
+            };
+            let file = std::fs::File::options().write(true).open(&f).unwrap();
+            file.set_modified(t).unwrap();
+            let meta = std::fs::metadata(&f).unwrap();
+            if meta.mtime() != secs && secs > year(2038) {
+                eprintln!("this file system cannot keep {secs}: not checked");
+                continue;
+            }
+            assert_eq!(Stat::of(&meta).mtime, expected, "{secs}");
         }
     }
 }
