@@ -204,11 +204,25 @@ fn header(meta: &std::fs::Metadata, kind: tar::EntryType) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
     h.set_mode(meta.mode() & 0o7777);
-    h.set_mtime(meta.mtime().max(0) as u64);
+    set_mtime(&mut h, meta.mtime());
     h.set_uid(u64::from(meta.uid()));
     h.set_gid(u64::from(meta.gid()));
     h.set_size(0);
     h
+}
+
+/// The header's modification time. A time before 1970 is written in GNU tar's
+/// base-256 form (two's complement over the whole field, which GNU tar and the `tar`
+/// crate both read back as negative): octal has no sign.
+fn set_mtime(h: &mut tar::Header, secs: i64) {
+    match u64::try_from(secs) {
+        Ok(secs) => h.set_mtime(secs),
+        Err(_) => {
+            let field = &mut h.as_old_mut().mtime;
+            field[..4].fill(0xff);
+            field[4..].copy_from_slice(&secs.to_be_bytes());
+        }
+    }
 }
 
 /// Whether `rel` lies in the object store of a repository (`.../.git/objects/...`).

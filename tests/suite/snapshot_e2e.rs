@@ -133,6 +133,16 @@ fn fill_workspace(ws: &Path) {
     assert!(st.success());
     let long = format!("{}/{}.txt", "d".repeat(120), "n".repeat(150));
     write(ws, &long, b"a long path");
+    // Times before 1970 (octal tar headers have no sign).
+    for (name, before_epoch) in [("old/1960.txt", 315_532_800), ("old/just-before.txt", 2)] {
+        write(ws, name, b"old");
+        let t = std::time::UNIX_EPOCH - std::time::Duration::from_secs(before_epoch);
+        let f = std::fs::File::options()
+            .write(true)
+            .open(ws.join(name))
+            .unwrap();
+        f.set_modified(t).unwrap();
+    }
     // Excluded: ignore files, sync.exclude, snapshot.exclude.
     write(ws, ".gitignore", b"*.log\ntarget/\n");
     write(ws, "debug.log", b"ignored");
@@ -193,6 +203,17 @@ async fn snapshot_matches_workspace_and_keeps_the_newest(backend: Backend) {
         extra.is_empty(),
         "not in the workspace or excluded: {extra:?}"
     );
+    // `sandkeep restore --snapshot` reads the times back as GNU tar does.
+    let restored = scratch.path().join("restored");
+    let out = env.daemon.restore_cli(
+        &["--to", restored.to_str().unwrap(), "--snapshot", "latest"],
+        &[],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let got = tree(&restored, &|_| false);
+    for path in ["old/1960.txt", "old/just-before.txt", "src/main.rs"] {
+        assert_eq!(got.get(path), want.get(path), "{path} differs");
+    }
 
     // Retention: after three more, exactly the newest two remain, listed newest first.
     let mut keys = vec![key];
