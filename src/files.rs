@@ -294,12 +294,13 @@ impl FileStore {
     }
 
     /// Whether a restore of the KV and file store from remote storage is still owed (set
-    /// when the state directory is new, cleared once the restore finished).
-    pub async fn restore_pending(&self) -> Result<bool, KvError> {
+    /// when the state directory is new, cleared once the restore finished); `None` when
+    /// neither was ever recorded (a database that no start got that far with).
+    pub async fn restore_pending(&self) -> Result<Option<bool>, KvError> {
         self.kv
             .read_txn(|rtx, _| match rtx.open_table(META) {
-                Ok(t) => Ok(t.get("restore_pending")?.is_some_and(|v| v.value() == 1)),
-                Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+                Ok(t) => Ok(t.get("restore_pending")?.map(|v| v.value() == 1)),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
                 Err(e) => Err(e.into()),
             })
             .await

@@ -340,7 +340,6 @@ pub async fn run(
         other => tracing::info!(source = ?other, "kv key loaded"),
     }
     let db_file = db_path(&config.state_dir);
-    let fresh_state = !db_file.exists();
     let opts = StoreOptions {
         path: db_file,
         cipher,
@@ -354,7 +353,12 @@ pub async fn run(
         .await
         .context("opening the kv store")??;
     let files = FileStore::new(kv.clone());
-    if fresh_state {
+    // A new state directory: its database was just created, or a first start created
+    // it and died before recording anything (a full disk); either way it holds nothing.
+    let new_state = files.restore_pending().await?.is_none()
+        && kv.stats().await?.0 == 0
+        && files.stats().await?.0 == 0;
+    if new_state {
         // Until the restore below finished, a restart must try it again.
         files.set_restore_pending(true).await?;
     }
@@ -494,7 +498,8 @@ pub async fn run(
             ),
         }
     }
-    if claimed && files.restore_pending().await? && !lifecycle.shutdown.is_cancelled() {
+    if claimed && files.restore_pending().await? == Some(true) && !lifecycle.shutdown.is_cancelled()
+    {
         let restored = tokio::select! {
             r = restore_stores_retrying(&kv, &files, remote.as_ref(), &config) => r,
             _ = lifecycle.shutdown.cancelled() => None,

@@ -336,6 +336,10 @@ async fn stores_survive_a_new_state_dir(d: &mut Daemon) {
 
     let key = d.generated_key();
     wipe_state(d);
+    // What a first start that died before recording anything (a full disk) leaves: a
+    // database that holds nothing. Still a new state directory.
+    std::fs::create_dir_all(&d.state_dir).unwrap();
+    drop(redb::Database::create(sandkeep::kv::store::db_path(&d.state_dir)).unwrap());
     d.set_env("SANDKEEP_KV_KEY", &key);
     d.spawn_and_wait().await;
     let api = d.api();
