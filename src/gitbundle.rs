@@ -1010,7 +1010,24 @@ pub struct Restored {
 /// is set from `meta`, the work tree is checked out from `refs/sandkeep/wip` and the
 /// index set to `refs/sandkeep/wip-index`. Files in `target` that the WIP tree does
 /// not name are left alone.
+///
+/// A restore that fails leaves no `.git` it created: an empty or half-made repository
+/// would be bundled by the daemon over the good bundle it came from.
 pub fn restore_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<Restored, GitError> {
+    let git_dir = target.join(".git");
+    let had_git = std::fs::symlink_metadata(&git_dir).is_ok();
+    let result = unpack_bundle(bundle, meta, target);
+    if result.is_err()
+        && !had_git
+        && let Err(e) = std::fs::remove_dir_all(&git_dir)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %git_dir.display(), error = %e, "cannot remove the repository a failed restore began");
+    }
+    result
+}
+
+fn unpack_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<Restored, GitError> {
     let file = std::fs::File::open(bundle).ctx(format_args!("opening {}", bundle.display()))?;
     let mut reader = io::BufReader::with_capacity(256 * 1024, file);
     let refs = read_bundle_header(&mut reader)?;

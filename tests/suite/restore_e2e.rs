@@ -844,3 +844,36 @@ async fn force_judges_what_to_remove_by_the_restored_ignore_files() {
         "a\n"
     );
 }
+
+/// A bundle that cannot be unpacked (truncated) is reported; no empty or half-made
+/// `.git` is left behind, so the new daemon has no repository to bundle over the
+/// remote copy, which stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_that_cannot_be_unpacked_leaves_no_repository_and_is_kept() {
+    let mut d = synced_workspace(None, true).await;
+    let bundle = d.remote.join(CONV).join("workspace/git/workspace.bundle");
+    let whole = std::fs::read(&bundle).unwrap();
+    let cut = whole[..whole.len() / 2].to_vec();
+    std::fs::write(&bundle, &cut).unwrap();
+
+    d.become_new_sandbox();
+    d.spawn_and_wait().await;
+    let status = ok(&d.api().get("/v1/status").await, 200);
+    let bad = &status["restore"]["workspace"]["bad"];
+    assert!(
+        bad.as_array().unwrap().iter().any(|b| b["path"] == ".git"),
+        "{status}"
+    );
+    assert!(!d.workspace.join(".git").exists());
+    assert!(
+        d.workspace.join("a.txt").exists(),
+        "the mirror's files came back"
+    );
+    ok(&d.api().post("/v1/git/bundle", &json!({})).await, 200);
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    assert_eq!(
+        std::fs::read(&bundle).unwrap(),
+        cut,
+        "the remote bundle was replaced"
+    );
+}
