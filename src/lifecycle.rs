@@ -466,6 +466,8 @@ pub async fn run(
         }
         match restored {
             Some(Ok(Some(report))) => {
+                let _ =
+                    std::fs::remove_file(config.workspace.join(crate::restore::INCOMPLETE_MARKER));
                 tracing::info!(
                     generation = report.generation,
                     files = report.files,
@@ -486,6 +488,8 @@ pub async fn run(
                 lifecycle.record_restore("workspace", serde_json::json!(report));
             }
             Some(Ok(None)) => {
+                let _ =
+                    std::fs::remove_file(config.workspace.join(crate::restore::INCOMPLETE_MARKER));
                 tracing::info!("nothing to restore: the remote holds no workspace manifest");
                 lifecycle.record_restore("workspace", serde_json::json!({"restored": false}));
             }
@@ -632,7 +636,13 @@ pub async fn run(
 /// `auto` when the workspace holds nothing (the daemon's own directories aside) or an
 /// earlier restore was cut short; `never` never.
 fn workspace_restore_plan(config: &Config) -> Option<bool> {
-    if config.state_dir.join(WORKSPACE_RESTORE_MARKER).exists() {
+    // Ours, or that of a `sandkeep restore` (an init container) that failed.
+    if config.state_dir.join(WORKSPACE_RESTORE_MARKER).exists()
+        || config
+            .workspace
+            .join(crate::restore::INCOMPLETE_MARKER)
+            .is_file()
+    {
         tracing::info!("an earlier restore was cut short: resuming it");
         return Some(config.restore == RestoreMode::Force);
     }
@@ -679,7 +689,16 @@ async fn restore_workspace_retrying(
                 &crate::restore::NoProgress,
             )
         },
-        |e| matches!(e, crate::restore::RestoreError::Remote(_)),
+        // Remote storage that does not answer, or a workspace file system that is full
+        // or read-only, may come right: the restore is tried again (and meanwhile the
+        // daemon stays not ready, with the restore marker in place).
+        |e| match e {
+            crate::restore::RestoreError::Remote(_) => true,
+            crate::restore::RestoreError::Local { source, .. } => {
+                crate::restore::is_file_system_failure(source)
+            }
+            _ => false,
+        },
     )
     .await
 }

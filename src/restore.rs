@@ -35,6 +35,10 @@ const TRANSPORT_ATTEMPTS: u32 = 4;
 /// Names of the files a restore writes before renaming them into place (never
 /// mirrored: see [`Rules::new`]).
 pub const TMP_PREFIX: &str = ".sandkeep-restore-";
+/// In the target of `sandkeep restore` while it runs, and left there when it fails:
+/// the next run resumes it (the directory is not empty, but what is in it is its own).
+/// Excluded from the mirror by its prefix.
+pub const INCOMPLETE_MARKER: &str = ".sandkeep-restore-incomplete";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -206,7 +210,7 @@ fn drop_bad_paths(manifest: &mut Manifest, bad: &mut Vec<BadEntry>) {
 /// Makes every directory from `root` down to `rel`'s parent a real directory (never
 /// following a symlink). In the way: a symlink or file is replaced when `force`, else
 /// it is an error.
-fn make_parents(root: &Path, rel: &Path, force: bool) -> Result<PathBuf, String> {
+fn make_parents(root: &Path, rel: &Path, force: bool) -> Result<PathBuf, FileError> {
     let mut at = root.to_path_buf();
     let parent = rel.parent().unwrap_or(Path::new(""));
     for c in parent.components() {
@@ -220,17 +224,19 @@ fn make_parents(root: &Path, rel: &Path, force: bool) -> Result<PathBuf, String>
                     } else {
                         "a file"
                     };
-                    return Err(format!("{} is {what}, not a directory", at.display()));
+                    let message = format!("{} is {what}, not a directory", at.display());
+                    return Err(FileError::Bad(message));
                 }
-                fs::remove_file(&at).map_err(|e| format!("removing {}: {e}", at.display()))?;
+                fs::remove_file(&at)
+                    .map_err(|e| io_failure(format_args!("removing {}", at.display()), e))?;
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("{}: {e}", at.display())),
+            Err(e) => return Err(io_failure(at.display(), e)),
         }
         match fs::create_dir(&at) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && at.is_dir() => {}
-            Err(e) => return Err(format!("creating {}: {e}", at.display())),
+            Err(e) => return Err(io_failure(format_args!("creating {}", at.display()), e)),
         }
     }
     Ok(at)
@@ -275,10 +281,46 @@ enum FileOutcome {
 }
 
 /// Why a file was not restored: its entry is bad (reported in `bad`, the rest goes
-/// on), or remote storage did not answer (the restore fails, to be tried again).
+/// on), or remote storage did not answer, or the target's file system cannot take it
+/// (full, over quota, read-only): then the restore fails, to be tried again.
+#[derive(Debug)]
 enum FileError {
     Bad(String),
     Unreachable(RemoteError),
+    Local { what: String, source: io::Error },
+}
+
+impl std::fmt::Display for FileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Bad(message) => f.write_str(message),
+            Self::Unreachable(err) => write!(f, "{err}"),
+            Self::Local { what, source } => write!(f, "{what}: {source}"),
+        }
+    }
+}
+
+/// Whether a local I/O error is the file system's (full, over quota, read-only), not
+/// one entry's.
+pub fn is_file_system_failure(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull
+            | io::ErrorKind::QuotaExceeded
+            | io::ErrorKind::ReadOnlyFilesystem
+    )
+}
+
+/// A local I/O error while restoring one entry: the file system's or the entry's.
+fn io_failure(what: impl std::fmt::Display, source: io::Error) -> FileError {
+    if is_file_system_failure(&source) {
+        FileError::Local {
+            what: what.to_string(),
+            source,
+        }
+    } else {
+        FileError::Bad(format!("{what}: {source}"))
+    }
 }
 
 impl From<String> for FileError {
@@ -291,6 +333,9 @@ impl From<RemoteError> for FileError {
     fn from(err: RemoteError) -> Self {
         match err {
             RemoteError::Transport { .. } => FileError::Unreachable(err),
+            RemoteError::Local { op, path, source } => {
+                io_failure(format_args!("{op} {}", path.display()), source)
+            }
             RemoteError::NotFound { .. } => FileError::Bad(MISSING.into()),
             other => FileError::Bad(other.to_string()),
         }
@@ -332,7 +377,7 @@ impl Job<'_> {
                 return Err(FileError::Bad("a directory is in the way".into()));
             }
             Ok(m) if m.is_dir() => {
-                fs::remove_dir_all(&dest).map_err(|err| format!("removing a directory: {err}"))?;
+                fs::remove_dir_all(&dest).map_err(|err| io_failure("removing a directory", err))?;
             }
             _ => {}
         }
@@ -381,33 +426,31 @@ impl Job<'_> {
                 .ok_or_else(|| MISSING.to_string())?;
             return tokio::task::spawn_blocking(move || {
                 if format!("blake3:{}", blake3::hash(&data).to_hex()) != entry.hash {
-                    return Err(MISMATCH.to_string());
+                    return Err(FileError::Bad(MISMATCH.into()));
                 }
                 let mut f = fs::File::options()
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
                     .open(&tmp)
-                    .map_err(|err| format!("creating the file: {err}"))?;
+                    .map_err(|err| io_failure("creating the file", err))?;
                 f.write_all(&data)
-                    .map_err(|err| format!("writing the file: {err}"))?;
+                    .map_err(|err| io_failure("writing the file", err))?;
                 place(f, &tmp, &dest, &entry)
             })
             .await
-            .map_err(|err| err.to_string())?
-            .map_err(FileError::Bad);
+            .map_err(|err| err.to_string())?;
         }
         retry_transport(|| self.remote.get_to_file(key, &tmp)).await?;
         tokio::task::spawn_blocking(move || {
-            if blake3_of_file(&tmp).map_err(|err| format!("hashing: {err}"))? != entry.hash {
-                return Err(MISMATCH.to_string());
+            if blake3_of_file(&tmp).map_err(|err| io_failure("hashing", err))? != entry.hash {
+                return Err(FileError::Bad(MISMATCH.into()));
             }
-            let f = fs::File::open(&tmp).map_err(|err| format!("opening the file: {err}"))?;
+            let f = fs::File::open(&tmp).map_err(|err| io_failure("opening the file", err))?;
             place(f, &tmp, &dest, &entry)
         })
         .await
         .map_err(|err| err.to_string())?
-        .map_err(FileError::Bad)
     }
 }
 
@@ -417,10 +460,10 @@ const MISMATCH: &str = "the content does not match the manifest hash";
 const MISSING: &str = "missing in remote storage";
 
 /// Gives the open file `f` (at `tmp`) its mode and time and renames it to `dest`.
-fn place(f: fs::File, tmp: &Path, dest: &Path, e: &FileEntry) -> Result<(), String> {
-    set_mode_and_time(&f, e).map_err(|err| format!("setting mode and time: {err}"))?;
+fn place(f: fs::File, tmp: &Path, dest: &Path, e: &FileEntry) -> Result<(), FileError> {
+    set_mode_and_time(&f, e).map_err(|err| io_failure("setting mode and time", err))?;
     drop(f);
-    fs::rename(tmp, dest).map_err(|err| format!("renaming into place: {err}"))
+    fs::rename(tmp, dest).map_err(|err| io_failure("renaming into place", err))
 }
 
 /// `blake3:<hex>` of a file's content.
@@ -501,8 +544,12 @@ pub async fn restore_workspace(
             IGNORE_FILES.contains(&name) && !excluded(rel, false)
         });
         for (rel, e) in ignore_files {
-            if let Err(FileError::Unreachable(err)) = early.file(rel, e).await {
-                return Err(err.into());
+            match early.file(rel, e).await {
+                Err(FileError::Unreachable(err)) => return Err(err.into()),
+                Err(FileError::Local { what, source }) => {
+                    return Err(local(format_args!("{rel}: {what}"), source));
+                }
+                _ => {}
             }
         }
         let restored_rules = Rules::new(&root, &opts.exclude)
@@ -560,7 +607,9 @@ pub async fn restore_workspace(
                 });
                 continue;
             }
-            if let Err(error) = make_parents(&root, &Path::new(&stem).join(".git"), opts.force) {
+            if let Err(error) = make_parents(&root, &Path::new(&stem).join(".git"), opts.force)
+                .map_err(|e| e.to_string())
+            {
                 report.bad.push(BadEntry {
                     path: format!("{stem}/.git"),
                     error,
@@ -702,6 +751,9 @@ pub async fn restore_workspace(
             }),
             // Not this entry's fault: the restore fails (and is resumed later).
             Err(FileError::Unreachable(err)) => return Err(err.into()),
+            Err(FileError::Local { what, source }) => {
+                return Err(local(format_args!("{rel}: {what}"), source));
+            }
         }
     }
     drop(results);
@@ -710,8 +762,11 @@ pub async fn restore_workspace(
         if excluded(dir, true) || newer_in_the_way(dir) {
             continue;
         }
-        let made = checked_rel(dir)
-            .and_then(|rel| make_parents(&root, &rel.join("x"), replace).map(|_| ()));
+        let made = checked_rel(dir).and_then(|rel| {
+            make_parents(&root, &rel.join("x"), replace)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
         match made {
             Ok(()) => report.empty_dirs += 1,
             Err(error) => report.bad.push(BadEntry {
@@ -753,7 +808,7 @@ pub async fn restore_workspace(
 
 fn restore_symlink(root: &Path, rel: &str, link: &str, force: bool) -> Result<(), String> {
     let relp = checked_rel(rel)?;
-    make_parents(root, relp, force)?;
+    make_parents(root, relp, force).map_err(|e| e.to_string())?;
     let dest = root.join(relp);
     match fs::symlink_metadata(&dest) {
         Ok(m) if m.file_type().is_symlink() => {
@@ -818,7 +873,10 @@ fn remove_leftovers(root: &Path) {
             let Ok(ft) = e.file_type() else { continue };
             if ft.is_dir() {
                 stack.push(e.path());
-            } else if ft.is_file() && e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            } else if ft.is_file()
+                && e.file_name().to_string_lossy().starts_with(TMP_PREFIX)
+                && !(dir == root && e.file_name() == INCOMPLETE_MARKER)
+            {
                 match fs::remove_file(e.path()) {
                     Ok(()) => {
                         tracing::info!(path = %e.path().display(), "removed what an interrupted restore left")
@@ -985,7 +1043,7 @@ fn extract(
             });
             continue;
         }
-        if let Err(error) = make_parents(root, &path, force) {
+        if let Err(error) = make_parents(root, &path, force).map_err(|e| e.to_string()) {
             report.bad.push(BadEntry { path: label, error });
             continue;
         }
@@ -1022,6 +1080,8 @@ fn extract(
                 report.files += 1;
                 report.bytes += size;
             }
+            // Not this entry's fault: the restore fails (to be run again).
+            Err(e) if is_file_system_failure(&e) => return Err(local(&label, e)),
             Err(e) => report.bad.push(BadEntry {
                 path: label,
                 error: e.to_string(),
@@ -1092,6 +1152,24 @@ mod tests {
         assert!(report.bad.is_empty(), "{report:?}");
         assert_eq!(fs::read_to_string(target.join("b/c.txt")).unwrap(), "gamma");
         assert_eq!(fs::read_to_string(target.join("a.txt")).unwrap(), "alpha");
+    }
+
+    #[test]
+    fn a_full_or_read_only_file_system_fails_the_restore_not_one_entry() {
+        for kind in [
+            io::ErrorKind::StorageFull,
+            io::ErrorKind::QuotaExceeded,
+            io::ErrorKind::ReadOnlyFilesystem,
+        ] {
+            assert!(matches!(
+                io_failure("writing", io::Error::from(kind)),
+                FileError::Local { .. }
+            ));
+            let remote = RemoteError::local("get", Path::new("/t"), io::Error::from(kind));
+            assert!(matches!(FileError::from(remote), FileError::Local { .. }));
+        }
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        assert!(matches!(io_failure("writing", denied), FileError::Bad(_)));
     }
 
     #[test]

@@ -27,7 +27,15 @@ impl Progress for Bar {
 }
 
 pub fn run(config: &Config, to: &Path, snapshot: Option<&str>, force: bool) -> anyhow::Result<u8> {
-    if !force {
+    let marker = to.join(restore::INCOMPLETE_MARKER);
+    // A restore that failed left its marker: what is there is its own, to be resumed.
+    let resuming = marker.is_file();
+    if resuming {
+        eprintln!(
+            "sandkeep: resuming the restore into {} that did not finish",
+            to.display()
+        );
+    } else if !force {
         match restore::holds_nothing_to_keep(config, to) {
             Ok(true) => {}
             Ok(false) => {
@@ -44,11 +52,20 @@ pub fn run(config: &Config, to: &Path, snapshot: Option<&str>, force: bool) -> a
             }
         }
     }
+    if let Err(e) = std::fs::create_dir_all(to).and_then(|()| std::fs::write(&marker, b"")) {
+        eprintln!("sandkeep: cannot write into {}: {e}", to.display());
+        return Ok(EXIT_ERROR);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(restore(config, to, snapshot, force))
+    let code = runtime.block_on(restore(config, to, snapshot, force))?;
+    // Done, or nothing to resume (no such snapshot, nothing in the remote).
+    if code == EXIT_OK || code == EXIT_NOT_FOUND {
+        let _ = std::fs::remove_file(&marker);
+    }
+    Ok(code)
 }
 
 async fn restore(

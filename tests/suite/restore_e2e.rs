@@ -877,3 +877,66 @@ async fn a_bundle_that_cannot_be_unpacked_leaves_no_repository_and_is_kept() {
         "the remote bundle was replaced"
     );
 }
+
+/// A `sandkeep restore` that fails leaves a marker in its target: the next run resumes
+/// there (the target is not empty, but what is in it is its own), and so does a daemon
+/// started on it with `restore = auto`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_offline_restore_is_resumed_by_the_next_run_and_by_a_daemon() {
+    let mut d = synced_workspace(None, true).await;
+    let original = tree(&d.workspace, &not_git);
+    let snapshots = d.remote.join(CONV).join("workspace/compressed");
+    let archive = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
+        .unwrap();
+    let whole = std::fs::read(&archive).unwrap();
+    std::fs::write(&archive, &whole[..whole.len() * 9 / 10]).unwrap();
+    let marker = sandkeep::restore::INCOMPLETE_MARKER;
+    let from_snapshot = ["--snapshot", "latest"];
+
+    // Fails part way: the marker stays beside what it wrote.
+    let target = d.root().join("target");
+    let args = |to: &Path| {
+        let mut a = vec!["--to".to_string(), to.to_str().unwrap().to_string()];
+        a.extend(from_snapshot.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |d: &Daemon, to: &Path| {
+        let a = args(to);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        d.restore_cli(&a, &[])
+    };
+    let out = run(&d, &target);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(target.join(marker).is_file());
+    let written = std::fs::read_dir(&target).unwrap().count();
+    assert!(
+        written > 1,
+        "the failed restore wrote nothing besides its marker"
+    );
+
+    // The next run resumes (no "not empty") and finishes; the marker goes.
+    std::fs::write(&archive, &whole).unwrap();
+    let out = run(&d, &target);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(!target.join(marker).exists());
+    assert_eq!(tree(&target, &not_git), original);
+
+    // A daemon resumes what an init container's restore left.
+    std::fs::write(&archive, &whole[..whole.len() * 9 / 10]).unwrap();
+    d.become_new_sandbox();
+    let ws = d.workspace.clone();
+    assert_eq!(run(&d, &ws).code, 1);
+    assert!(ws.join(marker).is_file());
+    d.spawn_and_wait().await;
+    let status = ok(&d.api().get("/v1/status").await, 200);
+    assert!(
+        status["restore"]["workspace"].is_object(),
+        "not restored: {status}"
+    );
+    assert!(!ws.join(marker).exists());
+    assert_eq!(tree(&ws, &not_git), original);
+}
