@@ -305,17 +305,6 @@ pub struct StoresRestored {
     pub bad: Vec<BadObject>,
 }
 
-/// Where an export that cannot be read is kept: beside it, under a name the restore
-/// does not import and that its content decides (`kv/<namespace>.kv.unreadable-<md5>`),
-/// so keeping the same export again writes the same object.
-pub fn unreadable_key(export_key: &str, data: &[u8]) -> String {
-    use md5::Digest;
-    format!(
-        "{export_key}.unreadable-{}",
-        hex::encode(md5::Md5::digest(data))
-    )
-}
-
 /// Imports every KV namespace export and every file store object of the conversation
 /// into a new, empty state directory.
 ///
@@ -438,11 +427,11 @@ async fn read_retrying(
     .await
 }
 
-/// Copies an export that cannot be read to [`unreadable_key`], retrying with backoff;
+/// Copies an export that cannot be read to [`remote::unreadable_key`], retrying with backoff;
 /// `None` when this daemon may not write (it does not own the conversation, so its
 /// exports cannot overwrite the original either).
 async fn keep_aside(remote: &dyn Remote, key: &str, bytes: Bytes) -> Option<String> {
-    let aside = unreadable_key(key, &bytes);
+    let aside = remote::unreadable_key(key, &bytes);
     let kept = remote::retrying(
         "cannot keep a copy of an unreadable kv export yet",
         || remote.put_bytes(&aside, bytes.clone()),

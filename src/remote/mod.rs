@@ -192,6 +192,15 @@ pub async fn from_config(config: &Config) -> anyhow::Result<Arc<dyn Remote>> {
     })
 }
 
+/// Where an object that cannot be read (a KV export sealed with another key, a
+/// damaged manifest) is kept before anything replaces it: beside it, under a name no
+/// restore reads and that its content decides (`kv/<namespace>.kv.unreadable-<md5>`),
+/// so keeping the same object again writes the same copy.
+pub fn unreadable_key(key: &str, data: &[u8]) -> String {
+    use md5::Digest;
+    format!("{key}.unreadable-{}", hex::encode(md5::Md5::digest(data)))
+}
+
 /// Exponential backoff with jitter: 200 ms doubling to 30 s, each delay drawn between
 /// half and the full value.
 #[derive(Clone, Debug)]

@@ -572,7 +572,17 @@ impl SyncEngine {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "remote manifest is unreadable; it will be rewritten")
+                    // What it names stays in remote storage, but only it says what the
+                    // objects are (times, modes, symlinks, empty directories): a copy
+                    // is kept before the next round replaces it.
+                    let key = self.keys.manifest();
+                    let aside = crate::remote::unreadable_key(&key, &bytes);
+                    if let Err(put) = self.remote.put_bytes(&aside, bytes.clone()).await {
+                        return Err(SyncError::Remote(format!(
+                            "the remote manifest is unreadable ({e}) and cannot be kept aside before it is rewritten: {put}"
+                        )));
+                    }
+                    tracing::error!(error = %e, kept_as = %aside, "the remote manifest is unreadable: kept aside, and rewritten from this workspace; the objects it named stay in remote storage");
                 }
             },
             Ok(None) if self.manifest.generation > 0 => {

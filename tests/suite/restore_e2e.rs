@@ -940,3 +940,45 @@ async fn a_failed_offline_restore_is_resumed_by_the_next_run_and_by_a_daemon() {
     assert!(!ws.join(marker).exists());
     assert_eq!(tree(&ws, &not_git), original);
 }
+
+/// A remote manifest that cannot be read is kept aside before the new daemon's first
+/// round replaces it, and the objects it named stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_manifest_is_kept_aside_before_it_is_replaced() {
+    let mut d = synced_workspace(None, false).await;
+    let manifest = d.remote.join(CONV).join("workspace/manifest.json");
+    let garbage = b"{\"format\": 1, \"files\": tru".to_vec();
+    std::fs::write(&manifest, &garbage).unwrap();
+
+    d.become_new_sandbox();
+    d.spawn_and_wait().await;
+    let status = ok(&d.api().get("/v1/status").await, 200);
+    assert!(
+        status["restore"]["workspace"]["error"].is_string(),
+        "{status}"
+    );
+    write(&d.workspace, "new.txt", "new\n");
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    let kept: Vec<PathBuf> = std::fs::read_dir(manifest.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("manifest.json.unreadable-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(std::fs::read(&kept[0]).unwrap(), garbage);
+    assert!(
+        std::fs::read_to_string(&manifest)
+            .unwrap()
+            .contains("new.txt")
+    );
+    assert!(
+        remote_file(&d, "a.txt").exists(),
+        "an object the old manifest named"
+    );
+}
