@@ -491,7 +491,18 @@ impl Remote for DirRemote {
             for p in paths {
                 match std::fs::remove_file(&p) {
                     Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    // No object there: nothing, a directory of other objects (`a` when
+                    // `a/b` was stored since), or a file where a parent would be.
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::NotFound
+                                | std::io::ErrorKind::IsADirectory
+                                | std::io::ErrorKind::NotADirectory
+                        ) =>
+                    {
+                        continue;
+                    }
                     Err(e) => return Err(RemoteError::local("delete", &p, e)),
                 }
                 // Remove directories left empty, like a bucket has no directories.
@@ -615,6 +626,26 @@ mod tests {
         let all = crate::remote::list_all(remote.as_ref(), "").await.unwrap();
         let keys: Vec<_> = all.iter().map(|o| o.key.as_str()).collect();
         assert_eq!(keys, [key]);
+    }
+
+    #[tokio::test]
+    async fn deleting_a_key_that_names_a_directory_or_lies_under_a_file_is_a_no_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = DirRemote::new(dir.path()).unwrap();
+        remote
+            .put_bytes("c/a/b", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        remote
+            .put_bytes("c/f", Bytes::from_static(b"2"))
+            .await
+            .unwrap();
+        remote
+            .delete_many(&["c/a".into(), "c/f/g".into()])
+            .await
+            .unwrap();
+        assert_eq!(remote.get_bytes("c/a/b").await.unwrap().unwrap(), "1");
+        assert_eq!(remote.get_bytes("c/f").await.unwrap().unwrap(), "2");
     }
 
     #[tokio::test]
