@@ -3,7 +3,8 @@
 //! tree against.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -96,94 +97,154 @@ const GUARDS_KEY: &str = "guards";
 
 /// The last published manifest, kept durably so a restarted daemon compares against
 /// exactly what the remote holds.
+///
+/// After a failed write (a full disk) redb refuses every later transaction until the
+/// database is opened again: any failure closes it, and the next use opens it anew, so
+/// that the mirror carries on by itself once the disk has room.
 pub struct ManifestCache {
-    db: Database,
+    path: PathBuf,
+    db: Mutex<Option<Database>>,
+}
+
+fn open_database(path: &Path) -> Result<Database, CacheError> {
+    let db = Database::create(path).map_err(|e| CacheError(format!("{}: {e}", path.display())))?;
+    let wtx = db.begin_write()?;
+    wtx.open_table(STATE)?;
+    wtx.open_table(PENDING_DELETES)?;
+    wtx.commit()?;
+    Ok(db)
 }
 
 impl ManifestCache {
     pub fn open(path: &Path) -> Result<Self, CacheError> {
-        let db =
-            Database::create(path).map_err(|e| CacheError(format!("{}: {e}", path.display())))?;
-        let wtx = db.begin_write()?;
-        wtx.open_table(STATE)?;
-        wtx.open_table(PENDING_DELETES)?;
-        wtx.commit()?;
-        Ok(Self { db })
+        let db = open_database(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            db: Mutex::new(Some(db)),
+        })
+    }
+
+    /// Runs `f` on the database, opened again first if a failure closed it.
+    fn with<T>(&self, f: impl FnOnce(&Database) -> Result<T, CacheError>) -> Result<T, CacheError> {
+        let mut db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+        let result = match db.as_ref() {
+            Some(open) => f(open),
+            None => {
+                let open = db.insert(open_database(&self.path)?);
+                f(open)
+            }
+        };
+        if result.is_err() {
+            *db = None;
+        }
+        result
     }
 
     /// The cached manifest (empty, generation 0, when none was published yet).
     pub fn load(&self) -> Result<Manifest, CacheError> {
-        let rtx = self.db.begin_read()?;
-        let t = rtx.open_table(STATE)?;
-        match t.get(MANIFEST_KEY)? {
-            Some(v) => Ok(serde_json::from_slice(v.value())?),
-            None => Ok(Manifest {
-                format: FORMAT,
-                ..Manifest::default()
-            }),
-        }
+        self.with(|db| {
+            let rtx = db.begin_read()?;
+            let t = rtx.open_table(STATE)?;
+            match t.get(MANIFEST_KEY)? {
+                Some(v) => Ok(serde_json::from_slice(v.value())?),
+                None => Ok(Manifest {
+                    format: FORMAT,
+                    ..Manifest::default()
+                }),
+            }
+        })
     }
 
     /// The delete guards' state (none held when never stored).
     pub fn load_guards(&self) -> Result<Guards, CacheError> {
-        let rtx = self.db.begin_read()?;
-        let t = rtx.open_table(STATE)?;
-        match t.get(GUARDS_KEY)? {
-            Some(v) => Ok(serde_json::from_slice(v.value())?),
-            None => Ok(Guards::default()),
-        }
+        self.with(|db| {
+            let rtx = db.begin_read()?;
+            let t = rtx.open_table(STATE)?;
+            match t.get(GUARDS_KEY)? {
+                Some(v) => Ok(serde_json::from_slice(v.value())?),
+                None => Ok(Guards::default()),
+            }
+        })
     }
 
     pub fn store_guards(&self, guards: &Guards) -> Result<(), CacheError> {
         let json = serde_json::to_vec(guards)?;
-        let wtx = self.db.begin_write()?;
-        wtx.open_table(STATE)?.insert(GUARDS_KEY, json.as_slice())?;
-        wtx.commit()?;
-        Ok(())
+        self.with(|db| {
+            let wtx = db.begin_write()?;
+            wtx.open_table(STATE)?.insert(GUARDS_KEY, json.as_slice())?;
+            wtx.commit()?;
+            Ok(())
+        })
     }
 
     pub fn pending_deletes(&self) -> Result<Vec<String>, CacheError> {
-        let rtx = self.db.begin_read()?;
-        let t = rtx.open_table(PENDING_DELETES)?;
-        let mut out = Vec::new();
-        for item in t.iter()? {
-            out.push(item?.0.value().to_string());
-        }
-        Ok(out)
+        self.with(|db| {
+            let rtx = db.begin_read()?;
+            let t = rtx.open_table(PENDING_DELETES)?;
+            let mut out = Vec::new();
+            for item in t.iter()? {
+                out.push(item?.0.value().to_string());
+            }
+            Ok(out)
+        })
     }
 
     /// Records a published manifest and the objects to delete now that it is out.
     pub fn store(&self, manifest: &Manifest, deletes: &[String]) -> Result<(), CacheError> {
         let json = serde_json::to_vec(manifest)?;
-        let wtx = self.db.begin_write()?;
-        {
-            let mut t = wtx.open_table(STATE)?;
-            t.insert(MANIFEST_KEY, json.as_slice())?;
-            let mut d = wtx.open_table(PENDING_DELETES)?;
-            for k in deletes {
-                d.insert(k.as_str(), ())?;
+        self.with(|db| {
+            let wtx = db.begin_write()?;
+            {
+                let mut t = wtx.open_table(STATE)?;
+                t.insert(MANIFEST_KEY, json.as_slice())?;
+                let mut d = wtx.open_table(PENDING_DELETES)?;
+                for k in deletes {
+                    d.insert(k.as_str(), ())?;
+                }
             }
-        }
-        wtx.commit()?;
-        Ok(())
+            wtx.commit()?;
+            Ok(())
+        })
     }
 
     pub fn deletes_done(&self, keys: &[String]) -> Result<(), CacheError> {
-        let wtx = self.db.begin_write()?;
-        {
-            let mut d = wtx.open_table(PENDING_DELETES)?;
-            for k in keys {
-                d.remove(k.as_str())?;
+        self.with(|db| {
+            let wtx = db.begin_write()?;
+            {
+                let mut d = wtx.open_table(PENDING_DELETES)?;
+                for k in keys {
+                    d.remove(k.as_str())?;
+                }
             }
-        }
-        wtx.commit()?;
-        Ok(())
+            wtx.commit()?;
+            Ok(())
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_closes_the_database_and_the_next_use_opens_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ManifestCache::open(&dir.path().join("sync.redb")).unwrap();
+        let m = Manifest {
+            generation: 7,
+            ..Manifest::default()
+        };
+        cache.store(&m, &["k".into()]).unwrap();
+        let failed: Result<(), _> = cache.with(|_| Err(CacheError("disk full".into())));
+        assert!(failed.is_err());
+        assert!(
+            cache.db.lock().unwrap().is_none(),
+            "still open after a failure"
+        );
+        assert_eq!(cache.load().unwrap().generation, 7);
+        assert_eq!(cache.pending_deletes().unwrap(), vec!["k".to_string()]);
+        assert!(cache.db.lock().unwrap().is_some());
+    }
 
     #[test]
     fn cache_roundtrip() {

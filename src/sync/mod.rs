@@ -53,6 +53,10 @@ pub enum SyncError {
     WorkspaceUnavailable(String),
     #[error("remote storage: {0}")]
     Remote(String),
+    /// The daemon's own side failed (its sync state database, scanning the tree):
+    /// retried with backoff like a remote failure.
+    #[error("{0}")]
+    Local(String),
     /// New entries wait for a delete guard (nothing failed: retried at the pace of
     /// the debounce, not with the backoff of a failing remote).
     #[error("{0}")]
@@ -919,8 +923,8 @@ impl SyncEngine {
         let cache = self.cache.clone();
         let keys = tokio::task::spawn_blocking(move || cache.pending_deletes())
             .await
-            .map_err(|e| SyncError::Remote(e.to_string()))?
-            .map_err(|e| SyncError::Remote(e.to_string()))?;
+            .map_err(|e| SyncError::Local(e.to_string()))?
+            .map_err(|e| SyncError::Local(e.to_string()))?;
         if keys.is_empty() {
             return Ok(0);
         }
@@ -932,8 +936,8 @@ impl SyncEngine {
         let n = keys.len() as u64;
         tokio::task::spawn_blocking(move || cache.deletes_done(&keys))
             .await
-            .map_err(|e| SyncError::Remote(e.to_string()))?
-            .map_err(|e| SyncError::Remote(e.to_string()))?;
+            .map_err(|e| SyncError::Local(e.to_string()))?
+            .map_err(|e| SyncError::Local(e.to_string()))?;
         Ok(n)
     }
 
@@ -1022,7 +1026,7 @@ impl SyncEngine {
                 if full {
                     SyncError::WorkspaceUnavailable(e.to_string())
                 } else {
-                    SyncError::Remote(format!("scanning the workspace: {e}"))
+                    SyncError::Local(format!("scanning the workspace: {e}"))
                 }
             })?;
             // Plan: what stays, what is gone, what must be hashed.
@@ -1409,8 +1413,8 @@ impl SyncEngine {
             let stored = next.clone();
             tokio::task::spawn_blocking(move || cache.store(&stored, &gone_keys))
                 .await
-                .map_err(|e| SyncError::Remote(e.to_string()))?
-                .map_err(|e| SyncError::Remote(e.to_string()))?;
+                .map_err(|e| SyncError::Local(e.to_string()))?
+                .map_err(|e| SyncError::Local(e.to_string()))?;
             self.manifest = next;
             if !gone.is_empty() {
                 stats.files_deleted += self.flush_pending_deletes().await?;
