@@ -85,6 +85,19 @@ pub async fn write_bundles(State(state): State<AppState>, ctx: Ctx) -> Result<Re
     ctx.grant.require(Scope::Admin)?;
     ctx.query.allow(&[])?;
     let round = state.git.write_all(true).await?;
+    // Nothing written, and only because remote storage failed: the route's 502 (a
+    // repository that cannot be read is listed, and the others' bundles still count).
+    if round.bundles.is_empty()
+        && let Some(first) = round.errors.first()
+        && round.errors.iter().all(|f| f.remote)
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "remote_error",
+            format!("remote storage failed: {}", first.error),
+        )
+        .with("errors", json!(round.errors)));
+    }
     Ok(json_ok(
         StatusCode::OK,
         json!({"bundles": round.bundles, "errors": round.errors}),

@@ -958,3 +958,22 @@ async fn config_hooks_exclude_and_every_stash_entry_come_back() {
     // The stash's helper refs stay inside the bundle.
     assert!(!git(&ws, &["for-each-ref"]).contains("refs/sandkeep/"));
 }
+
+/// When remote storage fails for every repository, nothing was written: 502, with the
+/// failures listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_request_that_remote_storage_fails_entirely_is_a_502() {
+    let d = Daemon::start_with(NO_PERIODIC).await;
+    let ws = d.workspace.clone();
+    git(&ws, &["init", "-q"]);
+    write(&ws, "a.txt", "a\n");
+    // The remote's volume goes away.
+    let away = d.root().join("remote-away");
+    std::fs::rename(&d.remote, &away).unwrap();
+    let r = d.api().post_empty("/v1/git/bundle").await;
+    let body = crate::util::assert_error(&r, 502, "remote_error");
+    assert_eq!(body["errors"][0]["repo"], ".", "{body}");
+    std::fs::rename(&away, &d.remote).unwrap();
+    let body = post_bundle(&d).await;
+    assert_eq!(body["bundles"][0]["repo"], ".", "{body}");
+}
