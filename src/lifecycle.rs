@@ -502,6 +502,32 @@ pub async fn run(
             ),
         }
     }
+    // A state directory that is not new, taking the conversation over from another
+    // daemon: what that daemon exported is newer than this store (a sandbox coming
+    // back after another one ran). Taken in before anything is served or exported.
+    if claimed
+        && owner.took_over_from_another()
+        && files.restore_pending().await? == Some(false)
+        && !lifecycle.shutdown.is_cancelled()
+    {
+        let prefix = config.conversation_prefix();
+        let taken = tokio::select! {
+            r = crate::remote::retrying(
+                "cannot compare the kv exports in remote storage with this store yet",
+                || crate::replicate::take_in_newer_exports(&kv, remote.as_ref(), &prefix),
+                |_| true,
+            ) => r.ok(),
+            _ = lifecycle.shutdown.cancelled() => None,
+        };
+        if let Some(replaced) = taken
+            && !replaced.is_empty()
+        {
+            lifecycle.record_restore(
+                "stores",
+                serde_json::json!({"replaced_namespaces": replaced}),
+            );
+        }
+    }
     if claimed && files.restore_pending().await? == Some(true) && !lifecycle.shutdown.is_cancelled()
     {
         let restored = tokio::select! {

@@ -129,6 +129,9 @@ pub struct Owner {
     status: std::sync::Mutex<OwnerStatus>,
     /// Cancelled when the claim ends for good (lost or released): [`Owner::run`] ends.
     ended: CancellationToken,
+    /// Whether the claim took the conversation over from another instance (see
+    /// [`Owner::took_over_from_another`]).
+    took_over: std::sync::atomic::AtomicBool,
 }
 
 impl Owner {
@@ -177,6 +180,7 @@ impl Owner {
                 last_error: None,
             }),
             ended: CancellationToken::new(),
+            took_over: std::sync::atomic::AtomicBool::new(false),
             instance,
         }))
     }
@@ -184,6 +188,14 @@ impl Owner {
     /// The fence every other remote write goes through.
     pub fn fence(&self) -> Arc<Fence> {
         self.fence.clone()
+    }
+
+    /// Whether this daemon took the conversation over from another instance (one
+    /// that released it or whose lease expired), rather than creating the claim or
+    /// taking back its own: then remote storage may hold what that daemon wrote, newer
+    /// than this state directory.
+    pub fn took_over_from_another(&self) -> bool {
+        self.took_over.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn instance(&self) -> &str {
@@ -403,35 +415,37 @@ impl Owner {
     }
 
     async fn claim_once(&self, held: &mut Held) -> Result<bool, RemoteError> {
-        let (cond, epoch, reason) = match self.remote.get_bytes_tagged(&self.key).await? {
-            None => (Precondition::Absent, 1, "no daemon owned it"),
-            Some((bytes, etag)) => {
-                let record = serde_json::from_slice::<OwnerRecord>(&bytes).ok();
-                let lease = record
-                    .as_ref()
-                    .map_or(self.lease, |r| Duration::from_millis(r.lease_ms));
-                let epoch = record.as_ref().map_or(0, |r| r.epoch) + 1;
-                let now = Instant::now();
-                let since = match &held.seen {
-                    Some((seen, since)) if *seen == etag => *since,
-                    _ => {
-                        held.seen = Some((etag.clone(), now));
-                        now
-                    }
-                };
-                let reason = if record.as_ref().is_some_and(|r| r.instance == self.instance) {
-                    "restarted on the same state directory"
-                } else if lease.is_zero() {
-                    "the previous owner released it"
-                } else if now - since >= lease {
-                    "the previous owner's lease expired"
-                } else {
-                    self.note_holder(held, record);
-                    return Ok(false);
-                };
-                (Precondition::Matches(etag), epoch, reason)
-            }
-        };
+        let (cond, epoch, reason, from_another) =
+            match self.remote.get_bytes_tagged(&self.key).await? {
+                None => (Precondition::Absent, 1, "no daemon owned it", false),
+                Some((bytes, etag)) => {
+                    let record = serde_json::from_slice::<OwnerRecord>(&bytes).ok();
+                    let lease = record
+                        .as_ref()
+                        .map_or(self.lease, |r| Duration::from_millis(r.lease_ms));
+                    let epoch = record.as_ref().map_or(0, |r| r.epoch) + 1;
+                    let now = Instant::now();
+                    let since = match &held.seen {
+                        Some((seen, since)) if *seen == etag => *since,
+                        _ => {
+                            held.seen = Some((etag.clone(), now));
+                            now
+                        }
+                    };
+                    let reason = if record.as_ref().is_some_and(|r| r.instance == self.instance) {
+                        "restarted on the same state directory"
+                    } else if lease.is_zero() {
+                        "the previous owner released it"
+                    } else if now - since >= lease {
+                        "the previous owner's lease expired"
+                    } else {
+                        self.note_holder(held, record);
+                        return Ok(false);
+                    };
+                    let from_another = record.as_ref().is_none_or(|r| r.instance != self.instance);
+                    (Precondition::Matches(etag), epoch, reason, from_another)
+                }
+            };
         let sent = Instant::now();
         match self
             .remote
@@ -439,6 +453,8 @@ impl Owner {
             .await
         {
             Ok(_) => {
+                self.took_over
+                    .store(from_another, std::sync::atomic::Ordering::Relaxed);
                 held.state = OwnerState::Claimed;
                 held.epoch = epoch;
                 held.seen = None;

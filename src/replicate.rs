@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::files::{self, FileStore, Pending};
 use crate::kv::export::Imported;
 use crate::kv::{KvError, KvStore};
-use crate::remote::{self, Backoff, Remote, RemoteError};
+use crate::remote::{self, Backoff, Precondition, Remote, RemoteError};
 
 /// File uploads in flight during one pass.
 const FILE_CONCURRENCY: usize = 8;
@@ -225,10 +225,14 @@ impl Replicator {
         for (ns, _) in self.kv.exports_due().await? {
             let export = self.kv.export(&ns).await?;
             let size = export.bytes.len() as u64;
-            self.remote
-                .put_bytes(&export_key(&self.prefix, &ns), Bytes::from(export.bytes))
-                .await?;
-            self.kv.mark_exported(&ns, export.version).await?;
+            let key = export_key(&self.prefix, &ns);
+            let Some(etag) = self
+                .store_export(&ns, &key, Bytes::from(export.bytes))
+                .await?
+            else {
+                continue;
+            };
+            self.kv.mark_exported(&ns, export.version, &etag).await?;
             tracing::debug!(namespace = %ns, version = export.version, keys = export.keys, bytes = size, "kv namespace exported");
             stats.namespaces += 1;
             stats.bytes_uploaded += size;
@@ -263,6 +267,84 @@ impl Replicator {
         match failed {
             Some(e) => Err(e),
             None => Ok(stats),
+        }
+    }
+
+    /// Writes the export of `ns` over the object this store exported last, and only
+    /// over that: a conditional write on its ETag (absent when it never exported). The
+    /// ETag of the stored export; `None` when another daemon exported the namespace
+    /// since (this one lost the conversation for a while, then took it back): its
+    /// export is the conversation's state, and replaces this store's namespace.
+    async fn store_export(
+        &self,
+        ns: &str,
+        key: &str,
+        bytes: Bytes,
+    ) -> Result<Option<String>, ReplicateError> {
+        let (version, etag) = self.kv.last_export(ns).await?;
+        let cond = match (&etag, version) {
+            (Some(etag), _) => Precondition::Matches(etag.clone()),
+            (None, None) => Precondition::Absent,
+            // Exported without an ETag recorded (imported, or by an earlier version):
+            // judged by what is there.
+            (None, Some(_)) => return self.store_export_over(ns, key, bytes, version).await,
+        };
+        match self.remote.put_bytes_if(key, bytes.clone(), cond).await {
+            Ok(etag) => Ok(Some(etag)),
+            Err(RemoteError::PreconditionFailed { .. }) => {
+                self.store_export_over(ns, key, bytes, version).await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// [`store_export`](Self::store_export) once the object is not the one expected:
+    /// still this store's last export (the same version: written over, on its ETag),
+    /// or another daemon's (taken in).
+    async fn store_export_over(
+        &self,
+        ns: &str,
+        key: &str,
+        bytes: Bytes,
+        exported: Option<u64>,
+    ) -> Result<Option<String>, ReplicateError> {
+        let Some((theirs, their_etag)) = self.remote.get_bytes_tagged(key).await? else {
+            let etag = self
+                .remote
+                .put_bytes_if(key, bytes, Precondition::Absent)
+                .await?;
+            return Ok(Some(etag));
+        };
+        match self.kv.export_version(ns, &theirs) {
+            Ok(v) if Some(v) == exported => {
+                let etag = self
+                    .remote
+                    .put_bytes_if(key, bytes, Precondition::Matches(their_etag))
+                    .await?;
+                Ok(Some(etag))
+            }
+            Ok(v) => {
+                tracing::warn!(
+                    namespace = ns,
+                    remote_version = v,
+                    last_exported = ?exported,
+                    "another daemon exported this kv namespace since this one last did (it owned the conversation meanwhile): its export replaces this store's namespace, and the local changes since this store's last export are dropped"
+                );
+                self.kv
+                    .replace_with_export(ns, &theirs, &their_etag)
+                    .await?;
+                Ok(None)
+            }
+            Err(why) => {
+                // Not readable here (another key): kept aside, then written over.
+                let kept = keep_aside(self.remote.as_ref(), key, theirs).await;
+                tracing::error!(namespace = ns, error = %why, kept_as = kept.as_deref().unwrap_or("(not kept)"), "the remote export of this kv namespace cannot be read; kept aside before it is replaced");
+                let etag = self
+                    .remote
+                    .put_bytes_if(key, bytes, Precondition::Matches(their_etag))
+                    .await?;
+                Ok(Some(etag))
+            }
         }
     }
 
@@ -410,6 +492,53 @@ pub async fn restore_stores(
         files.import(batch).await?;
     }
     Ok(out)
+}
+
+/// After a takeover from another daemon (see [`crate::owner::Owner::took_over_from_another`]):
+/// every KV export in remote storage that this state directory did not write last
+/// replaces its namespace here, so that this daemon's next export of it cannot
+/// overwrite what the other daemon wrote. Changes this store made after its last
+/// export (as a daemon that had lost the conversation) are dropped. Returns the
+/// namespaces replaced.
+pub async fn take_in_newer_exports(
+    kv: &KvStore,
+    remote: &dyn Remote,
+    conversation_prefix: &str,
+) -> Result<Vec<String>, ReplicateError> {
+    let kv_prefix = format!("{conversation_prefix}kv/");
+    let mut replaced = Vec::new();
+    for o in remote::list_all(remote, &kv_prefix).await? {
+        let Some(ns) = crate::kv::export::namespace_of(&o.key, &kv_prefix) else {
+            continue;
+        };
+        let Some((theirs, their_etag)) = remote.get_bytes_tagged(&o.key).await? else {
+            continue;
+        };
+        let (ours, our_etag) = kv.last_export(&ns).await?;
+        if our_etag.as_deref() == Some(their_etag.as_str()) {
+            continue;
+        }
+        match kv.export_version(&ns, &theirs) {
+            // This store's own last export (its ETag not recorded yet).
+            Ok(v) if Some(v) == ours => kv.mark_exported(&ns, v, &their_etag).await?,
+            Ok(v) => {
+                tracing::warn!(
+                    namespace = %ns,
+                    remote_version = v,
+                    last_exported = ?ours,
+                    "another daemon exported this kv namespace while it owned the conversation: its export replaces this store's namespace (local changes since this store's last export are dropped)"
+                );
+                kv.replace_with_export(&ns, &theirs, &their_etag).await?;
+                replaced.push(ns);
+            }
+            // Another key, or damaged: left to the export path, which keeps it aside
+            // before it writes over it.
+            Err(why) => {
+                tracing::error!(namespace = %ns, error = %why, "the remote export of this kv namespace cannot be read");
+            }
+        }
+    }
+    Ok(replaced)
 }
 
 /// Reads an object to restore, retrying with backoff while it fails with an error

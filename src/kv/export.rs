@@ -25,6 +25,9 @@ const MAX_PLAIN: u64 = 1 << 30;
 
 /// namespace → the version last exported (and known to be in remote storage).
 const EXPORTED: TableDefinition<&str, u64> = TableDefinition::new("kv_exported");
+/// The ETag remote storage gave the last export of each namespace: the next export is
+/// written only over that object (a conditional write), never over another daemon's.
+const EXPORTED_ETAG: TableDefinition<&str, &str> = TableDefinition::new("kv_exported_etag");
 
 #[derive(Serialize, Deserialize)]
 struct ExportBody {
@@ -207,14 +210,41 @@ impl KvStore {
         .await
     }
 
-    /// Records that version `version` of `ns` is in remote storage.
-    pub async fn mark_exported(&self, ns: &str, version: u64) -> Result<(), KvError> {
-        let ns = ns.to_string();
+    /// Records that version `version` of `ns` is in remote storage, as the object
+    /// with `etag`.
+    pub async fn mark_exported(&self, ns: &str, version: u64, etag: &str) -> Result<(), KvError> {
+        let (ns, etag) = (ns.to_string(), etag.to_string());
         self.exec(true, move |wtx, _, _| {
             wtx.open_table(EXPORTED)?.insert(ns.as_str(), version)?;
+            wtx.open_table(EXPORTED_ETAG)?
+                .insert(ns.as_str(), etag.as_str())?;
             Ok(())
         })
         .await
+    }
+
+    /// The version of `ns` last exported, and the ETag of that object when known.
+    pub async fn last_export(&self, ns: &str) -> Result<(Option<u64>, Option<String>), KvError> {
+        let ns = ns.to_string();
+        self.read_txn(move |rtx, _| {
+            let version = match rtx.open_table(EXPORTED) {
+                Ok(t) => t.get(ns.as_str())?.map(|v| v.value()),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            let etag = match rtx.open_table(EXPORTED_ETAG) {
+                Ok(t) => t.get(ns.as_str())?.map(|v| v.value().to_string()),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            Ok((version, etag))
+        })
+        .await
+    }
+
+    /// The namespace version an export of `ns` holds.
+    pub fn export_version(&self, ns: &str, bytes: &[u8]) -> Result<u64, String> {
+        open(&self.cipher(), ns, bytes).map(|body| body.version)
     }
 
     /// Imports the export `bytes` of `ns` into a namespace that holds nothing yet:
@@ -222,6 +252,30 @@ impl KvStore {
     /// meanwhile are left out. An error is a local storage failure (worth retrying); an
     /// export that cannot be read is [`Imported::Unreadable`].
     pub async fn import(&self, ns: &str, bytes: &[u8]) -> Result<Imported, KvError> {
+        self.import_export(ns, bytes, None).await
+    }
+
+    /// Replaces what this store holds of `ns` with the export `bytes` (the object with
+    /// `etag`): another daemon exported the namespace since this one last did, and the
+    /// conversation's state is what the owner wrote. Local changes since this store's
+    /// last export are dropped.
+    pub async fn replace_with_export(
+        &self,
+        ns: &str,
+        bytes: &[u8],
+        etag: &str,
+    ) -> Result<Imported, KvError> {
+        self.import_export(ns, bytes, Some(etag.to_string())).await
+    }
+
+    /// [`import`](Self::import), or with `replacing` (the export's ETag)
+    /// [`replace_with_export`](Self::replace_with_export).
+    async fn import_export(
+        &self,
+        ns: &str,
+        bytes: &[u8],
+        replacing: Option<String>,
+    ) -> Result<Imported, KvError> {
         super::validate::namespace(ns)?;
         let body = match open(&self.cipher(), ns, bytes) {
             Ok(body) => body,
@@ -229,7 +283,24 @@ impl KvStore {
         };
         let ns = ns.to_string();
         self.exec(true, move |wtx, tables: &mut Tables<'_>, cipher| {
-            if tables.namespaces.get(ns.as_str())?.is_some() {
+            if let Some(etag) = &replacing {
+                let mut keys: Vec<String> = Vec::new();
+                for item in tables.records.range((ns.as_str(), "")..)? {
+                    let (k, _) = item?;
+                    let (n, key) = k.value();
+                    if n != ns.as_str() {
+                        break;
+                    }
+                    keys.push(key.to_string());
+                }
+                for key in &keys {
+                    tables.records.remove((ns.as_str(), key.as_str()))?;
+                }
+                tables.expiry.retain(|(_, n, _), ()| n != ns.as_str())?;
+                tables.namespaces.remove(ns.as_str())?;
+                wtx.open_table(EXPORTED_ETAG)?
+                    .insert(ns.as_str(), etag.as_str())?;
+            } else if tables.namespaces.get(ns.as_str())?.is_some() {
                 return Ok(Imported::AlreadyHere);
             }
             let now = now_ms();
@@ -345,7 +416,7 @@ mod tests {
         assert_eq!(due.len(), 2);
         let export = a.export("ns").await.unwrap();
         assert_eq!((export.version, export.keys), (4, 2)); // `short` expired
-        a.mark_exported("ns", export.version).await.unwrap();
+        a.mark_exported("ns", export.version, "etag").await.unwrap();
         assert_eq!(a.exports_due().await.unwrap(), vec![("other".into(), 1)]);
         assert!(!export.bytes.windows(2).any(|w| w == b"v2"));
 

@@ -542,3 +542,60 @@ async fn a_sync_timeout_says_which_part_is_behind() {
     assert!(object(&d, "kv/default.kv").exists());
     assert_eq!(ok(&api.get("/v1/status").await, 200)["state"], "ready");
 }
+
+/// A sandbox that comes back (its state directory kept) after another daemon owned the
+/// conversation takes in what that daemon exported before it serves anything: its own
+/// stale namespace must not be exported over the newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_sandbox_takes_in_what_the_other_owner_exported() {
+    let mut d = Daemon::start_with("[kv]\nreplicate_delay = \"1h\"\n").await;
+    let api = d.api();
+    ok(&api.put("/v1/kv/shared?ns=c", &json!("a")).await, 201);
+    ok(&api.put("/v1/kv/other?ns=d", &json!("a-only")).await, 201);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+    let key = d.generated_key();
+    // The first sandbox's state directory is kept aside.
+    let kept = d.root().join("first-state");
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&d.state_dir)
+        .arg(&kept)
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    // Another sandbox (a new state directory) owns the conversation and writes.
+    wipe_state(&d);
+    d.set_env("SANDKEEP_KV_KEY", &key);
+    d.spawn_and_wait().await;
+    let api = d.api();
+    assert_eq!(api.value_in(Some("c"), "shared").await, Some(json!("a")));
+    ok(&api.put("/v1/kv/shared?ns=c", &json!("b")).await, 200);
+    ok(&api.put("/v1/kv/b_only?ns=c", &json!(1)).await, 201);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+
+    // The first one comes back on its old state directory.
+    wipe_state(&d);
+    std::fs::rename(&kept, &d.state_dir).unwrap();
+    d.spawn_and_wait().await;
+    let api = d.api();
+    assert_eq!(api.value_in(Some("c"), "shared").await, Some(json!("b")));
+    assert_eq!(api.value_in(Some("c"), "b_only").await, Some(json!(1)));
+    assert_eq!(
+        api.value_in(Some("d"), "other").await,
+        Some(json!("a-only"))
+    );
+    ok(&api.put("/v1/kv/shared?ns=c", &json!("c")).await, 200);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+
+    // What the remote holds now: every owner's work, the last write last.
+    wipe_state(&d);
+    d.spawn_and_wait().await;
+    let api = d.api();
+    assert_eq!(api.value_in(Some("c"), "shared").await, Some(json!("c")));
+    assert_eq!(api.value_in(Some("c"), "b_only").await, Some(json!(1)));
+    assert_eq!(
+        api.value_in(Some("d"), "other").await,
+        Some(json!("a-only"))
+    );
+}
