@@ -515,6 +515,14 @@ impl Config {
                 "must be `/`-separated names, with no empty, `.` or `..` segment and no control characters",
             ));
         }
+        // A `dir` remote keeps its own files at its root under these names.
+        let first = prefix.split('/').next().unwrap_or_default();
+        if self.remote.kind == RemoteKind::Dir && crate::remote::dir::RESERVED.contains(&first) {
+            return Err(invalid(
+                "remote.prefix",
+                format!("`{first}` is the `dir` remote's own name at its root"),
+            ));
+        }
         if self.auth.mode == AuthMode::Token && self.auth.secret.len() < MIN_AUTH_SECRET {
             return Err(invalid(
                 "auth.secret",
@@ -893,6 +901,14 @@ mod tests {
             ("[remote]\nprefix = \"../escape/\"\n", "remote.prefix"),
             ("[remote]\nprefix = \"a//b/\"\n", "remote.prefix"),
             ("[remote]\nprefix = \"a//\"\n", "remote.prefix"),
+            (
+                "[remote]\nkind = \"dir\"\npath = \"/r\"\nprefix = \".sandkeep-tmp/\"\n",
+                "remote.prefix",
+            ),
+            (
+                "[remote]\nkind = \"dir\"\npath = \"/r\"\nprefix = \".sandkeep-lock/x/\"\n",
+                "remote.prefix",
+            ),
             ("[remote]\nprefix = \"//\"\n", "remote.prefix"),
             ("[remote]\nprefix = \"/\"\n", "remote.prefix"),
         ] {

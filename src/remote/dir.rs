@@ -22,6 +22,8 @@ use super::{ListPage, ObjectInfo, Precondition, Remote, RemoteError};
 const TMP_DIR: &str = ".sandkeep-tmp";
 /// The lock file of conditional writes, at the root; never listed.
 const LOCK_FILE: &str = ".sandkeep-lock";
+/// The names at the root that are this remote's own, never keys.
+pub const RESERVED: [&str; 2] = [TMP_DIR, LOCK_FILE];
 const PAGE: usize = 1000;
 
 pub struct DirRemote {
@@ -44,8 +46,7 @@ impl DirRemote {
         let ok = !key.is_empty()
             && !key.contains("//")
             && !key.ends_with('/')
-            && first != TMP_DIR
-            && first != LOCK_FILE
+            && !RESERVED.contains(&first)
             && rel.components().all(|c| matches!(c, Component::Normal(_)));
         if !ok {
             return Err(RemoteError::Service {
@@ -116,6 +117,25 @@ impl DirRemote {
         Ok(dir.join(format!("{:016x}", rand::random::<u64>())))
     }
 
+    /// Renames the finished temporary file into place. Its directory may have been
+    /// removed meanwhile (a delete of its last other object): made again, once.
+    fn rename_into(
+        &self,
+        key: &str,
+        tmp: &Path,
+        dest: &Path,
+        parent: &Path,
+    ) -> Result<(), RemoteError> {
+        match std::fs::rename(tmp, dest) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && tmp.exists() => {
+                self.make_parent(key, parent)?;
+                std::fs::rename(tmp, dest)
+            }
+            other => other,
+        }
+        .map_err(|e| RemoteError::local("put", dest, e))
+    }
+
     fn write_atomic(
         &self,
         key: &str,
@@ -131,7 +151,7 @@ impl DirRemote {
             fill(&mut f)?;
             f.sync_all()
                 .map_err(|e| RemoteError::local("put", &tmp, e))?;
-            std::fs::rename(&tmp, &dest).map_err(|e| RemoteError::local("put", &dest, e))?;
+            self.rename_into(key, &tmp, &dest, &parent)?;
             std::fs::File::open(&parent)
                 .and_then(|d| d.sync_all())
                 .map_err(|e| RemoteError::local("put", &parent, e))
@@ -303,7 +323,7 @@ impl Remote for DirRemote {
                     }
                     hasher.update(&buf[..n]);
                     dst.write_all(&buf[..n])
-                        .map_err(|e| RemoteError::local("put", &path, e))?;
+                        .map_err(|e| RemoteError::local("put", &this.root.join(&key), e))?;
                     size += n as u64;
                 }
                 if <[u8; 16]>::from(hasher.finalize()) != md5 {
@@ -352,9 +372,9 @@ impl Remote for DirRemote {
                 .await
                 .map_err(|e| RemoteError::local("put", &tmp, e))?;
             drop(f);
-            tokio::fs::rename(&tmp, &dest)
-                .await
-                .map_err(|e| RemoteError::local("put", &dest, e))?;
+            let (this, key_owned) = (self.clone_root(), key.to_string());
+            let (t, d, p) = (tmp.clone(), dest.clone(), parent.clone());
+            blocking(move || this.rename_into(&key_owned, &t, &d, &p)).await?;
             let dir = parent.clone();
             blocking(move || {
                 std::fs::File::open(&dir)
@@ -626,6 +646,22 @@ mod tests {
         let all = crate::remote::list_all(remote.as_ref(), "").await.unwrap();
         let keys: Vec<_> = all.iter().map(|o| o.key.as_str()).collect();
         assert_eq!(keys, [key]);
+    }
+
+    #[test]
+    fn a_directory_removed_before_the_rename_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = DirRemote::new(dir.path()).unwrap();
+        let parent = dir.path().join("c/r");
+        std::fs::create_dir_all(&parent).unwrap();
+        let tmp = remote.new_tmp().unwrap();
+        std::fs::write(&tmp, b"b").unwrap();
+        // A delete of the directory's last object removed it meanwhile.
+        std::fs::remove_dir_all(dir.path().join("c")).unwrap();
+        remote
+            .rename_into("c/r/b", &tmp, &parent.join("b"), &parent)
+            .unwrap();
+        assert_eq!(std::fs::read(parent.join("b")).unwrap(), b"b");
     }
 
     #[tokio::test]
