@@ -552,10 +552,23 @@ pub async fn restore_workspace(
                 _ => {}
             }
         }
-        let restored_rules = Rules::new(&root, &opts.exclude)
-            .map_err(|e| local("exclude patterns", io::Error::other(e)))?;
-        let doomed = extras(&root, &restored_rules, &manifest, opts.max_file_bytes);
-        report.removed = remove_paths(&root, &doomed, &manifest.empty_dirs, &mut report.bad);
+        let rules_now = || {
+            Rules::new(&root, &opts.exclude)
+                .map_err(|e| local("exclude patterns", io::Error::other(e)))
+        };
+        let mut doomed = extras(&root, &rules_now()?, &manifest, opts.max_file_bytes);
+        // An ignore file the remote does not have goes too, and what only it ignored is
+        // judged again without it.
+        let (stray_rules, _): (Vec<String>, Vec<String>) = doomed
+            .iter()
+            .cloned()
+            .partition(|rel| IGNORE_FILES.contains(&rel.rsplit('/').next().unwrap_or_default()));
+        if !stray_rules.is_empty() {
+            report.removed +=
+                remove_paths(&root, &stray_rules, &manifest.empty_dirs, &mut report.bad);
+            doomed = extras(&root, &rules_now()?, &manifest, opts.max_file_bytes);
+        }
+        report.removed += remove_paths(&root, &doomed, &manifest.empty_dirs, &mut report.bad);
     }
 
     // Repositories: the bundles' work trees first, the mirror's files over them.

@@ -828,11 +828,16 @@ async fn force_judges_what_to_remove_by_the_restored_ignore_files() {
     write(&target, "dist/bundle.js", "ignored by the restored rules");
     write(&target, "sub/x.cache", "ignored by the restored rules");
     write(&target, "sub/x.txt", "not in the remote");
+    // An ignore file only the target has goes, and so does what only it ignored.
+    write(&target, "sub/.sandkeepignore", "y.txt\n");
+    write(&target, "sub/y.txt", "ignored by nothing once restored");
     let out = d.restore_cli(&["--to", target.to_str().unwrap(), "--force"], &[]);
     assert_eq!(out.code, 0, "{out:?}");
-    assert_eq!(out.json()["removed"], 2, "{out:?}");
+    assert_eq!(out.json()["removed"], 4, "{out:?}");
     assert!(!target.join("build/out.bin").exists());
     assert!(!target.join("sub/x.txt").exists());
+    assert!(!target.join("sub/.sandkeepignore").exists());
+    assert!(!target.join("sub/y.txt").exists());
     assert!(target.join("dist/bundle.js").exists());
     assert!(target.join("sub/x.cache").exists());
     assert_eq!(
