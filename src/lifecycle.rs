@@ -662,12 +662,11 @@ pub async fn run(
 /// `auto` when the workspace holds nothing (the daemon's own directories aside) or an
 /// earlier restore was cut short; `never` never.
 fn workspace_restore_plan(config: &Config) -> Option<bool> {
-    // Ours, or that of a `sandkeep restore` (an init container) that failed.
+    // Ours, or that of a `sandkeep restore` from the same place (an init container)
+    // that failed, unless restoring is off.
     if config.state_dir.join(WORKSPACE_RESTORE_MARKER).exists()
-        || config
-            .workspace
-            .join(crate::restore::INCOMPLETE_MARKER)
-            .is_file()
+        || (config.restore != RestoreMode::Never
+            && crate::restore::unfinished_restore_in(&config.workspace, config))
     {
         tracing::info!("an earlier restore was cut short: resuming it");
         return Some(config.restore == RestoreMode::Force);

@@ -40,6 +40,23 @@ pub const TMP_PREFIX: &str = ".sandkeep-restore-";
 /// Excluded from the mirror by its prefix.
 pub const INCOMPLETE_MARKER: &str = ".sandkeep-restore-incomplete";
 
+/// What the marker of a restore holds: where it restores from (the remote and the
+/// conversation), so that only a restore from the same place resumes it.
+pub fn restore_source(config: &Config) -> String {
+    let remote = match config.remote.kind {
+        crate::config::RemoteKind::Dir => format!("dir {}", config.remote.path.display()),
+        crate::config::RemoteKind::S3 => {
+            format!("s3 {} {}", config.remote.endpoint, config.remote.bucket)
+        }
+    };
+    format!("{remote} {}\n", config.conversation_prefix())
+}
+
+/// Whether `dir` holds the marker of an unfinished restore from `config`'s source.
+pub fn unfinished_restore_in(dir: &Path, config: &Config) -> bool {
+    fs::read_to_string(dir.join(INCOMPLETE_MARKER)).is_ok_and(|m| m == restore_source(config))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
     /// Remote storage could not be read (the manifest, a listing): retry later.

@@ -28,8 +28,9 @@ impl Progress for Bar {
 
 pub fn run(config: &Config, to: &Path, snapshot: Option<&str>, force: bool) -> anyhow::Result<u8> {
     let marker = to.join(restore::INCOMPLETE_MARKER);
-    // A restore that failed left its marker: what is there is its own, to be resumed.
-    let resuming = marker.is_file();
+    // A restore from the same place that failed left its marker: what is there is its
+    // own, to be resumed.
+    let resuming = restore::unfinished_restore_in(to, config);
     if resuming {
         eprintln!(
             "sandkeep: resuming the restore into {} that did not finish",
@@ -52,7 +53,8 @@ pub fn run(config: &Config, to: &Path, snapshot: Option<&str>, force: bool) -> a
             }
         }
     }
-    if let Err(e) = std::fs::create_dir_all(to).and_then(|()| std::fs::write(&marker, b"")) {
+    let source = restore::restore_source(config);
+    if let Err(e) = std::fs::create_dir_all(to).and_then(|()| std::fs::write(&marker, &source)) {
         eprintln!("sandkeep: cannot write into {}: {e}", to.display());
         return Ok(EXIT_ERROR);
     }

@@ -923,6 +923,13 @@ async fn a_failed_offline_restore_is_resumed_by_the_next_run_and_by_a_daemon() {
         "the failed restore wrote nothing besides its marker"
     );
 
+    // A restore from elsewhere (another conversation) does not take it for its own.
+    let a = args(&target);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let out = d.restore_cli(&a, &[("SANDKEEP_IDENTITY_CONVERSATION", "other")]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("not empty"), "{out:?}");
+
     // The next run resumes (no "not empty") and finishes; the marker goes.
     std::fs::write(&archive, &whole).unwrap();
     let out = run(&d, &target);
