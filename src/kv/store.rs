@@ -294,6 +294,7 @@ impl KvStore {
     /// Opens (or creates) the database, checks the key, and starts the writer thread.
     pub fn open(opts: StoreOptions) -> Result<Self, KvError> {
         let log = wal_path(&opts.path);
+        discard_unborn_database(&opts.path);
         if !opts.path.exists() {
             discard_orphan_log(&log)?;
         }
@@ -802,6 +803,29 @@ fn check_key(db: &Database, cipher: &Cipher) -> Result<(), KvError> {
 }
 
 /// The write-ahead log beside a database file (`sandkeep.redb` → `sandkeep.wal`).
+/// Removes a database file that a first start created and never wrote a header into
+/// (its disk filled up at once): nothing in it was ever committed, and redb would
+/// refuse it at every start ("magic number mismatch") until someone removed it.
+pub fn discard_unborn_database(path: &Path) {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(4096);
+    let Ok(file) = std::fs::File::open(path) else {
+        return;
+    };
+    if file.take(4096).read_to_end(&mut head).is_err() || head.iter().any(|b| *b != 0) {
+        return;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::warn!(
+            path = %path.display(),
+            "removed a database file holding no header (a start that failed before its first commit)"
+        ),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove a database file holding no header")
+        }
+    }
+}
+
 pub fn wal_path(db: &Path) -> PathBuf {
     db.with_extension("wal")
 }
@@ -1389,6 +1413,19 @@ mod tests {
             if_version: None,
             get: false,
         })
+    }
+
+    /// A first start whose disk was full left zero-filled files (no redb header, no log
+    /// magic): the next start opens a new store instead of refusing them for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn files_a_failed_first_start_left_zero_filled_are_started_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_path(dir.path());
+        std::fs::write(&db, vec![0u8; 8192]).unwrap();
+        std::fs::write(wal_path(&db), vec![0u8; 1 << 20]).unwrap();
+        let s = store(dir.path(), 1).unwrap();
+        s.write("ns", set("k", json!(1)), false).await.unwrap();
+        assert_eq!(s.get("ns", "k").await.unwrap().unwrap().value, json!(1));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

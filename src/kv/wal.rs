@@ -265,8 +265,9 @@ impl Wal {
             blocks: Vec::new(),
             legacy,
         };
-        if data.len() < MAGIC.len() {
-            // New, or its creation was cut short: nothing was ever appended.
+        if data.len() < MAGIC.len() || data.iter().all(|b| *b == 0) {
+            // New, or its creation was cut short (zero-filled, its magic never
+            // written: a full disk): nothing was ever appended.
             wal.file.set_len(0).map_err(io)?;
             wal.allocated = 0;
             wal.grow(GROW).map_err(io)?;
@@ -673,6 +674,20 @@ pub(crate) mod tests {
         assert_eq!(decode(&p).unwrap(), changes());
         assert!(decode(&p[..p.len() - 1]).is_err());
         assert!(decode(&[9]).is_err());
+    }
+
+    #[test]
+    fn a_zero_filled_log_is_one_whose_creation_was_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.wal");
+        std::fs::write(&path, vec![0u8; GROW as usize]).unwrap();
+        let (mut wal, pending) = Wal::open(&path, 7).unwrap();
+        assert!(pending.frames.is_empty() && !pending.torn);
+        wal.append(b"x").unwrap();
+        assert_eq!(wal.lsn(), 8);
+        drop(wal);
+        let (_, pending) = Wal::open(&path, 7).unwrap();
+        assert_eq!(pending.frames.len(), 1);
     }
 
     #[test]

@@ -107,6 +107,7 @@ pub struct ManifestCache {
 }
 
 fn open_database(path: &Path) -> Result<Database, CacheError> {
+    crate::kv::store::discard_unborn_database(path);
     let db = Database::create(path).map_err(|e| CacheError(format!("{}: {e}", path.display())))?;
     let wtx = db.begin_write()?;
     wtx.open_table(STATE)?;
