@@ -142,6 +142,11 @@ pub struct RestoreReport {
     /// The snapshot object restored, if it was a snapshot.
     pub snapshot: Option<String>,
     pub bad: Vec<BadEntry>,
+    /// Files whose object is newer than the manifest (a round that uploaded them was
+    /// cut short before it published its manifest): restored with the object's content,
+    /// the manifest's mode and the restore's time, so the next round publishes them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub newer: Vec<String>,
     pub duration_ms: u64,
 }
 
@@ -290,11 +295,15 @@ struct Job<'a> {
     root: &'a Path,
     force: bool,
     progress: &'a dyn Progress,
+    /// When the manifest was published (Unix milliseconds), if it says.
+    manifest_ms: Option<u64>,
 }
 
 enum FileOutcome {
     Downloaded(u64),
     Unchanged,
+    /// The object holds content newer than the manifest's (see [`RestoreReport::newer`]).
+    Newer(u64),
 }
 
 /// Why a file was not restored: its entry is bad (reported in `bad`, the rest goes
@@ -404,7 +413,7 @@ impl Job<'_> {
         // A mismatch is downloaded once more: the object may have been replaced
         // between the manifest and now.
         for attempt in 0..2 {
-            done = self.fetch_verified(&key, e, &tmp, &dest).await;
+            done = self.fetch_verified(&key, e, &tmp, &dest, true).await;
             match &done {
                 Err(FileError::Bad(err)) if err == MISMATCH => {
                     tracing::warn!(
@@ -416,6 +425,23 @@ impl Job<'_> {
                 _ => break,
             }
         }
+        if matches!(&done, Err(FileError::Bad(err)) if err == MISMATCH)
+            && self.written_after_manifest(&key).await
+        {
+            let _ = fs::remove_file(&tmp);
+            tracing::warn!(
+                path = rel,
+                "the object is newer than the manifest (a round cut short before it published it): restored with its content"
+            );
+            let newer = self.fetch_verified(&key, e, &tmp, &dest, false).await;
+            if newer.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            return newer.map(|()| {
+                self.progress.advance(e.size);
+                FileOutcome::Newer(e.size)
+            });
+        }
         if done.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -423,6 +449,22 @@ impl Job<'_> {
             self.progress.advance(e.size);
             FileOutcome::Downloaded(e.size)
         })
+    }
+
+    /// Whether the object at `key` was written after the manifest was published: a
+    /// newer version of the file from a round that never published its manifest, not
+    /// a damaged copy (which keeps its time).
+    async fn written_after_manifest(&self, key: &str) -> bool {
+        let Some(manifest_ms) = self.manifest_ms else {
+            return false;
+        };
+        match self.remote.head(key).await {
+            Ok(Some(info)) => info
+                .last_modified
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .is_some_and(|d| d.as_millis() as u64 > manifest_ms),
+            _ => false,
+        }
     }
 
     /// Downloads the object, checks its hash and puts it in place at `dest` (through
@@ -434,15 +476,23 @@ impl Job<'_> {
         e: &FileEntry,
         tmp: &Path,
         dest: &Path,
+        verify: bool,
     ) -> Result<(), FileError> {
-        let entry = e.clone();
+        let mut entry = e.clone();
+        if !verify {
+            // Not the manifest's content: its time is not this content's either. The
+            // restore's own time makes the next round look at the file and publish it.
+            entry.mtime = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i64);
+        }
         let (tmp, dest) = (tmp.to_path_buf(), dest.to_path_buf());
         if e.size <= IN_MEMORY_MAX {
             let data = retry_transport(|| self.remote.get_bytes(key))
                 .await?
                 .ok_or_else(|| MISSING.to_string())?;
             return tokio::task::spawn_blocking(move || {
-                if format!("blake3:{}", blake3::hash(&data).to_hex()) != entry.hash {
+                if verify && format!("blake3:{}", blake3::hash(&data).to_hex()) != entry.hash {
                     return Err(FileError::Bad(MISMATCH.into()));
                 }
                 let mut f = fs::File::options()
@@ -460,7 +510,9 @@ impl Job<'_> {
         }
         retry_transport(|| self.remote.get_to_file(key, &tmp)).await?;
         tokio::task::spawn_blocking(move || {
-            if blake3_of_file(&tmp).map_err(|err| io_failure("hashing", err))? != entry.hash {
+            if verify
+                && blake3_of_file(&tmp).map_err(|err| io_failure("hashing", err))? != entry.hash
+            {
                 return Err(FileError::Bad(MISMATCH.into()));
             }
             let f = fs::File::open(&tmp).map_err(|err| io_failure("opening the file", err))?;
@@ -545,6 +597,10 @@ pub async fn restore_workspace(
     remove_leftovers(&root);
     let excluded = |rel: &str, is_dir: bool| rules.excluded_by_config(Path::new(rel), is_dir);
 
+    let manifest_ms = humantime::parse_rfc3339_weak(&manifest.updated_at)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64);
     if opts.force {
         // What to remove is judged by the ignore files being restored, not by those the
         // workspace had: the manifest's go into place first (the pass over every file
@@ -555,6 +611,7 @@ pub async fn restore_workspace(
             root: &root,
             force: true,
             progress: &NoProgress,
+            manifest_ms,
         };
         let ignore_files = manifest.files.iter().filter(|(rel, _)| {
             let name = rel.rsplit('/').next().unwrap_or_default();
@@ -589,10 +646,6 @@ pub async fn restore_workspace(
     }
 
     // Repositories: the bundles' work trees first, the mirror's files over them.
-    let manifest_ms = humantime::parse_rfc3339_weak(&manifest.updated_at)
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as u64);
     // Each restored repository's directory (`""`: the root; else `<name>/`) and whether
     // its bundle is newer than the manifest: there the manifest only fills in files the
     // checkout did not write, and what the checkout wrote is never removed as deleted.
@@ -761,6 +814,7 @@ pub async fn restore_workspace(
         root: &root,
         force: replace,
         progress,
+        manifest_ms,
     };
     let mut results = futures::stream::iter(wanted)
         .map(|(rel, e)| {
@@ -775,6 +829,11 @@ pub async fn restore_workspace(
                 report.bytes += n;
             }
             Ok(FileOutcome::Unchanged) => report.unchanged += 1,
+            Ok(FileOutcome::Newer(n)) => {
+                report.files += 1;
+                report.bytes += n;
+                report.newer.push(rel.clone());
+            }
             Err(FileError::Bad(error)) => report.bad.push(BadEntry {
                 path: rel.clone(),
                 error,

@@ -199,6 +199,16 @@ fn break_remote(d: &Daemon) {
         crate::util::pattern(5 << 20, 4),
     )
     .unwrap();
+    // Damage in place keeps the object's time (unlike a newer upload, see
+    // `an_object_newer_than_the_manifest_is_restored_with_its_content`).
+    for damaged in ["corrupt.txt", "data/big.bin"] {
+        let f = std::fs::File::options()
+            .write(true)
+            .open(remote_file(d, damaged))
+            .unwrap();
+        f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000))
+            .unwrap();
+    }
     std::fs::remove_file(remote_file(d, "missing.txt")).unwrap();
     let mpath = d.remote.join(CONV).join("workspace/manifest.json");
     let mut m: Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
@@ -992,5 +1002,46 @@ async fn an_unreadable_manifest_is_kept_aside_before_it_is_replaced() {
     assert!(
         remote_file(&d, "a.txt").exists(),
         "an object the old manifest named"
+    );
+}
+
+/// A round that uploaded a file and was cut short before it published its manifest
+/// (SIGKILL, or a final sync past its deadline) leaves an object newer than the
+/// manifest's entry: it is restored with its content (the newer state of the file),
+/// not reported as damaged, and the next round publishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_newer_than_the_manifest_is_restored_with_its_content() {
+    let mut d = synced_workspace(None, false).await;
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(
+        remote_file(&d, "a.txt"),
+        "written by a round never published\n",
+    )
+    .unwrap();
+
+    let target = d.root().join("offline");
+    let out = d.restore_cli(&["--to", target.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let s = out.json();
+    assert_eq!(s["bad"], json!([]), "{s}");
+    assert_eq!(s["newer"], json!(["a.txt"]), "{s}");
+    assert_eq!(
+        std::fs::read_to_string(target.join("a.txt")).unwrap(),
+        "written by a round never published\n"
+    );
+
+    // A new sandbox restores it the same way, and its first round publishes it.
+    d.become_new_sandbox();
+    d.spawn_and_wait().await;
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+    let again = d.root().join("again");
+    let out = d.restore_cli(&["--to", again.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let s = out.json();
+    assert!(s.get("newer").is_none(), "{s}");
+    assert_eq!(
+        std::fs::read_to_string(again.join("a.txt")).unwrap(),
+        "written by a round never published\n"
     );
 }
