@@ -297,6 +297,14 @@ impl Owner {
             self.fence
                 .revoke("this daemon released the conversation at shutdown");
             self.update_status(|s| s.state = OwnerState::Released);
+            // A write already under way (an upload a request started) must land before
+            // the next daemon may write: else it could replace that daemon's object.
+            if !self.fence.wait_idle(RELEASE_TIMEOUT.mul_f64(0.8)).await {
+                tracing::warn!(
+                    "remote writes are still under way: the conversation is not released; the next daemon waits for the lease to expire"
+                );
+                return;
+            }
             if was != OwnerState::Claimed {
                 return;
             }

@@ -31,13 +31,30 @@ enum State {
 #[derive(Debug)]
 pub struct Fence {
     state: Mutex<State>,
+    /// Writes the fence let start that have not ended yet.
+    in_flight: std::sync::atomic::AtomicUsize,
+    ended: tokio::sync::Notify,
 }
 
 impl Default for Fence {
     fn default() -> Self {
         Self {
             state: Mutex::new(State::Unclaimed),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            ended: tokio::sync::Notify::new(),
         }
+    }
+}
+
+/// A write the fence let start; counted until dropped.
+pub struct Writing<'a>(&'a Fence);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.ended.notify_waiters();
     }
 }
 
@@ -80,6 +97,31 @@ impl Fence {
     }
 
     /// `Ok` when a write of `key` may start now, else [`RemoteError::Fenced`] saying why.
+    /// [`check`](Self::check), and counts the write as in flight until the result is
+    /// dropped (a release waits for it: see [`wait_idle`](Self::wait_idle)).
+    pub fn begin(&self, key: &str) -> Result<Writing<'_>, RemoteError> {
+        // Counted first, so that a release that revokes meanwhile sees it.
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let writing = Writing(self);
+        self.check(key)?;
+        Ok(writing)
+    }
+
+    /// Waits until no write is in flight, at most `limit`; whether none is.
+    pub async fn wait_idle(&self, limit: std::time::Duration) -> bool {
+        let idle = async {
+            loop {
+                let ended = self.ended.notified();
+                if self.in_flight.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    return;
+                }
+                ended.await;
+            }
+        };
+        tokio::time::timeout(limit, idle).await.is_ok()
+    }
+
     pub fn check(&self, key: &str) -> Result<(), RemoteError> {
         let message = match &*self.state() {
             State::Owned { until } => {
@@ -120,7 +162,7 @@ impl FencedRemote {
 #[async_trait]
 impl Remote for FencedRemote {
     async fn put_file(&self, key: &str, path: &Path, md5: [u8; 16]) -> Result<u64, RemoteError> {
-        self.fence.check(key)?;
+        let _writing = self.fence.begin(key)?;
         self.inner.put_file(key, path, md5).await
     }
     async fn put_stream(
@@ -128,11 +170,11 @@ impl Remote for FencedRemote {
         key: &str,
         reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
     ) -> Result<u64, RemoteError> {
-        self.fence.check(key)?;
+        let _writing = self.fence.begin(key)?;
         self.inner.put_stream(key, reader).await
     }
     async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), RemoteError> {
-        self.fence.check(key)?;
+        let _writing = self.fence.begin(key)?;
         self.inner.put_bytes(key, data).await
     }
     async fn put_bytes_if(
@@ -141,7 +183,7 @@ impl Remote for FencedRemote {
         data: Bytes,
         cond: Precondition,
     ) -> Result<String, RemoteError> {
-        self.fence.check(key)?;
+        let _writing = self.fence.begin(key)?;
         self.inner.put_bytes_if(key, data, cond).await
     }
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, RemoteError> {
@@ -160,9 +202,10 @@ impl Remote for FencedRemote {
         self.inner.list(prefix, token).await
     }
     async fn delete_many(&self, keys: &[String]) -> Result<(), RemoteError> {
-        if let Some(first) = keys.first() {
-            self.fence.check(first)?;
-        }
+        let Some(first) = keys.first() else {
+            return Ok(());
+        };
+        let _writing = self.fence.begin(first)?;
         self.inner.delete_many(keys).await
     }
 }
@@ -173,6 +216,23 @@ mod tests {
 
     use super::*;
     use crate::remote::dir::DirRemote;
+
+    #[tokio::test]
+    async fn a_release_can_wait_for_the_writes_under_way() {
+        let fence = Arc::new(Fence::new());
+        fence.allow_until(Instant::now() + Duration::from_secs(60));
+        assert!(fence.wait_idle(Duration::from_millis(10)).await);
+        let writing = fence.begin("k").unwrap();
+        // A refused write is not counted.
+        fence.revoke("released");
+        assert!(fence.begin("k").is_err());
+        assert!(!fence.wait_idle(Duration::from_millis(50)).await);
+        let f = fence.clone();
+        let waiter = tokio::spawn(async move { f.wait_idle(Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(writing);
+        assert!(waiter.await.unwrap());
+    }
 
     #[tokio::test]
     async fn writes_need_an_open_fence_and_reads_always_pass() {
