@@ -1324,6 +1324,9 @@ pub struct GitBundler {
     running: tokio::sync::Mutex<()>,
     /// The workspace mirror, whose delete guards bundle pruning follows.
     mirror: Option<crate::sync::SyncHandle>,
+    /// What remote storage answered the last bundle a sync is waiting for (cleared
+    /// once they are stored): a sync's timeout says it.
+    waiting_on: Mutex<Option<String>>,
 }
 
 impl GitBundler {
@@ -1355,6 +1358,7 @@ impl GitBundler {
             bundled_file,
             running: tokio::sync::Mutex::new(()),
             mirror,
+            waiting_on: Mutex::new(None),
         }
     }
 
@@ -1402,12 +1406,26 @@ impl GitBundler {
         loop {
             let mut round = self.write_all(false).await?;
             written.append(&mut round.bundles);
-            if round.remote_errors().next().is_none() {
+            let failed = round
+                .remote_errors()
+                .next()
+                .map(|f| format!("git bundle of {}: {}", f.repo, f.error));
+            *self.waiting_on.lock().unwrap_or_else(|e| e.into_inner()) = failed.clone();
+            if failed.is_none() {
                 round.bundles = written;
                 return Ok(round);
             }
             tokio::time::sleep(backoff.next_delay()).await;
         }
+    }
+
+    /// Why the bundles a sync waits for are not stored yet (remote storage's last
+    /// answer), if they are not.
+    pub fn waiting_on(&self) -> Option<String> {
+        self.waiting_on
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Writes the bundle of every repository (only those that changed unless `force`).

@@ -209,11 +209,13 @@ pub async fn sync(
         Err(_) => {
             let s = state.sync.status();
             let (workspace, stores) = (!ws_done.load(Relaxed), !stores_done.load(Relaxed));
-            let last_error = if workspace {
-                s.last_error
-            } else {
-                state.replica.status().last_error
-            };
+            let git = !git_done.load(Relaxed);
+            // The last error of the first part behind that has one.
+            let last_error = workspace
+                .then_some(s.last_error)
+                .flatten()
+                .or_else(|| stores.then(|| state.replica.status().last_error).flatten())
+                .or_else(|| git.then(|| state.git.waiting_on()).flatten());
             Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout",
@@ -231,7 +233,7 @@ pub async fn sync(
                     "full_rescan": s.full_rescan_pending,
                     "workspace": workspace,
                     "stores": stores,
-                    "git": !git_done.load(Relaxed),
+                    "git": git,
                 }),
             ))
         }

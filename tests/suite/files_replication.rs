@@ -541,6 +541,20 @@ async fn a_sync_timeout_says_which_part_is_behind() {
     ok(&api.post("/v1/sync", &json!({"timeout_s": 60})).await, 200);
     assert!(object(&d, "kv/default.kv").exists());
     assert_eq!(ok(&api.get("/v1/status").await, 200)["state"], "ready");
+
+    // Only the git bundles behind: the message says why too.
+    crate::util::fs::git(&d.workspace, &["init", "-q"]);
+    std::fs::write(object(&d, "workspace/git"), "in the way").unwrap();
+    let r = api.post("/v1/sync", &json!({"timeout_s": 3})).await;
+    let e = assert_error(&r, 504, "timeout");
+    assert_eq!(e["pending"]["git"], true, "{e}");
+    assert_eq!(e["pending"]["workspace"], false, "{e}");
+    assert_eq!(e["pending"]["stores"], false, "{e}");
+    let message = e["message"].as_str().unwrap();
+    assert!(message.contains("git bundle of ."), "{e}");
+    std::fs::remove_file(object(&d, "workspace/git")).unwrap();
+    ok(&api.post("/v1/sync", &json!({"timeout_s": 60})).await, 200);
+    assert!(object(&d, "workspace/git/workspace.bundle").exists());
 }
 
 /// A sandbox that comes back (its state directory kept) after another daemon owned the
