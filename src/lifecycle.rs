@@ -605,7 +605,17 @@ pub async fn run(
     let deadline = config.shutdown.deadline.0;
     let stop_by = tokio::time::Instant::now() + deadline;
     let left = || stop_by.saturating_duration_since(tokio::time::Instant::now());
-    let (code, left_out) = if started {
+    let lost = owner.status().state == crate::owner::OwnerState::Lost;
+    let (code, left_out) = if started && lost {
+        // Its writes are refused for good: waiting out the deadline would not help.
+        tracing::error!(
+            "final sync skipped: another daemon took over this conversation, so nothing may be written to remote storage; changes made since stay local"
+        );
+        (
+            EXIT_INCOMPLETE,
+            vec!["everything: another daemon owns the conversation".to_string()],
+        )
+    } else if started {
         final_sync(
             &sync,
             &git,

@@ -300,8 +300,9 @@ async fn a_stolen_lease_stops_the_first_daemons_writes(backend: Backend) {
 
     // B owns and writes.
     assert_b_took_over(&p).await;
-    // A cannot finish a final sync: 75.
+    // A cannot finish a final sync: 75, without trying (not waiting out its deadline).
     assert_eq!(p.a.terminate().code(), Some(75), "{}", p.a.log());
+    assert!(p.a.log().contains("final sync skipped"), "{}", p.a.log());
     assert_eq!(p.object("kv/late.kv").await, None);
     assert_eq!(p.owner().await["instance"], b_instance);
     assert_eq!(p.b.terminate().code(), Some(0), "{}", p.b.log());
