@@ -377,7 +377,7 @@ pub async fn run(
     );
     // -- Single writer (src/owner.rs): every remote write goes through the owner's
     // fence, closed until the claim below succeeds.
-    let owner = crate::owner::Owner::new(remote.clone(), &config)?;
+    let owner = crate::owner::Owner::new(remote.clone(), &config, metrics.clone())?;
     let remote: Arc<dyn crate::remote::Remote> = Arc::new(
         crate::remote::fenced::FencedRemote::new(remote, owner.fence()),
     );

@@ -132,18 +132,27 @@ pub struct Owner {
     /// Whether the claim took the conversation over from another instance (see
     /// [`Owner::took_over_from_another`]).
     took_over: std::sync::atomic::AtomicBool,
+    metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
 }
 
 impl Owner {
     /// The owner of `config`'s conversation, with the instance id of its state dir.
-    pub fn new(remote: Arc<dyn Remote>, config: &Config) -> Result<Arc<Self>, OwnerError> {
-        Self::build(
+    /// `metrics` counts the claims and renewals that get no answer in time (the remote
+    /// layer does not see those: they are given up, not answered).
+    pub fn new(
+        remote: Arc<dyn Remote>,
+        config: &Config,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Arc<Self>, OwnerError> {
+        let owner = Self::build(
             remote,
             &config.conversation_prefix(),
             &config.state_dir,
             config.remote.lease.0,
             UNREACHABLE_AFTER,
-        )
+        )?;
+        let _ = owner.metrics.set(metrics);
+        Ok(owner)
     }
 
     fn build(
@@ -181,6 +190,7 @@ impl Owner {
             }),
             ended: CancellationToken::new(),
             took_over: std::sync::atomic::AtomicBool::new(false),
+            metrics: std::sync::OnceLock::new(),
             instance,
         }))
     }
@@ -387,6 +397,9 @@ impl Owner {
     }
 
     fn timed_out(&self) -> RemoteError {
+        if let Some(m) = self.metrics.get() {
+            m.remote_error("owner");
+        }
         RemoteError::Transport {
             op: "owner",
             key: self.key.clone(),
@@ -876,6 +889,28 @@ mod tests {
         assert_eq!(a.status().state, OwnerState::Claimed);
         fenced_write(&a, &env.remote).await.unwrap();
         run.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn claims_that_get_no_answer_count_as_remote_errors() {
+        let env = Env::new();
+        let flaky = Arc::new(FlakyRemote::new(env.remote.clone()));
+        flaky.set_hang_reads(true);
+        let state = env.dir.path().join("a");
+        std::fs::create_dir_all(&state).unwrap();
+        let a = Owner::build(flaky.clone(), PREFIX, &state, LEASE, LEASE).unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let _ = a.metrics.set(metrics.clone());
+        tokio::time::timeout(Duration::from_secs(5), a.claim())
+            .await
+            .expect("claim gives up waiting for an answer");
+        let text = metrics.encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("sandkeep_remote_errors_total{op=\"owner\"}"))
+            .unwrap_or_else(|| panic!("{text}"));
+        let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n >= 1.0, "{line}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

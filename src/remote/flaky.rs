@@ -17,6 +17,7 @@ pub struct FlakyRemote {
     down_under: Mutex<Option<String>>,
     /// File uploads wait (a request that gets no answer) while set.
     hang: AtomicBool,
+    hang_reads: AtomicBool,
     queue: Mutex<Queue>,
     /// Calls refused so far.
     pub refused: AtomicU64,
@@ -40,6 +41,7 @@ impl FlakyRemote {
             down: AtomicBool::new(false),
             down_under: Mutex::new(None),
             hang: AtomicBool::new(false),
+            hang_reads: AtomicBool::new(false),
             queue: Mutex::new(Queue::default()),
             refused: AtomicU64::new(0),
         }
@@ -58,6 +60,11 @@ impl FlakyRemote {
     /// While set, file uploads hang (they go on once it is cleared).
     pub fn set_hang(&self, hang: bool) {
         self.hang.store(hang, Ordering::SeqCst);
+    }
+
+    /// While set, reads of single objects (`get_bytes_tagged`) never answer.
+    pub fn set_hang_reads(&self, hang: bool) {
+        self.hang_reads.store(hang, Ordering::SeqCst);
     }
 
     /// The next `n` calls fail with a transport error.
@@ -164,6 +171,9 @@ impl Remote for FlakyRemote {
     }
     async fn get_bytes_tagged(&self, key: &str) -> Result<Option<(Bytes, String)>, RemoteError> {
         self.check("get", key)?;
+        while self.hang_reads.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         self.inner.get_bytes_tagged(key).await
     }
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError> {
