@@ -431,6 +431,7 @@ impl Owner {
             held.failures = 0;
         }
         let error = result.as_ref().err().map(ToString::to_string);
+        self.fence.note_failure(error.clone());
         self.update_status(|s| s.last_error = error);
         result
     }
@@ -555,6 +556,7 @@ impl Owner {
                 }
                 held.failures = 0;
                 held.said_held = false;
+                self.fence.note_failure(None);
                 self.update_status(|s| s.last_error = None);
                 self.lease / 3
             }
@@ -579,6 +581,7 @@ impl Owner {
                     );
                 }
                 let message = e.to_string();
+                self.fence.note_failure(Some(message.clone()));
                 self.update_status(|s| s.last_error = Some(message));
                 (self.lease / 10).max(Duration::from_millis(100))
             }
@@ -860,7 +863,9 @@ mod tests {
         assert_eq!(s.state, OwnerState::Claimed);
         assert!(!s.writes_allowed);
         assert!(s.last_error.is_some());
-        assert!(fenced_write(&a, &env.remote).await.is_err());
+        // The refusal says why: whoever sees it (a sync's error) sees the cause.
+        let refused = fenced_write(&a, &env.remote).await.unwrap_err().to_string();
+        assert!(refused.contains("injected failure"), "{refused}");
         flaky.set_down(false);
         tokio::time::sleep(LEASE).await;
         let s = a.status();

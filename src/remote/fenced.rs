@@ -31,6 +31,9 @@ enum State {
 #[derive(Debug)]
 pub struct Fence {
     state: Mutex<State>,
+    /// Why the last claim or renewal failed, if it did: a refused write says it, so
+    /// that whoever sees the refusal (a sync's error) sees the cause too.
+    why: Mutex<Option<String>>,
     /// Writes the fence let start that have not ended yet.
     in_flight: std::sync::atomic::AtomicUsize,
     ended: tokio::sync::Notify,
@@ -40,6 +43,7 @@ impl Default for Fence {
     fn default() -> Self {
         Self {
             state: Mutex::new(State::Unclaimed),
+            why: Mutex::new(None),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             ended: tokio::sync::Notify::new(),
         }
@@ -77,6 +81,11 @@ impl Fence {
             State::Owned { until: old } if *old >= until => {}
             _ => *s = State::Owned { until },
         }
+    }
+
+    /// Records why the last claim or renewal failed (`None`: it succeeded).
+    pub fn note_failure(&self, why: Option<String>) {
+        *self.why.lock().unwrap_or_else(|e| e.into_inner()) = why;
     }
 
     /// Refuses every write from now on, for good.
@@ -123,7 +132,7 @@ impl Fence {
     }
 
     pub fn check(&self, key: &str) -> Result<(), RemoteError> {
-        let message = match &*self.state() {
+        let mut message = match &*self.state() {
             State::Owned { until } => {
                 let now = Instant::now();
                 if now < *until {
@@ -140,6 +149,9 @@ impl Fence {
             }
             State::Revoked { reason } => reason.clone(),
         };
+        if let Some(why) = &*self.why.lock().unwrap_or_else(|e| e.into_inner()) {
+            message = format!("{message} (last failure: {why})");
+        }
         Err(RemoteError::Fenced {
             key: key.to_string(),
             message,
