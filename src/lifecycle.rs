@@ -713,7 +713,7 @@ async fn restore_workspace_retrying(
     opts.exclude
         .extend(crate::sync::rules::own_excludes(config, &config.workspace));
     let prefix = config.conversation_prefix();
-    crate::remote::retrying(
+    let from_mirror = crate::remote::retrying(
         "cannot restore the workspace yet",
         || {
             crate::restore::restore_workspace(
@@ -735,7 +735,35 @@ async fn restore_workspace_retrying(
             _ => false,
         },
     )
-    .await
+    .await;
+    let Err(crate::restore::RestoreError::Manifest(why)) = from_mirror else {
+        return from_mirror;
+    };
+    // The mirror's manifest cannot be read (it is kept aside before it is rewritten):
+    // the latest snapshot is the workspace as it was a little earlier.
+    tracing::error!(error = %why, "the remote manifest cannot be read: restoring the latest snapshot instead");
+    let from_snapshot = crate::remote::retrying(
+        "cannot restore the latest snapshot yet",
+        || {
+            crate::restore::restore_snapshot(
+                remote,
+                &prefix,
+                "latest",
+                &config.workspace,
+                &opts,
+                &crate::restore::NoProgress,
+            )
+        },
+        |e| matches!(e, crate::restore::RestoreError::Remote(_)),
+    )
+    .await;
+    match from_snapshot {
+        Ok(report) => Ok(Some(report)),
+        Err(crate::restore::RestoreError::NoSnapshot(_)) => {
+            Err(crate::restore::RestoreError::Manifest(why))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Imports the KV namespaces and the file store of a new state directory, retrying

@@ -123,6 +123,13 @@ async fn restore(
             eprintln!("sandkeep: {e}");
             return Ok(EXIT_NOT_FOUND);
         }
+        Err(e @ RestoreError::Manifest(_)) => {
+            eprintln!(
+                "sandkeep: restore failed: {e}; `--snapshot latest` restores the latest \
+                 snapshot instead (as a daemon does)"
+            );
+            return Ok(EXIT_ERROR);
+        }
         Err(e) => {
             eprintln!("sandkeep: restore failed: {e}");
             return Ok(EXIT_ERROR);

@@ -963,11 +963,13 @@ async fn a_failed_offline_restore_is_resumed_by_the_next_run_and_by_a_daemon() {
     assert_eq!(tree(&ws, &not_git), original);
 }
 
-/// A remote manifest that cannot be read is kept aside before the new daemon's first
-/// round replaces it, and the objects it named stay.
+/// A remote manifest that cannot be read: a new sandbox restores the latest snapshot
+/// instead, and the manifest is kept aside before the first round replaces it (the
+/// objects it named stay).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreadable_manifest_is_kept_aside_before_it_is_replaced() {
+async fn an_unreadable_manifest_is_kept_aside_and_the_latest_snapshot_restored() {
     let mut d = synced_workspace(None, false).await;
+    let original = tree(&d.workspace, &not_git);
     let manifest = d.remote.join(CONV).join("workspace/manifest.json");
     let garbage = b"{\"format\": 1, \"files\": tru".to_vec();
     std::fs::write(&manifest, &garbage).unwrap();
@@ -976,9 +978,20 @@ async fn an_unreadable_manifest_is_kept_aside_before_it_is_replaced() {
     d.spawn_and_wait().await;
     let status = ok(&d.api().get("/v1/status").await, 200);
     assert!(
-        status["restore"]["workspace"]["error"].is_string(),
+        status["restore"]["workspace"]["snapshot"].is_string(),
         "{status}"
     );
+    // As a snapshot keeps them: times to the second.
+    let mut restored = tree(&d.workspace, &not_git);
+    let mut want = original.clone();
+    for t in [&mut restored, &mut want] {
+        for e in t.values_mut() {
+            if let Entry::File { mtime, .. } = e {
+                *mtime = 0;
+            }
+        }
+    }
+    assert_eq!(restored, want);
     write(&d.workspace, "new.txt", "new\n");
     ok(&d.api().post("/v1/sync", &json!({})).await, 200);
     let kept: Vec<PathBuf> = std::fs::read_dir(manifest.parent().unwrap())
