@@ -315,27 +315,16 @@ impl Replicator {
                 .await?;
             return Ok(Some(etag));
         };
-        match self.kv.export_version(ns, &theirs) {
-            Ok(v) if Some(v) == exported => {
+        match take_in_unless_ours(&self.kv, ns, &theirs, &their_etag, exported).await? {
+            RemoteExport::Ours(_) => {
                 let etag = self
                     .remote
                     .put_bytes_if(key, bytes, Precondition::Matches(their_etag))
                     .await?;
                 Ok(Some(etag))
             }
-            Ok(v) => {
-                tracing::warn!(
-                    namespace = ns,
-                    remote_version = v,
-                    last_exported = ?exported,
-                    "another daemon exported this kv namespace since this one last did (it owned the conversation meanwhile): its export replaces this store's namespace, and the local changes since this store's last export are dropped"
-                );
-                self.kv
-                    .replace_with_export(ns, &theirs, &their_etag)
-                    .await?;
-                Ok(None)
-            }
-            Err(why) => {
+            RemoteExport::TakenIn => Ok(None),
+            RemoteExport::Unreadable(why) => {
                 // Not readable here (another key): kept aside, then written over.
                 let kept = keep_aside(self.remote.as_ref(), key, theirs).await;
                 tracing::error!(namespace = ns, error = %why, kept_as = kept.as_deref().unwrap_or("(not kept)"), "the remote export of this kv namespace cannot be read; kept aside before it is replaced");
@@ -518,27 +507,55 @@ pub async fn take_in_newer_exports(
         if our_etag.as_deref() == Some(their_etag.as_str()) {
             continue;
         }
-        match kv.export_version(&ns, &theirs) {
+        match take_in_unless_ours(kv, &ns, &theirs, &their_etag, ours).await? {
             // This store's own last export (its ETag not recorded yet).
-            Ok(v) if Some(v) == ours => kv.mark_exported(&ns, v, &their_etag).await?,
-            Ok(v) => {
-                tracing::warn!(
-                    namespace = %ns,
-                    remote_version = v,
-                    last_exported = ?ours,
-                    "another daemon exported this kv namespace while it owned the conversation: its export replaces this store's namespace (local changes since this store's last export are dropped)"
-                );
-                kv.replace_with_export(&ns, &theirs, &their_etag).await?;
-                replaced.push(ns);
-            }
+            RemoteExport::Ours(v) => kv.mark_exported(&ns, v, &their_etag).await?,
+            RemoteExport::TakenIn => replaced.push(ns),
             // Another key, or damaged: left to the export path, which keeps it aside
             // before it writes over it.
-            Err(why) => {
+            RemoteExport::Unreadable(why) => {
                 tracing::error!(namespace = %ns, error = %why, "the remote export of this kv namespace cannot be read");
             }
         }
     }
     Ok(replaced)
+}
+
+/// Whose the remote export of a namespace is, judged by [`take_in_unless_ours`].
+enum RemoteExport {
+    /// This store's last export (its version).
+    Ours(u64),
+    /// Another daemon's: it replaced the namespace here.
+    TakenIn,
+    /// Not readable with this store's key (or damaged).
+    Unreadable(String),
+}
+
+/// Judges the remote export `theirs` (the object with `their_etag`) of `ns` against
+/// the version this store exported last: the same version is this store's own; any
+/// other was written by another daemon while it owned the conversation, and replaces
+/// the namespace here (the local changes since this store's last export are dropped).
+async fn take_in_unless_ours(
+    kv: &KvStore,
+    ns: &str,
+    theirs: &[u8],
+    their_etag: &str,
+    exported: Option<u64>,
+) -> Result<RemoteExport, ReplicateError> {
+    match kv.export_version(ns, theirs) {
+        Ok(v) if Some(v) == exported => Ok(RemoteExport::Ours(v)),
+        Ok(v) => {
+            tracing::warn!(
+                namespace = ns,
+                remote_version = v,
+                last_exported = ?exported,
+                "another daemon exported this kv namespace while it owned the conversation: its export replaces this store's namespace (local changes since this store's last export are dropped)"
+            );
+            kv.replace_with_export(ns, theirs, their_etag).await?;
+            Ok(RemoteExport::TakenIn)
+        }
+        Err(why) => Ok(RemoteExport::Unreadable(why)),
+    }
 }
 
 /// Reads an object to restore, retrying with backoff while it fails with an error
