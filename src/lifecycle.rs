@@ -464,10 +464,12 @@ pub async fn run(
         {
             tracing::warn!(error = %e, marker = %marker.display(), "cannot remove the restore marker");
         }
+        // Done: an init container's unfinished restore (resumed here) is finished too.
+        if matches!(restored, Some(Ok(_))) {
+            let _ = std::fs::remove_file(config.workspace.join(crate::restore::INCOMPLETE_MARKER));
+        }
         match restored {
             Some(Ok(Some(report))) => {
-                let _ =
-                    std::fs::remove_file(config.workspace.join(crate::restore::INCOMPLETE_MARKER));
                 tracing::info!(
                     generation = report.generation,
                     files = report.files,
@@ -488,8 +490,6 @@ pub async fn run(
                 lifecycle.record_restore("workspace", serde_json::json!(report));
             }
             Some(Ok(None)) => {
-                let _ =
-                    std::fs::remove_file(config.workspace.join(crate::restore::INCOMPLETE_MARKER));
                 tracing::info!("nothing to restore: the remote holds no workspace manifest");
                 lifecycle.record_restore("workspace", serde_json::json!({"restored": false}));
             }

@@ -27,7 +27,7 @@ use crate::gitbundle::{self, GIT_DIR, GitError};
 use crate::remote::{self, Backoff, Remote, RemoteError};
 use crate::snapshot::{self, COMPRESSED_DIR};
 use crate::sync::manifest::{FileEntry, Manifest};
-use crate::sync::rules::{IGNORE_FILES, Rules};
+use crate::sync::rules::{Rules, is_ignore_file};
 
 /// Attempts at a download that fails for want of an answer (connection, 5xx).
 const TRANSPORT_ATTEMPTS: u32 = 4;
@@ -425,29 +425,26 @@ impl Job<'_> {
                 _ => break,
             }
         }
-        if matches!(&done, Err(FileError::Bad(err)) if err == MISMATCH)
-            && self.written_after_manifest(&key).await
-        {
+        let newer = matches!(&done, Err(FileError::Bad(err)) if err == MISMATCH)
+            && self.written_after_manifest(&key).await;
+        if newer {
             let _ = fs::remove_file(&tmp);
             tracing::warn!(
                 path = rel,
                 "the object is newer than the manifest (a round cut short before it published it): restored with its content"
             );
-            let newer = self.fetch_verified(&key, e, &tmp, &dest, false).await;
-            if newer.is_err() {
-                let _ = fs::remove_file(&tmp);
-            }
-            return newer.map(|()| {
-                self.progress.advance(e.size);
-                FileOutcome::Newer(e.size)
-            });
+            done = self.fetch_verified(&key, e, &tmp, &dest, false).await;
         }
         if done.is_err() {
             let _ = fs::remove_file(&tmp);
         }
         done.map(|()| {
             self.progress.advance(e.size);
-            FileOutcome::Downloaded(e.size)
+            if newer {
+                FileOutcome::Newer(e.size)
+            } else {
+                FileOutcome::Downloaded(e.size)
+            }
         })
     }
 
@@ -613,10 +610,10 @@ pub async fn restore_workspace(
             progress: &NoProgress,
             manifest_ms,
         };
-        let ignore_files = manifest.files.iter().filter(|(rel, _)| {
-            let name = rel.rsplit('/').next().unwrap_or_default();
-            IGNORE_FILES.contains(&name) && !excluded(rel, false)
-        });
+        let ignore_files = manifest
+            .files
+            .iter()
+            .filter(|(rel, _)| is_ignore_file(rel) && !excluded(rel, false));
         for (rel, e) in ignore_files {
             match early.file(rel, e).await {
                 Err(FileError::Unreachable(err)) => return Err(err.into()),
@@ -633,10 +630,11 @@ pub async fn restore_workspace(
         let mut doomed = extras(&root, &rules_now()?, &manifest, opts.max_file_bytes);
         // An ignore file the remote does not have goes too, and what only it ignored is
         // judged again without it.
-        let (stray_rules, _): (Vec<String>, Vec<String>) = doomed
+        let stray_rules: Vec<String> = doomed
             .iter()
+            .filter(|rel| is_ignore_file(rel))
             .cloned()
-            .partition(|rel| IGNORE_FILES.contains(&rel.rsplit('/').next().unwrap_or_default()));
+            .collect();
         if !stray_rules.is_empty() {
             report.removed +=
                 remove_paths(&root, &stray_rules, &manifest.empty_dirs, &mut report.bad);

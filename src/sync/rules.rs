@@ -48,6 +48,11 @@ pub fn inner_excludes(root: &Path, dirs: &[PathBuf]) -> Vec<String> {
 /// Names of the per-directory ignore files, lowest precedence first.
 pub const IGNORE_FILES: [&str; 2] = [".gitignore", ".sandkeepignore"];
 
+/// Whether the workspace path `rel` (`/`-separated) is an ignore file.
+pub fn is_ignore_file(rel: &str) -> bool {
+    IGNORE_FILES.contains(&rel.rsplit('/').next().unwrap_or_default())
+}
+
 pub struct Rules {
     root: PathBuf,
     excludes: Gitignore,
