@@ -16,6 +16,10 @@ use serde_json::Value;
 pub enum ClientError {
     #[error("cannot reach the daemon on {socket}: {message}")]
     Connect { socket: PathBuf, message: String },
+    /// The request was sent (or being sent) and the connection closed before the whole
+    /// answer came: the daemon stopped or died meanwhile, so a write may have been done.
+    #[error("the connection to the daemon on {socket} closed before it answered: {message}")]
+    Lost { socket: PathBuf, message: String },
     #[error("invalid request: {0}")]
     Request(String),
 }
@@ -78,22 +82,28 @@ impl Client {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ClientError::Request(e.to_string()))?;
-        let connect_err = |message: String| ClientError::Connect {
+        let lost = |message: String| ClientError::Lost {
             socket: self.socket.clone(),
             message,
         };
-        let resp = self
-            .http
-            .request(req)
-            .await
-            .map_err(|e| connect_err(crate::error_chain(&e)))?;
+        let resp = self.http.request(req).await.map_err(|e| {
+            let message = crate::error_chain(&e);
+            if e.is_connect() {
+                ClientError::Connect {
+                    socket: self.socket.clone(),
+                    message,
+                }
+            } else {
+                lost(message)
+            }
+        })?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| connect_err(e.to_string()))?
+            .map_err(|e| lost(e.to_string()))?
             .to_bytes();
         Ok(Reply {
             status,

@@ -71,6 +71,32 @@ async fn set_get_del() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_whose_daemon_dies_says_the_connection_closed() {
+    let mut d = Daemon::start().await;
+    let cli = d.cli();
+    assert_eq!(cli.run(&["kv", "set", "k", "1"]).await.code, 0);
+    let mut run = cli.spawn(&[
+        "kv",
+        "watch",
+        "k",
+        "--after-version",
+        "1",
+        "--timeout",
+        "20",
+    ]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!run.finished(), "watch ended before the daemon died");
+    d.kill9();
+    let out = run.wait(Duration::from_secs(15)).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("closed before it answered"),
+        "the daemon was reached, then lost: {out:?}"
+    );
+    assert!(!out.stderr.contains("cannot reach"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exit_codes() {
     let d = Daemon::start().await;
     let cli = d.cli();
@@ -134,6 +160,7 @@ async fn exit_codes() {
     let out = nobody.run(&["kv", "get", "k"]).await;
     assert_eq!(out.code, 1, "daemon not running: {out:?}");
     assert!(out.stderr.contains("No such file or directory"), "{out:?}");
+    assert!(out.stderr.contains("cannot reach the daemon"), "{out:?}");
     // A probe says nothing, whatever happens.
     let out = nobody.run(&["status", "--ready"]).await;
     assert_eq!(
