@@ -116,6 +116,10 @@ enum Command {
 }
 
 /// A caller waiting for a round that carries the workspace as it is now.
+/// The longest wait before a failed round is tried again while a sync call waits for
+/// it (the backoff goes on growing to [`Backoff::MAX`] for the rounds nobody waits for).
+const WAITED_RETRY_MAX: Duration = Duration::from_secs(2);
+
 struct Waiter {
     confirm_deletes: bool,
     /// Answered with [`SyncError::Held`] by a round that a guard holds back, instead
@@ -790,13 +794,21 @@ impl SyncEngine {
             }
             Err(e) => {
                 self.metrics.sync_round("error");
-                let delay = self.backoff.next_delay();
+                // Someone waits for this round (`POST /v1/sync`, the final sync): try
+                // again at least every few seconds, so that they are answered soon
+                // after the remote comes back, not a full backoff later.
+                let waited_for = waiters.iter().any(|w| !w.reply.is_closed());
+                let mut delay = self.backoff.next_delay();
+                if waited_for {
+                    delay = delay.min(WAITED_RETRY_MAX);
+                }
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "sync round failed; retrying");
                 self.degraded = true;
                 self.last_error = Some(e.to_string());
                 self.retry_at = Some(Instant::now() + delay);
                 // Waiters stay until a round succeeds (or they time out).
-                self.waiters.extend(waiters);
+                self.waiters
+                    .extend(waiters.into_iter().filter(|w| !w.reply.is_closed()));
                 true
             }
         }
@@ -1668,6 +1680,48 @@ mod tests {
         assert!(!s.degraded, "{s:?}");
         assert_eq!(s.files, 6);
         assert_eq!(s.pending_files, 0);
+        f.stop.cancel();
+        f.task.await.unwrap();
+    }
+
+    /// While a sync call waits through an outage, failed rounds are tried again every
+    /// 2 s at most (not a backoff of up to 30 s): the call is answered soon after the
+    /// remote comes back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_sync_is_retried_often_through_an_outage() {
+        let f = engine().await;
+        f.handle.sync(false).await.unwrap();
+        f.remote.set_down(true);
+        std::fs::write(f.ws.join("a.txt"), "1").unwrap();
+        let handle = f.handle.clone();
+        let call = tokio::spawn(async move { handle.sync(false).await });
+        // Uncapped, the backoff (200 ms doubling, jittered to half) leaves a gap of
+        // at least 3.2 s between two attempts within 10 s.
+        let start = tokio::time::Instant::now();
+        let (mut seen, mut last, mut widest) = (0, start, Duration::ZERO);
+        while start.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = f.remote.refused.load(Ordering::SeqCst);
+            if now != seen {
+                widest = widest.max(last.elapsed());
+                (seen, last) = (now, tokio::time::Instant::now());
+            }
+        }
+        widest = widest.max(last.elapsed());
+        assert!(seen >= 5, "retried: {seen}");
+        assert!(widest < Duration::from_millis(2800), "{widest:?}");
+        f.remote.set_down(false);
+        let back = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("answered")
+            .unwrap()
+            .unwrap();
+        assert!(
+            back.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            back.elapsed()
+        );
         f.stop.cancel();
         f.task.await.unwrap();
     }
