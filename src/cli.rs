@@ -95,6 +95,12 @@ pub enum Command {
         /// name or its timestamp part (20261130T120000123Z).
         #[arg(long)]
         snapshot: Option<String>,
+        /// Restore the files from their objects alone, for a remote whose manifest
+        /// cannot be read and that has no snapshot: contents come back (and the git
+        /// bundles), but files outside a repository get mode 0644, and symlinks and
+        /// empty directories are lost.
+        #[arg(long, conflicts_with = "snapshot")]
+        objects: bool,
         /// Restore into a non-empty DIR, replacing its content with the remote state.
         #[arg(long)]
         force: bool,
@@ -365,10 +371,16 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Restore {
             to,
             snapshot,
+            objects,
             force,
         } => {
             let config = load_config(cli.config.as_deref(), true)?;
-            crate::restore_cli::run(&config, &to, snapshot.as_deref(), force)
+            let from = match snapshot {
+                Some(name) => crate::restore_cli::From::Snapshot(name),
+                None if objects => crate::restore_cli::From::Objects,
+                None => crate::restore_cli::From::Mirror,
+            };
+            crate::restore_cli::run(&config, &to, &from, force)
         }
         command => {
             let socket = match cli.socket {

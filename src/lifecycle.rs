@@ -703,6 +703,19 @@ fn workspace_restore_plan(config: &Config) -> Option<bool> {
     }
 }
 
+/// Remote storage that does not answer, or a workspace file system that is full or
+/// read-only, may come right: the restore is tried again (and meanwhile the daemon
+/// stays not ready, with the restore marker in place).
+fn transient_restore_error(e: &crate::restore::RestoreError) -> bool {
+    match e {
+        crate::restore::RestoreError::Remote(_) => true,
+        crate::restore::RestoreError::Local { source, .. } => {
+            crate::restore::is_file_system_failure(source)
+        }
+        _ => false,
+    }
+}
+
 /// Restores the workspace, retrying while remote storage cannot be read.
 async fn restore_workspace_retrying(
     remote: &dyn crate::remote::Remote,
@@ -724,16 +737,7 @@ async fn restore_workspace_retrying(
                 &crate::restore::NoProgress,
             )
         },
-        // Remote storage that does not answer, or a workspace file system that is full
-        // or read-only, may come right: the restore is tried again (and meanwhile the
-        // daemon stays not ready, with the restore marker in place).
-        |e| match e {
-            crate::restore::RestoreError::Remote(_) => true,
-            crate::restore::RestoreError::Local { source, .. } => {
-                crate::restore::is_file_system_failure(source)
-            }
-            _ => false,
-        },
+        transient_restore_error,
     )
     .await;
     let Err(crate::restore::RestoreError::Manifest(why)) = from_mirror else {
@@ -758,11 +762,32 @@ async fn restore_workspace_retrying(
     )
     .await;
     match from_snapshot {
-        Ok(report) => Ok(Some(report)),
-        Err(crate::restore::RestoreError::NoSnapshot(_)) => {
-            Err(crate::restore::RestoreError::Manifest(why))
-        }
-        Err(e) => Err(e),
+        Ok(report) => return Ok(Some(report)),
+        Err(crate::restore::RestoreError::NoSnapshot(_)) => {}
+        Err(e) => return Err(e),
+    }
+    // No snapshot either: the objects hold every file's content, which is better than
+    // an empty workspace whose first round would leave them unnamed.
+    tracing::error!(
+        "no snapshot to restore either: restoring the files from their objects alone (their modes, symlinks and empty directories are lost)"
+    );
+    let from_objects = crate::remote::retrying(
+        "cannot restore the workspace's objects yet",
+        || {
+            crate::restore::restore_workspace_from_objects(
+                remote,
+                &prefix,
+                &config.workspace,
+                &opts,
+                &crate::restore::NoProgress,
+            )
+        },
+        transient_restore_error,
+    )
+    .await;
+    match from_objects {
+        Ok(None) => Err(crate::restore::RestoreError::Manifest(why)),
+        r => r,
     }
 }
 

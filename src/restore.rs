@@ -147,6 +147,12 @@ pub struct RestoreReport {
     /// the manifest's mode and the restore's time, so the next round publishes them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub newer: Vec<String>,
+    /// Restored from the file objects alone (no readable manifest, no snapshot): files
+    /// came back with their content and the restore's time, the mode of a bundle's
+    /// checkout or else 0644; symlinks and empty directories were lost with the manifest
+    /// (but for what a bundle checked out).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub objects_only: bool,
     pub duration_ms: u64,
 }
 
@@ -413,7 +419,10 @@ impl Job<'_> {
         // A mismatch is downloaded once more: the object may have been replaced
         // between the manifest and now.
         for attempt in 0..2 {
-            done = self.fetch_verified(&key, e, &tmp, &dest, true).await;
+            // No hash (a restore from the objects alone): the object is the content.
+            done = self
+                .fetch_verified(&key, e, &tmp, &dest, !e.hash.is_empty())
+                .await;
             match &done {
                 Err(FileError::Bad(err)) if err == MISMATCH => {
                     tracing::warn!(
@@ -571,13 +580,91 @@ pub async fn restore_workspace(
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<Option<RestoreReport>, RestoreError> {
-    let started = Instant::now();
     let manifest_key = format!("{conversation_prefix}workspace/manifest.json");
     let Some(bytes) = remote.get_bytes(&manifest_key).await? else {
         return Ok(None);
     };
-    let mut manifest: Manifest =
+    let manifest: Manifest =
         serde_json::from_slice(&bytes).map_err(|e| RestoreError::Manifest(e.to_string()))?;
+    restore_manifest(
+        remote,
+        conversation_prefix,
+        target,
+        opts,
+        progress,
+        manifest,
+        false,
+    )
+    .await
+    .map(Some)
+}
+
+/// Restores the workspace from its file objects alone, for a remote whose manifest
+/// cannot be read and that holds no snapshot either: the repositories from their
+/// bundles, then every object under `workspace/files/` over them, with its content,
+/// the restore's time (so the next round hashes and publishes it) and the mode of what
+/// a bundle checked out there, else 0644.
+/// Modes, symlinks and empty directories live only in the manifest: they do not come
+/// back, except what a bundle checks out (without the manifest nothing says what was
+/// deleted since a bundle was written: what it checked out stays). `None` when the
+/// remote holds no workspace object and no bundle.
+pub async fn restore_workspace_from_objects(
+    remote: &dyn Remote,
+    conversation_prefix: &str,
+    target: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<Option<RestoreReport>, RestoreError> {
+    let files_prefix = format!("{conversation_prefix}workspace/files/");
+    let objects = remote::list_all(remote, &files_prefix).await?;
+    let bundles = remote::list_all(remote, &format!("{conversation_prefix}{GIT_DIR}")).await?;
+    if objects.is_empty() && bundles.is_empty() {
+        return Ok(None);
+    }
+    let mut manifest = Manifest::default();
+    for o in objects {
+        // A key ending in `/` is a console's "folder", no file.
+        let Some(rel) = o.key.strip_prefix(&files_prefix) else {
+            continue;
+        };
+        if rel.is_empty() || rel.ends_with('/') {
+            continue;
+        }
+        let entry = FileEntry {
+            size: o.size,
+            mtime: 0,
+            mode: 0o644,
+            // Unknown: the object's content is taken as it is.
+            hash: String::new(),
+        };
+        manifest.files.insert(rel.to_string(), entry);
+    }
+    restore_manifest(
+        remote,
+        conversation_prefix,
+        target,
+        opts,
+        progress,
+        manifest,
+        true,
+    )
+    .await
+    .map(Some)
+}
+
+/// Restores what `manifest` names (see [`restore_workspace`]); `objects_only`: the
+/// manifest was made from the listing of the objects (see
+/// [`restore_workspace_from_objects`]).
+async fn restore_manifest(
+    remote: &dyn Remote,
+    conversation_prefix: &str,
+    target: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+    mut manifest: Manifest,
+    objects_only: bool,
+) -> Result<RestoreReport, RestoreError> {
+    let started = Instant::now();
     let git_objects = remote::list_all(remote, &format!("{conversation_prefix}{GIT_DIR}")).await?;
 
     fs::create_dir_all(target)
@@ -588,6 +675,7 @@ pub async fn restore_workspace(
         .map_err(|e| local("exclude patterns", io::Error::other(e)))?;
     let mut report = RestoreReport {
         generation: manifest.generation,
+        objects_only,
         ..Default::default()
     };
     drop_bad_paths(&mut manifest, &mut report.bad);
@@ -734,6 +822,18 @@ pub async fn restore_workspace(
         }
     }
 
+    if objects_only {
+        // Where a bundle checked a file out, its mode is the file's (git keeps the
+        // executable bit): better than 0644.
+        for (rel, e) in manifest.files.iter_mut() {
+            if let Ok(m) = fs::symlink_metadata(root.join(rel))
+                && m.is_file()
+            {
+                e.mode = m.permissions().mode() & 0o7777;
+            }
+        }
+    }
+
     // What the bundles checked out and the manifest does not name: the bundles may be
     // older than the manifest (written every `git.interval`), so these may be files
     // deleted since. Looked at again once the manifest's files (its `.gitignore`s
@@ -747,7 +847,7 @@ pub async fn restore_workspace(
             .is_some_and(|(_, newer)| *newer)
     };
     let held_paths: BTreeSet<&str> = manifest.held.iter().map(String::as_str).collect();
-    let from_bundles: Vec<String> = if report.repos.is_empty() {
+    let from_bundles: Vec<String> = if report.repos.is_empty() || objects_only {
         Vec::new()
     } else {
         // Nor what stands where a held entry was (a directory's name taken by a file
@@ -890,7 +990,7 @@ pub async fn restore_workspace(
     progress.finish();
     report.bad.sort_by(|a, b| a.path.cmp(&b.path));
     report.duration_ms = started.elapsed().as_millis() as u64;
-    Ok(Some(report))
+    Ok(report)
 }
 
 fn restore_symlink(root: &Path, rel: &str, link: &str, force: bool) -> Result<(), String> {

@@ -1,4 +1,4 @@
-//! `sandkeep restore --to DIR [--snapshot latest|NAME] [--force]`: restores a
+//! `sandkeep restore --to DIR [--snapshot latest|NAME | --objects] [--force]`: restores a
 //! conversation's workspace straight from remote storage, no daemon needed (init
 //! containers). A progress bar on a terminal; a JSON summary on stdout otherwise.
 
@@ -26,7 +26,17 @@ impl Progress for Bar {
     }
 }
 
-pub fn run(config: &Config, to: &Path, snapshot: Option<&str>, force: bool) -> anyhow::Result<u8> {
+/// What a restore reads.
+pub enum From {
+    /// The file mirror (its manifest, the objects and the git bundles).
+    Mirror,
+    /// A tar.gz snapshot: `latest`, an object name or its timestamp part.
+    Snapshot(String),
+    /// The file objects and the git bundles, without the manifest.
+    Objects,
+}
+
+pub fn run(config: &Config, to: &Path, from: &From, force: bool) -> anyhow::Result<u8> {
     let marker = to.join(restore::INCOMPLETE_MARKER);
     // A restore from the same place that failed left its marker: what is there is its
     // own, to be resumed.
@@ -62,7 +72,7 @@ pub fn run(config: &Config, to: &Path, snapshot: Option<&str>, force: bool) -> a
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let code = runtime.block_on(restore(config, to, snapshot, force))?;
+    let code = runtime.block_on(restore(config, to, from, force))?;
     // Done, or nothing to resume (no such snapshot, nothing in the remote).
     if code == EXIT_OK || code == EXIT_NOT_FOUND {
         let _ = std::fs::remove_file(&marker);
@@ -70,12 +80,7 @@ pub fn run(config: &Config, to: &Path, snapshot: Option<&str>, force: bool) -> a
     Ok(code)
 }
 
-async fn restore(
-    config: &Config,
-    to: &Path,
-    snapshot: Option<&str>,
-    force: bool,
-) -> anyhow::Result<u8> {
+async fn restore(config: &Config, to: &Path, from: &From, force: bool) -> anyhow::Result<u8> {
     // Creating a missing root here would turn a mistyped `remote.path` (or a volume
     // not mounted yet) into an empty remote and "nothing to restore", exit 0.
     if config.remote.kind == RemoteKind::Dir && !config.remote.path.is_dir() {
@@ -102,19 +107,16 @@ async fn restore(
     } else {
         Box::new(NoProgress)
     };
-    let result = match snapshot {
-        Some(which) => restore::restore_snapshot(
-            remote.as_ref(),
-            &prefix,
-            which,
-            to,
-            &opts,
-            progress.as_ref(),
-        )
-        .await
-        .map(Some),
-        None => {
-            restore::restore_workspace(remote.as_ref(), &prefix, to, &opts, progress.as_ref()).await
+    let (remote, progress) = (remote.as_ref(), progress.as_ref());
+    let result = match from {
+        From::Snapshot(which) => {
+            restore::restore_snapshot(remote, &prefix, which, to, &opts, progress)
+                .await
+                .map(Some)
+        }
+        From::Mirror => restore::restore_workspace(remote, &prefix, to, &opts, progress).await,
+        From::Objects => {
+            restore::restore_workspace_from_objects(remote, &prefix, to, &opts, progress).await
         }
     };
     let report = match result {
@@ -126,7 +128,8 @@ async fn restore(
         Err(e @ RestoreError::Manifest(_)) => {
             eprintln!(
                 "sandkeep: restore failed: {e}; `--snapshot latest` restores the latest \
-                 snapshot instead (as a daemon does)"
+                 snapshot instead (as a daemon does), and without a snapshot `--objects` \
+                 restores the files' contents from their objects alone"
             );
             return Ok(EXIT_ERROR);
         }
@@ -142,7 +145,13 @@ async fn restore(
             v
         }
         None => {
-            json!({"restored": false, "reason": "the remote holds no workspace manifest for this conversation"})
+            let reason = match from {
+                From::Objects => {
+                    "the remote holds no workspace object and no git bundle for this conversation"
+                }
+                _ => "the remote holds no workspace manifest for this conversation",
+            };
+            json!({"restored": false, "reason": reason})
         }
     };
     if let Some(r) = &report {

@@ -1018,6 +1018,97 @@ async fn an_unreadable_manifest_is_kept_aside_and_the_latest_snapshot_restored()
     );
 }
 
+/// A remote manifest that cannot be read and no snapshot: the files come back from
+/// their objects alone (contents, the restore's time, the mode a bundle checked out or
+/// else 0644; the empty directory the manifest named is lost, the symlink comes back
+/// with the bundle's work tree) with the repository from its bundle, and the first
+/// round publishes a manifest of them. `sandkeep restore` names `--objects`, which does
+/// the same offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_manifest_without_a_snapshot_restores_the_objects() {
+    let mut d = synced_workspace(None, true).await;
+    write(&d.workspace, "plain.sh", "#!/bin/sh\n");
+    chmod(&d.workspace.join("plain.sh"), 0o755);
+    d.spawn_and_wait().await;
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+    let original = tree(&d.workspace, &not_git);
+    let original_git = git_state(&d.workspace);
+    let conv = d.remote.join(CONV);
+    std::fs::write(
+        conv.join("workspace/manifest.json"),
+        b"{\"format\": 1, \"fi",
+    )
+    .unwrap();
+    std::fs::remove_dir_all(conv.join("workspace/compressed")).unwrap();
+    // Every file's content; the executables get their modes from the bundle's work
+    // tree (untracked files included; as git keeps them: 0755), the rest 0644; the
+    // empty directory is gone.
+    let files = |root: &Path| -> Vec<(String, String, u32)> {
+        tree(root, &not_git)
+            .into_iter()
+            .filter_map(|(rel, e)| match e {
+                Entry::File { data, mode, .. } => {
+                    Some((rel, blake3::hash(&data).to_hex().to_string(), mode & 0o777))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let mut want = files(&d.workspace);
+    for (_, _, mode) in &mut want {
+        if *mode == 0o750 {
+            *mode = 0o755;
+        }
+    }
+    let check = |root: &Path| {
+        assert_eq!(files(root), want);
+        assert!(!root.join("empty").exists());
+        assert_eq!(git_state(root), original_git);
+        // The uncommitted symlink came back with the bundle's work tree.
+        assert_eq!(
+            original.get("link"),
+            tree(root, &not_git).get("link"),
+            "the bundle's symlink"
+        );
+    };
+
+    let target = d.root().join("offline");
+    let out = d.restore_cli(&["--to", target.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("`--objects`"), "{out:?}");
+    let out = d.restore_cli(&["--to", target.to_str().unwrap(), "--objects"], &[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let s = out.json();
+    assert_eq!(s["objects_only"], true, "{s}");
+    assert_eq!(s["bad"], json!([]), "{s}");
+    check(&target);
+    let nothing = d.root().join("nothing");
+    let out = d.restore_cli(
+        &["--to", nothing.to_str().unwrap(), "--objects"],
+        &[("SANDKEEP_IDENTITY_CONVERSATION", "other")],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["restored"], false, "{out:?}");
+
+    // A new sandbox does the same by itself, and its first round publishes what came back.
+    d.become_new_sandbox();
+    d.spawn_and_wait().await;
+    let status = ok(&d.api().get("/v1/status").await, 200);
+    assert_eq!(
+        status["restore"]["workspace"]["objects_only"], true,
+        "{status}"
+    );
+    check(&d.workspace);
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(conv.join("workspace/manifest.json")).unwrap())
+            .unwrap();
+    for (rel, _, _) in &want {
+        assert!(manifest["files"][rel].is_object(), "{rel}: {manifest}");
+    }
+}
+
 /// A round that uploaded a file and was cut short before it published its manifest
 /// (SIGKILL, or a final sync past its deadline) leaves an object newer than the
 /// manifest's entry: it is restored with its content (the newer state of the file),
