@@ -22,8 +22,11 @@
 //! checkpointed ([`Wal::upgrade`]). LSNs count up by one, forever:
 //! each checkpoint records the last LSN it covers in the database (`META["wal_lsn"]`),
 //! so frames a crash left behind after their checkpoint are skipped at the next open,
-//! never replayed over newer data. A frame that is cut short or fails its CRC ends the
-//! log: it was being written when the process died and was never acknowledged.
+//! never replayed over newer data. A frame that fails its CRC ends the log: it was
+//! being written when the process died and was never acknowledged. Appends never change
+//! the file's size (it grows zero-filled and synced beforehand), so a frame that runs
+//! past the end of the file was cut by a truncation or a partial copy, not by a crash:
+//! the log is refused, as acknowledged writes are missing.
 //! The payload holds the group's changes to the KV tables as final states (record
 //! blobs are sealed, so the log holds no plaintext value).
 
@@ -307,6 +310,21 @@ impl Wal {
                 // A bad frame that would have come next was being written at a crash;
                 // anything else is a stale frame or zeros.
                 Frame::Bad { lsn } => break lsn == expected.unwrap_or(applied + 1),
+                // The first format grows by its appends: a crash cuts its last frame.
+                Frame::Cut { lsn } if legacy => break lsn == expected.unwrap_or(applied + 1),
+                // This one writes inside the zero-filled, synced size, which a crash never
+                // shrinks: the next frame running past the end means the file was cut
+                // short after it was written (truncated, or a partial copy).
+                Frame::Cut { lsn } if lsn > applied && lsn == expected.unwrap_or(applied + 1) => {
+                    let floor = last.unwrap_or(0).max(applied);
+                    return Err(format!(
+                        "{shown} is cut short: its frame at byte {pos} (LSN {lsn}) runs past the \
+                         end of the file ({} bytes), which a crash never does, so writes from \
+                         LSN {lsn} on that were acknowledged are missing. Restore the file from \
+                         a copy; or move it away to start without the writes after LSN {floor}",
+                        data.len()
+                    ));
+                }
                 _ => break false,
             }
         };
@@ -314,7 +332,8 @@ impl Wal {
         // the break that continues the LSNs means the log was damaged in the middle (or
         // its magic was): what follows holds acknowledged writes, and starting without
         // them must not be silent. (Frames left from before a checkpoint have LSNs it
-        // covers; a log cut short by truncation cannot be told from a torn end.)
+        // covers; a log truncated exactly at a frame boundary cannot be told from its
+        // end.)
         let floor = last.unwrap_or(0).max(applied);
         let mut at = pos;
         while at + FRAME_HEADER <= data.len() {
@@ -552,8 +571,10 @@ enum Frame<'a> {
         payload: &'a [u8],
         next: usize,
     },
-    /// A header whose frame is cut short or fails its CRC.
+    /// A header whose frame fails its CRC.
     Bad { lsn: u64 },
+    /// A header whose frame runs past the end of the file.
+    Cut { lsn: u64 },
     /// Not even a whole header.
     End,
 }
@@ -590,7 +611,7 @@ fn frame_at(data: &[u8], pos: usize) -> Frame<'_> {
     let lsn = u64::from_le_bytes(lsn);
     let start = pos + FRAME_HEADER;
     let Some(payload) = start.checked_add(len).and_then(|end| data.get(start..end)) else {
-        return Frame::Bad { lsn };
+        return Frame::Cut { lsn };
     };
     if checksum(lsn, payload) != crc {
         return Frame::Bad { lsn };
@@ -701,11 +722,12 @@ pub(crate) mod tests {
         }
         assert_eq!(wal.lsn(), 3);
         let good = wal.end;
-        // A fourth frame cut short by a crash.
+        // A fourth frame cut short by a crash: its header made it, its payload did not
+        // (the zeros the log was grown with).
         wal.append(&[3; 100]).unwrap();
         drop(wal);
         let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.set_len(good + 20).unwrap();
+        f.write_all_at(&[0; 100], good + 20).unwrap();
 
         // The database's checkpoint covers frame 1: frames 2 and 3 are replayed.
         let (mut wal, pending) = Wal::open(&path, 1).unwrap();
@@ -885,6 +907,41 @@ pub(crate) mod tests {
         let (_, pending) = Wal::open(&path, 0).unwrap();
         assert_eq!(pending.frames.len(), 4);
         assert!(pending.torn);
+    }
+
+    #[test]
+    fn a_log_cut_short_inside_a_frame_stops_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.wal");
+        let (mut wal, _) = Wal::open(&path, 0).unwrap();
+        for i in 1..=3u8 {
+            wal.append(&[i; 100]).unwrap();
+        }
+        drop(wal);
+        let good = std::fs::read(&path).unwrap();
+        let third = 3 * BLOCK as usize;
+        for cut in [third + 50, third + FRAME_HEADER] {
+            std::fs::write(&path, &good[..cut]).unwrap();
+            let err = Wal::open(&path, 0)
+                .err()
+                .unwrap_or_else(|| panic!("cut at {cut}: opened"));
+            assert!(err.contains("is cut short"), "{err}");
+            assert!(err.contains("(LSN 3)"), "{err}");
+            assert!(err.contains("after LSN 2"), "{err}");
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                &good[..cut],
+                "nothing rewritten"
+            );
+        }
+        // Frames the checkpoint covers may go: only stale frames past it are cut.
+        std::fs::write(&path, &good[..third + 50]).unwrap();
+        let (_, pending) = Wal::open(&path, 3).unwrap();
+        assert!(pending.frames.is_empty() && !pending.torn);
+        // Cut between two frames, the log just ends (nothing there says more came).
+        std::fs::write(&path, &good[..third]).unwrap();
+        let (_, pending) = Wal::open(&path, 0).unwrap();
+        assert_eq!(pending.frames.len(), 2);
     }
 
     #[test]
