@@ -293,6 +293,31 @@ impl FileStore {
             .await
     }
 
+    /// Makes the store hold another daemon's changes (see
+    /// [`crate::replicate::take_in_remote_files`]), in one transaction: `gone` paths are
+    /// removed, then `files` stored; neither is pending (remote storage has them so).
+    pub async fn take_in(
+        &self,
+        files: Vec<(String, Vec<u8>)>,
+        gone: Vec<String>,
+    ) -> Result<(), KvError> {
+        self.kv
+            .exec(true, move |wtx, _, cipher| {
+                let mut t = wtx.open_table(FILES)?;
+                let mut pending = wtx.open_table(PENDING)?;
+                for path in &gone {
+                    t.remove(path.as_str())?;
+                    pending.remove(path.as_str())?;
+                }
+                for (path, data) in &files {
+                    t.insert(path.as_str(), seal_file(cipher, path, data).as_slice())?;
+                    pending.remove(path.as_str())?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
     /// Whether a restore of the KV and file store from remote storage is still owed (set
     /// when the state directory is new, cleared once the restore finished); `None` when
     /// neither was ever recorded (a database that no start got that far with).

@@ -519,13 +519,36 @@ pub async fn run(
             ) => r.ok(),
             _ = lifecycle.shutdown.cancelled() => None,
         };
+        // The file store the same way: what the other daemon changed comes in.
+        let files_taken = tokio::select! {
+            r = crate::remote::retrying(
+                "cannot compare the file store with remote storage yet",
+                || crate::replicate::take_in_remote_files(
+                    &files,
+                    remote.as_ref(),
+                    &prefix,
+                    config.files.max_file_bytes,
+                ),
+                |_| true,
+            ) => r.ok(),
+            _ = lifecycle.shutdown.cancelled() => None,
+        };
+        let mut record = serde_json::Map::new();
         if let Some(replaced) = taken
             && !replaced.is_empty()
         {
-            lifecycle.record_restore(
-                "stores",
-                serde_json::json!({"replaced_namespaces": replaced}),
-            );
+            record.insert("replaced_namespaces".into(), serde_json::json!(replaced));
+        }
+        if let Some(f) = files_taken {
+            if !f.replaced_files.is_empty() {
+                record.insert("replaced_files".into(), serde_json::json!(f.replaced_files));
+            }
+            if !f.removed_files.is_empty() {
+                record.insert("removed_files".into(), serde_json::json!(f.removed_files));
+            }
+        }
+        if !record.is_empty() {
+            lifecycle.record_restore("stores", serde_json::Value::Object(record));
         }
     }
     if claimed && files.restore_pending().await? == Some(true) && !lifecycle.shutdown.is_cancelled()

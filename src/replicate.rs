@@ -9,6 +9,7 @@
 //! [`ReplicaHandle::flush`] is the barrier that `POST /v1/sync`, `PUT /v1/files?sync=true`
 //! and the final sync wait on.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -521,6 +522,96 @@ pub async fn take_in_newer_exports(
     Ok(replaced)
 }
 
+/// What [`take_in_remote_files`] changed in the file store.
+#[derive(Debug, Default, Serialize)]
+pub struct FilesTakenIn {
+    /// Paths whose remote copy (another daemon's) replaced or added the file here.
+    pub replaced_files: Vec<String>,
+    /// Paths removed here because remote storage no longer has them.
+    pub removed_files: Vec<String>,
+}
+
+/// After a takeover from another daemon, as [`take_in_newer_exports`] for the KV: the
+/// file store takes in what that daemon changed. A path with no change pending here
+/// holds what this store last uploaded, so a remote copy that differs (or that this
+/// store lacks) was written by the other daemon and is taken in, and a file remote
+/// storage no longer has was deleted by it and goes. A path with a change pending here
+/// keeps it (uploaded next, over the remote copy), with a warning when the remote copy
+/// differs: nothing says which of the two came last. A file over `max_file_bytes`, or
+/// one the service refuses to give, leaves the path here as it is.
+pub async fn take_in_remote_files(
+    files: &FileStore,
+    remote: &dyn Remote,
+    conversation_prefix: &str,
+    max_file_bytes: u64,
+) -> Result<FilesTakenIn, ReplicateError> {
+    let pending: HashSet<String> = files.pending().await?.into_iter().map(|p| p.path).collect();
+    let objects: Vec<(String, remote::ObjectInfo)> = remote::list_all(remote, conversation_prefix)
+        .await?
+        .into_iter()
+        .filter_map(|o| {
+            let rel = o.key.strip_prefix(conversation_prefix)?.to_string();
+            files::is_file_store_key(&rel).then_some((rel, o))
+        })
+        .collect();
+    let in_remote: HashSet<&str> = objects.iter().map(|(rel, _)| rel.as_str()).collect();
+    let mut out = FilesTakenIn {
+        replaced_files: Vec::new(),
+        removed_files: files
+            .list("")
+            .await?
+            .into_iter()
+            .filter(|p| !in_remote.contains(p.as_str()) && !pending.contains(p))
+            .collect(),
+    };
+    files.take_in(Vec::new(), out.removed_files.clone()).await?;
+    let mut batch: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut batch_bytes = 0usize;
+    for (rel, o) in &objects {
+        let rel = rel.as_str();
+        if o.size > max_file_bytes {
+            continue;
+        }
+        let transient = |e: &RemoteError| matches!(e, RemoteError::Transport { .. });
+        let theirs = match read_retrying(remote, &o.key, transient).await {
+            Ok(Some(data)) => data,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::error!(key = %o.key, error = %e, "cannot read the remote copy of a file: the file here is kept as it is");
+                continue;
+            }
+        };
+        if files.get(rel).await?.as_deref() == Some(&theirs[..]) {
+            continue;
+        }
+        if pending.contains(rel) {
+            tracing::warn!(
+                path = rel,
+                "a file changed here since its last upload differs from its remote copy: this store's change is kept and uploaded over it"
+            );
+            continue;
+        }
+        batch_bytes += theirs.len();
+        out.replaced_files.push(rel.to_string());
+        batch.push((rel.to_string(), theirs.to_vec()));
+        if batch_bytes >= IMPORT_BATCH_BYTES {
+            files
+                .take_in(std::mem::take(&mut batch), Vec::new())
+                .await?;
+            batch_bytes = 0;
+        }
+    }
+    files.take_in(batch, Vec::new()).await?;
+    if !out.replaced_files.is_empty() || !out.removed_files.is_empty() {
+        tracing::warn!(
+            replaced = out.replaced_files.len(),
+            removed = out.removed_files.len(),
+            "another daemon changed the file store while it owned the conversation: its files are taken in"
+        );
+    }
+    Ok(out)
+}
+
 /// Whose the remote export of a namespace is, judged by [`take_in_unless_ours`].
 enum RemoteExport {
     /// This store's last export (its version).
@@ -671,6 +762,80 @@ mod tests {
             get: false,
         };
         kv.write(ns, BatchRequest::single(op), false).await.unwrap();
+    }
+
+    /// A returning store takes in the files another daemon changed, added and deleted;
+    /// a path with a change of its own pending keeps that change.
+    #[tokio::test]
+    async fn a_returning_file_store_takes_in_the_remote_files_but_keeps_its_pending_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let remote = DirRemote::new(&tmp.path().join("remote")).unwrap();
+        let kv = store(tmp.path());
+        let files = FileStore::new(kv.clone());
+        let put = |path: &'static str, data: &'static [u8]| {
+            let files = files.clone();
+            async move {
+                files
+                    .put(path, Bytes::from_static(data), false)
+                    .await
+                    .unwrap()
+            }
+        };
+        for path in ["same", "changed", "deleted", "mine-changed", "mine-deleted"] {
+            put(path, b"uploaded").await;
+        }
+        files
+            .mark_synced(files.pending().await.unwrap())
+            .await
+            .unwrap();
+        // Changes of this store's own since its last upload.
+        put("mine-changed", b"mine").await;
+        put("mine-new", b"mine").await;
+        files.delete("mine-deleted").await.unwrap();
+        // What the other daemon left in remote storage.
+        for (path, data) in [
+            ("same", &b"uploaded"[..]),
+            ("changed", b"theirs"),
+            ("added", b"theirs"),
+            ("mine-changed", b"theirs"),
+            ("mine-deleted", b"theirs"),
+            ("too-big", b"theirs, over the limit"),
+            ("workspace/files/x", b"not the file store's"),
+        ] {
+            let key = format!("{PREFIX}{path}");
+            remote
+                .put_bytes(&key, Bytes::from_static(data))
+                .await
+                .unwrap();
+        }
+
+        let r = take_in_remote_files(&files, &remote, PREFIX, 10)
+            .await
+            .unwrap();
+        assert_eq!(r.replaced_files, vec!["added", "changed"]);
+        assert_eq!(r.removed_files, vec!["deleted"]);
+        let got = |path: &'static str| {
+            let files = files.clone();
+            async move { files.get(path).await.unwrap() }
+        };
+        assert_eq!(got("same").await.as_deref(), Some(&b"uploaded"[..]));
+        assert_eq!(got("changed").await.as_deref(), Some(&b"theirs"[..]));
+        assert_eq!(got("added").await.as_deref(), Some(&b"theirs"[..]));
+        assert_eq!(got("deleted").await, None);
+        assert_eq!(got("mine-changed").await.as_deref(), Some(&b"mine"[..]));
+        assert_eq!(got("mine-new").await.as_deref(), Some(&b"mine"[..]));
+        assert_eq!(got("mine-deleted").await, None);
+        assert_eq!(got("too-big").await, None);
+        // This store's own changes are still to be uploaded; nothing taken in is.
+        let mut pending: Vec<String> = files
+            .pending()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.path)
+            .collect();
+        pending.sort();
+        assert_eq!(pending, vec!["mine-changed", "mine-deleted", "mine-new"]);
     }
 
     #[tokio::test]

@@ -559,13 +559,23 @@ async fn a_sync_timeout_says_which_part_is_behind() {
 
 /// A sandbox that comes back (its state directory kept) after another daemon owned the
 /// conversation takes in what that daemon exported before it serves anything: its own
-/// stale namespace must not be exported over the newer one.
+/// stale namespace must not be exported over the newer one. Its file store takes in the
+/// files the other daemon changed, added and deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_returning_sandbox_takes_in_what_the_other_owner_exported() {
     let mut d = Daemon::start_with("[kv]\nreplicate_delay = \"1h\"\n").await;
     let api = d.api();
     ok(&api.put("/v1/kv/shared?ns=c", &json!("a")).await, 201);
     ok(&api.put("/v1/kv/other?ns=d", &json!("a-only")).await, 201);
+    for (path, body) in [
+        ("state.json", "a"),
+        ("events/1.json", "a"),
+        ("gone.json", "a"),
+        ("dir", "a file that becomes a directory"),
+    ] {
+        let url = format!("/v1/files/{path}");
+        ok(&api.raw(Method::PUT, &url, body.as_bytes()).await, 201);
+    }
     assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
     let key = d.generated_key();
     // The first sandbox's state directory is kept aside.
@@ -586,6 +596,20 @@ async fn a_returning_sandbox_takes_in_what_the_other_owner_exported() {
     assert_eq!(api.value_in(Some("c"), "shared").await, Some(json!("a")));
     ok(&api.put("/v1/kv/shared?ns=c", &json!("b")).await, 200);
     ok(&api.put("/v1/kv/b_only?ns=c", &json!(1)).await, 201);
+    ok(
+        &api.raw(Method::PUT, "/v1/files/state.json", b"b").await,
+        200,
+    );
+    ok(
+        &api.raw(Method::PUT, "/v1/files/events/2.json", b"b").await,
+        201,
+    );
+    ok(&api.delete("/v1/files/gone.json").await, 200);
+    ok(&api.delete("/v1/files/dir").await, 200);
+    ok(
+        &api.raw(Method::PUT, "/v1/files/dir/inside", b"b").await,
+        201,
+    );
     assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
 
     // The first one comes back on its old state directory.
@@ -599,7 +623,37 @@ async fn a_returning_sandbox_takes_in_what_the_other_owner_exported() {
         api.value_in(Some("d"), "other").await,
         Some(json!("a-only"))
     );
+    let file = |path: &'static str| {
+        let api = d.api();
+        async move {
+            let r = api.get(&format!("/v1/files/{path}")).await;
+            (r.status == 200).then(|| String::from_utf8(r.body.to_vec()).unwrap())
+        }
+    };
+    assert_eq!(file("state.json").await.as_deref(), Some("b"));
+    assert_eq!(file("events/1.json").await.as_deref(), Some("a"));
+    assert_eq!(file("events/2.json").await.as_deref(), Some("b"));
+    assert_eq!(file("gone.json").await, None);
+    assert_eq!(file("dir").await, None);
+    assert_eq!(file("dir/inside").await.as_deref(), Some("b"));
+    let status = ok(&api.get("/v1/status").await, 200);
+    let stores = &status["restore"]["stores"];
+    assert_eq!(
+        stores["replaced_files"],
+        json!(["dir/inside", "events/2.json", "state.json"]),
+        "{status}"
+    );
+    assert_eq!(
+        stores["removed_files"],
+        json!(["dir", "gone.json"]),
+        "{status}"
+    );
+    assert_eq!(stores["replaced_namespaces"], json!(["c"]), "{status}");
     ok(&api.put("/v1/kv/shared?ns=c", &json!("c")).await, 200);
+    ok(
+        &api.raw(Method::PUT, "/v1/files/state.json", b"c").await,
+        200,
+    );
     assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
 
     // What the remote holds now: every owner's work, the last write last.
@@ -612,4 +666,7 @@ async fn a_returning_sandbox_takes_in_what_the_other_owner_exported() {
         api.value_in(Some("d"), "other").await,
         Some(json!("a-only"))
     );
+    let r = api.get("/v1/files/state.json").await;
+    assert_eq!((r.status, &r.body[..]), (200, &b"c"[..]));
+    assert_eq!(api.get("/v1/files/gone.json").await.status, 404);
 }
