@@ -376,9 +376,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         } => {
             let config = load_config(cli.config.as_deref(), true)?;
             let from = match snapshot {
-                Some(name) => crate::restore_cli::From::Snapshot(name),
-                None if objects => crate::restore_cli::From::Objects,
-                None => crate::restore_cli::From::Mirror,
+                Some(name) => crate::restore::Source::Snapshot(name),
+                None if objects => crate::restore::Source::Objects,
+                None => crate::restore::Source::Mirror,
             };
             crate::restore_cli::run(&config, &to, &from, force)
         }

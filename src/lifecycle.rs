@@ -739,77 +739,55 @@ fn transient_restore_error(e: &crate::restore::RestoreError) -> bool {
     }
 }
 
-/// Restores the workspace, retrying while remote storage cannot be read.
+/// Restores the workspace, retrying while remote storage cannot be read: from the file
+/// mirror; when its manifest cannot be read (it is kept aside before it is rewritten),
+/// from the latest snapshot, the workspace as it was a little earlier; with no snapshot
+/// either, from the objects alone, which hold every file's content (better than an empty
+/// workspace whose first round would leave them unnamed).
 async fn restore_workspace_retrying(
     remote: &dyn crate::remote::Remote,
     config: &Config,
     force: bool,
 ) -> Result<Option<crate::restore::RestoreReport>, crate::restore::RestoreError> {
+    use crate::restore::{RestoreError, Source};
     let mut opts = crate::restore::RestoreOptions::from_config(config, force);
     opts.exclude
         .extend(crate::sync::rules::own_excludes(config, &config.workspace));
     let prefix = config.conversation_prefix();
-    let from_mirror = crate::remote::retrying(
-        "cannot restore the workspace yet",
-        || {
-            crate::restore::restore_workspace(
-                remote,
-                &prefix,
-                &config.workspace,
-                &opts,
-                &crate::restore::NoProgress,
+    let from = |source: Source| {
+        let (opts, prefix) = (&opts, &prefix);
+        async move {
+            crate::remote::retrying(
+                "cannot restore the workspace yet",
+                || {
+                    crate::restore::restore(
+                        remote,
+                        prefix,
+                        &source,
+                        &config.workspace,
+                        opts,
+                        &crate::restore::NoProgress,
+                    )
+                },
+                transient_restore_error,
             )
-        },
-        transient_restore_error,
-    )
-    .await;
-    let Err(crate::restore::RestoreError::Manifest(why)) = from_mirror else {
+            .await
+        }
+    };
+    let from_mirror = from(Source::Mirror).await;
+    let Err(RestoreError::Manifest(why)) = from_mirror else {
         return from_mirror;
     };
-    // The mirror's manifest cannot be read (it is kept aside before it is rewritten):
-    // the latest snapshot is the workspace as it was a little earlier.
     tracing::error!(error = %why, "the remote manifest cannot be read: restoring the latest snapshot instead");
-    let from_snapshot = crate::remote::retrying(
-        "cannot restore the latest snapshot yet",
-        || {
-            crate::restore::restore_snapshot(
-                remote,
-                &prefix,
-                "latest",
-                &config.workspace,
-                &opts,
-                &crate::restore::NoProgress,
-            )
-        },
-        |e| matches!(e, crate::restore::RestoreError::Remote(_)),
-    )
-    .await;
-    match from_snapshot {
-        Ok(report) => return Ok(Some(report)),
-        Err(crate::restore::RestoreError::NoSnapshot(_)) => {}
-        Err(e) => return Err(e),
+    match from(Source::Snapshot("latest".into())).await {
+        Err(RestoreError::NoSnapshot(_)) => {}
+        other => return other,
     }
-    // No snapshot either: the objects hold every file's content, which is better than
-    // an empty workspace whose first round would leave them unnamed.
     tracing::error!(
-        "no snapshot to restore either: restoring the files from their objects alone (their modes, symlinks and empty directories are lost)"
+        "no snapshot to restore either: restoring the files from their objects alone (modes outside git repositories, symlinks and empty directories are lost)"
     );
-    let from_objects = crate::remote::retrying(
-        "cannot restore the workspace's objects yet",
-        || {
-            crate::restore::restore_workspace_from_objects(
-                remote,
-                &prefix,
-                &config.workspace,
-                &opts,
-                &crate::restore::NoProgress,
-            )
-        },
-        transient_restore_error,
-    )
-    .await;
-    match from_objects {
-        Ok(None) => Err(crate::restore::RestoreError::Manifest(why)),
+    match from(Source::Objects).await {
+        Ok(None) => Err(RestoreError::Manifest(why)),
         r => r,
     }
 }

@@ -569,6 +569,46 @@ where
     }
 }
 
+/// Where a restore reads the workspace from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// The file mirror: its manifest, the objects and the git bundles
+    /// ([`restore_workspace`]).
+    Mirror,
+    /// A tar.gz snapshot: `latest`, an object name or its timestamp part
+    /// ([`restore_snapshot`]).
+    Snapshot(String),
+    /// The objects and the git bundles without the manifest
+    /// ([`restore_workspace_from_objects`]).
+    Objects,
+}
+
+/// Restores the workspace of `conversation_prefix` from `source` into `target`; `None`
+/// when the remote holds nothing of that kind.
+pub async fn restore(
+    remote: &dyn Remote,
+    conversation_prefix: &str,
+    source: &Source,
+    target: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<Option<RestoreReport>, RestoreError> {
+    match source {
+        Source::Mirror => {
+            restore_workspace(remote, conversation_prefix, target, opts, progress).await
+        }
+        Source::Snapshot(which) => {
+            restore_snapshot(remote, conversation_prefix, which, target, opts, progress)
+                .await
+                .map(Some)
+        }
+        Source::Objects => {
+            restore_workspace_from_objects(remote, conversation_prefix, target, opts, progress)
+                .await
+        }
+    }
+}
+
 /// Restores the workspace mirror of `conversation_prefix` into `target`: the git
 /// repositories from their bundles first (refs, HEAD, index, the work tree from the WIP
 /// commit), then every file of the manifest over them, symlinks and empty directories.

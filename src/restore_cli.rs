@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::cli::{EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE};
 use crate::config::{Config, RemoteKind};
-use crate::restore::{self, NoProgress, Progress, RestoreError, RestoreOptions};
+use crate::restore::{self, NoProgress, Progress, RestoreError, RestoreOptions, Source};
 
 struct Bar(ProgressBar);
 
@@ -26,17 +26,7 @@ impl Progress for Bar {
     }
 }
 
-/// What a restore reads.
-pub enum From {
-    /// The file mirror (its manifest, the objects and the git bundles).
-    Mirror,
-    /// A tar.gz snapshot: `latest`, an object name or its timestamp part.
-    Snapshot(String),
-    /// The file objects and the git bundles, without the manifest.
-    Objects,
-}
-
-pub fn run(config: &Config, to: &Path, from: &From, force: bool) -> anyhow::Result<u8> {
+pub fn run(config: &Config, to: &Path, from: &Source, force: bool) -> anyhow::Result<u8> {
     let marker = to.join(restore::INCOMPLETE_MARKER);
     // A restore from the same place that failed left its marker: what is there is its
     // own, to be resumed.
@@ -80,7 +70,7 @@ pub fn run(config: &Config, to: &Path, from: &From, force: bool) -> anyhow::Resu
     Ok(code)
 }
 
-async fn restore(config: &Config, to: &Path, from: &From, force: bool) -> anyhow::Result<u8> {
+async fn restore(config: &Config, to: &Path, from: &Source, force: bool) -> anyhow::Result<u8> {
     // Creating a missing root here would turn a mistyped `remote.path` (or a volume
     // not mounted yet) into an empty remote and "nothing to restore", exit 0.
     if config.remote.kind == RemoteKind::Dir && !config.remote.path.is_dir() {
@@ -107,18 +97,8 @@ async fn restore(config: &Config, to: &Path, from: &From, force: bool) -> anyhow
     } else {
         Box::new(NoProgress)
     };
-    let (remote, progress) = (remote.as_ref(), progress.as_ref());
-    let result = match from {
-        From::Snapshot(which) => {
-            restore::restore_snapshot(remote, &prefix, which, to, &opts, progress)
-                .await
-                .map(Some)
-        }
-        From::Mirror => restore::restore_workspace(remote, &prefix, to, &opts, progress).await,
-        From::Objects => {
-            restore::restore_workspace_from_objects(remote, &prefix, to, &opts, progress).await
-        }
-    };
+    let result =
+        restore::restore(remote.as_ref(), &prefix, from, to, &opts, progress.as_ref()).await;
     let report = match result {
         Ok(r) => r,
         Err(e @ RestoreError::NoSnapshot(_)) => {
@@ -146,7 +126,7 @@ async fn restore(config: &Config, to: &Path, from: &From, force: bool) -> anyhow
         }
         None => {
             let reason = match from {
-                From::Objects => {
+                Source::Objects => {
                     "the remote holds no workspace object and no git bundle for this conversation"
                 }
                 _ => "the remote holds no workspace manifest for this conversation",
