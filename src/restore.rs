@@ -646,8 +646,9 @@ pub async fn restore_workspace(
 /// a bundle checked out there, else 0644.
 /// Modes, symlinks and empty directories live only in the manifest: they do not come
 /// back, except what a bundle checks out (without the manifest nothing says what was
-/// deleted since a bundle was written: what it checked out stays). `None` when the
-/// remote holds no workspace object and no bundle.
+/// deleted since a bundle was written: what it checked out stays). Nothing is removed,
+/// even with `force` (files are replaced). `None` when the remote holds no workspace
+/// object and no bundle.
 pub async fn restore_workspace_from_objects(
     remote: &dyn Remote,
     conversation_prefix: &str,
@@ -726,7 +727,9 @@ async fn restore_manifest(
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_millis() as u64);
-    if opts.force {
+    // Without a manifest, symlinks and empty directories are unknown: nothing is
+    // removed as missing from the remote.
+    if opts.force && !objects_only {
         // What to remove is judged by the ignore files being restored, not by those the
         // workspace had: the manifest's go into place first (the pass over every file
         // below finds them there; one that cannot be fetched is reported there).

@@ -1083,6 +1083,30 @@ async fn an_unreadable_manifest_without_a_snapshot_restores_the_objects() {
     assert_eq!(s["objects_only"], true, "{s}");
     assert_eq!(s["bad"], json!([]), "{s}");
     check(&target);
+    // With --force over a workspace of its own: files the objects name are replaced,
+    // nothing else is removed (the remote no longer says what else it had).
+    let busy = d.root().join("busy");
+    write(&busy, "a.txt", "stale\n");
+    write(&busy, "mine.txt", "mine\n");
+    std::os::unix::fs::symlink("mine.txt", busy.join("my-link")).unwrap();
+    let out = d.restore_cli(
+        &["--to", busy.to_str().unwrap(), "--objects", "--force"],
+        &[],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["removed"], 0, "{out:?}");
+    assert_eq!(
+        std::fs::read_to_string(busy.join("a.txt")).unwrap(),
+        "alpha, edited\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(busy.join("mine.txt")).unwrap(),
+        "mine\n"
+    );
+    assert_eq!(
+        std::fs::read_link(busy.join("my-link")).unwrap(),
+        Path::new("mine.txt")
+    );
     let nothing = d.root().join("nothing");
     let out = d.restore_cli(
         &["--to", nothing.to_str().unwrap(), "--objects"],
