@@ -115,11 +115,11 @@ enum Command {
     Sync(Waiter),
 }
 
-/// A caller waiting for a round that carries the workspace as it is now.
 /// The longest wait before a failed round is tried again while a sync call waits for
 /// it (the backoff goes on growing to [`Backoff::MAX`] for the rounds nobody waits for).
 const WAITED_RETRY_MAX: Duration = Duration::from_secs(2);
 
+/// A caller waiting for a round that carries the workspace as it is now.
 struct Waiter {
     confirm_deletes: bool,
     /// Answered with [`SyncError::Held`] by a round that a guard holds back, instead
@@ -797,9 +797,13 @@ impl SyncEngine {
                 // Someone waits for this round (`POST /v1/sync`, the final sync): try
                 // again at least every few seconds, so that they are answered soon
                 // after the remote comes back, not a full backoff later.
-                let waited_for = waiters.iter().any(|w| !w.reply.is_closed());
+                // Waiters that gave up (their call timed out) are dropped.
+                let waiters: Vec<Waiter> = waiters
+                    .into_iter()
+                    .filter(|w| !w.reply.is_closed())
+                    .collect();
                 let mut delay = self.backoff.next_delay();
-                if waited_for {
+                if !waiters.is_empty() {
                     delay = delay.min(WAITED_RETRY_MAX);
                 }
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "sync round failed; retrying");
@@ -807,8 +811,7 @@ impl SyncEngine {
                 self.last_error = Some(e.to_string());
                 self.retry_at = Some(Instant::now() + delay);
                 // Waiters stay until a round succeeds (or they time out).
-                self.waiters
-                    .extend(waiters.into_iter().filter(|w| !w.reply.is_closed()));
+                self.waiters.extend(waiters);
                 true
             }
         }
