@@ -380,7 +380,8 @@ impl Job<'_> {
         let dir = make_parents(self.root, relp, self.force)?;
         let dest = self.root.join(relp);
         match fs::symlink_metadata(&dest) {
-            Ok(m) if m.is_file() && m.len() == e.size => {
+            // An unknown hash (a restore from the objects alone) matches no file here.
+            Ok(m) if m.is_file() && m.len() == e.size && !e.hash.is_empty() => {
                 let (p, entry) = (dest.clone(), e.clone());
                 // Unreadable or different: downloaded like a missing file.
                 let same = tokio::task::spawn_blocking(move || {
@@ -626,6 +627,7 @@ pub async fn restore_workspace(
     };
     let manifest: Manifest =
         serde_json::from_slice(&bytes).map_err(|e| RestoreError::Manifest(e.to_string()))?;
+    let bundles = remote::list_all(remote, &format!("{conversation_prefix}{GIT_DIR}")).await?;
     restore_manifest(
         remote,
         conversation_prefix,
@@ -633,6 +635,7 @@ pub async fn restore_workspace(
         opts,
         progress,
         manifest,
+        bundles,
         false,
     )
     .await
@@ -687,15 +690,17 @@ pub async fn restore_workspace_from_objects(
         opts,
         progress,
         manifest,
+        bundles,
         true,
     )
     .await
     .map(Some)
 }
 
-/// Restores what `manifest` names (see [`restore_workspace`]); `objects_only`: the
-/// manifest was made from the listing of the objects (see
-/// [`restore_workspace_from_objects`]).
+/// Restores what `manifest` names with the bundles listed in `git_objects` (see
+/// [`restore_workspace`]); `objects_only`: the manifest was made from the listing of
+/// the objects (see [`restore_workspace_from_objects`]).
+#[allow(clippy::too_many_arguments)]
 async fn restore_manifest(
     remote: &dyn Remote,
     conversation_prefix: &str,
@@ -703,10 +708,10 @@ async fn restore_manifest(
     opts: &RestoreOptions,
     progress: &dyn Progress,
     mut manifest: Manifest,
+    git_objects: Vec<remote::ObjectInfo>,
     objects_only: bool,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    let git_objects = remote::list_all(remote, &format!("{conversation_prefix}{GIT_DIR}")).await?;
 
     fs::create_dir_all(target)
         .map_err(|e| local(format_args!("creating {}", target.display()), e))?;
