@@ -455,8 +455,7 @@ pub async fn restore_stores(
         }
         // A file the service refuses to give (permissions, an archived object) is
         // reported; nothing here overwrites its remote copy.
-        let transient = |e: &RemoteError| matches!(e, RemoteError::Transport { .. });
-        match read_retrying(remote, &o.key, transient).await {
+        match read_file_retrying(remote, &o.key).await {
             Ok(Some(data)) => {
                 batch_bytes += data.len();
                 batch.push((rel.to_string(), data.to_vec()));
@@ -572,8 +571,7 @@ pub async fn take_in_remote_files(
         if o.size > max_file_bytes {
             continue;
         }
-        let transient = |e: &RemoteError| matches!(e, RemoteError::Transport { .. });
-        let theirs = match read_retrying(remote, &o.key, transient).await {
+        let theirs = match read_file_retrying(remote, &o.key).await {
             Ok(Some(data)) => data,
             Ok(None) => continue,
             Err(e) => {
@@ -647,6 +645,12 @@ async fn take_in_unless_ours(
         }
         Err(why) => Ok(RemoteExport::Unreadable(why)),
     }
+}
+
+/// Reads a file store object, retrying with backoff while remote storage does not
+/// answer; another failure (permissions, an archived object) is returned at once.
+async fn read_file_retrying(remote: &dyn Remote, key: &str) -> Result<Option<Bytes>, RemoteError> {
+    read_retrying(remote, key, |e| matches!(e, RemoteError::Transport { .. })).await
 }
 
 /// Reads an object to restore, retrying with backoff while it fails with an error
