@@ -26,7 +26,8 @@
 //! being written when the process died and was never acknowledged. Appends never change
 //! the file's size (it grows zero-filled and synced beforehand), so a frame that runs
 //! past the end of the file was cut by a truncation or a partial copy, not by a crash:
-//! the log is refused, as acknowledged writes are missing.
+//! the log is refused, as acknowledged writes are missing. So is a log that ends right
+//! where a frame ends anywhere but at a multiple of its growth step (1 MiB).
 //! The payload holds the group's changes to the KV tables as final states (record
 //! blobs are sealed, so the log holds no plaintext value).
 
@@ -332,9 +333,25 @@ impl Wal {
         // the break that continues the LSNs means the log was damaged in the middle (or
         // its magic was): what follows holds acknowledged writes, and starting without
         // them must not be silent. (Frames left from before a checkpoint have LSNs it
-        // covers; a log truncated exactly at a frame boundary cannot be told from its
-        // end.)
+        // covers.)
         let floor = last.unwrap_or(0).max(applied);
+        // The size is a multiple of `GROW` (appends write inside it; a crash while it
+        // grows leaves zeros after the last frame). A log that ends right where a frame
+        // ends, anywhere else, was cut there: the frames after it may be gone. Unless
+        // the frames there are stale ones a checkpoint covers: frames it does not cover
+        // start the log. (A cut at a multiple of `GROW` that is also a frame boundary
+        // cannot be told from the log's end.)
+        if !legacy
+            && pos == data.len()
+            && !(data.len() as u64).is_multiple_of(GROW)
+            && last.is_none_or(|l| l > applied)
+        {
+            return Err(format!(
+                "{shown} is cut short: it ends at byte {pos}, right after LSN {floor}, where \
+                 the log never ends, so acknowledged writes after LSN {floor} may be missing. \
+                 Restore the file from a copy; or move it away to start without them"
+            ));
+        }
         let mut at = pos;
         while at + FRAME_HEADER <= data.len() {
             if let Frame::Good { lsn, .. } = frame_at(&data, at)
@@ -389,8 +406,9 @@ impl Wal {
                 "the log's frames must be checkpointed before it is rewritten",
             ));
         }
-        if self.allocated < 2 * BLOCK {
-            self.grow(2 * BLOCK)?;
+        // To a multiple of `GROW`, like every log of this format.
+        if self.allocated < 2 * BLOCK || !self.allocated.is_multiple_of(GROW) {
+            self.grow(self.allocated.max(2 * BLOCK))?;
         }
         // The magic, and a zeroed first frame so that the old frames after it end
         // the log.
@@ -869,6 +887,15 @@ pub(crate) mod tests {
         drop(wal);
         let (_, pending) = Wal::open(&path, 10).unwrap();
         assert!(pending.frames.is_empty() && !pending.torn);
+        // A bigger one is grown to a multiple of GROW, the size the open checks.
+        let big = vec![1u8; 3 * BLOCK as usize];
+        v1_log(&path, &[(1, &big)]);
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(4 * BLOCK).unwrap();
+        let (mut wal, _) = Wal::open(&path, 1).unwrap();
+        wal.reset();
+        wal.upgrade().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), GROW);
     }
 
     #[test]
@@ -938,10 +965,29 @@ pub(crate) mod tests {
         std::fs::write(&path, &good[..third + 50]).unwrap();
         let (_, pending) = Wal::open(&path, 3).unwrap();
         assert!(pending.frames.is_empty() && !pending.torn);
-        // Cut between two frames, the log just ends (nothing there says more came).
+        // Cut between two frames: the log never ends there, as its size is a
+        // multiple of GROW; also cut before its first frame.
+        for (cut, after) in [(third, 2), (BLOCK as usize, 0)] {
+            std::fs::write(&path, &good[..cut]).unwrap();
+            let err = Wal::open(&path, 0)
+                .err()
+                .unwrap_or_else(|| panic!("cut at {cut}: opened"));
+            assert!(err.contains("is cut short"), "{err}");
+            assert!(
+                err.contains(&format!("after LSN {after} may be missing")),
+                "{err}"
+            );
+        }
+        // ... unless the frames left are stale: the ones after them were too.
         std::fs::write(&path, &good[..third]).unwrap();
+        let (_, pending) = Wal::open(&path, 2).unwrap();
+        assert!(pending.frames.is_empty());
+        // A crash while the log grew leaves zeros after the last frame.
+        let mut grown = good.clone();
+        grown.extend_from_slice(&[0; 1000]);
+        std::fs::write(&path, &grown).unwrap();
         let (_, pending) = Wal::open(&path, 0).unwrap();
-        assert_eq!(pending.frames.len(), 2);
+        assert_eq!(pending.frames.len(), 3);
     }
 
     #[test]
