@@ -757,7 +757,7 @@ mod tests {
     async fn set(kv: &KvStore, ns: &str, key: &str, value: serde_json::Value) {
         let op = Op::Set {
             key: key.into(),
-            value,
+            value: value.into(),
             nx: false,
             xx: false,
             if_version: None,

@@ -116,7 +116,7 @@ pub async fn put_key(
         let value = validate::parse_json(&bytes)?;
         let op = Op::Set {
             key,
-            value,
+            value: value.into(),
             nx,
             xx,
             if_version: q.u64("if_version")?,

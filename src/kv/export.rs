@@ -374,7 +374,7 @@ mod tests {
     fn set(key: &str, value: serde_json::Value, ttl: Option<Duration>) -> BatchRequest {
         BatchRequest::single(Op::Set {
             key: key.into(),
-            value,
+            value: value.into(),
             nx: false,
             xx: false,
             if_version: None,

@@ -47,7 +47,7 @@ impl Faults {
 
 use serde_json::Value;
 
-pub use ops::{BatchRequest, Op, Ttl};
+pub use ops::{BatchRequest, NewValue, Op, Ttl};
 pub use store::{CommitStats, KvStore, NsMeta, StoreOptions};
 
 /// Everything a KV request can fail with; the HTTP layer maps each to API.md's codes.

@@ -69,6 +69,34 @@ impl Ttl {
     }
 }
 
+/// A value a `set` stores, with its serialized form. The form is made where the
+/// request is parsed, on the executor's threads, not on the single writer thread
+/// that every write goes through (serializing a 64 KiB string is most of a big
+/// write's work there).
+#[derive(Clone, Debug)]
+pub struct NewValue {
+    value: Value,
+    json: Vec<u8>,
+}
+
+impl NewValue {
+    pub fn new(value: Value) -> Self {
+        // Serializing a `Value` to memory cannot fail (its map keys are strings).
+        let json = serde_json::to_vec(&value).unwrap_or_default();
+        NewValue { value, json }
+    }
+
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
+}
+
+impl From<Value> for NewValue {
+    fn from(value: Value) -> Self {
+        NewValue::new(value)
+    }
+}
+
 /// One operation on one key, as a route or a batch entry asks for it.
 #[derive(Clone, Debug)]
 pub enum Op {
@@ -79,7 +107,7 @@ pub enum Op {
     },
     Set {
         key: String,
-        value: Value,
+        value: NewValue,
         nx: bool,
         xx: bool,
         if_version: Option<u64>,
@@ -412,7 +440,7 @@ fn parse_op(v: Value) -> Result<Op, KvError> {
             }
             Op::Set {
                 key,
-                value: need_value(raw.value)?,
+                value: NewValue::new(need_value(raw.value)?),
                 nx: raw.nx,
                 xx: raw.xx,
                 if_version: raw.if_version,
@@ -608,6 +636,18 @@ impl<'b, B: Backing> NsTxn<'b, B> {
     /// and namespace limits.
     fn put(&mut self, key: &str, value: Value, expires_ms: Option<u64>) -> Result<(), KvError> {
         let json = validate::storable(&value, self.limits.max_value_bytes)?;
+        self.put_json(key, value, json, expires_ms)
+    }
+
+    /// [`NsTxn::put`] of a value whose serialized form is at hand.
+    fn put_json(
+        &mut self,
+        key: &str,
+        value: Value,
+        json: Vec<u8>,
+        expires_ms: Option<u64>,
+    ) -> Result<(), KvError> {
+        validate::check_storable(&value, json.len(), self.limits.max_value_bytes)?;
         let (now, version) = (self.now_ms, self.write_version());
         let entry = self.entry(key)?;
         let (old_b, old_k) = (entry.byte_delta(key), entry.key_delta());
@@ -682,8 +722,12 @@ impl<'b, B: Backing> NsTxn<'b, B> {
                 keep_ttl,
                 get,
             } => {
-                let existing = self.get(key)?.cloned();
-                check_version(key, *if_version, existing.as_ref().map_or(0, |r| r.version))?;
+                // The old value is copied only when it is asked for.
+                let existing = self.get(key)?.map(|r| {
+                    let previous = get.then(|| r.value.clone());
+                    (r.version, r.expires_ms, previous)
+                });
+                check_version(key, *if_version, existing.as_ref().map_or(0, |r| r.0))?;
                 if *nx && existing.is_some() {
                     return Err(KvError::Exists(key.clone()));
                 }
@@ -692,17 +736,17 @@ impl<'b, B: Backing> NsTxn<'b, B> {
                 }
                 let expires = match (ttl, keep_ttl) {
                     (Some(t), _) => Some(t.deadline(self.now_ms)),
-                    (None, true) => existing.as_ref().and_then(|r| r.expires_ms),
+                    (None, true) => existing.as_ref().and_then(|r| r.1),
                     (None, false) => None,
                 };
-                self.put(key, value.clone(), expires)?;
+                self.put_json(key, value.value.clone(), value.json.clone(), expires)?;
                 let mut body = json!({
                     "key": key,
                     "version": self.write_version(),
                     "created": existing.is_none(),
                 });
                 if *get {
-                    body["previous"] = existing.map_or(Value::Null, |r| r.value);
+                    body["previous"] = existing.and_then(|r| r.2).unwrap_or(Value::Null);
                 }
                 Ok(body)
             }
@@ -831,16 +875,18 @@ impl<'b, B: Backing> NsTxn<'b, B> {
                 })
             }
             Op::Expire { key, ttl } => {
-                let rec = self
-                    .get(key)?
-                    .cloned()
+                let (rec, json) = self
+                    .entry(key)?
+                    .cur
+                    .clone()
                     .ok_or_else(|| KvError::NotFound(key.clone()))?;
                 let expires = ttl.map(|t| t.deadline(self.now_ms));
                 if expires.is_none() && rec.expires_ms.is_none() {
                     // Clearing a TTL that is not there changes nothing (Redis PERSIST).
                     return Ok(json!({"expires_at": null}));
                 }
-                self.put(key, rec.value, expires)?;
+                // The value as it is stored: not serialized again.
+                self.put_json(key, rec.value, json, expires)?;
                 Ok(json!({"expires_at": expires.map(super::rfc3339)}))
             }
         }
@@ -928,6 +974,56 @@ mod tests {
 
     fn op(v: Value) -> Op {
         parse_op(v).unwrap()
+    }
+
+    #[test]
+    fn set_stores_the_form_made_with_its_value_and_expire_keeps_it() {
+        let mut m = Mem::default();
+        let mut t = NsTxn::new(&mut m, 1_000, 7, 0, LIMITS);
+        let value = json!({"b": [1, 2.5], "a": "x\u{e9}\n"});
+        let req = BatchRequest {
+            ops: vec![
+                op(json!({"op": "set", "key": "k", "value": value})),
+                op(json!({"op": "expire", "key": "k", "ttl": 5})),
+            ],
+            ..Default::default()
+        };
+        t.run(&req, true).unwrap();
+        let (rec, json) = t.entries.get("k").unwrap().cur.clone().unwrap();
+        assert_eq!(rec.value, value);
+        assert_eq!(json, serde_json::to_vec(&value).unwrap());
+        assert_eq!(rec.expires_ms, Some(6_000));
+        // The value limit is judged on the serialized form (999 characters and quotes).
+        let err = run(
+            &mut m,
+            vec![op(
+                json!({"op": "set", "key": "b", "value": "x".repeat(999)}),
+            )],
+        )
+        .unwrap_err();
+        let KvError::Batch { source, .. } = err else {
+            panic!("{err:?}")
+        };
+        assert!(
+            matches!(
+                *source,
+                KvError::TooLarge {
+                    what: "value",
+                    limit_bytes: 1000,
+                    current_size_bytes: 1001
+                }
+            ),
+            "{source:?}"
+        );
+        assert!(
+            run(
+                &mut m,
+                vec![op(
+                    json!({"op": "set", "key": "b", "value": "x".repeat(998)})
+                )]
+            )
+            .is_ok()
+        );
     }
 
     #[test]

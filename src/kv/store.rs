@@ -1346,7 +1346,7 @@ mod tests {
     fn set(key: &str, value: Value) -> BatchRequest {
         BatchRequest::single(Op::Set {
             key: key.into(),
-            value,
+            value: value.into(),
             nx: false,
             xx: false,
             if_version: None,
@@ -1798,7 +1798,7 @@ mod tests {
             ops: (0..16)
                 .map(|i| Op::Set {
                     key: format!("{prefix}{i}"),
-                    value: big.clone(),
+                    value: big.clone().into(),
                     nx: false,
                     xx: false,
                     if_version: None,
@@ -1833,7 +1833,7 @@ mod tests {
         let s = store(dir.path(), 1).unwrap();
         let req = BatchRequest::single(Op::Set {
             key: "t".into(),
-            value: json!("v"),
+            value: json!("v").into(),
             nx: false,
             xx: false,
             if_version: None,

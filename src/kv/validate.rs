@@ -87,6 +87,13 @@ pub fn too_deep() -> KvError {
 /// Checks a value about to be stored: not top-level null, depth ≤ 32, and returns its
 /// serialized form (whose length the size limits are checked against).
 pub fn storable(v: &Value, max_bytes: u64) -> Result<Vec<u8>, KvError> {
+    let bytes = serde_json::to_vec(v).map_err(|e| KvError::Internal(e.to_string()))?;
+    check_storable(v, bytes.len(), max_bytes)?;
+    Ok(bytes)
+}
+
+/// [`storable`]'s checks of a value serialized in `len` bytes.
+pub fn check_storable(v: &Value, len: usize, max_bytes: u64) -> Result<(), KvError> {
     if v.is_null() {
         return Err(KvError::InvalidValue(
             "a top-level null cannot be stored (use DELETE)".into(),
@@ -95,15 +102,14 @@ pub fn storable(v: &Value, max_bytes: u64) -> Result<Vec<u8>, KvError> {
     if depth(v) > MAX_DEPTH {
         return Err(too_deep());
     }
-    let bytes = serde_json::to_vec(v).map_err(|e| KvError::Internal(e.to_string()))?;
-    if bytes.len() as u64 > max_bytes {
+    if len as u64 > max_bytes {
         return Err(KvError::TooLarge {
             what: "value",
             limit_bytes: max_bytes,
-            current_size_bytes: bytes.len() as u64,
+            current_size_bytes: len as u64,
         });
     }
-    Ok(bytes)
+    Ok(())
 }
 
 #[cfg(test)]
