@@ -76,13 +76,14 @@ impl Ttl {
 #[derive(Clone, Debug)]
 pub struct NewValue {
     value: Value,
-    json: Vec<u8>,
+    /// `None` if it could not be serialized (a `Value`'s can always be): the writer
+    /// then tries again and answers with the error.
+    json: Option<Vec<u8>>,
 }
 
 impl NewValue {
     pub fn new(value: Value) -> Self {
-        // Serializing a `Value` to memory cannot fail (its map keys are strings).
-        let json = serde_json::to_vec(&value).unwrap_or_default();
+        let json = serde_json::to_vec(&value).ok();
         NewValue { value, json }
     }
 
@@ -508,6 +509,9 @@ pub struct Limits {
 pub struct Loaded {
     pub record: Record,
     pub json: Vec<u8>,
+    /// Whether `record.value` holds the value: a loader may leave it `Null` and the
+    /// JSON unparsed until an operation needs the value (a `set` does not).
+    pub parsed: bool,
 }
 
 /// Where an [`NsTxn`] reads records it has not touched yet.
@@ -522,6 +526,8 @@ pub struct Entry {
     pub orig_expires: Option<u64>,
     /// The visible record now, with its serialized value.
     pub cur: Option<(Record, Vec<u8>)>,
+    /// Whether `cur`'s value is parsed (see [`Loaded::parsed`]).
+    parsed: bool,
     pub dirty: bool,
 }
 
@@ -606,6 +612,7 @@ impl<'b, B: Backing> NsTxn<'b, B> {
                     orig_present: true,
                     orig_expires: l.record.expires_ms,
                     cur: (!l.record.is_expired(self.now_ms)).then_some((l.record, l.json)),
+                    parsed: l.parsed,
                     dirty: false,
                 },
                 None => Entry {
@@ -613,6 +620,7 @@ impl<'b, B: Backing> NsTxn<'b, B> {
                     orig_present: false,
                     orig_expires: None,
                     cur: None,
+                    parsed: true,
                     dirty: false,
                 },
             };
@@ -623,13 +631,27 @@ impl<'b, B: Backing> NsTxn<'b, B> {
             .ok_or_else(|| KvError::Internal("staged entry vanished".into()))
     }
 
-    /// The visible record of `key`.
+    /// The visible record of `key`, its value parsed.
     pub fn get(&mut self, key: &str) -> Result<Option<&Record>, KvError> {
-        Ok(self.entry(key)?.cur.as_ref().map(|(r, _)| r))
+        let entry = self.entry(key)?;
+        if !entry.parsed {
+            if let Some((rec, json)) = &mut entry.cur {
+                rec.value = serde_json::from_slice(json)
+                    .map_err(|e| KvError::Storage(format!("record value: {e}")))?;
+            }
+            entry.parsed = true;
+        }
+        Ok(entry.cur.as_ref().map(|(r, _)| r))
+    }
+
+    /// The version and expiry of the visible record of `key`, without its value.
+    fn head(&mut self, key: &str) -> Result<Option<(u64, Option<u64>)>, KvError> {
+        let cur = self.entry(key)?.cur.as_ref();
+        Ok(cur.map(|(r, _)| (r.version, r.expires_ms)))
     }
 
     fn version_of(&mut self, key: &str) -> Result<u64, KvError> {
-        Ok(self.get(key)?.map_or(0, |r| r.version))
+        Ok(self.head(key)?.map_or(0, |(version, _)| version))
     }
 
     /// Stages `value` for `key`, keeping created_at of an existing record; checks value
@@ -652,6 +674,7 @@ impl<'b, B: Backing> NsTxn<'b, B> {
         let entry = self.entry(key)?;
         let (old_b, old_k) = (entry.byte_delta(key), entry.key_delta());
         let created_ms = entry.cur.as_ref().map_or(now, |(r, _)| r.created_ms);
+        entry.parsed = true;
         entry.cur = Some((
             Record {
                 value,
@@ -722,12 +745,13 @@ impl<'b, B: Backing> NsTxn<'b, B> {
                 keep_ttl,
                 get,
             } => {
-                // The old value is copied only when it is asked for.
-                let existing = self.get(key)?.map(|r| {
-                    let previous = get.then(|| r.value.clone());
-                    (r.version, r.expires_ms, previous)
-                });
-                check_version(key, *if_version, existing.as_ref().map_or(0, |r| r.0))?;
+                // The old value is parsed and copied only when it is asked for.
+                let previous = match get {
+                    true => self.get(key)?.map(|r| r.value.clone()),
+                    false => None,
+                };
+                let existing = self.head(key)?;
+                check_version(key, *if_version, existing.map_or(0, |r| r.0))?;
                 if *nx && existing.is_some() {
                     return Err(KvError::Exists(key.clone()));
                 }
@@ -736,17 +760,20 @@ impl<'b, B: Backing> NsTxn<'b, B> {
                 }
                 let expires = match (ttl, keep_ttl) {
                     (Some(t), _) => Some(t.deadline(self.now_ms)),
-                    (None, true) => existing.as_ref().and_then(|r| r.1),
+                    (None, true) => existing.and_then(|r| r.1),
                     (None, false) => None,
                 };
-                self.put_json(key, value.value.clone(), value.json.clone(), expires)?;
+                match &value.json {
+                    Some(json) => self.put_json(key, value.value.clone(), json.clone(), expires)?,
+                    None => self.put(key, value.value.clone(), expires)?,
+                }
                 let mut body = json!({
                     "key": key,
                     "version": self.write_version(),
                     "created": existing.is_none(),
                 });
                 if *get {
-                    body["previous"] = existing.and_then(|r| r.2).unwrap_or(Value::Null);
+                    body["previous"] = previous.unwrap_or(Value::Null);
                 }
                 Ok(body)
             }
@@ -776,6 +803,9 @@ impl<'b, B: Backing> NsTxn<'b, B> {
             } => {
                 let v = self.version_of(key)?;
                 check_version(key, *if_version, v)?;
+                if *get {
+                    self.get(key)?;
+                }
                 let old = self.remove(key)?;
                 let mut body = json!({"deleted": old.is_some()});
                 if *get {
@@ -875,6 +905,7 @@ impl<'b, B: Backing> NsTxn<'b, B> {
                 })
             }
             Op::Expire { key, ttl } => {
+                self.get(key)?;
                 let (rec, json) = self
                     .entry(key)?
                     .cur
@@ -939,6 +970,7 @@ mod tests {
             Ok(self.0.get(key).map(|r| Loaded {
                 record: r.clone(),
                 json: serde_json::to_vec(&r.value).unwrap(),
+                parsed: true,
             }))
         }
     }
@@ -974,6 +1006,65 @@ mod tests {
 
     fn op(v: Value) -> Op {
         parse_op(v).unwrap()
+    }
+
+    /// Loads records the way the writer does: values left unparsed.
+    struct Unparsed(HashMap<String, Vec<u8>>);
+    impl Backing for Unparsed {
+        fn load(&mut self, key: &str) -> Result<Option<Loaded>, KvError> {
+            Ok(self.0.get(key).map(|json| Loaded {
+                record: Record {
+                    value: Value::Null,
+                    version: 3,
+                    created_ms: 1,
+                    updated_ms: 1,
+                    expires_ms: None,
+                },
+                json: json.clone(),
+                parsed: false,
+            }))
+        }
+    }
+
+    #[test]
+    fn values_loaded_unparsed_are_parsed_for_the_operations_that_read_them() {
+        let stored = |v: Value| serde_json::to_vec(&v).unwrap();
+        let mut b = Unparsed(HashMap::from([
+            ("s".to_string(), stored(json!({"old": 1}))),
+            ("d".to_string(), stored(json!([1, 2]))),
+            ("n".to_string(), stored(json!(41))),
+            ("e".to_string(), stored(json!("kept"))),
+            ("bad".to_string(), b"{not json".to_vec()),
+        ]));
+        let mut t = NsTxn::new(&mut b, 1_000, 7, 0, LIMITS);
+        let ops = vec![
+            op(json!({"op": "set", "key": "s", "value": 2, "get": true})),
+            op(json!({"op": "delete", "key": "d", "get": true})),
+            op(json!({"op": "incr", "key": "n"})),
+            op(json!({"op": "expire", "key": "e", "ttl": 5})),
+            op(json!({"op": "get", "key": "e"})),
+            // A value that does not parse is overwritten by a set that does not read it.
+            op(json!({"op": "set", "key": "bad", "value": "new"})),
+        ];
+        let req = BatchRequest {
+            ops,
+            ..Default::default()
+        };
+        let r = t.run(&req, true).unwrap();
+        assert_eq!(r[0]["previous"], json!({"old": 1}));
+        assert_eq!(r[1]["previous"], json!([1, 2]));
+        assert_eq!(r[2]["value"], json!(42));
+        assert_eq!(r[4]["value"], json!("kept"));
+        let (rec, json) = t.entries.get("e").unwrap().cur.clone().unwrap();
+        assert_eq!((rec.value, json), (json!("kept"), stored(json!("kept"))));
+        assert_eq!(rec.expires_ms, Some(6_000));
+        let (rec, _) = t.entries.get("bad").unwrap().cur.clone().unwrap();
+        assert_eq!(rec.value, json!("new"));
+        // One that reads it fails loudly.
+        let mut b = Unparsed(HashMap::from([("bad".to_string(), b"{".to_vec())]));
+        let mut t = NsTxn::new(&mut b, 1_000, 7, 0, LIMITS);
+        let req = BatchRequest::single(op(json!({"op": "get", "key": "bad"})));
+        assert!(matches!(t.run(&req, false), Err(KvError::Storage(_))));
     }
 
     #[test]

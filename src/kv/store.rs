@@ -253,7 +253,8 @@ pub(crate) fn encode(rec: &Record, json: &[u8]) -> Vec<u8> {
     out
 }
 
-pub(crate) fn decode(plain: Vec<u8>) -> Result<Loaded, KvError> {
+/// A record's plaintext, its value parsed when `parse` asks for it (else left `Null`).
+pub(crate) fn decode(plain: Vec<u8>, parse: bool) -> Result<Loaded, KvError> {
     if plain.len() < HEADER_LEN {
         return Err(KvError::Storage("record is truncated".into()));
     }
@@ -264,8 +265,11 @@ pub(crate) fn decode(plain: Vec<u8>) -> Result<Loaded, KvError> {
     };
     let (version, created_ms, updated_ms, expires) = (n(0), n(1), n(2), n(3));
     let json = plain[HEADER_LEN..].to_vec();
-    let value = serde_json::from_slice(&json)
-        .map_err(|e| KvError::Storage(format!("record value: {e}")))?;
+    let value = match parse {
+        true => serde_json::from_slice(&json)
+            .map_err(|e| KvError::Storage(format!("record value: {e}")))?,
+        false => Value::Null,
+    };
     Ok(Loaded {
         record: Record {
             value,
@@ -275,6 +279,7 @@ pub(crate) fn decode(plain: Vec<u8>) -> Result<Loaded, KvError> {
             expires_ms: (expires != 0).then_some(expires),
         },
         json,
+        parsed: parse,
     })
 }
 
@@ -284,10 +289,20 @@ pub(crate) fn open_record(
     key: &str,
     blob: &[u8],
 ) -> Result<Loaded, KvError> {
+    open_sealed(cipher, ns, key, blob, true)
+}
+
+fn open_sealed(
+    cipher: &Cipher,
+    ns: &str,
+    key: &str,
+    blob: &[u8],
+    parse: bool,
+) -> Result<Loaded, KvError> {
     let plain = cipher
         .open(&aad(ns, key), blob)
         .map_err(|e| KvError::Storage(format!("{ns}/{key}: {e}")))?;
-    decode(plain)
+    decode(plain, parse)
 }
 
 impl KvStore {
@@ -921,7 +936,8 @@ struct TableBacking<'a, 't> {
 impl Backing for TableBacking<'_, '_> {
     fn load(&mut self, key: &str) -> Result<Option<Loaded>, KvError> {
         match self.records.get((self.ns, key))? {
-            Some(blob) => open_record(self.cipher, self.ns, key, blob.value()).map(Some),
+            // The writer parses a value only for the operations that need it.
+            Some(blob) => open_sealed(self.cipher, self.ns, key, blob.value(), false).map(Some),
             None => Ok(None),
         }
     }
