@@ -86,10 +86,6 @@ impl NewValue {
         let json = serde_json::to_vec(&value).ok();
         NewValue { value, json }
     }
-
-    pub fn value(&self) -> &Value {
-        &self.value
-    }
 }
 
 impl From<Value> for NewValue {
@@ -746,9 +742,10 @@ impl<'b, B: Backing> NsTxn<'b, B> {
                 get,
             } => {
                 // The old value is parsed and copied only when it is asked for.
-                let previous = match get {
-                    true => self.get(key)?.map(|r| r.value.clone()),
-                    false => None,
+                let previous = if *get {
+                    self.get(key)?.map(|r| r.value.clone())
+                } else {
+                    None
                 };
                 let existing = self.head(key)?;
                 check_version(key, *if_version, existing.map_or(0, |r| r.0))?;

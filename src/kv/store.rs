@@ -265,10 +265,10 @@ pub(crate) fn decode(plain: Vec<u8>, parse: bool) -> Result<Loaded, KvError> {
     };
     let (version, created_ms, updated_ms, expires) = (n(0), n(1), n(2), n(3));
     let json = plain[HEADER_LEN..].to_vec();
-    let value = match parse {
-        true => serde_json::from_slice(&json)
-            .map_err(|e| KvError::Storage(format!("record value: {e}")))?,
-        false => Value::Null,
+    let value = if parse {
+        serde_json::from_slice(&json).map_err(|e| KvError::Storage(format!("record value: {e}")))?
+    } else {
+        Value::Null
     };
     Ok(Loaded {
         record: Record {
