@@ -356,7 +356,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let mut config = load_config(cli.config.as_deref(), true)?;
             if let Some(socket) = cli.socket {
                 config.socket = socket;
+                config.validate()?;
             }
+            config.validate_serve()?;
             crate::lifecycle::serve(config)
         }
         Command::Token(TokenCommand::Mint {

@@ -468,6 +468,20 @@ impl Config {
         Ok(config)
     }
 
+    /// What only the daemon needs beyond [`Config::validate`]: in token mode, a secret.
+    /// Client commands read the configuration for the socket path and `restore` for the
+    /// remote; neither verifies tokens, so neither needs the secret, which an operator
+    /// may give the daemon alone (`SANDKEEP_AUTH_SECRET` in its unit's environment file).
+    pub fn validate_serve(&self) -> Result<(), ConfigError> {
+        if self.auth.mode == AuthMode::Token && self.auth.secret.len() < MIN_AUTH_SECRET {
+            return Err(invalid(
+                "auth.secret",
+                "auth.mode = \"token\" needs a secret of at least 16 bytes (or SANDKEEP_AUTH_SECRET)",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks values that types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_id("identity.user", &self.identity.user)?;
@@ -523,14 +537,9 @@ impl Config {
                 format!("`{first}` is the `dir` remote's own name at its root"),
             ));
         }
-        if self.auth.mode == AuthMode::Token && self.auth.secret.len() < MIN_AUTH_SECRET {
-            return Err(invalid(
-                "auth.secret",
-                "auth.mode = \"token\" needs a secret of at least 16 bytes (or SANDKEEP_AUTH_SECRET)",
-            ));
-        }
-        if self.auth.max_ttl.is_zero() {
-            return Err(invalid("auth.max_ttl", "must be greater than 0"));
+        // Tokens carry whole seconds (`iat`, `exp`): a shorter cap would refuse them all.
+        if self.auth.max_ttl < HumanDuration::secs(1) {
+            return Err(invalid("auth.max_ttl", "must be at least 1s"));
         }
         if self.kv.max_value_bytes == 0 {
             return Err(invalid("kv.max_value_bytes", "must be greater than 0"));
@@ -937,10 +946,10 @@ mod tests {
     }
 
     #[test]
-    fn token_mode_needs_a_secret() {
-        let err = Config::from_parts("[auth]\nmode = \"token\"\n", Source::Embedded, &[])
-            .unwrap_err()
-            .to_string();
+    fn token_mode_needs_a_secret_to_serve_only() {
+        // Loads (a client command needs the socket path only), but cannot serve.
+        let c = Config::from_parts("[auth]\nmode = \"token\"\n", Source::Embedded, &[]).unwrap();
+        let err = c.validate_serve().unwrap_err().to_string();
         assert!(err.contains("auth.secret"), "{err}");
         let c = Config::from_parts(
             "[auth]\nmode = \"token\"\n",
@@ -949,6 +958,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.auth.mode, AuthMode::Token);
+        c.validate_serve().unwrap();
+        // Mode none serves without one.
+        Config::default().validate_serve().unwrap();
+    }
+
+    #[test]
+    fn max_ttl_is_at_least_a_second() {
+        for bad in ["0s", "500ms", "999ms"] {
+            let text = format!("[auth]\nmax_ttl = {bad:?}\n");
+            let err = Config::from_parts(&text, Source::Embedded, &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("auth.max_ttl"), "{bad}: {err}");
+        }
+        let c = Config::from_parts("[auth]\nmax_ttl = \"1s\"\n", Source::Embedded, &[]).unwrap();
+        assert_eq!(c.auth.max_ttl, HumanDuration::secs(1));
     }
 
     #[test]

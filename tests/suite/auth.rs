@@ -471,3 +471,45 @@ async fn a_secret_with_mode_none_is_a_warning_not_a_switch() {
         "no startup warning about the ignored secret:\n{log}"
     );
 }
+
+/// `sandkeep --config F [--token T] ARGS` with a clean environment: the socket comes
+/// from the configuration file.
+fn cli_by_config(d: &Daemon, token: &str, args: &[&str]) -> crate::util::CliOutput {
+    let mut cmd = sandkeep_command();
+    cmd.arg("--config")
+        .arg(&d.config_path)
+        .arg("--token")
+        .arg(token)
+        .args(args);
+    run_bounded(cmd, None, Duration::from_secs(30))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_daemon_needs_the_secret() {
+    // The secret is in the daemon's environment, not in the file the clients read.
+    let mut d = Daemon::prepare("[auth]\nmode = \"token\"\nmax_ttl = \"1h\"\n");
+    d.set_env("SANDKEEP_AUTH_SECRET", SECRET);
+    d.spawn_and_wait().await;
+
+    let rw = kv_rw(&["app"]);
+    let out = cli_by_config(&d, &rw, &["kv", "set", "k", "\"v\"", "--ns", "app"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let out = cli_by_config(&d, &rw, &["kv", "get", "k", "--ns", "app"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json(), json!({"key": "k", "value": "v"}));
+    let out = cli_by_config(&d, &token(&["app"], &[Scope::Admin]), &["status"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    // The daemon still checks tokens.
+    let out = cli_by_config(&d, "garbage", &["kv", "get", "k", "--ns", "app"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("unauthorized"), "{out:?}");
+    drop(d);
+
+    // Without the secret anywhere, the daemon does not start, and says why.
+    let mut d = Daemon::prepare("[auth]\nmode = \"token\"\n");
+    d.spawn();
+    let st = d.wait_exit(Duration::from_secs(30));
+    assert!(!st.success(), "{st:?}");
+    assert!(d.log().contains("auth.secret"), "{}", d.log());
+    assert!(!d.socket.exists(), "no socket was bound");
+}
