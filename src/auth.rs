@@ -157,10 +157,12 @@ impl Authenticator {
         }
         let unauthorized = |m: &str| AuthError::Unauthorized(m.to_string());
         let header = header.ok_or_else(|| unauthorized("missing bearer token"))?;
+        // The scheme is case-insensitive (RFC 9110 §11.1).
         let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?
+            .1
             .trim();
         let key = self
             .key
@@ -275,6 +277,15 @@ mod tests {
         )
         .unwrap();
         let g = a.authenticate(Some(&format!("Bearer {t}"))).unwrap();
+        for scheme in ["bearer", "BEARER", "BeArEr"] {
+            assert!(a.authenticate(Some(&format!("{scheme} {t}"))).is_ok());
+        }
+        for bad in [format!("Basic {t}"), format!("Bearer{t}"), t.clone()] {
+            assert!(matches!(
+                a.authenticate(Some(&bad)),
+                Err(AuthError::Unauthorized(m)) if m.contains("must be `Bearer")
+            ));
+        }
         assert!(g.allows_namespace("app"));
         assert!(g.allows_namespace("actor:u1"));
         assert!(!g.allows_namespace("apple"));
