@@ -463,6 +463,12 @@ pub async fn batch(
     let started = Instant::now();
     let result = async {
         ctx.query.allow(&[])?;
+        // A caller who can neither read nor write the namespace is refused before the
+        // body is read; the scopes its operations need are checked once it is parsed.
+        let ns = ctx.granted_namespace()?;
+        if ctx.grant.require(Scope::KvRead).is_err() {
+            ctx.grant.require(Scope::KvWrite)?;
+        }
         let limit = value_body_limit(&state).saturating_mul(MAX_BATCH_OPS as u64);
         let bytes = read_body(&headers, body, limit).await?;
         let req = BatchRequest::parse(&bytes)?;
@@ -476,7 +482,7 @@ pub async fn batch(
             )
         });
         let writes = req.ops.iter().any(|o| !matches!(o, Op::Get { .. }));
-        let ns = ctx.namespace(if writes {
+        ctx.grant.require(if writes {
             Scope::KvWrite
         } else {
             Scope::KvRead

@@ -195,6 +195,12 @@ impl Ctx {
     /// `default`), checked against the grant; and the scope the route needs.
     pub fn namespace(&self, scope: Scope) -> Result<String, ApiError> {
         self.grant.require(scope)?;
+        self.granted_namespace()
+    }
+
+    /// The namespace of this request, checked against the grant's namespaces only: for
+    /// a route whose scope depends on its body, to refuse a caller before the body is read.
+    pub fn granted_namespace(&self) -> Result<String, ApiError> {
         let ns = self
             .query
             .get("ns")

@@ -206,6 +206,21 @@ async fn namespace_and_scope_not_granted_are_403() {
         403,
         "forbidden",
     );
+    // Even a malformed batch: who may not touch the namespace learns no more.
+    assert_error(
+        &rw.post("/v1/kv/batch?ns=other", &json!({"operations": "garbage"}))
+            .await,
+        403,
+        "forbidden",
+    );
+    let admin_only = d.api_with_token(&token(&["app"], &[Scope::Admin]));
+    assert_error(
+        &admin_only
+            .post("/v1/kv/batch?ns=app", &json!({"operations": "garbage"}))
+            .await,
+        403,
+        "forbidden",
+    );
     // Two namespaces granted: no ?ns= means `default`, which is not granted.
     assert_error(&rw.get("/v1/kv/k").await, 403, "forbidden");
 
