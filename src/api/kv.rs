@@ -71,6 +71,13 @@ pub async fn get_key(State(state): State<AppState>, ctx: Ctx, KeyParam(key): Key
         let ns = ctx.namespace(Scope::KvRead)?;
         let path = ops::parse_path(ctx.query.get("path"))?;
         let meta = ctx.query.flag("meta")?;
+        if path.is_none() {
+            // The value whole: answered as stored, never parsed.
+            let (rec, ns_meta) = state.kv.get_stored(&ns, &key, meta).await?;
+            let rec = rec.ok_or_else(|| KvError::NotFound(key.clone()))?;
+            let body = ops::StoredBody::new(&key, rec, meta.then_some(ns_meta.version))?;
+            return Ok((StatusCode::OK, axum::Json(body)).into_response());
+        }
         let (rec, ns_meta) = if meta {
             let (r, m) = state.kv.get_with_meta(&ns, &key).await?;
             (r, Some(m))

@@ -9,7 +9,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use super::jsonpath::JsonPath;
@@ -198,6 +199,35 @@ pub fn get_body(
         body.insert("namespace_version".into(), v.into());
     }
     Ok(Value::Object(body))
+}
+
+/// The body of a GET without `path`, as [`get_body`] makes it, but with the value
+/// copied in as stored: not parsed and serialized again, which for a large value is
+/// most of what a read costs.
+#[derive(Serialize)]
+pub struct StoredBody<'a> {
+    key: &'a str,
+    value: Box<RawValue>,
+    #[serde(flatten)]
+    meta: Map<String, Value>,
+}
+
+impl<'a> StoredBody<'a> {
+    pub fn new(
+        key: &'a str,
+        loaded: Loaded,
+        namespace_version: Option<u64>,
+    ) -> Result<Self, KvError> {
+        let bad = |e: &dyn std::fmt::Display| KvError::Storage(format!("record value: {e}"));
+        let json = String::from_utf8(loaded.json).map_err(|e| bad(&e))?;
+        let value = RawValue::from_string(json).map_err(|e| bad(&e))?;
+        let mut meta = Map::new();
+        if let Some(v) = namespace_version {
+            loaded.record.meta_into(&mut meta);
+            meta.insert("namespace_version".into(), v.into());
+        }
+        Ok(Self { key, value, meta })
+    }
 }
 
 /// Checks `if_version` against a key's version (absent: 0).
@@ -959,6 +989,59 @@ impl<'b, B: Backing> NsTxn<'b, B> {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn a_value_answered_as_stored_reads_as_the_parsed_one() {
+        let values = [
+            json!("plain"),
+            json!({"b": [1, -2, 3.5, 1e300, 18446744073709551615u64], "a": {"\u{e9}\"": null}}),
+            json!([true, false, "line\nbreak \u{1F600}"]),
+            json!(-9223372036854775808i64),
+        ];
+        for value in values {
+            let record = Record {
+                value: value.clone(),
+                version: 7,
+                created_ms: 1_700_000_000_000,
+                updated_ms: 1_700_000_001_000,
+                expires_ms: Some(1_700_000_002_000),
+            };
+            let stored = || Loaded {
+                record: Record {
+                    value: Value::Null,
+                    ..record.clone()
+                },
+                json: serde_json::to_vec(&value).unwrap(),
+                parsed: false,
+            };
+            for ns_version in [None, Some(42)] {
+                let body = StoredBody::new("k", stored(), ns_version).unwrap();
+                assert_eq!(
+                    serde_json::to_value(&body).unwrap(),
+                    get_body("k", &record, None, ns_version).unwrap(),
+                    "{value}"
+                );
+            }
+        }
+        let broken = Loaded {
+            json: b"{\"a\":".to_vec(),
+            ..Loaded {
+                record: Record {
+                    value: Value::Null,
+                    version: 1,
+                    created_ms: 0,
+                    updated_ms: 0,
+                    expires_ms: None,
+                },
+                json: Vec::new(),
+                parsed: false,
+            }
+        };
+        assert!(matches!(
+            StoredBody::new("k", broken, None),
+            Err(KvError::Storage(_))
+        ));
+    }
 
     #[derive(Default)]
     struct Mem(HashMap<String, Record>);

@@ -283,13 +283,15 @@ pub(crate) fn decode(plain: Vec<u8>, parse: bool) -> Result<Loaded, KvError> {
     })
 }
 
+/// A record with its value left as stored (`record.value` is `Null`, the JSON in
+/// `json`): for readers that need its meta or the JSON whole (list, export).
 pub(crate) fn open_record(
     cipher: &Cipher,
     ns: &str,
     key: &str,
     blob: &[u8],
 ) -> Result<Loaded, KvError> {
-    open_sealed(cipher, ns, key, blob, true)
+    open_sealed(cipher, ns, key, blob, false)
 }
 
 fn open_sealed(
@@ -516,17 +518,20 @@ impl KvStore {
     /// serves every read queued meanwhile from one read transaction: redb's I/O never
     /// runs on the executor, and a busy daemon pays one thread wake-up per batch of
     /// reads instead of one per read.
+    /// `parse`: whether the record's value is parsed (else only its stored JSON is kept).
     async fn point(
         &self,
         ns: &str,
         key: Option<&str>,
         meta: bool,
-    ) -> Result<(Option<Record>, NsMeta), KvError> {
+        parse: bool,
+    ) -> Result<(Option<Loaded>, NsMeta), KvError> {
         let (reply, rx) = oneshot::channel();
         let job = ReadJob {
             ns: ns.to_string(),
             key: key.map(str::to_string),
             meta,
+            parse,
             reply,
         };
         {
@@ -550,7 +555,8 @@ impl KvStore {
 
     /// The visible record of `key`.
     pub async fn get(&self, ns: &str, key: &str) -> Result<Option<Record>, KvError> {
-        Ok(self.point(ns, Some(key), false).await?.0)
+        let (loaded, _) = self.point(ns, Some(key), false, true).await?;
+        Ok(loaded.map(|l| l.record))
     }
 
     /// The visible record of `key` and the namespace's meta, read together.
@@ -559,11 +565,24 @@ impl KvStore {
         ns: &str,
         key: &str,
     ) -> Result<(Option<Record>, NsMeta), KvError> {
-        self.point(ns, Some(key), true).await
+        let (loaded, meta) = self.point(ns, Some(key), true, true).await?;
+        Ok((loaded.map(|l| l.record), meta))
+    }
+
+    /// The visible record of `key` with its value left as stored (`record.value` is
+    /// `Null`; the JSON is in `json`), and the namespace's meta when `meta` asks for it:
+    /// for an answer that carries the value whole, without parsing and serializing it.
+    pub async fn get_stored(
+        &self,
+        ns: &str,
+        key: &str,
+        meta: bool,
+    ) -> Result<(Option<Loaded>, NsMeta), KvError> {
+        self.point(ns, Some(key), meta, false).await
     }
 
     pub async fn ns_meta(&self, ns: &str) -> Result<NsMeta, KvError> {
-        Ok(self.point(ns, None, true).await?.1)
+        Ok(self.point(ns, None, true, false).await?.1)
     }
 
     /// Up to `limit` visible keys of `ns` starting with `prefix`, after `after`; and
@@ -708,7 +727,8 @@ struct ReadJob {
     ns: String,
     key: Option<String>,
     meta: bool,
-    reply: oneshot::Sender<Result<(Option<Record>, NsMeta), KvError>>,
+    parse: bool,
+    reply: oneshot::Sender<Result<(Option<Loaded>, NsMeta), KvError>>,
 }
 
 /// Most reads served from one read transaction.
@@ -735,7 +755,7 @@ fn run_reader(db: &Database, cipher: &Cipher, rx: std::sync::mpsc::Receiver<Read
         for j in jobs {
             let result = (|| {
                 let rec = match &j.key {
-                    Some(k) => get_in(&rtx, cipher, &j.ns, k)?,
+                    Some(k) => get_in(&rtx, cipher, &j.ns, k, j.parse)?,
                     None => None,
                 };
                 let meta = if j.meta {
@@ -755,7 +775,8 @@ fn get_in(
     cipher: &Cipher,
     ns: &str,
     key: &str,
-) -> Result<Option<Record>, KvError> {
+    parse: bool,
+) -> Result<Option<Loaded>, KvError> {
     let table = match rtx.open_table(RECORDS) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -764,8 +785,8 @@ fn get_in(
     let Some(blob) = table.get((ns, key))? else {
         return Ok(None);
     };
-    let loaded = open_record(cipher, ns, key, blob.value())?;
-    Ok((!loaded.record.is_expired(now_ms())).then_some(loaded.record))
+    let loaded = open_sealed(cipher, ns, key, blob.value(), parse)?;
+    Ok((!loaded.record.is_expired(now_ms())).then_some(loaded))
 }
 
 fn meta_in(rtx: &redb::ReadTransaction, ns: &str) -> Result<NsMeta, KvError> {
