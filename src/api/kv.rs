@@ -366,9 +366,11 @@ async fn watch(state: &AppState, ctx: &Ctx, key: String) -> Result<Response, Api
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
     // Subscribe before the first read so no commit between the two is missed.
     let mut changes = state.kv.subscribe(&ns, 0);
-    let (mut current, meta) = state.kv.get_with_meta(&ns, &key).await?;
+    // Every change in the namespace wakes the watch to read the key again: its value
+    // stays as stored (not parsed) until it is answered.
+    let (mut current, meta) = state.kv.get_stored(&ns, &key, true).await?;
     let given = ctx.query.u64("after_version")?;
-    let after = given.unwrap_or_else(|| current.as_ref().map_or(0, |r| r.version));
+    let after = given.unwrap_or_else(|| current.as_ref().map_or(0, |l| l.record.version));
     // A key missing at the start counts as deleted only when the namespace changed
     // after `after_version`: then the caller's copy may have been deleted since. The
     // answer carries the namespace version, so a watch resumed from it waits.
@@ -379,10 +381,10 @@ async fn watch(state: &AppState, ctx: &Ctx, key: String) -> Result<Response, Api
     let mut ns_version = meta.version;
     let shutdown = state.lifecycle.shutdown.clone();
     loop {
-        match &current {
-            Some(r) if r.version > after => {
-                let body = ops::get_body(&key, r, None, Some(ns_version))?;
-                return Ok(json_ok(StatusCode::OK, body));
+        match current.take() {
+            Some(l) if l.record.version > after => {
+                let body = ops::StoredBody::new(&key, l, Some(ns_version))?;
+                return Ok((StatusCode::OK, axum::Json(body)).into_response());
             }
             Some(_) => existed = true,
             None if existed || state.kv.deleted_after(&ns, &key, since) => {
@@ -404,7 +406,7 @@ async fn watch(state: &AppState, ctx: &Ctx, key: String) -> Result<Response, Api
             }
             _ = shutdown.cancelled() => return Err(KvError::ShuttingDown.into()),
         }
-        let (rec, meta) = state.kv.get_with_meta(&ns, &key).await?;
+        let (rec, meta) = state.kv.get_stored(&ns, &key, true).await?;
         current = rec;
         ns_version = meta.version;
     }
