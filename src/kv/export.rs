@@ -174,18 +174,17 @@ impl KvStore {
                             break;
                         }
                         let loaded = store::open_record(cipher, &ns, key, v.value())?;
-                        let r = loaded.record;
-                        if r.is_expired(now) {
+                        if loaded.record.is_expired(now) {
                             continue;
                         }
-                        let json = String::from_utf8(loaded.json).map_err(bad)?;
+                        let (r, value) = loaded.into_raw()?;
                         records.push(ExportRecord {
                             key: key.to_string(),
                             version: r.version,
                             created_ms: r.created_ms,
                             updated_ms: r.updated_ms,
                             expires_ms: r.expires_ms,
-                            value: RawValue::from_string(json).map_err(bad)?,
+                            value,
                         });
                     }
                 }

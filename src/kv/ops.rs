@@ -218,12 +218,10 @@ impl<'a> StoredBody<'a> {
         loaded: Loaded,
         namespace_version: Option<u64>,
     ) -> Result<Self, KvError> {
-        let bad = |e: &dyn std::fmt::Display| KvError::Storage(format!("record value: {e}"));
-        let json = String::from_utf8(loaded.json).map_err(|e| bad(&e))?;
-        let value = RawValue::from_string(json).map_err(|e| bad(&e))?;
+        let (record, value) = loaded.into_raw()?;
         let mut meta = Map::new();
         if let Some(v) = namespace_version {
-            loaded.record.meta_into(&mut meta);
+            record.meta_into(&mut meta);
             meta.insert("namespace_version".into(), v.into());
         }
         Ok(Self { key, value, meta })
@@ -538,6 +536,17 @@ pub struct Loaded {
     /// Whether `record.value` holds the value: a loader may leave it `Null` and the
     /// JSON unparsed until an operation needs the value (a `set` does not).
     pub parsed: bool,
+}
+
+impl Loaded {
+    /// The record and its value as stored, whole, for an answer or an export that
+    /// carries it without parsing it.
+    pub fn into_raw(self) -> Result<(Record, Box<RawValue>), KvError> {
+        let bad = |e: &dyn std::fmt::Display| KvError::Storage(format!("record value: {e}"));
+        let json = String::from_utf8(self.json).map_err(|e| bad(&e))?;
+        let value = RawValue::from_string(json).map_err(|e| bad(&e))?;
+        Ok((self.record, value))
+    }
 }
 
 /// Where an [`NsTxn`] reads records it has not touched yet.
