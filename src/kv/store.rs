@@ -211,6 +211,10 @@ struct Inner {
     /// Set when the database refuses every write until it is reopened (redb after an
     /// I/O error, such as a full disk): what the writer saw.
     broken: Arc<Mutex<Option<String>>>,
+    /// Holds the next [`KvStore::send`] before it queues: tells the first channel,
+    /// waits on the second.
+    #[cfg(test)]
+    send_gate: tests::Gate,
 }
 
 /// What the writer committed since the store was opened (for `/metrics`).
@@ -363,6 +367,8 @@ impl KvStore {
                 changes,
                 stats,
                 broken,
+                #[cfg(test)]
+                send_gate: Default::default(),
             }),
         })
     }
@@ -403,7 +409,7 @@ impl KvStore {
             batch,
             reply,
         };
-        self.send(job)?;
+        self.send(job, false)?;
         rx.await.map_err(|_| self.unanswered())?
     }
 
@@ -434,7 +440,7 @@ impl KvStore {
                 }) as Done
             },
         );
-        self.send(Job::Exec(job))?;
+        self.send(Job::Exec(job), internal)?;
         rx.await.map_err(|_| self.unanswered())?
     }
 
@@ -475,8 +481,17 @@ impl KvStore {
         self.inner.accepting.load(Ordering::Acquire)
     }
 
-    fn send(&self, job: Job) -> Result<(), KvError> {
+    /// Queues `job`; unless `internal`, only while writes are accepted. The check is
+    /// made under the queue's lock, which [`KvStore::stop_writes`] takes too: a write
+    /// is either queued before writes stop (and so before any later [`KvStore::drain`])
+    /// or refused, never queued after the final export has read its namespace.
+    fn send(&self, job: Job, internal: bool) -> Result<(), KvError> {
+        #[cfg(test)]
+        tests::pass_gate(&self.inner.send_gate);
         let guard = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
+        if !internal && !self.inner.accepting.load(Ordering::Acquire) {
+            return Err(KvError::ShuttingDown);
+        }
         let tx = guard.as_ref().ok_or(KvError::ShuttingDown)?;
         tx.try_send(job).map_err(|e| match e {
             TrySendError::Full(_) => KvError::Busy,
@@ -486,6 +501,7 @@ impl KvStore {
 
     /// Refuses every later write with `shutting_down`.
     pub fn stop_writes(&self) {
+        let _queue = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
         self.inner.accepting.store(false, Ordering::Release);
     }
 
@@ -692,7 +708,7 @@ impl KvStore {
         loop {
             let sleep = match self.next_expiry().await {
                 Ok(Some(at)) if at <= now_ms() => {
-                    if let Err(e) = self.send(Job::Purge) {
+                    if let Err(e) = self.send(Job::Purge, true) {
                         tracing::debug!(error = %e, "purge not queued");
                     }
                     MAX_SLEEP.min(Duration::from_millis(50))
@@ -1378,6 +1394,46 @@ mod tests {
             },
             queue_capacity: 1024,
         })
+    }
+
+    pub(super) type Gate =
+        Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>;
+
+    pub(super) fn pass_gate(gate: &Gate) {
+        let held = gate.lock().unwrap().take();
+        if let Some((entered, release)) = held {
+            entered.send(()).unwrap();
+            release.recv().unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_racing_stop_writes_is_refused_or_drained() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1).unwrap();
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        *s.inner.send_gate.lock().unwrap() = Some((entered_tx, release_rx));
+        let late = tokio::spawn({
+            let s = s.clone();
+            async move { s.write("ns", set("late", json!(1)), false).await }
+        });
+        // The write passed its first check of `accepting` and is about to queue.
+        tokio::task::spawn_blocking(move || entered.recv().unwrap())
+            .await
+            .unwrap();
+        // What the final export does: stop writes, drain, read.
+        s.stop_writes();
+        s.drain().await.unwrap();
+        assert_eq!(s.get("ns", "late").await.unwrap(), None);
+        release.send(()).unwrap();
+        let result = late.await.unwrap();
+        assert!(
+            matches!(result, Err(KvError::ShuttingDown)),
+            "a write acknowledged after the drain that the export followed: {result:?}"
+        );
+        assert_eq!(s.get("ns", "late").await.unwrap(), None);
+        s.close();
     }
 
     fn set(key: &str, value: Value) -> BatchRequest {
