@@ -853,6 +853,20 @@ impl SyncEngine {
                 continue;
             };
             if rel_str.is_empty() {
+                if matches!(
+                    ev.kind,
+                    notify::EventKind::Remove(_)
+                        | notify::EventKind::Modify(notify::event::ModifyKind::Name(_))
+                ) && self.watcher.is_some()
+                {
+                    // The root itself was removed or moved away: its watches died with
+                    // it. Poll until it is back, then watch it anew and look at it whole.
+                    tracing::warn!(root = %self.root.display(), "the workspace directory was removed or moved; polling until it is back");
+                    self.watcher = None;
+                    self.rules.invalidate();
+                    self.full_rescan = true;
+                    self.debouncer.record(now, 0);
+                }
                 continue;
             }
             let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -862,10 +876,23 @@ impl SyncEngine {
                 self.full_rescan = true;
                 self.rewatch = true;
             }
-            let is_dir = matches!(
+            // A directory moved or removed takes the matchers of its ignore files with
+            // it; one created (or moved in) in its place has its own.
+            if matches!(
                 ev.kind,
-                notify::EventKind::Create(notify::event::CreateKind::Folder)
-            ) || path.is_dir();
+                notify::EventKind::Create(_)
+                    | notify::EventKind::Remove(_)
+                    | notify::EventKind::Modify(notify::event::ModifyKind::Name(_))
+            ) {
+                self.rules.forget_dir(rel);
+            }
+            // Symlinks are recorded, never followed: a link to a directory is no
+            // directory to watch.
+            let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
+                || (matches!(
+                    ev.kind,
+                    notify::EventKind::Create(notify::event::CreateKind::Folder)
+                ) && !path.is_symlink());
             if self.rules.is_ignored(rel, is_dir) {
                 continue;
             }
@@ -1025,6 +1052,11 @@ impl SyncEngine {
         // (and every round while deletions are held) looks at everything, so a mass
         // deletion cannot slip through the guards split over several rounds.
         let mut full = full || self.hold.is_some();
+        if full {
+            // A walk of everything reads every ignore file anyway: nothing an event
+            // was missed for (an overflow, a move) keeps a stale matcher past it.
+            self.rules.invalidate();
+        }
         let (obs, mut next, mut gone) = loop {
             let rules = rules.clone();
             let limits = Limits {

@@ -40,9 +40,22 @@ pub fn inner_excludes(root: &Path, dirs: &[PathBuf]) -> Vec<String> {
                 .or_else(|_| std::path::absolute(d))
                 .ok()?;
             let rel = abs.strip_prefix(root).ok()?.to_str()?;
-            (!rel.is_empty()).then(|| format!("/{rel}/"))
+            (!rel.is_empty()).then(|| format!("/{}/", glob_literal(rel)))
         })
         .collect()
+}
+
+/// `path` as a gitignore pattern that matches it literally: glob characters and
+/// spaces (a trailing one would be trimmed) escaped.
+fn glob_literal(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        if matches!(c, '\\' | '*' | '?' | '[' | ']' | '{' | '}' | ' ') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Names of the per-directory ignore files, lowest precedence first.
@@ -94,6 +107,15 @@ impl Rules {
     /// Forgets the cached matchers (an ignore file changed).
     pub fn invalidate(&self) {
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Forgets the cached matchers of `rel` and of everything under it, if `rel` was a
+    /// directory they were cached for (it was moved, removed or replaced).
+    pub fn forget_dir(&self, rel: &Path) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.contains_key(rel) {
+            cache.retain(|dir, _| !dir.starts_with(rel));
+        }
     }
 
     fn matcher(&self, rel_dir: &Path) -> Arc<Gitignore> {
@@ -256,5 +278,61 @@ mod tests {
         assert!(!r.is_ignored(Path::new("a.txt"), false), "cached");
         r.invalidate();
         assert!(r.is_ignored(Path::new("a.txt"), false));
+    }
+
+    #[test]
+    fn a_moved_directory_takes_its_matchers_along() {
+        let (d, r) = rules(&[("sub/.gitignore", "*.csv\n"), ("other/x", "")], &[]);
+        assert!(r.is_ignored(Path::new("sub/data.csv"), false));
+        assert!(!r.is_ignored(Path::new("other/a/secret.env"), false));
+        // `mv sub old; mkdir sub`, and a directory with its own rules moved in.
+        std::fs::rename(d.path().join("sub"), d.path().join("old")).unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::fs::create_dir_all(d.path().join("incoming/a")).unwrap();
+        std::fs::write(d.path().join("incoming/a/.gitignore"), "secret.env\n").unwrap();
+        std::fs::remove_dir_all(d.path().join("other")).unwrap();
+        std::fs::rename(d.path().join("incoming"), d.path().join("other")).unwrap();
+        r.forget_dir(Path::new("sub"));
+        r.forget_dir(Path::new("old"));
+        r.forget_dir(Path::new("other"));
+        assert!(!r.is_ignored(Path::new("sub/data.csv"), false));
+        assert!(r.is_ignored(Path::new("old/data.csv"), false));
+        assert!(r.is_ignored(Path::new("other/a/secret.env"), false));
+        // A path never cached as a directory (a file's event) forgets nothing.
+        std::fs::write(d.path().join("old/.gitignore"), "").unwrap();
+        r.forget_dir(Path::new("old/data.csv"));
+        assert!(
+            r.is_ignored(Path::new("old/data.csv"), false),
+            "still cached"
+        );
+    }
+
+    #[test]
+    fn own_directories_are_excluded_literally() {
+        let d = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(d.path()).unwrap();
+        let names = [
+            "st[1]",
+            "a*b",
+            "q?",
+            "{x,y}",
+            "back\\slash",
+            "sp ace ",
+            "plain",
+        ];
+        let dirs: Vec<PathBuf> = names.iter().map(|n| root.join(n)).collect();
+        for dir in &dirs {
+            std::fs::create_dir(dir).unwrap();
+        }
+        for n in ["s1", "aXb", "qq", "x", "backslash", "sp ace"] {
+            std::fs::create_dir(root.join(n)).unwrap();
+        }
+        let r = Rules::new(&root, &inner_excludes(&root, &dirs)).unwrap();
+        for n in names {
+            assert!(r.is_ignored(&Path::new(n).join("kv.key"), false), "{n}");
+        }
+        for n in ["s1", "aXb", "qq", "x", "backslash", "sp ace"] {
+            assert!(!r.is_ignored(&Path::new(n).join("kv.key"), false), "{n}");
+        }
     }
 }

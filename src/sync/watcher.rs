@@ -64,6 +64,13 @@ impl NativeWatcher {
     /// Adds watches for `rel` and every mirrored directory below it. Directories that
     /// vanish meanwhile are skipped; running out of watches is an error.
     pub fn watch_tree(&mut self, rules: &Rules, rel: &Path) -> notify::Result<()> {
+        // Symlinks are never followed: inotify would watch the directory a link points
+        // to (elsewhere in the tree, or outside it) under the link's name.
+        if !rel.as_os_str().is_empty()
+            && !std::fs::symlink_metadata(self.root.join(rel)).is_ok_and(|m| m.is_dir())
+        {
+            return Ok(());
+        }
         let mut stack = vec![rel.to_path_buf()];
         while let Some(dir) = stack.pop() {
             let abs = self.root.join(&dir);

@@ -765,6 +765,65 @@ async fn a_directory_let_in_by_the_rules_is_watched() {
     .await;
 }
 
+/// Symlinks are recorded, never followed, by the watcher too: a link to a directory
+/// (inside the tree or outside it) gets no watch of its own, so changes in the linked
+/// directory are neither missed under their own name nor uploaded under the link's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_symlink_to_a_directory_is_not_watched_through() {
+    let env = Env::new(Backend::Dir, FAST, true).await;
+    let outside = env.daemon.root().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    env.write("src/a.txt", b"1");
+    env.sync().await;
+    std::os::unix::fs::symlink("src", env.ws().join("link")).unwrap();
+    std::os::unix::fs::symlink(&outside, env.ws().join("out")).unwrap();
+    // The links' events are handled (and, before, their watches added).
+    eventually(Duration::from_secs(15), "the links mirrored", || async {
+        let m = env.manifest().await.unwrap_or_default();
+        m["symlinks"]["link"].is_string() && m["symlinks"]["out"].is_string()
+    })
+    .await;
+    env.write("src/a.txt", b"2");
+    std::fs::write(outside.join("o.txt"), b"outside").unwrap();
+    eventually(Duration::from_secs(15), "src/a.txt updated", || async {
+        env.object("src/a.txt").await.as_deref() == Some(&b"2"[..])
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    env.sync().await;
+    let objects = env.objects().await;
+    assert!(
+        !objects
+            .iter()
+            .any(|k| k.starts_with("link/") || k.starts_with("out/")),
+        "{objects:?}"
+    );
+}
+
+/// The workspace directory removed and made again (`rm -rf ws && git clone ... ws`)
+/// leaves no dead watch behind: what is written in the new one goes out without a
+/// sync call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_workspace_removed_and_made_again_is_watched_again() {
+    let env = Env::new(Backend::Dir, FAST, true).await;
+    env.write("a.txt", b"a");
+    env.sync().await;
+    std::fs::remove_dir_all(env.ws()).unwrap();
+    std::fs::create_dir(env.ws()).unwrap();
+    env.write("a.txt", b"a");
+    env.write("c.txt", b"c");
+    eventually(Duration::from_secs(20), "c.txt mirrored", || async {
+        env.object("c.txt").await.is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.write("d/e.txt", b"e");
+    eventually(Duration::from_secs(20), "d/e.txt mirrored", || async {
+        env.object("d/e.txt").await.is_some()
+    })
+    .await;
+}
+
 fn kill(pid: u32, sig: &str) {
     let st = std::process::Command::new("kill")
         .arg(format!("-{sig}"))
