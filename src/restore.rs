@@ -270,6 +270,21 @@ fn make_parents(root: &Path, rel: &Path, force: bool) -> Result<PathBuf, FileErr
     Ok(at)
 }
 
+/// Whether `rel` is relative with nothing but names in it (no `..`, no root).
+fn is_plain(rel: &Path) -> bool {
+    rel.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// Whether every directory above the relative `rel` inside `root` is a real directory
+/// (no symlink to follow out of the tree).
+fn real_dirs_to(root: &Path, rel: &Path) -> bool {
+    let mut at = root.to_path_buf();
+    rel.parent().unwrap_or(Path::new("")).components().all(|c| {
+        at.push(c);
+        fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir())
+    })
+}
+
 /// Removes whatever is at `path` (a directory with its content).
 fn remove_any(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
@@ -1252,8 +1267,10 @@ fn extract(
         .map_err(|e| local("reading the snapshot", e))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| local("reading the snapshot", e))?;
-        let path = match entry.path() {
-            Ok(p) => p.into_owned(),
+        let path: PathBuf = match entry.path() {
+            // Rebuilt from its components: a trailing `/` would make every lookup of
+            // the path follow a symlink there.
+            Ok(p) => p.components().collect(),
             Err(e) => {
                 report.bad.push(BadEntry {
                     path: String::from_utf8_lossy(&entry.path_bytes()).into_owned(),
@@ -1267,15 +1284,15 @@ fn extract(
         if label.is_empty() || label == "." {
             continue;
         }
-        if rules.excluded_by_config(&path, kind.is_dir()) {
-            continue;
-        }
-        let plain = path.components().all(|c| matches!(c, Component::Normal(_)));
-        if !plain {
+        // Checked first: the matcher takes relative paths only.
+        if !is_plain(&path) {
             report.bad.push(BadEntry {
                 path: label,
                 error: "not a plain relative path".into(),
             });
+            continue;
+        }
+        if rules.excluded_by_config(&path, kind.is_dir()) {
             continue;
         }
         if let Err(error) = make_parents(root, &path, force).map_err(|e| e.to_string()) {
@@ -1299,11 +1316,38 @@ fn extract(
             if let Ok(mode) = entry.header().mode() {
                 dirs.push((dest.clone(), mode));
             }
-            match fs::create_dir_all(&dest) {
-                Ok(()) => report.empty_dirs += 1,
+            // The directory itself is made like a parent: a symlink (or file) in its
+            // place is replaced under `force`, never gone through.
+            match make_parents(root, &path.join("x"), force) {
+                Ok(_) => report.empty_dirs += 1,
                 Err(e) => report.bad.push(BadEntry {
                     path: label,
                     error: e.to_string(),
+                }),
+            }
+            continue;
+        }
+        if kind == tar::EntryType::Link {
+            // A hard link names its target as the archive does: inside the workspace,
+            // through no symlink, or not at all (tar would resolve it from the
+            // process's directory, and an absolute one anywhere).
+            let target = match entry.link_name() {
+                Ok(Some(t)) if is_plain(&t) && real_dirs_to(root, &t) => root.join(t),
+                _ => {
+                    report.bad.push(BadEntry {
+                        path: label,
+                        error: "a hard link to a path outside the workspace".into(),
+                    });
+                    continue;
+                }
+            };
+            let linked = remove_any(&dest).and_then(|()| fs::hard_link(&target, &dest));
+            match linked {
+                Ok(()) => report.files += 1,
+                Err(e) if is_file_system_failure(&e) => return Err(local(&label, e)),
+                Err(e) => report.bad.push(BadEntry {
+                    path: label,
+                    error: format!("hard link: {e}"),
                 }),
             }
             continue;
@@ -1329,7 +1373,10 @@ fn extract(
         .filter(|(d, _)| fs::read_dir(d).is_ok_and(|mut r| r.next().is_none()))
         .count() as u64;
     for (d, mode) in dirs.iter().rev() {
-        let _ = fs::set_permissions(d, fs::Permissions::from_mode(mode & 0o7777));
+        // A later entry may have put a symlink there: its target is not ours to chmod.
+        if fs::symlink_metadata(d).is_ok_and(|m| m.is_dir()) {
+            let _ = fs::set_permissions(d, fs::Permissions::from_mode(mode & 0o7777));
+        }
     }
     report.bad.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(report)
@@ -1460,5 +1507,84 @@ mod tests {
         assert!(is_empty_dir(d, &["/state/".into()]).unwrap());
         fs::write(d.join(".hidden"), "x").unwrap();
         assert!(!is_empty_dir(d, &["/state/".into()]).unwrap());
+    }
+
+    /// A tar.gz of raw entries: (type, name, link name, content, mode), names written
+    /// as given (tar's builder refuses the hostile ones).
+    fn raw_archive(path: &Path, entries: &[(tar::EntryType, &str, &str, &[u8], u32)]) {
+        let gz = flate2::write::GzEncoder::new(
+            fs::File::create(path).unwrap(),
+            flate2::Compression::fast(),
+        );
+        let mut b = tar::Builder::new(gz);
+        for (kind, name, link, data, mode) in entries {
+            let mut h = tar::Header::new_gnu();
+            let g = h.as_gnu_mut().unwrap();
+            g.name[..name.len()].copy_from_slice(name.as_bytes());
+            g.linkname[..link.len()].copy_from_slice(link.as_bytes());
+            h.set_entry_type(*kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(*mode);
+            h.set_mtime(1_700_000_000);
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap();
+    }
+
+    #[test]
+    fn hostile_snapshot_entries_stay_inside_the_workspace() {
+        use std::os::unix::fs::MetadataExt;
+        use tar::EntryType::{Directory, Link, Regular, Symlink};
+        let d = tempfile::tempdir().unwrap();
+        let outside = d.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::set_permissions(&outside, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(outside.join("secret"), "s").unwrap();
+        let secret = outside.join("secret");
+        let secret = secret.to_str().unwrap();
+        for force in [false, true] {
+            let ws = d.path().join(format!("ws-{force}"));
+            fs::create_dir(&ws).unwrap();
+            let ws = fs::canonicalize(&ws).unwrap();
+            let archive = d.path().join("a.tar.gz");
+            raw_archive(
+                &archive,
+                &[
+                    (Regular, "/abs/x", "", b"x", 0o644),
+                    (Regular, "a.txt", "", b"a", 0o644),
+                    (Link, "same.txt", "a.txt", b"", 0o644),
+                    (Link, "abs-link", secret, b"", 0o644),
+                    (Link, "up-link", "../outside/secret", b"", 0o644),
+                    (Symlink, "d", outside.to_str().unwrap(), b"", 0o777),
+                    (Link, "via-symlink", "d/secret", b"", 0o644),
+                    (Directory, "d/", "", b"", 0o700),
+                ],
+            );
+            let report = extract(&archive, &ws, force, &[]).unwrap();
+            let mut bad: Vec<&str> = report.bad.iter().map(|b| b.path.as_str()).collect();
+            bad.sort();
+            let mut want = vec!["/abs/x", "abs-link", "up-link", "via-symlink"];
+            if !force {
+                want.push("d");
+            }
+            want.sort();
+            assert_eq!(bad, want, "force {force}: {:?}", report.bad);
+            // The link inside the tree links the tree's own file.
+            let (a, same) = (ws.join("a.txt"), ws.join("same.txt"));
+            assert_eq!(
+                fs::metadata(&a).unwrap().ino(),
+                fs::metadata(&same).unwrap().ino()
+            );
+            assert_eq!(fs::metadata(secret).unwrap().nlink(), 1, "force {force}");
+            let mode = fs::metadata(&outside).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(mode, 0o755, "force {force}: chmod went through the symlink");
+            let d_is_dir = fs::symlink_metadata(ws.join("d")).unwrap().is_dir();
+            assert_eq!(
+                d_is_dir, force,
+                "under force the directory replaces the symlink"
+            );
+            assert!(!ws.join("abs").exists() && !Path::new("/abs/x").exists());
+        }
     }
 }

@@ -176,13 +176,25 @@ async fn offline_restore_from_the_mirror_and_from_snapshots() {
     write(&target, "extra.txt", "not in the remote");
     write(&target, "a.txt", "local edit\n");
     write(&target, "node_modules/pkg/index.js", "ignored");
-    let out = d.restore_cli(&["--to", target.to_str().unwrap(), "--force"], &[]);
+    // A state directory inside the target (the daemon's own, as for a daemon whose
+    // state lives in its workspace) is not the workspace's: it stays.
+    write(&target, ".sk-state/kv.key", "key");
+    let state = target.join(".sk-state");
+    let out = d.restore_cli(
+        &["--to", target.to_str().unwrap(), "--force"],
+        &[("SANDKEEP_STATE_DIR", state.to_str().unwrap())],
+    );
     assert_eq!(out.code, 0, "{out:?}");
     let s = out.json();
     assert_eq!(s["removed"], 1, "{s}");
     assert!(s["unchanged"].as_u64().unwrap() >= 6, "{s}");
     assert!(!target.join("extra.txt").exists());
     assert!(target.join("node_modules/pkg/index.js").exists());
+    assert!(
+        state.join("kv.key").exists(),
+        "the state directory was emptied"
+    );
+    std::fs::remove_dir_all(&state).unwrap();
     let mut t = tree(&target, &not_git);
     t.retain(|k, _| !k.starts_with("node_modules"));
     assert_eq!(t, original);
