@@ -449,6 +449,7 @@ fn wip_commits(
     repo: &Repository,
     parent: Option<Oid>,
     work_tree: &mut Vec<String>,
+    leave_out: LeaveOut<'_>,
 ) -> Result<(Oid, Oid, Oid, Oid), GitError> {
     let mut index = repo.index().ctx("reading the index")?;
     if index.has_conflicts() {
@@ -469,7 +470,13 @@ fn wip_commits(
     let workdir = repo.workdir().map(Path::to_path_buf).unwrap_or_default();
     let mut filter = |path: &Path, _spec: &[u8]| -> i32 {
         let abs = workdir.join(path);
-        match std::fs::symlink_metadata(&abs) {
+        let meta = std::fs::symlink_metadata(&abs);
+        // What the mirror leaves out is stored nowhere: not in the work-tree commit
+        // either (untracked, or changed or deleted while tracked).
+        if leave_out(path, meta.as_ref().is_ok_and(|m| m.is_dir())) {
+            return 1;
+        }
+        match meta {
             // A nested repository is its own bundle, not a gitlink here.
             Ok(m) if m.is_dir() && abs.join(".git").exists() => 1,
             // Sockets, FIFOs, devices: nothing to commit (and a FIFO would block).
@@ -484,7 +491,11 @@ fn wip_commits(
     index
         .add_all(["*"], git2::IndexAddOption::DEFAULT, Some(&mut filter))
         .ctx("adding the work tree")?;
-    index.update_all(["*"], None).ctx("recording deletions")?;
+    // The same filter: without one, libgit2 adds every changed tracked file, over the
+    // size cap or left out by the mirror's rules alike.
+    index
+        .update_all(["*"], Some(&mut filter))
+        .ctx("recording deletions")?;
     let wip_tree = index.write_tree().ctx("writing the work tree")?;
     work_tree.extend(index.iter().filter_map(|e| String::from_utf8(e.path).ok()));
 
@@ -519,7 +530,7 @@ fn wip_commits(
     Ok((index_commit, wip_commit, index_tree, wip_tree))
 }
 
-fn prepare(repo: &Repository) -> Result<Prepared, GitError> {
+fn prepare(repo: &Repository, leave_out: LeaveOut<'_>) -> Result<Prepared, GitError> {
     let read_at = crate::kv::now_ms();
     let mut head = head_meta(repo)?;
     git_dir_meta(repo, &mut head);
@@ -560,7 +571,7 @@ fn prepare(repo: &Repository) -> Result<Prepared, GitError> {
     let mut work_tree = Vec::new();
     if !repo.is_bare() {
         let (index_commit, wip_commit, index_tree, wip_tree) =
-            wip_commits(repo, head_oid, &mut work_tree)?;
+            wip_commits(repo, head_oid, &mut work_tree, leave_out)?;
         digest.update(format!("{index_tree} {wip_tree}\n").as_bytes());
         refs.push((index_commit, WIP_INDEX_REF.into()));
         refs.push((wip_commit, WIP_REF.into()));
@@ -958,11 +969,26 @@ pub struct BundleSummary {
     pub digest: [u8; 32],
 }
 
+/// Whether the work-tree commit leaves a path out: (path relative to the work tree,
+/// is a directory).
+pub type LeaveOut<'a> = &'a dyn Fn(&Path, bool) -> bool;
+
 /// Writes the bundle of the repository at `dir` into `out`. When `skip_if` equals the
 /// repository's digest, nothing is written and `None` is returned; otherwise
 /// `on_start` is called just before the first byte is written.
 pub fn write_bundle<W: Write>(
     dir: &Path,
+    skip_if: Option<[u8; 32]>,
+    on_start: impl FnOnce(),
+    out: &mut W,
+) -> Result<Option<BundleSummary>, GitError> {
+    write_bundle_leaving_out(dir, &|_, _| false, skip_if, on_start, out)
+}
+
+/// [`write_bundle`], with the work-tree commit leaving out what `leave_out` says.
+pub fn write_bundle_leaving_out<W: Write>(
+    dir: &Path,
+    leave_out: LeaveOut<'_>,
     skip_if: Option<[u8; 32]>,
     on_start: impl FnOnce(),
     out: &mut W,
@@ -973,7 +999,7 @@ pub fn write_bundle<W: Write>(
     let _mempack = odb
         .add_new_mempack_backend(1000)
         .ctx("adding an in-memory object store")?;
-    let mut prep = prepare(&repo)?;
+    let mut prep = prepare(&repo, leave_out)?;
     if skip_if == Some(prep.digest) {
         return Ok(None);
     }
@@ -1573,12 +1599,26 @@ impl GitBundler {
         let (writer, reader) = crate::snapshot::pipe();
         let (start_tx, start_rx) = oneshot::channel::<()>();
         let dir = r.dir.clone();
+        // The mirror's own rules (its excludes, the daemon's directories and
+        // `.sandkeepignore` files; git applies `.gitignore` itself), from the workspace
+        // root, whose relative path leads to the repository.
+        let rules = crate::sync::rules::Rules::new(&self.root, &self.excludes)
+            .map(crate::sync::rules::Rules::only_sandkeepignore)
+            .map_err(|e| GitError::Bundle {
+                what: r.repo.clone(),
+                message: format!("exclude patterns: {e}"),
+            })?;
+        let in_root = dir
+            .strip_prefix(&self.root)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         let job = tokio::task::spawn_blocking(move || {
             let mut writer = writer;
             let start = move || {
                 let _ = start_tx.send(());
             };
-            match write_bundle(&dir, skip_if, start, &mut writer) {
+            let leave_out = |p: &Path, is_dir: bool| rules.is_ignored(&in_root.join(p), is_dir);
+            match write_bundle_leaving_out(&dir, &leave_out, skip_if, start, &mut writer) {
                 Ok(s) => Ok(s),
                 Err(e) => {
                     writer.fail(&io::Error::other(e.to_string()));
@@ -1844,5 +1884,59 @@ mod tests {
         assert!(status.status.success(), "{status:?}");
         let config = std::fs::read_to_string(dst.join(".git/config")).unwrap();
         assert!(!config.contains("worktree"), "{config}");
+    }
+
+    /// The work-tree commit stores what the mirror stores: nothing a `.sandkeepignore`
+    /// or `sync.exclude` leaves out, and no file over the cap, tracked or not.
+    #[test]
+    fn the_work_tree_commit_leaves_out_what_the_mirror_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let git = |args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .current_dir(&src)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "git {args:?}: {out:?}");
+        };
+        git(&["init", "-q"]);
+        std::fs::write(src.join("tracked.txt"), "v1").unwrap();
+        std::fs::write(src.join("big.bin"), "small").unwrap();
+        git(&["add", "."]);
+        git(&["commit", "-q", "-m", "one"]);
+        std::fs::write(src.join(".sandkeepignore"), "secret.env\n").unwrap();
+        std::fs::write(src.join("secret.env"), "TOKEN=1").unwrap();
+        std::fs::create_dir(src.join("node_modules")).unwrap();
+        std::fs::write(src.join("node_modules/x.js"), "x").unwrap();
+        std::fs::write(src.join("keep.txt"), "keep").unwrap();
+        std::fs::write(src.join("tracked.txt"), "v2").unwrap();
+        let big = std::fs::File::create(src.join("big.bin")).unwrap();
+        big.set_len(MAX_WIP_FILE + 1).unwrap();
+        let rules = crate::sync::rules::Rules::new(&src, &["node_modules/".into()])
+            .unwrap()
+            .only_sandkeepignore();
+        let leave_out = |p: &Path, is_dir: bool| rules.is_ignored(p, is_dir);
+        let mut out = Vec::new();
+        let s = write_bundle_leaving_out(&src, &leave_out, None, || {}, &mut out)
+            .unwrap()
+            .unwrap();
+        let path = dir.path().join("b.bundle");
+        std::fs::write(&path, &out).unwrap();
+        let dst = dir.path().join("dst");
+        restore_bundle(&path, &s.head, &dst).unwrap();
+        let read = |p: &str| std::fs::read_to_string(dst.join(p)).ok();
+        assert_eq!(read("tracked.txt").as_deref(), Some("v2"));
+        assert_eq!(read("keep.txt").as_deref(), Some("keep"));
+        assert_eq!(read(".sandkeepignore").as_deref(), Some("secret.env\n"));
+        assert_eq!(read("secret.env"), None, "left out by .sandkeepignore");
+        assert!(
+            !dst.join("node_modules").exists(),
+            "left out by sync.exclude"
+        );
+        let big = std::fs::metadata(dst.join("big.bin")).unwrap().len();
+        assert_eq!(big, 5, "over the cap: the committed version");
     }
 }

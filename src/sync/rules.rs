@@ -71,6 +71,8 @@ pub struct Rules {
     excludes: Gitignore,
     /// Whether `.git` directories are kept (snapshots) instead of skipped (the mirror).
     keep_git: bool,
+    /// The per-directory ignore files read.
+    files: &'static [&'static str],
     /// Matchers of directories (relative path → matcher of its ignore files).
     cache: Mutex<HashMap<PathBuf, Arc<Gitignore>>>,
 }
@@ -88,6 +90,7 @@ impl Rules {
             root: root.to_path_buf(),
             excludes: b.build()?,
             keep_git: false,
+            files: &IGNORE_FILES,
             cache: Mutex::new(HashMap::new()),
         })
     }
@@ -97,6 +100,14 @@ impl Rules {
     /// ignore files (a `logs/` line in `.gitignore` must not drop `.git/logs`).
     pub fn keeping_git(mut self) -> Self {
         self.keep_git = true;
+        self
+    }
+
+    /// The same rules, reading `.sandkeepignore` files only: what sandkeep leaves out
+    /// beyond git's own rules (for a git bundle's work-tree commit, where git applies
+    /// `.gitignore` itself and a tracked file stays tracked whatever it says).
+    pub fn only_sandkeepignore(mut self) -> Self {
+        self.files = &IGNORE_FILES[1..];
         self
     }
 
@@ -125,7 +136,7 @@ impl Rules {
         }
         let abs = self.root.join(rel_dir);
         let mut b = GitignoreBuilder::new(&abs);
-        for name in IGNORE_FILES {
+        for name in self.files {
             let f = abs.join(name);
             if f.is_file()
                 && let Some(e) = b.add(&f)
