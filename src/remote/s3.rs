@@ -314,7 +314,8 @@ impl S3Remote {
             .await
             .map_err(|e| sdk_error("complete_multipart_upload", key, e))?;
         let expected = format!("{}-{number}", hex::encode(Md5::digest(&part_md5s)));
-        verify_etag(key, out.e_tag(), &expected)?;
+        let etag = comparable_etag(out.e_tag(), out.server_side_encryption());
+        verify_etag(key, etag, &expected)?;
         Ok(sent)
     }
 }
@@ -329,8 +330,33 @@ async fn collect_body(key: &str, body: ByteStream) -> Result<Bytes, RemoteError>
     Ok(data.into_bytes())
 }
 
+/// The ETag of an upload, when it can be compared with the content's MD5: AWS gives
+/// objects encrypted with SSE-KMS (a bucket's default encryption, say) ETags of the
+/// same shape that are not their MD5. Those uploads are accepted on the strength of
+/// Content-MD5, which S3 checks itself.
+fn comparable_etag<'a>(
+    etag: Option<&'a str>,
+    sse: Option<&aws_sdk_s3::types::ServerSideEncryption>,
+) -> Option<&'a str> {
+    use aws_sdk_s3::types::ServerSideEncryption::{AwsKms, AwsKmsDsse};
+    match sse {
+        Some(AwsKms | AwsKmsDsse) => None,
+        _ => etag,
+    }
+}
+
+/// A conditional write on an object that is gone: AWS answers `If-Match` there with
+/// 404 `NoSuchKey` where other servers answer 412. Either way the condition failed
+/// (the caller reads what is there now, as after any lost compare-and-set).
+fn if_match_missing(e: RemoteError, if_match: bool) -> RemoteError {
+    match e {
+        RemoteError::NotFound { key, .. } if if_match => RemoteError::PreconditionFailed { key },
+        e => e,
+    }
+}
+
 /// Compares an ETag with what the uploaded content must give. Servers that do not use
-/// MD5 ETags (e.g. with SSE-KMS) are accepted on the strength of Content-MD5.
+/// MD5 ETags are accepted on the strength of Content-MD5.
 fn verify_etag(key: &str, etag: Option<&str>, expected: &str) -> Result<(), RemoteError> {
     let Some(etag) = etag.map(|e| e.trim_matches('"').to_ascii_lowercase()) else {
         return Ok(());
@@ -443,7 +469,8 @@ impl Remote for S3Remote {
             .send()
             .await
             .map_err(|e| sdk_error("put", key, e))?;
-        verify_etag(key, out.e_tag(), &hex::encode(md5))
+        let etag = comparable_etag(out.e_tag(), out.server_side_encryption());
+        verify_etag(key, etag, &hex::encode(md5))
             .map_err(|_| RemoteError::Changed { key: key.into() })?;
         Ok(size)
     }
@@ -469,7 +496,8 @@ impl Remote for S3Remote {
             .send()
             .await
             .map_err(|e| sdk_error("put", key, e))?;
-        verify_etag(key, out.e_tag(), &hex::encode(md5))
+        let etag = comparable_etag(out.e_tag(), out.server_side_encryption());
+        verify_etag(key, etag, &hex::encode(md5))
     }
 
     async fn put_bytes_if(
@@ -487,12 +515,17 @@ impl Remote for S3Remote {
             .content_length(data.len() as i64)
             .content_md5(content_md5(&md5))
             .body(ByteStream::from(data));
+        let matching = matches!(cond, Precondition::Matches(_));
         let put = match cond {
             Precondition::Absent => put.if_none_match("*"),
             Precondition::Matches(etag) => put.if_match(etag),
         };
-        let out = put.send().await.map_err(|e| sdk_error("put", key, e))?;
-        verify_etag(key, out.e_tag(), &hex::encode(md5))?;
+        let out = put
+            .send()
+            .await
+            .map_err(|e| if_match_missing(sdk_error("put", key, e), matching))?;
+        let etag = comparable_etag(out.e_tag(), out.server_side_encryption());
+        verify_etag(key, etag, &hex::encode(md5))?;
         // Without an ETag in the answer, the one S3 gives a single-part upload.
         Ok(out
             .e_tag()
@@ -666,5 +699,27 @@ mod tests {
         assert!(verify_etag("k", Some("\"ffffffffffffffffffffffffffffffff\""), md5).is_err());
         assert!(verify_etag("k", None, md5).is_ok());
         assert!(verify_etag("k", Some("opaque-etag"), md5).is_ok());
+        use aws_sdk_s3::types::ServerSideEncryption as Sse;
+        let kms_etag = Some("\"9c1185a5c5e9fc54612808977ee8f548\"");
+        for sse in [Sse::AwsKms, Sse::AwsKmsDsse] {
+            let etag = comparable_etag(kms_etag, Some(&sse));
+            assert!(verify_etag("k", etag, md5).is_ok(), "{sse:?}");
+        }
+        for sse in [None, Some(&Sse::Aes256)] {
+            let etag = comparable_etag(kms_etag, sse);
+            assert!(verify_etag("k", etag, md5).is_err(), "{sse:?}");
+        }
+        let gone = || RemoteError::NotFound {
+            op: "put",
+            key: "k".into(),
+        };
+        assert!(matches!(
+            if_match_missing(gone(), true),
+            RemoteError::PreconditionFailed { .. }
+        ));
+        assert!(matches!(
+            if_match_missing(gone(), false),
+            RemoteError::NotFound { .. }
+        ));
     }
 }
