@@ -54,6 +54,24 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// Opens a workspace file to read it, only if it is (still) a regular file: a path
+/// replaced by a symlink (to `/dev/zero`, or a file outside) or by a FIFO since it was
+/// looked at is refused instead of followed, or blocked on.
+pub fn open_regular(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is no longer a regular file", path.display()),
+        ));
+    }
+    Ok(file)
+}
+
 /// Replaces the file at `path` with `bytes` whole: written beside it (`<name>.tmp`),
 /// then renamed over it, so that a crash leaves the old file or the new one.
 pub fn replace_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {

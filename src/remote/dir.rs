@@ -309,7 +309,7 @@ impl Remote for DirRemote {
         let (key, path) = (key.to_string(), path.to_path_buf());
         blocking(move || {
             let mut src =
-                std::fs::File::open(&path).map_err(|e| RemoteError::local("put", &path, e))?;
+                crate::open_regular(&path).map_err(|e| RemoteError::local("put", &path, e))?;
             let mut size = 0u64;
             this.write_atomic(&key, |dst| {
                 let mut hasher = Md5::new();

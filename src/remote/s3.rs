@@ -426,14 +426,17 @@ where
 #[async_trait]
 impl Remote for S3Remote {
     async fn put_file(&self, key: &str, path: &Path, md5: [u8; 16]) -> Result<u64, RemoteError> {
-        let size = tokio::fs::metadata(path)
-            .await
-            .map_err(|e| RemoteError::local("put", path, e))?
-            .len();
-        if size > self.multipart_threshold {
-            let mut file = tokio::fs::File::open(path)
+        let opened = {
+            let path = path.to_path_buf();
+            tokio::task::spawn_blocking(move || crate::open_regular(&path))
                 .await
-                .map_err(|e| RemoteError::local("put", path, e))?;
+                .map_err(std::io::Error::other)
+                .and_then(|r| r)
+                .and_then(|f| Ok((f.metadata()?.len(), tokio::fs::File::from_std(f))))
+        };
+        let (size, file) = opened.map_err(|e| RemoteError::local("put", path, e))?;
+        if size > self.multipart_threshold {
+            let mut file = file;
             let first_size = stream_part_size(1);
             let mut first = BytesMut::with_capacity(first_size as usize);
             let local = |e: RemoteError| match e {
@@ -448,6 +451,9 @@ impl Remote for S3Remote {
                 .await
                 .map_err(local);
         }
+        // By path, so that the SDK can read it again for a retry (the length bounds
+        // the read, whatever is there by then).
+        drop(file);
         let body = ByteStream::read_from()
             .path(path)
             .length(aws_sdk_s3::primitives::Length::Exact(size))

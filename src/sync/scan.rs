@@ -353,7 +353,7 @@ pub fn copy_hashed(path: &Path, to: &Path) -> std::io::Result<Hashed> {
 
 fn read_hashed(path: &Path, mut copy: Option<std::fs::File>) -> std::io::Result<Hashed> {
     use std::io::Write;
-    let mut f = std::fs::File::open(path)?;
+    let mut f = crate::open_regular(path)?;
     let before = Stat::of(&f.metadata()?);
     let mut b3 = blake3::Hasher::new();
     let mut md5 = Md5::new();
@@ -456,5 +456,38 @@ mod tests {
         );
         assert_eq!(hex::encode(h.md5), "5d41402abc4b2a76b9719d911017c592");
         assert_eq!(h.stat.size, 5);
+    }
+
+    /// A file replaced by a FIFO or a symlink after the scan saw it is refused at once:
+    /// not blocked on (a FIFO nobody writes), not followed (to `/dev/zero`, read
+    /// forever, or to a file outside the workspace).
+    #[test]
+    fn a_path_that_is_no_longer_a_regular_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let zero = dir.path().join("zero");
+        symlink("/dev/zero", &zero).unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, "secret").unwrap();
+        let link = dir.path().join("link");
+        symlink(&outside, &link).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let paths = [fifo, zero, link];
+        let copies = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            for (i, p) in paths.iter().enumerate() {
+                let hashed = hash_file(p).map(|_| ());
+                let copied = copy_hashed(p, &copies.join(format!("copy{i}"))).map(|_| ());
+                tx.send((p.clone(), hashed, copied)).unwrap();
+            }
+        });
+        for _ in 0..3 {
+            let (p, hashed, copied) = rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("hashing blocked");
+            assert!(hashed.is_err() && copied.is_err(), "{}", p.display());
+        }
     }
 }
