@@ -1208,7 +1208,13 @@ pub async fn restore_fetched(
     tmp_dir: &Path,
 ) -> Result<Option<Restored>, GitError> {
     let base = format!("{conversation_prefix}{GIT_DIR}{stem}");
-    let tmp = tmp_dir.join(format!(".sandkeep-bundle-{}-{stem}", rand::random::<u64>()));
+    // Named like a restore's files in the making: the mirror and snapshots leave it
+    // out, and the next restore removes it if this one is killed.
+    let tmp = tmp_dir.join(format!(
+        "{}bundle-{:016x}-{stem}",
+        crate::restore::TMP_PREFIX,
+        rand::random::<u64>()
+    ));
     match remote.get_to_file(&format!("{base}.bundle"), &tmp).await {
         Ok(_) => {}
         Err(RemoteError::NotFound { .. }) => return Ok(None),
