@@ -1504,9 +1504,10 @@ impl SyncEngine {
     async fn upload_from(&self, rel: String, abs: &Path, copy: Option<&Path>) -> Outcome {
         let hashed = {
             let (abs, copy) = (abs.to_path_buf(), copy.map(Path::to_path_buf));
+            let limit = self.config.sync.max_file_bytes;
             tokio::task::spawn_blocking(move || match copy {
-                Some(to) => scan::copy_hashed(&abs, &to),
-                None => scan::hash_file(&abs),
+                Some(to) => scan::copy_hashed(&abs, &to, limit),
+                None => scan::hash_file(&abs, limit),
             })
             .await
         };

@@ -333,14 +333,17 @@ pub struct Hashed {
     pub stable: bool,
 }
 
-pub fn hash_file(path: &Path) -> std::io::Result<Hashed> {
-    read_hashed(path, None)
+/// Hashes `path`, reading at most `limit` bytes: a file that grew past the size
+/// limit since the scan is an error of kind `FileTooLarge` (the next scan skips it).
+pub fn hash_file(path: &Path, limit: u64) -> std::io::Result<Hashed> {
+    read_hashed(path, None, limit)
 }
 
 /// Copies `path` to `to` (a new file), hashing what it copies: a file that keeps
 /// changing while it is read is uploaded from such a copy, which is one version of it
 /// (the `stat` returned has the copy's size and the original's mtime and mode).
-pub fn copy_hashed(path: &Path, to: &Path) -> std::io::Result<Hashed> {
+/// Like [`hash_file`], the copy stops at `limit` bytes.
+pub fn copy_hashed(path: &Path, to: &Path, limit: u64) -> std::io::Result<Hashed> {
     use std::os::unix::fs::OpenOptionsExt;
     // Readable by the daemon only, whatever the original's mode.
     let out = std::fs::OpenOptions::new()
@@ -348,10 +351,14 @@ pub fn copy_hashed(path: &Path, to: &Path) -> std::io::Result<Hashed> {
         .create_new(true)
         .mode(0o600)
         .open(to)?;
-    read_hashed(path, Some(out))
+    read_hashed(path, Some(out), limit)
 }
 
-fn read_hashed(path: &Path, mut copy: Option<std::fs::File>) -> std::io::Result<Hashed> {
+fn read_hashed(
+    path: &Path,
+    mut copy: Option<std::fs::File>,
+    limit: u64,
+) -> std::io::Result<Hashed> {
     use std::io::Write;
     let mut f = crate::open_regular(path)?;
     let before = Stat::of(&f.metadata()?);
@@ -363,6 +370,15 @@ fn read_hashed(path: &Path, mut copy: Option<std::fs::File>) -> std::io::Result<
         let n = f.read(&mut buf)?;
         if n == 0 {
             break;
+        }
+        if size + n as u64 > limit {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                format!(
+                    "{} grew over the size limit ({limit} bytes)",
+                    path.display()
+                ),
+            ));
         }
         b3.update(&buf[..n]);
         md5.update(&buf[..n]);
@@ -448,7 +464,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         std::fs::write(&p, b"hello").unwrap();
-        let h = hash_file(&p).unwrap();
+        let h = hash_file(&p, u64::MAX).unwrap();
         assert!(h.stable);
         assert_eq!(
             h.hash,
@@ -456,6 +472,12 @@ mod tests {
         );
         assert_eq!(hex::encode(h.md5), "5d41402abc4b2a76b9719d911017c592");
         assert_eq!(h.stat.size, 5);
+        // Grown past the limit since the scan: neither read nor copied whole.
+        let err = hash_file(&p, 4).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::FileTooLarge, "{err}");
+        let err = copy_hashed(&p, &dir.path().join("copy"), 4).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::FileTooLarge, "{err}");
+        assert!(hash_file(&p, 5).is_ok(), "the limit itself is allowed");
     }
 
     /// A file replaced by a FIFO or a symlink after the scan saw it is refused at once:
@@ -478,8 +500,8 @@ mod tests {
         let copies = dir.path().to_path_buf();
         std::thread::spawn(move || {
             for (i, p) in paths.iter().enumerate() {
-                let hashed = hash_file(p).map(|_| ());
-                let copied = copy_hashed(p, &copies.join(format!("copy{i}"))).map(|_| ());
+                let hashed = hash_file(p, u64::MAX).map(|_| ());
+                let copied = copy_hashed(p, &copies.join(format!("copy{i}")), u64::MAX).map(|_| ());
                 tx.send((p.clone(), hashed, copied)).unwrap();
             }
         });
