@@ -11,7 +11,7 @@
 //! mode and modification time; an entry that cannot be restored is skipped and
 //! reported in [`RestoreReport::bad`], never a reason to abort the rest.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, FileTimes};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -268,6 +268,46 @@ fn make_parents(root: &Path, rel: &Path, force: bool) -> Result<PathBuf, FileErr
         }
     }
     Ok(at)
+}
+
+/// After a forced snapshot restore: removes the files, symlinks and then empty
+/// directories of `root` that the archive does not name, except what `rules` leave
+/// out (ignored and excluded paths are not in a snapshot, and stay). Returns how many
+/// entries went.
+fn remove_unnamed(root: &Path, rules: &Rules, named: &HashSet<PathBuf>) -> u64 {
+    let mut removed = 0;
+    let mut dirs = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel_dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(root.join(&rel_dir)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let rel = rel_dir.join(e.file_name());
+            let Ok(ft) = e.file_type() else { continue };
+            if rules.is_ignored(&rel, ft.is_dir()) {
+                continue;
+            }
+            if ft.is_dir() {
+                dirs.push(rel.clone());
+                stack.push(rel);
+            } else if !named.contains(&rel) {
+                match fs::remove_file(e.path()) {
+                    Ok(()) => removed += 1,
+                    Err(err) => {
+                        tracing::warn!(path = %e.path().display(), error = %err, "cannot remove what the snapshot does not have")
+                    }
+                }
+            }
+        }
+    }
+    // Deepest first; a directory with anything left in it stays.
+    for rel in dirs.iter().rev() {
+        if !named.contains(rel) && fs::remove_dir(root.join(rel)).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Whether `rel` is relative with nothing but names in it (no `..`, no root).
@@ -1081,7 +1121,6 @@ fn restore_symlink(root: &Path, rel: &str, link: &str, force: bool) -> Result<()
 fn extras(root: &Path, rules: &Rules, manifest: &Manifest, max_file_bytes: u64) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
-    let keep_dirs: BTreeSet<&str> = manifest.empty_dirs.iter().map(String::as_str).collect();
     while let Some(rel_dir) = stack.pop() {
         let Ok(entries) = fs::read_dir(root.join(&rel_dir)) else {
             continue;
@@ -1094,9 +1133,9 @@ fn extras(root: &Path, rules: &Rules, manifest: &Manifest, max_file_bytes: u64) 
             }
             let Some(key) = rel.to_str() else { continue };
             if ft.is_dir() {
-                if !keep_dirs.contains(key) {
-                    stack.push(rel);
-                }
+                // Into a directory the remote has as empty too: what is in it here is
+                // not the remote's.
+                stack.push(rel);
                 continue;
             }
             let too_large = ft.is_file() && e.metadata().is_ok_and(|m| m.len() > max_file_bytes);
@@ -1262,6 +1301,8 @@ fn extract(
         .keeping_git();
     let mut report = RestoreReport::default();
     let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
+    // Every path the archive names (bad entries too: what is there of them stays).
+    let mut named: HashSet<PathBuf> = HashSet::new();
     let entries = tar
         .entries()
         .map_err(|e| local("reading the snapshot", e))?;
@@ -1295,6 +1336,7 @@ fn extract(
         if rules.excluded_by_config(&path, kind.is_dir()) {
             continue;
         }
+        named.insert(path.clone());
         if let Err(error) = make_parents(root, &path, force).map_err(|e| e.to_string()) {
             report.bad.push(BadEntry { path: label, error });
             continue;
@@ -1372,6 +1414,9 @@ fn extract(
         .iter()
         .filter(|(d, _)| fs::read_dir(d).is_ok_and(|mut r| r.next().is_none()))
         .count() as u64;
+    if force {
+        report.removed = remove_unnamed(root, &rules, &named);
+    }
     for (d, mode) in dirs.iter().rev() {
         // A later entry may have put a symlink there: its target is not ours to chmod.
         if fs::symlink_metadata(d).is_ok_and(|m| m.is_dir()) {
@@ -1585,6 +1630,85 @@ mod tests {
                 "under force the directory replaces the symlink"
             );
             assert!(!ws.join("abs").exists() && !Path::new("/abs/x").exists());
+        }
+    }
+
+    #[test]
+    fn files_in_a_directory_the_remote_has_empty_are_extras() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        for f in [
+            "cache/junk.txt",
+            "cache/deeper/more.txt",
+            "kept.txt",
+            "other.txt",
+        ] {
+            fs::create_dir_all(root.join(f).parent().unwrap()).unwrap();
+            fs::write(root.join(f), "x").unwrap();
+        }
+        let mut manifest = Manifest::default();
+        manifest.empty_dirs.insert("cache".into());
+        let entry = crate::sync::manifest::FileEntry {
+            size: 1,
+            mtime: 0,
+            mode: 0o644,
+            hash: "blake3:00".into(),
+        };
+        manifest.files.insert("kept.txt".into(), entry);
+        let rules = Rules::new(root, &[]).unwrap();
+        let mut got = extras(root, &rules, &manifest, u64::MAX);
+        got.sort();
+        assert_eq!(
+            got,
+            ["cache/deeper/more.txt", "cache/junk.txt", "other.txt"]
+        );
+    }
+
+    #[test]
+    fn a_forced_snapshot_restore_removes_what_the_snapshot_does_not_have() {
+        use tar::EntryType::{Directory, Regular};
+        let d = tempfile::tempdir().unwrap();
+        let archive = d.path().join("a.tar.gz");
+        raw_archive(
+            &archive,
+            &[
+                (Regular, ".gitignore", "", b"node_modules/\n", 0o644),
+                (Regular, "a.txt", "", b"a", 0o644),
+                (Directory, "sub/", "", b"", 0o755),
+                (Regular, "sub/b.txt", "", b"b", 0o644),
+                (Directory, "empty/", "", b"", 0o755),
+            ],
+        );
+        for force in [false, true] {
+            let ws = d.path().join(format!("ws-{force}"));
+            for f in [
+                "extra.txt",
+                "sub/extra.txt",
+                "gone/deep/x.txt",
+                "node_modules/pkg/i.js",
+                "state/kv.key",
+                "empty/junk",
+            ] {
+                fs::create_dir_all(ws.join(f).parent().unwrap()).unwrap();
+                fs::write(ws.join(f), "x").unwrap();
+            }
+            let ws = fs::canonicalize(&ws).unwrap();
+            let report = extract(&archive, &ws, force, &["/state/".into()]).unwrap();
+            assert!(report.bad.is_empty(), "{:?}", report.bad);
+            assert_eq!(fs::read_to_string(ws.join("sub/b.txt")).unwrap(), "b");
+            let left = |f: &str| ws.join(f).exists();
+            for f in [
+                "extra.txt",
+                "sub/extra.txt",
+                "gone/deep/x.txt",
+                "gone",
+                "empty/junk",
+            ] {
+                assert_eq!(left(f), !force, "{f} (force {force})");
+            }
+            assert!(left("node_modules/pkg/i.js") && left("state/kv.key") && left("empty"));
+            // Three files, then the directories they left empty: gone/deep and gone.
+            assert_eq!(report.removed, if force { 6 } else { 0 });
         }
     }
 }
