@@ -533,6 +533,7 @@ pub async fn run(
             ) => r.ok(),
             _ = lifecycle.shutdown.cancelled() => None,
         };
+        let complete = taken.is_some() && files_taken.is_some();
         let mut record = serde_json::Map::new();
         if let Some(replaced) = taken
             && !replaced.is_empty()
@@ -549,6 +550,9 @@ pub async fn run(
         }
         if !record.is_empty() {
             lifecycle.record_restore("stores", serde_json::Value::Object(record));
+        }
+        if complete {
+            owner.take_in_done();
         }
     }
     if claimed && files.restore_pending().await? == Some(true) && !lifecycle.shutdown.is_cancelled()
@@ -568,6 +572,7 @@ pub async fn run(
                     "kv and file store restored from remote storage"
                 );
                 files.set_restore_pending(false).await?;
+                owner.take_in_done();
             }
             None => tracing::warn!("shut down before the kv and file store were restored"),
         }

@@ -42,6 +42,11 @@ use crate::remote::{Precondition, Remote, RemoteError};
 pub const OWNER_KEY: &str = ".sandkeep/owner.json";
 /// The file in the state directory that keeps this daemon's instance id.
 pub const INSTANCE_FILE: &str = "owner-id";
+/// In the state dir while a take-in is owed: written before a claim that takes the
+/// conversation over from another instance is sent, removed once what that instance
+/// wrote was taken in. A daemon killed in between (or whose claim was answered too
+/// late, so that it read its own record back) still knows it owes one.
+pub const TAKE_IN_FILE: &str = "take-in-owed";
 /// At start, a remote that gave no answer for this long is not waited for any more: the
 /// daemon starts with writes held, and keeps claiming in the background.
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(10);
@@ -132,6 +137,8 @@ pub struct Owner {
     /// Whether the claim took the conversation over from another instance (see
     /// [`Owner::took_over_from_another`]).
     took_over: std::sync::atomic::AtomicBool,
+    /// [`TAKE_IN_FILE`] in the state dir.
+    take_in_owed: PathBuf,
     metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
 }
 
@@ -190,6 +197,7 @@ impl Owner {
             }),
             ended: CancellationToken::new(),
             took_over: std::sync::atomic::AtomicBool::new(false),
+            take_in_owed: state_dir.join(TAKE_IN_FILE),
             metrics: std::sync::OnceLock::new(),
             instance,
         }))
@@ -203,9 +211,23 @@ impl Owner {
     /// Whether this daemon took the conversation over from another instance (one
     /// that released it or whose lease expired), rather than creating the claim or
     /// taking back its own: then remote storage may hold what that daemon wrote, newer
-    /// than this state directory.
+    /// than this state directory. Also true while an earlier start owes the take-in
+    /// ([`TAKE_IN_FILE`]), until [`Owner::take_in_done`].
     pub fn took_over_from_another(&self) -> bool {
-        self.took_over.load(std::sync::atomic::Ordering::Relaxed)
+        self.took_over.load(std::sync::atomic::Ordering::Relaxed) || self.take_in_owed.exists()
+    }
+
+    /// What the other instance wrote was taken in (or restored whole).
+    pub fn take_in_done(&self) {
+        self.took_over
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        match std::fs::remove_file(&self.take_in_owed) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %self.take_in_owed.display(), error = %e, "cannot remove the take-in marker; the next start takes in again")
+            }
+        }
     }
 
     pub fn instance(&self) -> &str {
@@ -468,6 +490,10 @@ impl Owner {
                     (Precondition::Matches(etag), epoch, reason, from_another)
                 }
             };
+        if from_another {
+            crate::replace_file(&self.take_in_owed, b"")
+                .map_err(|e| RemoteError::local("claim", &self.take_in_owed, e))?;
+        }
         let sent = Instant::now();
         match self
             .remote
@@ -789,7 +815,10 @@ mod tests {
         assert!(taken - frozen >= LEASE * 2 / 3, "{:?}", taken - frozen);
         assert!(!a.fence.allows_writes(), "A still writes after B took over");
         let r = env.record().await;
-        assert_eq!((r.instance.as_str(), r.epoch), (b.instance(), 2));
+        // 3 when B's claim was answered after its step timed out (a loaded machine):
+        // B read its own record back and claimed it again.
+        assert_eq!(r.instance.as_str(), b.instance());
+        assert!(matches!(r.epoch, 2 | 3), "{}", r.epoch);
         fenced_write(&b, &env.remote).await.unwrap();
 
         // A comes back: its next renewal finds B and fences it for good.
@@ -818,6 +847,32 @@ mod tests {
         assert!(t.elapsed() < LEASE / 2, "{:?}", t.elapsed());
         let r = env.record().await;
         assert_eq!((r.instance.as_str(), r.epoch), (again.instance(), 2));
+    }
+
+    /// A daemon that took the conversation over and was killed before taking in what
+    /// the other one wrote reads its own record back at the next start: it still owes
+    /// the take-in, until it is done.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_take_in_owed_survives_a_restart_until_it_is_done() {
+        let env = Env::new();
+        let a = env.owner("a");
+        a.claim().await;
+        assert!(!a.took_over_from_another(), "nobody owned it before");
+        a.release(Duration::from_secs(5)).await;
+        let b = env.owner("b");
+        b.claim().await;
+        assert!(b.took_over_from_another());
+        drop(b); // killed before the take-in
+        let again = env.owner("b");
+        again.claim().await;
+        assert_eq!(env.record().await.instance, again.instance());
+        assert!(again.took_over_from_another(), "the take-in is still owed");
+        again.take_in_done();
+        assert!(!again.took_over_from_another());
+        drop(again);
+        let third = env.owner("b");
+        third.claim().await;
+        assert!(!third.took_over_from_another());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

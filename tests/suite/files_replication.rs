@@ -670,3 +670,52 @@ async fn a_returning_sandbox_takes_in_what_the_other_owner_exported() {
     assert_eq!((r.status, &r.body[..]), (200, &b"c"[..]));
     assert_eq!(api.get("/v1/files/gone.json").await.status, 404);
 }
+
+/// A sandbox that took the conversation over and was killed before it took in what the
+/// other owner exported finds its own record in `owner.json` at the next start: it
+/// still takes in first (the state directory remembers that it owes it), so its first
+/// write does not export its stale namespace over the newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_in_cut_short_is_done_at_the_next_start() {
+    let mut d = Daemon::start_with("[kv]\nreplicate_delay = \"1h\"\n").await;
+    let api = d.api();
+    ok(&api.put("/v1/kv/shared?ns=c", &json!("a")).await, 201);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+    let key = d.generated_key();
+    let kept = d.root().join("first-state");
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&d.state_dir)
+        .arg(&kept)
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    // Another sandbox owns the conversation and writes.
+    wipe_state(&d);
+    d.set_env("SANDKEEP_KV_KEY", &key);
+    d.spawn_and_wait().await;
+    ok(&d.api().put("/v1/kv/shared?ns=c", &json!("b")).await, 200);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+
+    // The first one came back, claimed (owner.json names it now, and it noted the
+    // take-in it owes before sending the claim) and was killed before the take-in.
+    let owner = d.remote.join("conversations/u1/c1/.sandkeep/owner.json");
+    let mut record: Value = serde_json::from_slice(&std::fs::read(&owner).unwrap()).unwrap();
+    let first = std::fs::read_to_string(kept.join("owner-id")).unwrap();
+    record["instance"] = json!(first.trim());
+    std::fs::write(&owner, serde_json::to_vec(&record).unwrap()).unwrap();
+    std::fs::write(kept.join("take-in-owed"), "").unwrap();
+    wipe_state(&d);
+    std::fs::rename(&kept, &d.state_dir).unwrap();
+    d.spawn_and_wait().await;
+    let api = d.api();
+    assert_eq!(api.value_in(Some("c"), "shared").await, Some(json!("b")));
+    let status = ok(&api.get("/v1/status").await, 200);
+    assert_eq!(
+        status["restore"]["stores"]["replaced_namespaces"],
+        json!(["c"]),
+        "{status}"
+    );
+    assert!(!d.state_dir.join("take-in-owed").exists());
+}
