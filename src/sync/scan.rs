@@ -177,8 +177,13 @@ fn visit(
         let mut any = false;
         let entries = match std::fs::read_dir(&abs) {
             Ok(e) => e,
-            // Removed while walking: nothing there.
+            // Removed while walking: nothing there. Replaced by a file since it was
+            // listed: the directory is gone just the same, and what took its place
+            // is looked at next round (its event is pending).
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory && !rel.is_empty() => {
+                return Ok(false);
+            }
             // One directory the daemon may not read does not stop the mirror (the
             // root does: see `observe`).
             Err(e) if unreadable_here(&e, rel) => return Ok(skip_unreadable(obs, rel, &e)),
@@ -230,7 +235,12 @@ fn visit(
                 }
                 None => obs.skipped.bad_name += 1,
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // Gone, or no longer a symlink (EINVAL): as a directory replaced above.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput
+                ) => {}
             Err(e) => return Err(e),
         }
         return Ok(false);
@@ -478,6 +488,32 @@ mod tests {
         let err = copy_hashed(&p, &dir.path().join("copy"), 4).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::FileTooLarge, "{err}");
         assert!(hash_file(&p, 5).is_ok(), "the limit itself is allowed");
+    }
+
+    /// A directory replaced by a file, or a symlink by a file, between its listing and
+    /// its reading is gone for this walk, not an error that would fail the whole round
+    /// (and call the workspace unavailable).
+    #[test]
+    fn an_entry_that_changes_type_mid_walk_does_not_fail_the_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("d")).unwrap();
+        symlink("d", root.join("l")).unwrap();
+        let dir_meta = std::fs::symlink_metadata(root.join("d")).unwrap();
+        let link_meta = std::fs::symlink_metadata(root.join("l")).unwrap();
+        std::fs::remove_dir(root.join("d")).unwrap();
+        std::fs::write(root.join("d"), "now a file").unwrap();
+        std::fs::remove_file(root.join("l")).unwrap();
+        std::fs::write(root.join("l"), "now a file").unwrap();
+        let rules = Rules::new(&root, &[]).unwrap();
+        let limits = Limits {
+            max_file_bytes: 1 << 20,
+            key_prefix_len: 40,
+        };
+        let mut obs = Observation::default();
+        assert!(!visit(&rules, &limits, "d", &dir_meta, &mut obs).unwrap());
+        assert!(!visit(&rules, &limits, "l", &link_meta, &mut obs).unwrap());
+        assert!(obs.files.is_empty() && obs.symlinks.is_empty() && obs.kept.is_empty());
     }
 
     /// A file replaced by a FIFO or a symlink after the scan saw it is refused at once:
