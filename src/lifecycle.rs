@@ -270,12 +270,13 @@ struct SocketGuard {
     id: Option<(u64, u64, i64, i64)>,
 }
 
-/// Device, inode and change time: an inode number alone is soon reused.
+/// Device, inode and modification time: an inode number alone is soon reused. Not the
+/// change time, which an operator's `chmod` or `chown` of the socket moves.
 fn file_id(path: &Path) -> Option<(u64, u64, i64, i64)> {
     use std::os::unix::fs::MetadataExt;
     std::fs::symlink_metadata(path)
         .ok()
-        .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+        .map(|m| (m.dev(), m.ino(), m.mtime(), m.mtime_nsec()))
 }
 
 impl SocketGuard {
