@@ -651,6 +651,8 @@ pub async fn run(
             &replica,
             deadline.saturating_sub((deadline / 5).min(TAIL_RESERVE)),
             &lifecycle.abort,
+            // Not released before the final sync ends: ended means lost.
+            &owner.ended(),
         )
         .await
     } else {
@@ -835,6 +837,7 @@ async fn final_sync(
     replica: &crate::replicate::ReplicaHandle,
     deadline: Duration,
     abort: &CancellationToken,
+    lost: &CancellationToken,
 ) -> (u8, Vec<String>) {
     let started = Instant::now();
     let (mut ws_done, mut git_done, mut stores_done) = (false, false, false);
@@ -896,6 +899,8 @@ async fn final_sync(
         _ = futures::future::join3(workspace, bundles, stores) => None,
         _ = tokio::time::sleep(deadline) => Some("the shutdown deadline passed"),
         _ = abort.cancelled() => Some("a second signal aborted it"),
+        // Its writes are refused for good from then on: waiting would not help.
+        _ = lost.cancelled() => Some("another daemon took the conversation over"),
     };
     let mut left = Vec::new();
     if !ws_done {

@@ -234,6 +234,11 @@ impl Owner {
         &self.instance
     }
 
+    /// Cancelled once the claim ends for good: lost to another daemon, or released.
+    pub fn ended(&self) -> CancellationToken {
+        self.ended.clone()
+    }
+
     pub fn status(&self) -> OwnerStatus {
         let mut s = self
             .status

@@ -398,3 +398,41 @@ async fn stop_while_waiting(over_the_api: bool) {
     assert_eq!(owner_status(&p.a).await["state"], "claimed");
     assert_eq!(p.a.terminate().code(), Some(0), "{}", p.a.log());
 }
+
+/// A daemon that loses the conversation during its final sync stops then (exit 75),
+/// not at the shutdown deadline: its writes are refused for good from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn losing_the_conversation_during_the_final_sync_stops_it_then() {
+    let mut d = Daemon::prepare("[shutdown]\ndeadline = \"60s\"\n");
+    d.set_env("SANDKEEP_REMOTE_LEASE", "2s");
+    d.spawn_and_wait().await;
+    // A repository whose bundle cannot be stored (a file where its directory goes):
+    // the final sync retries it until its deadline.
+    crate::util::fs::git(&d.workspace, &["init", "-q"]);
+    let in_the_way = d.remote.join(CONV).join("workspace/git");
+    std::fs::create_dir_all(in_the_way.parent().unwrap()).unwrap();
+    std::fs::write(&in_the_way, "in the way").unwrap();
+    signal(&d, "TERM");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(d.is_running(), "log:\n{}", d.log());
+    // Another daemon takes the conversation over.
+    let path = d.remote.join(OWNER);
+    let mut record: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    record["instance"] = json!("another-instance");
+    record["epoch"] = json!(record["epoch"].as_u64().unwrap() + 1);
+    std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+    let taken = Instant::now();
+    let status = d.wait_exit(Duration::from_secs(50));
+    assert_eq!(status.code(), Some(75), "log:\n{}", d.log());
+    assert!(
+        taken.elapsed() < LEASE * 4,
+        "stopped {:?} after losing the conversation; log:\n{}",
+        taken.elapsed(),
+        d.log()
+    );
+    assert!(
+        d.log().contains("took the conversation over"),
+        "log:\n{}",
+        d.log()
+    );
+}
