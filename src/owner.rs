@@ -40,6 +40,8 @@ use crate::remote::{Precondition, Remote, RemoteError};
 
 /// The owner object, under the conversation prefix.
 pub const OWNER_KEY: &str = ".sandkeep/owner.json";
+/// [`Held::seen`]'s ETag for an owner object that is not there.
+const ABSENT: &str = "(absent)";
 /// The file in the state directory that keeps this daemon's instance id.
 pub const INSTANCE_FILE: &str = "owner-id";
 /// In the state dir while a take-in is owed: written before a claim that takes the
@@ -463,9 +465,40 @@ impl Owner {
         result
     }
 
+    /// Whether remote storage holds anything of the conversation (the first page of
+    /// its listing is enough).
+    async fn conversation_has_data(&self) -> Result<bool, RemoteError> {
+        let prefix = self.key.strip_suffix(OWNER_KEY).unwrap_or(&self.key);
+        Ok(!self.remote.list(prefix, None).await?.objects.is_empty())
+    }
+
     async fn claim_once(&self, held: &mut Held) -> Result<bool, RemoteError> {
         let (cond, epoch, reason, from_another) =
             match self.remote.get_bytes_tagged(&self.key).await? {
+                // A conversation with data in remote storage has had an owner: its
+                // object deleted by someone (an operator, a lifecycle rule) may still
+                // have a live owner, which puts it back at its next renewal. Waited
+                // for a lease, as an unreadable one is; a new conversation is claimed
+                // at once.
+                None if self.conversation_has_data().await? => {
+                    let now = Instant::now();
+                    let since = match &held.seen {
+                        Some((seen, since)) if seen == ABSENT => *since,
+                        _ => {
+                            held.seen = Some((ABSENT.to_string(), now));
+                            now
+                        }
+                    };
+                    if now - since < self.lease {
+                        return Ok(false);
+                    }
+                    (
+                        Precondition::Absent,
+                        1,
+                        "its owner object was gone for a whole lease",
+                        true,
+                    )
+                }
                 None => (Precondition::Absent, 1, "no daemon owned it", false),
                 Some((bytes, etag)) => {
                     let record = serde_json::from_slice::<OwnerRecord>(&bytes).ok();
@@ -852,6 +885,31 @@ mod tests {
         assert!(t.elapsed() < LEASE / 2, "{:?}", t.elapsed());
         let r = env.record().await;
         assert_eq!((r.instance.as_str(), r.epoch), (again.instance(), 2));
+    }
+
+    /// An owner object deleted while its owner lives (an operator "unsticking" it) is
+    /// not claimed at once when the conversation has data: the owner puts it back at
+    /// its next renewal, and the newcomer waits for it as for any holder.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deleted_owner_object_is_not_claimed_while_its_owner_lives() {
+        let env = Env::new();
+        let a = env.owner("a");
+        a.claim().await;
+        let a_run = tokio::spawn(a.clone().run(CancellationToken::new()));
+        fenced_write(&a, &env.remote).await.unwrap();
+        env.remote
+            .delete_many(&[format!("{PREFIX}{OWNER_KEY}")])
+            .await
+            .unwrap();
+        let b = env.owner("b");
+        let b_claim = claim_in_background(&b);
+        tokio::time::sleep(LEASE * 3).await;
+        assert!(!b_claim.is_finished(), "B claimed while A lived");
+        assert_eq!(env.record().await.instance, a.instance());
+        assert!(fenced_write(&b, &env.remote).await.is_err());
+        fenced_write(&a, &env.remote).await.unwrap();
+        a_run.abort();
+        b_claim.abort();
     }
 
     /// A daemon that took the conversation over and was killed before taking in what
