@@ -581,13 +581,18 @@ pub async fn run(
 
     let tasks = tokio_util::task::TaskTracker::new();
     let background_stop = CancellationToken::new();
+    // Periodic snapshots are no part of the final sync: they stop when it starts, so
+    // that one in flight neither competes with it for the deadline nor keeps remote
+    // writes going past it (which would make the release fail and the next daemon wait
+    // a whole lease).
+    let snapshots_stop = background_stop.child_token();
     // A shutdown during the restore: nothing was accepted (the API was not ready) and
     // nothing may be mirrored from a half-restored workspace.
     let started = claimed && !lifecycle.shutdown.is_cancelled();
     if started {
         tasks.spawn(kv.clone().run_purger(background_stop.clone()));
         tasks.spawn(engine.run(background_stop.clone()));
-        tasks.spawn(snapshots.run(background_stop.clone()));
+        tasks.spawn(snapshots.run(snapshots_stop.clone()));
         tasks.spawn(git.clone().run(background_stop.clone()));
         tasks.spawn(replicator.run(background_stop.clone()));
     }
@@ -623,6 +628,7 @@ pub async fn run(
     }
     lifecycle.set_phase(Phase::ShuttingDown);
     tracing::info!("shutting down");
+    snapshots_stop.cancel();
 
     // New writes get `shutting_down` from here on; the ones already queued commit.
     kv.stop_writes();

@@ -432,3 +432,71 @@ async fn snapshot_routes_need_admin_and_report_a_missing_workspace() {
         1
     );
 }
+
+/// A periodic snapshot in flight when the daemon is told to stop is given up as the
+/// final sync starts: it neither competes with the final sync nor keeps remote writes
+/// going past it, which would leave the conversation unreleased (the next daemon then
+/// waits a whole lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_periodic_snapshot_in_flight_stops_when_the_final_sync_starts() {
+    let mut d = Daemon::prepare(
+        "[snapshot]\ninterval = \"1s\"\n[git]\ninterval = \"0s\"\n[shutdown]\ndeadline = \"30s\"\n",
+    );
+    // Incompressible: its snapshot takes seconds.
+    let mut random = std::fs::File::open("/dev/urandom").unwrap();
+    let mut big = std::fs::File::create(d.workspace.join("big.bin")).unwrap();
+    std::io::copy(&mut std::io::Read::take(&mut random, 96 << 20), &mut big).unwrap();
+    drop(big);
+    d.spawn_and_wait().await;
+    let api = d.api();
+    ok(
+        &api.post("/v1/sync", &serde_json::json!({"timeout_s": 120}))
+            .await,
+        200,
+    );
+    // The first snapshot (begun while the mirror uploaded) is stored; then a change
+    // for the next one, mirrored at once.
+    let stored =
+        crate::util::poll_until(Duration::from_secs(60), Duration::from_millis(100), || {
+            let log = d.log();
+            async move { log.contains("snapshot stored").then_some(()) }
+        })
+        .await;
+    assert!(stored.is_some(), "no snapshot stored; log:\n{}", d.log());
+    std::fs::write(d.workspace.join("x.txt"), "x").unwrap();
+    ok(
+        &api.post("/v1/sync", &serde_json::json!({"timeout_s": 60}))
+            .await,
+        200,
+    );
+    // The next snapshot early on its way (the only remote write under way now).
+    let tmp = d.remote.join(".sandkeep-tmp");
+    let in_flight =
+        crate::util::poll_until(Duration::from_secs(30), Duration::from_millis(10), || {
+            let tmp = tmp.clone();
+            async move {
+                let early = std::fs::read_dir(&tmp)
+                    .ok()?
+                    .flatten()
+                    .any(|e| e.metadata().is_ok_and(|m| m.len() < 24 << 20));
+                early.then_some(())
+            }
+        })
+        .await;
+    assert!(
+        in_flight.is_some(),
+        "no snapshot started; log:\n{}",
+        d.log()
+    );
+    let status = d.terminate();
+    assert_eq!(status.code(), Some(0), "log:\n{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains("periodic snapshot interrupted by shutdown"),
+        "log:\n{log}"
+    );
+    assert!(
+        !log.contains("remote writes are still under way"),
+        "log:\n{log}"
+    );
+}
