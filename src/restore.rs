@@ -277,6 +277,34 @@ fn make_parents(root: &Path, rel: &Path, force: bool) -> Result<PathBuf, FileErr
 fn remove_unnamed(root: &Path, rules: &Rules, named: &HashSet<PathBuf>) -> u64 {
     let mut removed = 0;
     let mut dirs = Vec::new();
+    walk_kept(root, rules, |rel, e, ft| {
+        if ft.is_dir() {
+            dirs.push(rel.to_path_buf());
+        } else if !named.contains(rel) {
+            match fs::remove_file(e.path()) {
+                Ok(()) => removed += 1,
+                Err(err) => {
+                    tracing::warn!(path = %e.path().display(), error = %err, "cannot remove what the snapshot does not have")
+                }
+            }
+        }
+    });
+    // Deepest first; a directory with anything left in it stays.
+    for rel in dirs.iter().rev() {
+        if !named.contains(rel) && fs::remove_dir(root.join(rel)).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Walks `root` depth first, calling `visit` with every entry (its relative path,
+/// itself, its type) that `rules` do not leave out, directories before what is in them.
+fn walk_kept(
+    root: &Path,
+    rules: &Rules,
+    mut visit: impl FnMut(&Path, &fs::DirEntry, fs::FileType),
+) {
     let mut stack = vec![PathBuf::new()];
     while let Some(rel_dir) = stack.pop() {
         let Ok(entries) = fs::read_dir(root.join(&rel_dir)) else {
@@ -288,26 +316,12 @@ fn remove_unnamed(root: &Path, rules: &Rules, named: &HashSet<PathBuf>) -> u64 {
             if rules.is_ignored(&rel, ft.is_dir()) {
                 continue;
             }
+            visit(&rel, &e, ft);
             if ft.is_dir() {
-                dirs.push(rel.clone());
                 stack.push(rel);
-            } else if !named.contains(&rel) {
-                match fs::remove_file(e.path()) {
-                    Ok(()) => removed += 1,
-                    Err(err) => {
-                        tracing::warn!(path = %e.path().display(), error = %err, "cannot remove what the snapshot does not have")
-                    }
-                }
             }
         }
     }
-    // Deepest first; a directory with anything left in it stays.
-    for rel in dirs.iter().rev() {
-        if !named.contains(rel) && fs::remove_dir(root.join(rel)).is_ok() {
-            removed += 1;
-        }
-    }
-    removed
 }
 
 /// Whether `rel` is relative with nothing but names in it (no `..`, no root).
@@ -1120,33 +1134,19 @@ fn restore_symlink(root: &Path, rel: &str, link: &str, force: bool) -> Result<()
 /// (excluded and ignored entries and `.git` are left out).
 fn extras(root: &Path, rules: &Rules, manifest: &Manifest, max_file_bytes: u64) -> Vec<String> {
     let mut out = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel_dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(root.join(&rel_dir)) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let rel = rel_dir.join(e.file_name());
-            let Ok(ft) = e.file_type() else { continue };
-            if rules.is_ignored(&rel, ft.is_dir()) {
-                continue;
-            }
-            let Some(key) = rel.to_str() else { continue };
-            if ft.is_dir() {
-                // Into a directory the remote has as empty too: what is in it here is
-                // not the remote's.
-                stack.push(rel);
-                continue;
-            }
-            let too_large = ft.is_file() && e.metadata().is_ok_and(|m| m.len() > max_file_bytes);
-            if !too_large
-                && !manifest.files.contains_key(key)
-                && !manifest.symlinks.contains_key(key)
-            {
-                out.push(key.to_string());
-            }
+    // Into directories the remote has as empty too: what is in them here is not the
+    // remote's.
+    walk_kept(root, rules, |rel, e, ft| {
+        let Some(key) = rel.to_str() else { return };
+        let too_large = ft.is_file() && e.metadata().is_ok_and(|m| m.len() > max_file_bytes);
+        if !ft.is_dir()
+            && !too_large
+            && !manifest.files.contains_key(key)
+            && !manifest.symlinks.contains_key(key)
+        {
+            out.push(key.to_string());
         }
-    }
+    });
     out
 }
 
