@@ -221,26 +221,53 @@ impl Replicator {
     }
 
     /// Exports the namespaces that changed and uploads the pending file changes.
+    /// A namespace whose export fails does not hold the others (nor the file store)
+    /// back: the pass goes on, then fails with the first error, to be retried.
     async fn pass(&self) -> Result<PassStats, ReplicateError> {
         let mut stats = PassStats::default();
+        let mut failed = None;
         for (ns, _) in self.kv.exports_due().await? {
-            let export = self.kv.export(&ns).await?;
-            let size = export.bytes.len() as u64;
-            let key = export_key(&self.prefix, &ns);
-            let Some(etag) = self
-                .store_export(&ns, &key, Bytes::from(export.bytes))
-                .await?
-            else {
-                continue;
-            };
-            self.kv.mark_exported(&ns, export.version, &etag).await?;
-            tracing::debug!(namespace = %ns, version = export.version, keys = export.keys, bytes = size, "kv namespace exported");
-            stats.namespaces += 1;
-            stats.bytes_uploaded += size;
+            match self.export_namespace(&ns).await {
+                Ok(Some(size)) => {
+                    stats.namespaces += 1;
+                    stats.bytes_uploaded += size;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(namespace = %ns, error = %e, "cannot export this kv namespace; the others go on");
+                    failed.get_or_insert(e);
+                }
+            }
         }
+        let files = self.replicate_files(&mut stats).await;
+        match failed {
+            Some(e) => Err(e),
+            None => files.map(|()| stats),
+        }
+    }
+
+    /// Exports `ns`: the bytes uploaded, or `None` when another daemon's export was
+    /// taken in instead.
+    async fn export_namespace(&self, ns: &str) -> Result<Option<u64>, ReplicateError> {
+        let export = self.kv.export(ns).await?;
+        let size = export.bytes.len() as u64;
+        let key = export_key(&self.prefix, ns);
+        let Some(etag) = self
+            .store_export(ns, &key, Bytes::from(export.bytes))
+            .await?
+        else {
+            return Ok(None);
+        };
+        self.kv.mark_exported(ns, export.version, &etag).await?;
+        tracing::debug!(namespace = %ns, version = export.version, keys = export.keys, bytes = size, "kv namespace exported");
+        Ok(Some(size))
+    }
+
+    /// Uploads (and deletes) the file store's pending changes.
+    async fn replicate_files(&self, stats: &mut PassStats) -> Result<(), ReplicateError> {
         let pending = self.files.pending().await?;
         if pending.is_empty() {
-            return Ok(stats);
+            return Ok(());
         }
         let results: Vec<Result<(Pending, Option<u64>), ReplicateError>> =
             futures::stream::iter(pending)
@@ -267,7 +294,7 @@ impl Replicator {
         self.files.mark_synced(done).await?;
         match failed {
             Some(e) => Err(e),
-            None => Ok(stats),
+            None => Ok(()),
         }
     }
 
@@ -840,6 +867,37 @@ mod tests {
             .collect();
         pending.sort();
         assert_eq!(pending, vec!["mine-changed", "mine-deleted", "mine-new"]);
+    }
+
+    /// A namespace whose export keeps failing does not hold the other namespaces or
+    /// the file store back; the pass still fails (and is retried) for it.
+    #[tokio::test]
+    async fn one_namespace_that_cannot_be_exported_holds_no_other_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("remote");
+        let dir: Arc<dyn Remote> = Arc::new(DirRemote::new(&root).unwrap());
+        // A directory where `bad`'s export goes: no write there can succeed.
+        let in_the_way = root.join(export_key(PREFIX, "bad")).join("x");
+        std::fs::create_dir_all(&in_the_way).unwrap();
+        let kv = store(tmp.path());
+        let files = FileStore::new(kv.clone());
+        let (handle, stop, task) = start_replicator(&kv, &files, dir.clone());
+        assert_eq!(handle.flush().await.unwrap(), PassStats::default());
+        set(&kv, "bad", "k", json!(1)).await;
+        set(&kv, "good", "k", json!(2)).await;
+        files
+            .put("events/e1", Bytes::from_static(b"e1"), false)
+            .await
+            .unwrap();
+        let flushed = tokio::time::timeout(Duration::from_secs(3), handle.flush()).await;
+        assert!(flushed.is_err(), "a flush with bad unexported returned");
+        let good = dir.get_bytes(&export_key(PREFIX, "good")).await.unwrap();
+        assert!(good.is_some(), "good was not exported");
+        let event = dir.get_bytes(&format!("{PREFIX}events/e1")).await.unwrap();
+        assert_eq!(event.as_deref(), Some(&b"e1"[..]));
+        assert!(handle.status().last_error.is_some());
+        stop.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test]
