@@ -117,6 +117,21 @@ struct Held {
     said_held: bool,
 }
 
+impl Held {
+    /// How long the owner object has stayed `tag` (its ETag, or [`ABSENT`]) since this
+    /// daemon first saw it so: zero when it just changed.
+    fn unchanged_for(&mut self, tag: &str) -> Duration {
+        let now = Instant::now();
+        match &self.seen {
+            Some((seen, since)) if seen == tag => now - *since,
+            _ => {
+                self.seen = Some((tag.to_string(), now));
+                Duration::ZERO
+            }
+        }
+    }
+}
+
 /// This daemon's claim on its conversation. Shared as `Arc<Owner>`: the lifecycle
 /// claims, spawns [`Owner::run`] and calls [`Owner::release`]; the API reads
 /// [`Owner::status`].
@@ -136,10 +151,8 @@ pub struct Owner {
     status: std::sync::Mutex<OwnerStatus>,
     /// Cancelled when the claim ends for good (lost or released): [`Owner::run`] ends.
     ended: CancellationToken,
-    /// Whether the claim took the conversation over from another instance (see
+    /// [`TAKE_IN_FILE`] in the state dir: there while a take-in is owed (see
     /// [`Owner::took_over_from_another`]).
-    took_over: std::sync::atomic::AtomicBool,
-    /// [`TAKE_IN_FILE`] in the state dir.
     take_in_owed: PathBuf,
     metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
 }
@@ -198,7 +211,6 @@ impl Owner {
                 last_error: None,
             }),
             ended: CancellationToken::new(),
-            took_over: std::sync::atomic::AtomicBool::new(false),
             take_in_owed: state_dir.join(TAKE_IN_FILE),
             metrics: std::sync::OnceLock::new(),
             instance,
@@ -213,16 +225,14 @@ impl Owner {
     /// Whether this daemon took the conversation over from another instance (one
     /// that released it or whose lease expired), rather than creating the claim or
     /// taking back its own: then remote storage may hold what that daemon wrote, newer
-    /// than this state directory. Also true while an earlier start owes the take-in
-    /// ([`TAKE_IN_FILE`]), until [`Owner::take_in_done`].
+    /// than this state directory. Such a claim (or an earlier start's, cut short)
+    /// leaves [`TAKE_IN_FILE`] behind until [`Owner::take_in_done`].
     pub fn took_over_from_another(&self) -> bool {
-        self.took_over.load(std::sync::atomic::Ordering::Relaxed) || self.take_in_owed.exists()
+        self.take_in_owed.exists()
     }
 
     /// What the other instance wrote was taken in (or restored whole).
     pub fn take_in_done(&self) {
-        self.took_over
-            .store(false, std::sync::atomic::Ordering::Relaxed);
         match std::fs::remove_file(&self.take_in_owed) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -481,15 +491,7 @@ impl Owner {
                 // for a lease, as an unreadable one is; a new conversation is claimed
                 // at once.
                 None if self.conversation_has_data().await? => {
-                    let now = Instant::now();
-                    let since = match &held.seen {
-                        Some((seen, since)) if seen == ABSENT => *since,
-                        _ => {
-                            held.seen = Some((ABSENT.to_string(), now));
-                            now
-                        }
-                    };
-                    if now - since < self.lease {
+                    if held.unchanged_for(ABSENT) < self.lease {
                         return Ok(false);
                     }
                     (
@@ -506,19 +508,12 @@ impl Owner {
                         .as_ref()
                         .map_or(self.lease, |r| Duration::from_millis(r.lease_ms));
                     let epoch = record.as_ref().map_or(0, |r| r.epoch) + 1;
-                    let now = Instant::now();
-                    let since = match &held.seen {
-                        Some((seen, since)) if *seen == etag => *since,
-                        _ => {
-                            held.seen = Some((etag.clone(), now));
-                            now
-                        }
-                    };
+                    let unchanged = held.unchanged_for(&etag);
                     let reason = if record.as_ref().is_some_and(|r| r.instance == self.instance) {
                         "restarted on the same state directory"
                     } else if lease.is_zero() {
                         "the previous owner released it"
-                    } else if now - since >= lease {
+                    } else if unchanged >= lease {
                         "the previous owner's lease expired"
                     } else {
                         self.note_holder(held, record);
@@ -539,8 +534,6 @@ impl Owner {
             .await
         {
             Ok(_) => {
-                self.took_over
-                    .store(from_another, std::sync::atomic::Ordering::Relaxed);
                 held.state = OwnerState::Claimed;
                 held.epoch = epoch;
                 held.seen = None;
