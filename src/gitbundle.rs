@@ -1376,10 +1376,8 @@ impl GitBundler {
         let bundled_file = config.state_dir.join(BUNDLED_FILE);
         let bundled = load_bundled(&bundled_file, &prefix);
         // What the mirror leaves out (and a restore never touches) is not bundled.
-        let mut excludes = config.sync.exclude.clone();
-        excludes.extend(crate::sync::rules::own_excludes(config, &root));
         Self {
-            excludes,
+            excludes: crate::sync::rules::mirror_excludes(config, &root),
             remote,
             metrics,
             root,

@@ -764,9 +764,7 @@ async fn restore_workspace_retrying(
     force: bool,
 ) -> Result<Option<crate::restore::RestoreReport>, crate::restore::RestoreError> {
     use crate::restore::{RestoreError, Source};
-    let mut opts = crate::restore::RestoreOptions::from_config(config, force);
-    opts.exclude
-        .extend(crate::sync::rules::own_excludes(config, &config.workspace));
+    let opts = crate::restore::RestoreOptions::from_config(config, &config.workspace, force);
     let prefix = config.conversation_prefix();
     let from = |source: Source| {
         let (opts, prefix) = (&opts, &prefix);

@@ -99,11 +99,13 @@ pub struct RestoreOptions {
 
 impl RestoreOptions {
     /// The mirror's concurrency and excludes (the daemon adds its own directories).
-    pub fn from_config(config: &Config, force: bool) -> Self {
+    /// The options of a restore into `target`: what the mirror leaves out of it
+    /// (`sync.exclude`, the daemon's own directories there) is never touched.
+    pub fn from_config(config: &Config, target: &Path, force: bool) -> Self {
         Self {
             concurrency: config.sync.concurrency.max(1) as usize,
             force,
-            exclude: config.sync.exclude.clone(),
+            exclude: crate::sync::rules::mirror_excludes(config, target),
             max_file_bytes: config.sync.max_file_bytes,
         }
     }

@@ -83,11 +83,9 @@ async fn restore(config: &Config, to: &Path, from: &Source, force: bool) -> anyh
     }
     let remote = crate::remote::from_config(config).await?;
     let prefix = config.conversation_prefix();
-    let mut opts = RestoreOptions::from_config(config, force);
     // The daemon's own directories inside the target are not the workspace's: `--force`
     // and the clean-up after an older bundle leave them alone, as the daemon does.
-    opts.exclude
-        .extend(crate::sync::rules::own_excludes(config, to));
+    let opts = RestoreOptions::from_config(config, to, force);
     let tty = std::io::stderr().is_terminal();
     let progress: Box<dyn Progress> = if tty {
         let bar = ProgressBar::new(0);

@@ -363,8 +363,7 @@ impl SyncEngine {
             Err(_) => std::path::absolute(&config.workspace)?,
         };
         // The daemon's own directories (state, a `dir` remote) are never mirrored.
-        let mut excludes = config.sync.exclude.clone();
-        excludes.extend(crate::sync::rules::own_excludes(&config, &root));
+        let excludes = crate::sync::rules::mirror_excludes(&config, &root);
         let rules = Arc::new(Rules::new(&root, &excludes)?);
         let cache_path = config.state_dir.join("sync.redb");
         let cache = tokio::task::spawn_blocking(move || ManifestCache::open(&cache_path)).await??;

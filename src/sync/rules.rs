@@ -32,6 +32,14 @@ pub fn own_excludes(config: &crate::config::Config, root: &Path) -> Vec<String> 
     inner_excludes(&root, &own)
 }
 
+/// What the mirror leaves out of `root` by configuration: `sync.exclude`, then the
+/// daemon's own directories inside it ([`own_excludes`]).
+pub fn mirror_excludes(config: &crate::config::Config, root: &Path) -> Vec<String> {
+    let mut excludes = config.sync.exclude.clone();
+    excludes.extend(own_excludes(config, root));
+    excludes
+}
+
 /// Anchored exclude patterns (`/rel/`) for those of `dirs` that lie inside `root`.
 pub fn inner_excludes(root: &Path, dirs: &[PathBuf]) -> Vec<String> {
     dirs.iter()
