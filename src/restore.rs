@@ -241,9 +241,14 @@ fn drop_bad_paths(manifest: &mut Manifest, bad: &mut Vec<BadEntry>) {
 /// following a symlink). In the way: a symlink or file is replaced when `force`, else
 /// it is an error.
 fn make_parents(root: &Path, rel: &Path, force: bool) -> Result<PathBuf, FileError> {
+    make_dirs(root, rel.parent().unwrap_or(Path::new("")), force)
+}
+
+/// Makes the directory `dir` inside `root` and every one above it, as
+/// [`make_parents`] does.
+fn make_dirs(root: &Path, dir: &Path, force: bool) -> Result<PathBuf, FileError> {
     let mut at = root.to_path_buf();
-    let parent = rel.parent().unwrap_or(Path::new(""));
-    for c in parent.components() {
+    for c in dir.components() {
         at.push(c);
         match fs::symlink_metadata(&at) {
             Ok(m) if m.is_dir() => continue,
@@ -1362,7 +1367,7 @@ fn extract(
             }
             // The directory itself is made like a parent: a symlink (or file) in its
             // place is replaced under `force`, never gone through.
-            match make_parents(root, &path.join("x"), force) {
+            match make_dirs(root, &path, force) {
                 Ok(_) => report.empty_dirs += 1,
                 Err(e) => report.bad.push(BadEntry {
                     path: label,
