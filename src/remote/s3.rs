@@ -314,8 +314,7 @@ impl S3Remote {
             .await
             .map_err(|e| sdk_error("complete_multipart_upload", key, e))?;
         let expected = format!("{}-{number}", hex::encode(Md5::digest(&part_md5s)));
-        let etag = comparable_etag(out.e_tag(), out.server_side_encryption());
-        verify_etag(key, etag, &expected)?;
+        verify_etag(key, out.e_tag(), out.server_side_encryption(), &expected)?;
         Ok(sent)
     }
 }
@@ -330,21 +329,6 @@ async fn collect_body(key: &str, body: ByteStream) -> Result<Bytes, RemoteError>
     Ok(data.into_bytes())
 }
 
-/// The ETag of an upload, when it can be compared with the content's MD5: AWS gives
-/// objects encrypted with SSE-KMS (a bucket's default encryption, say) ETags of the
-/// same shape that are not their MD5. Those uploads are accepted on the strength of
-/// Content-MD5, which S3 checks itself.
-fn comparable_etag<'a>(
-    etag: Option<&'a str>,
-    sse: Option<&aws_sdk_s3::types::ServerSideEncryption>,
-) -> Option<&'a str> {
-    use aws_sdk_s3::types::ServerSideEncryption::{AwsKms, AwsKmsDsse};
-    match sse {
-        Some(AwsKms | AwsKmsDsse) => None,
-        _ => etag,
-    }
-}
-
 /// A conditional write on an object that is gone: AWS answers `If-Match` there with
 /// 404 `NoSuchKey` where other servers answer 412. Either way the condition failed
 /// (the caller reads what is there now, as after any lost compare-and-set).
@@ -355,9 +339,20 @@ fn if_match_missing(e: RemoteError, if_match: bool) -> RemoteError {
     }
 }
 
-/// Compares an ETag with what the uploaded content must give. Servers that do not use
-/// MD5 ETags are accepted on the strength of Content-MD5.
-fn verify_etag(key: &str, etag: Option<&str>, expected: &str) -> Result<(), RemoteError> {
+/// Compares an upload's ETag with what its content must give. Uploads whose ETag is
+/// not an MD5 are accepted on the strength of Content-MD5, which S3 checks itself:
+/// servers that do not use MD5 ETags, and objects the answer says were encrypted with
+/// SSE-KMS (a bucket's default encryption, say), whose ETags have the same shape.
+fn verify_etag(
+    key: &str,
+    etag: Option<&str>,
+    sse: Option<&aws_sdk_s3::types::ServerSideEncryption>,
+    expected: &str,
+) -> Result<(), RemoteError> {
+    use aws_sdk_s3::types::ServerSideEncryption::{AwsKms, AwsKmsDsse};
+    if matches!(sse, Some(AwsKms | AwsKmsDsse)) {
+        return Ok(());
+    }
     let Some(etag) = etag.map(|e| e.trim_matches('"').to_ascii_lowercase()) else {
         return Ok(());
     };
@@ -475,9 +470,13 @@ impl Remote for S3Remote {
             .send()
             .await
             .map_err(|e| sdk_error("put", key, e))?;
-        let etag = comparable_etag(out.e_tag(), out.server_side_encryption());
-        verify_etag(key, etag, &hex::encode(md5))
-            .map_err(|_| RemoteError::Changed { key: key.into() })?;
+        verify_etag(
+            key,
+            out.e_tag(),
+            out.server_side_encryption(),
+            &hex::encode(md5),
+        )
+        .map_err(|_| RemoteError::Changed { key: key.into() })?;
         Ok(size)
     }
 
@@ -502,8 +501,12 @@ impl Remote for S3Remote {
             .send()
             .await
             .map_err(|e| sdk_error("put", key, e))?;
-        let etag = comparable_etag(out.e_tag(), out.server_side_encryption());
-        verify_etag(key, etag, &hex::encode(md5))
+        verify_etag(
+            key,
+            out.e_tag(),
+            out.server_side_encryption(),
+            &hex::encode(md5),
+        )
     }
 
     async fn put_bytes_if(
@@ -530,8 +533,12 @@ impl Remote for S3Remote {
             .send()
             .await
             .map_err(|e| if_match_missing(sdk_error("put", key, e), matching))?;
-        let etag = comparable_etag(out.e_tag(), out.server_side_encryption());
-        verify_etag(key, etag, &hex::encode(md5))?;
+        verify_etag(
+            key,
+            out.e_tag(),
+            out.server_side_encryption(),
+            &hex::encode(md5),
+        )?;
         // Without an ETag in the answer, the one S3 gives a single-part upload.
         Ok(out
             .e_tag()
@@ -701,19 +708,20 @@ mod tests {
     #[test]
     fn etag_checks() {
         let md5 = "0123456789abcdef0123456789abcdef";
-        assert!(verify_etag("k", Some(&format!("\"{md5}\"")), md5).is_ok());
-        assert!(verify_etag("k", Some("\"ffffffffffffffffffffffffffffffff\""), md5).is_err());
-        assert!(verify_etag("k", None, md5).is_ok());
-        assert!(verify_etag("k", Some("opaque-etag"), md5).is_ok());
+        assert!(verify_etag("k", Some(&format!("\"{md5}\"")), None, md5).is_ok());
+        assert!(verify_etag("k", Some("\"ffffffffffffffffffffffffffffffff\""), None, md5).is_err());
+        assert!(verify_etag("k", None, None, md5).is_ok());
+        assert!(verify_etag("k", Some("opaque-etag"), None, md5).is_ok());
         use aws_sdk_s3::types::ServerSideEncryption as Sse;
         let kms_etag = Some("\"9c1185a5c5e9fc54612808977ee8f548\"");
         for sse in [Sse::AwsKms, Sse::AwsKmsDsse] {
-            let etag = comparable_etag(kms_etag, Some(&sse));
-            assert!(verify_etag("k", etag, md5).is_ok(), "{sse:?}");
+            assert!(
+                verify_etag("k", kms_etag, Some(&sse), md5).is_ok(),
+                "{sse:?}"
+            );
         }
         for sse in [None, Some(&Sse::Aes256)] {
-            let etag = comparable_etag(kms_etag, sse);
-            assert!(verify_etag("k", etag, md5).is_err(), "{sse:?}");
+            assert!(verify_etag("k", kms_etag, sse, md5).is_err(), "{sse:?}");
         }
         let gone = || RemoteError::NotFound {
             op: "put",
