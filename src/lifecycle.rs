@@ -508,53 +508,10 @@ pub async fn run(
     // back after another one ran). Taken in before anything is served or exported.
     if claimed
         && owner.took_over_from_another()
-        && files.restore_pending().await? == Some(false)
+        && files.restore_pending().await? != Some(true)
         && !lifecycle.shutdown.is_cancelled()
     {
-        let prefix = config.conversation_prefix();
-        let taken = tokio::select! {
-            r = crate::remote::retrying(
-                "cannot compare the kv exports in remote storage with this store yet",
-                || crate::replicate::take_in_newer_exports(&kv, remote.as_ref(), &prefix),
-                |_| true,
-            ) => r.ok(),
-            _ = lifecycle.shutdown.cancelled() => None,
-        };
-        // The file store the same way: what the other daemon changed comes in.
-        let files_taken = tokio::select! {
-            r = crate::remote::retrying(
-                "cannot compare the file store with remote storage yet",
-                || crate::replicate::take_in_remote_files(
-                    &files,
-                    remote.as_ref(),
-                    &prefix,
-                    config.files.max_file_bytes,
-                ),
-                |_| true,
-            ) => r.ok(),
-            _ = lifecycle.shutdown.cancelled() => None,
-        };
-        let complete = taken.is_some() && files_taken.is_some();
-        let mut record = serde_json::Map::new();
-        if let Some(replaced) = taken
-            && !replaced.is_empty()
-        {
-            record.insert("replaced_namespaces".into(), serde_json::json!(replaced));
-        }
-        if let Some(f) = files_taken {
-            if !f.replaced_files.is_empty() {
-                record.insert("replaced_files".into(), serde_json::json!(f.replaced_files));
-            }
-            if !f.removed_files.is_empty() {
-                record.insert("removed_files".into(), serde_json::json!(f.removed_files));
-            }
-        }
-        if !record.is_empty() {
-            lifecycle.record_restore("stores", serde_json::Value::Object(record));
-        }
-        if complete {
-            owner.take_in_done();
-        }
+        take_in_stores(&config, &kv, &files, remote.as_ref(), &owner, &lifecycle).await;
     }
     if claimed && files.restore_pending().await? == Some(true) && !lifecycle.shutdown.is_cancelled()
     {
@@ -595,6 +552,35 @@ pub async fn run(
         tasks.spawn(snapshots.run(snapshots_stop.clone()));
         tasks.spawn(git.clone().run(background_stop.clone()));
         tasks.spawn(replicator.run(background_stop.clone()));
+        // A claim that remote storage kept waiting for at start is won in the
+        // background, maybe from another daemon: what that one wrote is taken in then,
+        // so that this one stops serving its older copy. Whether the exports start
+        // first does not change the outcome: a KV export is conditional on this
+        // store's previous one (else the remote one is taken in), and a file changed
+        // here wins over the remote copy either way.
+        let (config, kv, files, remote, owner, lifecycle) = (
+            config.clone(),
+            kv.clone(),
+            files.clone(),
+            remote.clone(),
+            owner.clone(),
+            lifecycle.clone(),
+        );
+        tasks.spawn(async move {
+            tokio::select! {
+                () = owner.wait_claimed() => {}
+                () = lifecycle.shutdown.cancelled() => return,
+            }
+            if owner.took_over_from_another()
+                && !matches!(files.restore_pending().await, Ok(Some(true)))
+            {
+                tracing::info!(
+                    "the conversation was claimed from another daemon after the start: \
+                     taking in what it wrote"
+                );
+                take_in_stores(&config, &kv, &files, remote.as_ref(), &owner, &lifecycle).await;
+            }
+        });
     }
 
     // Startup reconcile: what is on disk but not in the remote goes up first.
@@ -801,6 +787,65 @@ async fn restore_workspace_retrying(
     match from(Source::Objects).await {
         Ok(None) => Err(RestoreError::Manifest(why)),
         r => r,
+    }
+}
+
+/// Takes in what another daemon wrote to the KV and file store since this state
+/// directory last exported (see [`crate::owner::Owner::took_over_from_another`]),
+/// retrying while remote storage fails, until done or shutdown (then the take-in is
+/// still owed at the next start).
+async fn take_in_stores(
+    config: &Config,
+    kv: &KvStore,
+    files: &FileStore,
+    remote: &dyn crate::remote::Remote,
+    owner: &crate::owner::Owner,
+    lifecycle: &Lifecycle,
+) {
+    let prefix = config.conversation_prefix();
+    let taken = tokio::select! {
+        r = crate::remote::retrying(
+            "cannot compare the kv exports in remote storage with this store yet",
+            || crate::replicate::take_in_newer_exports(kv, remote, &prefix),
+            |_| true,
+        ) => r.ok(),
+        _ = lifecycle.shutdown.cancelled() => None,
+    };
+    // The file store the same way: what the other daemon changed comes in.
+    let files_taken = tokio::select! {
+        r = crate::remote::retrying(
+            "cannot compare the file store with remote storage yet",
+            || crate::replicate::take_in_remote_files(
+                files,
+                remote,
+                &prefix,
+                config.files.max_file_bytes,
+            ),
+            |_| true,
+        ) => r.ok(),
+        _ = lifecycle.shutdown.cancelled() => None,
+    };
+    let complete = taken.is_some() && files_taken.is_some();
+    let mut record = serde_json::Map::new();
+    if let Some(replaced) = taken
+        && !replaced.is_empty()
+    {
+        record.insert("replaced_namespaces".into(), serde_json::json!(replaced));
+    }
+    if let Some(f) = files_taken {
+        if !f.replaced_files.is_empty() {
+            record.insert("replaced_files".into(), serde_json::json!(f.replaced_files));
+        }
+        if !f.removed_files.is_empty() {
+            record.insert("removed_files".into(), serde_json::json!(f.removed_files));
+        }
+    }
+    if !record.is_empty() {
+        lifecycle.record_restore("stores", serde_json::Value::Object(record));
+    }
+    if complete {
+        owner.take_in_done();
+        tracing::info!("took in what the other daemon wrote");
     }
 }
 

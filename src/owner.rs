@@ -151,6 +151,8 @@ pub struct Owner {
     status: std::sync::Mutex<OwnerStatus>,
     /// Cancelled when the claim ends for good (lost or released): [`Owner::run`] ends.
     ended: CancellationToken,
+    /// Cancelled at the first successful claim.
+    claimed: CancellationToken,
     /// [`TAKE_IN_FILE`] in the state dir: there while a take-in is owed (see
     /// [`Owner::took_over_from_another`]).
     take_in_owed: PathBuf,
@@ -211,6 +213,7 @@ impl Owner {
                 last_error: None,
             }),
             ended: CancellationToken::new(),
+            claimed: CancellationToken::new(),
             take_in_owed: state_dir.join(TAKE_IN_FILE),
             metrics: std::sync::OnceLock::new(),
             instance,
@@ -244,6 +247,16 @@ impl Owner {
 
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// Whether the conversation was claimed (it may have been lost or released since).
+    pub fn was_claimed(&self) -> bool {
+        self.claimed.is_cancelled()
+    }
+
+    /// Waits for the first successful claim.
+    pub async fn wait_claimed(&self) {
+        self.claimed.cancelled().await;
     }
 
     /// Cancelled once the claim ends for good: lost to another daemon, or released.
@@ -544,6 +557,7 @@ impl Owner {
                     s.epoch = epoch;
                     s.holder = None;
                 });
+                self.claimed.cancel();
                 tracing::info!(
                     instance = %self.instance,
                     epoch,
@@ -929,6 +943,28 @@ mod tests {
         let third = env.owner("b");
         third.claim().await;
         assert!(!third.took_over_from_another());
+    }
+
+    /// A claim won in the background (the daemon started while remote storage did not
+    /// answer) is seen by [`Owner::wait_claimed`], and one from another daemon owes a
+    /// take-in as one won at start does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_won_in_the_background_is_awaited_and_owes_a_take_in() {
+        let env = Env::new();
+        let a = env.owner("a");
+        a.claim().await;
+        a.release(Duration::from_secs(5)).await;
+        let b = env.owner("b");
+        assert!(!b.was_claimed());
+        let stop = CancellationToken::new();
+        let b_run = tokio::spawn(b.clone().run(stop.clone()));
+        tokio::time::timeout(Duration::from_secs(10), b.wait_claimed())
+            .await
+            .expect("claimed in the background");
+        assert!(b.was_claimed() && b.took_over_from_another());
+        fenced_write(&b, &env.remote).await.unwrap();
+        stop.cancel();
+        b_run.await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -719,3 +719,73 @@ async fn a_take_in_cut_short_is_done_at_the_next_start() {
     );
     assert!(!d.state_dir.join("take-in-owed").exists());
 }
+
+/// A sandbox that comes back while remote storage does not answer starts without
+/// owning the conversation and claims it in the background once storage is back. If
+/// another daemon owned it meanwhile, what that one exported is taken in then, before
+/// this daemon writes anything: its stale namespace must not go over the newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_won_in_the_background_takes_in_what_the_other_owner_exported() {
+    let mut s3 = S3Server::start().await;
+    let mut d = Daemon::prepare("[kv]\nreplicate_delay = \"1h\"\n");
+    s3.configure(&d);
+    d.spawn_and_wait().await;
+    ok(&d.api().put("/v1/kv/shared?ns=c", &json!("a")).await, 201);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+    let key = d.generated_key();
+    let kept = d.root().join("first-state");
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&d.state_dir)
+        .arg(&kept)
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    // Another sandbox owns the conversation and writes.
+    wipe_state(&d);
+    d.set_env("SANDKEEP_KV_KEY", &key);
+    d.spawn_and_wait().await;
+    ok(&d.api().put("/v1/kv/shared?ns=c", &json!("b")).await, 200);
+    ok(&d.api().put("/v1/kv/b_only?ns=c", &json!(1)).await, 201);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+
+    // The first one comes back while remote storage is down (a workspace that holds
+    // something: reconciled, not restored) and serves what it has.
+    s3.stop();
+    wipe_state(&d);
+    std::fs::rename(&kept, &d.state_dir).unwrap();
+    std::fs::write(d.workspace.join("notes.md"), "kept").unwrap();
+    d.spawn_and_wait().await;
+    let api = d.api();
+    let status = ok(&api.get("/v1/status").await, 200);
+    assert_eq!(status["owner"]["state"], "waiting", "{status}");
+    assert_eq!(api.value_in(Some("c"), "shared").await, Some(json!("a")));
+
+    // Storage is back: the claim succeeds and the other daemon's namespace comes in.
+    s3.restart().await;
+    let taken = poll_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        let api = d.api();
+        async move { (api.value_in(Some("c"), "shared").await == Some(json!("b"))).then_some(()) }
+    })
+    .await;
+    assert!(taken.is_some(), "not taken in; log:\n{}", d.log());
+    assert_eq!(api.value_in(Some("c"), "b_only").await, Some(json!(1)));
+    let status = ok(&api.get("/v1/status").await, 200);
+    assert_eq!(status["owner"]["state"], "claimed", "{status}");
+    assert_eq!(
+        status["restore"]["stores"]["replaced_namespaces"],
+        json!(["c"]),
+        "{status}"
+    );
+    assert!(!d.state_dir.join("take-in-owed").exists());
+    ok(&api.put("/v1/kv/shared?ns=c", &json!("c")).await, 200);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+
+    // Every owner's work is in remote storage, the last write last.
+    wipe_state(&d);
+    d.spawn_and_wait().await;
+    let api = d.api();
+    assert_eq!(api.value_in(Some("c"), "shared").await, Some(json!("c")));
+    assert_eq!(api.value_in(Some("c"), "b_only").await, Some(json!(1)));
+}
