@@ -570,10 +570,17 @@ impl Job<'_> {
                 .map_or(0, |d| d.as_nanos() as i64);
         }
         let (tmp, dest) = (tmp.to_path_buf(), dest.to_path_buf());
-        if e.size <= IN_MEMORY_MAX {
-            let data = retry_transport(|| self.remote.get_bytes(key))
-                .await?
-                .ok_or_else(|| MISSING.to_string())?;
+        // The manifest's size decides, the object's caps the read: one larger than
+        // the manifest says (replaced since) is streamed instead.
+        let small = if e.size <= IN_MEMORY_MAX {
+            match retry_transport(|| self.remote.get_bytes_within(key, IN_MEMORY_MAX)).await {
+                Err(RemoteError::TooLarge { .. }) => None,
+                r => Some(r?.ok_or_else(|| MISSING.to_string())?),
+            }
+        } else {
+            None
+        };
+        if let Some(data) = small {
             return tokio::task::spawn_blocking(move || {
                 if verify && format!("blake3:{}", blake3::hash(&data).to_hex()) != entry.hash {
                     return Err(FileError::Bad(MISMATCH.into()));

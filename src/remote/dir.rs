@@ -455,16 +455,29 @@ impl Remote for DirRemote {
         .await
     }
 
-    async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, RemoteError> {
+    async fn get_bytes_within(&self, key: &str, max: u64) -> Result<Option<Bytes>, RemoteError> {
         let src = self.path_of("get", key)?;
         let this = self.clone_root();
         let key = key.to_string();
-        blocking(move || match std::fs::read(&src) {
-            Ok(b) => Ok(Some(Bytes::from(b))),
-            Err(e) => match this.read_failure("get", &key, e) {
-                None => Ok(None),
-                Some(failure) => Err(failure),
-            },
+        blocking(move || {
+            // `None`: over `max` (by its size, or by what was read if it grew since).
+            let read = std::fs::File::open(&src).and_then(|f| {
+                let size = f.metadata()?.len();
+                if size > max {
+                    return Ok(None);
+                }
+                let mut data = Vec::with_capacity(size as usize);
+                f.take(max.saturating_add(1)).read_to_end(&mut data)?;
+                Ok((data.len() as u64 <= max).then_some(data))
+            });
+            match read {
+                Ok(Some(data)) => Ok(Some(Bytes::from(data))),
+                Ok(None) => Err(RemoteError::TooLarge { key, max }),
+                Err(e) => match this.read_failure("get", &key, e) {
+                    None => Ok(None),
+                    Some(failure) => Err(failure),
+                },
+            }
         })
         .await
     }

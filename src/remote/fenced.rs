@@ -201,8 +201,8 @@ impl Remote for FencedRemote {
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, RemoteError> {
         self.inner.get_to_file(key, dest).await
     }
-    async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, RemoteError> {
-        self.inner.get_bytes(key).await
+    async fn get_bytes_within(&self, key: &str, max: u64) -> Result<Option<Bytes>, RemoteError> {
+        self.inner.get_bytes_within(key, max).await
     }
     async fn get_bytes_tagged(&self, key: &str) -> Result<Option<(Bytes, String)>, RemoteError> {
         self.inner.get_bytes_tagged(key).await

@@ -165,9 +165,9 @@ impl Remote for FlakyRemote {
         self.check("get", key)?;
         self.inner.get_to_file(key, dest).await
     }
-    async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, RemoteError> {
+    async fn get_bytes_within(&self, key: &str, max: u64) -> Result<Option<Bytes>, RemoteError> {
         self.check("get", key)?;
-        self.inner.get_bytes(key).await
+        self.inner.get_bytes_within(key, max).await
     }
     async fn get_bytes_tagged(&self, key: &str) -> Result<Option<(Bytes, String)>, RemoteError> {
         self.check("get", key)?;

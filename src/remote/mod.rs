@@ -61,6 +61,10 @@ pub enum RemoteError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// [`Remote::get_bytes_within`] found the object larger than it takes; its content
+    /// was not read.
+    #[error("{key}: the object is larger than the {max} bytes this read takes")]
+    TooLarge { key: String, max: u64 },
     /// The condition of [`Remote::put_bytes_if`] did not hold; nothing was written.
     #[error("{key}: the object is not in the expected state (precondition failed)")]
     PreconditionFailed { key: String },
@@ -86,6 +90,7 @@ impl RemoteError {
             | Self::Service { op, .. }
             | Self::Transport { op, .. }
             | Self::Local { op, .. } => op,
+            Self::TooLarge { .. } => "get",
             Self::Changed { .. } | Self::Source { .. } | Self::PreconditionFailed { .. } => "put",
             Self::Fenced { .. } => "fenced",
         }
@@ -152,7 +157,14 @@ pub trait Remote: Send + Sync + 'static {
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, RemoteError>;
 
     /// Downloads a small object; `None` when it does not exist.
-    async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, RemoteError>;
+    async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, RemoteError> {
+        self.get_bytes_within(key, u64::MAX).await
+    }
+
+    /// [`Remote::get_bytes`] of an object of at most `max` bytes: a larger one is
+    /// [`RemoteError::TooLarge`], found before its content is read (or, where the size
+    /// is not known beforehand, as soon as more than `max` bytes came).
+    async fn get_bytes_within(&self, key: &str, max: u64) -> Result<Option<Bytes>, RemoteError>;
 
     /// Downloads a small object with its ETag (for [`Precondition::Matches`]); `None`
     /// when it does not exist.

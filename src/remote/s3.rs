@@ -320,13 +320,30 @@ impl S3Remote {
 }
 
 /// A response body, whole, in memory.
-async fn collect_body(key: &str, body: ByteStream) -> Result<Bytes, RemoteError> {
-    let data = body.collect().await.map_err(|e| RemoteError::Transport {
+/// The body of a GetObject answer, refused as [`RemoteError::TooLarge`] when over `max`
+/// bytes: by its announced length before anything is read, or as soon as more came.
+async fn collect_body(key: &str, out: GetObjectOutput, max: u64) -> Result<Bytes, RemoteError> {
+    let too_large = || RemoteError::TooLarge {
+        key: key.into(),
+        max,
+    };
+    let announced = out.content_length().and_then(|n| u64::try_from(n).ok());
+    if announced.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let mut data = BytesMut::with_capacity(announced.unwrap_or(0) as usize);
+    let mut body = out.body;
+    while let Some(chunk) = body.try_next().await.map_err(|e| RemoteError::Transport {
         op: "get",
         key: key.into(),
         message: e.to_string(),
-    })?;
-    Ok(data.into_bytes())
+    })? {
+        if (data.len() + chunk.len()) as u64 > max {
+            return Err(too_large());
+        }
+        data.extend_from_slice(&chunk);
+    }
+    Ok(data.freeze())
 }
 
 /// A conditional write on an object that is gone: AWS answers `If-Match` there with
@@ -574,9 +591,9 @@ impl Remote for S3Remote {
         Ok(n)
     }
 
-    async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, RemoteError> {
+    async fn get_bytes_within(&self, key: &str, max: u64) -> Result<Option<Bytes>, RemoteError> {
         match self.get_object(key).await? {
-            Some(out) => Ok(Some(collect_body(key, out.body).await?)),
+            Some(out) => Ok(Some(collect_body(key, out, max).await?)),
             None => Ok(None),
         }
     }
@@ -592,7 +609,7 @@ impl Remote for S3Remote {
                 message: "the server returned no ETag".into(),
             });
         };
-        Ok(Some((collect_body(key, out.body).await?, etag)))
+        Ok(Some((collect_body(key, out, u64::MAX).await?, etag)))
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError> {

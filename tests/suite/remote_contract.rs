@@ -46,6 +46,40 @@ async fn contract(remote: Arc<dyn Remote>, tmp: &std::path::Path) {
     );
     let head = remote.head(&format!("{p}m.json")).await.unwrap().unwrap();
     assert_eq!(head.size, 7);
+    // A read that caps the size takes an object up to the cap and refuses a larger
+    // one (by its size: the content is not read).
+    let small = format!("{p}m.json");
+    let within = |max| remote.get_bytes_within(&small, max);
+    assert_eq!(within(7).await.unwrap().unwrap(), &b"{\"a\":1}"[..]);
+    match within(6).await {
+        Err(RemoteError::TooLarge { key, max: 6 }) => assert_eq!(key, format!("{p}m.json")),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    let big = pattern(3 << 20, 7);
+    remote
+        .put_bytes(&format!("{p}big"), Bytes::from(big.clone()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        remote.get_bytes_within(&format!("{p}big"), 1 << 20).await,
+        Err(RemoteError::TooLarge { .. })
+    ));
+    assert_eq!(
+        remote
+            .get_bytes_within(&format!("{p}big"), 3 << 20)
+            .await
+            .unwrap()
+            .unwrap(),
+        big
+    );
+    assert_eq!(
+        remote
+            .get_bytes_within(&format!("{p}nope"), 0)
+            .await
+            .unwrap(),
+        None
+    );
+    remote.delete_many(&[format!("{p}big")]).await.unwrap();
 
     // Conditional writes (the owner object's compare-and-swap): create only when
     // absent, replace only the version read; a failed condition writes nothing.

@@ -1145,6 +1145,25 @@ async fn an_unreadable_manifest_without_a_snapshot_restores_the_objects() {
     }
 }
 
+/// An object replaced since the manifest by one far larger than the manifest's entry
+/// says (over the size read into memory) is streamed to disk, not read whole into
+/// memory on the strength of the manifest's size, and restored with its content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_larger_than_its_manifest_entry_is_streamed() {
+    let d = synced_workspace(None, false).await;
+    std::thread::sleep(Duration::from_millis(20));
+    let big = crate::util::pattern(6 << 20, 11);
+    std::fs::write(remote_file(&d, "a.txt"), &big).unwrap();
+
+    let target = d.root().join("offline");
+    let out = d.restore_cli(&["--to", target.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let s = out.json();
+    assert_eq!(s["bad"], json!([]), "{s}");
+    assert_eq!(s["newer"], json!(["a.txt"]), "{s}");
+    assert!(std::fs::read(target.join("a.txt")).unwrap() == big);
+}
+
 /// A round that uploaded a file and was cut short before it published its manifest
 /// (SIGKILL, or a final sync past its deadline) leaves an object newer than the
 /// manifest's entry: it is restored with its content (the newer state of the file),
