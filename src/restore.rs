@@ -876,19 +876,41 @@ async fn restore_manifest(
         .map(String::from)
         .collect();
     stems.sort_by_key(|s| (s != gitbundle::ROOT_STEM, s.clone()));
+    let git_path = |stem: &str| {
+        if stem == gitbundle::ROOT_STEM {
+            ".git".to_string()
+        } else {
+            format!("{stem}/.git")
+        }
+    };
+    // A bundle without its description (a first upload cut short between the two):
+    // nothing says where it goes, so it is not restored, and the report says so.
+    for o in &git_objects {
+        if let Some(stem) = o
+            .key
+            .rsplit('/')
+            .next()
+            .and_then(|n| n.strip_suffix(".bundle"))
+            && !stems.iter().any(|s| s == stem)
+        {
+            report.bad.push(BadEntry {
+                path: git_path(stem),
+                error: format!(
+                    "{} has no description ({stem}.json) in remote storage: its git state \
+                     is not restored",
+                    o.key
+                ),
+            });
+        }
+    }
     for stem in stems {
         let meta = match gitbundle::fetch_meta(remote, conversation_prefix, &stem).await {
             Ok(Some(meta)) => meta,
             Ok(None) => continue,
             Err(GitError::Remote(err @ RemoteError::Transport { .. })) => return Err(err.into()),
             Err(e) => {
-                let path = if stem == gitbundle::ROOT_STEM {
-                    ".git".to_string()
-                } else {
-                    format!("{stem}/.git")
-                };
                 report.bad.push(BadEntry {
-                    path,
+                    path: git_path(&stem),
                     error: e.to_string(),
                 });
                 continue;

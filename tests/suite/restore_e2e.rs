@@ -1145,6 +1145,38 @@ async fn an_unreadable_manifest_without_a_snapshot_restores_the_objects() {
     }
 }
 
+/// A bundle whose description (`.json`) is missing (its first upload cut short
+/// between the two) cannot be placed: the restore says so among the entries not
+/// restored instead of skipping it without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_without_its_description_is_reported() {
+    let d = synced_workspace(None, true).await;
+    let git_dir = d.remote.join(CONV).join("workspace/git");
+    let jsons: Vec<PathBuf> = std::fs::read_dir(&git_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    assert_eq!(jsons.len(), 1, "{jsons:?}");
+    std::fs::remove_file(&jsons[0]).unwrap();
+
+    let target = d.root().join("offline");
+    let out = d.restore_cli(&["--to", target.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("entry not restored"), "{out:?}");
+    let s = out.json();
+    assert_eq!(s["bad"].as_array().map(Vec::len), Some(1), "{s}");
+    assert_eq!(s["bad"][0]["path"], ".git", "{s}");
+    let error = s["bad"][0]["error"].as_str().unwrap();
+    assert!(error.contains("no description"), "{error}");
+    // The files are restored all the same.
+    assert_eq!(
+        std::fs::read_to_string(target.join("a.txt")).unwrap(),
+        "alpha, edited\n"
+    );
+    assert!(!target.join(".git").exists());
+}
+
 /// An object replaced since the manifest by one far larger than the manifest's entry
 /// says (over the size read into memory) is streamed to disk, not read whole into
 /// memory on the strength of the manifest's size, and restored with its content.
