@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::remote::fenced::Fence;
+use crate::remote::fenced::{BootInstant, Fence};
 use crate::remote::{Precondition, Remote, RemoteError};
 
 /// The owner object, under the conversation prefix.
@@ -540,7 +540,7 @@ impl Owner {
             crate::replace_file(&self.take_in_owed, b"")
                 .map_err(|e| RemoteError::local("claim", &self.take_in_owed, e))?;
         }
-        let sent = Instant::now();
+        let sent = BootInstant::now();
         match self
             .remote
             .put_bytes_if(&self.key, self.record(epoch, self.lease), cond)
@@ -672,7 +672,7 @@ impl Owner {
                 Precondition::Matches(etag)
             }
         };
-        let sent = Instant::now();
+        let sent = BootInstant::now();
         self.remote
             .put_bytes_if(&self.key, self.record(held.epoch, self.lease), cond)
             .await?;

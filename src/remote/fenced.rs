@@ -12,16 +12,53 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::time::Instant;
+use std::time::Duration;
 
 use super::{ListPage, ObjectInfo, Precondition, Remote, RemoteError};
+
+/// A reading of the machine's `CLOCK_BOOTTIME`. Unlike `Instant` (`CLOCK_MONOTONIC`),
+/// it goes on while the machine is suspended, so a write window counted with it ends
+/// on time when the machine wakes up: a host that slept through a lease writes
+/// nothing before it renewed (another daemon may own the conversation by then).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BootInstant(Duration);
+
+impl BootInstant {
+    pub fn now() -> Self {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec to write to. CLOCK_BOOTTIME exists since
+        // Linux 2.6.39, so the call cannot fail; were it to, `ts` stays zero, which
+        // ends every window at once (writes held, never allowed by mistake).
+        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+        Self(Duration::new(
+            u64::try_from(ts.tv_sec).unwrap_or(0),
+            u32::try_from(ts.tv_nsec).unwrap_or(0),
+        ))
+    }
+
+    /// How long after `earlier` this is (zero if it is not after).
+    pub fn since(self, earlier: BootInstant) -> Duration {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+impl std::ops::Add<Duration> for BootInstant {
+    type Output = BootInstant;
+
+    fn add(self, d: Duration) -> BootInstant {
+        BootInstant(self.0.saturating_add(d))
+    }
+}
 
 #[derive(Clone, Debug)]
 enum State {
     /// Ownership not (yet) established: writes wait for the first claim.
     Unclaimed,
     /// Owned: writes allowed until `until` (the lease renewal moves it forward).
-    Owned { until: Instant },
+    Owned { until: BootInstant },
     /// Never again: another daemon took over, or this one released the conversation.
     Revoked { reason: String },
 }
@@ -74,7 +111,7 @@ impl Fence {
 
     /// Allows writes until `until` (a later renewal moves it again). No effect once
     /// the fence was revoked.
-    pub fn allow_until(&self, until: Instant) {
+    pub fn allow_until(&self, until: BootInstant) {
         let mut s = self.state();
         match &*s {
             State::Revoked { .. } => {}
@@ -134,14 +171,14 @@ impl Fence {
     pub fn check(&self, key: &str) -> Result<(), RemoteError> {
         let mut message = match &*self.state() {
             State::Owned { until } => {
-                let now = Instant::now();
+                let now = BootInstant::now();
                 if now < *until {
                     return Ok(());
                 }
                 format!(
                     "ownership of the conversation has not been confirmed for {} ms past its \
                      lease (renewal failing); writes resume once the lease is renewed",
-                    (now - *until).as_millis()
+                    now.since(*until).as_millis()
                 )
             }
             State::Unclaimed => {
@@ -229,10 +266,20 @@ mod tests {
     use super::*;
     use crate::remote::dir::DirRemote;
 
+    #[test]
+    fn the_boot_clock_goes_forward_with_time() {
+        let a = BootInstant::now();
+        std::thread::sleep(Duration::from_millis(50));
+        let b = BootInstant::now();
+        assert!(b > a && a + Duration::from_millis(50) <= b, "{a:?} {b:?}");
+        assert!(b.since(a) < Duration::from_secs(5), "{a:?} {b:?}");
+        assert_eq!(a.since(b), Duration::ZERO);
+    }
+
     #[tokio::test]
     async fn a_release_can_wait_for_the_writes_under_way() {
         let fence = Arc::new(Fence::new());
-        fence.allow_until(Instant::now() + Duration::from_secs(60));
+        fence.allow_until(BootInstant::now() + Duration::from_secs(60));
         assert!(fence.wait_idle(Duration::from_millis(10)).await);
         let writing = fence.begin("k").unwrap();
         // A refused write is not counted.
@@ -287,18 +334,18 @@ mod tests {
         assert!(remote.get_bytes_tagged("k/there").await.unwrap().is_some());
 
         // Owned until a deadline: writes pass, then stop at the deadline.
-        fence.allow_until(Instant::now() + Duration::from_millis(300));
+        fence.allow_until(BootInstant::now() + Duration::from_millis(300));
         remote
             .put_bytes("k/a", Bytes::from_static(b"x"))
             .await
             .unwrap();
         // An earlier deadline never shortens the window.
-        fence.allow_until(Instant::now());
+        fence.allow_until(BootInstant::now());
         assert!(fence.allows_writes());
         tokio::time::sleep(Duration::from_millis(350)).await;
         let m = fenced(remote.put_bytes("k/a", Bytes::from_static(b"y")).await);
         assert!(m.contains("renewal failing"), "{m}");
-        fence.allow_until(Instant::now() + Duration::from_secs(10));
+        fence.allow_until(BootInstant::now() + Duration::from_secs(10));
         remote
             .put_bytes("k/a", Bytes::from_static(b"y"))
             .await
@@ -306,7 +353,7 @@ mod tests {
 
         // Revoked: for good, whatever comes later.
         fence.revoke("another daemon took over");
-        fence.allow_until(Instant::now() + Duration::from_secs(10));
+        fence.allow_until(BootInstant::now() + Duration::from_secs(10));
         assert!(fence.is_revoked() && !fence.allows_writes());
         let m = fenced(remote.put_bytes("k/a", Bytes::from_static(b"z")).await);
         assert!(m.contains("took over"), "{m}");
