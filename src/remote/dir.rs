@@ -215,6 +215,7 @@ impl DirRemote {
                         key,
                         size: meta.len(),
                         last_modified: meta.modified().ok(),
+                        etag: None,
                     });
                 }
             }
@@ -498,6 +499,7 @@ impl Remote for DirRemote {
                 key,
                 size: m.len(),
                 last_modified: m.modified().ok(),
+                etag: None,
             })),
             Ok(_) => Ok(None),
             Err(e) => match this.read_failure("head", &key, e) {

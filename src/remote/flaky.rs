@@ -21,6 +21,10 @@ pub struct FlakyRemote {
     queue: Mutex<Queue>,
     /// Calls refused so far.
     pub refused: AtomicU64,
+    /// Object reads (`get_*`) passed on so far.
+    pub reads: AtomicU64,
+    /// Listings give each object's ETag (the MD5 of its content), as S3 does.
+    etags_in_listings: AtomicBool,
 }
 
 /// Failures queued for the next calls.
@@ -44,7 +48,15 @@ impl FlakyRemote {
             hang_reads: AtomicBool::new(false),
             queue: Mutex::new(Queue::default()),
             refused: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            etags_in_listings: AtomicBool::new(false),
         }
+    }
+
+    /// While set, listings give each object's ETag (the MD5 of its content), as S3's
+    /// do and the `dir` backend's do not.
+    pub fn set_etags_in_listings(&self, on: bool) {
+        self.etags_in_listings.store(on, Ordering::SeqCst);
     }
 
     /// While down, every call fails with a transport error.
@@ -163,10 +175,12 @@ impl Remote for FlakyRemote {
     }
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, RemoteError> {
         self.check("get", key)?;
+        self.reads.fetch_add(1, Ordering::SeqCst);
         self.inner.get_to_file(key, dest).await
     }
     async fn get_bytes_within(&self, key: &str, max: u64) -> Result<Option<Bytes>, RemoteError> {
         self.check("get", key)?;
+        self.reads.fetch_add(1, Ordering::SeqCst);
         self.inner.get_bytes_within(key, max).await
     }
     async fn get_bytes_tagged(&self, key: &str) -> Result<Option<(Bytes, String)>, RemoteError> {
@@ -174,6 +188,7 @@ impl Remote for FlakyRemote {
         while self.hang_reads.load(Ordering::SeqCst) {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        self.reads.fetch_add(1, Ordering::SeqCst);
         self.inner.get_bytes_tagged(key).await
     }
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError> {
@@ -182,7 +197,17 @@ impl Remote for FlakyRemote {
     }
     async fn list(&self, prefix: &str, token: Option<String>) -> Result<ListPage, RemoteError> {
         self.check("list", prefix)?;
-        self.inner.list(prefix, token).await
+        let mut page = self.inner.list(prefix, token).await?;
+        if self.etags_in_listings.load(Ordering::SeqCst) {
+            for o in &mut page.objects {
+                o.etag = self
+                    .inner
+                    .get_bytes(&o.key)
+                    .await?
+                    .map(|b| hex::encode(<md5::Md5 as md5::Digest>::digest(&b)));
+            }
+        }
+        Ok(page)
     }
     async fn delete_many(&self, keys: &[String]) -> Result<(), RemoteError> {
         self.check("delete", keys.first().map_or("", String::as_str))?;

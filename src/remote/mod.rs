@@ -112,6 +112,9 @@ pub struct ObjectInfo {
     pub key: String,
     pub size: u64,
     pub last_modified: Option<SystemTime>,
+    /// The ETag (without quotes) where the listing gives it: S3 does, the `dir`
+    /// backend does not (it would read every file for it).
+    pub etag: Option<String>,
 }
 
 #[derive(Clone, Debug, Default)]

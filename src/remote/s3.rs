@@ -627,6 +627,7 @@ impl Remote for S3Remote {
                 last_modified: o
                     .last_modified()
                     .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+                etag: o.e_tag().map(|e| e.trim_matches('"').to_string()),
             })),
             Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 404 => Ok(None),
             Err(e) => match sdk_error("head", key, e) {
@@ -657,6 +658,7 @@ impl Remote for S3Remote {
                     last_modified: o
                         .last_modified()
                         .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+                    etag: o.e_tag().map(|e| e.trim_matches('"').to_string()),
                 })
             })
             .collect();
