@@ -8,7 +8,8 @@
 //! writers the server's CPU per write fell from about 40 µs to 26 µs (README,
 //! *Benchmarks*).
 //!
-//! Layout: an 8-byte magic alone in the first 4 KiB block, then frames
+//! Layout: an 8-byte magic and the size the file has grown to (u64) alone in the
+//! first 4 KiB block, then frames
 //! `[len u32][crc32 u32][lsn u64][payload]`, all little-endian, the CRC over the LSN
 //! and the payload, each frame starting at a block boundary (zeros pad the rest of its
 //! last block). An append writes whole blocks of its own with direct I/O and `O_DSYNC`,
@@ -27,7 +28,9 @@
 //! the file's size (it grows zero-filled and synced beforehand), so a frame that runs
 //! past the end of the file was cut by a truncation or a partial copy, not by a crash:
 //! the log is refused, as acknowledged writes are missing. So is a log that ends right
-//! where a frame ends anywhere but at a multiple of its growth step (1 MiB).
+//! where a frame ends anywhere but at a multiple of its growth step (1 MiB), or shorter
+//! than the size its first block records (each growth records it once the zeros are
+//! synced; a log from before that was recorded has 0 there).
 //! The payload holds the group's changes to the KV tables as final states (record
 //! blobs are sealed, so the log holds no plaintext value).
 
@@ -274,9 +277,8 @@ impl Wal {
             // written: a full disk): nothing was ever appended.
             wal.file.set_len(0).map_err(io)?;
             wal.allocated = 0;
+            // Writes the magic with the size.
             wal.grow(GROW).map_err(io)?;
-            wal.file.write_all_at(MAGIC, 0).map_err(io)?;
-            wal.file.sync_all().map_err(io)?;
             if let Some(dir) = path.parent() {
                 File::open(dir)
                     .and_then(|d| d.sync_all())
@@ -339,11 +341,15 @@ impl Wal {
         // grows leaves zeros after the last frame). A log that ends right where a frame
         // ends, anywhere else, was cut there: the frames after it may be gone. Unless
         // the frames there are stale ones a checkpoint covers: frames it does not cover
-        // start the log. (A cut at a multiple of `GROW` that is also a frame boundary
-        // cannot be told from the log's end.)
+        // start the log. A cut at a multiple of `GROW` is told by the size the first
+        // block records.
+        let grown_to = data
+            .get(MAGIC.len()..MAGIC.len() + 8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_le_bytes);
         if !legacy
             && pos == data.len()
-            && !(data.len() as u64).is_multiple_of(GROW)
+            && (!(data.len() as u64).is_multiple_of(GROW) || (data.len() as u64) < grown_to)
             && last.is_none_or(|l| l > applied)
         {
             return Err(format!(
@@ -410,11 +416,10 @@ impl Wal {
         if self.allocated < 2 * BLOCK || !self.allocated.is_multiple_of(GROW) {
             self.grow(self.allocated.max(2 * BLOCK))?;
         }
-        // The magic, and a zeroed first frame so that the old frames after it end
-        // the log.
-        self.write_blocks(0, (2 * BLOCK) as usize, |b| {
-            b[..MAGIC.len()].copy_from_slice(MAGIC)
-        })?;
+        // The magic and the size, and a zeroed first frame so that the old frames
+        // after it end the log.
+        let allocated = self.allocated;
+        self.write_blocks(0, (2 * BLOCK) as usize, |b| header(b, allocated))?;
         self.legacy = false;
         self.end = BLOCK;
         Ok(())
@@ -514,7 +519,9 @@ impl Wal {
     }
 
     /// Zero-fills the file up to at least `to` (whole [`GROW`] steps) and syncs it with
-    /// its new size, so that appends there need not change the size.
+    /// its new size, so that appends there need not change the size; then records the
+    /// size in the first block, so that a log cut back to an earlier size is told from
+    /// one that ends there (the first format's block is left as it is).
     fn grow(&mut self, to: u64) -> std::io::Result<()> {
         let target = to.div_ceil(GROW) * GROW;
         let zeros = vec![0u8; GROW as usize];
@@ -523,7 +530,12 @@ impl Wal {
             self.file.write_all_at(&zeros[..n], self.allocated)?;
             self.allocated += n as u64;
         }
-        self.file.sync_all()
+        self.file.sync_all()?;
+        if self.legacy {
+            return Ok(());
+        }
+        let allocated = self.allocated;
+        self.write_blocks(0, BLOCK as usize, |b| header(b, allocated))
     }
 
     /// The current end of the log, for [`Wal::undo`].
@@ -563,6 +575,12 @@ impl Wal {
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// The first block's content: the magic, then the size the file has grown to.
+fn header(block: &mut [u8], grown_to: u64) {
+    block[..MAGIC.len()].copy_from_slice(MAGIC);
+    block[MAGIC.len()..MAGIC.len() + 8].copy_from_slice(&grown_to.to_le_bytes());
 }
 
 /// The log opened for durable direct writes, where the file system allows it.
@@ -837,7 +855,8 @@ pub(crate) mod tests {
         drop(wal);
         let data = std::fs::read(&path).unwrap();
         assert_eq!(&data[..8], MAGIC);
-        assert!(data[8..BLOCK as usize].iter().all(|b| *b == 0));
+        assert_eq!(data[8..16], GROW.to_le_bytes(), "the size grown to");
+        assert!(data[16..BLOCK as usize].iter().all(|b| *b == 0));
         for (at, lsn) in [(1, 1u64), (2, 2), (4, 3)] {
             let header = &data[at * BLOCK as usize..][..FRAME_HEADER];
             assert_eq!(
@@ -877,7 +896,9 @@ pub(crate) mod tests {
         wal.upgrade().unwrap();
         wal.append(b"ten").unwrap();
         drop(wal);
-        assert_eq!(&std::fs::read(&path).unwrap()[..8], MAGIC);
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(&data[..8], MAGIC);
+        assert_eq!(data[8..16], (data.len() as u64).to_le_bytes());
         let (mut wal, pending) = Wal::open(&path, 9).unwrap();
         assert_eq!(pending.frames, vec![(10, b"ten".to_vec())]);
         assert!(!pending.torn);
@@ -988,6 +1009,44 @@ pub(crate) mod tests {
         std::fs::write(&path, &grown).unwrap();
         let (_, pending) = Wal::open(&path, 0).unwrap();
         assert_eq!(pending.frames.len(), 3);
+    }
+
+    /// A log cut back to a multiple of its growth step, right where a frame ends, looks
+    /// like a log that ends there: the size its first block records tells them apart.
+    #[test]
+    fn a_log_cut_at_a_growth_step_stops_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.wal");
+        let (mut wal, _) = Wal::open(&path, 0).unwrap();
+        // One block each after the magic's: the 255th ends at 1 MiB; the 256th grows it.
+        let per_step = (GROW / BLOCK - 1) as u8;
+        for i in 1..=per_step {
+            wal.append(&[i; 100]).unwrap();
+        }
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), GROW);
+        wal.append(&[0; 100]).unwrap();
+        drop(wal);
+        let good = std::fs::read(&path).unwrap();
+        assert_eq!(good.len() as u64, 2 * GROW);
+        assert_eq!(good[8..16], (2 * GROW).to_le_bytes());
+
+        std::fs::write(&path, &good[..GROW as usize]).unwrap();
+        let err = Wal::open(&path, 0).err().expect("a cut log opened");
+        assert!(err.contains("is cut short"), "{err}");
+        assert!(err.contains("after LSN 255 may be missing"), "{err}");
+        // Stale frames only (a checkpoint covers them all): nothing is missing.
+        let (_, pending) = Wal::open(&path, 256).unwrap();
+        assert!(pending.frames.is_empty());
+        // The whole log opens, with every frame.
+        std::fs::write(&path, &good).unwrap();
+        let (_, pending) = Wal::open(&path, 0).unwrap();
+        assert_eq!(pending.frames.len(), 256);
+        // A log written before the size was recorded (zeros there) is taken as it is.
+        let mut old = good[..GROW as usize].to_vec();
+        old[8..16].fill(0);
+        std::fs::write(&path, &old).unwrap();
+        let (_, pending) = Wal::open(&path, 0).unwrap();
+        assert_eq!(pending.frames.len(), 255);
     }
 
     #[test]
