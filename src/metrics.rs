@@ -24,6 +24,10 @@ pub const KV_CONFLICTS: &str = "sandkeep_kv_conflicts";
 pub const SYNC_ROUNDS: &str = "sandkeep_sync_rounds";
 /// `sandkeep_sync_files_uploaded_total`.
 pub const SYNC_FILES_UPLOADED: &str = "sandkeep_sync_files_uploaded";
+/// `sandkeep_sync_files_changing_total`: reads of a workspace file that found it
+/// changing, so that it was not uploaded then (the next attempts upload copies of it,
+/// for as long as it keeps changing).
+pub const SYNC_FILES_CHANGING: &str = "sandkeep_sync_files_changing";
 /// `sandkeep_sync_bytes_uploaded_total`.
 pub const SYNC_BYTES_UPLOADED: &str = "sandkeep_sync_bytes_uploaded";
 /// `sandkeep_sync_pending_files`: changed files not yet in the remote.
@@ -97,6 +101,7 @@ pub struct Metrics {
     pub kv_conflicts: Family<Reason, Counter>,
     pub sync_rounds: Family<ResultLabel, Counter>,
     pub sync_files_uploaded: Counter,
+    pub sync_files_changing: Counter,
     pub sync_bytes_uploaded: Counter,
     pub sync_pending_files: Gauge,
     pub sync_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -151,6 +156,12 @@ impl Metrics {
             SYNC_FILES_UPLOADED,
             "Workspace files uploaded",
             sync_files_uploaded.clone(),
+        );
+        let sync_files_changing = Counter::default();
+        registry.register(
+            SYNC_FILES_CHANGING,
+            "Reads of workspace files that found them changing (not uploaded then)",
+            sync_files_changing.clone(),
         );
         let sync_bytes_uploaded = Counter::default();
         registry.register(
@@ -245,6 +256,7 @@ impl Metrics {
             kv_conflicts,
             sync_rounds,
             sync_files_uploaded,
+            sync_files_changing,
             sync_bytes_uploaded,
             sync_pending_files,
             sync_lag,
@@ -275,6 +287,10 @@ impl Metrics {
     pub fn sync_uploaded(&self, bytes: u64) {
         self.sync_files_uploaded.inc();
         self.sync_bytes_uploaded.inc_by(bytes);
+    }
+
+    pub fn sync_file_changing(&self) {
+        self.sync_files_changing.inc();
     }
 
     pub fn remote_error(&self, op: &'static str) {

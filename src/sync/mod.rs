@@ -265,7 +265,9 @@ struct Hold {
 
 /// What happened to one changed file.
 enum Outcome {
-    Uploaded(String, FileEntry, u64),
+    /// Uploaded (bytes sent); `true` when from a copy of a file that changed while it
+    /// was copied.
+    Uploaded(String, FileEntry, u64, bool),
     /// Same content as the manifest says (only mtime or mode changed).
     MetaOnly(String, FileEntry),
     /// Changed while being read: look again next round, uploading a copy then.
@@ -334,7 +336,8 @@ pub struct SyncEngine {
     manifest_adopted: bool,
     /// The guards as the state directory last recorded them.
     stored_guards: manifest::Guards,
-    /// Files seen changing while they were read: the next attempt uploads a copy.
+    /// Files seen changing while they were read: the next attempt uploads a copy, and
+    /// so on while the copies see them change too.
     unstable: HashSet<String>,
     /// Files the daemon may not read (skipped and counted until that changes).
     unreadable: BTreeSet<String>,
@@ -1365,7 +1368,7 @@ impl SyncEngine {
                 self.unreadable.remove(path);
             }
             match o {
-                Outcome::Unstable(_) => {
+                Outcome::Unstable(_) | Outcome::Uploaded(.., true) => {
                     self.unstable.insert(path.clone());
                 }
                 Outcome::Failed(..) => {}
@@ -1374,7 +1377,7 @@ impl SyncEngine {
                 }
             }
             match o {
-                Outcome::Uploaded(p, e, bytes) => {
+                Outcome::Uploaded(p, e, bytes, _) => {
                     stats.files_uploaded += 1;
                     stats.bytes_uploaded += bytes;
                     self.metrics.sync_uploaded(bytes);
@@ -1527,9 +1530,13 @@ impl SyncEngine {
                 );
             }
         };
-        if !hashed.stable {
+        if !hashed.stable && copy.is_none() {
+            self.metrics.sync_file_changing();
             return Outcome::Unstable(rel);
         }
+        // Still changing: the next upload copies it again rather than reading it
+        // directly, which would only find it changing once more.
+        let hot = copy.is_some() && !hashed.stable;
         let entry = FileEntry {
             size: hashed.stat.size,
             mtime: hashed.stat.mtime,
@@ -1550,13 +1557,13 @@ impl SyncEngine {
             .await
         {
             // What a copy holds is what went out, however the file changed since.
-            Ok(bytes) if copy.is_some() => Outcome::Uploaded(rel, entry, bytes),
+            Ok(bytes) if copy.is_some() => Outcome::Uploaded(rel, entry, bytes, hot),
             Ok(bytes) => {
                 let now = std::fs::symlink_metadata(abs).map(|m| Stat::of(&m)).ok();
                 if now != Some(hashed.stat) {
                     return Outcome::Unstable(rel);
                 }
-                Outcome::Uploaded(rel, entry, bytes)
+                Outcome::Uploaded(rel, entry, bytes, false)
             }
             Err(RemoteError::Changed { .. }) => Outcome::Unstable(rel),
             Err(RemoteError::Local { source, .. })
@@ -1582,6 +1589,7 @@ mod tests {
         handle: SyncHandle,
         stop: CancellationToken,
         task: tokio::task::JoinHandle<()>,
+        metrics: Arc<Metrics>,
     }
 
     async fn engine() -> Fixture {
@@ -1610,8 +1618,9 @@ mod tests {
         config.sync.debounce_min = crate::config::HumanDuration::millis(100);
         config.sync.debounce_max = crate::config::HumanDuration::millis(500);
         before_run(&ws);
+        let metrics = Arc::new(Metrics::new());
         let (engine, handle, _first) =
-            SyncEngine::new(Arc::new(config), remote.clone(), Arc::new(Metrics::new()))
+            SyncEngine::new(Arc::new(config), remote.clone(), metrics.clone())
                 .await
                 .unwrap();
         let stop = CancellationToken::new();
@@ -1623,6 +1632,7 @@ mod tests {
             handle,
             stop,
             task,
+            metrics,
         }
     }
 
@@ -1813,6 +1823,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let before_call = std::fs::metadata(&log).unwrap().len();
         let synced = tokio::time::timeout(Duration::from_secs(60), f.handle.sync(false)).await;
+        synced.expect("the sync finished").unwrap();
+        let changing = f.metrics.sync_files_changing.get();
+        assert!(changing >= 1, "the first read found it changing");
+        // Still written to: uploaded from a copy again, not read directly first (which
+        // would only find it changing once more).
+        let synced = tokio::time::timeout(Duration::from_secs(60), f.handle.sync(false)).await;
+        assert_eq!(f.metrics.sync_files_changing.get(), changing);
         stop.store(true, Ordering::SeqCst);
         writer.join().unwrap();
         synced.expect("the sync finished").unwrap();

@@ -340,6 +340,7 @@ pub struct Hashed {
     pub hash: String,
     pub md5: [u8; 16],
     pub stat: Stat,
+    /// The file did not change while it was read (a copy holds one version either way).
     pub stable: bool,
 }
 
@@ -399,21 +400,19 @@ fn read_hashed(
     }
     let hash = format!("blake3:{}", b3.finalize().to_hex());
     let md5 = md5.finalize().into();
-    if copy.is_some() {
-        let stat = Stat { size, ..before };
-        return Ok(Hashed {
-            hash,
-            md5,
-            stat,
-            stable: true,
-        });
-    }
     let after = std::fs::symlink_metadata(path).map(|m| Stat::of(&m)).ok();
+    let stable = after == Some(before);
+    // A copy's size is what it holds; the time and mode are the original's from
+    // before, so that a change during the copy is seen as one by the next scan.
+    let stat = match copy {
+        Some(_) => Stat { size, ..before },
+        None => before,
+    };
     Ok(Hashed {
         hash,
         md5,
-        stat: before,
-        stable: after == Some(before),
+        stat,
+        stable,
     })
 }
 
