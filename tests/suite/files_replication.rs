@@ -671,15 +671,12 @@ async fn a_returning_sandbox_takes_in_what_the_other_owner_exported() {
     assert_eq!(api.get("/v1/files/gone.json").await.status, 404);
 }
 
-/// A sandbox that took the conversation over and was killed before it took in what the
-/// other owner exported finds its own record in `owner.json` at the next start: it
-/// still takes in first (the state directory remembers that it owes it), so its first
-/// write does not export its stale namespace over the newer one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_take_in_cut_short_is_done_at_the_next_start() {
-    let mut d = Daemon::start_with("[kv]\nreplicate_delay = \"1h\"\n").await;
-    let api = d.api();
-    ok(&api.put("/v1/kv/shared?ns=c", &json!("a")).await, 201);
+/// Two sandboxes of one conversation, one after the other: the running first one
+/// writes `shared` = "a" in namespace `c` and stops, and its state directory is kept
+/// aside (returned); a second one (a new state directory, the same KV key) writes
+/// `shared` = "b" and `b_only` = 1 there and stops.
+async fn first_then_second_owner(d: &mut Daemon) -> PathBuf {
+    ok(&d.api().put("/v1/kv/shared?ns=c", &json!("a")).await, 201);
     assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
     let key = d.generated_key();
     let kept = d.root().join("first-state");
@@ -691,12 +688,23 @@ async fn a_take_in_cut_short_is_done_at_the_next_start() {
         .unwrap();
     assert!(st.success());
 
-    // Another sandbox owns the conversation and writes.
-    wipe_state(&d);
+    wipe_state(d);
     d.set_env("SANDKEEP_KV_KEY", &key);
     d.spawn_and_wait().await;
     ok(&d.api().put("/v1/kv/shared?ns=c", &json!("b")).await, 200);
+    ok(&d.api().put("/v1/kv/b_only?ns=c", &json!(1)).await, 201);
     assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+    kept
+}
+
+/// A sandbox that took the conversation over and was killed before it took in what the
+/// other owner exported finds its own record in `owner.json` at the next start: it
+/// still takes in first (the state directory remembers that it owes it), so its first
+/// write does not export its stale namespace over the newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_in_cut_short_is_done_at_the_next_start() {
+    let mut d = Daemon::start_with("[kv]\nreplicate_delay = \"1h\"\n").await;
+    let kept = first_then_second_owner(&mut d).await;
 
     // The first one came back, claimed (owner.json names it now, and it noted the
     // take-in it owes before sending the claim) and was killed before the take-in.
@@ -730,25 +738,7 @@ async fn a_claim_won_in_the_background_takes_in_what_the_other_owner_exported() 
     let mut d = Daemon::prepare("[kv]\nreplicate_delay = \"1h\"\n");
     s3.configure(&d);
     d.spawn_and_wait().await;
-    ok(&d.api().put("/v1/kv/shared?ns=c", &json!("a")).await, 201);
-    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
-    let key = d.generated_key();
-    let kept = d.root().join("first-state");
-    let st = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(&d.state_dir)
-        .arg(&kept)
-        .status()
-        .unwrap();
-    assert!(st.success());
-
-    // Another sandbox owns the conversation and writes.
-    wipe_state(&d);
-    d.set_env("SANDKEEP_KV_KEY", &key);
-    d.spawn_and_wait().await;
-    ok(&d.api().put("/v1/kv/shared?ns=c", &json!("b")).await, 200);
-    ok(&d.api().put("/v1/kv/b_only?ns=c", &json!(1)).await, 201);
-    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+    let kept = first_then_second_owner(&mut d).await;
 
     // The first one comes back while remote storage is down (a workspace that holds
     // something: reconciled, not restored) and serves what it has.

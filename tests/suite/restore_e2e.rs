@@ -1187,13 +1187,20 @@ async fn an_object_larger_than_its_manifest_entry_is_streamed() {
     let big = crate::util::pattern(6 << 20, 11);
     std::fs::write(remote_file(&d, "a.txt"), &big).unwrap();
 
+    let target = restore_with_a_newer(&d);
+    assert!(std::fs::read(target.join("a.txt")).unwrap() == big);
+}
+
+/// `sandkeep restore --to <root>/offline`, which must restore everything, `a.txt` with
+/// an object newer than the manifest: where it restored to.
+fn restore_with_a_newer(d: &Daemon) -> PathBuf {
     let target = d.root().join("offline");
     let out = d.restore_cli(&["--to", target.to_str().unwrap()], &[]);
     assert_eq!(out.code, 0, "{out:?}");
     let s = out.json();
     assert_eq!(s["bad"], json!([]), "{s}");
     assert_eq!(s["newer"], json!(["a.txt"]), "{s}");
-    assert!(std::fs::read(target.join("a.txt")).unwrap() == big);
+    target
 }
 
 /// A round that uploaded a file and was cut short before it published its manifest
@@ -1210,12 +1217,7 @@ async fn an_object_newer_than_the_manifest_is_restored_with_its_content() {
     )
     .unwrap();
 
-    let target = d.root().join("offline");
-    let out = d.restore_cli(&["--to", target.to_str().unwrap()], &[]);
-    assert_eq!(out.code, 0, "{out:?}");
-    let s = out.json();
-    assert_eq!(s["bad"], json!([]), "{s}");
-    assert_eq!(s["newer"], json!(["a.txt"]), "{s}");
+    let target = restore_with_a_newer(&d);
     assert_eq!(
         std::fs::read_to_string(target.join("a.txt")).unwrap(),
         "written by a round never published\n"
