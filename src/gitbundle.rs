@@ -126,9 +126,16 @@ pub struct HeadMeta {
     /// `.git/config` (remotes, upstream branches, user settings).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
+    /// `.git/config.worktree` (settings of this work tree alone, such as a sparse
+    /// checkout's, with `extensions.worktreeConfig`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_worktree: Option<String>,
     /// `.git/info/exclude`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info_exclude: Option<String>,
+    /// `.git/info/sparse-checkout` (the patterns of a sparse checkout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info_sparse_checkout: Option<String>,
     /// `.git/hooks/*` (not the `.sample`s), by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub hooks: BTreeMap<String, Hook>,
@@ -136,6 +143,18 @@ pub struct HeadMeta {
     /// entry's commit as `refs/sandkeep/stash/<i>`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stash: Vec<StashEntry>,
+    /// Index entries added with `git add -N` (intent to add). A tree cannot say so:
+    /// the staged commit holds them as empty files, and a restore marks them again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub intent_to_add: Vec<String>,
+    /// Index entries marked skip-worktree (a sparse checkout, `git update-index
+    /// --skip-worktree`), marked again by a restore.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skip_worktree: Vec<String>,
+    /// Index entries marked assume-unchanged (`git update-index --assume-unchanged`),
+    /// marked again by a restore.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub assume_unchanged: Vec<String>,
     /// When the work tree was read (Unix milliseconds): a restore compares it with the
     /// manifest's `updated_at` to know which of the two is newer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -213,7 +232,9 @@ fn git_dir_meta(repo: &Repository, meta: &mut HeadMeta) {
     use std::os::unix::fs::PermissionsExt;
     let git_dir = repo.path();
     meta.config = small_text(&git_dir.join("config"));
+    meta.config_worktree = small_text(&git_dir.join("config.worktree"));
     meta.info_exclude = small_text(&git_dir.join("info/exclude"));
+    meta.info_sparse_checkout = small_text(&git_dir.join("info/sparse-checkout"));
     if let Ok(entries) = std::fs::read_dir(git_dir.join("hooks")) {
         for e in entries.flatten() {
             let Ok(name) = e.file_name().into_string() else {
@@ -271,9 +292,15 @@ fn restore_git_dir_meta(repo: &Repository, meta: &HeadMeta) -> Result<(), GitErr
                 .ctx("dropping core.worktree")?;
         }
     }
-    if let Some(exclude) = &meta.info_exclude {
-        std::fs::create_dir_all(git_dir.join("info")).ctx("creating .git/info")?;
-        std::fs::write(git_dir.join("info/exclude"), exclude).ctx("writing .git/info/exclude")?;
+    for (name, content) in [
+        ("config.worktree", &meta.config_worktree),
+        ("info/exclude", &meta.info_exclude),
+        ("info/sparse-checkout", &meta.info_sparse_checkout),
+    ] {
+        if let Some(content) = content {
+            std::fs::create_dir_all(git_dir.join("info")).ctx("creating .git/info")?;
+            std::fs::write(git_dir.join(name), content).ctx(format_args!("writing .git/{name}"))?;
+        }
     }
     for (name, hook) in &meta.hooks {
         if name.contains('/') || name.starts_with('.') {
@@ -530,10 +557,69 @@ fn wip_commits(
     Ok((index_commit, wip_commit, index_tree, wip_tree))
 }
 
+/// The index entries marked intent-to-add, skip-worktree or assume-unchanged, into
+/// `meta`.
+fn index_flags(repo: &Repository, meta: &mut HeadMeta) {
+    use git2::{IndexEntryExtendedFlag as Ext, IndexEntryFlag};
+    // A bare repository has no index: nothing to mark.
+    let Ok(index) = repo.index() else {
+        return;
+    };
+    for e in index.iter() {
+        let ext = Ext::from_bits_truncate(e.flags_extended);
+        let valid = IndexEntryFlag::from_bits_truncate(e.flags).contains(IndexEntryFlag::VALID);
+        if !valid && !ext.intersects(Ext::INTENT_TO_ADD | Ext::SKIP_WORKTREE) {
+            continue;
+        }
+        let Ok(path) = String::from_utf8(e.path) else {
+            continue;
+        };
+        for (marked, list) in [
+            (ext.contains(Ext::INTENT_TO_ADD), &mut meta.intent_to_add),
+            (ext.contains(Ext::SKIP_WORKTREE), &mut meta.skip_worktree),
+            (valid, &mut meta.assume_unchanged),
+        ] {
+            if marked {
+                list.push(path.clone());
+            }
+        }
+    }
+}
+
+/// Marks the entries of `index` that [`index_flags`] listed in `meta` again (those it
+/// holds at stage 0).
+fn mark_entries(index: &mut git2::Index, meta: &HeadMeta) -> Result<(), GitError> {
+    use git2::{IndexEntryExtendedFlag as Ext, IndexEntryFlag};
+    let marks = [
+        (
+            &meta.intent_to_add,
+            IndexEntryFlag::EXTENDED,
+            Ext::INTENT_TO_ADD,
+        ),
+        (
+            &meta.skip_worktree,
+            IndexEntryFlag::EXTENDED,
+            Ext::SKIP_WORKTREE,
+        ),
+        (&meta.assume_unchanged, IndexEntryFlag::VALID, Ext::empty()),
+    ];
+    for (paths, flag, ext) in marks {
+        for path in paths {
+            if let Some(mut e) = index.get_path(Path::new(path), 0) {
+                e.flags |= flag.bits();
+                e.flags_extended |= ext.bits();
+                index.add(&e).ctx("marking an index entry")?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn prepare(repo: &Repository, leave_out: LeaveOut<'_>) -> Result<Prepared, GitError> {
     let read_at = crate::kv::now_ms();
     let mut head = head_meta(repo)?;
     git_dir_meta(repo, &mut head);
+    index_flags(repo, &mut head);
     let odb = repo.odb().ctx("object database")?;
     let mut refs: Vec<(Oid, String)> = Vec::new();
     for r in repo.references().ctx("listing refs")? {
@@ -1151,6 +1237,7 @@ fn unpack_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<Restor
             .ctx("reading the staged commit")?;
         let mut index = repo.index().ctx("opening the index")?;
         index.read_tree(&tree).ctx("setting the index")?;
+        mark_entries(&mut index, meta)?;
         index.write().ctx("writing the index")?;
     }
     restore_git_dir_meta(&repo, meta)?;
@@ -1942,5 +2029,89 @@ mod tests {
         );
         let big = std::fs::metadata(dst.join("big.bin")).unwrap().len();
         assert_eq!(big, 5, "over the cap: the committed version");
+    }
+
+    fn git_in(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `git add -N` and `git update-index --skip-worktree` / `--assume-unchanged` come
+    /// back as they were: an intent-to-add entry is not a staged empty file, a
+    /// skip-worktree file missing from the work tree is not a deletion, and an
+    /// assume-unchanged file's change stays unseen.
+    #[test]
+    fn intent_to_add_and_skip_worktree_entries_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
+        std::fs::create_dir(&src).unwrap();
+        git_in(&src, &["init", "-q"]);
+        std::fs::write(src.join("a.txt"), "a").unwrap();
+        std::fs::write(src.join("sparse.txt"), "s").unwrap();
+        git_in(&src, &["add", "."]);
+        git_in(&src, &["commit", "-q", "-m", "one"]);
+        std::fs::write(src.join("new.txt"), "not staged yet").unwrap();
+        git_in(&src, &["add", "-N", "new.txt"]);
+        git_in(&src, &["update-index", "--skip-worktree", "sparse.txt"]);
+        std::fs::remove_file(src.join("sparse.txt")).unwrap();
+        git_in(&src, &["update-index", "--assume-unchanged", "a.txt"]);
+        std::fs::write(src.join("a.txt"), "changed, not to be seen").unwrap();
+        let before = git_in(&src, &["status", "--porcelain"]);
+        assert_eq!(before, " A new.txt\n");
+
+        let mut out = Vec::new();
+        let s = write_bundle(&src, None, || {}, &mut out).unwrap().unwrap();
+        let path = dir.path().join("b.bundle");
+        std::fs::write(&path, &out).unwrap();
+        let dst = dir.path().join("dst");
+        restore_bundle(&path, &s.head, &dst).unwrap();
+        assert_eq!(git_in(&dst, &["status", "--porcelain"]), before);
+        assert_eq!(
+            std::fs::read_to_string(dst.join("new.txt")).unwrap(),
+            "not staged yet"
+        );
+        assert_eq!(
+            git_in(&dst, &["ls-files", "-v", "sparse.txt"]),
+            "S sparse.txt\n"
+        );
+        assert_eq!(git_in(&dst, &["ls-files", "-v", "a.txt"]), "h a.txt\n");
+    }
+
+    /// A sparse checkout (`git sparse-checkout set`) comes back with its patterns and
+    /// the files it leaves out still out, not as deletions.
+    #[test]
+    fn a_sparse_checkout_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
+        std::fs::create_dir_all(src.join("docs")).unwrap();
+        std::fs::create_dir_all(src.join("code")).unwrap();
+        git_in(&src, &["init", "-q"]);
+        std::fs::write(src.join("docs/d.md"), "d").unwrap();
+        std::fs::write(src.join("code/c.rs"), "c").unwrap();
+        git_in(&src, &["add", "."]);
+        git_in(&src, &["commit", "-q", "-m", "one"]);
+        git_in(&src, &["sparse-checkout", "set", "code"]);
+        assert!(!src.join("docs/d.md").exists());
+        let list = git_in(&src, &["sparse-checkout", "list"]);
+
+        let mut out = Vec::new();
+        let s = write_bundle(&src, None, || {}, &mut out).unwrap().unwrap();
+        let path = dir.path().join("b.bundle");
+        std::fs::write(&path, &out).unwrap();
+        let dst = dir.path().join("dst");
+        restore_bundle(&path, &s.head, &dst).unwrap();
+        assert_eq!(git_in(&dst, &["status", "--porcelain"]), "");
+        assert_eq!(git_in(&dst, &["sparse-checkout", "list"]), list);
+        assert!(!dst.join("docs/d.md").exists());
+        assert_eq!(std::fs::read_to_string(dst.join("code/c.rs")).unwrap(), "c");
+        // Leaving the sparse checkout brings the file back from the commit.
+        git_in(&dst, &["sparse-checkout", "disable"]);
+        assert_eq!(std::fs::read_to_string(dst.join("docs/d.md")).unwrap(), "d");
     }
 }
