@@ -155,6 +155,15 @@ pub struct HeadMeta {
     /// marked again by a restore.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub assume_unchanged: Vec<String>,
+    /// A merge, cherry-pick or revert in progress: `.git/MERGE_HEAD`, `MERGE_MSG`,
+    /// `MERGE_MODE`, `CHERRY_PICK_HEAD`, `REVERT_HEAD` by name. The bundle carries the
+    /// commits they name as `refs/sandkeep/in-progress/<i>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub in_progress: BTreeMap<String, String>,
+    /// The index's conflicts (its stages 1 to 3), which the staged commit cannot hold
+    /// (it has the work tree's file there, as `git add` would): put back by a restore.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<Conflict>,
     /// When the work tree was read (Unix milliseconds): a restore compares it with the
     /// manifest's `updated_at` to know which of the two is newer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -173,6 +182,29 @@ pub struct Hook {
     pub content: String,
     pub executable: bool,
 }
+
+/// One conflicted path of the index: each side as (mode, blob), absent when that side
+/// has no file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Conflict {
+    pub path: String,
+    pub ancestor: Option<(u32, String)>,
+    pub ours: Option<(u32, String)>,
+    pub theirs: Option<(u32, String)>,
+}
+
+/// The files of `.git` that say a merge, cherry-pick or revert is in progress.
+const IN_PROGRESS_FILES: [&str; 5] = [
+    "MERGE_HEAD",
+    "MERGE_MSG",
+    "MERGE_MODE",
+    "CHERRY_PICK_HEAD",
+    "REVERT_HEAD",
+];
+/// The stage bits of an index entry's flags (0: no conflict, 1 to 3: its sides).
+const STAGE_MASK: u16 = 0x3000;
+/// The commits those files name, in a bundle (never created as refs by a restore).
+const IN_PROGRESS_REF_PREFIX: &str = "refs/sandkeep/in-progress/";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StashEntry {
@@ -235,6 +267,11 @@ fn git_dir_meta(repo: &Repository, meta: &mut HeadMeta) {
     meta.config_worktree = small_text(&git_dir.join("config.worktree"));
     meta.info_exclude = small_text(&git_dir.join("info/exclude"));
     meta.info_sparse_checkout = small_text(&git_dir.join("info/sparse-checkout"));
+    for name in IN_PROGRESS_FILES {
+        if let Some(text) = small_text(&git_dir.join(name)) {
+            meta.in_progress.insert(name.to_string(), text);
+        }
+    }
     if let Ok(entries) = std::fs::read_dir(git_dir.join("hooks")) {
         for e in entries.flatten() {
             let Ok(name) = e.file_name().into_string() else {
@@ -290,6 +327,11 @@ fn restore_git_dir_meta(repo: &Repository, meta: &HeadMeta) -> Result<(), GitErr
             local
                 .remove("core.worktree")
                 .ctx("dropping core.worktree")?;
+        }
+    }
+    for (name, content) in &meta.in_progress {
+        if IN_PROGRESS_FILES.contains(&name.as_str()) {
+            std::fs::write(git_dir.join(name), content).ctx(format_args!("writing .git/{name}"))?;
         }
     }
     for (name, content) in [
@@ -565,7 +607,28 @@ fn index_flags(repo: &Repository, meta: &mut HeadMeta) {
     let Ok(index) = repo.index() else {
         return;
     };
+    if let Ok(conflicts) = index.conflicts() {
+        let side = |e: Option<git2::IndexEntry>| e.map(|e| (e.mode, e.id.to_string()));
+        for c in conflicts.flatten() {
+            let Some(path) = [&c.ancestor, &c.our, &c.their]
+                .into_iter()
+                .flatten()
+                .find_map(|e| String::from_utf8(e.path.clone()).ok())
+            else {
+                continue;
+            };
+            meta.conflicts.push(Conflict {
+                path,
+                ancestor: side(c.ancestor),
+                ours: side(c.our),
+                theirs: side(c.their),
+            });
+        }
+    }
     for e in index.iter() {
+        if e.flags & STAGE_MASK != 0 {
+            continue; // a conflict's side, above
+        }
         let ext = Ext::from_bits_truncate(e.flags_extended);
         let valid = IndexEntryFlag::from_bits_truncate(e.flags).contains(IndexEntryFlag::VALID);
         if !valid && !ext.intersects(Ext::INTENT_TO_ADD | Ext::SKIP_WORKTREE) {
@@ -615,6 +678,53 @@ fn mark_entries(index: &mut git2::Index, meta: &HeadMeta) -> Result<(), GitError
     Ok(())
 }
 
+/// Replaces the staged file of each conflicted path with the conflict's sides (stages
+/// 1 to 3), as the merge left them. A conflict whose blobs the bundle did not bring
+/// stays staged as the work tree's file.
+fn put_back_conflicts(
+    repo: &Repository,
+    index: &mut git2::Index,
+    conflicts: &[Conflict],
+) -> Result<(), GitError> {
+    let odb = repo.odb().ctx("object database")?;
+    for c in conflicts {
+        let sides = [(1u16, &c.ancestor), (2, &c.ours), (3, &c.theirs)];
+        let mut entries = Vec::new();
+        for (stage, side) in sides {
+            let Some((mode, oid)) = side else {
+                continue;
+            };
+            let Some(id) = Oid::from_str(oid).ok().filter(|o| odb.exists(*o)) else {
+                entries.clear();
+                break;
+            };
+            entries.push(git2::IndexEntry {
+                ctime: git2::IndexTime::new(0, 0),
+                mtime: git2::IndexTime::new(0, 0),
+                dev: 0,
+                ino: 0,
+                mode: *mode,
+                uid: 0,
+                gid: 0,
+                file_size: 0,
+                id,
+                flags: (stage << 12) & STAGE_MASK,
+                flags_extended: 0,
+                path: c.path.clone().into_bytes(),
+            });
+        }
+        if entries.is_empty() {
+            tracing::warn!(path = %c.path, "git restore: a conflict's blobs are not in the bundle; the path stays staged as its work-tree file");
+            continue;
+        }
+        let _ = index.remove(Path::new(&c.path), 0);
+        for e in &entries {
+            index.add(e).ctx("putting a conflict back")?;
+        }
+    }
+    Ok(())
+}
+
 fn prepare(repo: &Repository, leave_out: LeaveOut<'_>) -> Result<Prepared, GitError> {
     let read_at = crate::kv::now_ms();
     let mut head = head_meta(repo)?;
@@ -642,6 +752,18 @@ fn prepare(repo: &Repository, leave_out: LeaveOut<'_>) -> Result<Prepared, GitEr
             && odb.exists(oid)
         {
             refs.push((oid, format!("{STASH_REF_PREFIX}{i}")));
+        }
+    }
+    // What a merge, cherry-pick or revert in progress merges in.
+    let named = head
+        .in_progress
+        .iter()
+        .filter(|(name, _)| name.ends_with("_HEAD"))
+        .flat_map(|(_, text)| text.lines())
+        .filter_map(|line| Oid::from_str(line.trim()).ok());
+    for (i, oid) in named.enumerate() {
+        if odb.exists(oid) {
+            refs.push((oid, format!("{IN_PROGRESS_REF_PREFIX}{i}")));
         }
     }
     refs.sort_by(|a, b| a.1.cmp(&b.1));
@@ -1168,7 +1290,7 @@ fn unpack_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<Restor
             "HEAD" => bundle_head = Some(*oid),
             WIP_REF => wip = Some(*oid),
             WIP_INDEX_REF => wip_index = Some(*oid),
-            n if n.starts_with(STASH_REF_PREFIX) => {}
+            n if n.starts_with(STASH_REF_PREFIX) || n.starts_with(IN_PROGRESS_REF_PREFIX) => {}
             _ => {
                 repo.reference(name, *oid, true, "sandkeep: restored from a bundle")
                     .ctx(format_args!("creating {name}"))?;
@@ -1238,6 +1360,7 @@ fn unpack_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<Restor
         let mut index = repo.index().ctx("opening the index")?;
         index.read_tree(&tree).ctx("setting the index")?;
         mark_entries(&mut index, meta)?;
+        put_back_conflicts(&repo, &mut index, &meta.conflicts)?;
         index.write().ctx("writing the index")?;
     }
     restore_git_dir_meta(&repo, meta)?;
@@ -2081,6 +2204,80 @@ mod tests {
             "S sparse.txt\n"
         );
         assert_eq!(git_in(&dst, &["ls-files", "-v", "a.txt"]), "h a.txt\n");
+    }
+
+    /// A merge stopped on a conflict comes back stopped there: MERGE_HEAD and its
+    /// message, the conflict's three sides in the index, the file with its markers.
+    /// Finishing it makes a merge commit, as it would have where it started.
+    #[test]
+    fn a_merge_in_progress_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
+        std::fs::create_dir(&src).unwrap();
+        git_in(&src, &["init", "-q", "-b", "main"]);
+        std::fs::write(src.join("a.txt"), "base\n").unwrap();
+        std::fs::write(src.join("b.txt"), "b\n").unwrap();
+        git_in(&src, &["add", "."]);
+        git_in(&src, &["commit", "-q", "-m", "base"]);
+        git_in(&src, &["checkout", "-q", "-b", "topic"]);
+        std::fs::write(src.join("a.txt"), "theirs\n").unwrap();
+        std::fs::write(src.join("c.txt"), "new on topic\n").unwrap();
+        git_in(&src, &["add", "."]);
+        git_in(&src, &["commit", "-q", "-m", "topic"]);
+        let topic = git_in(&src, &["rev-parse", "HEAD"]);
+        git_in(&src, &["checkout", "-q", "main"]);
+        std::fs::write(src.join("a.txt"), "ours\n").unwrap();
+        git_in(&src, &["commit", "-q", "-am", "main"]);
+        // The topic branch goes: only MERGE_HEAD names its commit.
+        let merge = std::process::Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "merge",
+                "topic",
+            ])
+            .current_dir(&src)
+            .output()
+            .unwrap();
+        assert!(!merge.status.success(), "a conflict: {merge:?}");
+        git_in(&src, &["update-ref", "-d", "refs/heads/topic"]);
+        let status = git_in(&src, &["status", "--porcelain"]);
+        assert_eq!(status, "UU a.txt\nA  c.txt\n");
+        let stages = git_in(&src, &["ls-files", "-s", "a.txt"]);
+        let marked = std::fs::read_to_string(src.join("a.txt")).unwrap();
+
+        let mut out = Vec::new();
+        let s = write_bundle(&src, None, || {}, &mut out).unwrap().unwrap();
+        let path = dir.path().join("b.bundle");
+        std::fs::write(&path, &out).unwrap();
+        let dst = dir.path().join("dst");
+        restore_bundle(&path, &s.head, &dst).unwrap();
+        assert_eq!(git_in(&dst, &["status", "--porcelain"]), status);
+        assert_eq!(git_in(&dst, &["ls-files", "-s", "a.txt"]), stages);
+        assert_eq!(std::fs::read_to_string(dst.join("a.txt")).unwrap(), marked);
+        assert_eq!(git_in(&dst, &["rev-parse", "MERGE_HEAD"]), topic);
+        assert!(
+            git_in(&dst, &["for-each-ref"])
+                .lines()
+                .all(|l| !l.contains("sandkeep"))
+        );
+
+        std::fs::write(dst.join("a.txt"), "both\n").unwrap();
+        git_in(&dst, &["add", "a.txt"]);
+        git_in(&dst, &["commit", "-q", "--no-edit"]);
+        let parents = git_in(&dst, &["rev-list", "--parents", "-n", "1", "HEAD"]);
+        assert_eq!(
+            parents.split_whitespace().count(),
+            3,
+            "a merge commit: {parents}"
+        );
+        assert!(parents.contains(topic.trim()));
+        assert_eq!(
+            std::fs::read_to_string(dst.join("c.txt")).unwrap(),
+            "new on topic\n"
+        );
     }
 
     /// A sparse checkout (`git sparse-checkout set`) comes back with its patterns and
