@@ -160,6 +160,11 @@ pub struct HeadMeta {
     /// commits they name as `refs/sandkeep/in-progress/<i>`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub in_progress: BTreeMap<String, String>,
+    /// The reflogs of HEAD and the branches (`git reflog`), newest entry first, at
+    /// most [`REFLOG_MAX`] each. The bundle carries the commits they name that no ref
+    /// has as `refs/sandkeep/reflog/<i>` (never created as refs by a restore).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reflogs: BTreeMap<String, Vec<ReflogEntry>>,
     /// The index's conflicts (its stages 1 to 3), which the staged commit cannot hold
     /// (it has the work tree's file there, as `git add` would): put back by a restore.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -192,6 +197,23 @@ pub struct Conflict {
     pub ours: Option<(u32, String)>,
     pub theirs: Option<(u32, String)>,
 }
+
+/// One reflog entry: the commit the ref moved to, who moved it when, and why.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReflogEntry {
+    pub oid: String,
+    pub name: String,
+    pub email: String,
+    /// Seconds since the epoch, and the offset from UTC in minutes.
+    pub time: i64,
+    pub offset: i32,
+    pub message: String,
+}
+
+/// The newest entries of each reflog that a bundle's json keeps.
+pub const REFLOG_MAX: usize = 200;
+/// The commits reflogs name, in a bundle (never created as refs by a restore).
+const REFLOG_REF_PREFIX: &str = "refs/sandkeep/reflog/";
 
 /// The files of `.git` that say a merge, cherry-pick or revert is in progress.
 const IN_PROGRESS_FILES: [&str; 5] = [
@@ -272,6 +294,7 @@ fn git_dir_meta(repo: &Repository, meta: &mut HeadMeta) {
             meta.in_progress.insert(name.to_string(), text);
         }
     }
+    meta.reflogs = reflogs(repo);
     if let Ok(entries) = std::fs::read_dir(git_dir.join("hooks")) {
         for e in entries.flatten() {
             let Ok(name) = e.file_name().into_string() else {
@@ -308,6 +331,78 @@ fn git_dir_meta(repo: &Repository, meta: &mut HeadMeta) {
             })
             .collect();
     }
+}
+
+/// The reflogs of HEAD and the branches that have one, newest entries first.
+fn reflogs(repo: &Repository) -> BTreeMap<String, Vec<ReflogEntry>> {
+    let mut names = vec!["HEAD".to_string()];
+    if let Ok(branches) = repo.references_glob("refs/heads/*") {
+        names.extend(
+            branches
+                .flatten()
+                .filter_map(|r| r.name().ok().map(str::to_string)),
+        );
+    }
+    let mut out = BTreeMap::new();
+    for name in names {
+        // Only where a log exists: reading one that does not creates its file, and
+        // the user's `.git` is never written to.
+        if !repo.path().join("logs").join(&name).is_file() {
+            continue;
+        }
+        let Ok(log) = repo.reflog(&name) else {
+            continue;
+        };
+        let entries: Vec<ReflogEntry> = log
+            .iter()
+            .take(REFLOG_MAX)
+            .map(|e| {
+                let who = e.committer();
+                ReflogEntry {
+                    oid: e.id_new().to_string(),
+                    name: String::from_utf8_lossy(who.name_bytes()).into_owned(),
+                    email: String::from_utf8_lossy(who.email_bytes()).into_owned(),
+                    time: who.when().seconds(),
+                    offset: who.when().offset_minutes(),
+                    message: e.message().ok().flatten().unwrap_or("").to_string(),
+                }
+            })
+            .collect();
+        if !entries.is_empty() {
+            out.insert(name, entries);
+        }
+    }
+    out
+}
+
+/// Rebuilds the reflogs `meta` kept, of the refs the restored repository has (the
+/// restore's own entries go).
+fn restore_reflogs(repo: &Repository, meta: &HeadMeta) -> Result<(), GitError> {
+    for (name, entries) in &meta.reflogs {
+        if repo.find_reference(name).is_err() {
+            continue;
+        }
+        let mut log = repo
+            .reflog(name)
+            .ctx(format_args!("reading the reflog of {name}"))?;
+        while !log.is_empty() {
+            log.remove(0, false)
+                .ctx(format_args!("clearing the reflog of {name}"))?;
+        }
+        for e in entries.iter().rev() {
+            let (Ok(oid), Ok(who)) = (
+                Oid::from_str(&e.oid),
+                git2::Signature::new(&e.name, &e.email, &git2::Time::new(e.time, e.offset)),
+            ) else {
+                continue;
+            };
+            log.append(oid, &who, Some(&e.message))
+                .ctx(format_args!("rebuilding the reflog of {name}"))?;
+        }
+        log.write()
+            .ctx(format_args!("writing the reflog of {name}"))?;
+    }
+    Ok(())
 }
 
 /// Writes back what [`git_dir_meta`] kept, and the stash's reflog from `stash`
@@ -374,7 +469,7 @@ fn restore_git_dir_meta(repo: &Repository, meta: &HeadMeta) -> Result<(), GitErr
         }
         log.write().ctx("writing the stash's reflog")?;
     }
-    Ok(())
+    restore_reflogs(repo, meta)
 }
 
 /// A repository of the workspace.
@@ -764,6 +859,20 @@ fn prepare(repo: &Repository, leave_out: LeaveOut<'_>) -> Result<Prepared, GitEr
     for (i, oid) in named.enumerate() {
         if odb.exists(oid) {
             refs.push((oid, format!("{IN_PROGRESS_REF_PREFIX}{i}")));
+        }
+    }
+    // What the reflogs name that no ref does (a branch reset or amended away).
+    let mut seen: std::collections::HashSet<Oid> = refs.iter().map(|(oid, _)| *oid).collect();
+    let logged = head
+        .reflogs
+        .values()
+        .flatten()
+        .filter_map(|e| Oid::from_str(&e.oid).ok());
+    let mut i = 0;
+    for oid in logged {
+        if !oid.is_zero() && seen.insert(oid) && odb.exists(oid) {
+            refs.push((oid, format!("{REFLOG_REF_PREFIX}{i}")));
+            i += 1;
         }
     }
     refs.sort_by(|a, b| a.1.cmp(&b.1));
@@ -1290,7 +1399,9 @@ fn unpack_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<Restor
             "HEAD" => bundle_head = Some(*oid),
             WIP_REF => wip = Some(*oid),
             WIP_INDEX_REF => wip_index = Some(*oid),
-            n if n.starts_with(STASH_REF_PREFIX) || n.starts_with(IN_PROGRESS_REF_PREFIX) => {}
+            n if [STASH_REF_PREFIX, IN_PROGRESS_REF_PREFIX, REFLOG_REF_PREFIX]
+                .iter()
+                .any(|p| n.starts_with(p)) => {}
             _ => {
                 repo.reference(name, *oid, true, "sandkeep: restored from a bundle")
                     .ctx(format_args!("creating {name}"))?;
@@ -2278,6 +2389,47 @@ mod tests {
             std::fs::read_to_string(dst.join("c.txt")).unwrap(),
             "new on topic\n"
         );
+    }
+
+    /// The reflogs of HEAD and the branches come back, with the commits only they
+    /// still name: a commit reset away can be found and recovered after a restore as
+    /// before it.
+    #[test]
+    fn reflogs_come_back_with_the_commits_they_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
+        std::fs::create_dir(&src).unwrap();
+        git_in(&src, &["init", "-q", "-b", "main"]);
+        for n in 1..=3 {
+            std::fs::write(src.join("a.txt"), format!("{n}\n")).unwrap();
+            git_in(&src, &["add", "."]);
+            git_in(&src, &["commit", "-q", "-m", &format!("c{n}")]);
+        }
+        let lost = git_in(&src, &["rev-parse", "HEAD"]);
+        git_in(&src, &["reset", "-q", "--hard", "HEAD~2"]);
+        git_in(&src, &["checkout", "-q", "-b", "side"]);
+        let format = ["reflog", "--format=%H %gn <%ge> %gd %gs"];
+        let head_log = git_in(&src, &format);
+        let main_log = git_in(&src, &[&format[..], &["main"]].concat());
+        assert!(head_log.contains("reset: moving to HEAD~2"), "{head_log}");
+
+        let mut out = Vec::new();
+        let s = write_bundle(&src, None, || {}, &mut out).unwrap().unwrap();
+        let path = dir.path().join("b.bundle");
+        std::fs::write(&path, &out).unwrap();
+        let dst = dir.path().join("dst");
+        restore_bundle(&path, &s.head, &dst).unwrap();
+        assert_eq!(git_in(&dst, &format), head_log);
+        assert_eq!(git_in(&dst, &[&format[..], &["main"]].concat()), main_log);
+        assert!(
+            git_in(&dst, &["for-each-ref"])
+                .lines()
+                .all(|l| !l.contains("sandkeep"))
+        );
+        git_in(&dst, &["reset", "-q", "--hard", "main@{1}"]);
+        assert_eq!(git_in(&dst, &["rev-parse", "HEAD"]), lost);
+        assert_eq!(std::fs::read_to_string(dst.join("a.txt")).unwrap(), "3\n");
+        git_in(&dst, &["fsck", "--no-progress"]);
     }
 
     /// A sparse checkout (`git sparse-checkout set`) comes back with its patterns and
