@@ -155,9 +155,10 @@ pub struct HeadMeta {
     /// marked again by a restore.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub assume_unchanged: Vec<String>,
-    /// A merge, cherry-pick or revert in progress: `.git/MERGE_HEAD`, `MERGE_MSG`,
-    /// `MERGE_MODE`, `CHERRY_PICK_HEAD`, `REVERT_HEAD` by name. The bundle carries the
-    /// commits they name as `refs/sandkeep/in-progress/<i>`.
+    /// A merge, cherry-pick, revert or rebase in progress: `.git/MERGE_HEAD`,
+    /// `MERGE_MSG`, `MERGE_MODE`, `CHERRY_PICK_HEAD`, `REVERT_HEAD`, `REBASE_HEAD`,
+    /// `ORIG_HEAD`, and the files of `rebase-merge/` or `rebase-apply/`, by name. The
+    /// bundle carries the commits they name as `refs/sandkeep/in-progress/<i>`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub in_progress: BTreeMap<String, String>,
     /// The reflogs of HEAD and the branches (`git reflog`), newest entry first, at
@@ -215,14 +216,33 @@ pub const REFLOG_MAX: usize = 200;
 /// The commits reflogs name, in a bundle (never created as refs by a restore).
 const REFLOG_REF_PREFIX: &str = "refs/sandkeep/reflog/";
 
-/// The files of `.git` that say a merge, cherry-pick or revert is in progress.
-const IN_PROGRESS_FILES: [&str; 5] = [
+/// The files of `.git` that say a merge, cherry-pick, revert or rebase is in progress
+/// (and `ORIG_HEAD`, where such an operation started).
+const IN_PROGRESS_FILES: [&str; 7] = [
     "MERGE_HEAD",
     "MERGE_MSG",
     "MERGE_MODE",
     "CHERRY_PICK_HEAD",
     "REVERT_HEAD",
+    "REBASE_HEAD",
+    "ORIG_HEAD",
 ];
+/// The directories of `.git` a rebase (or `git am`) in progress keeps its state in:
+/// their files are kept as `<dir>/<name>`.
+const IN_PROGRESS_DIRS: [&str; 2] = ["rebase-merge", "rebase-apply"];
+
+/// Whether `name` is one of the in-progress files a json may hold (a restore writes
+/// nothing else of it).
+fn is_in_progress_file(name: &str) -> bool {
+    IN_PROGRESS_FILES.contains(&name)
+        || name.split_once('/').is_some_and(|(dir, file)| {
+            IN_PROGRESS_DIRS.contains(&dir)
+                && !file.is_empty()
+                && !file.contains('/')
+                && file != ".."
+                && file != "."
+        })
+}
 /// The stage bits of an index entry's flags (0: no conflict, 1 to 3: its sides).
 const STAGE_MASK: u16 = 0x3000;
 /// The commits those files name, in a bundle (never created as refs by a restore).
@@ -292,6 +312,19 @@ fn git_dir_meta(repo: &Repository, meta: &mut HeadMeta) {
     for name in IN_PROGRESS_FILES {
         if let Some(text) = small_text(&git_dir.join(name)) {
             meta.in_progress.insert(name.to_string(), text);
+        }
+    }
+    for dir in IN_PROGRESS_DIRS {
+        let Ok(entries) = std::fs::read_dir(git_dir.join(dir)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(file) = e.file_name().into_string() else {
+                continue;
+            };
+            if let Some(text) = small_text(&e.path()) {
+                meta.in_progress.insert(format!("{dir}/{file}"), text);
+            }
         }
     }
     meta.reflogs = reflogs(repo);
@@ -425,9 +458,13 @@ fn restore_git_dir_meta(repo: &Repository, meta: &HeadMeta) -> Result<(), GitErr
         }
     }
     for (name, content) in &meta.in_progress {
-        if IN_PROGRESS_FILES.contains(&name.as_str()) {
-            std::fs::write(git_dir.join(name), content).ctx(format_args!("writing .git/{name}"))?;
+        if !is_in_progress_file(name) {
+            continue;
         }
+        if let Some((dir, _)) = name.split_once('/') {
+            std::fs::create_dir_all(git_dir.join(dir)).ctx(format_args!("creating .git/{dir}"))?;
+        }
+        std::fs::write(git_dir.join(name), content).ctx(format_args!("writing .git/{name}"))?;
     }
     for (name, content) in [
         ("config.worktree", &meta.config_worktree),
@@ -849,30 +886,32 @@ fn prepare(repo: &Repository, leave_out: LeaveOut<'_>) -> Result<Prepared, GitEr
             refs.push((oid, format!("{STASH_REF_PREFIX}{i}")));
         }
     }
-    // What a merge, cherry-pick or revert in progress merges in.
-    let named = head
-        .in_progress
-        .iter()
-        .filter(|(name, _)| name.ends_with("_HEAD"))
-        .flat_map(|(_, text)| text.lines())
-        .filter_map(|line| Oid::from_str(line.trim()).ok());
-    for (i, oid) in named.enumerate() {
-        if odb.exists(oid) {
-            refs.push((oid, format!("{IN_PROGRESS_REF_PREFIX}{i}")));
-        }
-    }
-    // What the reflogs name that no ref does (a branch reset or amended away).
+    // The commits no ref names that the json does: what an operation in progress
+    // merges in, picks or started from (every full object id its files name: a
+    // rebase's todo list names each commit), and what the reflogs name (a branch
+    // reset or amended away).
     let mut seen: std::collections::HashSet<Oid> = refs.iter().map(|(oid, _)| *oid).collect();
+    let in_progress = head
+        .in_progress
+        .values()
+        .flat_map(|text| text.split_whitespace())
+        .filter(|word| word.len() == 40)
+        .filter_map(|word| Oid::from_str(word).ok());
     let logged = head
         .reflogs
         .values()
         .flatten()
         .filter_map(|e| Oid::from_str(&e.oid).ok());
-    let mut i = 0;
-    for oid in logged {
-        if !oid.is_zero() && seen.insert(oid) && odb.exists(oid) {
-            refs.push((oid, format!("{REFLOG_REF_PREFIX}{i}")));
-            i += 1;
+    for (prefix, oids) in [
+        (IN_PROGRESS_REF_PREFIX, in_progress.collect::<Vec<_>>()),
+        (REFLOG_REF_PREFIX, logged.collect()),
+    ] {
+        let mut i = 0;
+        for oid in oids {
+            if !oid.is_zero() && seen.insert(oid) && odb.exists(oid) {
+                refs.push((oid, format!("{prefix}{i}")));
+                i += 1;
+            }
         }
     }
     refs.sort_by(|a, b| a.1.cmp(&b.1));
@@ -2389,6 +2428,84 @@ mod tests {
             std::fs::read_to_string(dst.join("c.txt")).unwrap(),
             "new on topic\n"
         );
+    }
+
+    /// A rebase stopped on a conflict comes back stopped there (`.git/rebase-merge`,
+    /// REBASE_HEAD, ORIG_HEAD, the conflict's stages): `git rebase --continue` finishes
+    /// it onto the new base, and the branch moves as it would have.
+    #[test]
+    fn a_rebase_in_progress_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
+        std::fs::create_dir(&src).unwrap();
+        git_in(&src, &["init", "-q", "-b", "main"]);
+        std::fs::write(src.join("a.txt"), "base\n").unwrap();
+        git_in(&src, &["add", "."]);
+        git_in(&src, &["commit", "-q", "-m", "base"]);
+        git_in(&src, &["checkout", "-q", "-b", "topic"]);
+        std::fs::write(src.join("a.txt"), "theirs\n").unwrap();
+        git_in(&src, &["commit", "-q", "-am", "topic one"]);
+        std::fs::write(src.join("t.txt"), "two\n").unwrap();
+        git_in(&src, &["add", "t.txt"]);
+        git_in(&src, &["commit", "-q", "-m", "topic two"]);
+        git_in(&src, &["checkout", "-q", "main"]);
+        std::fs::write(src.join("a.txt"), "ours\n").unwrap();
+        git_in(&src, &["commit", "-q", "-am", "main"]);
+        let main = git_in(&src, &["rev-parse", "main"]);
+        git_in(&src, &["checkout", "-q", "topic"]);
+        let rebase = std::process::Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "rebase",
+                "main",
+            ])
+            .current_dir(&src)
+            .output()
+            .unwrap();
+        assert!(!rebase.status.success(), "a conflict: {rebase:?}");
+        let status = git_in(&src, &["status", "--porcelain"]);
+        assert_eq!(status, "UU a.txt\n");
+
+        let mut out = Vec::new();
+        let s = write_bundle(&src, None, || {}, &mut out).unwrap().unwrap();
+        let path = dir.path().join("b.bundle");
+        std::fs::write(&path, &out).unwrap();
+        let dst = dir.path().join("dst");
+        restore_bundle(&path, &s.head, &dst).unwrap();
+        assert_eq!(git_in(&dst, &["status", "--porcelain"]), status);
+        assert!(dst.join(".git/rebase-merge/git-rebase-todo").is_file());
+        assert_eq!(
+            git_in(&dst, &["rev-parse", "REBASE_HEAD", "ORIG_HEAD"]),
+            git_in(&src, &["rev-parse", "REBASE_HEAD", "ORIG_HEAD"])
+        );
+
+        std::fs::write(dst.join("a.txt"), "both\n").unwrap();
+        git_in(&dst, &["add", "a.txt"]);
+        let done = std::process::Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "core.editor=true",
+            ])
+            .args(["rebase", "--continue"])
+            .current_dir(&dst)
+            .output()
+            .unwrap();
+        assert!(done.status.success(), "{done:?}");
+        assert_eq!(
+            git_in(&dst, &["symbolic-ref", "HEAD"]),
+            "refs/heads/topic\n"
+        );
+        let log = git_in(&dst, &["log", "--format=%s", "topic"]);
+        assert_eq!(log, "topic two\ntopic one\nmain\nbase\n");
+        assert_eq!(git_in(&dst, &["rev-parse", "topic~2"]), main);
+        assert_eq!(std::fs::read_to_string(dst.join("t.txt")).unwrap(), "two\n");
     }
 
     /// The reflogs of HEAD and the branches come back, with the commits only they
