@@ -2304,6 +2304,17 @@ mod tests {
         assert_eq!(big, 5, "over the cap: the committed version");
     }
 
+    /// Bundles `src` and restores the bundle into `<scratch>/dst`, which it returns.
+    fn round_trip(src: &Path, scratch: &Path) -> PathBuf {
+        let mut out = Vec::new();
+        let s = write_bundle(src, None, || {}, &mut out).unwrap().unwrap();
+        let path = scratch.join("b.bundle");
+        std::fs::write(&path, &out).unwrap();
+        let dst = scratch.join("dst");
+        restore_bundle(&path, &s.head, &dst).unwrap();
+        dst
+    }
+
     fn git_in(dir: &Path, args: &[&str]) -> String {
         let out = std::process::Command::new("git")
             .args(["-c", "user.name=t", "-c", "user.email=t@t"])
@@ -2338,12 +2349,7 @@ mod tests {
         let before = git_in(&src, &["status", "--porcelain"]);
         assert_eq!(before, " A new.txt\n");
 
-        let mut out = Vec::new();
-        let s = write_bundle(&src, None, || {}, &mut out).unwrap().unwrap();
-        let path = dir.path().join("b.bundle");
-        std::fs::write(&path, &out).unwrap();
-        let dst = dir.path().join("dst");
-        restore_bundle(&path, &s.head, &dst).unwrap();
+        let dst = round_trip(&src, dir.path());
         assert_eq!(git_in(&dst, &["status", "--porcelain"]), before);
         assert_eq!(
             std::fs::read_to_string(dst.join("new.txt")).unwrap(),
@@ -2398,12 +2404,7 @@ mod tests {
         let stages = git_in(&src, &["ls-files", "-s", "a.txt"]);
         let marked = std::fs::read_to_string(src.join("a.txt")).unwrap();
 
-        let mut out = Vec::new();
-        let s = write_bundle(&src, None, || {}, &mut out).unwrap().unwrap();
-        let path = dir.path().join("b.bundle");
-        std::fs::write(&path, &out).unwrap();
-        let dst = dir.path().join("dst");
-        restore_bundle(&path, &s.head, &dst).unwrap();
+        let dst = round_trip(&src, dir.path());
         assert_eq!(git_in(&dst, &["status", "--porcelain"]), status);
         assert_eq!(git_in(&dst, &["ls-files", "-s", "a.txt"]), stages);
         assert_eq!(std::fs::read_to_string(dst.join("a.txt")).unwrap(), marked);
@@ -2469,12 +2470,7 @@ mod tests {
         let status = git_in(&src, &["status", "--porcelain"]);
         assert_eq!(status, "UU a.txt\n");
 
-        let mut out = Vec::new();
-        let s = write_bundle(&src, None, || {}, &mut out).unwrap().unwrap();
-        let path = dir.path().join("b.bundle");
-        std::fs::write(&path, &out).unwrap();
-        let dst = dir.path().join("dst");
-        restore_bundle(&path, &s.head, &dst).unwrap();
+        let dst = round_trip(&src, dir.path());
         assert_eq!(git_in(&dst, &["status", "--porcelain"]), status);
         assert!(dst.join(".git/rebase-merge/git-rebase-todo").is_file());
         assert_eq!(
@@ -2530,12 +2526,7 @@ mod tests {
         let main_log = git_in(&src, &[&format[..], &["main"]].concat());
         assert!(head_log.contains("reset: moving to HEAD~2"), "{head_log}");
 
-        let mut out = Vec::new();
-        let s = write_bundle(&src, None, || {}, &mut out).unwrap().unwrap();
-        let path = dir.path().join("b.bundle");
-        std::fs::write(&path, &out).unwrap();
-        let dst = dir.path().join("dst");
-        restore_bundle(&path, &s.head, &dst).unwrap();
+        let dst = round_trip(&src, dir.path());
         assert_eq!(git_in(&dst, &format), head_log);
         assert_eq!(git_in(&dst, &[&format[..], &["main"]].concat()), main_log);
         assert!(
@@ -2566,12 +2557,7 @@ mod tests {
         assert!(!src.join("docs/d.md").exists());
         let list = git_in(&src, &["sparse-checkout", "list"]);
 
-        let mut out = Vec::new();
-        let s = write_bundle(&src, None, || {}, &mut out).unwrap().unwrap();
-        let path = dir.path().join("b.bundle");
-        std::fs::write(&path, &out).unwrap();
-        let dst = dir.path().join("dst");
-        restore_bundle(&path, &s.head, &dst).unwrap();
+        let dst = round_trip(&src, dir.path());
         assert_eq!(git_in(&dst, &["status", "--porcelain"]), "");
         assert_eq!(git_in(&dst, &["sparse-checkout", "list"]), list);
         assert!(!dst.join("docs/d.md").exists());
