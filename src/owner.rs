@@ -42,6 +42,9 @@ use crate::remote::{Precondition, Remote, RemoteError};
 pub const OWNER_KEY: &str = ".sandkeep/owner.json";
 /// [`Held::seen`]'s ETag for an owner object that is not there.
 const ABSENT: &str = "(absent)";
+/// The owner object is read up to this size: ours are a few hundred bytes, and a
+/// larger one is no record of a daemon (an error, retried, never a takeover).
+const OWNER_MAX: u64 = 64 * 1024;
 /// The file in the state directory that keeps this daemon's instance id.
 pub const INSTANCE_FILE: &str = "owner-id";
 /// In the state dir while a take-in is owed: written before a claim that takes the
@@ -399,7 +402,7 @@ impl Owner {
     }
 
     async fn release_once(&self, epoch: u64) -> Result<bool, RemoteError> {
-        let Some((bytes, etag)) = self.remote.get_bytes_tagged(&self.key).await? else {
+        let Some((bytes, etag)) = self.remote.get_bytes_tagged(&self.key, OWNER_MAX).await? else {
             return Ok(false);
         };
         if !self.is_ours(&bytes, epoch) {
@@ -497,7 +500,7 @@ impl Owner {
 
     async fn claim_once(&self, held: &mut Held) -> Result<bool, RemoteError> {
         let (cond, epoch, reason, from_another) =
-            match self.remote.get_bytes_tagged(&self.key).await? {
+            match self.remote.get_bytes_tagged(&self.key, OWNER_MAX).await? {
                 // A conversation with data in remote storage has had an owner: its
                 // object deleted by someone (an operator, a lifecycle rule) may still
                 // have a live owner, which puts it back at its next renewal. Waited
@@ -660,7 +663,7 @@ impl Owner {
     }
 
     async fn renew_once(&self, held: &mut Held) -> Result<(), RemoteError> {
-        let cond = match self.remote.get_bytes_tagged(&self.key).await? {
+        let cond = match self.remote.get_bytes_tagged(&self.key, OWNER_MAX).await? {
             // Deleted by someone: put it back, unless another daemon is faster.
             None => Precondition::Absent,
             Some((bytes, etag)) => {
@@ -892,6 +895,27 @@ mod tests {
         assert!(t.elapsed() < LEASE / 2, "{:?}", t.elapsed());
         let r = env.record().await;
         assert_eq!((r.instance.as_str(), r.epoch), (again.instance(), 2));
+    }
+
+    /// An owner object far larger than any record is never taken for one, nor taken
+    /// over: the claim fails (saying why) until it is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_oversized_owner_object_is_not_read_nor_taken_over() {
+        let env = Env::new();
+        let key = format!("{PREFIX}{OWNER_KEY}");
+        let junk = vec![b'x'; OWNER_MAX as usize + 1];
+        env.remote.put_bytes(&key, Bytes::from(junk)).await.unwrap();
+        let b = env.owner("b");
+        let b_claim = claim_in_background(&b);
+        tokio::time::sleep(LEASE * 3).await;
+        assert!(!b.was_claimed());
+        let error = b.status().last_error.unwrap_or_default();
+        assert!(error.contains("larger than"), "{error}");
+        env.remote.delete_many(&[key]).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), b.wait_claimed())
+            .await
+            .expect("claimed once the object is gone");
+        b_claim.abort();
     }
 
     /// An owner object deleted while its owner lives (an operator "unsticking" it) is

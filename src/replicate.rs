@@ -336,7 +336,7 @@ impl Replicator {
         bytes: Bytes,
         exported: Option<u64>,
     ) -> Result<Option<String>, ReplicateError> {
-        let Some((theirs, their_etag)) = self.remote.get_bytes_tagged(key).await? else {
+        let Some((theirs, their_etag)) = self.remote.get_bytes_tagged(key, u64::MAX).await? else {
             let etag = self
                 .remote
                 .put_bytes_if(key, bytes, Precondition::Absent)
@@ -527,7 +527,7 @@ pub async fn take_in_newer_exports(
         let Some(ns) = crate::kv::export::namespace_of(&o.key, &kv_prefix) else {
             continue;
         };
-        let Some((theirs, their_etag)) = remote.get_bytes_tagged(&o.key).await? else {
+        let Some((theirs, their_etag)) = remote.get_bytes_tagged(&o.key, u64::MAX).await? else {
             continue;
         };
         let (ours, our_etag) = kv.last_export(&ns).await?;

@@ -483,8 +483,12 @@ impl Remote for DirRemote {
         .await
     }
 
-    async fn get_bytes_tagged(&self, key: &str) -> Result<Option<(Bytes, String)>, RemoteError> {
-        Ok(self.get_bytes(key).await?.map(|b| {
+    async fn get_bytes_tagged(
+        &self,
+        key: &str,
+        max: u64,
+    ) -> Result<Option<(Bytes, String)>, RemoteError> {
+        Ok(self.get_bytes_within(key, max).await?.map(|b| {
             let etag = etag_of(&b);
             (b, etag)
         }))
@@ -654,7 +658,11 @@ mod tests {
             }
         }
         assert_eq!(won.len(), 1, "{won:?}");
-        let (_, etag) = remote.get_bytes_tagged(key).await.unwrap().unwrap();
+        let (_, etag) = remote
+            .get_bytes_tagged(key, u64::MAX)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(etag, won[0]);
         // The lock file is no object.
         assert!(dir.path().join(LOCK_FILE).exists());

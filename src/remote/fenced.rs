@@ -241,8 +241,12 @@ impl Remote for FencedRemote {
     async fn get_bytes_within(&self, key: &str, max: u64) -> Result<Option<Bytes>, RemoteError> {
         self.inner.get_bytes_within(key, max).await
     }
-    async fn get_bytes_tagged(&self, key: &str) -> Result<Option<(Bytes, String)>, RemoteError> {
-        self.inner.get_bytes_tagged(key).await
+    async fn get_bytes_tagged(
+        &self,
+        key: &str,
+        max: u64,
+    ) -> Result<Option<(Bytes, String)>, RemoteError> {
+        self.inner.get_bytes_tagged(key, max).await
     }
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError> {
         self.inner.head(key).await
@@ -331,7 +335,13 @@ mod tests {
         assert!(remote.delete_many(&[]).await.is_ok());
         assert_eq!(inner.list("k/", None).await.unwrap().objects.len(), 1);
         assert!(remote.get_bytes("k/there").await.unwrap().is_some());
-        assert!(remote.get_bytes_tagged("k/there").await.unwrap().is_some());
+        assert!(
+            remote
+                .get_bytes_tagged("k/there", 1)
+                .await
+                .unwrap()
+                .is_some()
+        );
 
         // Owned until a deadline: writes pass, then stop at the deadline.
         fence.allow_until(BootInstant::now() + Duration::from_millis(300));

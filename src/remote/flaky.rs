@@ -183,13 +183,17 @@ impl Remote for FlakyRemote {
         self.reads.fetch_add(1, Ordering::SeqCst);
         self.inner.get_bytes_within(key, max).await
     }
-    async fn get_bytes_tagged(&self, key: &str) -> Result<Option<(Bytes, String)>, RemoteError> {
+    async fn get_bytes_tagged(
+        &self,
+        key: &str,
+        max: u64,
+    ) -> Result<Option<(Bytes, String)>, RemoteError> {
         self.check("get", key)?;
         while self.hang_reads.load(Ordering::SeqCst) {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         self.reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.get_bytes_tagged(key).await
+        self.inner.get_bytes_tagged(key, max).await
     }
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError> {
         self.check("head", key)?;

@@ -61,8 +61,12 @@ impl Remote for MeteredRemote {
     async fn get_bytes_within(&self, key: &str, max: u64) -> Result<Option<Bytes>, RemoteError> {
         self.count("get", self.inner.get_bytes_within(key, max).await)
     }
-    async fn get_bytes_tagged(&self, key: &str) -> Result<Option<(Bytes, String)>, RemoteError> {
-        self.count("get", self.inner.get_bytes_tagged(key).await)
+    async fn get_bytes_tagged(
+        &self,
+        key: &str,
+        max: u64,
+    ) -> Result<Option<(Bytes, String)>, RemoteError> {
+        self.count("get", self.inner.get_bytes_tagged(key, max).await)
     }
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError> {
         self.count("head", self.inner.head(key).await)

@@ -171,7 +171,13 @@ pub trait Remote: Send + Sync + 'static {
 
     /// Downloads a small object with its ETag (for [`Precondition::Matches`]); `None`
     /// when it does not exist.
-    async fn get_bytes_tagged(&self, key: &str) -> Result<Option<(Bytes, String)>, RemoteError>;
+    /// An object over `max` bytes is [`RemoteError::TooLarge`], as with
+    /// [`Remote::get_bytes_within`].
+    async fn get_bytes_tagged(
+        &self,
+        key: &str,
+        max: u64,
+    ) -> Result<Option<(Bytes, String)>, RemoteError>;
 
     /// Size and time of an object; `None` when it does not exist.
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError>;

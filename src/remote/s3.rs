@@ -598,7 +598,11 @@ impl Remote for S3Remote {
         }
     }
 
-    async fn get_bytes_tagged(&self, key: &str) -> Result<Option<(Bytes, String)>, RemoteError> {
+    async fn get_bytes_tagged(
+        &self,
+        key: &str,
+        max: u64,
+    ) -> Result<Option<(Bytes, String)>, RemoteError> {
         let Some(out) = self.get_object(key).await? else {
             return Ok(None);
         };
@@ -609,7 +613,7 @@ impl Remote for S3Remote {
                 message: "the server returned no ETag".into(),
             });
         };
-        Ok(Some((collect_body(key, out, u64::MAX).await?, etag)))
+        Ok(Some((collect_body(key, out, max).await?, etag)))
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError> {

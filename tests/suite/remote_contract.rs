@@ -88,7 +88,7 @@ async fn contract(remote: Arc<dyn Remote>, tmp: &std::path::Path) {
         Err(RemoteError::PreconditionFailed { key: k }) => assert_eq!(k, key),
         other => panic!("expected PreconditionFailed, got {other:?}"),
     };
-    assert_eq!(remote.get_bytes_tagged(&key).await.unwrap(), None);
+    assert_eq!(remote.get_bytes_tagged(&key, u64::MAX).await.unwrap(), None);
     pre_failed(
         remote
             .put_bytes_if(
@@ -103,8 +103,16 @@ async fn contract(remote: Arc<dyn Remote>, tmp: &std::path::Path) {
         .put_bytes_if(&key, Bytes::from_static(b"v1"), Precondition::Absent)
         .await
         .unwrap();
-    let (data, tag) = remote.get_bytes_tagged(&key).await.unwrap().unwrap();
+    let (data, tag) = remote
+        .get_bytes_tagged(&key, u64::MAX)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((data.as_ref(), &tag), (&b"v1"[..], &v1));
+    assert!(matches!(
+        remote.get_bytes_tagged(&key, 1).await,
+        Err(RemoteError::TooLarge { max: 1, .. })
+    ));
     pre_failed(
         remote
             .put_bytes_if(&key, Bytes::from_static(b"v2"), Precondition::Absent)
@@ -141,7 +149,11 @@ async fn contract(remote: Arc<dyn Remote>, tmp: &std::path::Path) {
             .put_bytes_if(&key, Bytes::from_static(b"v3"), Precondition::Matches(v1))
             .await,
     );
-    let (data, tag) = remote.get_bytes_tagged(&key).await.unwrap().unwrap();
+    let (data, tag) = remote
+        .get_bytes_tagged(&key, u64::MAX)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((data.as_ref(), tag), (&b"v2"[..], v2));
     remote
         .delete_many(&[key.clone(), format!("{key}.other")])
