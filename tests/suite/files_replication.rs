@@ -752,23 +752,24 @@ async fn a_claim_won_in_the_background_takes_in_what_the_other_owner_exported() 
     assert_eq!(status["owner"]["state"], "waiting", "{status}");
     assert_eq!(api.value_in(Some("c"), "shared").await, Some(json!("a")));
 
-    // Storage is back: the claim succeeds and the other daemon's namespace comes in.
+    // Storage is back: the claim succeeds and the other daemon's namespace comes in
+    // (the status records the take-in once it is whole, KV and file store).
     s3.restart().await;
+    let marker = d.state_dir.join("take-in-owed");
     let taken = poll_until(Duration::from_secs(30), Duration::from_millis(200), || {
-        let api = d.api();
-        async move { (api.value_in(Some("c"), "shared").await == Some(json!("b"))).then_some(()) }
+        let (api, marker) = (d.api(), marker.clone());
+        async move {
+            let status = api.get("/v1/status").await;
+            let status: Value = serde_json::from_slice(&status.body).ok()?;
+            let replaced = &status["restore"]["stores"]["replaced_namespaces"];
+            (*replaced == json!(["c"]) && !marker.exists()).then_some(status)
+        }
     })
     .await;
-    assert!(taken.is_some(), "not taken in; log:\n{}", d.log());
-    assert_eq!(api.value_in(Some("c"), "b_only").await, Some(json!(1)));
-    let status = ok(&api.get("/v1/status").await, 200);
+    let status = taken.unwrap_or_else(|| panic!("not taken in; log:\n{}", d.log()));
     assert_eq!(status["owner"]["state"], "claimed", "{status}");
-    assert_eq!(
-        status["restore"]["stores"]["replaced_namespaces"],
-        json!(["c"]),
-        "{status}"
-    );
-    assert!(!d.state_dir.join("take-in-owed").exists());
+    assert_eq!(api.value_in(Some("c"), "shared").await, Some(json!("b")));
+    assert_eq!(api.value_in(Some("c"), "b_only").await, Some(json!(1)));
     ok(&api.put("/v1/kv/shared?ns=c", &json!("c")).await, 200);
     assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
 
