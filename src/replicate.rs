@@ -604,7 +604,7 @@ pub async fn take_in_remote_files(
         // is no answer, and the content is compared.
         if let (Some(ours), Some(etag)) = (&ours, &o.etag)
             && ours.len() as u64 == o.size
-            && hex::encode(<md5::Md5 as md5::Digest>::digest(ours)) == *etag
+            && remote::md5_etag(ours) == *etag
         {
             continue;
         }

@@ -283,7 +283,7 @@ impl DirRemote {
         };
         let holds = match (cond, &current) {
             (Precondition::Absent, None) => true,
-            (Precondition::Matches(etag), Some(b)) => etag_of(b) == *etag,
+            (Precondition::Matches(etag), Some(b)) => super::md5_etag(b) == *etag,
             _ => false,
         };
         if !holds {
@@ -293,16 +293,12 @@ impl DirRemote {
             f.write_all(data)
                 .map_err(|e| RemoteError::local("put", &dest, e))
         })?;
-        Ok(etag_of(data))
+        Ok(super::md5_etag(data))
     }
 }
 
 /// The ETag of an object on a `dir` remote: the hex MD5 of its content (as S3 has it
 /// for single-part uploads).
-fn etag_of(data: &[u8]) -> String {
-    hex::encode(Md5::digest(data))
-}
-
 #[async_trait]
 impl Remote for DirRemote {
     async fn put_file(&self, key: &str, path: &Path, md5: [u8; 16]) -> Result<u64, RemoteError> {
@@ -489,7 +485,7 @@ impl Remote for DirRemote {
         max: u64,
     ) -> Result<Option<(Bytes, String)>, RemoteError> {
         Ok(self.get_bytes_within(key, max).await?.map(|b| {
-            let etag = etag_of(&b);
+            let etag = super::md5_etag(&b);
             (b, etag)
         }))
     }

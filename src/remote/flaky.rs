@@ -208,7 +208,7 @@ impl Remote for FlakyRemote {
                     .inner
                     .get_bytes(&o.key)
                     .await?
-                    .map(|b| hex::encode(<md5::Md5 as md5::Digest>::digest(&b)));
+                    .map(|b| super::md5_etag(&b));
             }
         }
         Ok(page)

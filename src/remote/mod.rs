@@ -283,6 +283,13 @@ pub fn key_fits(key: &str) -> bool {
     key.len() <= MAX_KEY_BYTES && key.split('/').all(|s| s.len() <= MAX_SEGMENT_BYTES)
 }
 
+/// The ETag S3 gives an object uploaded in one piece (and the `dir` backend gives every
+/// object): the hex MD5 of its content.
+pub fn md5_etag(data: &[u8]) -> String {
+    use md5::Digest;
+    hex::encode(md5::Md5::digest(data))
+}
+
 /// MD5 in the base64 form of the `Content-MD5` header.
 pub fn content_md5(md5: &[u8; 16]) -> String {
     use base64::Engine;
