@@ -415,25 +415,12 @@ fn restore_reflogs(repo: &Repository, meta: &HeadMeta) -> Result<(), GitError> {
         if repo.find_reference(name).is_err() {
             continue;
         }
-        let mut log = repo
-            .reflog(name)
-            .ctx(format_args!("reading the reflog of {name}"))?;
-        while !log.is_empty() {
-            log.remove(0, false)
-                .ctx(format_args!("clearing the reflog of {name}"))?;
-        }
-        for e in entries.iter().rev() {
-            let (Ok(oid), Ok(who)) = (
-                Oid::from_str(&e.oid),
-                git2::Signature::new(&e.name, &e.email, &git2::Time::new(e.time, e.offset)),
-            ) else {
-                continue;
-            };
-            log.append(oid, &who, Some(&e.message))
-                .ctx(format_args!("rebuilding the reflog of {name}"))?;
-        }
-        log.write()
-            .ctx(format_args!("writing the reflog of {name}"))?;
+        let entries = entries.iter().rev().filter_map(|e| {
+            let when = git2::Time::new(e.time, e.offset);
+            let who = git2::Signature::new(&e.name, &e.email, &when).ok()?;
+            Some((Oid::from_str(&e.oid).ok()?, who, e.message.as_str()))
+        });
+        rewrite_reflog(repo, name, entries)?;
     }
     Ok(())
 }
@@ -457,24 +444,25 @@ fn restore_git_dir_meta(repo: &Repository, meta: &HeadMeta) -> Result<(), GitErr
                 .ctx("dropping core.worktree")?;
         }
     }
-    for (name, content) in &meta.in_progress {
-        if !is_in_progress_file(name) {
-            continue;
-        }
-        if let Some((dir, _)) = name.split_once('/') {
-            std::fs::create_dir_all(git_dir.join(dir)).ctx(format_args!("creating .git/{dir}"))?;
-        }
-        std::fs::write(git_dir.join(name), content).ctx(format_args!("writing .git/{name}"))?;
-    }
-    for (name, content) in [
+    // The small files the json keeps, each where it was.
+    let kept = [
         ("config.worktree", &meta.config_worktree),
         ("info/exclude", &meta.info_exclude),
         ("info/sparse-checkout", &meta.info_sparse_checkout),
-    ] {
-        if let Some(content) = content {
-            std::fs::create_dir_all(git_dir.join("info")).ctx("creating .git/info")?;
-            std::fs::write(git_dir.join(name), content).ctx(format_args!("writing .git/{name}"))?;
+    ]
+    .into_iter()
+    .filter_map(|(name, content)| Some((name, content.as_ref()?)))
+    .chain(
+        meta.in_progress
+            .iter()
+            .filter(|(name, _)| is_in_progress_file(name))
+            .map(|(name, content)| (name.as_str(), content)),
+    );
+    for (name, content) in kept {
+        if let Some((dir, _)) = name.rsplit_once('/') {
+            std::fs::create_dir_all(git_dir.join(dir)).ctx(format_args!("creating .git/{dir}"))?;
         }
+        std::fs::write(git_dir.join(name), content).ctx(format_args!("writing .git/{name}"))?;
     }
     for (name, hook) in &meta.hooks {
         if name.contains('/') || name.starts_with('.') {
@@ -488,25 +476,36 @@ fn restore_git_dir_meta(repo: &Repository, meta: &HeadMeta) -> Result<(), GitErr
             .ctx(format_args!("setting the mode of .git/hooks/{name}"))?;
     }
     if !meta.stash.is_empty() {
-        let mut log = repo
-            .reflog("refs/stash")
-            .ctx("reading the stash's reflog")?;
-        while !log.is_empty() {
-            log.remove(0, false).ctx("clearing the stash's reflog")?;
-        }
-        for entry in meta.stash.iter().rev() {
-            let Ok(oid) = Oid::from_str(&entry.oid) else {
-                continue;
-            };
-            let Ok(commit) = repo.find_commit(oid) else {
-                continue;
-            };
-            log.append(oid, &commit.committer(), Some(&entry.message))
-                .ctx("rebuilding the stash's reflog")?;
-        }
-        log.write().ctx("writing the stash's reflog")?;
+        // Each entry as its commit's committer made it.
+        let entries = meta.stash.iter().rev().filter_map(|e| {
+            let oid = Oid::from_str(&e.oid).ok()?;
+            let who = repo.find_commit(oid).ok()?.committer().to_owned();
+            Some((oid, who, e.message.as_str()))
+        });
+        rewrite_reflog(repo, "refs/stash", entries)?;
     }
     restore_reflogs(repo, meta)
+}
+
+/// Replaces the reflog of `name` with `entries`, oldest first.
+fn rewrite_reflog<'a>(
+    repo: &Repository,
+    name: &str,
+    entries: impl Iterator<Item = (Oid, git2::Signature<'static>, &'a str)>,
+) -> Result<(), GitError> {
+    let mut log = repo
+        .reflog(name)
+        .ctx(format_args!("reading the reflog of {name}"))?;
+    while !log.is_empty() {
+        log.remove(0, false)
+            .ctx(format_args!("clearing the reflog of {name}"))?;
+    }
+    for (oid, who, message) in entries {
+        log.append(oid, &who, Some(message))
+            .ctx(format_args!("rebuilding the reflog of {name}"))?;
+    }
+    log.write()
+        .ctx(format_args!("writing the reflog of {name}"))
 }
 
 /// A repository of the workspace.
@@ -731,9 +730,9 @@ fn wip_commits(
     Ok((index_commit, wip_commit, index_tree, wip_tree))
 }
 
-/// The index entries marked intent-to-add, skip-worktree or assume-unchanged, into
-/// `meta`.
-fn index_flags(repo: &Repository, meta: &mut HeadMeta) {
+/// What of the index a tree cannot hold, into `meta`: its conflicts, and the entries
+/// marked intent-to-add, skip-worktree or assume-unchanged.
+fn index_state(repo: &Repository, meta: &mut HeadMeta) {
     use git2::{IndexEntryExtendedFlag as Ext, IndexEntryFlag};
     // A bare repository has no index: nothing to mark.
     let Ok(index) = repo.index() else {
@@ -781,7 +780,7 @@ fn index_flags(repo: &Repository, meta: &mut HeadMeta) {
     }
 }
 
-/// Marks the entries of `index` that [`index_flags`] listed in `meta` again (those it
+/// Marks the entries of `index` that [`index_state`] listed in `meta` again (those it
 /// holds at stage 0).
 fn mark_entries(index: &mut git2::Index, meta: &HeadMeta) -> Result<(), GitError> {
     use git2::{IndexEntryExtendedFlag as Ext, IndexEntryFlag};
@@ -861,7 +860,7 @@ fn prepare(repo: &Repository, leave_out: LeaveOut<'_>) -> Result<Prepared, GitEr
     let read_at = crate::kv::now_ms();
     let mut head = head_meta(repo)?;
     git_dir_meta(repo, &mut head);
-    index_flags(repo, &mut head);
+    index_state(repo, &mut head);
     let odb = repo.odb().ctx("object database")?;
     let mut refs: Vec<(Oid, String)> = Vec::new();
     for r in repo.references().ctx("listing refs")? {
