@@ -506,12 +506,8 @@ pub async fn run(
     // A state directory that is not new, taking the conversation over from another
     // daemon: what that daemon exported is newer than this store (a sandbox coming
     // back after another one ran). Taken in before anything is served or exported.
-    if claimed
-        && owner.took_over_from_another()
-        && files.restore_pending().await? != Some(true)
-        && !lifecycle.shutdown.is_cancelled()
-    {
-        take_in_stores(&config, &kv, &files, remote.as_ref(), &owner, &lifecycle).await;
+    if claimed && !lifecycle.shutdown.is_cancelled() {
+        take_in_if_owed(&config, &kv, &files, remote.as_ref(), &owner, &lifecycle).await?;
     }
     if claimed && files.restore_pending().await? == Some(true) && !lifecycle.shutdown.is_cancelled()
     {
@@ -571,14 +567,11 @@ pub async fn run(
                 () = owner.wait_claimed() => {}
                 () = lifecycle.shutdown.cancelled() => return,
             }
-            if owner.took_over_from_another()
-                && !matches!(files.restore_pending().await, Ok(Some(true)))
+            // Nothing owed any more when the start took it in.
+            if let Err(e) =
+                take_in_if_owed(&config, &kv, &files, remote.as_ref(), &owner, &lifecycle).await
             {
-                tracing::info!(
-                    "the conversation was claimed from another daemon after the start: \
-                     taking in what it wrote"
-                );
-                take_in_stores(&config, &kv, &files, remote.as_ref(), &owner, &lifecycle).await;
+                tracing::error!(error = %e, "cannot take in what the other daemon wrote");
             }
         });
     }
@@ -790,18 +783,23 @@ async fn restore_workspace_retrying(
     }
 }
 
-/// Takes in what another daemon wrote to the KV and file store since this state
-/// directory last exported (see [`crate::owner::Owner::took_over_from_another`]),
-/// retrying while remote storage fails, until done or shutdown (then the take-in is
-/// still owed at the next start).
-async fn take_in_stores(
+/// When a take-in is owed (see [`crate::owner::Owner::took_over_from_another`]) and
+/// the stores are not to be restored whole instead: takes in what another daemon
+/// wrote to the KV and file store since this state directory last exported, retrying
+/// while remote storage fails, until done or shutdown (then it is still owed at the
+/// next start).
+async fn take_in_if_owed(
     config: &Config,
     kv: &KvStore,
     files: &FileStore,
     remote: &dyn crate::remote::Remote,
     owner: &crate::owner::Owner,
     lifecycle: &Lifecycle,
-) {
+) -> Result<(), crate::kv::KvError> {
+    if !owner.took_over_from_another() || files.restore_pending().await? == Some(true) {
+        return Ok(());
+    }
+    tracing::info!("taking in what the daemon that owned the conversation before wrote");
     let prefix = config.conversation_prefix();
     let taken = tokio::select! {
         r = crate::remote::retrying(
@@ -847,6 +845,7 @@ async fn take_in_stores(
         owner.take_in_done();
         tracing::info!("took in what the other daemon wrote");
     }
+    Ok(())
 }
 
 /// Imports the KV namespaces and the file store of a new state directory, retrying
