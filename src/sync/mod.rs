@@ -1534,9 +1534,10 @@ impl SyncEngine {
             self.metrics.sync_file_changing();
             return Outcome::Unstable(rel);
         }
-        // Still changing: the next upload copies it again rather than reading it
-        // directly, which would only find it changing once more.
-        let hot = copy.is_some() && !hashed.stable;
+        // A copy that saw it change (a direct read that did returned above): the next
+        // upload copies it again rather than reading it directly, which would only
+        // find it changing once more.
+        let hot = !hashed.stable;
         let entry = FileEntry {
             size: hashed.stat.size,
             mtime: hashed.stat.mtime,
