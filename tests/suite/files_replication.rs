@@ -576,22 +576,8 @@ async fn a_returning_sandbox_takes_in_what_the_other_owner_exported() {
         let url = format!("/v1/files/{path}");
         ok(&api.raw(Method::PUT, &url, body.as_bytes()).await, 201);
     }
-    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
-    let key = d.generated_key();
-    // The first sandbox's state directory is kept aside.
-    let kept = d.root().join("first-state");
-    let st = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(&d.state_dir)
-        .arg(&kept)
-        .status()
-        .unwrap();
-    assert!(st.success());
-
     // Another sandbox (a new state directory) owns the conversation and writes.
-    wipe_state(&d);
-    d.set_env("SANDKEEP_KV_KEY", &key);
-    d.spawn_and_wait().await;
+    let kept = hand_over(&mut d).await;
     let api = d.api();
     assert_eq!(api.value_in(Some("c"), "shared").await, Some(json!("a")));
     ok(&api.put("/v1/kv/shared?ns=c", &json!("b")).await, 200);
@@ -671,12 +657,9 @@ async fn a_returning_sandbox_takes_in_what_the_other_owner_exported() {
     assert_eq!(api.get("/v1/files/gone.json").await.status, 404);
 }
 
-/// Two sandboxes of one conversation, one after the other: the running first one
-/// writes `shared` = "a" in namespace `c` and stops, and its state directory is kept
-/// aside (returned); a second one (a new state directory, the same KV key) writes
-/// `shared` = "b" and `b_only` = 1 there and stops.
-async fn first_then_second_owner(d: &mut Daemon) -> PathBuf {
-    ok(&d.api().put("/v1/kv/shared?ns=c", &json!("a")).await, 201);
+/// Stops the running sandbox, keeps its state directory aside (returned), and starts
+/// another one on a new state directory with the same KV key.
+async fn hand_over(d: &mut Daemon) -> PathBuf {
     assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
     let key = d.generated_key();
     let kept = d.root().join("first-state");
@@ -687,10 +670,19 @@ async fn first_then_second_owner(d: &mut Daemon) -> PathBuf {
         .status()
         .unwrap();
     assert!(st.success());
-
     wipe_state(d);
     d.set_env("SANDKEEP_KV_KEY", &key);
     d.spawn_and_wait().await;
+    kept
+}
+
+/// Two sandboxes of one conversation, one after the other: the running first one
+/// writes `shared` = "a" in namespace `c` and stops, and its state directory is kept
+/// aside (returned); a second one (a new state directory, the same KV key) writes
+/// `shared` = "b" and `b_only` = 1 there and stops.
+async fn first_then_second_owner(d: &mut Daemon) -> PathBuf {
+    ok(&d.api().put("/v1/kv/shared?ns=c", &json!("a")).await, 201);
+    let kept = hand_over(d).await;
     ok(&d.api().put("/v1/kv/shared?ns=c", &json!("b")).await, 200);
     ok(&d.api().put("/v1/kv/b_only?ns=c", &json!(1)).await, 201);
     assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
