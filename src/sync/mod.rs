@@ -346,10 +346,33 @@ pub struct SyncEngine {
     /// The last round left files it must look at again (changed during the upload,
     /// or vanished): whoever waits for it waits for another round.
     retried: bool,
-    /// The ignore rules changed: directories they no longer ignore need watches.
-    rewatch: bool,
+    /// Directories that need watches, added after the events at hand are taken in: new
+    /// ones, or the whole tree (the root) when the ignore rules changed and directories
+    /// they no longer ignore need them.
+    to_watch: Vec<PathBuf>,
     /// The oldest change a running round carries (see [`SyncStatus::oldest_change`]).
     in_flight: Option<InFlight>,
+}
+
+/// [`NativeWatcher::start`] on a blocking thread (it walks the whole tree).
+async fn start_native(rules: Arc<Rules>, sink: EventSink) -> notify::Result<NativeWatcher> {
+    tokio::task::spawn_blocking(move || NativeWatcher::start(&rules, sink))
+        .await
+        .unwrap_or_else(|e| Err(notify::Error::generic(&e.to_string())))
+}
+
+/// `dirs` without those inside another of them (a tree's walk covers its
+/// subdirectories), each once.
+fn outermost(mut dirs: Vec<PathBuf>) -> Vec<PathBuf> {
+    // Paths order by component, so a directory's subdirectories follow it at once.
+    dirs.sort();
+    let mut out: Vec<PathBuf> = Vec::new();
+    for d in dirs {
+        if !out.last().is_some_and(|kept| d.starts_with(kept)) {
+            out.push(d);
+        }
+    }
+    out
 }
 
 impl SyncEngine {
@@ -445,7 +468,7 @@ impl SyncEngine {
             unreadable: BTreeSet::new(),
             staging,
             retried: false,
-            rewatch: false,
+            to_watch: Vec::new(),
             in_flight: None,
             config,
         };
@@ -518,16 +541,19 @@ impl SyncEngine {
         }
     }
 
-    /// Starts native watching (or polling, by configuration or as a fallback).
-    fn start_watching(&mut self) {
+    /// Starts native watching (or polling, by configuration or as a fallback). The
+    /// walk that adds the watches runs on a blocking thread, as in
+    /// [`add_watches`](Self::add_watches).
+    async fn start_watching(&mut self) {
         self.watcher = None;
+        self.to_watch.clear();
         self.poll = false;
         if self.root_available().is_err() {
             return;
         }
         match self.config.watch.mode {
             WatchMode::Poll => self.poll = true,
-            mode => match NativeWatcher::start(&self.rules, self.sink.clone()) {
+            mode => match start_native(self.rules.clone(), self.sink.clone()).await {
                 Ok(w) => self.watcher = Some(w),
                 Err(e) if mode == WatchMode::Auto => {
                     tracing::warn!(error = %e, limit = watcher::is_watch_limit(&e), "native watching failed; polling the workspace instead");
@@ -626,7 +652,7 @@ impl SyncEngine {
         if let Err(e) = self.adopt_remote_manifest().await {
             tracing::warn!(error = %e, "the first round waits for the remote manifest");
         }
-        self.start_watching();
+        self.start_watching().await;
         let mut force = true; // the startup reconcile
         let mut poll_tick = tokio::time::interval(self.config.watch.poll_interval.0);
         poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -680,21 +706,14 @@ impl SyncEngine {
                             self.on_event(ev);
                         }
                     }
-                    if std::mem::take(&mut self.rewatch)
-                        && let Some(w) = self.watcher.as_mut()
-                        && let Err(e) = w.watch_tree(&self.rules, Path::new(""))
-                    {
-                        tracing::warn!(error = %e, "cannot watch the directories the ignore rules let in; polling instead");
-                        self.watcher = None;
-                        self.poll = true;
-                    }
+                    self.add_watches().await;
                 }
                 _ = self.sink.wake.notified() => {}
                 _ = poll_tick.tick() => {
                     if self.poll || self.watcher.is_none() {
                         if self.watcher.is_none() && !self.poll && self.root_available().is_ok() {
                             // The root came back: watch it again.
-                            self.start_watching();
+                            self.start_watching().await;
                         }
                         self.full_rescan = true;
                         self.debouncer.record(Instant::now(), 0);
@@ -819,6 +838,38 @@ impl SyncEngine {
         }
     }
 
+    /// Adds the watches [`on_event`](Self::on_event) asked for, on a blocking thread: a
+    /// new tree (a clone, an unpacked archive) can hold thousands of directories, and
+    /// walking them must not hold a runtime worker, which the API's requests need.
+    /// When a watch cannot be added the engine polls instead.
+    async fn add_watches(&mut self) {
+        let dirs = outermost(std::mem::take(&mut self.to_watch));
+        if dirs.is_empty() {
+            return;
+        }
+        let Some(mut watcher) = self.watcher.take() else {
+            return;
+        };
+        let rules = self.rules.clone();
+        let walked = tokio::task::spawn_blocking(move || {
+            let added = dirs.iter().try_for_each(|d| watcher.watch_tree(&rules, d));
+            added.map(|()| watcher)
+        })
+        .await;
+        let error = match walked {
+            Ok(Ok(watcher)) => {
+                self.watcher = Some(watcher);
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(error = %error, "cannot watch new directories (or those the ignore rules let in); polling instead");
+        self.poll = true;
+        self.full_rescan = true;
+        self.debouncer.record(Instant::now(), 0);
+    }
+
     fn on_event(&mut self, ev: RawEvent) {
         let now = Instant::now();
         let ev = match ev {
@@ -876,7 +927,7 @@ impl SyncEngine {
                 // The rules themselves changed: everything may have moved in or out.
                 self.rules.invalidate();
                 self.full_rescan = true;
-                self.rewatch = true;
+                self.to_watch.push(PathBuf::new());
             }
             // A directory moved or removed takes the matchers of its ignore files with
             // it; one created (or moved in) in its place has its own.
@@ -904,16 +955,11 @@ impl SyncEngine {
                     notify::EventKind::Create(_)
                         | notify::EventKind::Modify(notify::event::ModifyKind::Name(_))
                 )
-                && let Some(w) = self.watcher.as_mut()
+                && self.watcher.is_some()
             {
                 // Files created in a new directory before its watch existed are found
                 // by the round walking that directory.
-                if let Err(e) = w.watch_tree(&self.rules, rel) {
-                    tracing::warn!(error = %e, "cannot watch a new directory; polling instead");
-                    self.watcher = None;
-                    self.poll = true;
-                    self.full_rescan = true;
-                }
+                self.to_watch.push(rel.to_path_buf());
             }
             if self.pending.insert(rel_str.to_string()) {
                 new_files += 1;
@@ -1582,6 +1628,17 @@ mod tests {
     use super::*;
     use crate::remote::dir::DirRemote;
     use crate::remote::flaky::FlakyRemote;
+
+    #[test]
+    fn a_walk_is_asked_once_per_tree() {
+        let paths = |v: &[&str]| v.iter().map(PathBuf::from).collect::<Vec<_>>();
+        assert_eq!(
+            outermost(paths(&["a b", "a/x/y", "b", "a", "a/x", "ab/c", "a", "ab"])),
+            paths(&["a", "a b", "ab", "b"])
+        );
+        assert_eq!(outermost(paths(&["a/b", "", "c"])), paths(&[""]));
+        assert_eq!(outermost(Vec::new()), paths(&[]));
+    }
 
     struct Fixture {
         _dir: tempfile::TempDir,
