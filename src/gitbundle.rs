@@ -1546,7 +1546,10 @@ pub async fn fetch_meta(
     stem: &str,
 ) -> Result<Option<HeadMeta>, GitError> {
     let key = format!("{conversation_prefix}{GIT_DIR}{stem}.json");
-    let Some(json) = remote.get_bytes(&key).await? else {
+    let Some(json) = remote
+        .get_bytes_within(&key, crate::remote::DOCUMENT_MAX)
+        .await?
+    else {
         return Ok(None);
     };
     serde_json::from_slice(&json)
@@ -2009,6 +2012,17 @@ impl GitBundler {
             ..summary.head
         };
         let json = serde_json::to_vec_pretty(&head).map_err(|e| GitError::Task(e.to_string()))?;
+        if json.len() as u64 > remote::DOCUMENT_MAX {
+            // Its bundle went up, but without this json no restore takes it.
+            return Err(GitError::Bundle {
+                what: json_key,
+                message: format!(
+                    "the repository's metadata would take {} bytes, more than the {} a restore reads",
+                    json.len(),
+                    remote::DOCUMENT_MAX
+                ),
+            });
+        }
         self.remote
             .put_bytes(&json_key, bytes::Bytes::from(json))
             .await?;
@@ -2074,6 +2088,23 @@ impl GitBundler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An object at a repository's `.json` key too large to be one (a sparse file
+    /// here) is refused before it is read.
+    #[tokio::test]
+    async fn metadata_too_large_to_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = crate::remote::dir::DirRemote::new(dir.path()).unwrap();
+        let prefix = "conversations/u/c/";
+        let json = dir.path().join(format!("{prefix}{GIT_DIR}root.json"));
+        std::fs::create_dir_all(json.parent().unwrap()).unwrap();
+        let f = std::fs::File::create(&json).unwrap();
+        f.set_len(remote::DOCUMENT_MAX + 1).unwrap();
+        match fetch_meta(&remote, prefix, "root").await {
+            Err(GitError::Remote(RemoteError::TooLarge { .. })) => {}
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn header_is_written_and_read_back() {

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::files::{self, FileStore, Pending};
-use crate::kv::export::Imported;
+use crate::kv::export::{Imported, MAX_OBJECT};
 use crate::kv::{KvError, KvStore};
 use crate::remote::{self, Backoff, Precondition, Remote, RemoteError};
 
@@ -336,7 +336,9 @@ impl Replicator {
         bytes: Bytes,
         exported: Option<u64>,
     ) -> Result<Option<String>, ReplicateError> {
-        let Some((theirs, their_etag)) = self.remote.get_bytes_tagged(key, u64::MAX).await? else {
+        // One too large to read is not written over either: the pass fails and says why.
+        let Some((theirs, their_etag)) = self.remote.get_bytes_tagged(key, MAX_OBJECT).await?
+        else {
             let etag = self
                 .remote
                 .put_bytes_if(key, bytes, Precondition::Absent)
@@ -433,10 +435,24 @@ pub async fn restore_stores(
             let Some(ns) = crate::kv::export::namespace_of(&o.key, &kv_prefix) else {
                 continue;
             };
-            // Every failure is waited out: a namespace left out would be overwritten.
-            let bytes = match read_retrying(remote, &o.key, |_| true).await {
+            // Every failure that may pass is waited out: a namespace left out would be
+            // overwritten. One too large to read is reported; its object stays as it
+            // is (an export of the namespace from here refuses to write over it).
+            let read = read_retrying(remote, &o.key, MAX_OBJECT, |e| {
+                !matches!(e, RemoteError::TooLarge { .. })
+            });
+            let bytes = match read.await {
                 Ok(Some(bytes)) => bytes,
-                Ok(None) | Err(_) => continue,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(key = %o.key, error = %e, "kv namespace not restored; it starts empty here");
+                    out.bad.push(BadObject {
+                        key: o.key,
+                        error: e.to_string(),
+                        kept_as: None,
+                    });
+                    continue;
+                }
             };
             match kv.import(&ns, &bytes).await? {
                 Imported::Keys(keys) => {
@@ -482,7 +498,7 @@ pub async fn restore_stores(
         }
         // A file the service refuses to give (permissions, an archived object) is
         // reported; nothing here overwrites its remote copy.
-        match read_file_retrying(remote, &o.key).await {
+        match read_file_retrying(remote, &o.key, max_file_bytes).await {
             Ok(Some(data)) => {
                 batch_bytes += data.len();
                 batch.push((rel.to_string(), data.to_vec()));
@@ -527,8 +543,15 @@ pub async fn take_in_newer_exports(
         let Some(ns) = crate::kv::export::namespace_of(&o.key, &kv_prefix) else {
             continue;
         };
-        let Some((theirs, their_etag)) = remote.get_bytes_tagged(&o.key, u64::MAX).await? else {
-            continue;
+        let (theirs, their_etag) = match remote.get_bytes_tagged(&o.key, MAX_OBJECT).await {
+            Ok(Some(got)) => got,
+            Ok(None) => continue,
+            // Left to the export path, as one that cannot be opened.
+            Err(e @ RemoteError::TooLarge { .. }) => {
+                tracing::error!(namespace = %ns, error = %e, "the remote export of this kv namespace cannot be read");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
         };
         let (ours, our_etag) = kv.last_export(&ns).await?;
         if our_etag.as_deref() == Some(their_etag.as_str()) {
@@ -608,7 +631,7 @@ pub async fn take_in_remote_files(
         {
             continue;
         }
-        let theirs = match read_file_retrying(remote, &o.key).await {
+        let theirs = match read_file_retrying(remote, &o.key, max_file_bytes).await {
             Ok(Some(data)) => data,
             Ok(None) => continue,
             Err(e) => {
@@ -686,20 +709,28 @@ async fn take_in_unless_ours(
 
 /// Reads a file store object, retrying with backoff while remote storage does not
 /// answer; another failure (permissions, an archived object) is returned at once.
-async fn read_file_retrying(remote: &dyn Remote, key: &str) -> Result<Option<Bytes>, RemoteError> {
-    read_retrying(remote, key, |e| matches!(e, RemoteError::Transport { .. })).await
+async fn read_file_retrying(
+    remote: &dyn Remote,
+    key: &str,
+    max: u64,
+) -> Result<Option<Bytes>, RemoteError> {
+    read_retrying(remote, key, max, |e| {
+        matches!(e, RemoteError::Transport { .. })
+    })
+    .await
 }
 
-/// Reads an object to restore, retrying with backoff while it fails with an error
-/// `retry` accepts; `Ok(None)` when the object is gone.
+/// Reads an object of at most `max` bytes to restore, retrying with backoff while it
+/// fails with an error `retry` accepts; `Ok(None)` when the object is gone.
 async fn read_retrying(
     remote: &dyn Remote,
     key: &str,
+    max: u64,
     retry: impl Fn(&RemoteError) -> bool,
 ) -> Result<Option<Bytes>, RemoteError> {
     remote::retrying(
         "cannot read an object to restore (the daemon is not ready until it can)",
-        || remote.get_bytes(key),
+        || remote.get_bytes_within(key, max),
         retry,
     )
     .await
@@ -911,6 +942,56 @@ mod tests {
         let event = dir.get_bytes(&format!("{PREFIX}events/e1")).await.unwrap();
         assert_eq!(event.as_deref(), Some(&b"e1"[..]));
         assert!(handle.status().last_error.is_some());
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    /// An object at an export's key too large to be an export (a sparse file here) is
+    /// refused before it is read: the restore reports it at once instead of retrying
+    /// it, restores the rest, and an export of the namespace from here does not write
+    /// over it (nor does a take-in fail on it).
+    #[tokio::test]
+    async fn an_export_too_large_to_read_is_reported_and_not_written_over() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("remote");
+        let dir: Arc<dyn Remote> = Arc::new(DirRemote::new(&root).unwrap());
+        let old = tmp.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        let src = store(&old);
+        set(&src, "good", "k1", json!(1)).await;
+        let good = src.export("good").await.unwrap();
+        dir.put_bytes(&export_key(PREFIX, "good"), good.bytes.into())
+            .await
+            .unwrap();
+        let huge_key = export_key(PREFIX, "huge");
+        let huge = root.join(&huge_key);
+        std::fs::create_dir_all(huge.parent().unwrap()).unwrap();
+        let f = std::fs::File::create(&huge).unwrap();
+        f.set_len(MAX_OBJECT + 1).unwrap();
+
+        let restored = restore_into(tmp.path(), "new", dir.as_ref());
+        let (kv, files, r) = tokio::time::timeout(Duration::from_secs(20), restored)
+            .await
+            .expect("the restore does not retry an object too large to read");
+        assert_eq!((r.namespaces, r.keys), (1, 1));
+        assert_eq!(r.bad.len(), 1, "{:?}", r.bad);
+        assert_eq!(r.bad[0].key, huge_key);
+        assert!(r.bad[0].error.contains("larger than"), "{:?}", r.bad);
+        assert_eq!(r.bad[0].kept_as, None);
+        assert_eq!(
+            take_in_newer_exports(&kv, dir.as_ref(), PREFIX)
+                .await
+                .unwrap(),
+            Vec::<String>::new()
+        );
+
+        set(&kv, "huge", "k", json!(2)).await;
+        let (handle, stop, task) = start_replicator(&kv, &files, dir.clone());
+        let flushed = tokio::time::timeout(Duration::from_secs(3), handle.flush()).await;
+        assert!(flushed.is_err(), "a flush with huge unexported returned");
+        let error = handle.status().last_error.unwrap_or_default();
+        assert!(error.contains("larger than"), "{error}");
+        assert_eq!(std::fs::metadata(&huge).unwrap().len(), MAX_OBJECT + 1);
         stop.cancel();
         task.await.unwrap();
     }

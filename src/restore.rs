@@ -705,8 +705,15 @@ pub async fn restore_workspace(
     progress: &dyn Progress,
 ) -> Result<Option<RestoreReport>, RestoreError> {
     let manifest_key = format!("{conversation_prefix}workspace/manifest.json");
-    let Some(bytes) = remote.get_bytes(&manifest_key).await? else {
-        return Ok(None);
+    // One too large to be a manifest is refused before it is read, as unreadable.
+    let bytes = match remote
+        .get_bytes_within(&manifest_key, crate::remote::DOCUMENT_MAX)
+        .await
+    {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Ok(None),
+        Err(e @ RemoteError::TooLarge { .. }) => return Err(RestoreError::Manifest(e.to_string())),
+        Err(e) => return Err(e.into()),
     };
     let manifest: Manifest =
         serde_json::from_slice(&bytes).map_err(|e| RestoreError::Manifest(e.to_string()))?;
@@ -1515,6 +1522,36 @@ mod tests {
         assert!(report.bad.is_empty(), "{report:?}");
         assert_eq!(fs::read_to_string(target.join("b/c.txt")).unwrap(), "gamma");
         assert_eq!(fs::read_to_string(target.join("a.txt")).unwrap(), "alpha");
+    }
+
+    /// An object at the manifest's key too large to be one (a sparse file here) is
+    /// refused before it is read, as an unreadable manifest (the daemon then restores
+    /// the latest snapshot).
+    #[tokio::test]
+    async fn a_manifest_too_large_to_read_is_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = crate::remote::dir::DirRemote::new(&dir.path().join("r")).unwrap();
+        let prefix = "conversations/u/c/";
+        let manifest = dir
+            .path()
+            .join("r")
+            .join(prefix)
+            .join("workspace/manifest.json");
+        fs::create_dir_all(manifest.parent().unwrap()).unwrap();
+        let f = fs::File::create(&manifest).unwrap();
+        f.set_len(crate::remote::DOCUMENT_MAX + 1).unwrap();
+        let opts = RestoreOptions {
+            concurrency: 2,
+            force: false,
+            exclude: Vec::new(),
+            max_file_bytes: u64::MAX,
+        };
+        let target = dir.path().join("ws");
+        let r = restore_workspace(&remote, prefix, &target, &opts, &NoProgress).await;
+        match r {
+            Err(RestoreError::Manifest(why)) => assert!(why.contains("larger than"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -20,8 +20,13 @@ use super::{KvError, KvStore, Record, now_ms};
 /// The first bytes of every export object.
 pub const MAGIC: &[u8] = b"SANDKEEP-KV-EXPORT 1\n";
 const AAD_PREFIX: &[u8] = b"sandkeep:kv-export\0";
-/// Exports hold at most a namespace's quota plus overhead; anything far larger is not ours.
+/// The most an export's JSON takes: a namespace's quota plus overhead is far less. An
+/// export is refused before it is written (no restore could read it), and an object
+/// that would be larger is refused before it is read.
 const MAX_PLAIN: u64 = 1 << 30;
+/// The largest export object: [`MAX_PLAIN`] of JSON, compressed (deflate grows
+/// incompressible data by a few bytes per 64 KiB block) and sealed.
+pub const MAX_OBJECT: u64 = MAX_PLAIN + (1 << 20);
 
 /// namespace → the version last exported (and known to be in remote storage).
 const EXPORTED: TableDefinition<&str, u64> = TableDefinition::new("kv_exported");
@@ -71,6 +76,13 @@ fn bad(what: impl std::fmt::Display) -> KvError {
 /// Seals a namespace's body.
 fn seal(cipher: &Cipher, body: &ExportBody) -> Result<Vec<u8>, KvError> {
     let json = serde_json::to_vec(body).map_err(bad)?;
+    if json.len() as u64 > MAX_PLAIN {
+        return Err(bad(format_args!(
+            "namespace `{}` would take {} bytes, more than the {MAX_PLAIN} a restore reads",
+            body.namespace,
+            json.len()
+        )));
+    }
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&json).map_err(bad)?;
     let packed = gz.finish().map_err(bad)?;
@@ -90,9 +102,14 @@ fn open(cipher: &Cipher, ns: &str, bytes: &[u8]) -> Result<ExportBody, String> {
     })?;
     let mut json = Vec::new();
     flate2::read::GzDecoder::new(packed.as_slice())
-        .take(MAX_PLAIN)
+        .take(MAX_PLAIN + 1)
         .read_to_end(&mut json)
         .map_err(|e| format!("`{ns}`: {e}"))?;
+    if json.len() as u64 > MAX_PLAIN {
+        return Err(format!(
+            "`{ns}` holds more than the {MAX_PLAIN} bytes an export takes"
+        ));
+    }
     let body: ExportBody = serde_json::from_slice(&json).map_err(|e| format!("`{ns}`: {e}"))?;
     if body.namespace != ns {
         return Err(format!("`{ns}` holds namespace `{}`", body.namespace));

@@ -274,16 +274,25 @@ impl DirRemote {
         // Held until `lock` is dropped at the end of this function.
         lock.lock()
             .map_err(|e| RemoteError::local("lock", &lock_path, e))?;
-        let current = match std::fs::read(&dest) {
-            Ok(b) => Some(b),
+        // The object there is hashed as it is read, never held whole: it may be large.
+        let current = match std::fs::File::open(&dest) {
+            Ok(f) => Some(f),
             Err(e) => match self.read_failure("put", key, e) {
                 None => None,
                 Some(failure) => return Err(failure),
             },
         };
-        let holds = match (cond, &current) {
+        let holds = match (cond, current) {
             (Precondition::Absent, None) => true,
-            (Precondition::Matches(etag), Some(b)) => super::md5_etag(b) == *etag,
+            (Precondition::Matches(etag), Some(mut f)) => {
+                let mut md5 = Md5::new();
+                std::io::copy(&mut f, &mut md5).map_err(|e| RemoteError::Transport {
+                    op: "put",
+                    key: key.into(),
+                    message: e.to_string(),
+                })?;
+                hex::encode(md5.finalize()) == *etag
+            }
             _ => false,
         };
         if !holds {

@@ -213,6 +213,12 @@ pub async fn from_config(config: &Config) -> anyhow::Result<Arc<dyn Remote>> {
     })
 }
 
+/// The largest JSON document this daemon writes and reads whole (the workspace
+/// manifest, a repository's git metadata): far above any real one, so that an object
+/// under such a key that is not one of ours (or is damaged) is refused before it is
+/// read instead of filling memory.
+pub const DOCUMENT_MAX: u64 = 1 << 30;
+
 /// Where an object that cannot be read (a KV export sealed with another key, a
 /// damaged manifest) is kept before anything replaces it: beside it, under a name no
 /// restore reads and that its content decides (`kv/<namespace>.kv.unreadable-<md5>`),

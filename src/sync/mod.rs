@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, WatchMode};
 use crate::metrics::Metrics;
-use crate::remote::{Backoff, Remote, RemoteError};
+use crate::remote::{self, Backoff, Remote, RemoteError};
 use debounce::Debouncer;
 use manifest::{FileEntry, Manifest, ManifestCache};
 use rules::Rules;
@@ -571,7 +571,12 @@ impl SyncEngine {
     /// directory, or another daemon wrote since). Runs when the engine starts, after
     /// any restore, so the first round compares the tree with what the remote holds.
     async fn adopt_remote_manifest(&mut self) -> Result<(), SyncError> {
-        match self.remote.get_bytes(&self.keys.manifest()).await {
+        let key = self.keys.manifest();
+        match self
+            .remote
+            .get_bytes_within(&key, remote::DOCUMENT_MAX)
+            .await
+        {
             Ok(Some(bytes)) => match serde_json::from_slice::<Manifest>(&bytes) {
                 Ok(m) if m.generation > self.manifest.generation => {
                     tracing::info!(
@@ -611,7 +616,6 @@ impl SyncEngine {
                     // What it names stays in remote storage, but only it says what the
                     // objects are (times, modes, symlinks, empty directories): a copy
                     // is kept before the next round replaces it.
-                    let key = self.keys.manifest();
                     let aside = crate::remote::unreadable_key(&key, &bytes);
                     if let Err(put) = self.remote.put_bytes(&aside, bytes.clone()).await {
                         return Err(SyncError::Remote(format!(
@@ -1498,6 +1502,13 @@ impl SyncEngine {
             let json =
                 serde_json::to_vec_pretty(&next).map_err(|e| SyncError::Remote(e.to_string()))?;
             let len = json.len() as u64;
+            if len > remote::DOCUMENT_MAX {
+                // A manifest no restore would read: the mirror stays at the last one.
+                return Err(SyncError::Remote(format!(
+                    "the manifest would take {len} bytes, more than the {} a restore reads: the workspace has too many files to mirror",
+                    remote::DOCUMENT_MAX
+                )));
+            }
             self.remote
                 .put_bytes(&self.keys.manifest(), Bytes::from(json))
                 .await
