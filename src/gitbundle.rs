@@ -166,6 +166,11 @@ pub struct HeadMeta {
     /// has as `refs/sandkeep/reflog/<i>` (never created as refs by a restore).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub reflogs: BTreeMap<String, Vec<ReflogEntry>>,
+    /// Symbolic refs other than HEAD, by name, with the ref each names (a clone's
+    /// `refs/remotes/origin/HEAD` → `refs/remotes/origin/main`): a bundle carries only
+    /// refs to objects.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub symrefs: BTreeMap<String, String>,
     /// The index's conflicts (its stages 1 to 3), which the staged commit cannot hold
     /// (it has the work tree's file there, as `git add` would): put back by a restore.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -427,6 +432,23 @@ fn restore_reflogs(repo: &Repository, meta: &HeadMeta) -> Result<(), GitError> {
 
 /// Writes back what [`git_dir_meta`] kept, and the stash's reflog from `stash`
 /// (the entries' commits, newest first, already in the object database).
+/// Creates the symbolic refs of `meta`. One that cannot be (its name taken by a ref of
+/// the bundle, or not a ref name) is left out with a warning: it only names another.
+fn restore_symrefs(repo: &Repository, meta: &HeadMeta) {
+    for (name, to) in &meta.symrefs {
+        let valid = name.starts_with("refs/") && !name.starts_with("refs/sandkeep/");
+        let made = if valid {
+            repo.reference_symbolic(name, to, false, "sandkeep: restored")
+                .map(|_| ())
+        } else {
+            Err(git2::Error::from_str("not a ref this daemon records"))
+        };
+        if let Err(e) = made {
+            tracing::warn!(r#ref = %name, target = %to, error = %e, "git restore: a symbolic ref is left out");
+        }
+    }
+}
+
 fn restore_git_dir_meta(repo: &Repository, meta: &HeadMeta) -> Result<(), GitError> {
     use std::os::unix::fs::PermissionsExt;
     let git_dir = repo.path().to_path_buf();
@@ -865,12 +887,19 @@ fn prepare(repo: &Repository, leave_out: LeaveOut<'_>) -> Result<Prepared, GitEr
     let mut refs: Vec<(Oid, String)> = Vec::new();
     for r in repo.references().ctx("listing refs")? {
         let r = r.ctx("reading a ref")?;
-        let (Ok(name), Some(oid)) = (r.name(), r.target()) else {
-            continue; // symbolic (e.g. refs/remotes/origin/HEAD) or not UTF-8
+        let Ok(name) = r.name() else {
+            continue; // not UTF-8
         };
         if name.starts_with("refs/sandkeep/") {
             continue;
         }
+        let Some(oid) = r.target() else {
+            // Symbolic (refs/remotes/origin/HEAD): recorded in the json.
+            if let Some(Ok(to)) = r.symbolic_target_bytes().map(std::str::from_utf8) {
+                head.symrefs.insert(name.to_string(), to.to_string());
+            }
+            continue;
+        };
         if !odb.exists(oid) {
             tracing::warn!(r#ref = name, %oid, "git bundle: ref points to a missing object; left out");
             continue;
@@ -1512,6 +1541,7 @@ fn unpack_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<Restor
         put_back_conflicts(&repo, &mut index, &meta.conflicts)?;
         index.write().ctx("writing the index")?;
     }
+    restore_symrefs(&repo, meta);
     restore_git_dir_meta(&repo, meta)?;
     Ok(Restored {
         refs: created,
@@ -2568,6 +2598,45 @@ mod tests {
         assert_eq!(git_in(&dst, &["rev-parse", "HEAD"]), lost);
         assert_eq!(std::fs::read_to_string(dst.join("a.txt")).unwrap(), "3\n");
         git_in(&dst, &["fsck", "--no-progress"]);
+    }
+
+    /// Symbolic refs come back: a clone's `origin/HEAD` (so `origin` names the remote's
+    /// default branch) and one a user made.
+    #[test]
+    fn symbolic_refs_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        let up = base.join("up");
+        std::fs::create_dir(&up).unwrap();
+        git_in(&up, &["init", "-q", "-b", "trunk"]);
+        std::fs::write(up.join("a.txt"), "a").unwrap();
+        git_in(&up, &["add", "."]);
+        git_in(&up, &["commit", "-q", "-m", "one"]);
+        git_in(&base, &["clone", "-q", "up", "src"]);
+        let src = base.join("src");
+        git_in(
+            &src,
+            &["symbolic-ref", "refs/heads/alias", "refs/heads/trunk"],
+        );
+        let origin_head = git_in(&src, &["symbolic-ref", "refs/remotes/origin/HEAD"]);
+        assert_eq!(origin_head, "refs/remotes/origin/trunk\n");
+
+        let scratch = base.join("scratch");
+        std::fs::create_dir(&scratch).unwrap();
+        let dst = round_trip(&src, &scratch);
+        assert_eq!(
+            git_in(&dst, &["symbolic-ref", "refs/remotes/origin/HEAD"]),
+            origin_head
+        );
+        assert_eq!(
+            git_in(&dst, &["symbolic-ref", "refs/heads/alias"]),
+            "refs/heads/trunk\n"
+        );
+        assert_eq!(
+            git_in(&dst, &["rev-parse", "origin"]),
+            git_in(&src, &["rev-parse", "origin"])
+        );
+        assert_eq!(git_in(&dst, &["status", "--porcelain"]), "");
     }
 
     /// A sparse checkout (`git sparse-checkout set`) comes back with its patterns and
