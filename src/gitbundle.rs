@@ -2,7 +2,8 @@
 //! way back from a bundle to a repository.
 //!
 //! The repository at the workspace root goes to `workspace/git/workspace.bundle`, one in
-//! a first-level subdirectory `sub/` to `workspace/git/sub.bundle`; beside each, a
+//! a subdirectory `sub/` to `workspace/git/sub.bundle` (`a/b/` to
+//! `workspace/git/a/b.bundle`, down to [`MAX_REPO_DEPTH`]); beside each, a
 //! `.json` records what HEAD names (a bundle cannot say which branch HEAD is on). A
 //! bundle is a v2 bundle (`# v2 git bundle`, one `<oid> <refname>` line per ref, HEAD
 //! included, a blank line, then a pack of everything the refs reach) that `git bundle
@@ -535,14 +536,22 @@ fn rewrite_reflog<'a>(
 pub struct RepoDir {
     /// `"."` for the workspace root, else the subdirectory's name.
     pub repo: String,
-    /// The object name: `workspace` for the root, else the subdirectory's name.
+    /// The object name: `workspace` for the root, else the subdirectory's path.
     pub stem: String,
     pub dir: PathBuf,
 }
 
-/// The repositories of a workspace: the root, if it is one, and first-level
-/// subdirectories holding a `.git` (symlinks are not followed).
-pub fn discover(root: &Path) -> io::Result<Vec<RepoDir>> {
+/// How deep below the workspace root repositories are looked for: `a/b/c/d/.git` is.
+pub const MAX_REPO_DEPTH: usize = 4;
+/// Most directories one look for repositories reads: a huge tree is not walked whole
+/// at every bundle check.
+const MAX_DIRS_LOOKED_AT: usize = 20_000;
+
+/// The repositories of a workspace: the root, if it is one; every first-level
+/// subdirectory holding a `.git`; and deeper ones, down to [`MAX_REPO_DEPTH`], in the
+/// directories `descend` lets in (the walk goes only through those). Symlinks are not
+/// followed. A repository's `repo` and `stem` are its path (`a/b`).
+pub fn discover(root: &Path, descend: &dyn Fn(&Path) -> bool) -> io::Result<Vec<RepoDir>> {
     let mut out = Vec::new();
     let root_is_repo = root.join(".git").exists();
     if root_is_repo {
@@ -552,34 +561,77 @@ pub fn discover(root: &Path) -> io::Result<Vec<RepoDir>> {
             dir: root.to_path_buf(),
         });
     }
-    let mut subs = Vec::new();
-    for entry in std::fs::read_dir(root)? {
-        let entry = entry?;
-        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let Ok(name) = entry.file_name().into_string() else {
-            continue;
+    let mut found = Vec::new();
+    let mut looked_at = 0;
+    let mut queue = std::collections::VecDeque::from([(String::new(), 0)]);
+    while let Some((dir, depth)) = queue.pop_front() {
+        let entries = match std::fs::read_dir(root.join(&dir)) {
+            Ok(entries) => entries,
+            Err(e) if depth == 0 => return Err(e),
+            // Gone since, or unreadable: left out, as the mirror leaves it.
+            Err(_) => continue,
         };
-        if name == ".git" || !entry.path().join(".git").exists() {
-            continue;
+        for entry in entries {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) if depth == 0 => return Err(e),
+                Err(_) => break,
+            };
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if name == ".git" {
+                continue;
+            }
+            let rel = if dir.is_empty() {
+                name
+            } else {
+                format!("{dir}/{name}")
+            };
+            let let_in = descend(Path::new(&rel));
+            if (depth == 0 || let_in) && entry.path().join(".git").exists() {
+                if root_is_repo && rel == ROOT_STEM {
+                    tracing::warn!(
+                        "the subdirectory `workspace` holds a repository whose bundle name would be the \
+                         root repository's: it is not bundled"
+                    );
+                } else {
+                    found.push(rel.clone());
+                }
+            }
+            if let_in && depth + 1 < MAX_REPO_DEPTH {
+                looked_at += 1;
+                if looked_at > MAX_DIRS_LOOKED_AT {
+                    tracing::warn!(
+                        limit = MAX_DIRS_LOOKED_AT,
+                        "too many directories to look for git repositories in: those deeper than the first level may be missed"
+                    );
+                    queue.clear();
+                    break;
+                }
+                queue.push_back((rel, depth + 1));
+            }
         }
-        if root_is_repo && name == ROOT_STEM {
-            tracing::warn!(
-                "the subdirectory `workspace` holds a repository whose bundle name would be the \
-                 root repository's: it is not bundled"
-            );
-            continue;
-        }
-        subs.push(name);
     }
-    subs.sort();
-    out.extend(subs.into_iter().map(|name| RepoDir {
-        repo: name.clone(),
-        stem: name.clone(),
-        dir: root.join(&name),
+    found.sort();
+    out.extend(found.into_iter().map(|rel| RepoDir {
+        dir: root.join(&rel),
+        stem: rel.clone(),
+        repo: rel,
     }));
     Ok(out)
+}
+
+/// The repositories of the workspace at `root` that the mirror's configuration does not
+/// leave out ([`discover`], deeper ones only in directories the mirror carries).
+fn find_repos(root: &Path, excludes: &[String]) -> io::Result<Vec<RepoDir>> {
+    let rules = crate::sync::rules::Rules::new(root, excludes).map_err(io::Error::other)?;
+    let mut repos = discover(root, &|rel| !rules.is_ignored(rel, true))?;
+    repos.retain(|r| r.repo == "." || !rules.excluded_by_config(Path::new(&r.repo), true));
+    Ok(repos)
 }
 
 /// The bundle header: the signature, one `<oid> <refname>` line per ref, a blank line.
@@ -1603,7 +1655,7 @@ pub async fn restore_fetched(
     // Named like a restore's files in the making: the mirror and snapshots leave it
     // out, and the next restore removes it if this one is killed.
     let tmp = tmp_dir.join(format!(
-        "{}bundle-{:016x}-{stem}",
+        "{}bundle-{:016x}",
         crate::restore::TMP_PREFIX,
         rand::random::<u64>()
     ));
@@ -1803,19 +1855,13 @@ impl GitBundler {
 
     async fn repos(&self) -> Result<Vec<RepoDir>, GitError> {
         let (root, excludes) = (self.root.clone(), self.excludes.clone());
-        tokio::task::spawn_blocking(move || {
-            let rules =
-                crate::sync::rules::Rules::new(&root, &excludes).map_err(io::Error::other)?;
-            let mut repos = discover(&root)?;
-            repos.retain(|r| r.repo == "." || !rules.excluded_by_config(Path::new(&r.repo), true));
-            Ok::<_, io::Error>(repos)
-        })
-        .await
-        .map_err(|e| GitError::Task(e.to_string()))?
-        .ctx(format_args!(
-            "reading the workspace {}",
-            self.root.display()
-        ))
+        tokio::task::spawn_blocking(move || find_repos(&root, &excludes))
+            .await
+            .map_err(|e| GitError::Task(e.to_string()))?
+            .ctx(format_args!(
+                "reading the workspace {}",
+                self.root.display()
+            ))
     }
 
     /// [`GitBundler::write_all`] of the repositories that changed, again (with
@@ -2070,9 +2116,9 @@ impl GitBundler {
 
     /// The state of every repository, for `GET /v1/status`.
     pub async fn status(&self) -> Vec<RepoStatus> {
-        let root = self.root.clone();
+        let (root, excludes) = (self.root.clone(), self.excludes.clone());
         let result = tokio::task::spawn_blocking(move || {
-            let repos = discover(&root).unwrap_or_default();
+            let repos = find_repos(&root, &excludes).unwrap_or_default();
             repos
                 .iter()
                 .map(|r| {
@@ -2174,19 +2220,45 @@ mod tests {
     }
 
     #[test]
-    fn discovery_finds_root_and_first_level_repos() {
+    fn discovery_finds_repositories_down_to_the_depth_limit() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         Repository::init(root).unwrap();
-        Repository::init(root.join("lib")).unwrap();
-        Repository::init(root.join("a/deep")).unwrap();
-        std::fs::create_dir_all(root.join("plain")).unwrap();
-        let repos = discover(root).unwrap();
+        for repo in [
+            "lib",
+            "lib/vendored",
+            "a/deep",
+            "a/b/c/d",
+            "a/b/c/d2/e",
+            "skipped",
+            "skipped/inner",
+            "plain/x/y/z/too-deep",
+        ] {
+            Repository::init(root.join(repo)).unwrap();
+        }
+        std::fs::create_dir_all(root.join("empty/dir")).unwrap();
+        std::os::unix::fs::symlink(root.join("lib"), root.join("link")).unwrap();
+        std::os::unix::fs::symlink(root.join("a"), root.join("plain/alink")).unwrap();
+        // `skipped` is not walked into (as an ignored directory), yet a first-level
+        // repository all the same.
+        let descend = |rel: &Path| !rel.starts_with("skipped");
+        let repos = discover(root, &descend).unwrap();
         let names: Vec<(&str, &str)> = repos
             .iter()
             .map(|r| (r.repo.as_str(), r.stem.as_str()))
             .collect();
-        assert_eq!(names, vec![(".", "workspace"), ("lib", "lib")]);
+        assert_eq!(
+            names,
+            vec![
+                (".", "workspace"),
+                ("a/b/c/d", "a/b/c/d"),
+                ("a/deep", "a/deep"),
+                ("lib", "lib"),
+                ("lib/vendored", "lib/vendored"),
+                ("skipped", "skipped"),
+            ]
+        );
+        assert_eq!(repos[1].dir, root.join("a/b/c/d"));
     }
 
     #[test]

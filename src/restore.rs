@@ -877,10 +877,17 @@ async fn restore_manifest(
     // What each bundle's work-tree commit was made from (see `HeadMeta::work_tree`),
     // by workspace path.
     let mut bundled_stat: HashMap<String, (u64, i64)> = HashMap::new();
+    // A repository's object name is its path (`a/b` for `workspace/git/a/b.json`).
+    let git_prefix = format!("{conversation_prefix}{}", gitbundle::GIT_DIR);
+    let stem_of = |key: &'_ str, suffix: &str| -> Option<String> {
+        let stem = key
+            .strip_prefix(git_prefix.as_str())?
+            .strip_suffix(suffix)?;
+        Some(stem.to_string())
+    };
     let mut stems: Vec<String> = git_objects
         .iter()
-        .filter_map(|o| o.key.rsplit('/').next()?.strip_suffix(".json"))
-        .map(String::from)
+        .filter_map(|o| stem_of(&o.key, ".json"))
         .collect();
     stems.sort_by_key(|s| (s != gitbundle::ROOT_STEM, s.clone()));
     let git_path = |stem: &str| {
@@ -893,15 +900,11 @@ async fn restore_manifest(
     // A bundle without its description (a first upload cut short between the two):
     // nothing says where it goes, so it is not restored, and the report says so.
     for o in &git_objects {
-        if let Some(stem) = o
-            .key
-            .rsplit('/')
-            .next()
-            .and_then(|n| n.strip_suffix(".bundle"))
-            && !stems.iter().any(|s| s == stem)
+        if let Some(stem) = stem_of(&o.key, ".bundle")
+            && !stems.contains(&stem)
         {
             report.bad.push(BadEntry {
-                path: git_path(stem),
+                path: git_path(&stem),
                 error: format!(
                     "{} has no description ({stem}.json) in remote storage: its git state \
                      is not restored",
@@ -929,10 +932,13 @@ async fn restore_manifest(
         let (repo, dir) = if is_root {
             (".".to_string(), root.clone())
         } else {
-            if checked_rel(&stem).is_err() || stem.contains('/') || excluded(&stem, true) {
+            if checked_rel(&stem).is_err()
+                || Path::new(&stem).components().count() > gitbundle::MAX_REPO_DEPTH
+                || excluded(&stem, true)
+            {
                 report.bad.push(BadEntry {
                     path: format!("{stem}/.git"),
-                    error: "not a first-level directory name".into(),
+                    error: "not a directory a repository is bundled from".into(),
                 });
                 continue;
             }

@@ -826,6 +826,64 @@ async fn a_subdirectory_repository_named_workspace_comes_back_in_its_directory()
     );
 }
 
+/// Repositories below the first level (`projects/app`, one nested in another) are
+/// bundled and come back with their commits, branch, staged and unstaged work; one in
+/// an ignored directory is not looked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repositories_below_the_first_level_come_back() {
+    let mut d = Daemon::prepare(CONFIG);
+    let ws = d.workspace.clone();
+    write(&ws, ".gitignore", "cache/\n");
+    let repos = ["projects/app", "projects/app/vendor/lib"];
+    for rel in repos {
+        let repo = ws.join(rel);
+        write(&repo, "committed.txt", "one\n");
+        git(&repo, &["init", "-q", "-b", "trunk"]);
+        git(&repo, &["add", "-A"]);
+        git(&repo, &["commit", "-q", "-m", "one"]);
+        write(&repo, "committed.txt", "changed\n");
+        write(&repo, "staged.txt", "staged\n");
+        git(&repo, &["add", "staged.txt"]);
+    }
+    let before: Vec<String> = repos
+        .iter()
+        .map(|rel| git(&ws.join(rel), &["status", "--porcelain"]))
+        .collect();
+    write(&ws, "cache/clone/f.txt", "f\n");
+    git(&ws.join("cache/clone"), &["init", "-q"]);
+    d.spawn_and_wait().await;
+    let bundled = ok(&d.api().post("/v1/git/bundle", &json!({})).await, 200);
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+
+    let target = d.root().join("restored");
+    let out = d.restore_cli(&["--to", target.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let s = out.json();
+    assert_eq!(
+        s["repos"],
+        json!([
+            {"repo": "projects/app", "refs": 1},
+            {"repo": "projects/app/vendor/lib", "refs": 1}
+        ]),
+        "{s}; bundled: {bundled}"
+    );
+    for (rel, status) in repos.iter().zip(&before) {
+        let repo = target.join(rel);
+        assert_eq!(&git(&repo, &["status", "--porcelain"]), status, "{rel}");
+        assert_eq!(
+            git(&repo, &["branch", "--show-current"]),
+            "trunk\n",
+            "{rel}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(repo.join("committed.txt")).unwrap(),
+            "changed\n"
+        );
+    }
+    assert!(!target.join("cache").exists());
+}
+
 /// `--force` removes what the restored tree would mirror and the remote lacks, judged
 /// by the ignore files being restored, not by those the target had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
