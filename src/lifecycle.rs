@@ -405,7 +405,7 @@ pub async fn run(
         config.kv.replicate_delay.0,
     );
 
-    let state = AppState {
+    let state = AppState::new(api::Shared {
         config: config.clone(),
         kv: kv.clone(),
         sync: sync.clone(),
@@ -418,7 +418,7 @@ pub async fn run(
         files: files.clone(),
         replica: replica.clone(),
         owner: owner.clone(),
-    };
+    });
     let server_stop = CancellationToken::new();
     let mut server = tokio::spawn(api::server::serve(
         listener,

@@ -28,9 +28,27 @@ use crate::metrics::Metrics;
 
 pub use error::ApiError;
 
-/// What every handler shares. Cloned per request (all fields are shared handles).
+/// What every handler shares: one handle, cloned per request (axum clones the state
+/// for the route and again for each `State` extractor).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The daemon's parts the routes use, behind [`AppState`].
+pub struct Shared {
     pub config: Arc<Config>,
     pub kv: KvStore,
     pub sync: crate::sync::SyncHandle,
