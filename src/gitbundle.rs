@@ -547,11 +547,25 @@ pub const MAX_REPO_DEPTH: usize = 4;
 /// at every bundle check.
 const MAX_DIRS_LOOKED_AT: usize = 20_000;
 
+/// What [`discover`] found.
+#[derive(Debug)]
+pub struct Discovered {
+    pub repos: Vec<RepoDir>,
+    /// Every directory was looked at (no more than the limit): a repository not found
+    /// is not there, and its bundle may go.
+    pub whole: bool,
+}
+
 /// The repositories of a workspace: the root, if it is one; every first-level
 /// subdirectory holding a `.git`; and deeper ones, down to [`MAX_REPO_DEPTH`], in the
-/// directories `descend` lets in (the walk goes only through those). Symlinks are not
-/// followed. A repository's `repo` and `stem` are its path (`a/b`).
-pub fn discover(root: &Path, descend: &dyn Fn(&Path) -> bool) -> io::Result<Vec<RepoDir>> {
+/// directories `descend` lets in (the walk goes only through those), looking into at
+/// most `max_dirs` directories. Symlinks are not followed. A repository's `repo` and
+/// `stem` are its path (`a/b`).
+pub fn discover(
+    root: &Path,
+    descend: &dyn Fn(&Path) -> bool,
+    max_dirs: usize,
+) -> io::Result<Discovered> {
     let mut out = Vec::new();
     let root_is_repo = root.join(".git").exists();
     if root_is_repo {
@@ -563,8 +577,10 @@ pub fn discover(root: &Path, descend: &dyn Fn(&Path) -> bool) -> io::Result<Vec<
     }
     let mut found = Vec::new();
     let mut looked_at = 0;
+    let mut whole = true;
     let mut queue = std::collections::VecDeque::from([(String::new(), 0)]);
-    while let Some((dir, depth)) = queue.pop_front() {
+    // Cut short, the directory at hand is still looked at whole (the first level is).
+    while let Some((dir, depth)) = queue.pop_front().filter(|_| whole) {
         let entries = match std::fs::read_dir(root.join(&dir)) {
             Ok(entries) => entries,
             Err(e) if depth == 0 => return Err(e),
@@ -602,15 +618,15 @@ pub fn discover(root: &Path, descend: &dyn Fn(&Path) -> bool) -> io::Result<Vec<
                     found.push(rel.clone());
                 }
             }
-            if let_in && depth + 1 < MAX_REPO_DEPTH {
+            if let_in && depth + 1 < MAX_REPO_DEPTH && whole {
                 looked_at += 1;
-                if looked_at > MAX_DIRS_LOOKED_AT {
+                if looked_at > max_dirs {
                     tracing::warn!(
-                        limit = MAX_DIRS_LOOKED_AT,
-                        "too many directories to look for git repositories in: those deeper than the first level may be missed"
+                        limit = max_dirs,
+                        "too many directories to look for git repositories in: those below the first level may be missed (and no bundle is deleted as gone)"
                     );
-                    queue.clear();
-                    break;
+                    whole = false;
+                    continue;
                 }
                 queue.push_back((rel, depth + 1));
             }
@@ -622,16 +638,19 @@ pub fn discover(root: &Path, descend: &dyn Fn(&Path) -> bool) -> io::Result<Vec<
         stem: rel.clone(),
         repo: rel,
     }));
-    Ok(out)
+    Ok(Discovered { repos: out, whole })
 }
 
 /// The repositories of the workspace at `root` that the mirror's configuration does not
 /// leave out ([`discover`], deeper ones only in directories the mirror carries).
-fn find_repos(root: &Path, excludes: &[String]) -> io::Result<Vec<RepoDir>> {
+fn find_repos(root: &Path, excludes: &[String]) -> io::Result<Discovered> {
     let rules = crate::sync::rules::Rules::new(root, excludes).map_err(io::Error::other)?;
-    let mut repos = discover(root, &|rel| !rules.is_ignored(rel, true))?;
-    repos.retain(|r| r.repo == "." || !rules.excluded_by_config(Path::new(&r.repo), true));
-    Ok(repos)
+    let descend = |rel: &Path| !rules.is_ignored(rel, true);
+    let mut found = discover(root, &descend, MAX_DIRS_LOOKED_AT)?;
+    found
+        .repos
+        .retain(|r| r.repo == "." || !rules.excluded_by_config(Path::new(&r.repo), true));
+    Ok(found)
 }
 
 /// The bundle header: the signature, one `<oid> <refname>` line per ref, a blank line.
@@ -1853,7 +1872,7 @@ impl GitBundler {
         )
     }
 
-    async fn repos(&self) -> Result<Vec<RepoDir>, GitError> {
+    async fn repos(&self) -> Result<Discovered, GitError> {
         let (root, excludes) = (self.root.clone(), self.excludes.clone());
         tokio::task::spawn_blocking(move || find_repos(&root, &excludes))
             .await
@@ -1900,9 +1919,9 @@ impl GitBundler {
     /// A repository that fails is reported in `errors`; the others go on.
     pub async fn write_all(&self, force: bool) -> Result<BundleRound, GitError> {
         let _one = self.running.lock().await;
-        let repos = self.repos().await?;
+        let found = self.repos().await?;
         let mut round = BundleRound::default();
-        for r in &repos {
+        for r in &found.repos {
             let started = Instant::now();
             match self.write_one(r, force).await {
                 Ok(Some(info)) => {
@@ -1923,7 +1942,9 @@ impl GitBundler {
             }
         }
         self.remember(&round.bundles);
-        self.prune(&repos).await;
+        if found.whole {
+            self.prune(&found.repos).await;
+        }
         Ok(round)
     }
 
@@ -2118,7 +2139,7 @@ impl GitBundler {
     pub async fn status(&self) -> Vec<RepoStatus> {
         let (root, excludes) = (self.root.clone(), self.excludes.clone());
         let result = tokio::task::spawn_blocking(move || {
-            let repos = find_repos(&root, &excludes).unwrap_or_default();
+            let repos = find_repos(&root, &excludes).map_or_else(|_| Vec::new(), |f| f.repos);
             repos
                 .iter()
                 .map(|r| {
@@ -2242,7 +2263,9 @@ mod tests {
         // `skipped` is not walked into (as an ignored directory), yet a first-level
         // repository all the same.
         let descend = |rel: &Path| !rel.starts_with("skipped");
-        let repos = discover(root, &descend).unwrap();
+        let found = discover(root, &descend, 100).unwrap();
+        assert!(found.whole);
+        let repos = found.repos;
         let names: Vec<(&str, &str)> = repos
             .iter()
             .map(|r| (r.repo.as_str(), r.stem.as_str()))
@@ -2259,6 +2282,16 @@ mod tests {
             ]
         );
         assert_eq!(repos[1].dir, root.join("a/b/c/d"));
+
+        // Cut short by the limit: what it found, and that it is not the whole.
+        let found = discover(root, &descend, 3).unwrap();
+        assert!(!found.whole);
+        let names: Vec<&str> = found.repos.iter().map(|r| r.repo.as_str()).collect();
+        assert!(
+            names.contains(&"lib") && names.contains(&"skipped"),
+            "{names:?}"
+        );
+        assert!(!names.contains(&"a/b/c/d"), "{names:?}");
     }
 
     #[test]
