@@ -1510,12 +1510,7 @@ mod tests {
         let json = serde_json::to_vec(&manifest).unwrap();
         let key = format!("{prefix}workspace/manifest.json");
         remote.put_bytes(&key, Bytes::from(json)).await.unwrap();
-        let opts = RestoreOptions {
-            concurrency: 2,
-            force: false,
-            exclude: Vec::new(),
-            max_file_bytes: u64::MAX,
-        };
+        let opts = two_at_a_time();
         let target = dir.path().join("ws");
         remote.set_down_under(Some(&format!("{prefix}workspace/files/b/")));
         let r = restore_workspace(&remote, prefix, &target, &opts, &NoProgress).await;
@@ -1528,6 +1523,16 @@ mod tests {
         assert!(report.bad.is_empty(), "{report:?}");
         assert_eq!(fs::read_to_string(target.join("b/c.txt")).unwrap(), "gamma");
         assert_eq!(fs::read_to_string(target.join("a.txt")).unwrap(), "alpha");
+    }
+
+    /// Options of the restores here: two downloads at a time, nothing else set.
+    fn two_at_a_time() -> RestoreOptions {
+        RestoreOptions {
+            concurrency: 2,
+            force: false,
+            exclude: Vec::new(),
+            max_file_bytes: u64::MAX,
+        }
     }
 
     /// An object at the manifest's key too large to be one (a sparse file here) is
@@ -1546,12 +1551,7 @@ mod tests {
         fs::create_dir_all(manifest.parent().unwrap()).unwrap();
         let f = fs::File::create(&manifest).unwrap();
         f.set_len(crate::remote::DOCUMENT_MAX + 1).unwrap();
-        let opts = RestoreOptions {
-            concurrency: 2,
-            force: false,
-            exclude: Vec::new(),
-            max_file_bytes: u64::MAX,
-        };
+        let opts = two_at_a_time();
         let target = dir.path().join("ws");
         let r = restore_workspace(&remote, prefix, &target, &opts, &NoProgress).await;
         match r {
