@@ -162,7 +162,8 @@ pub struct HeadMeta {
     /// bundle carries the commits they name as `refs/sandkeep/in-progress/<i>`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub in_progress: BTreeMap<String, String>,
-    /// The reflogs of HEAD and the branches (`git reflog`), newest entry first, at
+    /// The reflogs of HEAD, the branches, the remote-tracking branches and the tags
+    /// (`git reflog`), newest entry first, at
     /// most [`REFLOG_MAX`] each. The bundle carries the commits they name that no ref
     /// has as `refs/sandkeep/reflog/<i>` (never created as refs by a restore).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -372,15 +373,17 @@ fn git_dir_meta(repo: &Repository, meta: &mut HeadMeta) {
     }
 }
 
-/// The reflogs of HEAD and the branches that have one, newest entries first.
+/// The reflogs of HEAD, the branches, the remote-tracking branches and the tags that
+/// have one, newest entries first.
 fn reflogs(repo: &Repository) -> BTreeMap<String, Vec<ReflogEntry>> {
     let mut names = vec!["HEAD".to_string()];
-    if let Ok(branches) = repo.references_glob("refs/heads/*") {
-        names.extend(
-            branches
-                .flatten()
-                .filter_map(|r| r.name().ok().map(str::to_string)),
-        );
+    for glob in ["refs/heads/*", "refs/remotes/*", "refs/tags/*"] {
+        if let Ok(refs) = repo.references_glob(glob) {
+            names.extend(
+                refs.flatten()
+                    .filter_map(|r| r.name().ok().map(str::to_string)),
+            );
+        }
     }
     let mut out = BTreeMap::new();
     for name in names {
@@ -2742,6 +2745,34 @@ mod tests {
             git_in(&src, &["rev-parse", "origin"])
         );
         assert_eq!(git_in(&dst, &["status", "--porcelain"]), "");
+    }
+
+    /// The reflogs of remote-tracking branches (a clone, then a fetch) come back too.
+    #[test]
+    fn remote_tracking_reflogs_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        let up = base.join("up");
+        std::fs::create_dir(&up).unwrap();
+        git_in(&up, &["init", "-q", "-b", "trunk"]);
+        for n in 1..=2 {
+            if n == 2 {
+                git_in(&base, &["clone", "-q", "up", "src"]);
+            }
+            std::fs::write(up.join("a.txt"), format!("{n}")).unwrap();
+            git_in(&up, &["add", "."]);
+            git_in(&up, &["commit", "-q", "-m", &format!("c{n}")]);
+        }
+        let src = base.join("src");
+        git_in(&src, &["fetch", "-q"]);
+        let format = ["reflog", "--format=%H %gs", "refs/remotes/origin/trunk"];
+        let log = git_in(&src, &format);
+        assert!(log.contains("fetch"), "{log}");
+
+        let scratch = base.join("scratch");
+        std::fs::create_dir(&scratch).unwrap();
+        let dst = round_trip(&src, &scratch);
+        assert_eq!(git_in(&dst, &format), log);
     }
 
     /// A sparse checkout (`git sparse-checkout set`) comes back with its patterns and
