@@ -308,13 +308,18 @@ fn small_text(path: &Path) -> Option<String> {
     kept
 }
 
-/// The `.git` parts of [`HeadMeta`] that are not HEAD.
+/// The `.git` parts of [`HeadMeta`] that are not HEAD. A linked worktree's own git
+/// directory (`.git/worktrees/<name>`) holds what is its own (HEAD, its reflog, the
+/// index, `config.worktree`, a sparse checkout, an operation in progress); the rest
+/// (config, `info/exclude`, hooks, the branches' reflogs, the stash) is the main
+/// repository's, in the common directory.
 fn git_dir_meta(repo: &Repository, meta: &mut HeadMeta) {
     use std::os::unix::fs::PermissionsExt;
     let git_dir = repo.path();
-    meta.config = small_text(&git_dir.join("config"));
+    let common = repo.commondir();
+    meta.config = small_text(&common.join("config"));
     meta.config_worktree = small_text(&git_dir.join("config.worktree"));
-    meta.info_exclude = small_text(&git_dir.join("info/exclude"));
+    meta.info_exclude = small_text(&common.join("info/exclude"));
     meta.info_sparse_checkout = small_text(&git_dir.join("info/sparse-checkout"));
     for name in IN_PROGRESS_FILES {
         if let Some(text) = small_text(&git_dir.join(name)) {
@@ -335,7 +340,7 @@ fn git_dir_meta(repo: &Repository, meta: &mut HeadMeta) {
         }
     }
     meta.reflogs = reflogs(repo);
-    if let Ok(entries) = std::fs::read_dir(git_dir.join("hooks")) {
+    if let Ok(entries) = std::fs::read_dir(common.join("hooks")) {
         for e in entries.flatten() {
             let Ok(name) = e.file_name().into_string() else {
                 continue;
@@ -360,7 +365,7 @@ fn git_dir_meta(repo: &Repository, meta: &mut HeadMeta) {
     // Only with a stash: reading a reflog that does not exist creates its file, and the
     // user's `.git` is never written to.
     if repo.find_reference("refs/stash").is_ok()
-        && git_dir.join("logs/refs/stash").is_file()
+        && common.join("logs/refs/stash").is_file()
         && let Ok(log) = repo.reflog("refs/stash")
     {
         meta.stash = log
@@ -388,8 +393,13 @@ fn reflogs(repo: &Repository) -> BTreeMap<String, Vec<ReflogEntry>> {
     let mut out = BTreeMap::new();
     for name in names {
         // Only where a log exists: reading one that does not creates its file, and
-        // the user's `.git` is never written to.
-        if !repo.path().join("logs").join(&name).is_file() {
+        // the user's `.git` is never written to. HEAD's is a linked worktree's own.
+        let dir = if name == "HEAD" {
+            repo.path()
+        } else {
+            repo.commondir()
+        };
+        if !dir.join("logs").join(&name).is_file() {
             continue;
         }
         let Ok(log) = repo.reflog(&name) else {
@@ -434,8 +444,6 @@ fn restore_reflogs(repo: &Repository, meta: &HeadMeta) -> Result<(), GitError> {
     Ok(())
 }
 
-/// Writes back what [`git_dir_meta`] kept, and the stash's reflog from `stash`
-/// (the entries' commits, newest first, already in the object database).
 /// Creates the symbolic refs of `meta`. One that cannot be (its name taken by a ref of
 /// the bundle, or not a ref name) is left out with a warning: it only names another.
 fn restore_symrefs(repo: &Repository, meta: &HeadMeta) {
@@ -453,6 +461,8 @@ fn restore_symrefs(repo: &Repository, meta: &HeadMeta) {
     }
 }
 
+/// Writes back what [`git_dir_meta`] kept, and the stash's reflog from `stash`
+/// (the entries' commits, newest first, already in the object database).
 fn restore_git_dir_meta(repo: &Repository, meta: &HeadMeta) -> Result<(), GitError> {
     use std::os::unix::fs::PermissionsExt;
     let git_dir = repo.path().to_path_buf();
@@ -554,15 +564,14 @@ const MAX_DIRS_LOOKED_AT: usize = 20_000;
 #[derive(Debug)]
 pub struct Discovered {
     pub repos: Vec<RepoDir>,
-    /// Every directory was looked at (no more than the limit): a repository not found
-    /// is not there, and its bundle may go.
+    /// Every directory was looked at (no more than the limit, none unreadable): a
+    /// repository not found is not there, and its bundle may go.
     pub whole: bool,
 }
 
-/// The repositories of a workspace: the root, if it is one; every first-level
-/// subdirectory holding a `.git`; and deeper ones, down to [`MAX_REPO_DEPTH`], in the
-/// directories `descend` lets in (the walk goes only through those), looking into at
-/// most `max_dirs` directories. Symlinks are not followed. A repository's `repo` and
+/// The repositories of a workspace: the root, if it is one, and every subdirectory
+/// holding a `.git`, down to [`MAX_REPO_DEPTH`], of the directories the walk looks into:
+/// the root, and below it those `descend` lets in, at most `max_dirs` of them. Symlinks are not followed. A repository's `repo` and
 /// `stem` are its path (`a/b`).
 pub fn discover(
     root: &Path,
@@ -580,21 +589,29 @@ pub fn discover(
     }
     let mut found = Vec::new();
     let mut looked_at = 0;
-    let mut whole = true;
+    // Cut short by the limit, or something could not be read: a repository not found
+    // may be there.
+    let (mut cut, mut unsure) = (false, false);
     let mut queue = std::collections::VecDeque::from([(String::new(), 0)]);
     // Cut short, the directory at hand is still looked at whole (the first level is).
-    while let Some((dir, depth)) = queue.pop_front().filter(|_| whole) {
+    while let Some((dir, depth)) = queue.pop_front().filter(|_| !cut) {
         let entries = match std::fs::read_dir(root.join(&dir)) {
             Ok(entries) => entries,
             Err(e) if depth == 0 => return Err(e),
-            // Gone since, or unreadable: left out, as the mirror leaves it.
-            Err(_) => continue,
+            // Gone since: nothing there. Unreadable: left out, as the mirror leaves it.
+            Err(e) => {
+                unsure |= e.kind() != io::ErrorKind::NotFound;
+                continue;
+            }
         };
         for entry in entries {
             let entry = match entry {
                 Ok(entry) => entry,
                 Err(e) if depth == 0 => return Err(e),
-                Err(_) => break,
+                Err(_) => {
+                    unsure = true;
+                    break;
+                }
             };
             if !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
@@ -610,8 +627,14 @@ pub fn discover(
             } else {
                 format!("{dir}/{name}")
             };
-            let let_in = descend(Path::new(&rel));
-            if (depth == 0 || let_in) && entry.path().join(".git").exists() {
+            // Any subdirectory of a directory looked into may be a repository, one the
+            // rules ignore too (a clone listed in `.gitignore`); the walk only goes on
+            // through those `descend` lets in.
+            let is_repo = entry.path().join(".git").try_exists().unwrap_or_else(|_| {
+                unsure = true;
+                false
+            });
+            if is_repo {
                 if root_is_repo && rel == ROOT_STEM {
                     tracing::warn!(
                         "the subdirectory `workspace` holds a repository whose bundle name would be the \
@@ -621,14 +644,14 @@ pub fn discover(
                     found.push(rel.clone());
                 }
             }
-            if let_in && depth + 1 < MAX_REPO_DEPTH && whole {
+            if depth + 1 < MAX_REPO_DEPTH && !cut && descend(Path::new(&rel)) {
                 looked_at += 1;
                 if looked_at > max_dirs {
                     tracing::warn!(
                         limit = max_dirs,
                         "too many directories to look for git repositories in: those below the first level may be missed (and no bundle is deleted as gone)"
                     );
-                    whole = false;
+                    cut = true;
                     continue;
                 }
                 queue.push_back((rel, depth + 1));
@@ -641,7 +664,10 @@ pub fn discover(
         stem: rel.clone(),
         repo: rel,
     }));
-    Ok(Discovered { repos: out, whole })
+    Ok(Discovered {
+        repos: out,
+        whole: !cut && !unsure,
+    })
 }
 
 /// The repositories of the workspace at `root` that the mirror's configuration does not
@@ -2251,6 +2277,8 @@ mod tests {
         for repo in [
             "lib",
             "lib/vendored",
+            "lib/ignored",
+            "lib/ignored/inner",
             "a/deep",
             "a/b/c/d",
             "a/b/c/d2/e",
@@ -2263,9 +2291,9 @@ mod tests {
         std::fs::create_dir_all(root.join("empty/dir")).unwrap();
         std::os::unix::fs::symlink(root.join("lib"), root.join("link")).unwrap();
         std::os::unix::fs::symlink(root.join("a"), root.join("plain/alink")).unwrap();
-        // `skipped` is not walked into (as an ignored directory), yet a first-level
-        // repository all the same.
-        let descend = |rel: &Path| !rel.starts_with("skipped");
+        // `skipped` and `lib/ignored` are not walked into (as ignored directories), yet
+        // repositories all the same.
+        let descend = |rel: &Path| !rel.starts_with("skipped") && !rel.starts_with("lib/ignored");
         let found = discover(root, &descend, 100).unwrap();
         assert!(found.whole);
         let repos = found.repos;
@@ -2280,6 +2308,7 @@ mod tests {
                 ("a/b/c/d", "a/b/c/d"),
                 ("a/deep", "a/deep"),
                 ("lib", "lib"),
+                ("lib/ignored", "lib/ignored"),
                 ("lib/vendored", "lib/vendored"),
                 ("skipped", "skipped"),
             ]
@@ -2773,6 +2802,56 @@ mod tests {
         std::fs::create_dir(&scratch).unwrap();
         let dst = round_trip(&src, &scratch);
         assert_eq!(git_in(&dst, &format), log);
+    }
+
+    /// A linked worktree (`git worktree add`) comes back as a repository of its own with
+    /// the main repository's config, hooks and branch reflogs, which live in the common
+    /// directory, and its own HEAD and staged work.
+    #[test]
+    fn a_linked_worktree_comes_back_with_what_it_shares() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        let main = base.join("main");
+        std::fs::create_dir(&main).unwrap();
+        git_in(&main, &["init", "-q", "-b", "trunk"]);
+        git_in(
+            &main,
+            &["remote", "add", "origin", "https://example.invalid/r.git"],
+        );
+        std::fs::write(main.join(".git/info/exclude"), "*.tmp\n").unwrap();
+        std::fs::write(main.join(".git/hooks/pre-commit"), "#!/bin/sh\nexit 0\n").unwrap();
+        std::fs::write(main.join("a.txt"), "a").unwrap();
+        git_in(&main, &["add", "."]);
+        git_in(&main, &["commit", "-q", "-m", "one"]);
+        git_in(&main, &["worktree", "add", "-q", "-b", "feat", "../wt"]);
+        let wt = base.join("wt");
+        std::fs::write(wt.join("b.txt"), "b").unwrap();
+        git_in(&wt, &["add", "b.txt"]);
+        git_in(&wt, &["commit", "-q", "-m", "two"]);
+        std::fs::write(wt.join("c.txt"), "c").unwrap();
+        git_in(&wt, &["add", "c.txt"]);
+        let feat_log = git_in(&wt, &["reflog", "--format=%H %gs", "feat"]);
+        let status = git_in(&wt, &["status", "--porcelain"]);
+
+        let scratch = base.join("scratch");
+        std::fs::create_dir(&scratch).unwrap();
+        let dst = round_trip(&wt, &scratch);
+        assert!(dst.join(".git").is_dir());
+        assert_eq!(
+            git_in(&dst, &["config", "--get", "remote.origin.url"]),
+            "https://example.invalid/r.git\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dst.join(".git/info/exclude")).unwrap(),
+            "*.tmp\n"
+        );
+        assert!(dst.join(".git/hooks/pre-commit").is_file());
+        assert_eq!(git_in(&dst, &["branch", "--show-current"]), "feat\n");
+        assert_eq!(
+            git_in(&dst, &["reflog", "--format=%H %gs", "feat"]),
+            feat_log
+        );
+        assert_eq!(git_in(&dst, &["status", "--porcelain"]), status);
     }
 
     /// A sparse checkout (`git sparse-checkout set`) comes back with its patterns and
