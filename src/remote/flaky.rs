@@ -25,6 +25,8 @@ pub struct FlakyRemote {
     pub reads: AtomicU64,
     /// Listings give each object's ETag (the MD5 of its content), as S3 does.
     etags_in_listings: AtomicBool,
+    /// Reads into memory take at most this many bytes, whatever their caller's cap.
+    read_cap: AtomicU64,
 }
 
 /// Failures queued for the next calls.
@@ -48,6 +50,7 @@ impl FlakyRemote {
             hang_reads: AtomicBool::new(false),
             queue: Mutex::new(Queue::default()),
             refused: AtomicU64::new(0),
+            read_cap: AtomicU64::new(u64::MAX),
             reads: AtomicU64::new(0),
             etags_in_listings: AtomicBool::new(false),
         }
@@ -60,6 +63,13 @@ impl FlakyRemote {
     }
 
     /// While down, every call fails with a transport error.
+    /// Reads into memory (`get_bytes_within`, `get_bytes_tagged`) take at most `max`
+    /// bytes, as if their callers' caps were that small: a larger object is
+    /// [`RemoteError::TooLarge`].
+    pub fn set_read_cap(&self, max: u64) {
+        self.read_cap.store(max, Ordering::SeqCst);
+    }
+
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
     }
@@ -181,6 +191,7 @@ impl Remote for FlakyRemote {
     async fn get_bytes_within(&self, key: &str, max: u64) -> Result<Option<Bytes>, RemoteError> {
         self.check("get", key)?;
         self.reads.fetch_add(1, Ordering::SeqCst);
+        let max = max.min(self.read_cap.load(Ordering::SeqCst));
         self.inner.get_bytes_within(key, max).await
     }
     async fn get_bytes_tagged(
@@ -193,6 +204,7 @@ impl Remote for FlakyRemote {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         self.reads.fetch_add(1, Ordering::SeqCst);
+        let max = max.min(self.read_cap.load(Ordering::SeqCst));
         self.inner.get_bytes_tagged(key, max).await
     }
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError> {

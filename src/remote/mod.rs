@@ -225,7 +225,12 @@ pub const DOCUMENT_MAX: u64 = 1 << 30;
 /// so keeping the same object again writes the same copy.
 pub fn unreadable_key(key: &str, data: &[u8]) -> String {
     use md5::Digest;
-    format!("{key}.unreadable-{}", hex::encode(md5::Md5::digest(data)))
+    unreadable_key_of(key, &md5::Md5::digest(data).into())
+}
+
+/// [`unreadable_key`] of an object whose content has the MD5 `md5`.
+pub fn unreadable_key_of(key: &str, md5: &[u8; 16]) -> String {
+    format!("{key}.unreadable-{}", hex::encode(md5))
 }
 
 /// Exponential backoff with jitter: 200 ms doubling to 30 s, each delay drawn between

@@ -634,6 +634,12 @@ impl SyncEngine {
                 self.manifest.empty_dirs.clear();
             }
             Ok(None) => {}
+            Err(RemoteError::TooLarge { .. }) => {
+                // Larger than any manifest: kept aside, as an unreadable one is, but
+                // streamed through the staging directory instead of held in memory.
+                let aside = self.keep_aside_streamed(&key).await?;
+                tracing::error!(kept_as = %aside, limit = remote::DOCUMENT_MAX, "the remote manifest is too large to read: kept aside, and rewritten from this workspace; the objects it named stay in remote storage");
+            }
             Err(e) => {
                 // A round now would publish a manifest that does not know what the
                 // remote one names: the rounds wait for it (retried with backoff).
@@ -644,6 +650,44 @@ impl SyncEngine {
         }
         self.manifest_adopted = true;
         Ok(())
+    }
+
+    /// Copies the object at `key` to its [`remote::unreadable_key_of`] through a file in
+    /// the staging directory; the key of the copy.
+    async fn keep_aside_streamed(&self, key: &str) -> Result<String, SyncError> {
+        let tmp = self
+            .staging
+            .join(format!("aside-{:016x}", rand::random::<u64>()));
+        let kept = async {
+            let remote_error = |e: RemoteError| SyncError::Remote(e.to_string());
+            self.remote
+                .get_to_file(key, &tmp)
+                .await
+                .map_err(remote_error)?;
+            let path = tmp.clone();
+            let md5 = tokio::task::spawn_blocking(move || {
+                use md5::Digest;
+                let mut md5 = md5::Md5::new();
+                std::io::copy(&mut std::fs::File::open(&path)?, &mut md5)?;
+                Ok::<[u8; 16], std::io::Error>(md5.finalize().into())
+            })
+            .await
+            .map_err(|e| SyncError::Local(e.to_string()))?
+            .map_err(|e| SyncError::Local(e.to_string()))?;
+            let aside = remote::unreadable_key_of(key, &md5);
+            self.remote
+                .put_file(&aside, &tmp, md5)
+                .await
+                .map_err(remote_error)?;
+            Ok(aside)
+        }
+        .await;
+        if let Err(e) = std::fs::remove_file(&tmp)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %tmp.display(), error = %e, "cannot remove a staged copy");
+        }
+        kept
     }
 
     /// Runs until `stop` fires.
@@ -1752,6 +1796,39 @@ mod tests {
             ["a", "x"]
         );
         assert_eq!(remote["a"], b"a2");
+        g.stop.cancel();
+        g.task.await.unwrap();
+    }
+
+    /// A remote manifest too large to read (here: reads capped below its size) is kept
+    /// aside whole, streamed, as an unreadable one is, and rewritten from the
+    /// workspace: the mirror does not stop on it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_remote_manifest_too_large_to_read_is_kept_aside_and_rewritten() {
+        let f = engine().await;
+        std::fs::write(f.ws.join("a"), "a").unwrap();
+        f.handle.sync(false).await.unwrap();
+        f.stop.cancel();
+        f.task.await.unwrap();
+        let manifest = Keys::new(&Config::default()).manifest();
+        let big = Bytes::from(vec![b'x'; 4096]);
+        f.remote.put_bytes(&manifest, big.clone()).await.unwrap();
+        let remote = f.remote.clone();
+        remote.set_read_cap(1024);
+        let g = engine_in(f._dir, "new-", remote, |ws| {
+            std::fs::write(ws.join("b"), "b").unwrap();
+        })
+        .await;
+        tokio::time::timeout(Duration::from_secs(20), g.handle.sync(false))
+            .await
+            .expect("the sync finished")
+            .unwrap();
+        g.remote.set_read_cap(u64::MAX);
+        let aside = remote::unreadable_key(&manifest, &big);
+        assert_eq!(g.remote.get_bytes(&aside).await.unwrap(), Some(big));
+        let m: Manifest =
+            serde_json::from_slice(&g.remote.get_bytes(&manifest).await.unwrap().unwrap()).unwrap();
+        assert!(m.files.contains_key("b"), "{:?}", m.files.keys());
         g.stop.cancel();
         g.task.await.unwrap();
     }
