@@ -547,7 +547,7 @@ fn rewrite_reflog<'a>(
 /// A repository of the workspace.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RepoDir {
-    /// `"."` for the workspace root, else the subdirectory's name.
+    /// `"."` for the workspace root, else the subdirectory's path (`a/b`).
     pub repo: String,
     /// The object name: `workspace` for the root, else the subdirectory's path.
     pub stem: String,
@@ -570,9 +570,9 @@ pub struct Discovered {
 }
 
 /// The repositories of a workspace: the root, if it is one, and every subdirectory
-/// holding a `.git`, down to [`MAX_REPO_DEPTH`], of the directories the walk looks into:
-/// the root, and below it those `descend` lets in, at most `max_dirs` of them. Symlinks are not followed. A repository's `repo` and
-/// `stem` are its path (`a/b`).
+/// holding a `.git`, down to [`MAX_REPO_DEPTH`], of the directories the walk looks
+/// into: the root, and below it those `descend` lets in, at most `max_dirs` of them.
+/// Symlinks are not followed. A repository's `repo` and `stem` are its path (`a/b`).
 pub fn discover(
     root: &Path,
     descend: &dyn Fn(&Path) -> bool,

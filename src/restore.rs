@@ -879,7 +879,7 @@ async fn restore_manifest(
     let mut bundled_stat: HashMap<String, (u64, i64)> = HashMap::new();
     // A repository's object name is its path (`a/b` for `workspace/git/a/b.json`).
     let git_prefix = format!("{conversation_prefix}{}", gitbundle::GIT_DIR);
-    let stem_of = |key: &'_ str, suffix: &str| -> Option<String> {
+    let stem_of = |key: &str, suffix: &str| -> Option<String> {
         let stem = key
             .strip_prefix(git_prefix.as_str())?
             .strip_suffix(suffix)?;

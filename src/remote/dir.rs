@@ -285,13 +285,12 @@ impl DirRemote {
         let holds = match (cond, current) {
             (Precondition::Absent, None) => true,
             (Precondition::Matches(etag), Some(mut f)) => {
-                let mut md5 = Md5::new();
-                std::io::copy(&mut f, &mut md5).map_err(|e| RemoteError::Transport {
+                let md5 = super::md5_of(&mut f).map_err(|e| RemoteError::Transport {
                     op: "put",
                     key: key.into(),
                     message: e.to_string(),
                 })?;
-                hex::encode(md5.finalize()) == *etag
+                hex::encode(md5) == *etag
             }
             _ => false,
         };
@@ -306,8 +305,8 @@ impl DirRemote {
     }
 }
 
-/// The ETag of an object on a `dir` remote: the hex MD5 of its content (as S3 has it
-/// for single-part uploads).
+/// An object's ETag here is the hex MD5 of its content ([`super::md5_etag`]), as S3
+/// has it for single-part uploads.
 #[async_trait]
 impl Remote for DirRemote {
     async fn put_file(&self, key: &str, path: &Path, md5: [u8; 16]) -> Result<u64, RemoteError> {

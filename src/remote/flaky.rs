@@ -62,7 +62,6 @@ impl FlakyRemote {
         self.etags_in_listings.store(on, Ordering::SeqCst);
     }
 
-    /// While down, every call fails with a transport error.
     /// Reads into memory (`get_bytes_within`, `get_bytes_tagged`) take at most `max`
     /// bytes, as if their callers' caps were that small: a larger object is
     /// [`RemoteError::TooLarge`].
@@ -70,6 +69,7 @@ impl FlakyRemote {
         self.read_cap.store(max, Ordering::SeqCst);
     }
 
+    /// While down, every call fails with a transport error.
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
     }

@@ -301,6 +301,14 @@ pub fn md5_etag(data: &[u8]) -> String {
     hex::encode(md5::Md5::digest(data))
 }
 
+/// The MD5 of everything `reader` yields, read in pieces (never held whole).
+pub fn md5_of(reader: &mut impl std::io::Read) -> std::io::Result<[u8; 16]> {
+    use md5::Digest;
+    let mut md5 = md5::Md5::new();
+    std::io::copy(reader, &mut md5)?;
+    Ok(md5.finalize().into())
+}
+
 /// MD5 in the base64 form of the `Content-MD5` header.
 pub fn content_md5(md5: &[u8; 16]) -> String {
     use base64::Engine;

@@ -666,10 +666,7 @@ impl SyncEngine {
                 .map_err(remote_error)?;
             let path = tmp.clone();
             let md5 = tokio::task::spawn_blocking(move || {
-                use md5::Digest;
-                let mut md5 = md5::Md5::new();
-                std::io::copy(&mut std::fs::File::open(&path)?, &mut md5)?;
-                Ok::<[u8; 16], std::io::Error>(md5.finalize().into())
+                remote::md5_of(&mut std::fs::File::open(&path)?)
             })
             .await
             .map_err(|e| SyncError::Local(e.to_string()))?
