@@ -188,6 +188,20 @@ pub struct HeadMeta {
     /// did not change between the two, and a restore takes the mirror's exact copy.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub work_tree: BTreeMap<String, (u64, i64)>,
+    /// Set when the repository is a linked worktree (`git worktree add`) of a
+    /// repository of the same workspace: a restore links it to that repository again
+    /// (once that one is restored) instead of making it a repository of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worktree_of: Option<WorktreeOf>,
+}
+
+/// Where a linked worktree belongs: see [`HeadMeta::worktree_of`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorktreeOf {
+    /// The main repository's directory in the workspace (`"."` for the root).
+    pub repo: String,
+    /// The worktree's name: its git directory is the main one's `worktrees/<name>`.
+    pub name: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -462,10 +476,26 @@ fn restore_symrefs(repo: &Repository, meta: &HeadMeta) {
 }
 
 /// Writes back what [`git_dir_meta`] kept, and the stash's reflog from `stash`
-/// (the entries' commits, newest first, already in the object database).
-fn restore_git_dir_meta(repo: &Repository, meta: &HeadMeta) -> Result<(), GitError> {
+/// (the entries' commits, newest first, already in the object database). Of a
+/// `linked` worktree, only what is its own (the rest is the main repository's).
+fn restore_git_dir_meta(repo: &Repository, meta: &HeadMeta, linked: bool) -> Result<(), GitError> {
     use std::os::unix::fs::PermissionsExt;
     let git_dir = repo.path().to_path_buf();
+    if linked {
+        let own = HeadMeta {
+            config_worktree: meta.config_worktree.clone(),
+            info_sparse_checkout: meta.info_sparse_checkout.clone(),
+            in_progress: meta.in_progress.clone(),
+            reflogs: meta
+                .reflogs
+                .iter()
+                .filter(|(name, _)| name.as_str() == "HEAD")
+                .map(|(name, log)| (name.clone(), log.clone()))
+                .collect(),
+            ..HeadMeta::default()
+        };
+        return restore_git_dir_meta(repo, &own, false);
+    }
     if let Some(config) = &meta.config {
         std::fs::write(git_dir.join("config"), config).ctx("writing .git/config")?;
         // A submodule's (or a separate git dir's) config names where its work tree
@@ -668,6 +698,29 @@ pub fn discover(
         repos: out,
         whole: !cut && !unsure,
     })
+}
+
+/// Where the repository at `dir` belongs when it is a linked worktree whose main
+/// repository's work tree is in the workspace at `root` (`None` for any other).
+fn worktree_of(dir: &Path, root: &Path) -> Option<WorktreeOf> {
+    let repo = Repository::open(dir).ok()?;
+    if !repo.is_worktree() {
+        return None;
+    }
+    // Its git directory is `<common>/worktrees/<name>`.
+    let name = repo.path().file_name()?.to_str()?.to_string();
+    let common = std::fs::canonicalize(repo.commondir()).ok()?;
+    // A bare main repository has no work tree to restore it into.
+    if common.file_name()? != ".git" {
+        return None;
+    }
+    let rel = common.parent()?.strip_prefix(root).ok()?;
+    let repo = if rel.as_os_str().is_empty() {
+        ".".to_string()
+    } else {
+        rel.to_str()?.to_string()
+    };
+    Some(WorktreeOf { repo, name })
 }
 
 /// The repositories of the workspace at `root` that the mirror's configuration does not
@@ -1524,28 +1577,116 @@ pub struct Restored {
 /// A restore that fails leaves no `.git` it created: an empty or half-made repository
 /// would be bundled by the daemon over the good bundle it came from.
 pub fn restore_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<Restored, GitError> {
+    restore_bundle_linked(bundle, meta, target, None)
+}
+
+/// [`restore_bundle`], and for a linked worktree (`meta.worktree_of`) whose main
+/// repository is restored at `main`: the worktree is linked to it again as `git
+/// worktree add` does (`<main>/.git/worktrees/<name>` and a `.git` file), its objects
+/// go into the main repository's, and of its refs only those the main repository
+/// lacks are created, and its own branch where that moves the branch forward (it is
+/// checked out here, so committed to here). The main repository's json keeps what the
+/// two share (config, hooks, the branches' reflogs, the stash); the worktree gets its
+/// own HEAD, index, reflog of HEAD, `config.worktree`, sparse checkout and operation
+/// in progress.
+pub fn restore_bundle_linked(
+    bundle: &Path,
+    meta: &HeadMeta,
+    target: &Path,
+    main: Option<&Path>,
+) -> Result<Restored, GitError> {
     let git_dir = target.join(".git");
     let had_git = std::fs::symlink_metadata(&git_dir).is_ok();
-    let result = unpack_bundle(bundle, meta, target);
-    if result.is_err()
-        && !had_git
-        && let Err(e) = std::fs::remove_dir_all(&git_dir)
-        && e.kind() != io::ErrorKind::NotFound
-    {
-        tracing::warn!(dir = %git_dir.display(), error = %e, "cannot remove the repository a failed restore began");
+    let mut linked_dir = None;
+    let result = unpack_bundle(bundle, meta, target, main, &mut linked_dir);
+    if result.is_err() && !had_git {
+        let removed = match linked_dir {
+            Some(dir) => std::fs::remove_file(&git_dir).and(std::fs::remove_dir_all(dir)),
+            None => std::fs::remove_dir_all(&git_dir),
+        };
+        if let Err(e) = removed
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %git_dir.display(), error = %e, "cannot remove the repository a failed restore began");
+        }
     }
     result
 }
 
-fn unpack_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<Restored, GitError> {
+/// Makes `target` a linked worktree named `name` of `main` (the files `git worktree
+/// add` writes, HEAD on `head`) and opens it; `made` gets the worktree's git
+/// directory.
+fn link_worktree(
+    main: &Repository,
+    name: &str,
+    head: &str,
+    target: &Path,
+    made: &mut Option<PathBuf>,
+) -> Result<Repository, GitError> {
+    if name.is_empty() || name.starts_with('.') || name.contains('/') {
+        return Err(GitError::Bundle {
+            what: "linking the worktree".into(),
+            message: format!("{name:?} is not a worktree name"),
+        });
+    }
+    let target = std::path::absolute(target).ctx("resolving the worktree's path")?;
+    let common = std::path::absolute(main.commondir()).ctx("resolving the main repository")?;
+    let git_dir = common.join("worktrees").join(name);
+    std::fs::create_dir_all(&git_dir).ctx(format_args!("creating {}", git_dir.display()))?;
+    *made = Some(git_dir.clone());
+    let files = [
+        ("commondir", "../..\n".to_string()),
+        ("gitdir", format!("{}\n", target.join(".git").display())),
+        ("HEAD", format!("ref: {head}\n")),
+    ];
+    for (file, content) in files {
+        std::fs::write(git_dir.join(file), content)
+            .ctx(format_args!("writing {}", git_dir.join(file).display()))?;
+    }
+    std::fs::create_dir_all(&target).ctx(format_args!("creating {}", target.display()))?;
+    std::fs::write(
+        target.join(".git"),
+        format!("gitdir: {}\n", git_dir.display()),
+    )
+    .ctx("writing the worktree's .git")?;
+    Repository::open(&target).ctx(format_args!("opening the worktree {}", target.display()))
+}
+
+fn unpack_bundle(
+    bundle: &Path,
+    meta: &HeadMeta,
+    target: &Path,
+    main: Option<&Path>,
+    linked_dir: &mut Option<PathBuf>,
+) -> Result<Restored, GitError> {
     let file = std::fs::File::open(bundle).ctx(format_args!("opening {}", bundle.display()))?;
     let mut reader = io::BufReader::with_capacity(256 * 1024, file);
     let refs = read_bundle_header(&mut reader)?;
-    std::fs::create_dir_all(target).ctx(format_args!("creating {}", target.display()))?;
-    let repo = Repository::init(target).ctx(format_args!(
-        "creating a repository in {}",
-        target.display()
-    ))?;
+    let linked = match (main, &meta.worktree_of) {
+        (Some(main), Some(w)) => Some((main, w.name.as_str())),
+        (Some(_), None) => {
+            return Err(GitError::Bundle {
+                what: "linking the worktree".into(),
+                message: "the bundle's json names no main repository".into(),
+            });
+        }
+        (None, _) => None,
+    };
+    // The pack goes into the repository the objects live in: the main one's for a
+    // linked worktree.
+    let repo = match linked {
+        Some((main, _)) => Repository::open(main).ctx(format_args!(
+            "opening the main repository {}",
+            main.display()
+        ))?,
+        None => {
+            std::fs::create_dir_all(target).ctx(format_args!("creating {}", target.display()))?;
+            Repository::init(target).ctx(format_args!(
+                "creating a repository in {}",
+                target.display()
+            ))?
+        }
+    };
     {
         let odb = repo.odb().ctx("object database")?;
         let mut pw = odb.packwriter().ctx("packwriter")?;
@@ -1559,6 +1700,17 @@ fn unpack_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<Restor
         }
         pw.commit().ctx("indexing the pack")?;
     }
+    // A linked worktree's HEAD branch: the one ref of the bundle that is its own.
+    let own_branch = meta.head.as_deref().filter(|_| linked.is_some());
+    let repo = match linked {
+        Some((_, name)) => {
+            let head = own_branch
+                .filter(|b| git2::Reference::is_valid_name(b))
+                .unwrap_or("refs/heads/main");
+            link_worktree(&repo, name, head, target, linked_dir)?
+        }
+        None => repo,
+    };
     let mut created = 0;
     let (mut wip, mut wip_index, mut bundle_head) = (None, None, None);
     for (oid, name) in &refs {
@@ -1570,9 +1722,22 @@ fn unpack_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<Restor
                 .iter()
                 .any(|p| n.starts_with(p)) => {}
             _ => {
-                repo.reference(name, *oid, true, "sandkeep: restored from a bundle")
-                    .ctx(format_args!("creating {name}"))?;
-                created += 1;
+                // A linked worktree shares its refs with the main repository, whose
+                // bundle set them: only what it lacks, or its branch moved forward.
+                let take = linked.is_none()
+                    || match repo.refname_to_id(name) {
+                        Err(_) => true,
+                        Ok(cur) => {
+                            cur != *oid
+                                && own_branch == Some(name.as_str())
+                                && repo.graph_descendant_of(*oid, cur).unwrap_or(false)
+                        }
+                    };
+                if take {
+                    repo.reference(name, *oid, true, "sandkeep: restored from a bundle")
+                        .ctx(format_args!("creating {name}"))?;
+                    created += 1;
+                }
             }
         }
     }
@@ -1641,8 +1806,10 @@ fn unpack_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<Restor
         put_back_conflicts(&repo, &mut index, &meta.conflicts)?;
         index.write().ctx("writing the index")?;
     }
-    restore_symrefs(&repo, meta);
-    restore_git_dir_meta(&repo, meta)?;
+    if linked.is_none() {
+        restore_symrefs(&repo, meta);
+    }
+    restore_git_dir_meta(&repo, meta, linked.is_some())?;
     Ok(Restored {
         refs: created,
         had_wip: wip.is_some(),
@@ -1663,7 +1830,16 @@ pub async fn fetch_and_restore(
 ) -> Result<Option<Restored>, GitError> {
     match fetch_meta(remote, conversation_prefix, stem).await? {
         Some(meta) => {
-            restore_fetched(remote, conversation_prefix, stem, meta, target, tmp_dir).await
+            restore_fetched(
+                remote,
+                conversation_prefix,
+                stem,
+                meta,
+                target,
+                None,
+                tmp_dir,
+            )
+            .await
         }
         None => Ok(None),
     }
@@ -1697,6 +1873,7 @@ pub async fn restore_fetched(
     stem: &str,
     meta: HeadMeta,
     target: &Path,
+    main: Option<&Path>,
     tmp_dir: &Path,
 ) -> Result<Option<Restored>, GitError> {
     let base = format!("{conversation_prefix}{GIT_DIR}{stem}");
@@ -1716,9 +1893,12 @@ pub async fn restore_fetched(
         }
     }
     let (bundle, target_dir) = (tmp.clone(), target.to_path_buf());
-    let result = tokio::task::spawn_blocking(move || restore_bundle(&bundle, &meta, &target_dir))
-        .await
-        .map_err(|e| GitError::Task(e.to_string()));
+    let main = main.map(Path::to_path_buf);
+    let result = tokio::task::spawn_blocking(move || {
+        restore_bundle_linked(&bundle, &meta, &target_dir, main.as_deref())
+    })
+    .await
+    .map_err(|e| GitError::Task(e.to_string()));
     let _ = std::fs::remove_file(&tmp);
     Ok(Some(result??))
 }
@@ -2104,6 +2284,7 @@ impl GitBundler {
             .strip_prefix(&self.root)
             .map(Path::to_path_buf)
             .unwrap_or_default();
+        let root = self.root.clone();
         let job = tokio::task::spawn_blocking(move || {
             let mut writer = writer;
             let start = move || {
@@ -2111,7 +2292,10 @@ impl GitBundler {
             };
             let leave_out = |p: &Path, is_dir: bool| rules.is_ignored(&in_root.join(p), is_dir);
             match write_bundle_leaving_out(&dir, &leave_out, skip_if, start, &mut writer) {
-                Ok(s) => Ok(s),
+                Ok(s) => Ok(s.map(|mut s| {
+                    s.head.worktree_of = worktree_of(&dir, &root);
+                    s
+                })),
                 Err(e) => {
                     writer.fail(&io::Error::other(e.to_string()));
                     Err(e)
@@ -2852,6 +3036,99 @@ mod tests {
             feat_log
         );
         assert_eq!(git_in(&dst, &["status", "--porcelain"]), status);
+    }
+
+    /// A linked worktree whose main repository is in the workspace comes back linked to
+    /// it (as `git worktree add` makes one): the main repository lists it, the two
+    /// share objects and refs, the worktree keeps its own HEAD, index and HEAD reflog,
+    /// and of its bundle's refs only its own branch moves, forward.
+    #[test]
+    fn a_linked_worktree_comes_back_linked_to_its_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        let ws = base.join("ws");
+        let main = ws.join("main");
+        std::fs::create_dir_all(&main).unwrap();
+        git_in(&main, &["init", "-q", "-b", "trunk"]);
+        std::fs::write(main.join("a.txt"), "a").unwrap();
+        git_in(&main, &["add", "."]);
+        git_in(&main, &["commit", "-q", "-m", "one"]);
+        git_in(&main, &["worktree", "add", "-q", "-b", "feat", "../wt"]);
+        let wt = ws.join("wt");
+        assert_eq!(worktree_of(&main, &ws), None);
+        assert_eq!(
+            worktree_of(&wt, &ws),
+            Some(WorktreeOf {
+                repo: "main".into(),
+                name: "wt".into()
+            })
+        );
+        // Its main repository outside the workspace: nothing to link to.
+        assert_eq!(worktree_of(&wt, &wt), None);
+
+        let scratch = base.join("scratch");
+        std::fs::create_dir(&scratch).unwrap();
+        let bundle = |repo: &Path, name: &str| {
+            let mut out = Vec::new();
+            let mut s = write_bundle(repo, None, || {}, &mut out).unwrap().unwrap();
+            s.head.worktree_of = worktree_of(repo, &ws);
+            let path = scratch.join(name);
+            std::fs::write(&path, &out).unwrap();
+            (path, s.head)
+        };
+        // The worktree's bundle is taken first: trunk moves on after it.
+        std::fs::write(wt.join("b.txt"), "b").unwrap();
+        git_in(&wt, &["add", "b.txt"]);
+        git_in(&wt, &["commit", "-q", "-m", "two"]);
+        let (main_bundle, main_meta) = bundle(&main, "main.bundle");
+        std::fs::write(wt.join("c.txt"), "c").unwrap();
+        git_in(&wt, &["add", "c.txt"]);
+        git_in(&wt, &["commit", "-q", "-m", "three"]);
+        std::fs::write(wt.join("d.txt"), "d").unwrap();
+        git_in(&wt, &["add", "d.txt"]);
+        std::fs::write(wt.join("a.txt"), "changed").unwrap();
+        let (wt_bundle, wt_meta) = bundle(&wt, "wt.bundle");
+        std::fs::write(main.join("e.txt"), "e").unwrap();
+        git_in(&main, &["add", "e.txt"]);
+        git_in(&main, &["commit", "-q", "-m", "four"]);
+        let (main_bundle2, main_meta2) = bundle(&main, "main2.bundle");
+        let _ = (main_bundle, main_meta);
+        let feat = git_in(&wt, &["rev-parse", "feat"]);
+        let trunk = git_in(&main, &["rev-parse", "trunk"]);
+        let status = git_in(&wt, &["status", "--porcelain"]);
+        let head_log = git_in(&wt, &["reflog", "--format=%H %gs", "HEAD"]);
+
+        let dst = base.join("dst");
+        let (dst_main, dst_wt) = (dst.join("main"), dst.join("wt"));
+        restore_bundle(&main_bundle2, &main_meta2, &dst_main).unwrap();
+        restore_bundle_linked(&wt_bundle, &wt_meta, &dst_wt, Some(&dst_main)).unwrap();
+        assert!(dst_wt.join(".git").is_file());
+        assert_eq!(
+            git_in(&dst_wt, &["rev-parse", "--git-common-dir"]),
+            format!("{}\n", dst_main.join(".git").display())
+        );
+        let list = git_in(&dst_main, &["worktree", "list", "--porcelain"]);
+        assert!(
+            list.contains(&format!("worktree {}\n", dst_wt.display())),
+            "{list}"
+        );
+        assert_eq!(git_in(&dst_wt, &["branch", "--show-current"]), "feat\n");
+        assert_eq!(git_in(&dst_main, &["branch", "--show-current"]), "trunk\n");
+        // Its branch moved forward to the worktree's commit; trunk kept the newer one.
+        assert_eq!(git_in(&dst_main, &["rev-parse", "feat"]), feat);
+        assert_eq!(git_in(&dst_main, &["rev-parse", "trunk"]), trunk);
+        assert_eq!(git_in(&dst_wt, &["status", "--porcelain"]), status);
+        assert_eq!(git_in(&dst_main, &["status", "--porcelain"]), "");
+        assert_eq!(
+            git_in(&dst_wt, &["reflog", "--format=%H %gs", "HEAD"]),
+            head_log
+        );
+        git_in(&dst_main, &["fsck", "--no-progress"]);
+        // A worktree whose repository is missing stays a repository of its own.
+        let alone = dst.join("alone");
+        restore_bundle(&wt_bundle, &wt_meta, &alone).unwrap();
+        assert!(alone.join(".git").is_dir());
+        assert_eq!(git_in(&alone, &["status", "--porcelain"]), status);
     }
 
     /// A sparse checkout (`git sparse-checkout set`) comes back with its patterns and

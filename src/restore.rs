@@ -913,19 +913,21 @@ async fn restore_manifest(
             });
         }
     }
+    let mut metas = Vec::new();
     for stem in stems {
-        let meta = match gitbundle::fetch_meta(remote, conversation_prefix, &stem).await {
-            Ok(Some(meta)) => meta,
-            Ok(None) => continue,
+        match gitbundle::fetch_meta(remote, conversation_prefix, &stem).await {
+            Ok(Some(meta)) => metas.push((stem, meta)),
+            Ok(None) => {}
             Err(GitError::Remote(err @ RemoteError::Transport { .. })) => return Err(err.into()),
-            Err(e) => {
-                report.bad.push(BadEntry {
-                    path: git_path(&stem),
-                    error: e.to_string(),
-                });
-                continue;
-            }
-        };
+            Err(e) => report.bad.push(BadEntry {
+                path: git_path(&stem),
+                error: e.to_string(),
+            }),
+        }
+    }
+    // Linked worktrees after the repositories they belong to.
+    metas.sort_by_key(|(_, meta)| meta.worktree_of.is_some());
+    for (stem, meta) in metas {
         // The root's object name is also a subdirectory's when the root is no
         // repository: the json says which.
         let is_root = stem == gitbundle::ROOT_STEM && meta.repo.as_deref().is_none_or(|r| r == ".");
@@ -958,8 +960,24 @@ async fn restore_manifest(
         } else {
             format!("{repo}/.git")
         };
-        match gitbundle::restore_fetched(remote, conversation_prefix, &stem, meta, &dir, &root)
-            .await
+        // A linked worktree whose repository did not come back is one of its own.
+        let main = meta.worktree_of.as_ref().and_then(|w| {
+            let restored = report.repos.iter().any(|r| r.repo == w.repo);
+            if !restored {
+                tracing::warn!(worktree = %repo, main = %w.repo, "git restore: the repository of a linked worktree is not restored; the worktree comes back as a repository of its own");
+            }
+            restored.then(|| root.join(&w.repo))
+        });
+        match gitbundle::restore_fetched(
+            remote,
+            conversation_prefix,
+            &stem,
+            meta,
+            &dir,
+            main.as_deref(),
+            &root,
+        )
+        .await
         {
             Ok(Some(r)) => {
                 // A bundle newer than the manifest (the mirror's last round was

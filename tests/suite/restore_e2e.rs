@@ -884,6 +884,59 @@ async fn repositories_below_the_first_level_come_back() {
     assert!(!target.join("cache").exists());
 }
 
+/// A linked worktree (`git worktree add`) of a repository of the workspace comes back
+/// linked to it, also when its directory sorts before the repository's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_worktree_comes_back_linked() {
+    let mut d = Daemon::prepare(CONFIG);
+    let ws = d.workspace.clone();
+    let main = ws.join("main");
+    write(&main, "committed.txt", "one\n");
+    git(&main, &["init", "-q", "-b", "trunk"]);
+    git(&main, &["add", "-A"]);
+    git(&main, &["commit", "-q", "-m", "one"]);
+    git(&main, &["worktree", "add", "-q", "-b", "feat", "../a-wt"]);
+    let wt = ws.join("a-wt");
+    write(&wt, "committed.txt", "changed\n");
+    write(&wt, "staged.txt", "staged\n");
+    git(&wt, &["add", "staged.txt"]);
+    let status = git(&wt, &["status", "--porcelain"]);
+    d.spawn_and_wait().await;
+    let bundled = ok(&d.api().post("/v1/git/bundle", &json!({})).await, 200);
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+
+    let target = d.root().join("restored");
+    let out = d.restore_cli(&["--to", target.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let s = out.json();
+    let restored: Vec<&str> = s["repos"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["repo"].as_str())
+        .collect();
+    assert_eq!(restored, ["main", "a-wt"], "{s}; bundled: {bundled}");
+    let (main, wt) = (target.join("main"), target.join("a-wt"));
+    assert!(wt.join(".git").is_file());
+    assert_eq!(
+        git(&wt, &["rev-parse", "--git-common-dir"]),
+        format!("{}\n", main.join(".git").display())
+    );
+    let list = git(&main, &["worktree", "list", "--porcelain"]);
+    assert!(
+        list.contains(&format!("worktree {}\n", wt.display())),
+        "{list}"
+    );
+    assert_eq!(git(&wt, &["status", "--porcelain"]), status);
+    assert_eq!(git(&wt, &["branch", "--show-current"]), "feat\n");
+    assert_eq!(git(&main, &["status", "--porcelain"]), "");
+    assert_eq!(
+        std::fs::read_to_string(wt.join("committed.txt")).unwrap(),
+        "changed\n"
+    );
+}
+
 /// `--force` removes what the restored tree would mirror and the remote lacks, judged
 /// by the ignore files being restored, not by those the target had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
