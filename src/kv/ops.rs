@@ -126,7 +126,9 @@ pub enum Op {
     },
     Incr {
         key: String,
-        by: i64,
+        /// What is added: a DECR's `by` negated, so from -2^63 to 2^63 (a DECR by
+        /// i64::MIN of a negative value fits).
+        by: i128,
     },
     Push {
         key: String,
@@ -246,8 +248,8 @@ pub fn parse_path(path: Option<&str>) -> Result<Option<(JsonPath, String)>, KvEr
         .transpose()
 }
 
-/// `by` for incr/decr: a signed 64-bit integer.
-pub fn parse_by(v: Option<&Value>, negate: bool) -> Result<i64, KvError> {
+/// `by` for incr/decr: a signed 64-bit integer; what is added (negated for a decr).
+pub fn parse_by(v: Option<&Value>, negate: bool) -> Result<i128, KvError> {
     let by = match v {
         None | Some(Value::Null) => 1,
         Some(Value::Number(n)) => n
@@ -259,12 +261,8 @@ pub fn parse_by(v: Option<&Value>, negate: bool) -> Result<i64, KvError> {
             ));
         }
     };
-    if negate {
-        by.checked_neg()
-            .ok_or_else(|| KvError::Overflow("decrement overflows a signed 64-bit integer".into()))
-    } else {
-        Ok(by)
-    }
+    let by = i128::from(by);
+    Ok(if negate { -by } else { by })
 }
 
 /// Values to push: exactly one of `value` / `values` (non-empty).
@@ -867,7 +865,7 @@ impl<'b, B: Backing> NsTxn<'b, B> {
                         }
                     },
                 };
-                let next = current.checked_add(*by).ok_or_else(|| {
+                let next = i64::try_from(i128::from(current) + *by).map_err(|_| {
                     KvError::Overflow(format!(
                         "{current} + {by} overflows a signed 64-bit integer"
                     ))
@@ -1257,7 +1255,17 @@ mod tests {
             ));
         }
         assert!(parse_op(json!({"op": "incr", "key": "n", "by": 1.5})).is_err());
-        assert!(parse_op(json!({"op": "decr", "key": "n", "by": i64::MIN})).is_err());
+        // A DECR by i64::MIN fits where the value is negative, and only there.
+        m.0.get_mut("n").unwrap().value = json!(-1);
+        let min = || op(json!({"op": "decr", "key": "n", "by": i64::MIN}));
+        assert_eq!(
+            run(&mut m, vec![min()]).unwrap()[0],
+            json!({"value": i64::MAX})
+        );
+        assert!(matches!(
+            run(&mut m, vec![min()]),
+            Err(KvError::Batch { source, .. }) if matches!(*source, KvError::Overflow(_))
+        ));
     }
 
     #[test]

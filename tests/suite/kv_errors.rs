@@ -252,9 +252,12 @@ async fn overflow() {
     let r = api.post("/v1/kv/one/incr", &json!({"by": i64::MAX})).await;
     assert_error(&r, 400, "overflow");
     assert_eq!(api.value("one").await, Some(json!(1)));
-    // DECR by i64::MIN cannot even be negated.
+    // 1 - i64::MIN does not fit; -1 - i64::MIN is i64::MAX.
     let r = api.post("/v1/kv/one/decr", &json!({"by": i64::MIN})).await;
     assert_error(&r, 400, "overflow");
+    ok(&api.put("/v1/kv/neg", &json!(-1)).await, 201);
+    let r = api.post("/v1/kv/neg/decr", &json!({"by": i64::MIN})).await;
+    assert_eq!(ok(&r, 200), json!({"value": i64::MAX}));
     // Reaching the bounds exactly is fine.
     let r = api
         .post("/v1/kv/one/incr", &json!({"by": i64::MAX - 1}))
