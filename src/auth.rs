@@ -101,11 +101,16 @@ impl Grant {
     }
 
     /// The namespace a request without `?ns=` uses: the token's only namespace if it
-    /// grants exactly one (not a prefix), else `default`.
+    /// grants exactly one (not a prefix; named once or more), else `default`.
     pub fn default_namespace(&self) -> &str {
         match self {
-            Grant::Token(c) if c.ns.len() == 1 && !c.ns[0].ends_with('*') => &c.ns[0],
-            _ => "default",
+            Grant::Token(c) => match c.ns.split_first() {
+                Some((only, rest)) if !only.ends_with('*') && rest.iter().all(|n| n == only) => {
+                    only
+                }
+                _ => "default",
+            },
+            Grant::Open => "default",
         }
     }
 
@@ -237,9 +242,22 @@ pub fn mint(
     sub: Option<String>,
 ) -> Result<String, jsonwebtoken::errors::Error> {
     let iat = unix_now();
+    // Each once, in the order given.
+    let mut ns: Vec<String> = Vec::with_capacity(namespaces.len());
+    for n in namespaces {
+        if !ns.contains(n) {
+            ns.push(n.clone());
+        }
+    }
+    let mut scope: Vec<String> = Vec::with_capacity(scopes.len());
+    for s in scopes.iter().map(|s| s.as_str().to_string()) {
+        if !scope.contains(&s) {
+            scope.push(s);
+        }
+    }
     let claims = Claims {
-        ns: namespaces.to_vec(),
-        scope: scopes.iter().map(|s| s.as_str().to_string()).collect(),
+        ns,
+        scope,
         iat,
         exp: iat + ttl.min(max_ttl).as_secs().max(1),
         sub,
@@ -333,6 +351,36 @@ mod tests {
                 .default_namespace(),
             "only"
         );
+        // Named twice, by `mint` (which keeps each once) or by another minter.
+        let twice = mint(
+            &c.auth.secret,
+            &["only".into(), "only".into()],
+            &[Scope::KvRead, Scope::KvRead],
+            day,
+            day,
+            None,
+        )
+        .unwrap();
+        match a.authenticate(Some(&format!("Bearer {twice}"))).unwrap() {
+            Grant::Token(claims) => {
+                assert_eq!(claims.ns, ["only"]);
+                assert_eq!(claims.scope, ["kv:read"]);
+            }
+            Grant::Open => panic!("a token mode grant"),
+        }
+        let Grant::Token(claims) = a.authenticate(Some(&format!("Bearer {one}"))).unwrap() else {
+            panic!("a token mode grant");
+        };
+        let twice = Grant::Token(Claims {
+            ns: vec!["only".into(), "only".into()],
+            ..claims.clone()
+        });
+        assert_eq!(twice.default_namespace(), "only");
+        let two = Grant::Token(Claims {
+            ns: vec!["only".into(), "other".into()],
+            ..claims
+        });
+        assert_eq!(two.default_namespace(), "default");
     }
 
     #[test]
