@@ -708,7 +708,12 @@ fn worktree_of(dir: &Path, root: &Path) -> Option<WorktreeOf> {
         return None;
     }
     // Its git directory is `<common>/worktrees/<name>`.
-    let name = repo.path().file_name()?.to_str()?.to_string();
+    let name = repo
+        .path()
+        .file_name()?
+        .to_str()
+        .filter(|n| is_worktree_name(n))?
+        .to_string();
     let common = std::fs::canonicalize(repo.commondir()).ok()?;
     // A bare main repository has no work tree to restore it into.
     if common.file_name()? != ".git" {
@@ -1613,6 +1618,12 @@ pub fn restore_bundle_linked(
     result
 }
 
+/// Whether a restore links a worktree of this name (one directory of
+/// `.git/worktrees`); one of another name comes back as a repository of its own.
+fn is_worktree_name(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('.') && !name.contains('/')
+}
+
 /// Makes `target` a linked worktree named `name` of `main` (the files `git worktree
 /// add` writes, HEAD on `head`) and opens it; `made` gets the worktree's git
 /// directory.
@@ -1623,7 +1634,7 @@ fn link_worktree(
     target: &Path,
     made: &mut Option<PathBuf>,
 ) -> Result<Repository, GitError> {
-    if name.is_empty() || name.starts_with('.') || name.contains('/') {
+    if !is_worktree_name(name) {
         return Err(GitError::Bundle {
             what: "linking the worktree".into(),
             message: format!("{name:?} is not a worktree name"),
