@@ -54,7 +54,12 @@ const LIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 pub async fn take_snapshot(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
     ctx.grant.require(Scope::Admin)?;
     ctx.query.allow(&[])?;
-    let taken = state.snapshots.take().await?;
+    let taken = super::unless_stopping(
+        &state,
+        state.snapshots.take(),
+        "the daemon is stopping: a snapshot is no part of its final sync, and none is taken now",
+    )
+    .await??;
     Ok(json_ok(StatusCode::CREATED, json!(taken)))
 }
 
@@ -84,7 +89,12 @@ pub async fn list_snapshots(State(state): State<AppState>, ctx: Ctx) -> Result<R
 pub async fn write_bundles(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
     ctx.grant.require(Scope::Admin)?;
     ctx.query.allow(&[])?;
-    let round = state.git.write_all(true).await?;
+    let round = super::unless_stopping(
+        &state,
+        state.git.write_all(true),
+        "the daemon is stopping: its final sync writes the bundles that changed",
+    )
+    .await??;
     // Nothing written, and only because remote storage failed: the route's 502 (a
     // repository that cannot be read is listed, and the others' bundles still count).
     if round.bundles.is_empty()

@@ -360,23 +360,35 @@ impl<S: Send + Sync> FromRequestParts<S> for ActionParam {
     }
 }
 
-/// Waits for a barrier (`work`, at most `limit`) on remote storage. A stop of the
-/// daemon ends the wait at once with 503 `shutting_down` and `message` (the final sync
-/// carries on with the work), rather than leaving the caller to the server's drain.
+/// Waits for a barrier (`work`, at most `limit`) on remote storage, as
+/// [`unless_stopping`].
 pub async fn wait_unless_stopping<T>(
     state: &AppState,
     limit: std::time::Duration,
     work: impl std::future::Future<Output = T>,
     message: &'static str,
 ) -> Result<Result<T, tokio::time::error::Elapsed>, ApiError> {
+    unless_stopping(state, tokio::time::timeout(limit, work), message).await
+}
+
+/// Runs `work` for a request unless the daemon is stopping: once a stop is asked for,
+/// the request is answered 503 `shutting_down` with `message` (before the work begins,
+/// or by giving it up), rather than left to the server's drain, its writes keeping the
+/// conversation from being released.
+pub async fn unless_stopping<T>(
+    state: &AppState,
+    work: impl std::future::Future<Output = T>,
+    message: &'static str,
+) -> Result<T, ApiError> {
     let shutdown = state.lifecycle.shutdown.clone();
     tokio::select! {
-        w = tokio::time::timeout(limit, work) => Ok(w),
+        biased;
         _ = shutdown.cancelled() => Err(ApiError::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",
             message,
         )),
+        w = work => Ok(w),
     }
 }
 

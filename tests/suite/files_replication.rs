@@ -488,6 +488,13 @@ async fn writes_during_the_final_sync_get_shutting_down() {
         "shutting_down",
     );
     assert_eq!(api.get("/readyz").await.status, 503);
+    // Nor are snapshots or bundles begun (their writes would keep the conversation).
+    assert_error(&api.post_empty("/v1/snapshots").await, 503, "shutting_down");
+    assert_error(
+        &api.post_empty("/v1/git/bundle").await,
+        503,
+        "shutting_down",
+    );
     // Reads still answer.
     assert_eq!(api.value("k").await, Some(json!(1)));
     let status = d.wait_exit(EXIT_TIMEOUT);

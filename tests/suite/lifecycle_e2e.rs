@@ -296,6 +296,12 @@ async fn a_stop_over_the_cli_answers_waiting_syncs_and_reports_what_was_left() {
         )
         .await
     });
+    // And a snapshot the hanging remote holds up: given up at the stop.
+    let api = d.api();
+    let snapshot = tokio::spawn(async move {
+        api.request_within(Duration::from_secs(30), Method::POST, "/v1/snapshots", None)
+            .await
+    });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = std::time::Instant::now();
     let out = d.cli().run(&["shutdown"]).await;
@@ -312,5 +318,7 @@ async fn a_stop_over_the_cli_answers_waiting_syncs_and_reports_what_was_left() {
     let r = waiting.await.unwrap();
     let e = crate::util::assert_error(&r, 503, "shutting_down");
     assert!(e["message"].as_str().unwrap().contains("final sync"), "{e}");
+    let r = snapshot.await.unwrap();
+    crate::util::assert_error(&r, 503, "shutting_down");
     assert_eq!(d.wait_exit(crate::util::EXIT_TIMEOUT).code(), Some(75));
 }
