@@ -1309,7 +1309,9 @@ pub async fn restore_snapshot(
     } else {
         named.iter().find(|(_, o)| {
             let name = o.key.rsplit('/').next().unwrap_or_default();
-            name == which
+            // The object key as `GET /v1/snapshots` gives it, its name, or its time.
+            o.key == which
+                || name == which
                 || name
                     .strip_prefix(snapshot::NAME_PREFIX)
                     .and_then(|s| s.strip_suffix(snapshot::NAME_SUFFIX))

@@ -137,6 +137,12 @@ async fn offline_restore_from_the_mirror_and_from_snapshots() {
     );
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(tree(&by_name, &not_git), original);
+    // ... and by its object key, as `GET /v1/snapshots` lists it.
+    let key = format!("{CONV}/workspace/compressed/{name}");
+    let by_key = d.root().join("by-key");
+    let out = d.restore_cli(&["--to", by_key.to_str().unwrap(), "--snapshot", &key], &[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(tree(&by_key, &not_git), original);
 
     // An unknown snapshot: exit 3, nothing written.
     let none = d.root().join("none");
