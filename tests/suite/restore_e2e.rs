@@ -56,6 +56,20 @@ async fn synced_workspace(s3: Option<&S3Server>, with_git: bool) -> Daemon {
     d
 }
 
+/// Starts the daemon, writes the bundles and syncs, stops it, and restores into
+/// `<root>/restored` with the CLI (exit 0): the bundles' answer, the target and the
+/// restore's report.
+async fn bundle_stop_and_restore(d: &mut Daemon) -> (Value, PathBuf, Value) {
+    d.spawn_and_wait().await;
+    let bundled = ok(&d.api().post("/v1/git/bundle", &json!({})).await, 200);
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+    let target = d.root().join("restored");
+    let out = d.restore_cli(&["--to", target.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    (bundled, target, out.json())
+}
+
 fn remote_file(d: &Daemon, rel: &str) -> PathBuf {
     d.remote.join(CONV).join("workspace/files").join(rel)
 }
@@ -857,15 +871,7 @@ async fn repositories_below_the_first_level_come_back() {
         .collect();
     write(&ws, "cache/clone/f.txt", "f\n");
     git(&ws.join("cache/clone"), &["init", "-q"]);
-    d.spawn_and_wait().await;
-    let bundled = ok(&d.api().post("/v1/git/bundle", &json!({})).await, 200);
-    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
-    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
-
-    let target = d.root().join("restored");
-    let out = d.restore_cli(&["--to", target.to_str().unwrap()], &[]);
-    assert_eq!(out.code, 0, "{out:?}");
-    let s = out.json();
+    let (bundled, target, s) = bundle_stop_and_restore(&mut d).await;
     assert_eq!(
         s["repos"],
         json!([
@@ -907,15 +913,7 @@ async fn a_linked_worktree_comes_back_linked() {
     write(&wt, "staged.txt", "staged\n");
     git(&wt, &["add", "staged.txt"]);
     let status = git(&wt, &["status", "--porcelain"]);
-    d.spawn_and_wait().await;
-    let bundled = ok(&d.api().post("/v1/git/bundle", &json!({})).await, 200);
-    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
-    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
-
-    let target = d.root().join("restored");
-    let out = d.restore_cli(&["--to", target.to_str().unwrap()], &[]);
-    assert_eq!(out.code, 0, "{out:?}");
-    let s = out.json();
+    let (bundled, target, s) = bundle_stop_and_restore(&mut d).await;
     let restored: Vec<&str> = s["repos"]
         .as_array()
         .unwrap()
