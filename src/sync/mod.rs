@@ -1263,6 +1263,36 @@ impl SyncEngine {
                 _ => candidates.push((p.clone(), *st)),
             }
         }
+        // Symlinks the manifest names and the tree lacks, nothing new in their place
+        // (a symlink replaced by a file or a directory is no deletion): deletions a
+        // guard holding the files' holds too, with the empty directories gone.
+        let entries: BTreeSet<&str> = next
+            .files
+            .keys()
+            .chain(next.symlinks.keys())
+            .chain(candidates.iter().map(|(p, _)| p))
+            .map(String::as_str)
+            .collect();
+        let free = |p: &str| {
+            !entries.contains(p)
+                && !clashes(&entries, p)
+                && !obs.empty_dirs.contains(p)
+                && !obs.non_empty_dirs.contains(p)
+        };
+        let gone_links: Vec<String> = self
+            .manifest
+            .symlinks
+            .keys()
+            .filter(|p| !next.symlinks.contains_key(*p) && free(p))
+            .cloned()
+            .collect();
+        let gone_dirs: Vec<String> = self
+            .manifest
+            .empty_dirs
+            .iter()
+            .filter(|p| !next.empty_dirs.contains(*p) && free(p))
+            .cloned()
+            .collect();
         // Never delete everything, or a mass of files, by accident.
         let before = self.manifest.files.len();
         // A directory renamed or moved is no mass deletion: its files turn up under
@@ -1287,7 +1317,7 @@ impl SyncEngine {
         // gone since a round found so: files written after it do not release it.
         let still_everything = self.hold.as_ref().is_some_and(|h| {
             h.everything && {
-                let now_gone: HashSet<&String> = gone.iter().collect();
+                let now_gone: HashSet<&String> = gone.iter().chain(&gone_links).collect();
                 h.paths.iter().all(|p| now_gone.contains(p))
             }
         });
@@ -1301,7 +1331,7 @@ impl SyncEngine {
         let all_touched = vanished == before || (mass && vanished + rewritten == before);
         let everything = (before > 0 && all_touched) || still_everything;
         if !confirm && (everything || mass) {
-            let set: BTreeSet<String> = gone.iter().cloned().collect();
+            let set: BTreeSet<String> = gone.iter().chain(&gone_links).cloned().collect();
             let now = Instant::now();
             let same = self.hold.as_ref().is_some_and(|h| h.paths == set);
             let (since, since_ms) = match &self.hold {
@@ -1334,6 +1364,12 @@ impl SyncEngine {
                         next.files.insert(p, e.clone());
                     }
                 }
+                for p in gone_links {
+                    if let Some(t) = self.manifest.symlinks.get(&p) {
+                        next.symlinks.insert(p, t.clone());
+                    }
+                }
+                next.empty_dirs.extend(gone_dirs);
                 let expiry_round_done = same && now >= since + self.config.sync.mass_delete_hold.0;
                 self.hold = Some(Hold {
                     since,
@@ -2182,6 +2218,54 @@ mod tests {
         f.handle.sync(false).await.unwrap();
         assert_eq!(f.handle.status().held_deletes, 120);
         assert_eq!(mirrored(&f).await.len(), 121);
+        f.stop.cancel();
+        f.task.await.unwrap();
+    }
+
+    /// A workspace emptied: its symlinks and empty directories are held with its
+    /// files (a restore brings them back), until a sync confirms the deletions; a
+    /// symlink replaced by a file is no deletion.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn symlinks_and_empty_directories_are_held_with_the_files() {
+        let f = engine().await;
+        for name in ["a", "b", "c"] {
+            std::fs::write(f.ws.join(name), name).unwrap();
+        }
+        std::os::unix::fs::symlink("a", f.ws.join("link")).unwrap();
+        std::os::unix::fs::symlink("b", f.ws.join("swapped")).unwrap();
+        std::fs::create_dir_all(f.ws.join("empty/dir")).unwrap();
+        f.handle.sync(false).await.unwrap();
+        let manifest = Keys::new(&Config::default()).manifest();
+        let read = || async {
+            let bytes = f.remote.get_bytes(&manifest).await.unwrap().unwrap();
+            serde_json::from_slice::<Manifest>(&bytes).unwrap()
+        };
+        let m = read().await;
+        assert_eq!(m.symlinks.len(), 2, "{m:?}");
+        assert!(m.empty_dirs.contains("empty/dir"), "{m:?}");
+
+        for name in ["a", "b", "c", "link", "swapped"] {
+            std::fs::remove_file(f.ws.join(name)).unwrap();
+        }
+        std::fs::remove_dir_all(f.ws.join("empty")).unwrap();
+        std::fs::write(f.ws.join("swapped"), "a file now").unwrap();
+        f.handle.sync(false).await.unwrap();
+        assert_eq!(f.handle.status().held_deletes, 4);
+        let m = read().await;
+        assert_eq!(m.symlinks.keys().collect::<Vec<_>>(), ["link"], "{m:?}");
+        assert!(m.empty_dirs.contains("empty/dir"), "{m:?}");
+        assert!(m.held.contains("link"), "{m:?}");
+        assert_eq!(
+            m.files.keys().collect::<Vec<_>>(),
+            ["a", "b", "c", "swapped"]
+        );
+
+        f.handle.sync(true).await.unwrap();
+        assert_eq!(f.handle.status().held_deletes, 0);
+        let m = read().await;
+        assert!(m.symlinks.is_empty(), "{m:?}");
+        assert!(m.empty_dirs.is_empty(), "{m:?}");
+        assert_eq!(m.files.keys().collect::<Vec<_>>(), ["swapped"]);
         f.stop.cancel();
         f.task.await.unwrap();
     }
