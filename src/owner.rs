@@ -1013,7 +1013,8 @@ mod tests {
             .expect("run ends after release")
             .unwrap();
         let taken = b_claim.await.unwrap();
-        assert!(taken - released < Duration::from_secs(2));
+        // Not the 30 s lease: at once, give or take a loaded machine's scheduling.
+        assert!(taken - released < Duration::from_secs(5));
         let r = env.record().await;
         assert_eq!((r.instance.as_str(), r.epoch), (b.instance(), 2));
         // Releasing twice, or after losing, does nothing.
