@@ -1585,35 +1585,66 @@ pub fn restore_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<R
     restore_bundle_linked(bundle, meta, target, None)
 }
 
+/// The main repository a linked worktree is restored into (see
+/// [`restore_bundle_linked`]).
+#[derive(Clone, Copy, Debug)]
+pub struct MainRepo<'a> {
+    pub dir: &'a Path,
+    /// When the main repository's bundle was read (its json's `read_at_ms`).
+    pub read_at_ms: Option<u64>,
+}
+
 /// [`restore_bundle`], and for a linked worktree (`meta.worktree_of`) whose main
 /// repository is restored at `main`: the worktree is linked to it again as `git
-/// worktree add` does (`<main>/.git/worktrees/<name>` and a `.git` file), its objects
-/// go into the main repository's, and of its refs only those the main repository
-/// lacks are created, and its own branch where that moves the branch forward (it is
-/// checked out here, so committed to here). The main repository's json keeps what the
-/// two share (config, hooks, the branches' reflogs, the stash); the worktree gets its
-/// own HEAD, index, reflog of HEAD, `config.worktree`, sparse checkout and operation
-/// in progress.
+/// worktree add` does (`<main>/.git/worktrees/<name>`, numbered as git does when that
+/// name is another worktree's, and a `.git` file), its objects go into the main
+/// repository's, and of its refs only those the main repository lacks are created, and
+/// its own branch (checked out there, so committed to there) where that moves the
+/// branch forward or the worktree's bundle is the newer. The main repository's json
+/// keeps what the two share (config, hooks, the branches' reflogs, the stash); the
+/// worktree gets its own HEAD, index, reflog of HEAD, `config.worktree`, sparse
+/// checkout and operation in progress. Where it cannot be linked (a `.git` already in
+/// its place, a failure), it comes back as a repository of its own, with a warning.
 pub fn restore_bundle_linked(
     bundle: &Path,
     meta: &HeadMeta,
     target: &Path,
-    main: Option<&Path>,
+    main: Option<MainRepo<'_>>,
 ) -> Result<Restored, GitError> {
     let git_dir = target.join(".git");
     let had_git = std::fs::symlink_metadata(&git_dir).is_ok();
-    let mut linked_dir = None;
-    let result = unpack_bundle(bundle, meta, target, main, &mut linked_dir);
-    if result.is_err() && !had_git {
-        let removed = match linked_dir {
-            Some(dir) => std::fs::remove_file(&git_dir).and(std::fs::remove_dir_all(dir)),
-            None => std::fs::remove_dir_all(&git_dir),
+    if let Some(main) = main {
+        let why = if had_git {
+            "a .git is in its place".to_string()
+        } else {
+            let mut made = None;
+            match unpack_bundle(bundle, meta, target, Some(main), &mut made) {
+                Ok(restored) => return Ok(restored),
+                Err(e) => {
+                    // Nothing of the link stays: a worktree admin directory left
+                    // behind would keep its branch from being checked out elsewhere.
+                    let removed = [
+                        Some(std::fs::remove_file(&git_dir)),
+                        made.map(std::fs::remove_dir_all),
+                    ];
+                    for e in removed.into_iter().flatten().filter_map(Result::err) {
+                        if e.kind() != io::ErrorKind::NotFound {
+                            tracing::warn!(dir = %git_dir.display(), error = %e, "cannot remove the link a failed restore began");
+                        }
+                    }
+                    e.to_string()
+                }
+            }
         };
-        if let Err(e) = removed
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!(dir = %git_dir.display(), error = %e, "cannot remove the repository a failed restore began");
-        }
+        tracing::warn!(worktree = %target.display(), main = %main.dir.display(), why = %why, "git restore: the worktree is not linked to its repository; it comes back as a repository of its own");
+    }
+    let result = unpack_bundle(bundle, meta, target, None, &mut None);
+    if result.is_err()
+        && !had_git
+        && let Err(e) = std::fs::remove_dir_all(&git_dir)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %git_dir.display(), error = %e, "cannot remove the repository a failed restore began");
     }
     result
 }
@@ -1624,9 +1655,14 @@ fn is_worktree_name(name: &str) -> bool {
     !name.is_empty() && !name.starts_with('.') && !name.contains('/')
 }
 
+/// Most numbered names tried for a worktree whose name is taken.
+const WORKTREE_NAMES_TRIED: usize = 1000;
+
 /// Makes `target` a linked worktree named `name` of `main` (the files `git worktree
 /// add` writes, HEAD on `head`) and opens it; `made` gets the worktree's git
-/// directory.
+/// directory when this made it. A name another worktree has (one restored before, or
+/// left over) is numbered (`name1`, `name2`, ...) as git does; one that already names
+/// `target` is used again.
 fn link_worktree(
     main: &Repository,
     name: &str,
@@ -1642,12 +1678,27 @@ fn link_worktree(
     }
     let target = std::path::absolute(target).ctx("resolving the worktree's path")?;
     let common = std::path::absolute(main.commondir()).ctx("resolving the main repository")?;
-    let git_dir = common.join("worktrees").join(name);
-    std::fs::create_dir_all(&git_dir).ctx(format_args!("creating {}", git_dir.display()))?;
-    *made = Some(git_dir.clone());
+    let gitdir = format!("{}\n", target.join(".git").display());
+    let git_dir = (0..WORKTREE_NAMES_TRIED)
+        .map(|i| match i {
+            0 => common.join("worktrees").join(name),
+            i => common.join("worktrees").join(format!("{name}{i}")),
+        })
+        .find(|d| match std::fs::read_to_string(d.join("gitdir")) {
+            Ok(theirs) => theirs == gitdir,
+            Err(_) => std::fs::symlink_metadata(d).is_err(),
+        })
+        .ok_or_else(|| GitError::Bundle {
+            what: "linking the worktree".into(),
+            message: format!("every name from {name:?} to {name}{WORKTREE_NAMES_TRIED} is taken"),
+        })?;
+    if std::fs::symlink_metadata(&git_dir).is_err() {
+        std::fs::create_dir_all(&git_dir).ctx(format_args!("creating {}", git_dir.display()))?;
+        *made = Some(git_dir.clone());
+    }
     let files = [
         ("commondir", "../..\n".to_string()),
-        ("gitdir", format!("{}\n", target.join(".git").display())),
+        ("gitdir", gitdir),
         ("HEAD", format!("ref: {head}\n")),
     ];
     for (file, content) in files {
@@ -1667,14 +1718,14 @@ fn unpack_bundle(
     bundle: &Path,
     meta: &HeadMeta,
     target: &Path,
-    main: Option<&Path>,
+    main: Option<MainRepo<'_>>,
     linked_dir: &mut Option<PathBuf>,
 ) -> Result<Restored, GitError> {
     let file = std::fs::File::open(bundle).ctx(format_args!("opening {}", bundle.display()))?;
     let mut reader = io::BufReader::with_capacity(256 * 1024, file);
     let refs = read_bundle_header(&mut reader)?;
     let linked = match (main, &meta.worktree_of) {
-        (Some(main), Some(w)) => Some((main, w.name.as_str())),
+        (Some(main), Some(w)) => Some((main.dir, w.name.as_str())),
         (Some(_), None) => {
             return Err(GitError::Bundle {
                 what: "linking the worktree".into(),
@@ -1713,6 +1764,10 @@ fn unpack_bundle(
     }
     // A linked worktree's HEAD branch: the one ref of the bundle that is its own.
     let own_branch = meta.head.as_deref().filter(|_| linked.is_some());
+    // Whether the worktree's bundle was read after the main repository's.
+    let newer = main
+        .and_then(|m| Some(meta.read_at_ms? > m.read_at_ms?))
+        .unwrap_or(false);
     let repo = match linked {
         Some((_, name)) => {
             let head = own_branch
@@ -1741,7 +1796,7 @@ fn unpack_bundle(
                         Ok(cur) => {
                             cur != *oid
                                 && own_branch == Some(name.as_str())
-                                && repo.graph_descendant_of(*oid, cur).unwrap_or(false)
+                                && (newer || repo.graph_descendant_of(*oid, cur).unwrap_or(false))
                         }
                     };
                 if take {
@@ -1884,7 +1939,7 @@ pub async fn restore_fetched(
     stem: &str,
     meta: HeadMeta,
     target: &Path,
-    main: Option<&Path>,
+    main: Option<(&Path, Option<u64>)>,
     tmp_dir: &Path,
 ) -> Result<Option<Restored>, GitError> {
     let base = format!("{conversation_prefix}{GIT_DIR}{stem}");
@@ -1904,9 +1959,13 @@ pub async fn restore_fetched(
         }
     }
     let (bundle, target_dir) = (tmp.clone(), target.to_path_buf());
-    let main = main.map(Path::to_path_buf);
+    let main = main.map(|(dir, read_at_ms)| (dir.to_path_buf(), read_at_ms));
     let result = tokio::task::spawn_blocking(move || {
-        restore_bundle_linked(&bundle, &meta, &target_dir, main.as_deref())
+        let main = main.as_ref().map(|(dir, read_at_ms)| MainRepo {
+            dir,
+            read_at_ms: *read_at_ms,
+        });
+        restore_bundle_linked(&bundle, &meta, &target_dir, main)
     })
     .await
     .map_err(|e| GitError::Task(e.to_string()));
@@ -3112,7 +3171,11 @@ mod tests {
         let dst = base.join("dst");
         let (dst_main, dst_wt) = (dst.join("main"), dst.join("wt"));
         restore_bundle(&main_bundle2, &main_meta2, &dst_main).unwrap();
-        restore_bundle_linked(&wt_bundle, &wt_meta, &dst_wt, Some(&dst_main)).unwrap();
+        let main_repo = MainRepo {
+            dir: &dst_main,
+            read_at_ms: main_meta2.read_at_ms,
+        };
+        restore_bundle_linked(&wt_bundle, &wt_meta, &dst_wt, Some(main_repo)).unwrap();
         assert!(dst_wt.join(".git").is_file());
         assert_eq!(
             git_in(&dst_wt, &["rev-parse", "--git-common-dir"]),
@@ -3140,6 +3203,106 @@ mod tests {
         restore_bundle(&wt_bundle, &wt_meta, &alone).unwrap();
         assert!(alone.join(".git").is_dir());
         assert_eq!(git_in(&alone, &["status", "--porcelain"]), status);
+    }
+
+    /// A linked worktree's branch comes back from its bundle when that is the newer,
+    /// also when it moved other than forward (an amend); a worktree whose name another
+    /// has gets a numbered one, as git gives; one with a `.git` in its place comes back
+    /// as a repository of its own, leaving the main repository as it was.
+    #[test]
+    fn linked_worktrees_amended_named_alike_or_in_the_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        let ws = base.join("ws");
+        let main = ws.join("main");
+        std::fs::create_dir_all(&main).unwrap();
+        git_in(&main, &["init", "-q", "-b", "trunk"]);
+        std::fs::write(main.join("a.txt"), "a").unwrap();
+        git_in(&main, &["add", "."]);
+        git_in(&main, &["commit", "-q", "-m", "one"]);
+        git_in(&main, &["worktree", "add", "-q", "-b", "feat", "../wt"]);
+        let wt = ws.join("wt");
+        std::fs::write(wt.join("b.txt"), "b").unwrap();
+        git_in(&wt, &["add", "b.txt"]);
+        git_in(&wt, &["commit", "-q", "-m", "two"]);
+        let scratch = base.join("scratch");
+        std::fs::create_dir(&scratch).unwrap();
+        let bundle = |repo: &Path, name: &str| {
+            let mut out = Vec::new();
+            let mut s = write_bundle(repo, None, || {}, &mut out).unwrap().unwrap();
+            s.head.worktree_of = worktree_of(repo, &ws);
+            let path = scratch.join(name);
+            std::fs::write(&path, &out).unwrap();
+            (path, s.head)
+        };
+        let (main_bundle, main_meta) = bundle(&main, "main.bundle");
+        std::thread::sleep(Duration::from_millis(5));
+        git_in(&wt, &["commit", "-q", "--amend", "-m", "two, amended"]);
+        let (wt_bundle, wt_meta) = bundle(&wt, "wt.bundle");
+        let amended = git_in(&wt, &["rev-parse", "feat"]);
+        let status = git_in(&wt, &["status", "--porcelain"]);
+
+        let dst = base.join("dst");
+        let dst_main = dst.join("main");
+        restore_bundle(&main_bundle, &main_meta, &dst_main).unwrap();
+        let main_repo = MainRepo {
+            dir: &dst_main,
+            read_at_ms: main_meta.read_at_ms,
+        };
+        let dst_wt = dst.join("wt");
+        restore_bundle_linked(&wt_bundle, &wt_meta, &dst_wt, Some(main_repo)).unwrap();
+        assert_eq!(git_in(&dst_main, &["rev-parse", "feat"]), amended);
+        assert_eq!(git_in(&dst_wt, &["status", "--porcelain"]), status);
+        // Older than the main repository's bundle, a move other than forward is not
+        // taken.
+        let older = MainRepo {
+            dir: &dst_main,
+            read_at_ms: wt_meta.read_at_ms.map(|t| t + 1),
+        };
+        let dst_old = dst.join("old");
+        let trunk = git_in(&dst_main, &["rev-parse", "trunk"]);
+        git_in(&dst_main, &["update-ref", "refs/heads/feat", trunk.trim()]);
+        restore_bundle_linked(&wt_bundle, &wt_meta, &dst_old, Some(older)).unwrap();
+        // (Forward from trunk: taken.)
+        assert_eq!(git_in(&dst_main, &["rev-parse", "feat"]), amended);
+        git_in(
+            &dst_main,
+            &["commit", "-q", "--allow-empty", "-m", "sideways"],
+        );
+        let sideways = git_in(&dst_main, &["rev-parse", "HEAD"]);
+        git_in(
+            &dst_main,
+            &["update-ref", "refs/heads/feat", sideways.trim()],
+        );
+        let dst_side = dst.join("side");
+        restore_bundle_linked(&wt_bundle, &wt_meta, &dst_side, Some(older)).unwrap();
+        assert_eq!(git_in(&dst_main, &["rev-parse", "feat"]), sideways);
+        assert_ne!(sideways, trunk);
+        // The same name three times: wt, wt1, wt2, each its own worktree.
+        let git_dirs: Vec<String> = [&dst_wt, &dst_old, &dst_side]
+            .iter()
+            .map(|d| git_in(d, &["rev-parse", "--git-dir"]))
+            .collect();
+        assert_eq!(
+            git_dirs,
+            ["wt", "wt1", "wt2"]
+                .map(|n| format!("{}\n", dst_main.join(".git/worktrees").join(n).display()))
+        );
+        for d in [&dst_wt, &dst_old, &dst_side] {
+            assert_eq!(git_in(d, &["branch", "--show-current"]), "feat\n");
+        }
+        // A .git in its place: a repository of its own; no worktree added.
+        let in_the_way = dst.join("in-the-way");
+        std::fs::create_dir_all(&in_the_way).unwrap();
+        git_in(&in_the_way, &["init", "-q"]);
+        let list = git_in(&dst_main, &["worktree", "list", "--porcelain"]);
+        restore_bundle_linked(&wt_bundle, &wt_meta, &in_the_way, Some(older)).unwrap();
+        assert!(in_the_way.join(".git").is_dir());
+        assert_eq!(
+            git_in(&dst_main, &["worktree", "list", "--porcelain"]),
+            list
+        );
+        assert_eq!(git_in(&in_the_way, &["branch", "--show-current"]), "feat\n");
     }
 
     /// A sparse checkout (`git sparse-checkout set`) comes back with its patterns and

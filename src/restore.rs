@@ -925,8 +925,10 @@ async fn restore_manifest(
             }),
         }
     }
-    // Linked worktrees after the repositories they belong to.
+    // Linked worktrees after the repositories they belong to, with when each of
+    // those was read.
     metas.sort_by_key(|(_, meta)| meta.worktree_of.is_some());
+    let mut read_at: HashMap<String, Option<u64>> = HashMap::new();
     for (stem, meta) in metas {
         // The root's object name is also a subdirectory's when the root is no
         // repository: the json says which.
@@ -962,11 +964,11 @@ async fn restore_manifest(
         };
         // A linked worktree whose repository did not come back is one of its own.
         let main = meta.worktree_of.as_ref().and_then(|w| {
-            let restored = report.repos.iter().any(|r| r.repo == w.repo);
-            if !restored {
+            let restored = read_at.get(&w.repo);
+            if restored.is_none() {
                 tracing::warn!(worktree = %repo, main = %w.repo, "git restore: the repository of a linked worktree is not restored; the worktree comes back as a repository of its own");
             }
-            restored.then(|| root.join(&w.repo))
+            restored.map(|at| (root.join(&w.repo), *at))
         });
         match gitbundle::restore_fetched(
             remote,
@@ -974,7 +976,7 @@ async fn restore_manifest(
             &stem,
             meta,
             &dir,
-            main.as_deref(),
+            main.as_ref().map(|(dir, at)| (dir.as_path(), *at)),
             &root,
         )
         .await
@@ -995,6 +997,7 @@ async fn restore_manifest(
                     bundled_stat.insert(format!("{dir}{path}"), *stat);
                 }
                 bundle_is_newer.push((dir, newer));
+                read_at.insert(repo.clone(), r.read_at_ms);
                 report.repos.push(RepoRestored { repo, refs: r.refs });
             }
             Ok(None) => {}
