@@ -20,6 +20,19 @@ use super::{ListPage, ObjectInfo, Precondition, Remote, RemoteError};
 
 /// The directory of temporary files, at the root; never listed.
 const TMP_DIR: &str = ".sandkeep-tmp";
+
+/// A streamed upload's temporary file, removed unless the upload finished: also when
+/// the upload is given up (its future dropped, as a snapshot is at a stop), which
+/// would otherwise leave it in [`TMP_DIR`] for good.
+struct TmpFile(Option<PathBuf>);
+
+impl Drop for TmpFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
 /// The lock file of conditional writes, at the root; never listed.
 const LOCK_FILE: &str = ".sandkeep-lock";
 /// The names at the root that are this remote's own, never keys.
@@ -351,6 +364,7 @@ impl Remote for DirRemote {
         let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
         self.make_parent(key, &parent)?;
         let tmp = self.new_tmp()?;
+        let mut guard = TmpFile(Some(tmp.clone()));
         let result = async {
             let mut f = tokio::fs::File::create(&tmp)
                 .await
@@ -390,8 +404,8 @@ impl Remote for DirRemote {
             Ok(size)
         }
         .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
+        if result.is_ok() {
+            guard.0 = None;
         }
         result
     }
@@ -630,6 +644,32 @@ mod tests {
         assert_eq!(got(bytes_key).await, "one");
         assert_eq!(got(file_key).await, "two");
         assert_eq!(got(stream_key).await, "three");
+    }
+
+    /// A streamed upload given up half-way (its future dropped) leaves no temporary
+    /// file and no object.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_given_up_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = DirRemote::new(dir.path()).unwrap();
+        let (mut tx, rx) = tokio::io::duplex(1024);
+        let feed = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            // Some bytes, then a stream that never ends.
+            tx.write_all(b"half of it").await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        let upload = remote.put_stream("c/snap.tar.gz", Box::new(rx));
+        let given_up = tokio::time::timeout(std::time::Duration::from_millis(300), upload).await;
+        assert!(given_up.is_err(), "the upload cannot finish");
+        feed.abort();
+        let left: Vec<_> = std::fs::read_dir(dir.path().join(TMP_DIR))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert!(remote.get_bytes("c/snap.tar.gz").await.unwrap().is_none());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
