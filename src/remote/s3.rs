@@ -80,6 +80,45 @@ async fn fill_part(
     Ok(false)
 }
 
+/// A multipart upload under way.
+struct Upload {
+    client: Client,
+    bucket: String,
+    key: String,
+    upload_id: String,
+}
+
+impl Upload {
+    async fn abort(self) {
+        let abort = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .send()
+            .await;
+        if let Err(e) = abort {
+            tracing::warn!(key = %self.key, error = %DisplayErrorContext(&e), "cannot abort multipart upload");
+        }
+    }
+}
+
+/// Aborts the upload it holds when dropped with it: an upload given up (its future
+/// dropped, as a snapshot under way at a stop is) leaves no unfinished multipart
+/// upload behind (the abort runs as a task of its own, while the runtime lives).
+struct Unfinished(Option<Upload>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(upload) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(upload.abort());
+        }
+    }
+}
+
 pub struct S3Remote {
     client: Client,
     bucket: String,
@@ -229,21 +268,19 @@ impl S3Remote {
             .await
             .map_err(|e| sdk_error("create_multipart_upload", key, e))?;
         let upload_id = created.upload_id().unwrap_or_default().to_string();
+        let mut unfinished = Unfinished(Some(Upload {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: key.to_string(),
+            upload_id: upload_id.clone(),
+        }));
         let result = self
             .send_stream_parts(key, &upload_id, first, reader, expect)
             .await;
-        if result.is_err() {
-            let abort = self
-                .client
-                .abort_multipart_upload()
-                .bucket(&self.bucket)
-                .key(key)
-                .upload_id(&upload_id)
-                .send()
-                .await;
-            if let Err(e) = abort {
-                tracing::warn!(key, error = %DisplayErrorContext(&e), "cannot abort multipart upload");
-            }
+        if let Some(upload) = unfinished.0.take()
+            && result.is_err()
+        {
+            upload.abort().await;
         }
         result
     }
