@@ -3108,15 +3108,11 @@ mod tests {
         assert_eq!(git_in(&dst, &["status", "--porcelain"]), status);
     }
 
-    /// A linked worktree whose main repository is in the workspace comes back linked to
-    /// it (as `git worktree add` makes one): the main repository lists it, the two
-    /// share objects and refs, the worktree keeps its own HEAD, index and HEAD reflog,
-    /// and of its bundle's refs only its own branch moves, forward.
-    #[test]
-    fn a_linked_worktree_comes_back_linked_to_its_repository() {
+    /// A workspace `ws` (in the temporary directory returned) with a repository `main`
+    /// on `trunk`, one commit, and its linked worktree `wt` on `feat`.
+    fn repository_with_a_worktree() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
-        let base = std::fs::canonicalize(dir.path()).unwrap();
-        let ws = base.join("ws");
+        let ws = std::fs::canonicalize(dir.path()).unwrap().join("ws");
         let main = ws.join("main");
         std::fs::create_dir_all(&main).unwrap();
         git_in(&main, &["init", "-q", "-b", "trunk"]);
@@ -3124,7 +3120,27 @@ mod tests {
         git_in(&main, &["add", "."]);
         git_in(&main, &["commit", "-q", "-m", "one"]);
         git_in(&main, &["worktree", "add", "-q", "-b", "feat", "../wt"]);
-        let wt = ws.join("wt");
+        (dir, ws)
+    }
+
+    /// The bundle of `repo` at `path` and its json, `worktree_of` included.
+    fn bundle_as_the_daemon_does(repo: &Path, ws: &Path, path: &Path) -> (PathBuf, HeadMeta) {
+        let mut out = Vec::new();
+        let mut s = write_bundle(repo, None, || {}, &mut out).unwrap().unwrap();
+        s.head.worktree_of = worktree_of(repo, ws);
+        std::fs::write(path, &out).unwrap();
+        (path.to_path_buf(), s.head)
+    }
+
+    /// A linked worktree whose main repository is in the workspace comes back linked to
+    /// it (as `git worktree add` makes one): the main repository lists it, the two
+    /// share objects and refs, the worktree keeps its own HEAD, index and HEAD reflog,
+    /// and of its bundle's refs only its own branch moves, forward.
+    #[test]
+    fn a_linked_worktree_comes_back_linked_to_its_repository() {
+        let (dir, ws) = repository_with_a_worktree();
+        let base = dir.path().canonicalize().unwrap();
+        let (main, wt) = (ws.join("main"), ws.join("wt"));
         assert_eq!(worktree_of(&main, &ws), None);
         assert_eq!(
             worktree_of(&wt, &ws),
@@ -3138,14 +3154,8 @@ mod tests {
 
         let scratch = base.join("scratch");
         std::fs::create_dir(&scratch).unwrap();
-        let bundle = |repo: &Path, name: &str| {
-            let mut out = Vec::new();
-            let mut s = write_bundle(repo, None, || {}, &mut out).unwrap().unwrap();
-            s.head.worktree_of = worktree_of(repo, &ws);
-            let path = scratch.join(name);
-            std::fs::write(&path, &out).unwrap();
-            (path, s.head)
-        };
+        let bundle =
+            |repo: &Path, name: &str| bundle_as_the_daemon_does(repo, &ws, &scratch.join(name));
         // The worktree's bundle is taken first: trunk moves on after it.
         std::fs::write(wt.join("b.txt"), "b").unwrap();
         git_in(&wt, &["add", "b.txt"]);
@@ -3211,30 +3221,16 @@ mod tests {
     /// as a repository of its own, leaving the main repository as it was.
     #[test]
     fn linked_worktrees_amended_named_alike_or_in_the_way() {
-        let dir = tempfile::tempdir().unwrap();
-        let base = std::fs::canonicalize(dir.path()).unwrap();
-        let ws = base.join("ws");
-        let main = ws.join("main");
-        std::fs::create_dir_all(&main).unwrap();
-        git_in(&main, &["init", "-q", "-b", "trunk"]);
-        std::fs::write(main.join("a.txt"), "a").unwrap();
-        git_in(&main, &["add", "."]);
-        git_in(&main, &["commit", "-q", "-m", "one"]);
-        git_in(&main, &["worktree", "add", "-q", "-b", "feat", "../wt"]);
-        let wt = ws.join("wt");
+        let (dir, ws) = repository_with_a_worktree();
+        let base = dir.path().canonicalize().unwrap();
+        let (main, wt) = (ws.join("main"), ws.join("wt"));
         std::fs::write(wt.join("b.txt"), "b").unwrap();
         git_in(&wt, &["add", "b.txt"]);
         git_in(&wt, &["commit", "-q", "-m", "two"]);
         let scratch = base.join("scratch");
         std::fs::create_dir(&scratch).unwrap();
-        let bundle = |repo: &Path, name: &str| {
-            let mut out = Vec::new();
-            let mut s = write_bundle(repo, None, || {}, &mut out).unwrap().unwrap();
-            s.head.worktree_of = worktree_of(repo, &ws);
-            let path = scratch.join(name);
-            std::fs::write(&path, &out).unwrap();
-            (path, s.head)
-        };
+        let bundle =
+            |repo: &Path, name: &str| bundle_as_the_daemon_does(repo, &ws, &scratch.join(name));
         let (main_bundle, main_meta) = bundle(&main, "main.bundle");
         std::thread::sleep(Duration::from_millis(5));
         git_in(&wt, &["commit", "-q", "--amend", "-m", "two, amended"]);
