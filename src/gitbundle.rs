@@ -1587,9 +1587,9 @@ pub fn restore_bundle(bundle: &Path, meta: &HeadMeta, target: &Path) -> Result<R
 
 /// The main repository a linked worktree is restored into (see
 /// [`restore_bundle_linked`]).
-#[derive(Clone, Copy, Debug)]
-pub struct MainRepo<'a> {
-    pub dir: &'a Path,
+#[derive(Clone, Debug)]
+pub struct MainRepo {
+    pub dir: PathBuf,
     /// When the main repository's bundle was read (its json's `read_at_ms`).
     pub read_at_ms: Option<u64>,
 }
@@ -1609,7 +1609,7 @@ pub fn restore_bundle_linked(
     bundle: &Path,
     meta: &HeadMeta,
     target: &Path,
-    main: Option<MainRepo<'_>>,
+    main: Option<&MainRepo>,
 ) -> Result<Restored, GitError> {
     let git_dir = target.join(".git");
     let had_git = std::fs::symlink_metadata(&git_dir).is_ok();
@@ -1718,14 +1718,14 @@ fn unpack_bundle(
     bundle: &Path,
     meta: &HeadMeta,
     target: &Path,
-    main: Option<MainRepo<'_>>,
+    main: Option<&MainRepo>,
     linked_dir: &mut Option<PathBuf>,
 ) -> Result<Restored, GitError> {
     let file = std::fs::File::open(bundle).ctx(format_args!("opening {}", bundle.display()))?;
     let mut reader = io::BufReader::with_capacity(256 * 1024, file);
     let refs = read_bundle_header(&mut reader)?;
     let linked = match (main, &meta.worktree_of) {
-        (Some(main), Some(w)) => Some((main.dir, w.name.as_str())),
+        (Some(main), Some(w)) => Some((main.dir.as_path(), w.name.as_str())),
         (Some(_), None) => {
             return Err(GitError::Bundle {
                 what: "linking the worktree".into(),
@@ -1939,7 +1939,7 @@ pub async fn restore_fetched(
     stem: &str,
     meta: HeadMeta,
     target: &Path,
-    main: Option<(&Path, Option<u64>)>,
+    main: Option<MainRepo>,
     tmp_dir: &Path,
 ) -> Result<Option<Restored>, GitError> {
     let base = format!("{conversation_prefix}{GIT_DIR}{stem}");
@@ -1959,13 +1959,8 @@ pub async fn restore_fetched(
         }
     }
     let (bundle, target_dir) = (tmp.clone(), target.to_path_buf());
-    let main = main.map(|(dir, read_at_ms)| (dir.to_path_buf(), read_at_ms));
     let result = tokio::task::spawn_blocking(move || {
-        let main = main.as_ref().map(|(dir, read_at_ms)| MainRepo {
-            dir,
-            read_at_ms: *read_at_ms,
-        });
-        restore_bundle_linked(&bundle, &meta, &target_dir, main)
+        restore_bundle_linked(&bundle, &meta, &target_dir, main.as_ref())
     })
     .await
     .map_err(|e| GitError::Task(e.to_string()));
@@ -3182,10 +3177,10 @@ mod tests {
         let (dst_main, dst_wt) = (dst.join("main"), dst.join("wt"));
         restore_bundle(&main_bundle2, &main_meta2, &dst_main).unwrap();
         let main_repo = MainRepo {
-            dir: &dst_main,
+            dir: dst_main.clone(),
             read_at_ms: main_meta2.read_at_ms,
         };
-        restore_bundle_linked(&wt_bundle, &wt_meta, &dst_wt, Some(main_repo)).unwrap();
+        restore_bundle_linked(&wt_bundle, &wt_meta, &dst_wt, Some(&main_repo)).unwrap();
         assert!(dst_wt.join(".git").is_file());
         assert_eq!(
             git_in(&dst_wt, &["rev-parse", "--git-common-dir"]),
@@ -3242,23 +3237,23 @@ mod tests {
         let dst_main = dst.join("main");
         restore_bundle(&main_bundle, &main_meta, &dst_main).unwrap();
         let main_repo = MainRepo {
-            dir: &dst_main,
+            dir: dst_main.clone(),
             read_at_ms: main_meta.read_at_ms,
         };
         let dst_wt = dst.join("wt");
-        restore_bundle_linked(&wt_bundle, &wt_meta, &dst_wt, Some(main_repo)).unwrap();
+        restore_bundle_linked(&wt_bundle, &wt_meta, &dst_wt, Some(&main_repo)).unwrap();
         assert_eq!(git_in(&dst_main, &["rev-parse", "feat"]), amended);
         assert_eq!(git_in(&dst_wt, &["status", "--porcelain"]), status);
         // Older than the main repository's bundle, a move other than forward is not
         // taken.
         let older = MainRepo {
-            dir: &dst_main,
+            dir: dst_main.clone(),
             read_at_ms: wt_meta.read_at_ms.map(|t| t + 1),
         };
         let dst_old = dst.join("old");
         let trunk = git_in(&dst_main, &["rev-parse", "trunk"]);
         git_in(&dst_main, &["update-ref", "refs/heads/feat", trunk.trim()]);
-        restore_bundle_linked(&wt_bundle, &wt_meta, &dst_old, Some(older)).unwrap();
+        restore_bundle_linked(&wt_bundle, &wt_meta, &dst_old, Some(&older)).unwrap();
         // (Forward from trunk: taken.)
         assert_eq!(git_in(&dst_main, &["rev-parse", "feat"]), amended);
         git_in(
@@ -3271,7 +3266,7 @@ mod tests {
             &["update-ref", "refs/heads/feat", sideways.trim()],
         );
         let dst_side = dst.join("side");
-        restore_bundle_linked(&wt_bundle, &wt_meta, &dst_side, Some(older)).unwrap();
+        restore_bundle_linked(&wt_bundle, &wt_meta, &dst_side, Some(&older)).unwrap();
         assert_eq!(git_in(&dst_main, &["rev-parse", "feat"]), sideways);
         assert_ne!(sideways, trunk);
         // The same name three times: wt, wt1, wt2, each its own worktree.
@@ -3292,7 +3287,7 @@ mod tests {
         std::fs::create_dir_all(&in_the_way).unwrap();
         git_in(&in_the_way, &["init", "-q"]);
         let list = git_in(&dst_main, &["worktree", "list", "--porcelain"]);
-        restore_bundle_linked(&wt_bundle, &wt_meta, &in_the_way, Some(older)).unwrap();
+        restore_bundle_linked(&wt_bundle, &wt_meta, &in_the_way, Some(&older)).unwrap();
         assert!(in_the_way.join(".git").is_dir());
         assert_eq!(
             git_in(&dst_main, &["worktree", "list", "--porcelain"]),

@@ -968,7 +968,10 @@ async fn restore_manifest(
             if restored.is_none() {
                 tracing::warn!(worktree = %repo, main = %w.repo, "git restore: the repository of a linked worktree is not restored; the worktree comes back as a repository of its own");
             }
-            restored.map(|at| (root.join(&w.repo), *at))
+            restored.map(|at| gitbundle::MainRepo {
+                dir: root.join(&w.repo),
+                read_at_ms: *at,
+            })
         });
         match gitbundle::restore_fetched(
             remote,
@@ -976,7 +979,7 @@ async fn restore_manifest(
             &stem,
             meta,
             &dir,
-            main.as_ref().map(|(dir, at)| (dir.as_path(), *at)),
+            main,
             &root,
         )
         .await
