@@ -1265,34 +1265,40 @@ impl SyncEngine {
         }
         // Symlinks the manifest names and the tree lacks, nothing new in their place
         // (a symlink replaced by a file or a directory is no deletion): deletions a
-        // guard holding the files' holds too, with the empty directories gone.
-        let entries: BTreeSet<&str> = next
-            .files
-            .keys()
-            .chain(next.symlinks.keys())
-            .chain(candidates.iter().map(|(p, _)| p))
-            .map(String::as_str)
-            .collect();
-        let free = |p: &str| {
-            !entries.contains(p)
-                && !clashes(&entries, p)
-                && !obs.empty_dirs.contains(p)
-                && !obs.non_empty_dirs.contains(p)
+        // guard holding the files' holds too, with the empty directories gone. Looked
+        // for only where a guard may act: some file is gone, or a hold stands.
+        let (gone_links, gone_dirs) = if gone.is_empty() && self.hold.is_none() {
+            (Vec::new(), Vec::new())
+        } else {
+            let entries: BTreeSet<&str> = next
+                .files
+                .keys()
+                .chain(next.symlinks.keys())
+                .chain(candidates.iter().map(|(p, _)| p))
+                .map(String::as_str)
+                .collect();
+            let free = |p: &str| {
+                !entries.contains(p)
+                    && !clashes(&entries, p)
+                    && !obs.empty_dirs.contains(p)
+                    && !obs.non_empty_dirs.contains(p)
+            };
+            let links: Vec<String> = self
+                .manifest
+                .symlinks
+                .keys()
+                .filter(|p| !next.symlinks.contains_key(*p) && free(p))
+                .cloned()
+                .collect();
+            let dirs: Vec<String> = self
+                .manifest
+                .empty_dirs
+                .iter()
+                .filter(|p| !next.empty_dirs.contains(*p) && free(p))
+                .cloned()
+                .collect();
+            (links, dirs)
         };
-        let gone_links: Vec<String> = self
-            .manifest
-            .symlinks
-            .keys()
-            .filter(|p| !next.symlinks.contains_key(*p) && free(p))
-            .cloned()
-            .collect();
-        let gone_dirs: Vec<String> = self
-            .manifest
-            .empty_dirs
-            .iter()
-            .filter(|p| !next.empty_dirs.contains(*p) && free(p))
-            .cloned()
-            .collect();
         // Never delete everything, or a mass of files, by accident.
         let before = self.manifest.files.len();
         // A directory renamed or moved is no mass deletion: its files turn up under
