@@ -232,6 +232,17 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// `items`, each once, in the order given.
+fn each_once(items: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for item in items {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
+}
+
 /// Signs a token for `namespaces` with `scopes`, valid for `ttl` (capped at `max_ttl`).
 pub fn mint(
     secret: &str,
@@ -242,22 +253,9 @@ pub fn mint(
     sub: Option<String>,
 ) -> Result<String, jsonwebtoken::errors::Error> {
     let iat = unix_now();
-    // Each once, in the order given.
-    let mut ns: Vec<String> = Vec::with_capacity(namespaces.len());
-    for n in namespaces {
-        if !ns.contains(n) {
-            ns.push(n.clone());
-        }
-    }
-    let mut scope: Vec<String> = Vec::with_capacity(scopes.len());
-    for s in scopes.iter().map(|s| s.as_str().to_string()) {
-        if !scope.contains(&s) {
-            scope.push(s);
-        }
-    }
     let claims = Claims {
-        ns,
-        scope,
+        ns: each_once(namespaces.iter().cloned()),
+        scope: each_once(scopes.iter().map(|s| s.as_str().to_string())),
         iat,
         exp: iat + ttl.min(max_ttl).as_secs().max(1),
         sub,
