@@ -20,6 +20,11 @@ use super::{ListPage, ObjectInfo, Precondition, Remote, RemoteError};
 
 /// The directory of temporary files, at the root; never listed.
 const TMP_DIR: &str = ".sandkeep-tmp";
+/// The lock file of conditional writes, at the root; never listed.
+const LOCK_FILE: &str = ".sandkeep-lock";
+/// The names at the root that are this remote's own, never keys.
+pub const RESERVED: [&str; 2] = [TMP_DIR, LOCK_FILE];
+const PAGE: usize = 1000;
 
 /// A streamed upload's temporary file, removed unless the upload finished: also when
 /// the upload is given up (its future dropped, as a snapshot is at a stop), which
@@ -33,11 +38,6 @@ impl Drop for TmpFile {
         }
     }
 }
-/// The lock file of conditional writes, at the root; never listed.
-const LOCK_FILE: &str = ".sandkeep-lock";
-/// The names at the root that are this remote's own, never keys.
-pub const RESERVED: [&str; 2] = [TMP_DIR, LOCK_FILE];
-const PAGE: usize = 1000;
 
 pub struct DirRemote {
     root: PathBuf,
