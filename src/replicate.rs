@@ -680,10 +680,13 @@ enum RemoteExport {
     Unreadable(String),
 }
 
-/// Judges the remote export `theirs` (the object with `their_etag`) of `ns` against
-/// the version this store exported last: the same version is this store's own; any
-/// other was written by another daemon while it owned the conversation, and replaces
-/// the namespace here (the local changes since this store's last export are dropped).
+/// Judges the remote export `theirs` (the object with `their_etag`) of `ns`: one
+/// exported from this database (it carries its id), or at the version this store
+/// exported last (an import's), is this store's own, even when its upload was never
+/// recorded here (its answer was lost, or the daemon was killed before it recorded
+/// it): this store holds everything in it. Any other was written by another daemon
+/// while it owned the conversation, and replaces the namespace here (the local changes
+/// since this store's last export are dropped).
 async fn take_in_unless_ours(
     kv: &KvStore,
     ns: &str,
@@ -691,9 +694,9 @@ async fn take_in_unless_ours(
     their_etag: &str,
     exported: Option<u64>,
 ) -> Result<RemoteExport, ReplicateError> {
-    match kv.export_version(ns, theirs) {
-        Ok(v) if Some(v) == exported => Ok(RemoteExport::Ours(v)),
-        Ok(v) => {
+    match kv.export_origin(ns, theirs) {
+        Ok((v, from_here)) if from_here || Some(v) == exported => Ok(RemoteExport::Ours(v)),
+        Ok((v, _)) => {
             tracing::warn!(
                 namespace = ns,
                 remote_version = v,
@@ -913,6 +916,67 @@ mod tests {
             .collect();
         pending.sort();
         assert_eq!(pending, vec!["mine-changed", "mine-deleted", "mine-new"]);
+    }
+
+    /// An export that reached remote storage without this store hearing so (its answer
+    /// lost, so the retry finds another object there; or the daemon killed before it
+    /// recorded it) is still this store's own: the next export writes over it, and
+    /// the writes made since are kept, not dropped for it.
+    #[tokio::test]
+    async fn an_export_stored_without_an_answer_is_still_this_stores() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir: Arc<dyn Remote> = Arc::new(DirRemote::new(&tmp.path().join("remote")).unwrap());
+        let remote = Arc::new(FlakyRemote::new(dir.clone()));
+        let kv = store(tmp.path());
+        let files = FileStore::new(kv.clone());
+        let (rep, _handle) = Replicator::new(
+            kv.clone(),
+            files,
+            remote.clone(),
+            PREFIX.into(),
+            Duration::from_secs(3600),
+        );
+        let exported = |v: u64| {
+            let dir = dir.clone();
+            let kv = kv.clone();
+            async move {
+                let key = export_key(PREFIX, "ns");
+                let bytes = dir.get_bytes(&key).await.unwrap().unwrap();
+                assert_eq!(kv.export_origin("ns", &bytes).unwrap(), (v, true));
+            }
+        };
+        set(&kv, "ns", "k1", json!(1)).await;
+        assert!(rep.export_namespace("ns").await.unwrap().is_some());
+
+        // Stored, but the answer is lost.
+        set(&kv, "ns", "k2", json!(2)).await;
+        remote.lose_next_answers(1);
+        assert!(rep.export_namespace("ns").await.is_err());
+        exported(2).await;
+        set(&kv, "ns", "k3", json!(3)).await;
+        assert!(rep.export_namespace("ns").await.unwrap().is_some());
+        exported(3).await;
+
+        // Stored by a daemon killed before it recorded it (as it uploads it).
+        set(&kv, "ns", "k4", json!(4)).await;
+        let export = kv.export("ns").await.unwrap();
+        dir.put_bytes(&export_key(PREFIX, "ns"), export.bytes.into())
+            .await
+            .unwrap();
+        set(&kv, "ns", "k5", json!(5)).await;
+        assert_eq!(
+            take_in_newer_exports(&kv, remote.as_ref(), PREFIX)
+                .await
+                .unwrap(),
+            Vec::<String>::new()
+        );
+        assert!(rep.export_namespace("ns").await.unwrap().is_some());
+        exported(5).await;
+
+        for (key, value) in [("k1", 1), ("k2", 2), ("k3", 3), ("k4", 4), ("k5", 5)] {
+            let got = kv.get("ns", key).await.unwrap();
+            assert_eq!(got.map(|r| r.value), Some(json!(value)), "{key}");
+        }
     }
 
     /// A namespace whose export keeps failing does not hold the other namespaces or

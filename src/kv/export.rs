@@ -40,6 +40,10 @@ struct ExportBody {
     namespace: String,
     version: u64,
     exported_at_ms: u64,
+    /// The id of the database it was exported from ([`KvStore::id`]); absent in
+    /// exports of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    store: Option<String>,
     records: Vec<ExportRecord>,
 }
 
@@ -174,6 +178,7 @@ impl KvStore {
     /// The sealed export of `ns` as it is now (expired records left out).
     pub async fn export(&self, ns: &str) -> Result<Export, KvError> {
         let ns = ns.to_string();
+        let store = self.id().to_string();
         self.read_txn(move |rtx, cipher| {
             let version = match rtx.open_table(NAMESPACES) {
                 Ok(t) => t.get(ns.as_str())?.map_or(0, |v| v.value().0),
@@ -214,6 +219,7 @@ impl KvStore {
                 namespace: ns.clone(),
                 version,
                 exported_at_ms: now,
+                store: Some(store),
                 records,
             };
             Ok(Export {
@@ -258,9 +264,11 @@ impl KvStore {
         .await
     }
 
-    /// The namespace version an export of `ns` holds.
-    pub fn export_version(&self, ns: &str, bytes: &[u8]) -> Result<u64, String> {
-        open(&self.cipher(), ns, bytes).map(|body| body.version)
+    /// The namespace version an export of `ns` holds, and whether it was exported
+    /// from this database.
+    pub fn export_origin(&self, ns: &str, bytes: &[u8]) -> Result<(u64, bool), String> {
+        open(&self.cipher(), ns, bytes)
+            .map(|body| (body.version, body.store.as_deref() == Some(self.id())))
     }
 
     /// Imports the export `bytes` of `ns` into a namespace that holds nothing yet:

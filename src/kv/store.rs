@@ -52,6 +52,8 @@ const MAX_GROUP: usize = 512;
 const PURGE_BATCH: usize = 10_000;
 /// `META` entry: the last write-ahead log LSN that a durable commit covers.
 const WAL_LSN: &str = "wal_lsn";
+/// `META` entry: the database's id (see [`KvStore::id`]).
+const STORE_ID: &str = "store_id";
 /// The log is checkpointed once its frames take this many bytes...
 pub(crate) const CHECKPOINT_BYTES: u64 = 16 << 20;
 /// ... or its oldest frame is this old ...
@@ -211,6 +213,8 @@ struct Inner {
     /// Set when the database refuses every write until it is reopened (redb after an
     /// I/O error, such as a full disk): what the writer saw.
     broken: Arc<Mutex<Option<String>>>,
+    /// This database's id, made at its first open: its exports carry it.
+    id: String,
     /// Holds the next [`KvStore::send`] before it queues: tells the first channel,
     /// waits on the second.
     #[cfg(test)]
@@ -324,7 +328,7 @@ impl KvStore {
         #[cfg(test)]
         let db = tests::open_database(&opts.path);
         let db = db.map_err(|e| KvError::Storage(format!("{}: {e}", opts.path.display())))?;
-        check_key(&db, &opts.cipher)?;
+        let id = prepare(&db, &opts.cipher)?;
         let wal = recover(&db, &log)?;
         let db = Arc::new(db);
         let (tx, rx) = std::sync::mpsc::sync_channel(opts.queue_capacity.max(1));
@@ -367,6 +371,7 @@ impl KvStore {
                 changes,
                 stats,
                 broken,
+                id,
                 #[cfg(test)]
                 send_gate: Default::default(),
             }),
@@ -474,6 +479,12 @@ impl KvStore {
 
     pub(crate) fn cipher(&self) -> Cipher {
         self.inner.cipher.clone()
+    }
+
+    /// This database's id (16 random bytes, hex), made at its first open and kept in
+    /// it: an export carrying it was written from here.
+    pub(crate) fn id(&self) -> &str {
+        &self.inner.id
     }
 
     /// Whether writes are still accepted.
@@ -824,10 +835,11 @@ fn meta_in(rtx: &redb::ReadTransaction, ns: &str) -> Result<NsMeta, KvError> {
         .unwrap_or_default())
 }
 
-/// Creates the tables, and refuses a key that is not the one the data was written with.
-fn check_key(db: &Database, cipher: &Cipher) -> Result<(), KvError> {
+/// Creates the tables, refuses a key that is not the one the data was written with,
+/// and gives the database's id (made at its first open).
+fn prepare(db: &Database, cipher: &Cipher) -> Result<String, KvError> {
     let wtx = db.begin_write()?;
-    {
+    let id = {
         wtx.open_table(RECORDS)?;
         wtx.open_table(NAMESPACES)?;
         wtx.open_table(EXPIRY)?;
@@ -849,9 +861,18 @@ fn check_key(db: &Database, cipher: &Cipher) -> Result<(), KvError> {
                 )?;
             }
         }
-    }
+        let existing = meta.get(STORE_ID)?.map(|v| v.value().to_vec());
+        match existing.map(String::from_utf8) {
+            Some(Ok(id)) => id,
+            _ => {
+                let id = hex::encode(rand::random::<[u8; 16]>());
+                meta.insert(STORE_ID, id.as_bytes())?;
+                id
+            }
+        }
+    };
     wtx.commit()?;
-    Ok(())
+    Ok(id)
 }
 
 /// The write-ahead log beside a database file (`sandkeep.redb` → `sandkeep.wal`).

@@ -27,6 +27,8 @@ pub struct FlakyRemote {
     etags_in_listings: AtomicBool,
     /// Reads into memory take at most this many bytes, whatever their caller's cap.
     read_cap: AtomicU64,
+    /// Conditional writes still to lose the answer of (see [`Self::lose_next_answers`]).
+    lose_answers: AtomicU64,
 }
 
 /// Failures queued for the next calls.
@@ -53,6 +55,7 @@ impl FlakyRemote {
             read_cap: AtomicU64::new(u64::MAX),
             reads: AtomicU64::new(0),
             etags_in_listings: AtomicBool::new(false),
+            lose_answers: AtomicU64::new(0),
         }
     }
 
@@ -87,6 +90,12 @@ impl FlakyRemote {
     /// While set, reads of single objects (`get_bytes_tagged`) never answer.
     pub fn set_hang_reads(&self, hang: bool) {
         self.hang_reads.store(hang, Ordering::SeqCst);
+    }
+
+    /// The next `n` conditional writes (`put_bytes_if`) are made, then fail with a
+    /// transport error: the answer was lost on its way back.
+    pub fn lose_next_answers(&self, n: u64) {
+        self.lose_answers.store(n, Ordering::SeqCst);
     }
 
     /// The next `n` calls fail with a transport error.
@@ -181,7 +190,19 @@ impl Remote for FlakyRemote {
         cond: Precondition,
     ) -> Result<String, RemoteError> {
         self.check("put", key)?;
-        self.inner.put_bytes_if(key, data, cond).await
+        let etag = self.inner.put_bytes_if(key, data, cond).await?;
+        let lost = self
+            .lose_answers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if lost.is_ok() {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(RemoteError::Transport {
+                op: "put",
+                key: key.to_string(),
+                message: "injected failure after the write".into(),
+            });
+        }
+        Ok(etag)
     }
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, RemoteError> {
         self.check("get", key)?;
