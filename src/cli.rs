@@ -478,13 +478,13 @@ async fn shutdown_and_wait(client: &Client, wait: Duration) -> anyhow::Result<u8
 }
 
 /// Maps an answer's HTTP status and error code to the CLI's exit code. A 409
-/// `workspace_unavailable` is no lost compare-and-set: a script that retries on 4
-/// must not retry it forever.
+/// `workspace_unavailable` or `conversation_lost` is no lost compare-and-set: a
+/// script that retries on 4 must not retry it forever.
 pub fn exit_code(status: u16, error: Option<&str>) -> u8 {
     match (status, error) {
         (200..=299, _) => EXIT_OK,
         (404, _) => EXIT_NOT_FOUND,
-        (409, Some("workspace_unavailable")) => EXIT_ERROR,
+        (409, Some("workspace_unavailable" | "conversation_lost")) => EXIT_ERROR,
         (409 | 412, _) => EXIT_CONFLICT,
         _ => EXIT_ERROR,
     }

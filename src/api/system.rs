@@ -120,6 +120,31 @@ struct SyncBody {
     confirm_deletes: bool,
 }
 
+/// 409 `conversation_lost`: another daemon took the conversation over (or it was
+/// released, at a stop), so nothing from here reaches remote storage any more.
+fn conversation_lost(state: &AppState) -> ApiError {
+    let owner = state.owner.status();
+    if owner.state != crate::owner::OwnerState::Lost {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the daemon is stopping: its final sync carries on with what this sync waited for",
+        );
+    }
+    let holder = owner.holder.map_or_else(
+        || "another daemon".to_string(),
+        |h| format!("instance {} on {} (epoch {})", h.instance, h.host, h.epoch),
+    );
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "conversation_lost",
+        format!(
+            "{holder} took this conversation over: nothing from this daemon reaches remote \
+             storage any more (restart it to wait for the conversation, or stop it)"
+        ),
+    )
+}
+
 /// Longest `timeout_s` of `POST /v1/sync`.
 const SYNC_MAX_TIMEOUT_S: u64 = 3600;
 
@@ -176,11 +201,20 @@ pub async fn sync(
         stores_done.store(true, Relaxed);
         Ok::<_, crate::sync::SyncError>(r.bytes_uploaded)
     };
+    // A daemon another one took the conversation from writes nothing more: its sync
+    // cannot succeed, and says so at once (`None`) rather than at its timeout.
+    let ended = state.owner.ended();
     let work = async {
-        let (ws, git_bytes, store_bytes) = tokio::join!(workspace, bundles, stores);
-        let mut stats = ws?;
-        stats.bytes_uploaded += git_bytes + store_bytes?;
-        Ok::<_, crate::sync::SyncError>(stats)
+        tokio::select! {
+            biased;
+            _ = ended.cancelled() => None,
+            (ws, git_bytes, store_bytes) = async { tokio::join!(workspace, bundles, stores) } => {
+                Some(ws.and_then(|mut stats| {
+                    stats.bytes_uploaded += git_bytes + store_bytes?;
+                    Ok(stats)
+                }))
+            }
+        }
     };
     let waited = super::wait_unless_stopping(
         &state,
@@ -190,18 +224,19 @@ pub async fn sync(
     )
     .await?;
     match waited {
-        Ok(Ok(stats)) => {
+        Ok(None) => Err(conversation_lost(&state)),
+        Ok(Some(Ok(stats))) => {
             // A 200 with deletions a guard holds back says so.
             let mut body = json!(stats);
             body["held_deletes"] = json!(state.sync.status().held_deletes);
             Ok(json_ok(StatusCode::OK, body))
         }
-        Ok(Err(crate::sync::SyncError::WorkspaceUnavailable(m))) => Err(ApiError::new(
+        Ok(Some(Err(crate::sync::SyncError::WorkspaceUnavailable(m)))) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "workspace_unavailable",
             m,
         )),
-        Ok(Err(e)) => Err(ApiError::new(
+        Ok(Some(Err(e))) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",
             e.to_string(),

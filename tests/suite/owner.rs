@@ -281,8 +281,22 @@ async fn a_stolen_lease_stops_the_first_daemons_writes(backend: Backend) {
         p.a.log()
     );
 
-    // A still serves its local KV and file store; nothing of it reaches the remote.
+    // Its sync cannot succeed, and says so at once, even with nothing pending.
     let api = p.a.api();
+    let asked = Instant::now();
+    let r = api.post("/v1/sync", &json!({"timeout_s": 30})).await;
+    crate::util::assert_error(&r, 409, "conversation_lost");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
+    );
+    // No lost compare-and-set (4) for the CLI: an error.
+    let out = p.a.cli().run(&["sync", "--timeout", "30"]).await;
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("conversation_lost"), "{}", out.stderr);
+
+    // A still serves its local KV and file store; nothing of it reaches the remote.
     assert_eq!(api.value("k").await, Some(json!("from a")));
     ok(&api.put("/v1/kv/late?ns=late", &json!(1)).await, 201);
     ok(
@@ -291,8 +305,8 @@ async fn a_stolen_lease_stops_the_first_daemons_writes(backend: Backend) {
         201,
     );
     std::fs::write(p.a.workspace.join("late.txt"), b"late").unwrap();
-    let r = api.post("/v1/sync", &json!({"timeout_s": 3})).await;
-    assert_ne!(r.status, 200, "a fenced daemon's sync succeeded");
+    let r = api.post("/v1/sync", &json!({"timeout_s": 30})).await;
+    crate::util::assert_error(&r, 409, "conversation_lost");
     assert_eq!(p.object("kv/late.kv").await, None);
     assert_eq!(p.object("events/late.json").await, None);
     assert_eq!(p.object("workspace/files/late.txt").await, None);
