@@ -611,15 +611,17 @@ impl Owner {
         if held.state != OwnerState::Claimed {
             return self.poll();
         }
-        let mut result = Err(self.timed_out());
-        for _ in 0..2 {
-            result = tokio::time::timeout(self.step_timeout(), self.renew_once(&mut held))
+        // A second try when the record changed between its read and its write.
+        let mut tries = 0;
+        let result = loop {
+            tries += 1;
+            let r = tokio::time::timeout(self.step_timeout(), self.renew_once(&mut held))
                 .await
                 .unwrap_or_else(|_| Err(self.timed_out()));
-            if !matches!(result, Err(RemoteError::PreconditionFailed { .. })) {
-                break;
+            if tries == 2 || !matches!(r, Err(RemoteError::PreconditionFailed { .. })) {
+                break r;
             }
-        }
+        };
         match result {
             Ok(()) => {
                 if held.failures > 0 && held.state == OwnerState::Claimed {
@@ -1088,6 +1090,27 @@ mod tests {
             .unwrap_or_else(|| panic!("{text}"));
         let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(n >= 1.0, "{line}");
+    }
+
+    /// Renewals that succeed count no remote error.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn renewals_answered_in_time_count_no_remote_error() {
+        let env = Env::new();
+        let a = env.owner("a");
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let _ = a.metrics.set(metrics.clone());
+        a.claim().await;
+        let run = tokio::spawn(a.clone().run(CancellationToken::new()));
+        // About six renewals (one every lease / 3).
+        tokio::time::sleep(LEASE * 2).await;
+        run.abort();
+        assert_eq!(a.status().state, OwnerState::Claimed);
+        assert!(a.status().last_error.is_none());
+        let text = metrics.encode();
+        let errors = text
+            .lines()
+            .find(|l| l.starts_with("sandkeep_remote_errors_total{op=\"owner\"}"));
+        assert!(errors.is_none_or(|l| l.ends_with(" 0")), "{errors:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
