@@ -293,6 +293,7 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(matches!(cli.command, Command::Serve));
+    crate::gitbundle::set_up_libgit2();
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -318,13 +319,33 @@ fn usage(message: impl Into<String>) -> anyhow::Error {
 
 fn init_logging(daemon: bool) {
     let default = if daemon { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SANDKEEP_LOG")
+    let directives = log_directives(std::env::var("SANDKEEP_LOG").ok().as_deref(), default);
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+/// The log filter for `SANDKEEP_LOG`: its directives, after `default` (the level of
+/// everything they do not name) unless they set a level of their own. A bare word that
+/// is no level (`warning`, a typo) names a module: alone, it would silence every
+/// other line, the final sync's error among them.
+fn log_directives(var: Option<&str>, default: &str) -> String {
+    let var = var.map(str::trim).unwrap_or_default();
+    let sets_level = var.split(',').any(|d| {
+        let d = d.trim();
+        ["trace", "debug", "info", "warn", "error", "off"]
+            .iter()
+            .any(|l| d.eq_ignore_ascii_case(l))
+    });
+    match (var.is_empty(), sets_level) {
+        (true, _) => default.to_string(),
+        (false, true) => var.to_string(),
+        (false, false) => format!("{default},{var}"),
+    }
 }
 
 /// Loads the configuration: `--config`, else /etc/sandkeep/sandkeep.toml when it
@@ -851,4 +872,24 @@ async fn list_all(
     }
     println!("{}", json!({"keys": keys, "count": keys.len()}));
     Ok(EXIT_OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `SANDKEEP_LOG` never silences the daemon by mistake: empty is the default, and
+    /// directives without a level of their own keep the default for the rest.
+    #[test]
+    fn log_directives_keep_a_level() {
+        let d = |var: Option<&str>| log_directives(var, "info");
+        assert_eq!(d(None), "info");
+        assert_eq!(d(Some("")), "info");
+        assert_eq!(d(Some("  ")), "info");
+        assert_eq!(d(Some("debug")), "debug");
+        assert_eq!(d(Some("WARN")), "WARN");
+        assert_eq!(d(Some("warn,aws=error")), "warn,aws=error");
+        assert_eq!(d(Some("warning")), "info,warning");
+        assert_eq!(d(Some("sandkeep=debug")), "info,sandkeep=debug");
+    }
 }

@@ -740,6 +740,47 @@ fn find_repos(root: &Path, excludes: &[String]) -> io::Result<Discovered> {
     Ok(found)
 }
 
+/// Sets libgit2 up for a daemon that reads other users' repositories: called once at
+/// start, before any thread uses libgit2.
+/// - No ownership check: the sandbox's processes often run as another user than the
+///   daemon, and libgit2 refused every repository not owned by the daemon's user.
+///   The check guards against running what a repository's config names (hooks,
+///   filter drivers, fsmonitor), which libgit2 never runs.
+/// - A git config file of the daemon's user that cannot be read (a `HOME` not open to
+///   it) is skipped, as git skips it with a warning: libgit2 would refuse to open
+///   any repository.
+pub fn set_up_libgit2() {
+    use git2::ConfigLevel;
+    // SAFETY: called at start, before any other thread uses libgit2.
+    if let Err(e) = unsafe { git2::opts::set_verify_owner_validation(false) } {
+        tracing::warn!(error = %e, "cannot turn libgit2's ownership check off");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let xdg = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| home.as_ref().map(|h| h.join(".config")));
+    let levels = [
+        (ConfigLevel::Global, home.map(|h| h.join(".gitconfig"))),
+        (ConfigLevel::XDG, xdg.map(|x| x.join("git").join("config"))),
+        (ConfigLevel::System, Some(PathBuf::from("/etc/gitconfig"))),
+    ];
+    for (level, file) in levels {
+        let Some(file) = file else {
+            continue;
+        };
+        match std::fs::metadata(&file) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                tracing::warn!(file = %file.display(), error = %e, "cannot read this git config file: repositories are read without it");
+                // SAFETY: as above.
+                if let Err(e) = unsafe { git2::opts::set_search_path(level, "") } {
+                    tracing::warn!(error = %e, "cannot tell libgit2 to skip that file");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// The bundle header: the signature, one `<oid> <refname>` line per ref, a blank line.
 pub fn bundle_header(refs: &[(Oid, String)]) -> Vec<u8> {
     let mut out = format!("{SIGNATURE}\n").into_bytes();
@@ -865,12 +906,29 @@ fn wip_commits(
                 tracing::debug!(path = %abs.display(), size = m.len(), "git bundle: file too large for the work-tree commit; left out (the mirror carries it)");
                 1
             }
+            // One this daemon may not read (another user's, mode 000) is left out, as
+            // the mirror leaves it out: libgit2 would fail the whole bundle on it. A
+            // tracked one keeps its staged version in the commit.
+            Ok(m) if m.is_file() && std::fs::File::open(&abs).is_err() => {
+                tracing::debug!(path = %abs.display(), "git bundle: file not readable; left out of the work-tree commit");
+                1
+            }
             _ => 0,
         }
     };
-    index
-        .add_all(["*"], git2::IndexAddOption::DEFAULT, Some(&mut filter))
-        .ctx("adding the work tree")?;
+    let added = index.add_all(["*"], git2::IndexAddOption::DEFAULT, Some(&mut filter));
+    if let Err(e) = added {
+        // libgit2 reads a changed tracked file to compare it before the filter is
+        // asked, so one this daemon may not read fails the whole add: such files keep
+        // their staged version (marked unchanged in this in-memory index), then once
+        // more.
+        if mark_unreadable_unchanged(&mut index, &workdir) == 0 {
+            return Err(e).ctx("adding the work tree");
+        }
+        index
+            .add_all(["*"], git2::IndexAddOption::DEFAULT, Some(&mut filter))
+            .ctx("adding the work tree")?;
+    }
     // The same filter: without one, libgit2 adds every changed tracked file, over the
     // size cap or left out by the mirror's rules alike.
     index
@@ -908,6 +966,33 @@ fn wip_commits(
         )
         .ctx("committing the work tree")?;
     Ok((index_commit, wip_commit, index_tree, wip_tree))
+}
+
+/// Marks the tracked files under `workdir` that cannot be opened for reading as
+/// unchanged ("assume valid") in `index`, which libgit2's diff then does not read.
+/// Returns how many were marked.
+fn mark_unreadable_unchanged(index: &mut git2::Index, workdir: &Path) -> usize {
+    const VALID: u16 = git2::IndexEntryFlag::VALID.bits();
+    let unreadable: Vec<git2::IndexEntry> = index
+        .iter()
+        .filter(|e| e.flags & (VALID | STAGE_MASK) == 0)
+        .filter(|e| {
+            let Ok(path) = std::str::from_utf8(&e.path) else {
+                return false;
+            };
+            let abs = workdir.join(path);
+            std::fs::symlink_metadata(&abs).is_ok_and(|m| m.is_file())
+                && std::fs::File::open(&abs).is_err()
+        })
+        .collect();
+    let mut marked = 0;
+    for mut e in unreadable {
+        e.flags |= VALID;
+        if index.add(&e).is_ok() {
+            marked += 1;
+        }
+    }
+    marked
 }
 
 /// What of the index a tree cannot hold, into `meta`: its conflicts, and the entries
@@ -2096,6 +2181,9 @@ pub struct GitBundler {
     /// What remote storage answered the last bundle a sync is waiting for (cleared
     /// once they are stored): a sync's timeout says it.
     waiting_on: Mutex<Option<String>>,
+    /// Why each repository's last bundle failed (by `repo`; gone once one is written
+    /// or found unchanged): `git[].error` in the status.
+    failed: Mutex<HashMap<String, String>>,
 }
 
 impl GitBundler {
@@ -2126,6 +2214,7 @@ impl GitBundler {
             running: tokio::sync::Mutex::new(()),
             mirror,
             waiting_on: Mutex::new(None),
+            failed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -2197,7 +2286,15 @@ impl GitBundler {
         let mut round = BundleRound::default();
         for r in &found.repos {
             let started = Instant::now();
-            match self.write_one(r, force).await {
+            let result = self.write_one(r, force).await;
+            {
+                let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+                match &result {
+                    Err(e) => failed.insert(r.repo.clone(), e.to_string()),
+                    Ok(_) => failed.remove(&r.repo),
+                };
+            }
+            match result {
                 Ok(Some(info)) => {
                     self.metrics.git_bundle("ok", started.elapsed());
                     tracing::info!(repo = %info.repo, key = %info.key, refs = info.refs, bytes = info.bytes, "git bundle stored");
@@ -2416,12 +2513,17 @@ impl GitBundler {
     /// The state of every repository, for `GET /v1/status`.
     pub async fn status(&self) -> Vec<RepoStatus> {
         let (root, excludes) = (self.root.clone(), self.excludes.clone());
+        let failed = self
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let result = tokio::task::spawn_blocking(move || {
             let repos = find_repos(&root, &excludes).map_or_else(|_| Vec::new(), |f| f.repos);
             repos
                 .iter()
                 .map(|r| {
-                    repo_status(r).unwrap_or_else(|e| RepoStatus {
+                    let mut status = repo_status(r).unwrap_or_else(|e| RepoStatus {
                         repo: r.repo.clone(),
                         branch: None,
                         head: None,
@@ -2429,7 +2531,11 @@ impl GitBundler {
                         untracked: 0,
                         unpushed: None,
                         error: Some(e.to_string()),
-                    })
+                    });
+                    if status.error.is_none() {
+                        status.error = failed.get(&r.repo).map(|e| format!("git bundle: {e}"));
+                    }
+                    status
                 })
                 .collect::<Vec<_>>()
         })

@@ -831,6 +831,23 @@ async fn a_repository_that_cannot_be_read_holds_up_neither_sync_nor_stop() {
     ok(&r, 200);
     assert!(bundle_path(&d, "good").exists());
     assert!(!bundle_path(&d, "bad").exists());
+    // The status says why (git status itself reads that repository well enough).
+    let s = d.api().get("/v1/status").await.json();
+    let git_of = |name: &str| {
+        s["git"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["repo"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{s}"))
+    };
+    assert_eq!(git_of("good")["error"], Value::Null, "{s}");
+    let error = git_of("bad")["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(error.contains("git bundle"), "{s}");
     let started = std::time::Instant::now();
     assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
     assert!(
@@ -843,6 +860,82 @@ async fn a_repository_that_cannot_be_read_holds_up_neither_sync_nor_stop() {
         "{}",
         d.log()
     );
+}
+
+/// A file the daemon may not read (mode 000; another user's) is left out of the
+/// work-tree commit, as the mirror leaves it out: the repository still gets its bundle,
+/// with the rest of its uncommitted work, and a tracked one keeps its committed version.
+/// Run as root, the daemon runs as `nobody`: a repository owned by root is bundled too
+/// (libgit2 refuses another user's repository unless told not to), and the `HOME` it
+/// inherits (`/root`, closed to it) does not stop libgit2 from opening repositories.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_the_daemon_cannot_read_leave_the_rest_of_the_bundle() {
+    let mut d = Daemon::prepare(NO_PERIODIC);
+    let theirs = d.workspace.join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    git(&theirs, &["init", "-q", "-b", "main"]);
+    write(&theirs, "t.txt", "t\n");
+    git(&theirs, &["add", "."]);
+    git(&theirs, &["commit", "-q", "-m", "theirs"]);
+    let repo = d.workspace.join("r");
+    std::fs::create_dir(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    write(&repo, "a.txt", "a\n");
+    write(&repo, "tracked.env", "committed\n");
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "one"]);
+    write(&repo, "a.txt", "changed\n");
+    write(&repo, "new.txt", "new\n");
+    write(&repo, "secret.env", "secret\n");
+    write(&repo, "tracked.env", "changed secret\n");
+    // Runs as `nobody` when the tests run as root, whom no mode stops.
+    d.unprivileged();
+    let status = Command::new("chown")
+        .args(["-R", &unsafe { libc::geteuid() }.to_string()])
+        .arg(&theirs)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for name in ["secret.env", "tracked.env"] {
+        std::fs::set_permissions(repo.join(name), std::fs::Permissions::from_mode(0o000)).unwrap();
+    }
+    d.spawn_and_wait().await;
+    let r = post_bundle(&d).await;
+    assert_eq!(r["errors"], json!([]), "{r}");
+    let bundle = bundle_path(&d, "r");
+    assert!(bundle.exists(), "{r}");
+    assert!(bundle_path(&d, "theirs").exists(), "{r}");
+
+    let clone = d.root().join("clone");
+    git(
+        d.root(),
+        &[
+            "clone",
+            "-q",
+            bundle.to_str().unwrap(),
+            clone.to_str().unwrap(),
+        ],
+    );
+    git(
+        &clone,
+        &[
+            "fetch",
+            "-q",
+            bundle.to_str().unwrap(),
+            "refs/sandkeep/*:refs/sandkeep/*",
+        ],
+    );
+    let show = |rev: &str| git_raw(&clone, &["show", rev]);
+    let text = |rev: &str| String::from_utf8(show(rev).stdout).unwrap();
+    assert_eq!(text("refs/sandkeep/wip:a.txt"), "changed\n");
+    assert_eq!(text("refs/sandkeep/wip:new.txt"), "new\n");
+    assert_eq!(text("refs/sandkeep/wip:tracked.env"), "committed\n");
+    assert!(!show("refs/sandkeep/wip:secret.env").status.success());
+    let s = d.api().get("/v1/status").await.json();
+    for g in s["git"].as_array().unwrap() {
+        assert_eq!(g["error"], Value::Null, "{s}");
+    }
+    assert_eq!(s["git"].as_array().unwrap().len(), 2, "{s}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
