@@ -104,6 +104,11 @@ pub enum Command {
         /// Restore into a non-empty DIR, replacing its content with the remote state.
         #[arg(long)]
         force: bool,
+        /// Read remote storage at once, even while a daemon owns the conversation (by
+        /// default the restore first waits until its owner releases it, at the end of
+        /// its final sync, or its lease expires).
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
@@ -396,6 +401,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             snapshot,
             objects,
             force,
+            no_wait,
         } => {
             let config = load_config(cli.config.as_deref(), true)?;
             let from = match snapshot {
@@ -403,7 +409,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 None if objects => crate::restore::Source::Objects,
                 None => crate::restore::Source::Mirror,
             };
-            crate::restore_cli::run(&config, &to, &from, force)
+            crate::restore_cli::run(&config, &to, &from, force, !no_wait)
         }
         command => {
             let socket = match cli.socket {

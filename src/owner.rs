@@ -40,7 +40,7 @@ use crate::remote::{Precondition, Remote, RemoteError};
 
 /// The owner object, under the conversation prefix.
 pub const OWNER_KEY: &str = ".sandkeep/owner.json";
-/// [`Held::seen`]'s ETag for an owner object that is not there.
+/// [`Unchanged`]'s ETag for an owner object that is not there.
 const ABSENT: &str = "(absent)";
 /// The owner object is read up to this size: ours are a few hundred bytes, and a
 /// larger one is no record of a daemon (an error, retried, never a takeover).
@@ -110,8 +110,8 @@ pub struct OwnerStatus {
 struct Held {
     state: OwnerState,
     epoch: u64,
-    /// While waiting: the ETag of the owner object and when this daemon first saw it.
-    seen: Option<(String, Instant)>,
+    /// While waiting: how long the owner object has stayed as it is.
+    seen: Unchanged,
     /// The holder last logged, so the log names each new holder once.
     logged: Option<(String, u64)>,
     /// Claims or renewals failed since the last success (for the log).
@@ -120,15 +120,19 @@ struct Held {
     said_held: bool,
 }
 
-impl Held {
-    /// How long the owner object has stayed `tag` (its ETag, or [`ABSENT`]) since this
-    /// daemon first saw it so: zero when it just changed.
-    fn unchanged_for(&mut self, tag: &str) -> Duration {
+/// The ETag of the owner object and when it was first seen so.
+#[derive(Default)]
+struct Unchanged(Option<(String, Instant)>);
+
+impl Unchanged {
+    /// How long the owner object has stayed `tag` (its ETag, or [`ABSENT`]) since it
+    /// was first seen so: zero when it just changed.
+    fn for_(&mut self, tag: &str) -> Duration {
         let now = Instant::now();
-        match &self.seen {
+        match &self.0 {
             Some((seen, since)) if seen == tag => now - *since,
             _ => {
-                self.seen = Some((tag.to_string(), now));
+                self.0 = Some((tag.to_string(), now));
                 Duration::ZERO
             }
         }
@@ -201,7 +205,7 @@ impl Owner {
             held: tokio::sync::Mutex::new(Held {
                 state: OwnerState::Waiting,
                 epoch: 0,
-                seen: None,
+                seen: Unchanged::default(),
                 logged: None,
                 failures: 0,
                 said_held: false,
@@ -507,7 +511,7 @@ impl Owner {
                 // for a lease, as an unreadable one is; a new conversation is claimed
                 // at once.
                 None if self.conversation_has_data().await? => {
-                    if held.unchanged_for(ABSENT) < self.lease {
+                    if held.seen.for_(ABSENT) < self.lease {
                         return Ok(false);
                     }
                     (
@@ -524,7 +528,7 @@ impl Owner {
                         .as_ref()
                         .map_or(self.lease, |r| Duration::from_millis(r.lease_ms));
                     let epoch = record.as_ref().map_or(0, |r| r.epoch) + 1;
-                    let unchanged = held.unchanged_for(&etag);
+                    let unchanged = held.seen.for_(&etag);
                     let reason = if record.as_ref().is_some_and(|r| r.instance == self.instance) {
                         "restarted on the same state directory"
                     } else if lease.is_zero() {
@@ -552,7 +556,7 @@ impl Owner {
             Ok(_) => {
                 held.state = OwnerState::Claimed;
                 held.epoch = epoch;
-                held.seen = None;
+                held.seen = Unchanged::default();
                 held.failures = 0;
                 self.fence.allow_until(sent + self.window());
                 self.update_status(|s| {
@@ -709,6 +713,56 @@ impl Owner {
             s.holder = record;
         });
     }
+}
+
+/// Waits until no other daemon owns the conversation under `conversation_prefix`: its
+/// owner object is absent, released, names `own_instance` (the state directory a
+/// restore prepares for, whose daemon takes over at once), or stayed the same for a
+/// whole lease (its lease expired; `lease` for an object that cannot be read).
+/// `waiting` hears each new holder waited for. What `sandkeep restore` does before it
+/// reads anything: what the owner writes until its final sync is what a new sandbox
+/// must start from.
+pub async fn wait_until_unowned(
+    remote: &dyn Remote,
+    conversation_prefix: &str,
+    own_instance: Option<&str>,
+    lease: Duration,
+    mut waiting: impl FnMut(Option<&OwnerRecord>),
+) -> Result<(), RemoteError> {
+    let key = format!("{conversation_prefix}{OWNER_KEY}");
+    let mut unchanged = Unchanged::default();
+    let mut told: Option<String> = None;
+    loop {
+        let Some((bytes, etag)) = remote.get_bytes_tagged(&key, OWNER_MAX).await? else {
+            return Ok(());
+        };
+        let record = serde_json::from_slice::<OwnerRecord>(&bytes).ok();
+        let lease = record
+            .as_ref()
+            .map_or(lease, |r| Duration::from_millis(r.lease_ms));
+        let ours = record
+            .as_ref()
+            .is_some_and(|r| Some(r.instance.as_str()) == own_instance);
+        if ours || lease.is_zero() || unchanged.for_(&etag) >= lease {
+            return Ok(());
+        }
+        let holder = record
+            .as_ref()
+            .map_or_else(String::new, |r| format!("{}/{}", r.instance, r.epoch));
+        if told.as_deref() != Some(holder.as_str()) {
+            waiting(record.as_ref());
+            told = Some(holder);
+        }
+        tokio::time::sleep((lease / 3).clamp(Duration::from_millis(50), Duration::from_secs(2)))
+            .await;
+    }
+}
+
+/// The instance id kept in `state_dir`, if one was made there.
+pub fn existing_instance_id(state_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(state_dir.join(INSTANCE_FILE)).ok()?;
+    let id = text.trim();
+    (!id.is_empty()).then(|| id.to_string())
 }
 
 /// This daemon's instance id: read from `<state_dir>/owner-id`, or made (16 random

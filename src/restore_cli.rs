@@ -26,7 +26,15 @@ impl Progress for Bar {
     }
 }
 
-pub fn run(config: &Config, to: &Path, from: &Source, force: bool) -> anyhow::Result<u8> {
+/// `wait`: first wait until no other daemon owns the conversation (see
+/// [`crate::owner::wait_until_unowned`]).
+pub fn run(
+    config: &Config,
+    to: &Path,
+    from: &Source,
+    force: bool,
+    wait: bool,
+) -> anyhow::Result<u8> {
     let marker = to.join(restore::INCOMPLETE_MARKER);
     // A restore from the same place that failed left its marker: what is there is its
     // own, to be resumed.
@@ -62,7 +70,7 @@ pub fn run(config: &Config, to: &Path, from: &Source, force: bool) -> anyhow::Re
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let code = runtime.block_on(restore(config, to, from, force))?;
+    let code = runtime.block_on(restore(config, to, from, force, wait))?;
     // Done, or nothing to resume (no such snapshot, nothing in the remote).
     if code == EXIT_OK || code == EXIT_NOT_FOUND {
         let _ = std::fs::remove_file(&marker);
@@ -70,7 +78,13 @@ pub fn run(config: &Config, to: &Path, from: &Source, force: bool) -> anyhow::Re
     Ok(code)
 }
 
-async fn restore(config: &Config, to: &Path, from: &Source, force: bool) -> anyhow::Result<u8> {
+async fn restore(
+    config: &Config,
+    to: &Path,
+    from: &Source,
+    force: bool,
+    wait: bool,
+) -> anyhow::Result<u8> {
     // Creating a missing root here would turn a mistyped `remote.path` (or a volume
     // not mounted yet) into an empty remote and "nothing to restore", exit 0.
     if config.remote.kind == RemoteKind::Dir && !config.remote.path.is_dir() {
@@ -83,6 +97,33 @@ async fn restore(config: &Config, to: &Path, from: &Source, force: bool) -> anyh
     }
     let remote = crate::remote::from_config(config).await?;
     let prefix = config.conversation_prefix();
+    if wait {
+        // A daemon that still owns the conversation (the sandbox being replaced, not
+        // stopped yet) writes on until its final sync: that is what to restore.
+        let own = crate::owner::existing_instance_id(&config.state_dir);
+        let waited = crate::owner::wait_until_unowned(
+            remote.as_ref(),
+            &prefix,
+            own.as_deref(),
+            config.remote.lease.0,
+            |holder| {
+                let who = holder.map_or_else(
+                    || "a daemon (its owner object cannot be read)".to_string(),
+                    |h| format!("instance {} on {} (epoch {})", h.instance, h.host, h.epoch),
+                );
+                eprintln!(
+                    "sandkeep: {who} owns this conversation: waiting until it releases it \
+                     (at the end of its final sync) or its lease expires; --no-wait restores \
+                     what remote storage holds now"
+                );
+            },
+        )
+        .await;
+        if let Err(e) = waited {
+            eprintln!("sandkeep: restore failed: cannot read the conversation's owner: {e}");
+            return Ok(EXIT_ERROR);
+        }
+    }
     // The daemon's own directories inside the target are not the workspace's: `--force`
     // and the clean-up after an older bundle leave them alone, as the daemon does.
     let opts = RestoreOptions::from_config(config, to, force);

@@ -332,6 +332,53 @@ async fn a_stolen_lease_stops_the_first_daemons_writes_s3() {
     a_stolen_lease_stops_the_first_daemons_writes(Backend::S3).await;
 }
 
+/// `sandkeep restore` (an init container) waits while another daemon owns the
+/// conversation (the sandbox being replaced, not stopped yet), so that it restores what
+/// that daemon wrote until its final sync; `--no-wait` reads what is there at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_restore_waits_for_the_owners_final_sync() {
+    let mut p = Pair::new(Backend::Dir).await;
+    start_first(&mut p).await;
+    let at_once = p.b.root().join("at-once");
+    let out =
+        p.b.restore_cli(&["--to", at_once.to_str().unwrap(), "--no-wait"], &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(at_once.join("from-a.txt").exists());
+
+    let waited = p.b.root().join("waited");
+    let mut cmd = crate::util::sandkeep_command();
+    cmd.arg("restore")
+        .arg("--config")
+        .arg(&p.b.config_path)
+        .arg("--to")
+        .arg(&waited);
+    let restore = tokio::task::spawn_blocking(move || {
+        crate::util::run_bounded(cmd, None, Duration::from_secs(60))
+    });
+    tokio::time::sleep(LEASE).await;
+    assert!(!restore.is_finished(), "the restore did not wait");
+    // A's last work, carried by its final sync.
+    std::fs::write(p.a.workspace.join("from-a.txt"), b"a, last").unwrap();
+    std::fs::write(p.a.workspace.join("late.txt"), b"late").unwrap();
+    assert_eq!(p.a.terminate().code(), Some(0), "{}", p.a.log());
+    let out = tokio::time::timeout(Duration::from_secs(30), restore)
+        .await
+        .expect("the restore goes on once the owner released the conversation")
+        .unwrap();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("owns this conversation"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        std::fs::read(waited.join("from-a.txt")).unwrap(),
+        b"a, last"
+    );
+    assert_eq!(std::fs::read(waited.join("late.txt")).unwrap(), b"late");
+    assert!(!at_once.join("late.txt").exists());
+}
+
 async fn a_restart_on_the_same_state_dir_takes_over_at_once(backend: Backend) {
     let mut p = Pair::new(backend).await;
     // A lease far longer than the test: only the instance id lets the restart in.
