@@ -2265,7 +2265,8 @@ impl GitBundler {
                 round.bundles = written;
                 return Ok(round);
             }
-            tokio::time::sleep(backoff.next_delay()).await;
+            // Someone waits: every 2 s at most, as the workspace mirror's rounds.
+            tokio::time::sleep(backoff.next_delay().min(crate::sync::WAITED_RETRY_MAX)).await;
         }
     }
 

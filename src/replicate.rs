@@ -203,7 +203,13 @@ impl Replicator {
                     }
                 }
                 Err(e) => {
-                    let delay = backoff.next_delay();
+                    // While a sync or the final sync waits, retried every 2 s at most
+                    // (as the workspace mirror is), to answer it soon after the remote
+                    // is back; the backoff alone grows to tens of seconds.
+                    let mut delay = backoff.next_delay();
+                    if !batch.is_empty() {
+                        delay = delay.min(crate::sync::WAITED_RETRY_MAX);
+                    }
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "replication pass failed; retrying");
                     self.status
                         .lock()
@@ -1166,6 +1172,38 @@ mod tests {
             .unwrap();
         assert_eq!(s.namespaces, 1);
         assert!(first.await.unwrap().is_ok());
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    /// A flush waiting through a long outage (the final sync's) is retried every 2 s
+    /// at most, not after a backoff grown to tens of seconds: it is answered soon after
+    /// the remote is back.
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_waiting_through_an_outage_is_answered_soon_after_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir: Arc<dyn Remote> = Arc::new(DirRemote::new(&tmp.path().join("remote")).unwrap());
+        let flaky = Arc::new(FlakyRemote::new(dir.clone()));
+        let kv = store(tmp.path());
+        let files = FileStore::new(kv.clone());
+        let (handle, stop, task) = start_replicator(&kv, &files, flaky.clone());
+        handle.flush().await.unwrap();
+        flaky.set_down(true);
+        set(&kv, "ns1", "k", json!(1)).await;
+        let waiting = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.flush().await }
+        });
+        // Two minutes of outage: the backoff alone would reach 15 to 30 s.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        flaky.set_down(false);
+        tokio::time::resume();
+        let s = tokio::time::timeout(Duration::from_secs(4), waiting)
+            .await
+            .expect("the waiting flush was not retried within 2 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.namespaces, 1);
         stop.cancel();
         task.await.unwrap();
     }

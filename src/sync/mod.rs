@@ -117,7 +117,7 @@ enum Command {
 
 /// The longest wait before a failed round is tried again while a sync call waits for
 /// it (the backoff goes on growing to [`Backoff::MAX`] for the rounds nobody waits for).
-const WAITED_RETRY_MAX: Duration = Duration::from_secs(2);
+pub(crate) const WAITED_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// A caller waiting for a round that carries the workspace as it is now.
 struct Waiter {
