@@ -134,6 +134,14 @@ pub struct HeadMeta {
     /// `.git/info/exclude`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info_exclude: Option<String>,
+    /// `.git/info/attributes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info_attributes: Option<String>,
+    /// `.git/shallow`: the commits of a shallow clone (`git clone --depth`) whose
+    /// parents it lacks. Without it the restored repository would name commits it
+    /// does not have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shallow: Option<String>,
     /// `.git/info/sparse-checkout` (the patterns of a sparse checkout).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info_sparse_checkout: Option<String>,
@@ -334,6 +342,8 @@ fn git_dir_meta(repo: &Repository, meta: &mut HeadMeta) {
     meta.config = small_text(&common.join("config"));
     meta.config_worktree = small_text(&git_dir.join("config.worktree"));
     meta.info_exclude = small_text(&common.join("info/exclude"));
+    meta.info_attributes = small_text(&common.join("info/attributes"));
+    meta.shallow = small_text(&common.join("shallow"));
     meta.info_sparse_checkout = small_text(&git_dir.join("info/sparse-checkout"));
     for name in IN_PROGRESS_FILES {
         if let Some(text) = small_text(&git_dir.join(name)) {
@@ -514,6 +524,8 @@ fn restore_git_dir_meta(repo: &Repository, meta: &HeadMeta, linked: bool) -> Res
     let kept = [
         ("config.worktree", &meta.config_worktree),
         ("info/exclude", &meta.info_exclude),
+        ("info/attributes", &meta.info_attributes),
+        ("shallow", &meta.shallow),
         ("info/sparse-checkout", &meta.info_sparse_checkout),
     ]
     .into_iter()

@@ -938,6 +938,57 @@ async fn files_the_daemon_cannot_read_leave_the_rest_of_the_bundle() {
     assert_eq!(s["git"].as_array().unwrap().len(), 2, "{s}");
 }
 
+/// A shallow clone (`git clone --depth`) comes back shallow (`.git/shallow`): a sound
+/// repository, not one naming parents it lacks. `.git/info/attributes` comes back too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shallow_clone_comes_back_shallow() {
+    let d = Daemon::start_with(NO_PERIODIC).await;
+    let origin = d.root().join("origin");
+    std::fs::create_dir(&origin).unwrap();
+    git(&origin, &["init", "-q", "-b", "main"]);
+    for i in 0..4 {
+        write(&origin, "a.txt", format!("{i}\n"));
+        git(&origin, &["add", "a.txt"]);
+        git(&origin, &["commit", "-q", "-m", &format!("c{i}")]);
+    }
+    let repo = d.workspace.join("shallow");
+    let url = format!("file://{}", origin.display());
+    git(
+        d.root(),
+        &["clone", "-q", "--depth", "2", &url, repo.to_str().unwrap()],
+    );
+    std::fs::write(repo.join(".git/info/attributes"), "*.bin binary\n").unwrap();
+    write(&repo, "wip.txt", "uncommitted\n");
+    let body = post_bundle(&d).await;
+    assert_eq!(body["errors"], json!([]), "{body}");
+
+    let scratch = tempfile::tempdir().unwrap();
+    let restored = scratch.path().join("restored");
+    gitbundle::restore_bundle(
+        &bundle_path(&d, "shallow"),
+        &head_meta(&d, "shallow"),
+        &restored,
+    )
+    .unwrap();
+    assert_eq!(
+        git(&restored, &["rev-parse", "--is-shallow-repository"]).trim(),
+        "true"
+    );
+    git(&restored, &["fsck", "--no-progress"]);
+    assert_eq!(
+        git(&restored, &["log", "--format=%H %s"]),
+        git(&repo, &["log", "--format=%H %s"])
+    );
+    assert_eq!(
+        git(&restored, &["status", "--porcelain"]),
+        git(&repo, &["status", "--porcelain"])
+    );
+    assert_eq!(
+        git(&restored, &["check-attr", "binary", "--", "x.bin"]),
+        "x.bin: binary: set\n"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_bundle_round_trip() {
     use crate::s3_server::S3Server;
