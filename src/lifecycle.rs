@@ -1023,17 +1023,24 @@ pub fn serve(config: Config) -> anyhow::Result<u8> {
         let lifecycle = Arc::new(Lifecycle::default());
         // SIGHUP too: a terminal closed on a foreground `serve` must not lose work
         // (there is no configuration reload to give it).
-        let mut signals = signal_hook_tokio::Signals::new([
-            signal_hook::consts::SIGTERM,
-            signal_hook::consts::SIGINT,
-            signal_hook::consts::SIGHUP,
-        ])
-        .context("cannot install signal handlers")?;
+        // SIGUSR1 and SIGUSR2 (sent by log rotation and reload tools) would kill the
+        // daemon at once, with no final sync: they are logged and ignored.
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
+        let mut signals =
+            signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2])
+                .context("cannot install signal handlers")?;
         let handle = signals.handle();
         let lc = lifecycle.clone();
         let watcher = tokio::spawn(async move {
             let mut seen = 0;
             while let Some(sig) = signals.next().await {
+                if sig == SIGUSR1 || sig == SIGUSR2 {
+                    tracing::info!(
+                        signal = sig,
+                        "signal ignored (SIGTERM, SIGINT or SIGHUP stops the daemon)"
+                    );
+                    continue;
+                }
                 seen += 1;
                 if seen == 1 {
                     tracing::info!(signal = sig, "signal received: final sync, then exit");

@@ -156,6 +156,17 @@ async fn sigterm_exits_zero_and_removes_the_socket() {
     // And SIGHUP (a closed terminal) too: the final sync runs, nothing is lost.
     d.restart().await;
     ok(&d.api().put("/v1/kv/k", &json!("before hup")).await, 200);
+    // SIGUSR1 and SIGUSR2 (log rotation, reload tools) are ignored, not a kill.
+    for sig in ["-USR1", "-USR2"] {
+        let st = std::process::Command::new("kill")
+            .args([sig, &d.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(d.is_running(), "log:\n{}", d.log());
+    assert_eq!(d.api().value("k").await, Some(json!("before hup")));
     let status = d.signal_and_wait("HUP");
     assert_eq!(status.code(), Some(0), "log:\n{}", d.log());
     assert!(d.log().contains("final sync done"), "log:\n{}", d.log());
