@@ -440,8 +440,28 @@ async fn huge_content_length_is_refused_before_the_body_is_read() {
     assert!(b["message"].is_string());
     assert_eq!(b["limit_bytes"], BODY_LIMIT);
     assert_eq!(b["current_size_bytes"], declared);
+    // The connection is closed after it (the body is not read): the answer says so.
+    assert!(closes(&r.head), "{}", r.head);
     let api = d.api();
     assert_eq!(api.value("k").await, None);
+    // A request whose body is read keeps the connection.
+    let body = "1";
+    let head = format!(
+        "PUT /v1/kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let r = raw_request(&d.socket, head, 0, false).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert!(!closes(&r.head), "{}", r.head);
+}
+
+/// Whether an answer's head says `Connection: close`.
+fn closes(head: &str) -> bool {
+    head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close")
+        })
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -459,6 +479,7 @@ async fn endless_chunked_body_is_cut_off() {
         b["current_size_bytes"].as_u64().unwrap() > BODY_LIMIT,
         "{b}"
     );
+    assert!(closes(&r.head), "{}", r.head);
     assert_eq!(d.api().value("k").await, None);
 }
 
