@@ -28,6 +28,7 @@ use crate::remote::{self, Backoff, Remote, RemoteError};
 use crate::snapshot::{self, COMPRESSED_DIR};
 use crate::sync::manifest::{FileEntry, Manifest};
 use crate::sync::rules::{Rules, is_ignore_file};
+use crate::sync::scan::Limits;
 
 /// Attempts at a download that fails for want of an answer (connection, 5xx).
 const TRANSPORT_ATTEMPTS: u32 = 4;
@@ -809,6 +810,11 @@ async fn restore_manifest(
         .map_err(|e| local(format_args!("resolving {}", target.display()), e))?;
     let rules = Rules::new(&root, &opts.exclude)
         .map_err(|e| local("exclude patterns", io::Error::other(e)))?;
+    // What the mirror does not carry, and so no manifest names.
+    let limits = Limits {
+        max_file_bytes: opts.max_file_bytes,
+        key_prefix_len: format!("{conversation_prefix}workspace/files/").len(),
+    };
     let mut report = RestoreReport {
         generation: manifest.generation,
         objects_only,
@@ -853,7 +859,7 @@ async fn restore_manifest(
             Rules::new(&root, &opts.exclude)
                 .map_err(|e| local("exclude patterns", io::Error::other(e)))
         };
-        let mut doomed = extras(&root, &rules_now()?, &manifest, opts.max_file_bytes);
+        let mut doomed = extras(&root, &rules_now()?, &manifest, &limits);
         // An ignore file the remote does not have goes too, and what only it ignored is
         // judged again without it.
         let stray_rules: Vec<String> = doomed
@@ -864,7 +870,7 @@ async fn restore_manifest(
         if !stray_rules.is_empty() {
             report.removed +=
                 remove_paths(&root, &stray_rules, &manifest.empty_dirs, &mut report.bad);
-            doomed = extras(&root, &rules_now()?, &manifest, opts.max_file_bytes);
+            doomed = extras(&root, &rules_now()?, &manifest, &limits);
         }
         report.removed += remove_paths(&root, &doomed, &manifest.empty_dirs, &mut report.bad);
     }
@@ -1042,7 +1048,7 @@ async fn restore_manifest(
     } else {
         // Nor what stands where a held entry was (a directory's name taken by a file
         // the guard kept from the mirror).
-        extras(&root, &rules, &manifest, opts.max_file_bytes)
+        extras(&root, &rules, &manifest, &limits)
             .into_iter()
             .filter(|rel| !in_newer(rel) && !crate::sync::clashes(&held_paths, rel))
             .collect()
@@ -1204,16 +1210,18 @@ fn restore_symlink(root: &Path, rel: &str, link: &str, force: bool) -> Result<()
 }
 
 /// The files and symlinks the manifest does not name and that the mirror would carry
-/// (excluded and ignored entries and `.git` are left out).
-fn extras(root: &Path, rules: &Rules, manifest: &Manifest, max_file_bytes: u64) -> Vec<String> {
+/// (excluded and ignored entries, `.git`, files over `limits.max_file_bytes` and paths
+/// whose remote key would be too long are left out).
+fn extras(root: &Path, rules: &Rules, manifest: &Manifest, limits: &Limits) -> Vec<String> {
     let mut out = Vec::new();
     // Into directories the remote has as empty too: what is in them here is not the
     // remote's.
     walk_kept(root, rules, |rel, e, ft| {
         let Some(key) = rel.to_str() else { return };
-        let too_large = ft.is_file() && e.metadata().is_ok_and(|m| m.len() > max_file_bytes);
+        let too_large = ft.is_file() && e.metadata().is_ok_and(|m| m.len() > limits.max_file_bytes);
         if !ft.is_dir()
             && !too_large
+            && crate::sync::scan::key_fits(limits, key)
             && !manifest.files.contains_key(key)
             && !manifest.symlinks.contains_key(key)
         {
@@ -1761,11 +1769,26 @@ mod tests {
         };
         manifest.files.insert("kept.txt".into(), entry);
         let rules = Rules::new(root, &[]).unwrap();
-        let mut got = extras(root, &rules, &manifest, u64::MAX);
+        let limits = Limits {
+            max_file_bytes: u64::MAX,
+            key_prefix_len: 0,
+        };
+        let mut got = extras(root, &rules, &manifest, &limits);
         got.sort();
         assert_eq!(
             got,
             ["cache/deeper/more.txt", "cache/junk.txt", "other.txt"]
+        );
+        // What the mirror does not carry is no extra: a file whose remote key would be
+        // too long (a tracked file only a bundle brings back), one over the size limit.
+        let limits = Limits {
+            max_file_bytes: 1,
+            key_prefix_len: crate::remote::MAX_KEY_BYTES - "other.txt".len() + 1,
+        };
+        fs::write(root.join("big.txt"), "xx").unwrap();
+        assert_eq!(
+            extras(root, &rules, &manifest, &limits),
+            Vec::<String>::new()
         );
     }
 

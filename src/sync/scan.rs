@@ -116,7 +116,7 @@ fn join(dir: &str, name: &str) -> String {
     }
 }
 
-fn key_fits(limits: &Limits, rel: &str) -> bool {
+pub(crate) fn key_fits(limits: &Limits, rel: &str) -> bool {
     limits.key_prefix_len + rel.len() <= crate::remote::MAX_KEY_BYTES
         && rel
             .split('/')
