@@ -65,6 +65,19 @@ pub enum SyncError {
     Stopped,
 }
 
+/// The error for reading the workspace root that failed with `e`: the workspace is
+/// unavailable (missing, closed to the daemon, an I/O error), unless the daemon is
+/// short of something (file descriptors, memory), which says nothing of the workspace:
+/// a local failure, retried with backoff.
+fn root_error(e: &std::io::Error, message: String) -> SyncError {
+    match e.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN | libc::EINTR) => {
+            SyncError::Local(message)
+        }
+        _ => SyncError::WorkspaceUnavailable(message),
+    }
+}
+
 /// What one or more rounds did, as `POST /v1/sync` reports it.
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct RoundStats {
@@ -534,10 +547,7 @@ impl SyncEngine {
     fn root_available(&self) -> Result<(), SyncError> {
         match std::fs::read_dir(&self.root) {
             Ok(_) => Ok(()),
-            Err(e) => Err(SyncError::WorkspaceUnavailable(format!(
-                "{}: {e}",
-                self.root.display()
-            ))),
+            Err(e) => Err(root_error(&e, format!("{}: {e}", self.root.display()))),
         }
     }
 
@@ -1164,7 +1174,7 @@ impl SyncEngine {
             .map_err(|e| SyncError::Remote(e.to_string()))?
             .map_err(|e| {
                 if full {
-                    SyncError::WorkspaceUnavailable(e.to_string())
+                    root_error(&e, e.to_string())
                 } else {
                     SyncError::Local(format!("scanning the workspace: {e}"))
                 }
@@ -1722,6 +1732,22 @@ mod tests {
     use super::*;
     use crate::remote::dir::DirRemote;
     use crate::remote::flaky::FlakyRemote;
+
+    /// A daemon out of file descriptors (or memory) does not call the workspace
+    /// unavailable (409 to a sync): it is a local failure, retried.
+    #[test]
+    fn running_short_is_no_unavailable_workspace() {
+        let err = |code| root_error(&std::io::Error::from_raw_os_error(code), String::new());
+        assert!(matches!(err(libc::EMFILE), SyncError::Local(_)));
+        assert!(matches!(err(libc::ENFILE), SyncError::Local(_)));
+        assert!(matches!(err(libc::ENOMEM), SyncError::Local(_)));
+        for code in [libc::ENOENT, libc::EACCES, libc::ENOTDIR, libc::EIO] {
+            assert!(
+                matches!(err(code), SyncError::WorkspaceUnavailable(_)),
+                "{code}"
+            );
+        }
+    }
 
     #[test]
     fn a_walk_is_asked_once_per_tree() {
