@@ -500,6 +500,9 @@ impl Config {
         if self.state_dir.as_os_str().is_empty() {
             return Err(invalid("state_dir", "must not be empty"));
         }
+        if self.workspace.as_os_str().is_empty() {
+            return Err(invalid("workspace", "must not be empty"));
+        }
         if self.remote.kind == RemoteKind::Dir && self.remote.path.as_os_str().is_empty() {
             return Err(invalid(
                 "remote.path",
@@ -920,6 +923,8 @@ mod tests {
             ),
             ("[remote]\nprefix = \"//\"\n", "remote.prefix"),
             ("[remote]\nprefix = \"/\"\n", "remote.prefix"),
+            ("workspace = \"\"\n", "workspace"),
+            ("state_dir = \"\"\n", "state_dir"),
         ] {
             let err = Config::from_parts(text, Source::Embedded, &[])
                 .unwrap_err()

@@ -1011,6 +1011,10 @@ fn tune_allocator() {
     }
 }
 
+/// A stop signal this soon after the first is the same stop sent twice (to the process
+/// and to its group), not a second signal that aborts the final sync.
+const SIGNAL_SENT_TWICE: Duration = Duration::from_millis(100);
+
 /// `sandkeep serve`: a runtime, signal handling, and [`run`].
 pub fn serve(config: Config) -> anyhow::Result<u8> {
     tune_allocator();
@@ -1032,7 +1036,7 @@ pub fn serve(config: Config) -> anyhow::Result<u8> {
         let handle = signals.handle();
         let lc = lifecycle.clone();
         let watcher = tokio::spawn(async move {
-            let mut seen = 0;
+            let mut first: Option<std::time::Instant> = None;
             while let Some(sig) = signals.next().await {
                 if sig == SIGUSR1 || sig == SIGUSR2 {
                     tracing::info!(
@@ -1041,8 +1045,14 @@ pub fn serve(config: Config) -> anyhow::Result<u8> {
                     );
                     continue;
                 }
-                seen += 1;
-                if seen == 1 {
+                // The same stop sent twice at once (GNU `timeout`, and scripts, signal
+                // the process and then its group) is one signal.
+                if first.is_some_and(|t| t.elapsed() < SIGNAL_SENT_TWICE) {
+                    tracing::debug!(signal = sig, "signal sent again at once: the same stop");
+                    continue;
+                }
+                if first.is_none() {
+                    first = Some(std::time::Instant::now());
                     tracing::info!(signal = sig, "signal received: final sync, then exit");
                     lc.request_shutdown();
                 } else {

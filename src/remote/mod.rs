@@ -206,7 +206,16 @@ pub async fn list_all(remote: &dyn Remote, prefix: &str) -> Result<Vec<ObjectInf
 /// Builds the configured backend.
 pub async fn from_config(config: &Config) -> anyhow::Result<Arc<dyn Remote>> {
     Ok(match config.remote.kind {
-        RemoteKind::Dir => Arc::new(dir::DirRemote::new(&config.remote.path)?),
+        RemoteKind::Dir => {
+            let path = &config.remote.path;
+            let dir = dir::DirRemote::new(path).map_err(|e| {
+                anyhow::anyhow!(
+                    "remote.path {}: cannot create it as a directory: {e}",
+                    path.display()
+                )
+            })?;
+            Arc::new(dir)
+        }
         RemoteKind::S3 => Arc::new(
             s3::S3Remote::new(&config.remote, config.sync.multipart_threshold_bytes).await?,
         ),

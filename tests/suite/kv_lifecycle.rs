@@ -185,6 +185,18 @@ async fn invalid_configuration_refuses_to_start() {
         "the error must name the key:\n{out}"
     );
     assert!(!d.socket.exists());
+
+    // A dir remote's path that is a file: the error names the key and the path.
+    let d = Daemon::prepare("");
+    std::fs::remove_dir(&d.remote).unwrap();
+    std::fs::write(&d.remote, b"not a directory").unwrap();
+    let (status, out) = d.run_other_serve(&[], Duration::from_secs(15));
+    let status = status.unwrap_or_else(|| panic!("started on a file as remote:\n{out}"));
+    assert!(!status.success());
+    assert!(
+        out.contains("remote.path") && out.contains(&d.remote.display().to_string()),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
