@@ -455,6 +455,14 @@ pub async fn run(
         // Until the restore finished, a restart resumes it (a half-restored workspace
         // must never be taken for the truth and mirrored over the remote).
         std::fs::write(&marker, b"").with_context(|| format!("writing {}", marker.display()))?;
+        // The workspace says so too (as an init container's restore does): a start on
+        // another state directory with this workspace resumes it as well.
+        let in_workspace = config.workspace.join(crate::restore::INCOMPLETE_MARKER);
+        let marked = std::fs::create_dir_all(&config.workspace)
+            .and_then(|()| std::fs::write(&in_workspace, crate::restore::restore_source(&config)));
+        if let Err(e) = marked {
+            tracing::warn!(error = %e, marker = %in_workspace.display(), "cannot mark the workspace's restore as under way");
+        }
         let restored = tokio::select! {
             r = restore_workspace_retrying(remote.as_ref(), &config, force) => Some(r),
             _ = lifecycle.shutdown.cancelled() => None,
@@ -467,7 +475,7 @@ pub async fn run(
         }
         // Done: an init container's unfinished restore (resumed here) is finished too.
         if matches!(restored, Some(Ok(_))) {
-            let _ = std::fs::remove_file(config.workspace.join(crate::restore::INCOMPLETE_MARKER));
+            let _ = std::fs::remove_file(&in_workspace);
         }
         match restored {
             Some(Ok(Some(report))) => {

@@ -522,7 +522,13 @@ async fn a_restore_waits_for_the_remote_and_a_stop_meanwhile_exits_75() {
     assert!(retrying.is_some(), "log:\n{}", d.log());
     assert_eq!(d.api().get("/readyz").await.status, 503);
     assert_eq!(d.api().get("/v1/kv/x").await.status, 503);
-    assert!(tree(&d.workspace, &not_git).is_empty());
+    // Nothing but the mark of a restore under way.
+    let left = tree(&d.workspace, &not_git);
+    assert_eq!(
+        left.keys().collect::<Vec<_>>(),
+        [".sandkeep-restore-incomplete"],
+        "{left:?}"
+    );
     // The owner's claim and the restore's reads count as remote errors too.
     let metrics = d.api().get("/metrics").await;
     let text = String::from_utf8_lossy(&metrics.body).to_string();
@@ -535,11 +541,19 @@ async fn a_restore_waits_for_the_remote_and_a_stop_meanwhile_exits_75() {
     let status = d.terminate();
     assert_eq!(status.code(), Some(75), "log:\n{}", d.log());
     assert!(d.log().contains("stopped during start-up"), "{}", d.log());
+    // The workspace itself says its restore did not finish: a start on another state
+    // directory (a persistent workspace, an ephemeral state volume) resumes it rather
+    // than taking what a restore cut short left for the truth.
+    let marker = d.workspace.join(".sandkeep-restore-incomplete");
+    assert!(marker.exists());
+    write(&d.workspace, "a.txt", "half");
+    std::fs::remove_dir_all(&d.state_dir).unwrap();
 
     s3.restart().await;
     d.spawn_and_wait().await;
     assert_eq!(tree(&d.workspace, &not_git), original);
     assert_eq!(git_state(&d.workspace), original_git);
+    assert!(!marker.exists());
     assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
 }
 
