@@ -1658,6 +1658,24 @@ pub fn write_bundle_leaving_out<W: Write>(
     }))
 }
 
+/// Brings the stat data of the index of the repository at `dir` up to date with its
+/// work tree, as `git update-index --refresh` does: for a restore, once every file
+/// and its time are in place. The index was written before they were, so git's
+/// plumbing (`git diff-files`) saw every file as changed until a porcelain command
+/// refreshed it, and the first `git status` read every file.
+pub fn refresh_index(dir: &Path) -> Result<(), GitError> {
+    let repo = Repository::open(dir).ctx(format_args!("opening {}", dir.display()))?;
+    if repo.is_bare() {
+        return Ok(());
+    }
+    let mut opts = git2::StatusOptions::new();
+    opts.update_index(true)
+        .include_untracked(false)
+        .exclude_submodules(true);
+    repo.statuses(Some(&mut opts)).ctx("refreshing the index")?;
+    Ok(())
+}
+
 /// What [`restore_bundle`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Restored {

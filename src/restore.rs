@@ -1183,6 +1183,16 @@ async fn restore_manifest(
             .collect();
         report.removed += remove_paths(&root, &deleted, &manifest.empty_dirs, &mut report.bad);
     }
+    // Every file and its time in place: the indexes written before learn them.
+    let repos: Vec<PathBuf> = report.repos.iter().map(|r| root.join(&r.repo)).collect();
+    let refreshed = tokio::task::spawn_blocking(move || {
+        for dir in repos {
+            if let Err(e) = gitbundle::refresh_index(&dir) {
+                tracing::warn!(repo = %dir.display(), error = %e, "cannot refresh the restored index (git status does it)");
+            }
+        }
+    });
+    let _ = refreshed.await;
     progress.finish();
     report.bad.sort_by(|a, b| a.path.cmp(&b.path));
     report.duration_ms = started.elapsed().as_millis() as u64;

@@ -97,6 +97,20 @@ async fn offline_restore_from_the_mirror_and_from_snapshots() {
     assert_eq!(s["bad"], json!([]), "{s}");
     assert_eq!(s["symlinks"], 1, "{s}");
     assert_eq!(s["repos"], json!([{"repo": ".", "refs": 1}]), "{s}");
+    // The index's stat data was refreshed once the files and their times were in
+    // place: git's plumbing sees no phantom change (before any porcelain refreshes it).
+    let git_out = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .current_dir(&target)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let plumbing = git_out(&["diff-files", "--name-only"]);
+    assert_eq!(plumbing, git_out(&["diff", "--name-only"]));
+    assert_eq!(plumbing, "a.txt\n", "only the real change");
     assert_eq!(tree(&target, &not_git), original);
     assert_eq!(git_state(&target), original_git);
 
