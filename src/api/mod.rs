@@ -11,6 +11,7 @@ pub mod server;
 pub mod system;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::Router;
@@ -420,6 +421,46 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<By
     read_body_within(headers, body, limit, server::IDLE_TIMEOUT).await
 }
 
+/// Request body bytes read into memory so far by the reads under way, across every
+/// connection (see [`Reading`]).
+static BODY_BYTES_READING: AtomicU64 = AtomicU64::new(0);
+
+/// The most request body bytes held by reads under way at once: past it, a body that
+/// grows is refused with 503 `busy` (unless it is the only one being read, so that any
+/// body within its own limit can always be sent). Without it, clients that each
+/// half-send a large body would fill memory (each within its own limit), and the
+/// sidecar's memory limit would kill it, final sync and all.
+const BODY_BYTES_READING_MAX: u64 = 256 << 20;
+
+/// The bytes of one body read so far, counted in a total of all reads (such as
+/// [`BODY_BYTES_READING`]) until dropped.
+struct Reading {
+    total: &'static AtomicU64,
+    max: u64,
+    n: u64,
+}
+
+impl Reading {
+    /// Counts `n` more bytes; `false` (counting nothing) when that passes `max` while
+    /// other bodies are being read.
+    fn grow(&mut self, n: u64) -> bool {
+        let before = self.total.fetch_add(n, Ordering::SeqCst);
+        let others = before.saturating_sub(self.n);
+        if others > 0 && before + n > self.max {
+            self.total.fetch_sub(n, Ordering::SeqCst);
+            return false;
+        }
+        self.n += n;
+        true
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.n, Ordering::SeqCst);
+    }
+}
+
 /// [`read_body`], giving up with 408 `timeout` when the body sends nothing for `idle`:
 /// a client that announced a body and never sends it must not hold its connection
 /// (and a file descriptor) for ever.
@@ -428,6 +469,22 @@ async fn read_body_within(
     body: Body,
     limit: u64,
     idle: std::time::Duration,
+) -> Result<Bytes, ApiError> {
+    let reading = Reading {
+        total: &BODY_BYTES_READING,
+        max: BODY_BYTES_READING_MAX,
+        n: 0,
+    };
+    read_body_counted(headers, body, limit, idle, reading).await
+}
+
+/// [`read_body_within`], counting what it reads in `reading`.
+async fn read_body_counted(
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+    idle: std::time::Duration,
+    mut reading: Reading,
 ) -> Result<Bytes, ApiError> {
     let declared = declared_length(headers);
     if let Some(n) = declared
@@ -462,6 +519,17 @@ async fn read_body_within(
             Ok(Some(Ok(frame))) => frame,
         };
         if let Ok(data) = frame.into_data() {
+            if !reading.grow(data.len() as u64) {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    format!(
+                        "too many request bodies are being read at once (over {} bytes); \
+                         retry",
+                        reading.max
+                    ),
+                ));
+            }
             chunks.push(data);
         }
     }
@@ -502,5 +570,48 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(got, "abcde");
+    }
+
+    /// Bodies being read hold at most so many bytes together: one that would pass the
+    /// total while another is read gets 503 `busy`; alone, any body is read.
+    #[tokio::test]
+    async fn bodies_being_read_at_once_are_bounded_together() {
+        static TOTAL: AtomicU64 = AtomicU64::new(0);
+        let reading = || Reading {
+            total: &TOTAL,
+            max: 100,
+            n: 0,
+        };
+        let idle = std::time::Duration::from_secs(5);
+        let headers = HeaderMap::new();
+        // One that sent 60 bytes and stalls.
+        let stalled = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from(vec![b'a'; 60]))])
+            .chain(futures::stream::pending());
+        let first = tokio::spawn(async move {
+            read_body_counted(&headers, Body::from_stream(stalled), 1000, idle, reading()).await
+        });
+        while TOTAL.load(Ordering::SeqCst) < 60 {
+            tokio::task::yield_now().await;
+        }
+        let body = || Body::from(vec![b'b'; 60]);
+        let headers = HeaderMap::new();
+        let err = read_body_counted(&headers, body(), 1000, idle, reading())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.status, err.code),
+            (axum::http::StatusCode::SERVICE_UNAVAILABLE, "busy")
+        );
+        assert_eq!(TOTAL.load(Ordering::SeqCst), 60);
+        // Within the total, or alone (over it), a body is read.
+        let small = read_body_counted(&headers, Body::from("ccc"), 1000, idle, reading());
+        assert_eq!(small.await.unwrap(), "ccc");
+        first.abort();
+        let _ = first.await;
+        assert_eq!(TOTAL.load(Ordering::SeqCst), 0);
+        let big = Body::from(vec![b'd'; 500]);
+        let got = read_body_counted(&headers, big, 1000, idle, reading()).await;
+        assert_eq!(got.unwrap().len(), 500);
+        assert_eq!(TOTAL.load(Ordering::SeqCst), 0);
     }
 }
