@@ -64,9 +64,14 @@ async fn write_one(state: &AppState, ns: &str, op: Op) -> Result<Value, ApiError
         .ok_or_else(|| ApiError::from(KvError::Internal("no result".into())))
 }
 
-pub async fn get_key(State(state): State<AppState>, ctx: Ctx, KeyParam(key): KeyParam) -> Response {
+pub async fn get_key(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    key: Result<KeyParam, ApiError>,
+) -> Response {
     let started = Instant::now();
     let result = async {
+        let KeyParam(key) = key?;
         ctx.query.allow(&["path", "meta"])?;
         let ns = ctx.namespace(Scope::KvRead)?;
         let path = ops::parse_path(ctx.query.get("path"))?;
@@ -95,12 +100,13 @@ pub async fn get_key(State(state): State<AppState>, ctx: Ctx, KeyParam(key): Key
 pub async fn put_key(
     State(state): State<AppState>,
     ctx: Ctx,
-    KeyParam(key): KeyParam,
+    key: Result<KeyParam, ApiError>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let started = Instant::now();
     let result = async {
+        let KeyParam(key) = key?;
         ctx.query
             .allow(&["nx", "xx", "if_version", "ttl", "keep_ttl", "get"])?;
         let ns = ctx.namespace(Scope::KvWrite)?;
@@ -146,12 +152,13 @@ pub async fn put_key(
 pub async fn patch_key(
     State(state): State<AppState>,
     ctx: Ctx,
-    KeyParam(key): KeyParam,
+    key: Result<KeyParam, ApiError>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let started = Instant::now();
     let result = async {
+        let KeyParam(key) = key?;
         ctx.query.allow(&["path", "if_version"])?;
         let ns = ctx.namespace(Scope::KvWrite)?;
         let path = ops::parse_path(ctx.query.get("path"))?;
@@ -172,10 +179,11 @@ pub async fn patch_key(
 pub async fn delete_key(
     State(state): State<AppState>,
     ctx: Ctx,
-    KeyParam(key): KeyParam,
+    key: Result<KeyParam, ApiError>,
 ) -> Response {
     let started = Instant::now();
     let result = async {
+        let KeyParam(key) = key?;
         ctx.query.allow(&["if_version", "get"])?;
         let ns = ctx.namespace(Scope::KvWrite)?;
         let get = ctx.query.flag("get")?;
@@ -219,7 +227,7 @@ async fn action_body(
 pub async fn post_action(
     State(state): State<AppState>,
     ctx: Ctx,
-    KeyParam(key): KeyParam,
+    key: Result<KeyParam, ApiError>,
     ActionParam(action): ActionParam,
     headers: HeaderMap,
     body: Body,
@@ -233,7 +241,11 @@ pub async fn post_action(
         "lpop" => "lpop",
         "rpop" => "rpop",
         "expire" => "expire",
-        _ => return no_such_action(&action),
+        _ => return key.map_or_else(IntoResponse::into_response, |_| no_such_action(&action)),
+    };
+    let key = match key {
+        Ok(KeyParam(key)) => key,
+        Err(e) => return finish(&state, name, started, Err(e)),
     };
     let result = async {
         ctx.query.allow(&[])?;
@@ -283,21 +295,21 @@ pub async fn post_action(
 pub async fn get_action(
     State(state): State<AppState>,
     ctx: Ctx,
-    KeyParam(key): KeyParam,
+    key: Result<KeyParam, ApiError>,
     ActionParam(action): ActionParam,
 ) -> Response {
     let started = Instant::now();
-    match action.as_str() {
-        "len" => {
-            let result = len(&state, &ctx, key).await;
-            finish(&state, "len", started, result)
-        }
-        "watch" => {
-            let result = watch(&state, &ctx, key).await;
-            finish(&state, "watch", started, result)
-        }
-        _ => no_such_action(&action),
-    }
+    let name = match action.as_str() {
+        "len" => "len",
+        "watch" => "watch",
+        _ => return key.map_or_else(IntoResponse::into_response, |_| no_such_action(&action)),
+    };
+    let result = match key {
+        Ok(KeyParam(key)) if name == "len" => len(&state, &ctx, key).await,
+        Ok(KeyParam(key)) => watch(&state, &ctx, key).await,
+        Err(e) => Err(e),
+    };
+    finish(&state, name, started, result)
 }
 
 /// `/v1/kv/{key}/{action}` with PUT, PATCH or DELETE.

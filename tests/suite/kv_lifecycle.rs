@@ -397,6 +397,18 @@ async fn health_readiness_status_and_metrics() {
 
     ok(&api.put("/v1/kv/k", &json!(1)).await, 201);
     assert_error(&api.put("/v1/kv/k?nx=true", &json!(1)).await, 409, "exists");
+    // Requests refused for their key count too (the operation is known from the route).
+    assert_error(
+        &api.put("/v1/kv/%24r", &json!(1)).await,
+        400,
+        "reserved_key",
+    );
+    assert_error(&api.get("/v1/kv/a%00b").await, 400, "invalid_key");
+    assert_error(
+        &api.post("/v1/kv/%24r/incr", &json!({})).await,
+        400,
+        "reserved_key",
+    );
     let s = ok(&api.get("/v1/status").await, 200);
     assert_eq!(s["state"], "ready");
     assert_eq!(s["user"], "u1");
@@ -414,6 +426,13 @@ async fn health_readiness_status_and_metrics() {
             && l.contains("status=\"201\"")),
         "no set/201 sample:\n{text}"
     );
+    for sample in [
+        "sandkeep_kv_ops_total{op=\"set\",status=\"400\"} ",
+        "sandkeep_kv_ops_total{op=\"get\",status=\"400\"} ",
+        "sandkeep_kv_ops_total{op=\"incr\",status=\"400\"} ",
+    ] {
+        assert!(text.lines().any(|l| l.starts_with(sample)), "no {sample}:\n{text}");
+    }
     assert!(text.contains("sandkeep_kv_conflicts_total"), "{text}");
     assert!(text.contains("sandkeep_kv_op_duration_seconds"), "{text}");
     // The writer's counts: one successful write so far, in at least one commit group.
