@@ -1183,6 +1183,25 @@ async fn restore_manifest(
             .collect();
         report.removed += remove_paths(&root, &deleted, &manifest.empty_dirs, &mut report.bad);
     }
+    // Files only a bundle brought back (tracked files the mirror leaves out: ignored,
+    // over the size limit, in a repository the mirror does not enter) get the time
+    // they had when the bundle was read, where they are still the size they were then:
+    // the checkout gave them the restore's.
+    for (rel, (size, mtime)) in &bundled_stat {
+        if manifest.files.contains_key(rel) {
+            continue;
+        }
+        let path = root.join(rel);
+        let is_it = fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.len() == *size);
+        if !is_it {
+            continue;
+        }
+        let set = fs::File::open(&path)
+            .and_then(|f| f.set_times(FileTimes::new().set_modified(system_time(*mtime))));
+        if let Err(e) = set {
+            tracing::debug!(path = %path.display(), error = %e, "cannot give a file from a bundle its time");
+        }
+    }
     // Every file and its time in place: the indexes written before learn them.
     let repos: Vec<PathBuf> = report.repos.iter().map(|r| root.join(&r.repo)).collect();
     let refreshed = tokio::task::spawn_blocking(move || {

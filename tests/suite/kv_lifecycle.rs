@@ -431,7 +431,10 @@ async fn health_readiness_status_and_metrics() {
         "sandkeep_kv_ops_total{op=\"get\",status=\"400\"} ",
         "sandkeep_kv_ops_total{op=\"incr\",status=\"400\"} ",
     ] {
-        assert!(text.lines().any(|l| l.starts_with(sample)), "no {sample}:\n{text}");
+        assert!(
+            text.lines().any(|l| l.starts_with(sample)),
+            "no {sample}:\n{text}"
+        );
     }
     assert!(text.contains("sandkeep_kv_conflicts_total"), "{text}");
     assert!(text.contains("sandkeep_kv_op_duration_seconds"), "{text}");

@@ -651,6 +651,13 @@ async fn an_older_bundle_gives_way_to_the_manifest_and_keeps_what_only_it_holds(
     // (Not every file goes: that would be held as everything gone.)
     write(&ws, "keep.txt", "stays\n");
     write(&ws, "big.bin", crate::util::pattern(5000, 1));
+    let big_time = std::time::UNIX_EPOCH + Duration::from_nanos(978_307_200_123_456_789);
+    std::fs::File::options()
+        .write(true)
+        .open(ws.join("big.bin"))
+        .unwrap()
+        .set_modified(big_time)
+        .unwrap();
     git(&ws, &["add", "."]);
     git(&ws, &["commit", "-q", "-m", "one"]);
     d.set_env("SANDKEEP_REMOTE_LEASE", "2s");
@@ -678,11 +685,17 @@ async fn an_older_bundle_gives_way_to_the_manifest_and_keeps_what_only_it_holds(
         std::fs::read_to_string(ws.join("d")).unwrap(),
         "d is a file now\n"
     );
-    // Over sync.max_file_bytes: never mirrored, so only the bundle has it: kept.
+    // Over sync.max_file_bytes: never mirrored, so only the bundle has it: kept, with
+    // the time it had when the bundle was read (not the restore's).
     assert_eq!(
         std::fs::read(ws.join("big.bin")).unwrap(),
         crate::util::pattern(5000, 1)
     );
+    let got = std::fs::metadata(ws.join("big.bin"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(got, big_time);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
