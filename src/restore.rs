@@ -1507,9 +1507,14 @@ fn extract(
             continue;
         }
         let size = entry.header().size().unwrap_or(0);
+        let epoch = kind.is_file() && entry.header().mtime().ok() == Some(0);
         match entry.unpack(&dest) {
             Ok(_) if kind.is_symlink() => report.symlinks += 1,
             Ok(_) => {
+                // tar makes a time of 0 (the epoch) 1 s; GNU tar keeps it, and so do we.
+                if epoch {
+                    let _ = fs::File::open(&dest).and_then(|f| f.set_modified(UNIX_EPOCH));
+                }
                 report.files += 1;
                 report.bytes += size;
             }
@@ -1717,6 +1722,37 @@ mod tests {
             b.append(&h, *data).unwrap();
         }
         b.into_inner().unwrap().finish().unwrap();
+    }
+
+    /// Times come back to the second, the epoch included (tar would make it 1 s).
+    #[test]
+    fn snapshot_times_come_back_the_epoch_too() {
+        let d = tempfile::tempdir().unwrap();
+        let archive = d.path().join("a.tar.gz");
+        let gz = flate2::write::GzEncoder::new(
+            fs::File::create(&archive).unwrap(),
+            flate2::Compression::fast(),
+        );
+        let mut b = tar::Builder::new(gz);
+        for (name, mtime) in [("epoch", 0), ("later", 1_700_000_000)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(1);
+            h.set_mode(0o644);
+            h.set_mtime(mtime);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, name, &b"x"[..]).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap();
+        let ws = d.path().join("ws");
+        fs::create_dir(&ws).unwrap();
+        let report = extract(&archive, &ws, false, &[]).unwrap();
+        assert_eq!(report.bad, []);
+        let mtime = |n: &str| fs::metadata(ws.join(n)).unwrap().modified().unwrap();
+        assert_eq!(mtime("epoch"), UNIX_EPOCH);
+        assert_eq!(
+            mtime("later"),
+            UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+        );
     }
 
     #[test]
