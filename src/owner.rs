@@ -527,7 +527,8 @@ impl Owner {
                     let lease = record
                         .as_ref()
                         .map_or(self.lease, |r| Duration::from_millis(r.lease_ms));
-                    let epoch = record.as_ref().map_or(0, |r| r.epoch) + 1;
+                    // (Saturating: an epoch any bucket writer may have set to u64::MAX.)
+                    let epoch = record.as_ref().map_or(0, |r| r.epoch).saturating_add(1);
                     let unchanged = held.seen.for_(&etag);
                     let reason = if record.as_ref().is_some_and(|r| r.instance == self.instance) {
                         "restarted on the same state directory"
@@ -1045,6 +1046,30 @@ mod tests {
         fenced_write(&b, &env.remote).await.unwrap();
         stop.cancel();
         b_run.await.unwrap();
+    }
+
+    /// An owner object with the largest epoch (anyone who may write the bucket may
+    /// put one) is taken over like any other, without an overflow.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_largest_epoch_is_taken_over_without_overflow() {
+        let env = Env::new();
+        let record = serde_json::json!({
+            "instance": "someone", "epoch": u64::MAX, "lease_ms": 0,
+            "renewed_at": "2026-01-01T00:00:00Z", "host": "h",
+        });
+        env.remote
+            .put_bytes(
+                &format!("{PREFIX}{OWNER_KEY}"),
+                Bytes::from(record.to_string()),
+            )
+            .await
+            .unwrap();
+        let a = env.owner("a");
+        tokio::time::timeout(Duration::from_secs(5), a.claim())
+            .await
+            .unwrap();
+        assert_eq!(a.status().state, OwnerState::Claimed);
+        assert_eq!(env.record().await.epoch, u64::MAX);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

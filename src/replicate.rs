@@ -361,9 +361,11 @@ impl Replicator {
             }
             RemoteExport::TakenIn => Ok(None),
             RemoteExport::Unreadable(why) => {
-                // Not readable here (another key): kept aside, then written over.
-                let kept = keep_aside(self.remote.as_ref(), key, theirs).await;
-                tracing::error!(namespace = ns, error = %why, kept_as = kept.as_deref().unwrap_or("(not kept)"), "the remote export of this kv namespace cannot be read; kept aside before it is replaced");
+                // Not readable here (another key): kept aside, then written over; left
+                // as it is (this namespace's export fails, to be retried) while it
+                // cannot be kept.
+                let kept = keep_aside(self.remote.as_ref(), key, theirs).await?;
+                tracing::error!(namespace = ns, error = %why, kept_as = %kept, "the remote export of this kv namespace cannot be read; kept aside before it is replaced");
                 let etag = self
                     .remote
                     .put_bytes_if(key, bytes, Precondition::Matches(their_etag))
@@ -470,7 +472,7 @@ pub async fn restore_stores(
                     out.keys += kv.ns_meta(&ns).await?.keys;
                 }
                 Imported::Unreadable(error) => {
-                    let kept_as = keep_aside(remote, &o.key, bytes).await;
+                    let kept_as = keep_aside(remote, &o.key, bytes).await.ok();
                     tracing::error!(
                         key = %o.key,
                         error = %error,
@@ -748,19 +750,22 @@ async fn read_retrying(
 /// Copies an export that cannot be read to [`remote::unreadable_key`], retrying with backoff;
 /// `None` when this daemon may not write (it does not own the conversation, so its
 /// exports cannot overwrite the original either).
-async fn keep_aside(remote: &dyn Remote, key: &str, bytes: Bytes) -> Option<String> {
+async fn keep_aside(remote: &dyn Remote, key: &str, bytes: Bytes) -> Result<String, RemoteError> {
     let aside = remote::unreadable_key(key, &bytes);
+    // Retried while remote storage does not answer; a refusal (a policy, a quota) is
+    // no reason to hold every other namespace back: the caller leaves the export as
+    // it is and says so.
     let kept = remote::retrying(
         "cannot keep a copy of an unreadable kv export yet",
         || remote.put_bytes(&aside, bytes.clone()),
-        |e| !matches!(e, RemoteError::Fenced { .. }),
+        |e| matches!(e, RemoteError::Transport { .. }),
     )
     .await;
     match kept {
-        Ok(()) => Some(aside),
+        Ok(()) => Ok(aside),
         Err(e) => {
             tracing::warn!(key, error = %e, "cannot keep a copy of an unreadable kv export");
-            None
+            Err(e)
         }
     }
 }
@@ -1206,6 +1211,54 @@ mod tests {
         assert_eq!(s.namespaces, 1);
         stop.cancel();
         task.await.unwrap();
+    }
+
+    /// An unreadable export (another key's) whose copy remote storage refuses to keep
+    /// is left as it is: that namespace's export fails (to be retried), without
+    /// holding the pass up; once the copy can be kept, it is written over.
+    #[tokio::test]
+    async fn an_unreadable_export_that_cannot_be_kept_aside_is_not_written_over() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir: Arc<dyn Remote> = Arc::new(DirRemote::new(&tmp.path().join("remote")).unwrap());
+        let remote = Arc::new(FlakyRemote::new(dir.clone()));
+        let foreign = KvStore::open(StoreOptions {
+            path: tmp.path().join("foreign.redb"),
+            cipher: Cipher::new(&[7; 32]),
+            ..options(tmp.path())
+        })
+        .unwrap();
+        set(&foreign, "ns", "k", json!(1)).await;
+        let sealed_elsewhere = Bytes::from(foreign.export("ns").await.unwrap().bytes);
+        let key = export_key(PREFIX, "ns");
+        dir.put_bytes(&key, sealed_elsewhere.clone()).await.unwrap();
+        let kv = store(tmp.path());
+        set(&kv, "ns", "k", json!(2)).await;
+        let (rep, _handle) = Replicator::new(
+            kv.clone(),
+            FileStore::new(kv.clone()),
+            remote.clone(),
+            PREFIX.into(),
+            Duration::from_secs(3600),
+        );
+        // The copy's key is refused by the service (a policy, say).
+        let kept = remote::unreadable_key(&key, &sealed_elsewhere);
+        remote.set_refused_under(Some(&kept));
+        let tried = tokio::time::timeout(Duration::from_secs(5), rep.export_namespace("ns"))
+            .await
+            .expect("a refusal is not retried for ever");
+        assert!(tried.is_err());
+        assert_eq!(
+            dir.get_bytes(&key).await.unwrap(),
+            Some(sealed_elsewhere.clone())
+        );
+        assert_eq!(dir.get_bytes(&kept).await.unwrap(), None);
+        remote.set_refused_under(None);
+        assert!(rep.export_namespace("ns").await.unwrap().is_some());
+        assert_eq!(
+            dir.get_bytes(&kept).await.unwrap(),
+            Some(sealed_elsewhere.clone())
+        );
+        assert_ne!(dir.get_bytes(&key).await.unwrap(), Some(sealed_elsewhere));
     }
 
     /// A new state directory's restore: reads that fail are retried (a namespace left

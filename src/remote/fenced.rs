@@ -30,9 +30,13 @@ impl BootInstant {
             tv_nsec: 0,
         };
         // SAFETY: `ts` is a valid timespec to write to. CLOCK_BOOTTIME exists since
-        // Linux 2.6.39, so the call cannot fail; were it to, `ts` stays zero, which
-        // ends every window at once (writes held, never allowed by mistake).
-        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+        // Linux 2.6.39; where a sandbox's system-call filter refuses it, the monotonic
+        // clock (which stops while the machine sleeps) is the next best: a clock stuck
+        // at zero would keep every write window open for ever.
+        if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+            // SAFETY: as above.
+            unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        }
         Self(Duration::new(
             u64::try_from(ts.tv_sec).unwrap_or(0),
             u32::try_from(ts.tv_nsec).unwrap_or(0),

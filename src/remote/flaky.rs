@@ -15,6 +15,8 @@ pub struct FlakyRemote {
     down: AtomicBool,
     /// Keys under this prefix fail as if the remote were down.
     down_under: Mutex<Option<String>>,
+    /// Calls on keys under this prefix are refused by the "service".
+    refused_under: Mutex<Option<String>>,
     /// File uploads wait (a request that gets no answer) while set.
     hang: AtomicBool,
     hang_reads: AtomicBool,
@@ -48,6 +50,7 @@ impl FlakyRemote {
             inner,
             down: AtomicBool::new(false),
             down_under: Mutex::new(None),
+            refused_under: Mutex::new(None),
             hang: AtomicBool::new(false),
             hang_reads: AtomicBool::new(false),
             queue: Mutex::new(Queue::default()),
@@ -70,6 +73,12 @@ impl FlakyRemote {
     /// [`RemoteError::TooLarge`].
     pub fn set_read_cap(&self, max: u64) {
         self.read_cap.store(max, Ordering::SeqCst);
+    }
+
+    /// While set, every call on a key under `prefix` is refused by the "service" (not
+    /// transient).
+    pub fn set_refused_under(&self, prefix: Option<&str>) {
+        *self.refused_under.lock().unwrap_or_else(|e| e.into_inner()) = prefix.map(str::to_string);
     }
 
     /// While down, every call fails with a transport error.
@@ -136,6 +145,14 @@ impl FlakyRemote {
             if q.n > 0 && q.op.is_none_or(|o| o == op) {
                 q.n -= 1;
                 Some(q.refuse)
+            } else if self
+                .refused_under
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_deref()
+                .is_some_and(|p| key.starts_with(p))
+            {
+                Some(true)
             } else if self.down.load(Ordering::SeqCst)
                 || self
                     .down_under
