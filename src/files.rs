@@ -295,25 +295,34 @@ impl FileStore {
 
     /// Makes the store hold another daemon's changes (see
     /// [`crate::replicate::take_in_remote_files`]), in one transaction: `gone` paths are
-    /// removed, then `files` stored; neither is pending (remote storage has them so).
+    /// removed, then `files` stored, except paths with a change pending here: a
+    /// client's write since the caller looked (a take-in runs while the API serves)
+    /// is kept, to be uploaded. Returns the paths kept so.
     pub async fn take_in(
         &self,
         files: Vec<(String, Vec<u8>)>,
         gone: Vec<String>,
-    ) -> Result<(), KvError> {
+    ) -> Result<Vec<String>, KvError> {
         self.kv
             .exec(true, move |wtx, _, cipher| {
                 let mut t = wtx.open_table(FILES)?;
-                let mut pending = wtx.open_table(PENDING)?;
+                let pending = wtx.open_table(PENDING)?;
+                let mut kept = Vec::new();
                 for path in &gone {
-                    t.remove(path.as_str())?;
-                    pending.remove(path.as_str())?;
+                    if pending.get(path.as_str())?.is_some() {
+                        kept.push(path.clone());
+                    } else {
+                        t.remove(path.as_str())?;
+                    }
                 }
                 for (path, data) in &files {
-                    t.insert(path.as_str(), seal_file(cipher, path, data).as_slice())?;
-                    pending.remove(path.as_str())?;
+                    if pending.get(path.as_str())?.is_some() {
+                        kept.push(path.clone());
+                    } else {
+                        t.insert(path.as_str(), seal_file(cipher, path, data).as_slice())?;
+                    }
                 }
-                Ok(())
+                Ok(kept)
             })
             .await
     }

@@ -621,7 +621,8 @@ pub async fn take_in_remote_files(
             .filter(|p| !in_remote.contains(p.as_str()) && !pending.contains(p))
             .collect(),
     };
-    files.take_in(Vec::new(), out.removed_files.clone()).await?;
+    let kept = files.take_in(Vec::new(), out.removed_files.clone()).await?;
+    out.removed_files.retain(|p| !kept.contains(p));
     let mut batch: Vec<(String, Vec<u8>)> = Vec::new();
     let mut batch_bytes = 0usize;
     for (rel, o) in &objects {
@@ -661,13 +662,15 @@ pub async fn take_in_remote_files(
         out.replaced_files.push(rel.to_string());
         batch.push((rel.to_string(), theirs.to_vec()));
         if batch_bytes >= IMPORT_BATCH_BYTES {
-            files
+            let kept = files
                 .take_in(std::mem::take(&mut batch), Vec::new())
                 .await?;
+            out.replaced_files.retain(|p| !kept.contains(p));
             batch_bytes = 0;
         }
     }
-    files.take_in(batch, Vec::new()).await?;
+    let kept = files.take_in(batch, Vec::new()).await?;
+    out.replaced_files.retain(|p| !kept.contains(p));
     if !out.replaced_files.is_empty() || !out.removed_files.is_empty() {
         tracing::warn!(
             replaced = out.replaced_files.len(),
@@ -988,6 +991,41 @@ mod tests {
             let got = kv.get("ns", key).await.unwrap();
             assert_eq!(got.map(|r| r.value), Some(json!(value)), "{key}");
         }
+    }
+
+    /// A take-in runs while the API serves: a client's write made after it looked at
+    /// what was pending (so that it would replace or remove that path) is kept, to be
+    /// uploaded; a path with nothing pending takes the remote state in.
+    #[tokio::test]
+    async fn a_take_in_keeps_the_writes_made_while_it_runs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let kv = store(tmp.path());
+        let files = FileStore::new(kv.clone());
+        for path in ["a", "b"] {
+            files
+                .put(path, Bytes::from_static(b"mine"), false)
+                .await
+                .unwrap();
+        }
+        let theirs = || vec![("a".to_string(), b"theirs".to_vec())];
+        let kept = files.take_in(theirs(), vec!["b".into()]).await.unwrap();
+        assert_eq!(kept, ["b", "a"]);
+        assert_eq!(files.get("a").await.unwrap().as_deref(), Some(&b"mine"[..]));
+        assert_eq!(files.get("b").await.unwrap().as_deref(), Some(&b"mine"[..]));
+        assert_eq!(files.pending().await.unwrap().len(), 2);
+
+        files
+            .mark_synced(files.pending().await.unwrap())
+            .await
+            .unwrap();
+        let kept = files.take_in(theirs(), vec!["b".into()]).await.unwrap();
+        assert!(kept.is_empty());
+        assert_eq!(
+            files.get("a").await.unwrap().as_deref(),
+            Some(&b"theirs"[..])
+        );
+        assert_eq!(files.get("b").await.unwrap(), None);
+        assert!(files.pending().await.unwrap().is_empty());
     }
 
     /// A namespace whose export keeps failing does not hold the other namespaces or
