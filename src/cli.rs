@@ -298,7 +298,10 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(matches!(cli.command, Command::Serve));
-    crate::gitbundle::set_up_libgit2();
+    // The commands that read or write repositories.
+    if matches!(cli.command, Command::Serve | Command::Restore { .. }) {
+        crate::gitbundle::set_up_libgit2();
+    }
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -33,7 +33,7 @@
 //! [`restore_bundle`] turns a bundle back into a `.git` with the same refs and HEAD,
 //! the index equal to `wip-index` and the work tree equal to `wip`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Display;
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -780,7 +780,7 @@ pub fn set_up_libgit2() {
         let Some(file) = file else {
             continue;
         };
-        match std::fs::metadata(&file) {
+        match std::fs::File::open(&file) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 tracing::warn!(file = %file.display(), error = %e, "cannot read this git config file: repositories are read without it");
                 // SAFETY: as above.
@@ -901,40 +901,25 @@ fn wip_commits(
     }
     let index_tree = index.write_tree().ctx("writing the staged tree")?;
     let workdir = repo.workdir().map(Path::to_path_buf).unwrap_or_default();
+    // The paths whose work-tree version the commit does not take: their size and time
+    // are not the commit's, so `work_tree` does not name them.
+    let mut left_out: HashSet<String> = HashSet::new();
     let mut filter = |path: &Path, _spec: &[u8]| -> i32 {
-        let abs = workdir.join(path);
-        let meta = std::fs::symlink_metadata(&abs);
-        // What the mirror leaves out is stored nowhere: not in the work-tree commit
-        // either (untracked, or changed or deleted while tracked).
-        if leave_out(path, meta.as_ref().is_ok_and(|m| m.is_dir())) {
-            return 1;
+        let skip = wip_filter(path, &workdir, &leave_out);
+        if skip != 0 {
+            left_out.insert(path.to_string_lossy().into_owned());
         }
-        match meta {
-            // A nested repository is its own bundle, not a gitlink here.
-            Ok(m) if m.is_dir() && abs.join(".git").exists() => 1,
-            // Sockets, FIFOs, devices: nothing to commit (and a FIFO would block).
-            Ok(m) if !(m.is_file() || m.is_dir() || m.file_type().is_symlink()) => 1,
-            Ok(m) if m.is_file() && m.len() > MAX_WIP_FILE => {
-                tracing::debug!(path = %abs.display(), size = m.len(), "git bundle: file too large for the work-tree commit; left out (the mirror carries it)");
-                1
-            }
-            // One this daemon may not read (another user's, mode 000) is left out, as
-            // the mirror leaves it out: libgit2 would fail the whole bundle on it. A
-            // tracked one keeps its staged version in the commit.
-            Ok(m) if m.is_file() && std::fs::File::open(&abs).is_err() => {
-                tracing::debug!(path = %abs.display(), "git bundle: file not readable; left out of the work-tree commit");
-                1
-            }
-            _ => 0,
-        }
+        skip
     };
+    let mut unreadable = Vec::new();
     let added = index.add_all(["*"], git2::IndexAddOption::DEFAULT, Some(&mut filter));
     if let Err(e) = added {
         // libgit2 reads a changed tracked file to compare it before the filter is
         // asked, so one this daemon may not read fails the whole add: such files keep
         // their staged version (marked unchanged in this in-memory index), then once
         // more.
-        if mark_unreadable_unchanged(&mut index, &workdir) == 0 {
+        unreadable = mark_unreadable_unchanged(&mut index, &workdir);
+        if unreadable.is_empty() {
             return Err(e).ctx("adding the work tree");
         }
         index
@@ -946,8 +931,14 @@ fn wip_commits(
     index
         .update_all(["*"], Some(&mut filter))
         .ctx("recording deletions")?;
+    left_out.extend(unreadable);
     let wip_tree = index.write_tree().ctx("writing the work tree")?;
-    work_tree.extend(index.iter().filter_map(|e| String::from_utf8(e.path).ok()));
+    work_tree.extend(
+        index
+            .iter()
+            .filter_map(|e| String::from_utf8(e.path).ok())
+            .filter(|p| !left_out.contains(p)),
+    );
 
     let sig = git2::Signature::now("sandkeep", "sandkeep@localhost").ctx("signature")?;
     let parent = match parent {
@@ -980,10 +971,40 @@ fn wip_commits(
     Ok((index_commit, wip_commit, index_tree, wip_tree))
 }
 
+/// Whether the work-tree commit leaves `path` (relative to `workdir`) out, as
+/// [`git2::Index::add_all`]'s filter answers: 1 to leave it out, 0 to take it.
+fn wip_filter(path: &Path, workdir: &Path, leave_out: LeaveOut<'_>) -> i32 {
+    let abs = workdir.join(path);
+    let meta = std::fs::symlink_metadata(&abs);
+    // What the mirror leaves out is stored nowhere: not in the work-tree commit
+    // either (untracked, or changed or deleted while tracked).
+    if leave_out(path, meta.as_ref().is_ok_and(|m| m.is_dir())) {
+        return 1;
+    }
+    match meta {
+        // A nested repository is its own bundle, not a gitlink here.
+        Ok(m) if m.is_dir() && abs.join(".git").exists() => 1,
+        // Sockets, FIFOs, devices: nothing to commit (and a FIFO would block).
+        Ok(m) if !(m.is_file() || m.is_dir() || m.file_type().is_symlink()) => 1,
+        Ok(m) if m.is_file() && m.len() > MAX_WIP_FILE => {
+            tracing::debug!(path = %abs.display(), size = m.len(), "git bundle: file too large for the work-tree commit; left out (the mirror carries it)");
+            1
+        }
+        // One this daemon may not read (another user's, mode 000) is left out, as
+        // the mirror leaves it out: libgit2 would fail the whole bundle on it. A
+        // tracked one keeps its staged version in the commit.
+        Ok(m) if m.is_file() && std::fs::File::open(&abs).is_err() => {
+            tracing::debug!(path = %abs.display(), "git bundle: file not readable; left out of the work-tree commit");
+            1
+        }
+        _ => 0,
+    }
+}
+
 /// Marks the tracked files under `workdir` that cannot be opened for reading as
 /// unchanged ("assume valid") in `index`, which libgit2's diff then does not read.
-/// Returns how many were marked.
-fn mark_unreadable_unchanged(index: &mut git2::Index, workdir: &Path) -> usize {
+/// Returns the paths marked.
+fn mark_unreadable_unchanged(index: &mut git2::Index, workdir: &Path) -> Vec<String> {
     const VALID: u16 = git2::IndexEntryFlag::VALID.bits();
     let unreadable: Vec<git2::IndexEntry> = index
         .iter()
@@ -997,11 +1018,11 @@ fn mark_unreadable_unchanged(index: &mut git2::Index, workdir: &Path) -> usize {
                 && std::fs::File::open(&abs).is_err()
         })
         .collect();
-    let mut marked = 0;
+    let mut marked = Vec::new();
     for mut e in unreadable {
         e.flags |= VALID;
         if index.add(&e).is_ok() {
-            marked += 1;
+            marked.push(String::from_utf8_lossy(&e.path).into_owned());
         }
     }
     marked

@@ -467,15 +467,17 @@ pub async fn run(
             r = restore_workspace_retrying(remote.as_ref(), &config, force) => Some(r),
             _ = lifecycle.shutdown.cancelled() => None,
         };
-        // Finished, whatever it found: the next start need not resume it.
-        if restored.is_some()
-            && let Err(e) = std::fs::remove_file(&marker)
-        {
-            tracing::warn!(error = %e, marker = %marker.display(), "cannot remove the restore marker");
-        }
-        // Done: an init container's unfinished restore (resumed here) is finished too.
-        if matches!(restored, Some(Ok(_))) {
-            let _ = std::fs::remove_file(&in_workspace);
+        // Finished, whatever it found: the next start need not resume it (nor an init
+        // container's unfinished restore, resumed here).
+        if restored.is_some() {
+            for m in [&marker, &in_workspace] {
+                match std::fs::remove_file(m) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        tracing::warn!(error = %e, marker = %m.display(), "cannot remove the restore marker");
+                    }
+                    _ => {}
+                }
+            }
         }
         match restored {
             Some(Ok(Some(report))) => {

@@ -693,7 +693,6 @@ impl Owner {
     /// Another daemon took over: no remote write from here on, for good.
     fn lose(&self, held: &mut Held, record: Option<OwnerRecord>) {
         held.state = OwnerState::Lost;
-        self.ended.cancel();
         let who = record.as_ref().map_or_else(
             || "an unreadable owner object".to_string(),
             |r| format!("instance {} on {} (epoch {})", r.instance, r.host, r.epoch),
@@ -713,6 +712,8 @@ impl Owner {
             s.state = OwnerState::Lost;
             s.holder = record;
         });
+        // Last: whoever this wakes (a sync waiting) reads the status as lost.
+        self.ended.cancel();
     }
 }
 
@@ -734,7 +735,13 @@ pub async fn wait_until_unowned(
     let mut unchanged = Unchanged::default();
     let mut told: Option<String> = None;
     loop {
-        let Some((bytes, etag)) = remote.get_bytes_tagged(&key, OWNER_MAX).await? else {
+        // A read that gets no answer is tried again, as the restore's other reads are.
+        let read = crate::remote::retrying(
+            "cannot read the conversation's owner object yet",
+            || remote.get_bytes_tagged(&key, OWNER_MAX),
+            |e| matches!(e, RemoteError::Transport { .. }),
+        );
+        let Some((bytes, etag)) = read.await? else {
             return Ok(());
         };
         let record = serde_json::from_slice::<OwnerRecord>(&bytes).ok();

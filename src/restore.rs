@@ -1188,15 +1188,28 @@ async fn restore_manifest(
     // they had when the bundle was read, where they are still the size they were then:
     // the checkout gave them the restore's.
     for (rel, (size, mtime)) in &bundled_stat {
+        // (Paths from remote storage: checked as the manifest's are.)
+        let Ok(relp) = checked_rel(rel) else {
+            continue;
+        };
         if manifest.files.contains_key(rel) {
             continue;
         }
-        let path = root.join(rel);
+        let path = root.join(relp);
+        // Never through a symlink (a directory the manifest made one).
+        let through_symlink = relp
+            .ancestors()
+            .skip(1)
+            .filter(|a| !a.as_os_str().is_empty())
+            .any(|a| fs::symlink_metadata(root.join(a)).is_ok_and(|m| m.file_type().is_symlink()));
         let is_it = fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.len() == *size);
-        if !is_it {
+        if through_symlink || !is_it {
             continue;
         }
-        let set = fs::File::open(&path)
+        let set = fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
             .and_then(|f| f.set_times(FileTimes::new().set_modified(system_time(*mtime))));
         if let Err(e) = set {
             tracing::debug!(path = %path.display(), error = %e, "cannot give a file from a bundle its time");

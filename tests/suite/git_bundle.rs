@@ -931,6 +931,11 @@ async fn files_the_daemon_cannot_read_leave_the_rest_of_the_bundle() {
     assert_eq!(text("refs/sandkeep/wip:new.txt"), "new\n");
     assert_eq!(text("refs/sandkeep/wip:tracked.env"), "committed\n");
     assert!(!show("refs/sandkeep/wip:secret.env").status.success());
+    // The json's sizes and times are those of the files the commit took: not the
+    // unreadable file's (its commit content is older than its time).
+    let meta = head_meta(&d, "r");
+    assert!(meta.work_tree.contains_key("a.txt"), "{:?}", meta.work_tree);
+    assert!(!meta.work_tree.contains_key("tracked.env"), "{:?}", meta.work_tree);
     let s = d.api().get("/v1/status").await.json();
     for g in s["git"].as_array().unwrap() {
         assert_eq!(g["error"], Value::Null, "{s}");
