@@ -1182,9 +1182,18 @@ mod tests {
 
     /// After a long outage the retries are far apart; a flush does not wait for the
     /// next one: it gets a pass at once.
-    #[tokio::test(start_paused = true)]
-    async fn a_flush_after_an_outage_does_not_wait_for_the_backoff() {
-        use std::sync::atomic::Ordering::SeqCst;
+    /// A replicator with a change of `ns1` to export, a flush waiting for it (`first`),
+    /// and two minutes of outage behind: the backoff alone reaches its cap (15 to 30 s).
+    struct AfterAnOutage {
+        _tmp: tempfile::TempDir,
+        flaky: Arc<FlakyRemote>,
+        handle: ReplicaHandle,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+        first: tokio::task::JoinHandle<Result<PassStats, ReplicateError>>,
+    }
+
+    async fn after_an_outage() -> AfterAnOutage {
         let tmp = tempfile::tempdir().unwrap();
         let dir: Arc<dyn Remote> = Arc::new(DirRemote::new(&tmp.path().join("remote")).unwrap());
         let flaky = Arc::new(FlakyRemote::new(dir.clone()));
@@ -1198,8 +1207,28 @@ mod tests {
             let handle = handle.clone();
             async move { handle.flush().await }
         });
-        // Two minutes of outage: the backoff reaches its cap (15 to 30 s).
         tokio::time::sleep(Duration::from_secs(120)).await;
+        AfterAnOutage {
+            _tmp: tmp,
+            flaky,
+            handle,
+            stop,
+            task,
+            first,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_after_an_outage_does_not_wait_for_the_backoff() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let AfterAnOutage {
+            _tmp,
+            flaky,
+            handle,
+            stop,
+            task,
+            first,
+        } = after_an_outage().await;
         // Just after a failed pass, the remote comes back.
         let refused = flaky.refused.load(SeqCst);
         while flaky.refused.load(SeqCst) == refused {
@@ -1224,21 +1253,14 @@ mod tests {
     /// the remote is back.
     #[tokio::test(start_paused = true)]
     async fn a_flush_waiting_through_an_outage_is_answered_soon_after_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir: Arc<dyn Remote> = Arc::new(DirRemote::new(&tmp.path().join("remote")).unwrap());
-        let flaky = Arc::new(FlakyRemote::new(dir.clone()));
-        let kv = store(tmp.path());
-        let files = FileStore::new(kv.clone());
-        let (handle, stop, task) = start_replicator(&kv, &files, flaky.clone());
-        handle.flush().await.unwrap();
-        flaky.set_down(true);
-        set(&kv, "ns1", "k", json!(1)).await;
-        let waiting = tokio::spawn({
-            let handle = handle.clone();
-            async move { handle.flush().await }
-        });
-        // Two minutes of outage: the backoff alone would reach 15 to 30 s.
-        tokio::time::sleep(Duration::from_secs(120)).await;
+        let AfterAnOutage {
+            _tmp,
+            flaky,
+            handle: _handle,
+            stop,
+            task,
+            first: waiting,
+        } = after_an_outage().await;
         flaky.set_down(false);
         tokio::time::resume();
         let s = tokio::time::timeout(Duration::from_secs(4), waiting)

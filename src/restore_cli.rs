@@ -1,4 +1,4 @@
-//! `sandkeep restore --to DIR [--snapshot latest|NAME | --objects] [--force]`: restores a
+//! `sandkeep restore --to DIR [--snapshot latest|NAME | --objects] [--force] [--no-wait]`: restores a
 //! conversation's workspace straight from remote storage, no daemon needed (init
 //! containers). A progress bar on a terminal; a JSON summary on stdout otherwise.
 

@@ -102,6 +102,19 @@ fn head_meta(d: &Daemon, stem: &str) -> HeadMeta {
     serde_json::from_slice(&text).unwrap()
 }
 
+/// Fetches the WIP refs (`refs/sandkeep/*`) of `bundle` into the clone `clone`.
+fn fetch_wip_refs(clone: &Path, bundle: &Path) {
+    git(
+        clone,
+        &[
+            "fetch",
+            "-q",
+            bundle.to_str().unwrap(),
+            "refs/sandkeep/*:refs/sandkeep/*",
+        ],
+    );
+}
+
 async fn post_bundle(d: &Daemon) -> Value {
     let r = d.api().post_empty("/v1/git/bundle").await;
     ok(&r, 200)
@@ -216,15 +229,7 @@ async fn bundle_keeps_uncommitted_work_and_restores_it() {
     );
 
     // The WIP refs hold the uncommitted work.
-    git(
-        &clone,
-        &[
-            "fetch",
-            "-q",
-            bundle.to_str().unwrap(),
-            "refs/sandkeep/*:refs/sandkeep/*",
-        ],
-    );
+    fetch_wip_refs(&clone, &bundle);
     let show = |rev: &str| git_raw(&clone, &["show", rev]);
     let text = |rev: &str| String::from_utf8(show(rev).stdout).unwrap();
     assert_eq!(text("refs/sandkeep/wip:b.txt"), "b-unstaged\n");
@@ -916,15 +921,7 @@ async fn files_the_daemon_cannot_read_leave_the_rest_of_the_bundle() {
             clone.to_str().unwrap(),
         ],
     );
-    git(
-        &clone,
-        &[
-            "fetch",
-            "-q",
-            bundle.to_str().unwrap(),
-            "refs/sandkeep/*:refs/sandkeep/*",
-        ],
-    );
+    fetch_wip_refs(&clone, &bundle);
     let show = |rev: &str| git_raw(&clone, &["show", rev]);
     let text = |rev: &str| String::from_utf8(show(rev).stdout).unwrap();
     assert_eq!(text("refs/sandkeep/wip:a.txt"), "changed\n");
@@ -935,7 +932,11 @@ async fn files_the_daemon_cannot_read_leave_the_rest_of_the_bundle() {
     // unreadable file's (its commit content is older than its time).
     let meta = head_meta(&d, "r");
     assert!(meta.work_tree.contains_key("a.txt"), "{:?}", meta.work_tree);
-    assert!(!meta.work_tree.contains_key("tracked.env"), "{:?}", meta.work_tree);
+    assert!(
+        !meta.work_tree.contains_key("tracked.env"),
+        "{:?}",
+        meta.work_tree
+    );
     let s = d.api().get("/v1/status").await.json();
     for g in s["git"].as_array().unwrap() {
         assert_eq!(g["error"], Value::Null, "{s}");
