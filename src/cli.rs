@@ -412,7 +412,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 None if objects => crate::restore::Source::Objects,
                 None => crate::restore::Source::Mirror,
             };
-            crate::restore_cli::run(&config, &to, &from, force, !no_wait)
+            let req = crate::restore_cli::Request {
+                to: &to,
+                from: &from,
+                force,
+                wait: !no_wait,
+            };
+            crate::restore_cli::run(&config, req)
         }
         command => {
             let socket = match cli.socket {

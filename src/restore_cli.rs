@@ -26,15 +26,19 @@ impl Progress for Bar {
     }
 }
 
-/// `wait`: first wait until no other daemon owns the conversation (see
-/// [`crate::owner::wait_until_unowned`]).
-pub fn run(
-    config: &Config,
-    to: &Path,
-    from: &Source,
-    force: bool,
-    wait: bool,
-) -> anyhow::Result<u8> {
+/// What `sandkeep restore` is asked for.
+#[derive(Clone, Copy)]
+pub struct Request<'a> {
+    pub to: &'a Path,
+    pub from: &'a Source,
+    pub force: bool,
+    /// First wait until no other daemon owns the conversation (see
+    /// [`crate::owner::wait_until_unowned`]).
+    pub wait: bool,
+}
+
+pub fn run(config: &Config, req: Request<'_>) -> anyhow::Result<u8> {
+    let Request { to, force, .. } = req;
     let marker = to.join(restore::INCOMPLETE_MARKER);
     // A restore from the same place that failed left its marker: what is there is its
     // own, to be resumed.
@@ -70,7 +74,7 @@ pub fn run(
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let code = runtime.block_on(restore(config, to, from, force, wait))?;
+    let code = runtime.block_on(restore(config, req))?;
     // Done, or nothing to resume (no such snapshot, nothing in the remote).
     if code == EXIT_OK || code == EXIT_NOT_FOUND {
         let _ = std::fs::remove_file(&marker);
@@ -78,13 +82,13 @@ pub fn run(
     Ok(code)
 }
 
-async fn restore(
-    config: &Config,
-    to: &Path,
-    from: &Source,
-    force: bool,
-    wait: bool,
-) -> anyhow::Result<u8> {
+async fn restore(config: &Config, req: Request<'_>) -> anyhow::Result<u8> {
+    let Request {
+        to,
+        from,
+        force,
+        wait,
+    } = req;
     // Creating a missing root here would turn a mistyped `remote.path` (or a volume
     // not mounted yet) into an empty remote and "nothing to restore", exit 0.
     if config.remote.kind == RemoteKind::Dir && !config.remote.path.is_dir() {
