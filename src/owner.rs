@@ -717,6 +717,10 @@ impl Owner {
     }
 }
 
+/// How long [`wait_until_unowned`] tries again a read of the owner object that gets no
+/// answer.
+const WAIT_UNANSWERED_MAX: Duration = Duration::from_secs(30);
+
 /// Waits until no other daemon owns the conversation under `conversation_prefix`: its
 /// owner object is absent, released, names `own_instance` (the state directory a
 /// restore prepares for, whose daemon takes over at once), or stayed the same for a
@@ -734,14 +738,26 @@ pub async fn wait_until_unowned(
     let key = format!("{conversation_prefix}{OWNER_KEY}");
     let mut unchanged = Unchanged::default();
     let mut told: Option<String> = None;
+    let mut unanswered: Option<(Instant, crate::remote::Backoff)> = None;
     loop {
-        // A read that gets no answer is tried again, as the restore's other reads are.
-        let read = crate::remote::retrying(
-            "cannot read the conversation's owner object yet",
-            || remote.get_bytes_tagged(&key, OWNER_MAX),
-            |e| matches!(e, RemoteError::Transport { .. }),
-        );
-        let Some((bytes, etag)) = read.await? else {
+        // A read that gets no answer is tried again for a while (a dropped connection
+        // in a wait of minutes); a remote that stays silent is an error, as it is for
+        // the rest of the restore.
+        let got = match remote.get_bytes_tagged(&key, OWNER_MAX).await {
+            Err(e @ RemoteError::Transport { .. }) => {
+                let (since, backoff) =
+                    unanswered.get_or_insert_with(|| (Instant::now(), Default::default()));
+                if since.elapsed() >= WAIT_UNANSWERED_MAX {
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, "cannot read the conversation's owner object yet; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+            other => other?,
+        };
+        unanswered = None;
+        let Some((bytes, etag)) = got else {
             return Ok(());
         };
         let record = serde_json::from_slice::<OwnerRecord>(&bytes).ok();
@@ -1053,6 +1069,22 @@ mod tests {
         fenced_write(&b, &env.remote).await.unwrap();
         stop.cancel();
         b_run.await.unwrap();
+    }
+
+    /// The wait of an offline restore tries again reads that get no answer for a while,
+    /// then gives up: a remote that stays silent is an error.
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_no_owner_rides_out_a_dropped_read_not_a_silent_remote() {
+        let env = Env::new();
+        let flaky = FlakyRemote::new(env.remote.clone());
+        flaky.fail_next(2);
+        let waited = wait_until_unowned(&flaky, PREFIX, None, LEASE, |_| {}).await;
+        assert!(waited.is_ok(), "{waited:?}");
+        flaky.set_down(true);
+        let started = Instant::now();
+        let waited = wait_until_unowned(&flaky, PREFIX, None, LEASE, |_| {}).await;
+        assert!(waited.is_err());
+        assert!(started.elapsed() >= WAIT_UNANSWERED_MAX);
     }
 
     /// An owner object with the largest epoch (anyone who may write the bucket may
