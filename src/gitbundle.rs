@@ -2317,7 +2317,7 @@ impl GitBundler {
                 return Ok(round);
             }
             // Someone waits: every 2 s at most, as the workspace mirror's rounds.
-            tokio::time::sleep(backoff.next_delay().min(crate::sync::WAITED_RETRY_MAX)).await;
+            tokio::time::sleep(backoff.next_delay_for(true)).await;
         }
     }
 

@@ -78,6 +78,17 @@ pub struct OwnerRecord {
     pub host: String,
 }
 
+/// How logs and errors name the daemon a record is of.
+impl std::fmt::Display for OwnerRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "instance {} on {} (epoch {})",
+            self.instance, self.host, self.epoch
+        )
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OwnerState {
@@ -695,7 +706,7 @@ impl Owner {
         held.state = OwnerState::Lost;
         let who = record.as_ref().map_or_else(
             || "an unreadable owner object".to_string(),
-            |r| format!("instance {} on {} (epoch {})", r.instance, r.host, r.epoch),
+            OwnerRecord::to_string,
         );
         self.fence.revoke(format!(
             "another daemon took over the conversation ({who}); this daemon no longer writes \
@@ -782,11 +793,30 @@ pub async fn wait_until_unowned(
     }
 }
 
-/// The instance id kept in `state_dir`, if one was made there.
+/// The instance id kept in `state_dir`, if a valid one was made there.
 pub fn existing_instance_id(state_dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(state_dir.join(INSTANCE_FILE)).ok()?;
-    let id = text.trim();
-    (!id.is_empty()).then(|| id.to_string())
+    read_instance_id(&state_dir.join(INSTANCE_FILE))
+        .ok()
+        .flatten()
+}
+
+/// The instance id in the file `path`: `None` when there is none, or it is not a valid
+/// one (with a warning).
+fn read_instance_id(path: &Path) -> std::io::Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let id = text.trim();
+            if (1..=64).contains(&id.len())
+                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                return Ok(Some(id.to_string()));
+            }
+            tracing::warn!(file = %path.display(), "not a valid instance id; not used");
+            Ok(None)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// This daemon's instance id: read from `<state_dir>/owner-id`, or made (16 random
@@ -797,18 +827,8 @@ fn instance_id(state_dir: &Path) -> Result<String, OwnerError> {
         path: path.clone(),
         source,
     };
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let id = text.trim();
-            if (1..=64).contains(&id.len())
-                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            {
-                return Ok(id.to_string());
-            }
-            tracing::warn!(file = %path.display(), "not a valid instance id; making a new one");
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
+    if let Some(id) = read_instance_id(&path).map_err(err)? {
+        return Ok(id);
     }
     let id = hex::encode(rand::random::<[u8; 16]>());
     crate::replace_file(&path, format!("{id}\n").as_bytes()).map_err(err)?;

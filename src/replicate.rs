@@ -206,10 +206,7 @@ impl Replicator {
                     // While a sync or the final sync waits, retried every 2 s at most
                     // (as the workspace mirror is), to answer it soon after the remote
                     // is back; the backoff alone grows to tens of seconds.
-                    let mut delay = backoff.next_delay();
-                    if !batch.is_empty() {
-                        delay = delay.min(crate::sync::WAITED_RETRY_MAX);
-                    }
+                    let delay = backoff.next_delay_for(!batch.is_empty());
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "replication pass failed; retrying");
                     self.status
                         .lock()

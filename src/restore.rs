@@ -810,10 +810,11 @@ async fn restore_manifest(
         .map_err(|e| local(format_args!("resolving {}", target.display()), e))?;
     let rules = Rules::new(&root, &opts.exclude)
         .map_err(|e| local("exclude patterns", io::Error::other(e)))?;
+    let files_prefix = format!("{conversation_prefix}workspace/files/");
     // What the mirror does not carry, and so no manifest names.
     let limits = Limits {
         max_file_bytes: opts.max_file_bytes,
-        key_prefix_len: format!("{conversation_prefix}workspace/files/").len(),
+        key_prefix_len: files_prefix.len(),
     };
     let mut report = RestoreReport {
         generation: manifest.generation,
@@ -836,7 +837,7 @@ async fn restore_manifest(
         // below finds them there; one that cannot be fetched is reported there).
         let early = Job {
             remote,
-            files_prefix: format!("{conversation_prefix}workspace/files/"),
+            files_prefix: files_prefix.clone(),
             root: &root,
             force: true,
             progress: &NoProgress,
@@ -1104,7 +1105,7 @@ async fn restore_manifest(
     let replace = opts.force || !report.repos.is_empty();
     let job = Job {
         remote,
-        files_prefix: format!("{conversation_prefix}workspace/files/"),
+        files_prefix,
         root: &root,
         force: replace,
         progress,

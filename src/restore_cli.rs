@@ -113,7 +113,7 @@ async fn restore(config: &Config, req: Request<'_>) -> anyhow::Result<u8> {
             |holder| {
                 let who = holder.map_or_else(
                     || "a daemon (its owner object cannot be read)".to_string(),
-                    |h| format!("instance {} on {} (epoch {})", h.instance, h.host, h.epoch),
+                    crate::owner::OwnerRecord::to_string,
                 );
                 eprintln!(
                     "sandkeep: {who} owns this conversation: waiting until it releases it \

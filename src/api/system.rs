@@ -131,10 +131,9 @@ fn conversation_lost(state: &AppState) -> ApiError {
             "the daemon is stopping: its final sync carries on with what this sync waited for",
         );
     }
-    let holder = owner.holder.map_or_else(
-        || "another daemon".to_string(),
-        |h| format!("instance {} on {} (epoch {})", h.instance, h.host, h.epoch),
-    );
+    let holder = owner
+        .holder
+        .map_or_else(|| "another daemon".to_string(), |h| h.to_string());
     ApiError::new(
         StatusCode::CONFLICT,
         "conversation_lost",

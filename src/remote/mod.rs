@@ -258,6 +258,20 @@ impl Default for Backoff {
 impl Backoff {
     pub const FIRST: Duration = Duration::from_millis(200);
     pub const MAX: Duration = Duration::from_secs(30);
+    /// The longest delay while someone waits for the retried work (a sync call, the
+    /// final sync): it is answered soon after the remote is back, while the backoff
+    /// goes on growing to [`Backoff::MAX`] for work nobody waits for.
+    pub const WAITED_MAX: Duration = Duration::from_secs(2);
+
+    /// [`Backoff::next_delay`], at most [`Backoff::WAITED_MAX`] when `waited`.
+    pub fn next_delay_for(&mut self, waited: bool) -> Duration {
+        let delay = self.next_delay();
+        if waited {
+            delay.min(Self::WAITED_MAX)
+        } else {
+            delay
+        }
+    }
 
     pub fn next_delay(&mut self) -> Duration {
         use rand::Rng;

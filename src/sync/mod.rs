@@ -128,10 +128,6 @@ enum Command {
     Sync(Waiter),
 }
 
-/// The longest wait before a failed round is tried again while a sync call waits for
-/// it (the backoff goes on growing to [`Backoff::MAX`] for the rounds nobody waits for).
-pub(crate) const WAITED_RETRY_MAX: Duration = Duration::from_secs(2);
-
 /// A caller waiting for a round that carries the workspace as it is now.
 struct Waiter {
     confirm_deletes: bool,
@@ -878,10 +874,7 @@ impl SyncEngine {
                     .into_iter()
                     .filter(|w| !w.reply.is_closed())
                     .collect();
-                let mut delay = self.backoff.next_delay();
-                if !waiters.is_empty() {
-                    delay = delay.min(WAITED_RETRY_MAX);
-                }
+                let delay = self.backoff.next_delay_for(!waiters.is_empty());
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "sync round failed; retrying");
                 self.degraded = true;
                 self.last_error = Some(e.to_string());
