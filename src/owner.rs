@@ -78,6 +78,15 @@ pub struct OwnerRecord {
     pub host: String,
 }
 
+impl OwnerRecord {
+    /// The object's content: pretty JSON, for people who read it.
+    fn to_bytes(&self) -> Bytes {
+        let mut text = serde_json::to_vec_pretty(self).unwrap_or_default();
+        text.push(b'\n');
+        Bytes::from(text)
+    }
+}
+
 /// How logs and errors name the daemon a record is of.
 impl std::fmt::Display for OwnerRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -456,9 +465,7 @@ impl Owner {
             renewed_at: crate::kv::rfc3339(crate::kv::now_ms()),
             host: self.host.clone(),
         };
-        let mut text = serde_json::to_vec_pretty(&record).unwrap_or_default();
-        text.push(b'\n');
-        Bytes::from(text)
+        record.to_bytes()
     }
 
     fn is_ours(&self, bytes: &[u8], epoch: u64) -> bool {
@@ -732,6 +739,18 @@ impl Owner {
 /// answer.
 const WAIT_UNANSWERED_MAX: Duration = Duration::from_secs(30);
 
+/// Why [`wait_until_unowned`] stopped waiting.
+#[derive(Debug)]
+pub enum Unowned {
+    /// No owner object, a released one, or one naming `own_instance`.
+    Free,
+    /// The owner's lease expired: its object stayed `etag` for a whole lease.
+    Expired {
+        record: Option<OwnerRecord>,
+        etag: String,
+    },
+}
+
 /// Waits until no other daemon owns the conversation under `conversation_prefix`: its
 /// owner object is absent, released, names `own_instance` (the state directory a
 /// restore prepares for, whose daemon takes over at once), or stayed the same for a
@@ -745,7 +764,7 @@ pub async fn wait_until_unowned(
     own_instance: Option<&str>,
     lease: Duration,
     mut waiting: impl FnMut(Option<&OwnerRecord>),
-) -> Result<(), RemoteError> {
+) -> Result<Unowned, RemoteError> {
     let key = format!("{conversation_prefix}{OWNER_KEY}");
     let mut unchanged = Unchanged::default();
     let mut told: Option<String> = None;
@@ -769,7 +788,7 @@ pub async fn wait_until_unowned(
         };
         unanswered = None;
         let Some((bytes, etag)) = got else {
-            return Ok(());
+            return Ok(Unowned::Free);
         };
         let record = serde_json::from_slice::<OwnerRecord>(&bytes).ok();
         let lease = record
@@ -778,8 +797,11 @@ pub async fn wait_until_unowned(
         let ours = record
             .as_ref()
             .is_some_and(|r| Some(r.instance.as_str()) == own_instance);
-        if ours || lease.is_zero() || unchanged.for_(&etag) >= lease {
-            return Ok(());
+        if ours || lease.is_zero() {
+            return Ok(Unowned::Free);
+        }
+        if unchanged.for_(&etag) >= lease {
+            return Ok(Unowned::Expired { record, etag });
         }
         let holder = record
             .as_ref()
@@ -790,6 +812,45 @@ pub async fn wait_until_unowned(
         }
         tokio::time::sleep((lease / 3).clamp(Duration::from_millis(50), Duration::from_secs(2)))
             .await;
+    }
+}
+
+/// Marks the owner object that [`wait_until_unowned`] saw expire as released (its own
+/// record with `lease_ms` 0, written only over that same object), as its owner would
+/// have at a clean stop: the next daemon then takes over at once instead of waiting a
+/// whole lease again from when it first reads the object (an init container's restore
+/// and then its sidecar would wait a lease each). Same instance and epoch: the owner,
+/// were it alive after all (a partition), renews it as its own, while a daemon that
+/// takes over first makes it stop for good. `Ok(false)` when the object changed since
+/// (renewed, or taken over) or cannot be read as a record.
+pub async fn mark_released(
+    remote: &dyn Remote,
+    conversation_prefix: &str,
+    expired: &Unowned,
+) -> Result<bool, RemoteError> {
+    let Unowned::Expired {
+        record: Some(record),
+        etag,
+    } = expired
+    else {
+        return Ok(false);
+    };
+    let released = OwnerRecord {
+        lease_ms: 0,
+        ..record.clone()
+    };
+    let key = format!("{conversation_prefix}{OWNER_KEY}");
+    match remote
+        .put_bytes_if(
+            &key,
+            released.to_bytes(),
+            Precondition::Matches(etag.clone()),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(RemoteError::PreconditionFailed { .. }) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -1067,6 +1128,77 @@ mod tests {
         let third = env.owner("b");
         third.claim().await;
         assert!(!third.took_over_from_another());
+    }
+
+    /// A restore that waited out a killed owner's lease marks its object released: the
+    /// next daemon takes over at once, not after a second lease of its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expired_owner_marked_released_is_taken_over_at_once() {
+        let env = Env::new();
+        let a = env.owner("a");
+        a.claim().await;
+        drop(a); // killed: never renews
+        let started = Instant::now();
+        let expired = wait_until_unowned(env.remote.as_ref(), PREFIX, None, LEASE, |_| {})
+            .await
+            .unwrap();
+        assert!(started.elapsed() >= LEASE);
+        assert!(
+            matches!(&expired, Unowned::Expired { record: Some(r), .. } if r.epoch == 1),
+            "{expired:?}"
+        );
+        assert!(
+            mark_released(env.remote.as_ref(), PREFIX, &expired)
+                .await
+                .unwrap()
+        );
+        let r = env.record().await;
+        assert_eq!((r.lease_ms, r.epoch), (0, 1));
+        // Only over the object that expired.
+        assert!(
+            !mark_released(env.remote.as_ref(), PREFIX, &expired)
+                .await
+                .unwrap()
+        );
+        let b = env.owner("b");
+        let started = Instant::now();
+        b.claim().await;
+        assert!(started.elapsed() < LEASE / 2, "{:?}", started.elapsed());
+        let r = env.record().await;
+        assert_eq!((r.instance.as_str(), r.epoch), (b.instance(), 2));
+    }
+
+    /// An owner that was only cut off for a lease (a partition) renews the object a
+    /// restore marked released as its own, and keeps writing; nobody else took over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_live_owner_renews_the_object_marked_released() {
+        let env = Env::new();
+        let a = env.owner("a");
+        a.claim().await;
+        let expired = wait_until_unowned(env.remote.as_ref(), PREFIX, None, LEASE, |_| {})
+            .await
+            .unwrap();
+        assert!(
+            mark_released(env.remote.as_ref(), PREFIX, &expired)
+                .await
+                .unwrap()
+        );
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(a.clone().run(stop.clone()));
+        let renewed = async {
+            while env.record().await.lease_ms == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), renewed)
+            .await
+            .expect("renewed");
+        let r = env.record().await;
+        assert_eq!((r.instance.as_str(), r.epoch), (a.instance(), 1));
+        assert_eq!(a.status().state, OwnerState::Claimed);
+        fenced_write(&a, &env.remote).await.unwrap();
+        stop.cancel();
+        run.await.unwrap();
     }
 
     /// A claim won in the background (the daemon started while remote storage did not

@@ -101,6 +101,7 @@ async fn restore(config: &Config, req: Request<'_>) -> anyhow::Result<u8> {
     }
     let remote = crate::remote::from_config(config).await?;
     let prefix = config.conversation_prefix();
+    let mut expired = None;
     if wait {
         // A daemon that still owns the conversation (the sandbox being replaced, not
         // stopped yet) writes on until its final sync: that is what to restore.
@@ -123,9 +124,13 @@ async fn restore(config: &Config, req: Request<'_>) -> anyhow::Result<u8> {
             },
         )
         .await;
-        if let Err(e) = waited {
-            eprintln!("sandkeep: restore failed: cannot read the conversation's owner: {e}");
-            return Ok(EXIT_ERROR);
+        match waited {
+            Ok(u @ crate::owner::Unowned::Expired { .. }) => expired = Some(u),
+            Ok(crate::owner::Unowned::Free) => {}
+            Err(e) => {
+                eprintln!("sandkeep: restore failed: cannot read the conversation's owner: {e}");
+                return Ok(EXIT_ERROR);
+            }
         }
     }
     // The daemon's own directories inside the target are not the workspace's: `--force`
@@ -165,6 +170,21 @@ async fn restore(config: &Config, req: Request<'_>) -> anyhow::Result<u8> {
             return Ok(EXIT_ERROR);
         }
     };
+    if let Some(expired) = &expired {
+        // Once everything was read: the daemon that comes next (this init container's
+        // sidecar) takes over at once instead of waiting out the lease a second time.
+        match crate::owner::mark_released(remote.as_ref(), &prefix, expired).await {
+            Ok(true) => eprintln!(
+                "sandkeep: the previous owner's lease expired: its owner object is marked \
+                 released, so the next daemon takes over at once"
+            ),
+            Ok(false) => {}
+            Err(e) => eprintln!(
+                "sandkeep: cannot mark the expired owner object released ({e}); the next \
+                 daemon waits for its lease"
+            ),
+        }
+    }
     let summary = match &report {
         Some(r) => {
             let mut v = serde_json::to_value(r)?;

@@ -379,6 +379,43 @@ async fn an_offline_restore_waits_for_the_owners_final_sync() {
     assert!(!at_once.join("late.txt").exists());
 }
 
+/// After a killed owner, an init container's restore waits out its lease once and marks
+/// its object released: the sidecar that starts next takes over at once, instead of
+/// waiting a second lease from when it first reads the object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_killed_owner_only_the_restore_waits_for_the_lease() {
+    let mut p = Pair::new(Backend::Dir).await;
+    start_first(&mut p).await;
+    p.a.kill9();
+    let killed = Instant::now();
+    let to = p.b.workspace.to_str().unwrap().to_string();
+    let out = p.b.restore_cli(&["--to", &to], &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(killed.elapsed() >= LEASE, "{:?}", killed.elapsed());
+    assert!(
+        out.stderr.contains("owns this conversation"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("marked released"), "{}", out.stderr);
+    assert_eq!(
+        std::fs::read(p.b.workspace.join("from-a.txt")).unwrap(),
+        b"a"
+    );
+    let o = p.owner().await;
+    assert_eq!((&o["lease_ms"], &o["epoch"]), (&json!(0), &json!(1)), "{o}");
+
+    std::fs::write(p.b.workspace.join("from-b.txt"), b"b").unwrap();
+    p.b.spawn_and_wait().await;
+    assert!(
+        p.b.log().contains("the previous owner released it"),
+        "{}",
+        p.b.log()
+    );
+    assert_b_took_over(&p).await;
+    assert_eq!(p.b.terminate().code(), Some(0), "{}", p.b.log());
+}
+
 async fn a_restart_on_the_same_state_dir_takes_over_at_once(backend: Backend) {
     let mut p = Pair::new(backend).await;
     // A lease far longer than the test: only the instance id lets the restart in.
