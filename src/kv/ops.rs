@@ -305,11 +305,20 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::E
     Value::deserialize(d).map(Some)
 }
 
+/// An explicit `null` taken as the field left out, as the other optional fields are.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Option::unwrap_or_default)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBatch {
     if_version: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     checks: Vec<RawCheck>,
     operations: Vec<Value>,
 }
@@ -365,7 +374,10 @@ impl BatchRequest {
     pub fn parse(body: &[u8]) -> Result<Self, KvError> {
         let raw: RawBatch = serde_json::from_slice(body).map_err(|e| {
             if e.is_data() {
-                KvError::InvalidParam(format!("batch body: {e}"))
+                // Not serde's "expected struct RawBatch" for an array.
+                require_object(body)
+                    .err()
+                    .unwrap_or_else(|| KvError::InvalidParam(format!("batch body: {e}")))
             } else {
                 validate::json_error(e)
             }
@@ -421,6 +433,11 @@ fn op_fields(op: &str) -> Option<&'static [&'static str]> {
 }
 
 fn parse_op(v: Value) -> Result<Op, KvError> {
+    if !v.is_object() {
+        return Err(KvError::InvalidParam(
+            "an operation must be a JSON object".into(),
+        ));
+    }
     if let Value::Object(m) = &v
         && let Some(Value::String(op)) = m.get("op")
         && let Some(fields) = op_fields(op)
@@ -456,7 +473,9 @@ fn parse_op(v: Value) -> Result<Op, KvError> {
                     "`nx` and `xx` exclude each other".into(),
                 ));
             }
-            if raw.ttl.is_some() && raw.keep_ttl {
+            // `null` is no TTL here (only `expire` clears one with it).
+            let ttl = raw.ttl.filter(|t| !t.is_null());
+            if ttl.is_some() && raw.keep_ttl {
                 return Err(KvError::InvalidParam(
                     "`ttl` and `keep_ttl` exclude each other".into(),
                 ));
@@ -467,8 +486,7 @@ fn parse_op(v: Value) -> Result<Op, KvError> {
                 nx: raw.nx,
                 xx: raw.xx,
                 if_version: raw.if_version,
-                ttl: raw
-                    .ttl
+                ttl: ttl
                     .as_ref()
                     .map(|t| Ttl::from_json(t, false))
                     .transpose()?
@@ -1380,5 +1398,53 @@ mod tests {
             BatchRequest::parse(br#"{"operations": [{"op": "get", "key": "$x"}]}"#),
             Err(KvError::Batch { index: 0, source }) if matches!(*source, KvError::ReservedKey(_))
         ));
+    }
+
+    /// A batch or an operation that is an array is refused in the API's words, not
+    /// serde's ("expected struct RawBatch with 3 elements").
+    #[test]
+    fn arrays_are_no_batch_and_no_operation() {
+        let message = |body: &[u8]| match BatchRequest::parse(body) {
+            Err(KvError::InvalidParam(m)) => m,
+            Err(KvError::Batch { index: 0, source }) => match *source {
+                KvError::InvalidParam(m) => m,
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(message(b"[]"), "the body must be a JSON object");
+        assert_eq!(message(b" [0, [], []]"), "the body must be a JSON object");
+        assert_eq!(
+            message(br#"{"operations": [["set", "q"]]}"#),
+            "an operation must be a JSON object"
+        );
+        assert_eq!(
+            message(br#"{"operations": [{"op": "set", "key": "q", "value": 1, "nx": 3}]}"#),
+            "operation: invalid type: integer `3`, expected a boolean"
+        );
+    }
+
+    /// An explicit `null` is the field left out for every optional field (a client that
+    /// writes absent options as null), except an `expire`'s `ttl`, where it clears one.
+    #[test]
+    fn null_optional_fields_are_left_out() {
+        let req = BatchRequest::parse(
+            br#"{"if_version": null, "checks": null, "operations": [
+                {"op": "set", "key": "a", "value": 1, "ttl": null, "keep_ttl": true},
+                {"op": "incr", "key": "n", "by": null},
+                {"op": "expire", "key": "a", "ttl": null}]}"#,
+        )
+        .unwrap();
+        assert_eq!((req.if_version, req.checks.len()), (None, 0));
+        assert!(matches!(
+            &req.ops[0],
+            Op::Set {
+                ttl: None,
+                keep_ttl: true,
+                ..
+            }
+        ));
+        assert!(matches!(&req.ops[1], Op::Incr { by: 1, .. }));
+        assert!(matches!(&req.ops[2], Op::Expire { ttl: None, .. }));
     }
 }

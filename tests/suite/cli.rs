@@ -148,6 +148,22 @@ async fn exit_codes() {
     }
     let out = cli.run_stdin(&["kv", "batch", "-"], Some("not json")).await;
     assert_eq!(out.code, 2, "a batch that is not JSON: {out:?}");
+    // Too deep to store is a bad argument at any depth, not "not JSON" past the
+    // parser's 128 levels; a batch holding one is the daemon's to refuse.
+    let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+    for n in [33, 200] {
+        let out = cli.run(&["kv", "set", "deep", &nested(n)]).await;
+        assert_eq!(out.code, 2, "{n}: {out:?}");
+        assert!(out.stderr.contains("deeper than 32 levels"), "{n}: {out:?}");
+    }
+    let batch = format!(
+        r#"{{"operations": [{{"op": "set", "key": "deep", "value": {}}}]}}"#,
+        nested(200)
+    );
+    let out = cli.run_stdin(&["kv", "batch", "-"], Some(&batch)).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("invalid_value"), "{out:?}");
+    assert_eq!(d.api().value("deep").await, None);
     // Negative numbers are values, not options.
     assert_eq!(cli.run(&["kv", "set", "neg", "-5"]).await.code, 0);
     assert_eq!(
