@@ -339,6 +339,9 @@ pub struct Sync {
     pub max_file_bytes: u64,
     pub max_workspace_bytes: u64,
     pub mass_delete_hold: HumanDuration,
+    /// How often the remote mirror is listed and compared with the manifest (objects
+    /// deleted by someone are uploaded again); 0 disables.
+    pub verify_interval: HumanDuration,
 }
 
 impl Default for Sync {
@@ -362,6 +365,7 @@ impl Default for Sync {
             max_file_bytes: 1 << 30,
             max_workspace_bytes: 10 << 30,
             mass_delete_hold: HumanDuration::secs(300),
+            verify_interval: HumanDuration::secs(3600),
         }
     }
 }
@@ -569,6 +573,13 @@ impl Config {
             return Err(invalid(
                 "sync.multipart_threshold_bytes",
                 "must be at least 5 MiB (the S3 minimum part size)",
+            ));
+        }
+        let verify = self.sync.verify_interval.0;
+        if !verify.is_zero() && verify < Duration::from_secs(1) {
+            return Err(invalid(
+                "sync.verify_interval",
+                "must be 0 (off) or at least 1s",
             ));
         }
         if self.watch.poll_interval.0 < Duration::from_millis(100) {
@@ -910,6 +921,10 @@ mod tests {
             ("[git]\ninterval = \"11years\"\n", "interval"),
             ("[shutdown]\ndeadline = \"1ms\"\n", "shutdown.deadline"),
             ("[watch]\npoll_interval = \"1ns\"\n", "watch.poll_interval"),
+            (
+                "[sync]\nverify_interval = \"10ms\"\n",
+                "sync.verify_interval",
+            ),
             ("[remote]\nprefix = \"../escape/\"\n", "remote.prefix"),
             ("[remote]\nprefix = \"a//b/\"\n", "remote.prefix"),
             ("[remote]\nprefix = \"a//\"\n", "remote.prefix"),

@@ -17,7 +17,7 @@ pub mod rules;
 pub mod scan;
 pub mod watcher;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,6 +46,11 @@ const EVENT_QUEUE: usize = 65_536;
 const MASS_DELETE_MIN: usize = 100;
 /// Rounds run at most after the first before waiters are answered (or kept waiting).
 const MAX_EXTRA_ROUNDS: usize = 3;
+/// The first comparison of the mirror with the manifest comes this long after start
+/// (or `sync.verify_interval`, when shorter): not in the way of the startup reconcile.
+const FIRST_VERIFY: Duration = Duration::from_secs(60);
+/// A comparison that failed (an outage) is tried again this soon (or at the interval).
+const VERIFY_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error, Clone)]
 pub enum SyncError {
@@ -658,6 +663,68 @@ impl SyncEngine {
         Ok(())
     }
 
+    /// Lists the mirror in remote storage and compares it with the manifest, as rclone's
+    /// `check --size-only` would: an entry whose object is gone or has another size
+    /// (deleted by a person or a lifecycle rule, a wiped prefix) leaves the manifest,
+    /// so that the next full round uploads its file again; a manifest object gone while
+    /// one was published makes the next round adopt "no manifest" (everything is
+    /// uploaded again). Returns how many entries left; a full round is then due.
+    async fn verify_remote(&mut self) -> Result<usize, SyncError> {
+        if !self.manifest_adopted || self.manifest.generation == 0 {
+            return Ok(0);
+        }
+        let mut expected: HashMap<String, (u64, &str)> = self
+            .manifest
+            .files
+            .iter()
+            .map(|(p, e)| (self.keys.file(p), (e.size, p.as_str())))
+            .collect();
+        let manifest_key = self.keys.manifest();
+        let prefix = format!("{}workspace/", self.keys.conversation);
+        let mut manifest_seen = false;
+        let mut token = None;
+        loop {
+            let page = self
+                .remote
+                .list(&prefix, token)
+                .await
+                .map_err(|e| SyncError::Remote(format!("listing the remote mirror: {e}")))?;
+            for o in page.objects {
+                if o.key == manifest_key {
+                    manifest_seen = true;
+                } else if expected
+                    .get(&o.key)
+                    .is_some_and(|(size, _)| *size == o.size)
+                {
+                    expected.remove(&o.key);
+                }
+            }
+            match page.next {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        let missing: Vec<String> = expected.into_values().map(|(_, p)| p.to_string()).collect();
+        if !manifest_seen {
+            tracing::warn!(
+                "the remote manifest is gone (deleted by someone?): the next round uploads everything again"
+            );
+            self.manifest_adopted = false;
+            return Ok(missing.len().max(1));
+        }
+        if !missing.is_empty() {
+            tracing::warn!(
+                files = missing.len(),
+                first = %missing[0],
+                "files of the mirror are missing in remote storage or have another size there (deleted by someone?): uploading them again"
+            );
+            for p in &missing {
+                self.manifest.files.remove(p);
+            }
+        }
+        Ok(missing.len())
+    }
+
     /// Copies the object at `key` to its [`remote::unreadable_key_of`] through a file in
     /// the staging directory; the key of the copy.
     async fn keep_aside_streamed(&self, key: &str) -> Result<String, SyncError> {
@@ -705,6 +772,8 @@ impl SyncEngine {
         }
         self.start_watching().await;
         let mut force = true; // the startup reconcile
+        let every = Some(self.config.sync.verify_interval.0).filter(|d| !d.is_zero());
+        let mut verify_at = every.map(|d| Instant::now() + d.min(FIRST_VERIFY));
         let mut poll_tick = tokio::time::interval(self.config.watch.poll_interval.0);
         poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -722,6 +791,22 @@ impl SyncEngine {
                 self.full_rescan = true;
                 force = true;
             }
+            if let (Some(at), Some(every)) = (verify_at, every)
+                && now >= at
+            {
+                verify_at = Some(now + every);
+                match self.verify_remote().await {
+                    Ok(0) => {}
+                    Ok(_) => {
+                        self.full_rescan = true;
+                        force = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot compare the remote mirror with the manifest; trying again later");
+                        verify_at = Some(now + every.min(VERIFY_RETRY));
+                    }
+                }
+            }
             let retry_ok = self.retry_at.is_none_or(|r| now >= r);
             if retry_ok && (force || self.debouncer.is_due(now)) {
                 force = self.round_and_reply().await;
@@ -733,7 +818,7 @@ impl SyncEngine {
             if let Some(r) = self.retry_at.filter(|_| force || wake_at.is_some()) {
                 wake_at = Some(wake_at.map_or(r, |w| w.max(r)));
             }
-            if let Some(at) = self.hold_expiry() {
+            for at in [self.hold_expiry(), verify_at].into_iter().flatten() {
                 wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
             }
             let sleep_to = wake_at.unwrap_or(now + Duration::from_secs(3600));

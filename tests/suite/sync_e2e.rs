@@ -427,6 +427,72 @@ async fn s3_outage_degrades_then_converges() {
     env.assert_manifest_consistent().await;
 }
 
+/// Objects of the mirror deleted (or replaced) by someone else are uploaded again once
+/// `sync.verify_interval` compares the mirror with the manifest, with no change in the
+/// workspace; so is everything once the whole workspace prefix is wiped.
+async fn lost_objects_are_uploaded_again(backend: Backend) {
+    let extra = format!("{FAST}verify_interval = \"1s\"\n");
+    let env = Env::new(backend, &extra, true).await;
+    env.write("a.txt", b"alpha");
+    env.write("src/b.rs", b"fn b() {}");
+    env.write("c.txt", b"gamma");
+    env.sync().await;
+    let remote = env.remote.as_ref();
+    let key = |rel: &str| format!("{PREFIX}workspace/files/{rel}");
+    remote.delete_many(&[key("a.txt")]).await.unwrap();
+    remote
+        .put_bytes(&key("src/b.rs"), bytes::Bytes::from_static(b"short"))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "a.txt and src/b.rs uploaded again",
+        || async {
+            env.object("a.txt").await.as_deref() == Some(&b"alpha"[..])
+                && env.object("src/b.rs").await.as_deref() == Some(&b"fn b() {}"[..])
+        },
+    )
+    .await;
+    assert!(
+        env.daemon.log().contains("uploading them again"),
+        "{}",
+        env.daemon.log()
+    );
+
+    let all = remote::list_all(remote, &format!("{PREFIX}workspace/"))
+        .await
+        .unwrap();
+    let keys: Vec<String> = all.into_iter().map(|o| o.key).collect();
+    remote.delete_many(&keys).await.unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the mirror written again",
+        || async { env.manifest().await.is_some() && env.objects().await.len() == 3 },
+    )
+    .await;
+    assert_eq!(env.object("c.txt").await.as_deref(), Some(&b"gamma"[..]));
+    env.assert_manifest_consistent().await;
+    let m = env.manifest().await.unwrap();
+    assert_eq!(
+        entry_sizes(&m),
+        BTreeMap::from([
+            ("a.txt".to_string(), 5),
+            ("c.txt".to_string(), 5),
+            ("src/b.rs".to_string(), 9)
+        ])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_objects_are_uploaded_again_dir() {
+    lost_objects_are_uploaded_again(Backend::Dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_objects_are_uploaded_again_s3() {
+    lost_objects_are_uploaded_again(Backend::S3).await;
+}
+
 async fn sigkill_mid_round_converges(backend: Backend) {
     let mut env = Env::new(backend, FAST, false).await;
     for i in 0..1500 {
