@@ -1075,6 +1075,8 @@ async fn restore_manifest(
                     .filter(|a| !a.as_os_str().is_empty())
                     .any(|a| fs::symlink_metadata(root.join(a)).is_ok_and(|m| !m.is_dir())))
     };
+    // Manifest entries whose place a newer bundle's file keeps (and its time, below).
+    let mut kept_from_bundles: HashSet<String> = HashSet::new();
     if bundle_is_newer.iter().any(|(_, newer)| *newer) || !held_paths.is_empty() {
         // A file the newer bundle checked out with the manifest's content is the
         // manifest's (which then sets its mode and time); anything else it put there
@@ -1090,6 +1092,7 @@ async fn restore_manifest(
             let keep = newer_in_the_way(rel) && !same && !unchanged_since;
             if keep {
                 report.unchanged += 1;
+                kept_from_bundles.insert(rel.to_string());
             }
             !keep
         });
@@ -1185,15 +1188,16 @@ async fn restore_manifest(
         report.removed += remove_paths(&root, &deleted, &manifest.empty_dirs, &mut report.bad);
     }
     // Files only a bundle brought back (tracked files the mirror leaves out: ignored,
-    // over the size limit, in a repository the mirror does not enter) get the time
-    // they had when the bundle was read, where they are still the size they were then:
-    // the checkout gave them the restore's.
+    // over the size limit, in a repository the mirror does not enter), and those a
+    // newer bundle keeps in the place of an older manifest entry, get the time they had
+    // when the bundle was read, where they are still the size they were then: the
+    // checkout gave them the restore's.
     for (rel, (size, mtime)) in &bundled_stat {
         // (Paths from remote storage: checked as the manifest's are.)
         let Ok(relp) = checked_rel(rel) else {
             continue;
         };
-        if manifest.files.contains_key(rel) {
+        if manifest.files.contains_key(rel) && !kept_from_bundles.contains(rel) {
             continue;
         }
         let path = root.join(relp);

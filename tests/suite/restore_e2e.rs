@@ -761,6 +761,13 @@ async fn a_bundle_newer_than_the_manifest_keeps_its_work() {
     // mirror's debounced round.
     write(&ws, "new_feature.py", "two hours of work\n");
     write(&ws, "a.txt", "a, edited\n");
+    let edited_at = std::time::UNIX_EPOCH + Duration::from_nanos(978_307_200_123_456_789);
+    std::fs::File::options()
+        .write(true)
+        .open(ws.join("a.txt"))
+        .unwrap()
+        .set_modified(edited_at)
+        .unwrap();
     std::fs::remove_file(ws.join("was_file")).unwrap();
     write(&ws, "was_file/inside.txt", "now a directory\n");
     std::fs::remove_dir_all(ws.join("was_dir")).unwrap();
@@ -779,6 +786,13 @@ async fn a_bundle_newer_than_the_manifest_keeps_its_work() {
         std::fs::read_to_string(ws.join("a.txt")).unwrap(),
         "a, edited\n"
     );
+    // With the time it had when the bundle was read, not the restore's: the bundle's
+    // file keeps the place of the manifest's older entry, and its time too.
+    let got = std::fs::metadata(ws.join("a.txt"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(got, edited_at);
     assert_eq!(
         std::fs::read_to_string(ws.join("old.txt")).unwrap(),
         "old\n"
