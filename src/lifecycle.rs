@@ -989,8 +989,18 @@ async fn final_sync(
         ));
     }
     if left.is_empty() {
+        let held = sync.status().held_deletes;
+        if held > 0 {
+            // Nothing is missing from remote storage, but it holds more than the
+            // workspace: a restore brings these files back.
+            tracing::warn!(
+                held_deletes = held,
+                "final sync: deletions held by the delete guard stay undone; the objects                  remain in remote storage and a restore brings those files back (POST                  /v1/sync with confirm_deletes before the stop deletes them)"
+            );
+        }
         tracing::info!(
             duration_ms = started.elapsed().as_millis() as u64,
+            held_deletes = held,
             "final sync done: everything is in remote storage"
         );
         (0, left)

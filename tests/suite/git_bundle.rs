@@ -564,7 +564,14 @@ async fn bundles_are_deleted_only_as_the_mirror_deletes_files() {
         "an emptied workspace deleted the bundle; log:\n{}",
         d.log()
     );
+    // Everything is in remote storage (exit 0), and the stop says what it holds more.
     assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+    assert!(
+        d.log()
+            .contains("deletions held by the delete guard stay undone"),
+        "log:\n{}",
+        d.log()
+    );
 
     // A new sandbox whose workspace is not empty (a template file): nothing is
     // restored, and nothing of the conversation is deleted either.
