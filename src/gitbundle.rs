@@ -1697,6 +1697,56 @@ pub fn refresh_index(dir: &Path) -> Result<(), GitError> {
     Ok(())
 }
 
+/// Of `paths` (relative to the repository at `dir`), those git keeps a copy of while
+/// the work tree need not hold them: not in the index, but in the tree of HEAD, of a
+/// ref (a branch checked out before, a tag) or of a stash (its index and untracked
+/// files commits too): what a `git checkout` of another branch or a `git stash -u`
+/// took out of the work tree.
+pub fn kept_by_git(dir: &Path, paths: &[&str]) -> Result<HashSet<String>, GitError> {
+    let repo = Repository::open(dir).ctx(format_args!("opening {}", dir.display()))?;
+    let index = repo.index().ctx("reading the index")?;
+    let mut tree_ids: HashSet<Oid> = HashSet::new();
+    let mut add = |commit: &git2::Commit<'_>, stash: bool| {
+        tree_ids.insert(commit.tree_id());
+        if stash {
+            // A stash: also its index (parent 1) and untracked files (parent 2).
+            tree_ids.extend(commit.parents().skip(1).map(|p| p.tree_id()));
+        }
+    };
+    if let Ok(head) = repo.head().and_then(|h| h.peel_to_commit()) {
+        add(&head, false);
+    }
+    for r in repo.references().ctx("listing refs")?.flatten() {
+        let name = r.name().unwrap_or_default();
+        if name.starts_with("refs/sandkeep/") {
+            continue;
+        }
+        if let Ok(c) = r.peel_to_commit() {
+            add(&c, name == "refs/stash");
+        }
+    }
+    // Older stash entries live in the stash's reflog.
+    if let Ok(log) = repo.reflog("refs/stash") {
+        for entry in log.iter() {
+            if let Ok(c) = repo.find_commit(entry.id_new()) {
+                add(&c, true);
+            }
+        }
+    }
+    let trees: Vec<git2::Tree<'_>> = tree_ids
+        .into_iter()
+        .filter_map(|id| repo.find_tree(id).ok())
+        .collect();
+    Ok(paths
+        .iter()
+        .filter(|p| {
+            let path = Path::new(p);
+            index.get_path(path, 0).is_none() && trees.iter().any(|t| t.get_path(path).is_ok())
+        })
+        .map(|p| p.to_string())
+        .collect())
+}
+
 /// What [`restore_bundle`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Restored {

@@ -11,7 +11,7 @@
 //! mode and modification time; an entry that cannot be restored is skipped and
 //! reported in [`RestoreReport::bad`], never a reason to abort the rest.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, FileTimes};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -1055,11 +1055,17 @@ async fn restore_manifest(
             .collect()
     };
 
+    let git_keeps = if objects_only {
+        HashSet::new()
+    } else {
+        held_entries_git_keeps(&root, &manifest.held, &report.repos, &bundled_stat).await
+    };
+
     // Files, in parallel.
     let mut wanted: Vec<(&String, &FileEntry)> = manifest
         .files
         .iter()
-        .filter(|(rel, _)| !excluded(rel, false))
+        .filter(|(rel, _)| !excluded(rel, false) && !git_keeps.contains(rel.as_str()))
         .collect();
     // Whether the newer bundle of `rel`'s repository put something at `rel` or in its
     // way (a file where the manifest has a directory, or the reverse): that is the
@@ -1165,7 +1171,7 @@ async fn restore_manifest(
     // Symlinks last: nothing is ever written through one of them.
     for (rel, link) in &manifest.symlinks {
         let same = fs::read_link(root.join(rel)).is_ok_and(|t| t == Path::new(link));
-        if excluded(rel, false) || (newer_in_the_way(rel) && !same) {
+        if excluded(rel, false) || (newer_in_the_way(rel) && !same) || git_keeps.contains(rel) {
             continue;
         }
         match restore_symlink(&root, rel, link, replace) {
@@ -1234,6 +1240,69 @@ async fn restore_manifest(
     report.bad.sort_by(|a, b| a.path.cmp(&b.path));
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// Of the entries a delete guard held in the manifest (gone from the workspace, kept in
+/// remote storage), those inside a restored repository that its bundle's work tree
+/// lacks and that git keeps a copy of out of the index (see
+/// [`gitbundle::kept_by_git`]): a `git checkout` of a branch with fewer files or a
+/// `git stash -u` took them out of the work tree, which is no accident to undo. The
+/// restore leaves them where git has them; their objects stay in remote storage.
+async fn held_entries_git_keeps(
+    root: &Path,
+    held: &BTreeSet<String>,
+    repos: &[RepoRestored],
+    bundled: &HashMap<String, (u64, i64)>,
+) -> HashSet<String> {
+    // The repository a path belongs to is the innermost one holding it.
+    let mut by_repo: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for rel in held
+        .iter()
+        .filter(|rel| !bundled.contains_key(rel.as_str()))
+    {
+        let repo = repos
+            .iter()
+            .map(|r| r.repo.as_str())
+            .filter(|r| *r == "." || rel.strip_prefix(r).is_some_and(|p| p.starts_with('/')))
+            .max_by_key(|r| if *r == "." { 0 } else { r.len() });
+        if let Some(repo) = repo {
+            let inner = if repo == "." {
+                rel.clone()
+            } else {
+                rel[repo.len() + 1..].to_string()
+            };
+            by_repo.entry(repo.to_string()).or_default().push(inner);
+        }
+    }
+    if by_repo.is_empty() {
+        return HashSet::new();
+    }
+    let root = root.to_path_buf();
+    let found = tokio::task::spawn_blocking(move || {
+        let mut keeps = HashSet::new();
+        for (repo, paths) in by_repo {
+            let (dir, prefix) = if repo == "." {
+                (root.clone(), String::new())
+            } else {
+                (root.join(&repo), format!("{repo}/"))
+            };
+            let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+            match gitbundle::kept_by_git(&dir, &paths) {
+                Ok(k) => keeps.extend(k.into_iter().map(|p| format!("{prefix}{p}"))),
+                Err(e) => tracing::warn!(repo = %repo, error = %e, "cannot tell which held entries git keeps; restoring them all"),
+            }
+        }
+        keeps
+    })
+    .await
+    .unwrap_or_default();
+    if !found.is_empty() {
+        tracing::info!(
+            entries = found.len(),
+            "held entries that git keeps out of the work tree (moved by a checkout or a stash) are not restored; their objects stay in remote storage"
+        );
+    }
+    found
 }
 
 fn restore_symlink(root: &Path, rel: &str, link: &str, force: bool) -> Result<(), String> {

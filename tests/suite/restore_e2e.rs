@@ -860,6 +860,81 @@ async fn a_file_a_guard_kept_from_the_mirror_comes_back_from_its_bundle() {
     );
 }
 
+/// A `git checkout` of a branch with far fewer files, or a `git stash -u` of many
+/// untracked ones, just before the stop: the mirror's guard holds these deletions like
+/// an accident, but the restore leaves the files where git keeps them (the other
+/// branch, the stash), so the work tree comes back as git left it and the stash pops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_a_checkout_or_a_stash_took_away_are_not_brought_back() {
+    let mut d = Daemon::prepare(CONFIG);
+    let ws = d.workspace.clone();
+    let stashed = ws.join("stashed");
+    std::fs::create_dir_all(&stashed).unwrap();
+    for dir in [&ws, &stashed] {
+        git(dir, &["init", "-q", "-b", "main"]);
+        write(dir, "README.md", "base\n");
+        git(dir, &["add", "."]);
+        git(dir, &["commit", "-q", "-m", "base"]);
+    }
+    git(&ws, &["checkout", "-q", "-b", "big"]);
+    for i in 0..150 {
+        write(&ws, &format!("gen/f{i}.txt"), format!("{i}\n"));
+        write(
+            &stashed,
+            &format!("out/o{i}.json"),
+            format!("{{\"n\": {i}}}\n"),
+        );
+    }
+    git(&ws, &["add", "gen"]);
+    git(&ws, &["commit", "-q", "-m", "big"]);
+    // An accident's file the guard must still bring back: untracked, in no commit.
+    write(&ws, "gen/only-here.txt", "not in git\n");
+    d.set_env("SANDKEEP_REMOTE_LEASE", "2s");
+    d.spawn_and_wait().await;
+    let api = d.api();
+    ok(&api.post("/v1/sync", &json!({})).await, 200);
+
+    git(&ws, &["checkout", "-q", "main"]);
+    std::fs::remove_file(ws.join("gen/only-here.txt")).unwrap();
+    git(&stashed, &["stash", "push", "-q", "-u", "-m", "park"]);
+    let answer = ok(&api.post("/v1/sync", &json!({})).await, 200);
+    assert_eq!(answer["held_deletes"], 301, "{answer}");
+    let before = git(&ws, &["status", "--porcelain", "--untracked-files=all"]);
+    assert!(!before.contains("gen/"), "{before}");
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+
+    d.become_new_sandbox();
+    d.spawn_and_wait().await;
+    let ws = d.workspace.clone();
+    assert!(!ws.join("gen/f0.txt").exists(), "log:\n{}", d.log());
+    // As the stop left it, but for the file only the guard had.
+    let now = git(&ws, &["status", "--porcelain", "--untracked-files=all"]);
+    let now: Vec<&str> = now
+        .lines()
+        .filter(|l| !l.starts_with("?? stashed/"))
+        .collect();
+    assert_eq!(now, ["?? gen/only-here.txt"], "before: {before}");
+    assert_eq!(git(&ws, &["branch", "--show-current"]).trim(), "main");
+    // Git has no copy of this one: the guard's copy comes back.
+    assert_eq!(
+        std::fs::read_to_string(ws.join("gen/only-here.txt")).unwrap(),
+        "not in git\n"
+    );
+    let stashed = ws.join("stashed");
+    assert!(!stashed.join("out/o0.json").exists());
+    git(&stashed, &["stash", "pop", "-q"]);
+    assert_eq!(
+        std::fs::read_to_string(stashed.join("out/o149.json")).unwrap(),
+        "{\"n\": 149}\n"
+    );
+    assert!(
+        d.log()
+            .contains("held entries that git keeps out of the work tree"),
+        "log:\n{}",
+        d.log()
+    );
+}
+
 /// `workspace.bundle` is the root repository's object and also that of a subdirectory
 /// named `workspace` when the root is no repository: the restore puts it back where
 /// it came from.
