@@ -49,16 +49,27 @@ pub async fn put_file(
     let size = data.len();
     let (created, _) = state.files.put(&path, data, if_absent).await?;
     if sync {
+        // As `POST /v1/sync`: a daemon another one took the conversation from writes
+        // nothing more, and says so at once (`None`) rather than after SYNC_WAIT.
+        let ended = state.owner.ended();
+        let work = async {
+            tokio::select! {
+                biased;
+                _ = ended.cancelled() => None,
+                r = state.replica.flush() => Some(r),
+            }
+        };
         let waited = wait_unless_stopping(
             &state,
             SYNC_WAIT,
-            state.replica.flush(),
+            work,
             "the file is stored locally; the daemon is stopping and its final sync carries it",
         )
         .await?;
         match waited {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
+            Ok(None) => return Err(super::system::conversation_lost(&state)),
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => {
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "shutting_down",
@@ -73,7 +84,7 @@ pub async fn put_file(
                     format!(
                         "the file is stored locally but did not reach remote storage within {} s{}; it is retried in the background",
                         SYNC_WAIT.as_secs(),
-                        last.map(|e| format!(" (last error: {e})"))
+                        last.map(|e| format!(" (last replication error: {e})"))
                             .unwrap_or_default()
                     ),
                 ));

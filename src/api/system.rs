@@ -122,7 +122,7 @@ struct SyncBody {
 
 /// 409 `conversation_lost`: another daemon took the conversation over (or it was
 /// released, at a stop), so nothing from here reaches remote storage any more.
-fn conversation_lost(state: &AppState) -> ApiError {
+pub(super) fn conversation_lost(state: &AppState) -> ApiError {
     let owner = state.owner.status();
     if owner.state != crate::owner::OwnerState::Lost {
         return ApiError::new(

@@ -291,6 +291,19 @@ async fn a_stolen_lease_stops_the_first_daemons_writes(backend: Backend) {
         "{:?}",
         asked.elapsed()
     );
+    // So does a file store write's `sync=true` (the file is kept locally).
+    let asked = Instant::now();
+    let r = api
+        .raw(Method::PUT, "/v1/files/notes/synced.txt?sync=true", b"s")
+        .await;
+    crate::util::assert_error(&r, 409, "conversation_lost");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
+    );
+    let f = api.get("/v1/files/notes/synced.txt").await;
+    assert_eq!((f.status, f.body.as_ref()), (200, &b"s"[..]));
     // No lost compare-and-set (4) for the CLI: an error.
     let out = p.a.cli().run(&["sync", "--timeout", "30"]).await;
     assert_eq!(out.code, 1, "{}", out.stderr);
