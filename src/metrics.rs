@@ -38,6 +38,9 @@ pub const SYNC_LAG: &str = "sandkeep_sync_lag";
 pub const SYNC_DEBOUNCE: &str = "sandkeep_sync_debounce";
 /// `sandkeep_workspace_bytes`: bytes of the mirrored files.
 pub const WORKSPACE_BYTES: &str = "sandkeep_workspace_bytes";
+/// `sandkeep_workspace_skipped_files`: files the mirror leaves out (over
+/// `sync.max_file_bytes`, a key too long, unreadable).
+pub const WORKSPACE_SKIPPED: &str = "sandkeep_workspace_skipped_files";
 /// `sandkeep_remote_errors_total{op}`.
 pub const REMOTE_ERRORS: &str = "sandkeep_remote_errors";
 /// `sandkeep_snapshot_duration_seconds`: time to build and upload one snapshot.
@@ -107,6 +110,7 @@ pub struct Metrics {
     pub sync_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub sync_debounce: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub workspace_bytes: Gauge,
+    pub workspace_skipped: Gauge,
     pub remote_errors: Family<OpLabel, Counter>,
     pub snapshot_duration: Histogram,
     pub snapshot_bytes: Gauge,
@@ -195,6 +199,12 @@ impl Metrics {
             "Bytes of the mirrored workspace files",
             workspace_bytes.clone(),
         );
+        let workspace_skipped = Gauge::default();
+        registry.register(
+            WORKSPACE_SKIPPED,
+            "Workspace files left out of the mirror (over sync.max_file_bytes, a key too long, unreadable)",
+            workspace_skipped.clone(),
+        );
         let remote_errors = Family::<OpLabel, Counter>::default();
         registry.register(
             REMOTE_ERRORS,
@@ -262,6 +272,7 @@ impl Metrics {
             sync_lag,
             sync_debounce,
             workspace_bytes,
+            workspace_skipped,
             remote_errors,
         }
     }
@@ -297,11 +308,12 @@ impl Metrics {
         self.remote_errors.get_or_create(&OpLabel { op }).inc();
     }
 
-    pub fn sync_gauges(&self, pending: u64, lag_s: f64, debounce_s: f64, workspace_bytes: u64) {
-        self.sync_pending_files.set(pending as i64);
+    pub fn sync_gauges(&self, status: &crate::sync::SyncStatus, lag_s: f64, debounce_s: f64) {
+        self.sync_pending_files.set(status.pending_files as i64);
         self.sync_lag.set(lag_s);
         self.sync_debounce.set(debounce_s);
-        self.workspace_bytes.set(workspace_bytes as i64);
+        self.workspace_bytes.set(status.bytes as i64);
+        self.workspace_skipped.set(status.skipped_files as i64);
     }
 
     pub fn snapshot_taken(&self, elapsed: Duration, bytes: u64) {

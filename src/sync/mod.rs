@@ -1133,12 +1133,8 @@ impl SyncEngine {
             skipped_files: self.skipped + self.unreadable.len() as u64,
             oldest_change,
         };
-        self.metrics.sync_gauges(
-            s.pending_files,
-            lag.as_secs_f64(),
-            delay.as_secs_f64(),
-            s.bytes,
-        );
+        self.metrics
+            .sync_gauges(&s, lag.as_secs_f64(), delay.as_secs_f64());
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = s;
     }
 

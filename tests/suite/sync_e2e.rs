@@ -689,6 +689,8 @@ async fn special_and_oversized_files_are_skipped() {
     assert_eq!(stats["files_deleted"], 0, "{stats}");
     assert_eq!(env.object("grows.log").await.unwrap(), [1u8; 100]);
     assert_eq!(env.status().await["workspace"]["skipped_files"], 3);
+    // And as a metric, for alerts.
+    assert_eq!(env.metric("sandkeep_workspace_skipped_files ").await, 3.0);
     env.assert_manifest_consistent().await;
 }
 
