@@ -1697,12 +1697,24 @@ pub fn refresh_index(dir: &Path) -> Result<(), GitError> {
     Ok(())
 }
 
-/// Of `paths` (relative to the repository at `dir`), those git keeps a copy of while
-/// the work tree need not hold them: not in the index, but in the tree of HEAD, of a
-/// ref (a branch checked out before, a tag) or of a stash (its index and untracked
-/// files commits too): what a `git checkout` of another branch or a `git stash -u`
-/// took out of the work tree.
-pub fn kept_by_git(dir: &Path, paths: &[&str]) -> Result<HashSet<String>, GitError> {
+/// What a held entry of the mirror was, to be found in git: a file's size and
+/// `blake3:<hex>` hash, or a symlink's target.
+#[derive(Clone, Copy, Debug)]
+pub enum HeldEntry<'a> {
+    File { size: u64, hash: &'a str },
+    Symlink { target: &'a str },
+}
+
+/// Of `entries` (paths relative to the repository at `dir`), those git keeps an exact
+/// copy of while the work tree need not hold them: not in the index, but in the tree of
+/// HEAD, of a ref (a branch checked out before, a tag) or of a stash (its index and
+/// untracked files commits too), with the same content (a file) or target (a
+/// symlink): what a `git checkout` of another branch or a `git stash -u` took out of
+/// the work tree. An older version at the same path is no copy.
+pub fn kept_by_git(
+    dir: &Path,
+    entries: &[(&str, HeldEntry<'_>)],
+) -> Result<HashSet<String>, GitError> {
     let repo = Repository::open(dir).ctx(format_args!("opening {}", dir.display()))?;
     let index = repo.index().ctx("reading the index")?;
     let mut tree_ids: HashSet<Oid> = HashSet::new();
@@ -1725,8 +1737,12 @@ pub fn kept_by_git(dir: &Path, paths: &[&str]) -> Result<HashSet<String>, GitErr
             add(&c, name == "refs/stash");
         }
     }
-    // Older stash entries live in the stash's reflog.
-    if let Ok(log) = repo.reflog("refs/stash") {
+    // Older stash entries live in the stash's reflog (read only when there is one:
+    // reading a missing reflog creates its file).
+    if repo.find_reference("refs/stash").is_ok()
+        && repo.commondir().join("logs/refs/stash").is_file()
+        && let Ok(log) = repo.reflog("refs/stash")
+    {
         for entry in log.iter() {
             if let Ok(c) = repo.find_commit(entry.id_new()) {
                 add(&c, true);
@@ -1737,14 +1753,41 @@ pub fn kept_by_git(dir: &Path, paths: &[&str]) -> Result<HashSet<String>, GitErr
         .into_iter()
         .filter_map(|id| repo.find_tree(id).ok())
         .collect();
-    Ok(paths
-        .iter()
-        .filter(|p| {
-            let path = Path::new(p);
-            index.get_path(path, 0).is_none() && trees.iter().any(|t| t.get_path(path).is_ok())
-        })
-        .map(|p| p.to_string())
-        .collect())
+    // Each blob's size and hash, once: the same file is in many trees.
+    let mut digests: HashMap<Oid, Option<(u64, String)>> = HashMap::new();
+    let mut kept = HashSet::new();
+    for (path, held) in entries {
+        let p = Path::new(path);
+        if index.get_path(p, 0).is_some() {
+            continue;
+        }
+        let found = trees.iter().any(|t| {
+            let Ok(e) = t.get_path(p) else { return false };
+            let link = e.filemode() == 0o120000;
+            if e.kind() != Some(ObjectType::Blob) {
+                return false;
+            }
+            match held {
+                HeldEntry::File { size, hash } if !link => {
+                    let digest = digests.entry(e.id()).or_insert_with(|| {
+                        repo.find_blob(e.id()).ok().map(|b| {
+                            let h = blake3::hash(b.content()).to_hex();
+                            (b.size() as u64, format!("blake3:{h}"))
+                        })
+                    });
+                    digest.as_ref().is_some_and(|(s, h)| s == size && h == hash)
+                }
+                HeldEntry::Symlink { target } if link => repo
+                    .find_blob(e.id())
+                    .is_ok_and(|b| b.content() == target.as_bytes()),
+                _ => false,
+            }
+        });
+        if found {
+            kept.insert(path.to_string());
+        }
+    }
+    Ok(kept)
 }
 
 /// What [`restore_bundle`] did.

@@ -992,10 +992,13 @@ async fn final_sync(
         let held = sync.status().held_deletes;
         if held > 0 {
             // Nothing is missing from remote storage, but it holds more than the
-            // workspace: a restore brings these files back.
+            // workspace.
             tracing::warn!(
                 held_deletes = held,
-                "final sync: deletions held by the delete guard stay undone; the objects                  remain in remote storage and a restore brings those files back (POST                  /v1/sync with confirm_deletes before the stop deletes them)"
+                "final sync: deletions held by the delete guard stay undone; their objects \
+                 remain in remote storage, and a restore brings back those files that git \
+                 keeps no copy of (POST /v1/sync with confirm_deletes before the stop \
+                 deletes them)"
             );
         }
         tracing::info!(

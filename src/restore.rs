@@ -1058,7 +1058,7 @@ async fn restore_manifest(
     let git_keeps = if objects_only {
         HashSet::new()
     } else {
-        held_entries_git_keeps(&root, &manifest.held, &report.repos, &bundled_stat).await
+        held_entries_git_keeps(&root, &manifest, &report.repos, &bundled_stat).await
     };
 
     // Files, in parallel.
@@ -1244,22 +1244,33 @@ async fn restore_manifest(
 
 /// Of the entries a delete guard held in the manifest (gone from the workspace, kept in
 /// remote storage), those inside a restored repository that its bundle's work tree
-/// lacks and that git keeps a copy of out of the index (see
+/// lacks and that git keeps an exact copy of out of the index (see
 /// [`gitbundle::kept_by_git`]): a `git checkout` of a branch with fewer files or a
 /// `git stash -u` took them out of the work tree, which is no accident to undo. The
-/// restore leaves them where git has them; their objects stay in remote storage.
+/// restore leaves them where git has them.
 async fn held_entries_git_keeps(
     root: &Path,
-    held: &BTreeSet<String>,
+    manifest: &Manifest,
     repos: &[RepoRestored],
     bundled: &HashMap<String, (u64, i64)>,
 ) -> HashSet<String> {
+    /// A held entry as the manifest has it, owned for the blocking thread.
+    enum Was {
+        File(u64, String),
+        Symlink(String),
+    }
     // The repository a path belongs to is the innermost one holding it.
-    let mut by_repo: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for rel in held
+    let mut by_repo: BTreeMap<String, Vec<(String, Was)>> = BTreeMap::new();
+    for rel in manifest
+        .held
         .iter()
         .filter(|rel| !bundled.contains_key(rel.as_str()))
     {
+        let was = match (manifest.files.get(rel), manifest.symlinks.get(rel)) {
+            (Some(f), _) => Was::File(f.size, f.hash.clone()),
+            (None, Some(target)) => Was::Symlink(target.clone()),
+            (None, None) => continue,
+        };
         let repo = repos
             .iter()
             .map(|r| r.repo.as_str())
@@ -1271,7 +1282,10 @@ async fn held_entries_git_keeps(
             } else {
                 rel[repo.len() + 1..].to_string()
             };
-            by_repo.entry(repo.to_string()).or_default().push(inner);
+            by_repo
+                .entry(repo.to_string())
+                .or_default()
+                .push((inner, was));
         }
     }
     if by_repo.is_empty() {
@@ -1280,14 +1294,23 @@ async fn held_entries_git_keeps(
     let root = root.to_path_buf();
     let found = tokio::task::spawn_blocking(move || {
         let mut keeps = HashSet::new();
-        for (repo, paths) in by_repo {
+        for (repo, entries) in by_repo {
             let (dir, prefix) = if repo == "." {
                 (root.clone(), String::new())
             } else {
                 (root.join(&repo), format!("{repo}/"))
             };
-            let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
-            match gitbundle::kept_by_git(&dir, &paths) {
+            let entries: Vec<(&str, gitbundle::HeldEntry<'_>)> = entries
+                .iter()
+                .map(|(p, was)| {
+                    let held = match was {
+                        Was::File(size, hash) => gitbundle::HeldEntry::File { size: *size, hash },
+                        Was::Symlink(target) => gitbundle::HeldEntry::Symlink { target },
+                    };
+                    (p.as_str(), held)
+                })
+                .collect();
+            match gitbundle::kept_by_git(&dir, &entries) {
                 Ok(k) => keeps.extend(k.into_iter().map(|p| format!("{prefix}{p}"))),
                 Err(e) => tracing::warn!(repo = %repo, error = %e, "cannot tell which held entries git keeps; restoring them all"),
             }
@@ -1299,7 +1322,7 @@ async fn held_entries_git_keeps(
     if !found.is_empty() {
         tracing::info!(
             entries = found.len(),
-            "held entries that git keeps out of the work tree (moved by a checkout or a stash) are not restored; their objects stay in remote storage"
+            "held entries that git keeps exact copies of out of the work tree (moved by a checkout or a stash) are not restored"
         );
     }
     found

@@ -337,23 +337,23 @@ struct RawOp {
     key: String,
     #[serde(default, deserialize_with = "present")]
     value: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "null_as_default")]
     values: Option<Value>,
     by: Option<Value>,
     path: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     nx: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     xx: bool,
     #[serde(default, deserialize_with = "present")]
     ttl: Option<Value>,
     count: Option<Value>,
     if_version: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     keep_ttl: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     get: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     meta: bool,
 }
 
@@ -1430,9 +1430,12 @@ mod tests {
     fn null_optional_fields_are_left_out() {
         let req = BatchRequest::parse(
             br#"{"if_version": null, "checks": null, "operations": [
-                {"op": "set", "key": "a", "value": 1, "ttl": null, "keep_ttl": true},
+                {"op": "set", "key": "a", "value": 1, "ttl": null, "keep_ttl": true,
+                 "nx": null, "xx": null, "get": null, "if_version": null},
                 {"op": "incr", "key": "n", "by": null},
-                {"op": "expire", "key": "a", "ttl": null}]}"#,
+                {"op": "expire", "key": "a", "ttl": null},
+                {"op": "rpush", "key": "l", "value": 1, "values": null},
+                {"op": "get", "key": "a", "meta": null, "path": null}]}"#,
         )
         .unwrap();
         assert_eq!((req.if_version, req.checks.len()), (None, 0));
@@ -1446,5 +1449,7 @@ mod tests {
         ));
         assert!(matches!(&req.ops[1], Op::Incr { by: 1, .. }));
         assert!(matches!(&req.ops[2], Op::Expire { ttl: None, .. }));
+        assert!(matches!(&req.ops[3], Op::Push { values, .. } if values.len() == 1));
+        assert!(matches!(&req.ops[4], Op::Get { meta: false, .. }));
     }
 }

@@ -29,6 +29,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::{Config, WatchMode};
 use crate::metrics::Metrics;
@@ -46,6 +47,14 @@ const EVENT_QUEUE: usize = 65_536;
 const MASS_DELETE_MIN: usize = 100;
 /// Rounds run at most after the first before waiters are answered (or kept waiting).
 const MAX_EXTRA_ROUNDS: usize = 3;
+/// What a listing of the remote mirror found ([`SyncEngine::start_verify`]).
+struct VerifyListing {
+    /// Manifest entries (path, hash when listed) whose object is gone or has another
+    /// size.
+    missing: Vec<(String, String)>,
+    manifest_seen: bool,
+}
+
 /// The first comparison of the mirror with the manifest comes this long after start
 /// (or `sync.verify_interval`, when shorter): not in the way of the startup reconcile.
 const FIRST_VERIFY: Duration = Duration::from_secs(60);
@@ -348,6 +357,9 @@ pub struct SyncEngine {
     /// The remote manifest was read at start (or found missing): until then no round
     /// may publish one.
     manifest_adopted: bool,
+    /// The remote manifest is gone (a verify found it missing): the next round
+    /// publishes one even when nothing changed.
+    republish: bool,
     /// The guards as the state directory last recorded them.
     stored_guards: manifest::Guards,
     /// Files seen changing while they were read: the next attempt uploads a copy, and
@@ -477,6 +489,7 @@ impl SyncEngine {
             again: false,
             first_of_new_state: new_state,
             manifest_adopted: false,
+            republish: false,
             stored_guards: guards,
             unstable: HashSet::new(),
             unreadable: BTreeSet::new(),
@@ -663,66 +676,85 @@ impl SyncEngine {
         Ok(())
     }
 
-    /// Lists the mirror in remote storage and compares it with the manifest, as rclone's
-    /// `check --size-only` would: an entry whose object is gone or has another size
-    /// (deleted by a person or a lifecycle rule, a wiped prefix) leaves the manifest,
-    /// so that the next full round uploads its file again; a manifest object gone while
-    /// one was published makes the next round adopt "no manifest" (everything is
-    /// uploaded again). Returns how many entries left; a full round is then due.
-    async fn verify_remote(&mut self) -> Result<usize, SyncError> {
+    /// Starts listing the mirror in remote storage to compare it with the manifest, as
+    /// rclone's `check --size-only` would ([`Self::apply_verify`] takes the result), on
+    /// a task of its own: a listing of many pages (or of a slow remote) holds no round,
+    /// sync call or final sync back. `None` before a manifest was published or adopted.
+    fn start_verify(&self) -> Option<AbortOnDropHandle<Result<VerifyListing, RemoteError>>> {
         if !self.manifest_adopted || self.manifest.generation == 0 {
-            return Ok(0);
+            return None;
         }
-        let mut expected: HashMap<String, (u64, &str)> = self
+        // Held entries are gone from the workspace: nothing could upload them again.
+        let mut expected: HashMap<String, (u64, String, String)> = self
             .manifest
             .files
             .iter()
-            .map(|(p, e)| (self.keys.file(p), (e.size, p.as_str())))
+            .filter(|(p, _)| !self.manifest.held.contains(*p))
+            .map(|(p, e)| (self.keys.file(p), (e.size, p.clone(), e.hash.clone())))
             .collect();
+        let remote = self.remote.clone();
         let manifest_key = self.keys.manifest();
         let prefix = format!("{}workspace/", self.keys.conversation);
-        let mut manifest_seen = false;
-        let mut token = None;
-        loop {
-            let page = self
-                .remote
-                .list(&prefix, token)
-                .await
-                .map_err(|e| SyncError::Remote(format!("listing the remote mirror: {e}")))?;
-            for o in page.objects {
-                if o.key == manifest_key {
-                    manifest_seen = true;
-                } else if expected
-                    .get(&o.key)
-                    .is_some_and(|(size, _)| *size == o.size)
-                {
-                    expected.remove(&o.key);
+        Some(AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut manifest_seen = false;
+            let mut token = None;
+            loop {
+                let page = remote.list(&prefix, token).await?;
+                for o in page.objects {
+                    if o.key == manifest_key {
+                        manifest_seen = true;
+                    } else if expected
+                        .get(&o.key)
+                        .is_some_and(|(size, ..)| *size == o.size)
+                    {
+                        expected.remove(&o.key);
+                    }
+                }
+                match page.next {
+                    Some(t) => token = Some(t),
+                    None => break,
                 }
             }
-            match page.next {
-                Some(t) => token = Some(t),
-                None => break,
+            Ok(VerifyListing {
+                missing: expected.into_values().map(|(_, p, h)| (p, h)).collect(),
+                manifest_seen,
+            })
+        })))
+    }
+
+    /// Takes a finished listing of [`Self::start_verify`]: an entry whose object is gone
+    /// or has another size (deleted by a person or a lifecycle rule, a wiped prefix)
+    /// leaves the manifest, unless a round changed it since (its upload was checked), so
+    /// that the next full round uploads its file again; a manifest object that is gone
+    /// is published again by the next round. Returns whether a full round is due.
+    fn apply_verify(&mut self, listing: VerifyListing) -> bool {
+        let mut missing = Vec::new();
+        for (path, hash) in listing.missing {
+            if self
+                .manifest
+                .files
+                .get(&path)
+                .is_some_and(|e| e.hash == hash)
+                && !self.manifest.held.contains(&path)
+            {
+                self.manifest.files.remove(&path);
+                missing.push(path);
             }
         }
-        let missing: Vec<String> = expected.into_values().map(|(_, p)| p.to_string()).collect();
-        if !manifest_seen {
-            tracing::warn!(
-                "the remote manifest is gone (deleted by someone?): the next round uploads everything again"
-            );
-            self.manifest_adopted = false;
-            return Ok(missing.len().max(1));
-        }
-        if !missing.is_empty() {
+        if let Some(first) = missing.first() {
             tracing::warn!(
                 files = missing.len(),
-                first = %missing[0],
+                first = %first,
                 "files of the mirror are missing in remote storage or have another size there (deleted by someone?): uploading them again"
             );
-            for p in &missing {
-                self.manifest.files.remove(p);
-            }
         }
-        Ok(missing.len())
+        if !listing.manifest_seen {
+            tracing::warn!(
+                "the remote manifest is gone (deleted by someone?): the next round publishes it again"
+            );
+            self.republish = true;
+        }
+        !missing.is_empty() || !listing.manifest_seen
     }
 
     /// Copies the object at `key` to its [`remote::unreadable_key_of`] through a file in
@@ -774,6 +806,8 @@ impl SyncEngine {
         let mut force = true; // the startup reconcile
         let every = Some(self.config.sync.verify_interval.0).filter(|d| !d.is_zero());
         let mut verify_at = every.map(|d| Instant::now() + d.min(FIRST_VERIFY));
+        // A listing under way (dropped, so aborted, when the engine stops).
+        let mut verifying = None;
         let mut poll_tick = tokio::time::interval(self.config.watch.poll_interval.0);
         poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -793,19 +827,10 @@ impl SyncEngine {
             }
             if let (Some(at), Some(every)) = (verify_at, every)
                 && now >= at
+                && verifying.is_none()
             {
                 verify_at = Some(now + every);
-                match self.verify_remote().await {
-                    Ok(0) => {}
-                    Ok(_) => {
-                        self.full_rescan = true;
-                        force = true;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot compare the remote mirror with the manifest; trying again later");
-                        verify_at = Some(now + every.min(VERIFY_RETRY));
-                    }
-                }
+                verifying = self.start_verify();
             }
             let retry_ok = self.retry_at.is_none_or(|r| now >= r);
             if retry_ok && (force || self.debouncer.is_due(now)) {
@@ -818,7 +843,8 @@ impl SyncEngine {
             if let Some(r) = self.retry_at.filter(|_| force || wake_at.is_some()) {
                 wake_at = Some(wake_at.map_or(r, |w| w.max(r)));
             }
-            for at in [self.hold_expiry(), verify_at].into_iter().flatten() {
+            let next_verify = verify_at.filter(|_| verifying.is_none());
+            for at in [self.hold_expiry(), next_verify].into_iter().flatten() {
                 wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
             }
             let sleep_to = wake_at.unwrap_or(now + Duration::from_secs(3600));
@@ -845,6 +871,29 @@ impl SyncEngine {
                     self.add_watches().await;
                 }
                 _ = self.sink.wake.notified() => {}
+                listed = async {
+                    match verifying.as_mut() {
+                        Some(listing) => listing.await,
+                        None => std::future::pending().await,
+                    }
+                }, if verifying.is_some() => {
+                    verifying = None;
+                    match listed {
+                        Ok(Ok(listing)) => {
+                            if self.apply_verify(listing) {
+                                self.full_rescan = true;
+                                force = true;
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "cannot list the remote mirror to compare it with the manifest; trying again later");
+                            if let Some(every) = every {
+                                verify_at = Some(Instant::now() + every.min(VERIFY_RETRY));
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "the comparison of the remote mirror with the manifest ended"),
+                    }
+                }
                 _ = poll_tick.tick() => {
                     if self.poll || self.watcher.is_none() {
                         if self.watcher.is_none() && !self.poll && self.root_available().is_ok() {
@@ -1658,7 +1707,8 @@ impl SyncEngine {
         // Publish the manifest, then delete what it no longer names. The guards are
         // recorded first: the manifest may name files only they keep.
         self.persist_guards().await;
-        let changed = next.files != self.manifest.files
+        let changed = self.republish
+            || next.files != self.manifest.files
             || next.held != self.manifest.held
             || next.symlinks != self.manifest.symlinks
             || next.empty_dirs != self.manifest.empty_dirs;
@@ -1689,6 +1739,7 @@ impl SyncEngine {
                 .map_err(|e| SyncError::Local(e.to_string()))?
                 .map_err(|e| SyncError::Local(e.to_string()))?;
             self.manifest = next;
+            self.republish = false;
             if !gone.is_empty() {
                 stats.files_deleted += self.flush_pending_deletes().await?;
             }

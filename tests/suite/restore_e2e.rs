@@ -896,7 +896,12 @@ async fn files_a_checkout_or_a_stash_took_away_are_not_brought_back() {
 
     git(&ws, &["checkout", "-q", "main"]);
     std::fs::remove_file(ws.join("gen/only-here.txt")).unwrap();
+    // Another file where branch `big` has one: git's copy is older, so no copy.
+    write(&ws, "gen/f1.txt", "rewritten after the checkout\n");
     git(&stashed, &["stash", "push", "-q", "-u", "-m", "park"]);
+    let answer = ok(&api.post("/v1/sync", &json!({})).await, 200);
+    assert_eq!(answer["held_deletes"], 300, "{answer}");
+    std::fs::remove_file(ws.join("gen/f1.txt")).unwrap();
     let answer = ok(&api.post("/v1/sync", &json!({})).await, 200);
     assert_eq!(answer["held_deletes"], 301, "{answer}");
     let before = git(&ws, &["status", "--porcelain", "--untracked-files=all"]);
@@ -907,13 +912,21 @@ async fn files_a_checkout_or_a_stash_took_away_are_not_brought_back() {
     d.spawn_and_wait().await;
     let ws = d.workspace.clone();
     assert!(!ws.join("gen/f0.txt").exists(), "log:\n{}", d.log());
-    // As the stop left it, but for the file only the guard had.
+    // As the stop left it, but for the files only the guard had.
     let now = git(&ws, &["status", "--porcelain", "--untracked-files=all"]);
     let now: Vec<&str> = now
         .lines()
         .filter(|l| !l.starts_with("?? stashed/"))
         .collect();
-    assert_eq!(now, ["?? gen/only-here.txt"], "before: {before}");
+    assert_eq!(
+        now,
+        ["?? gen/f1.txt", "?? gen/only-here.txt"],
+        "before: {before}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join("gen/f1.txt")).unwrap(),
+        "rewritten after the checkout\n"
+    );
     assert_eq!(git(&ws, &["branch", "--show-current"]).trim(), "main");
     // Git has no copy of this one: the guard's copy comes back.
     assert_eq!(
@@ -929,7 +942,7 @@ async fn files_a_checkout_or_a_stash_took_away_are_not_brought_back() {
     );
     assert!(
         d.log()
-            .contains("held entries that git keeps out of the work tree"),
+            .contains("held entries that git keeps exact copies of"),
         "log:\n{}",
         d.log()
     );

@@ -459,6 +459,24 @@ async fn lost_objects_are_uploaded_again(backend: Backend) {
         env.daemon.log()
     );
 
+    // The manifest alone deleted: published again, nothing else changed.
+    let generation = env.manifest().await.unwrap()["generation"]
+        .as_u64()
+        .unwrap();
+    remote
+        .delete_many(&[format!("{PREFIX}workspace/manifest.json")])
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the manifest published again",
+        || async { env.manifest().await.is_some() },
+    )
+    .await;
+    let m = env.manifest().await.unwrap();
+    assert_eq!(m["generation"].as_u64().unwrap(), generation + 1, "{m}");
+    assert_eq!(entry_sizes(&m).len(), 3, "{m}");
+
     let all = remote::list_all(remote, &format!("{PREFIX}workspace/"))
         .await
         .unwrap();
