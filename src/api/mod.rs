@@ -185,7 +185,7 @@ impl Query {
             None | Some("false") | Some("0") => Ok(false),
             Some("true") | Some("1") | Some("") => Ok(true),
             Some(v) => Err(ApiError::invalid_param(format!(
-                "`{name}` must be true or false, got `{v}`"
+                "`{name}` must be true or false (or 1, 0, or given bare for true), got `{v}`"
             ))),
         }
     }

@@ -158,7 +158,12 @@ async fn invalid_param() {
     let r = api.put("/v1/kv/k?nx=true&xx=true", &json!(2)).await;
     assert_error(&r, 400, "invalid_param");
     let r = api.put("/v1/kv/k?nx=maybe", &json!(2)).await;
-    assert_error(&r, 400, "invalid_param");
+    let body = assert_error(&r, 400, "invalid_param");
+    // The message names every form a flag takes.
+    assert!(
+        body["message"].as_str().unwrap().contains("or 1, 0"),
+        "{body}"
+    );
     let r = api.put("/v1/kv/k?if_version=-1", &json!(2)).await;
     assert_error(&r, 400, "invalid_param");
     let r = api.get("/v1/kv?limit=ten").await;
