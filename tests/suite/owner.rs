@@ -177,6 +177,13 @@ async fn assert_b_took_over(p: &Pair) {
     );
 }
 
+/// B says why it took over, owns and writes ([`assert_b_took_over`]), and stops cleanly.
+async fn b_took_over_and_stops(p: &mut Pair, reason: &str) {
+    assert!(p.b.log().contains(reason), "{}", p.b.log());
+    assert_b_took_over(p).await;
+    assert_eq!(p.b.terminate().code(), Some(0), "{}", p.b.log());
+}
+
 async fn waits_then_takes_over_after_a_clean_stop(backend: Backend) {
     let mut p = Pair::new(backend).await;
     start_first(&mut p).await;
@@ -200,13 +207,7 @@ async fn waits_then_takes_over_after_a_clean_stop(backend: Backend) {
         p.a.log()
     );
     p.b.wait_ready().await;
-    assert!(
-        p.b.log().contains("the previous owner released it"),
-        "{}",
-        p.b.log()
-    );
-    assert_b_took_over(&p).await;
-    assert_eq!(p.b.terminate().code(), Some(0), "{}", p.b.log());
+    b_took_over_and_stops(&mut p, "the previous owner released it").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,13 +229,7 @@ async fn takes_over_after_a_killed_owners_lease(backend: Backend) {
     p.b.spawn_and_wait().await;
     // B saw A's last renewal only after the kill, and waited a whole lease from then.
     assert!(killed.elapsed() >= LEASE, "{:?}", killed.elapsed());
-    assert!(
-        p.b.log().contains("the previous owner's lease expired"),
-        "{}",
-        p.b.log()
-    );
-    assert_b_took_over(&p).await;
-    assert_eq!(p.b.terminate().code(), Some(0), "{}", p.b.log());
+    b_took_over_and_stops(&mut p, "the previous owner's lease expired").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,13 +415,7 @@ async fn after_a_killed_owner_only_the_restore_waits_for_the_lease() {
 
     std::fs::write(p.b.workspace.join("from-b.txt"), b"b").unwrap();
     p.b.spawn_and_wait().await;
-    assert!(
-        p.b.log().contains("the previous owner released it"),
-        "{}",
-        p.b.log()
-    );
-    assert_b_took_over(&p).await;
-    assert_eq!(p.b.terminate().code(), Some(0), "{}", p.b.log());
+    b_took_over_and_stops(&mut p, "the previous owner released it").await;
 }
 
 async fn a_restart_on_the_same_state_dir_takes_over_at_once(backend: Backend) {
