@@ -186,7 +186,11 @@ impl DirRemote {
         } else {
             self.path_of("list", dir_part)?
         };
-        let mut found = Vec::new();
+        // Each page walks the tree again: what comes at or before the token (the last
+        // key of the previous page) is passed over unread, and only the page's own
+        // objects are looked at (their size and time).
+        let after = |key: &str| token.as_deref().is_none_or(|t| key > t);
+        let mut found: Vec<(String, PathBuf)> = Vec::new();
         let mut stack = vec![start];
         while let Some(dir) = stack.pop() {
             let entries = match std::fs::read_dir(&dir) {
@@ -214,38 +218,44 @@ impl DirRemote {
                 };
                 if ft.is_dir() {
                     let as_dir = format!("{key}/");
-                    if key != TMP_DIR && (as_dir.starts_with(prefix) || prefix.starts_with(&as_dir))
+                    // Every key below `d/` sorts before a token past `d/` that does
+                    // not start with it.
+                    let passed = token
+                        .as_deref()
+                        .is_some_and(|t| t > as_dir.as_str() && !t.starts_with(&as_dir));
+                    if key != TMP_DIR
+                        && !passed
+                        && (as_dir.starts_with(prefix) || prefix.starts_with(&as_dir))
                     {
                         stack.push(path);
                     }
-                } else if ft.is_file() && key.starts_with(prefix) && key != LOCK_FILE {
-                    let meta = match entry.metadata() {
-                        Ok(m) => m,
-                        Err(e) if gone(&e) => continue,
-                        Err(e) => return Err(RemoteError::local("list", &path, e)),
-                    };
-                    found.push(ObjectInfo {
-                        key,
-                        size: meta.len(),
-                        last_modified: meta.modified().ok(),
-                        etag: None,
-                    });
+                } else if ft.is_file() && key.starts_with(prefix) && key != LOCK_FILE && after(&key)
+                {
+                    found.push((key, path));
                 }
             }
         }
-        found.sort_by(|a, b| a.key.cmp(&b.key));
-        let start = match &token {
-            Some(t) => found.partition_point(|o| o.key.as_str() <= t.as_str()),
-            None => 0,
-        };
-        let objects: Vec<ObjectInfo> = found.into_iter().skip(start).take(PAGE + 1).collect();
-        let (objects, next) = if objects.len() > PAGE {
-            let page: Vec<_> = objects.into_iter().take(PAGE).collect();
-            let next = page.last().map(|o| o.key.clone());
-            (page, next)
-        } else {
-            (objects, None)
-        };
+        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let more = found.len() > PAGE;
+        found.truncate(PAGE);
+        // The next page starts after the last key of this one, listed or not.
+        let next = more.then(|| found.last().map(|(k, _)| k.clone())).flatten();
+        let mut objects = Vec::with_capacity(found.len());
+        for (key, path) in found {
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.is_file() => m,
+                // Deleted (or replaced) since it was seen: not listed.
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(RemoteError::local("list", &path, e)),
+            };
+            objects.push(ObjectInfo {
+                key,
+                size: meta.len(),
+                last_modified: meta.modified().ok(),
+                etag: None,
+            });
+        }
         Ok(ListPage { objects, next })
     }
 }
@@ -786,5 +796,35 @@ mod tests {
             let err = remote.put_bytes(k, Bytes::from_static(b"v")).await;
             assert!(matches!(err, Err(RemoteError::Service { .. })), "{k}");
         }
+    }
+
+    /// Pages over nested directories come out whole and in key order, directories whose
+    /// keys all came on earlier pages passed over: names that sort around `/` (`a.b`,
+    /// `a-b` before `a/`, `a0` after it) included.
+    #[tokio::test]
+    async fn pages_over_nested_directories_are_whole_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = DirRemote::new(dir.path()).unwrap();
+        let mut keys = Vec::new();
+        for top in ["a", "a.b", "a-b", "a0", "b"] {
+            for sub in ["x", "x.y", "x0"] {
+                for i in 0..170 {
+                    keys.push(format!("p/{top}/{sub}/f{i}"));
+                }
+            }
+            keys.push(format!("p/{top}/top"));
+        }
+        for (n, k) in keys.iter().enumerate() {
+            let data = Bytes::from(vec![b'x'; n % 5]);
+            remote.put_bytes(k, data).await.unwrap();
+        }
+        keys.sort();
+        let all = crate::remote::list_all(&remote, "p/").await.unwrap();
+        let listed: Vec<&str> = all.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(listed, keys);
+        assert!(all.iter().all(|o| o.size < 5));
+        let page = remote.list("p/", None).await.unwrap();
+        assert_eq!(page.objects.len(), PAGE);
+        assert_eq!(page.next.as_deref(), Some(keys[PAGE - 1].as_str()));
     }
 }
