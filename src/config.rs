@@ -566,6 +566,10 @@ impl Config {
                 "must not be greater than sync.debounce_max",
             ));
         }
+        if self.sync.max_file_bytes == 0 {
+            // Not "no limit": every file but empty ones would be left out of the mirror.
+            return Err(invalid("sync.max_file_bytes", "must be greater than 0"));
+        }
         if self.sync.concurrency == 0 {
             return Err(invalid("sync.concurrency", "must be at least 1"));
         }
@@ -925,6 +929,7 @@ mod tests {
                 "[sync]\nverify_interval = \"10ms\"\n",
                 "sync.verify_interval",
             ),
+            ("[sync]\nmax_file_bytes = 0\n", "sync.max_file_bytes"),
             ("[remote]\nprefix = \"../escape/\"\n", "remote.prefix"),
             ("[remote]\nprefix = \"a//b/\"\n", "remote.prefix"),
             ("[remote]\nprefix = \"a//\"\n", "remote.prefix"),
