@@ -571,17 +571,16 @@ fn parse_value(text: &str, as_string: bool) -> anyhow::Result<Value> {
     if as_string {
         return Ok(Value::String(text));
     }
+    use crate::kv::validate::{MAX_DEPTH, depth, past_parser_depth};
     let too_deep = || {
         usage(format!(
-            "the value nests deeper than {} levels, more than a stored value may",
-            crate::kv::validate::MAX_DEPTH
+            "the value nests deeper than {MAX_DEPTH} levels, more than a stored value may"
         ))
     };
     match serde_json::from_str::<Value>(&text) {
-        Ok(v) if crate::kv::validate::depth(&v) > crate::kv::validate::MAX_DEPTH => Err(too_deep()),
+        Ok(v) if depth(&v) > MAX_DEPTH => Err(too_deep()),
         Ok(v) => Ok(v),
-        // The parser stops at 128 levels, well-formed or not.
-        Err(e) if e.to_string().contains("recursion limit exceeded") => Err(too_deep()),
+        Err(e) if past_parser_depth(&e) => Err(too_deep()),
         Err(e) => Err(usage(format!(
             "value is not JSON ({e}); quote it (e.g. '\"text\"') or pass --string"
         ))),
@@ -812,7 +811,7 @@ async fn kv(client: &Client, args: KvArgs) -> anyhow::Result<u8> {
             // A batch nested past the parser's limit (128 levels) goes out as it is: the
             // daemon answers for it as for any value nested past 32 (422).
             if let Err(e) = serde_json::from_slice::<Value>(&body)
-                && !e.to_string().contains("recursion limit exceeded")
+                && !crate::kv::validate::past_parser_depth(&e)
             {
                 return Err(usage(format!("the batch is not JSON ({e})")));
             }

@@ -1035,14 +1035,7 @@ async fn restore_manifest(
     // older than the manifest (written every `git.interval`), so these may be files
     // deleted since. Looked at again once the manifest's files (its `.gitignore`s
     // among them) are in place.
-    // The repository a path belongs to is the innermost one holding it.
-    let in_newer = |rel: &str| {
-        bundle_is_newer
-            .iter()
-            .filter(|(d, _)| rel.starts_with(d.as_str()))
-            .max_by_key(|(d, _)| d.len())
-            .is_some_and(|(_, newer)| *newer)
-    };
+    let in_newer = |rel: &str| repo_dir_of(&bundle_is_newer, rel).is_some_and(|(_, newer)| *newer);
     let held_paths: BTreeSet<&str> = manifest.held.iter().map(String::as_str).collect();
     let from_bundles: Vec<String> = if report.repos.is_empty() || objects_only {
         Vec::new()
@@ -1058,7 +1051,7 @@ async fn restore_manifest(
     let git_keeps = if objects_only {
         HashSet::new()
     } else {
-        held_entries_git_keeps(&root, &manifest, &report.repos, &bundled_stat).await
+        held_entries_git_keeps(&root, &manifest, &bundle_is_newer, &bundled_stat).await
     };
 
     // Files, in parallel.
@@ -1248,10 +1241,18 @@ async fn restore_manifest(
 /// [`gitbundle::kept_by_git`]): a `git checkout` of a branch with fewer files or a
 /// `git stash -u` took them out of the work tree, which is no accident to undo. The
 /// restore leaves them where git has them.
+/// Of the restored repositories' directories (`""`: the root; else `<name>/`, with
+/// whatever goes with each), the one `rel` belongs to: the innermost holding it.
+fn repo_dir_of<'a, T>(dirs: &'a [(String, T)], rel: &str) -> Option<&'a (String, T)> {
+    dirs.iter()
+        .filter(|(d, _)| rel.starts_with(d.as_str()))
+        .max_by_key(|(d, _)| d.len())
+}
+
 async fn held_entries_git_keeps(
     root: &Path,
     manifest: &Manifest,
-    repos: &[RepoRestored],
+    repo_dirs: &[(String, bool)],
     bundled: &HashMap<String, (u64, i64)>,
 ) -> HashSet<String> {
     /// A held entry as the manifest has it, owned for the blocking thread.
@@ -1259,7 +1260,7 @@ async fn held_entries_git_keeps(
         File(u64, String),
         Symlink(String),
     }
-    // The repository a path belongs to is the innermost one holding it.
+    // By repository directory, paths inside it.
     let mut by_repo: BTreeMap<String, Vec<(String, Was)>> = BTreeMap::new();
     for rel in manifest
         .held
@@ -1271,21 +1272,9 @@ async fn held_entries_git_keeps(
             (None, Some(target)) => Was::Symlink(target.clone()),
             (None, None) => continue,
         };
-        let repo = repos
-            .iter()
-            .map(|r| r.repo.as_str())
-            .filter(|r| *r == "." || rel.strip_prefix(r).is_some_and(|p| p.starts_with('/')))
-            .max_by_key(|r| if *r == "." { 0 } else { r.len() });
-        if let Some(repo) = repo {
-            let inner = if repo == "." {
-                rel.clone()
-            } else {
-                rel[repo.len() + 1..].to_string()
-            };
-            by_repo
-                .entry(repo.to_string())
-                .or_default()
-                .push((inner, was));
+        if let Some((dir, _)) = repo_dir_of(repo_dirs, rel) {
+            let inner = rel[dir.len()..].to_string();
+            by_repo.entry(dir.clone()).or_default().push((inner, was));
         }
     }
     if by_repo.is_empty() {
@@ -1294,12 +1283,7 @@ async fn held_entries_git_keeps(
     let root = root.to_path_buf();
     let found = tokio::task::spawn_blocking(move || {
         let mut keeps = HashSet::new();
-        for (repo, entries) in by_repo {
-            let (dir, prefix) = if repo == "." {
-                (root.clone(), String::new())
-            } else {
-                (root.join(&repo), format!("{repo}/"))
-            };
+        for (dir, entries) in by_repo {
             let entries: Vec<(&str, gitbundle::HeldEntry<'_>)> = entries
                 .iter()
                 .map(|(p, was)| {
@@ -1310,9 +1294,9 @@ async fn held_entries_git_keeps(
                     (p.as_str(), held)
                 })
                 .collect();
-            match gitbundle::kept_by_git(&dir, &entries) {
-                Ok(k) => keeps.extend(k.into_iter().map(|p| format!("{prefix}{p}"))),
-                Err(e) => tracing::warn!(repo = %repo, error = %e, "cannot tell which held entries git keeps; restoring them all"),
+            match gitbundle::kept_by_git(&root.join(&dir), &entries) {
+                Ok(k) => keeps.extend(k.into_iter().map(|p| format!("{dir}{p}"))),
+                Err(e) => tracing::warn!(repo = %dir, error = %e, "cannot tell which held entries git keeps; restoring them all"),
             }
         }
         keeps

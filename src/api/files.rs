@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::error::json_ok;
-use super::{ApiError, AppState, Ctx, FilePath, read_body, wait_unless_stopping};
+use super::{ApiError, AppState, Ctx, FilePath, read_body, unless_lost, wait_unless_stopping};
 use crate::auth::Scope;
 use crate::files::validate_path;
 
@@ -49,20 +49,11 @@ pub async fn put_file(
     let size = data.len();
     let (created, _) = state.files.put(&path, data, if_absent).await?;
     if sync {
-        // As `POST /v1/sync`: a daemon another one took the conversation from writes
-        // nothing more, and says so at once (`None`) rather than after SYNC_WAIT.
-        let ended = state.owner.ended();
-        let work = async {
-            tokio::select! {
-                biased;
-                _ = ended.cancelled() => None,
-                r = state.replica.flush() => Some(r),
-            }
-        };
+        // As `POST /v1/sync`: a conversation lost is said at once, not after SYNC_WAIT.
         let waited = wait_unless_stopping(
             &state,
             SYNC_WAIT,
-            work,
+            unless_lost(&state, state.replica.flush()),
             "the file is stored locally; the daemon is stopping and its final sync carries it",
         )
         .await?;

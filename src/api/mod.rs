@@ -372,6 +372,21 @@ pub async fn wait_unless_stopping<T>(
     unless_stopping(state, tokio::time::timeout(limit, work), message).await
 }
 
+/// Runs `work` (waiting for remote storage) unless this daemon loses the conversation
+/// first: `None` then, at once. A daemon another one took the conversation from writes
+/// nothing more, so waiting would only end at the caller's timeout.
+pub async fn unless_lost<T>(
+    state: &AppState,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let ended = state.owner.ended();
+    tokio::select! {
+        biased;
+        _ = ended.cancelled() => None,
+        w = work => Some(w),
+    }
+}
+
 /// Runs `work` for a request unless the daemon is stopping: once a stop is asked for,
 /// the request is answered 503 `shutting_down` with `message` (before the work begins,
 /// or by giving it up), rather than left to the server's drain, its writes keeping the

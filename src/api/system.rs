@@ -200,21 +200,14 @@ pub async fn sync(
         stores_done.store(true, Relaxed);
         Ok::<_, crate::sync::SyncError>(r.bytes_uploaded)
     };
-    // A daemon another one took the conversation from writes nothing more: its sync
-    // cannot succeed, and says so at once (`None`) rather than at its timeout.
-    let ended = state.owner.ended();
-    let work = async {
-        tokio::select! {
-            biased;
-            _ = ended.cancelled() => None,
-            (ws, git_bytes, store_bytes) = async { tokio::join!(workspace, bundles, stores) } => {
-                Some(ws.and_then(|mut stats| {
-                    stats.bytes_uploaded += git_bytes + store_bytes?;
-                    Ok(stats)
-                }))
-            }
-        }
-    };
+    // A daemon another one took the conversation from cannot succeed: says so at once.
+    let work = super::unless_lost(&state, async {
+        let (ws, git_bytes, store_bytes) = tokio::join!(workspace, bundles, stores);
+        ws.and_then(|mut stats| {
+            stats.bytes_uploaded += git_bytes + store_bytes?;
+            Ok(stats)
+        })
+    });
     let waited = super::wait_unless_stopping(
         &state,
         std::time::Duration::from_secs(timeout),

@@ -73,11 +73,17 @@ pub fn json_error(e: serde_json::Error) -> KvError {
     let msg = e.to_string();
     if msg.contains("number out of range") {
         KvError::InvalidValue(format!("numbers must be finite: {msg}"))
-    } else if msg.contains("recursion limit exceeded") {
+    } else if past_parser_depth(&e) {
         too_deep()
     } else {
         KvError::InvalidJson(msg)
     }
+}
+
+/// Whether serde_json stopped at its recursion limit (128 levels, well-formed or not):
+/// its errors carry no code for it but the message.
+pub fn past_parser_depth(e: &serde_json::Error) -> bool {
+    e.to_string().contains("recursion limit exceeded")
 }
 
 pub fn too_deep() -> KvError {

@@ -190,6 +190,8 @@ impl DirRemote {
         // key of the previous page) is passed over unread, and only the page's own
         // objects are looked at (their size and time).
         let after = |key: &str| token.as_deref().is_none_or(|t| key > t);
+        // Objects deleted while listing are simply not listed.
+        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
         let mut found: Vec<(String, PathBuf)> = Vec::new();
         let mut stack = vec![start];
         while let Some(dir) = stack.pop() {
@@ -203,8 +205,6 @@ impl DirRemote {
             for entry in entries {
                 let entry = entry.map_err(|e| RemoteError::local("list", &dir, e))?;
                 let path = entry.path();
-                // Objects deleted while listing are simply not listed.
-                let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
                 let ft = match entry.file_type() {
                     Ok(ft) => ft,
                     Err(e) if gone(&e) => continue,
@@ -246,7 +246,7 @@ impl DirRemote {
                 Ok(m) if m.is_file() => m,
                 // Deleted (or replaced) since it was seen: not listed.
                 Ok(_) => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) if gone(&e) => continue,
                 Err(e) => return Err(RemoteError::local("list", &path, e)),
             };
             objects.push(ObjectInfo {

@@ -140,27 +140,21 @@ impl FlakyRemote {
     }
 
     fn check(&self, op: &'static str, key: &str) -> Result<(), RemoteError> {
+        /// Whether `key` is under the prefix `set` holds.
+        fn under(set: &Mutex<Option<String>>, key: &str) -> bool {
+            set.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_deref()
+                .is_some_and(|p| key.starts_with(p))
+        }
         let refuse = {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             if q.n > 0 && q.op.is_none_or(|o| o == op) {
                 q.n -= 1;
                 Some(q.refuse)
-            } else if self
-                .refused_under
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_deref()
-                .is_some_and(|p| key.starts_with(p))
-            {
+            } else if under(&self.refused_under, key) {
                 Some(true)
-            } else if self.down.load(Ordering::SeqCst)
-                || self
-                    .down_under
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .as_deref()
-                    .is_some_and(|p| key.starts_with(p))
-            {
+            } else if self.down.load(Ordering::SeqCst) || under(&self.down_under, key) {
                 Some(false)
             } else {
                 None
