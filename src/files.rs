@@ -280,6 +280,64 @@ impl FileStore {
             .await
     }
 
+    /// Paths with no change pending: in remote storage (unless someone deleted their
+    /// objects since).
+    pub async fn synced(&self) -> Result<Vec<String>, KvError> {
+        self.kv
+            .read_txn(|rtx, _| {
+                let files = match rtx.open_table(FILES) {
+                    Ok(t) => t,
+                    Err(redb::TableError::TableDoesNotExist(_)) => return Ok(vec![]),
+                    Err(e) => return Err(e.into()),
+                };
+                let pending = match rtx.open_table(PENDING) {
+                    Ok(t) => Some(t),
+                    Err(redb::TableError::TableDoesNotExist(_)) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                let mut out = Vec::new();
+                for item in files.iter()? {
+                    let (k, _) = item?;
+                    let path = k.value();
+                    match &pending {
+                        Some(p) if p.get(path)?.is_some() => {}
+                        _ => out.push(path.to_string()),
+                    }
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    /// Makes these paths pending again (their objects are gone from remote storage):
+    /// those still here with no change pending. How many were.
+    pub async fn mark_unsynced(&self, paths: Vec<String>) -> Result<usize, KvError> {
+        if paths.is_empty() {
+            return Ok(0);
+        }
+        let n = self
+            .kv
+            .exec(true, move |wtx, _, _| {
+                let files = wtx.open_table(FILES)?;
+                let mut pending = wtx.open_table(PENDING)?;
+                let mut n = 0;
+                for path in &paths {
+                    if pending.get(path.as_str())?.is_some() || files.get(path.as_str())?.is_none()
+                    {
+                        continue;
+                    }
+                    pending.insert(path.as_str(), next_seq(wtx)?)?;
+                    n += 1;
+                }
+                Ok(n)
+            })
+            .await?;
+        if n > 0 {
+            self.kv.changes().notify_one();
+        }
+        Ok(n)
+    }
+
     /// Stores files restored from remote storage (not pending: they are there already).
     pub async fn import(&self, files: Vec<(String, Vec<u8>)>) -> Result<(), KvError> {
         self.kv

@@ -2301,6 +2301,11 @@ pub struct BundleRound {
     pub errors: Vec<BundleFailure>,
 }
 
+/// The object name [`discover`] gives the repository at `repo`.
+fn stem_of(repo: &str) -> &str {
+    if repo == "." { ROOT_STEM } else { repo }
+}
+
 /// Writes the bundles of one workspace.
 pub struct GitBundler {
     /// `sync.exclude` and the daemon's own directories: repositories there are not
@@ -2312,6 +2317,9 @@ pub struct GitBundler {
     /// `<conversation prefix>workspace/git/`.
     prefix: String,
     interval: Duration,
+    /// How often the bundles are listed to find those deleted behind the daemon's back
+    /// (`sync.verify_interval`; zero: never).
+    verify_every: Duration,
     /// Digest of each repository's last bundle (by `repo`).
     last: Mutex<HashMap<String, [u8; 32]>>,
     /// The repositories whose bundles this state directory wrote, kept in
@@ -2352,6 +2360,7 @@ impl GitBundler {
             root,
             prefix,
             interval: config.git.interval.0,
+            verify_every: config.sync.verify_interval.0,
             last: Mutex::new(HashMap::new()),
             bundled: Mutex::new(bundled),
             bundled_file,
@@ -2527,14 +2536,7 @@ impl GitBundler {
         }
         let stale: Vec<String> = gone
             .iter()
-            // The object name `discover` gave the repository.
-            .map(|repo| {
-                if repo == "." {
-                    ROOT_STEM
-                } else {
-                    repo.as_str()
-                }
-            })
+            .map(|repo| stem_of(repo))
             // A subdirectory named like the root's object may be a repository now.
             .filter(|stem| !repos.iter().any(|r| r.stem == *stem))
             .flat_map(|stem| {
@@ -2655,6 +2657,36 @@ impl GitBundler {
         }))
     }
 
+    /// Forgets the last bundle of each repository whose bundle or json object is gone
+    /// from remote storage (deleted behind the daemon's back): the next pass writes it
+    /// again. Repositories bundled while the listing ran are left alone.
+    async fn forget_missing(&self) -> Result<(), RemoteError> {
+        let before = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if before.is_empty() {
+            return Ok(());
+        }
+        let present: HashSet<String> = remote::list_all(self.remote.as_ref(), &self.prefix)
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut forgotten = Vec::new();
+        for (repo, digest) in before {
+            let (bundle, json) = self.keys_of_stem(stem_of(&repo));
+            if (!present.contains(&bundle) || !present.contains(&json))
+                && last.get(&repo) == Some(&digest)
+            {
+                last.remove(&repo);
+                forgotten.push(repo);
+            }
+        }
+        if !forgotten.is_empty() {
+            tracing::warn!(repos = ?forgotten, "git bundles are missing in remote storage (deleted by someone?): writing them again");
+        }
+        Ok(())
+    }
+
     /// The state of every repository, for `GET /v1/status`.
     pub async fn status(&self) -> Vec<RepoStatus> {
         let (root, excludes) = (self.root.clone(), self.excludes.clone());
@@ -2696,10 +2728,25 @@ impl GitBundler {
         }
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let every = Some(self.verify_every).filter(|d| !d.is_zero());
+        let mut verify_at = every.map(|d| Instant::now() + d.min(crate::sync::FIRST_VERIFY));
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            if let (Some(at), Some(every)) = (verify_at, every)
+                && Instant::now() >= at
+            {
+                let listed = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    listed = self.forget_missing() => listed,
+                };
+                verify_at = Some(Instant::now() + every);
+                if let Err(e) = listed {
+                    tracing::warn!(error = %e, "cannot list the git bundles to find missing ones; trying again later");
+                    verify_at = Some(Instant::now() + every.min(crate::sync::VERIFY_RETRY));
+                }
             }
             tokio::select! {
                 _ = stop.cancelled() => return,

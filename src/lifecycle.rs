@@ -404,6 +404,7 @@ pub async fn run(
         config.conversation_prefix(),
         config.kv.replicate_delay.0,
     );
+    let replicator = replicator.verify_every(config.sync.verify_interval.0);
 
     let state = AppState::new(api::Shared {
         config: config.clone(),

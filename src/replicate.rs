@@ -7,9 +7,11 @@
 //! pending file store change is uploaded to (or deleted from) `<path>`. A pass that
 //! fails is retried with backoff; what it finished is recorded and not redone.
 //! [`ReplicaHandle::flush`] is the barrier that `POST /v1/sync`, `PUT /v1/files?sync=true`
-//! and the final sync wait on.
+//! and the final sync wait on. Every `sync.verify_interval` the exports and the file
+//! store's objects are listed: what is gone (deleted behind the daemon's back) is
+//! uploaded again by the next pass, as the workspace mirror's verify does.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,16 +21,21 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::files::{self, FileStore, Pending};
 use crate::kv::export::{Imported, MAX_OBJECT};
 use crate::kv::{KvError, KvStore};
 use crate::remote::{self, Backoff, Precondition, Remote, RemoteError};
+use crate::sync::{FIRST_VERIFY, VERIFY_RETRY};
 
 /// File uploads in flight during one pass.
 const FILE_CONCURRENCY: usize = 8;
 /// A change waits at most this many replicate delays for writes to settle.
 const SETTLE_MAX_FACTOR: u32 = 10;
+/// Most listings one verify makes (one per top-level name of the file store); past it,
+/// the whole conversation is listed once instead.
+const MAX_VERIFY_LISTINGS: usize = 64;
 /// Files restored into the store per transaction (bounded by bytes too).
 const IMPORT_BATCH_BYTES: usize = 32 << 20;
 
@@ -107,6 +114,18 @@ pub struct Replicator {
     delay: Duration,
     commands: mpsc::Receiver<Waiter>,
     status: Arc<Mutex<ReplicaStatus>>,
+    /// How often the objects are listed to find those deleted behind the daemon's back
+    /// (zero: never).
+    verify_every: Duration,
+}
+
+/// What a listing of the exports and the file store's objects found
+/// ([`Replicator::start_verify`]).
+struct StoreListing {
+    /// Namespaces whose current version was exported and whose export is gone.
+    namespaces: Vec<String>,
+    /// File store paths that were in remote storage and whose objects are gone.
+    files: Vec<String>,
 }
 
 /// The object key of a namespace's export.
@@ -132,8 +151,89 @@ impl Replicator {
             delay,
             commands,
             status: status.clone(),
+            verify_every: Duration::ZERO,
         };
         (r, ReplicaHandle { tx, status })
+    }
+
+    /// Lists the objects every `every` (zero: never), the first time after at most a
+    /// minute, and uploads again what is gone.
+    pub fn verify_every(mut self, every: Duration) -> Self {
+        self.verify_every = every;
+        self
+    }
+
+    /// Lists the exports and the file store's objects on a task of its own (a pass or
+    /// a flush does not wait for it): the namespaces and files that were in remote
+    /// storage before the listing began and whose objects it did not find.
+    fn start_verify(&self) -> AbortOnDropHandle<Result<StoreListing, ReplicateError>> {
+        let (kv, files) = (self.kv.clone(), self.files.clone());
+        let (remote, prefix) = (self.remote.clone(), self.prefix.clone());
+        AbortOnDropHandle::new(tokio::spawn(async move {
+            // Read first: what changes while the listing runs is checked by its upload.
+            let namespaces = kv.exports_current().await?;
+            let synced = files.synced().await?;
+            let mut lists = BTreeSet::new();
+            if !namespaces.is_empty() {
+                lists.insert(format!("{prefix}kv/"));
+            }
+            // The file store's top-level names, each listed apart: not the workspace.
+            for path in &synced {
+                lists.insert(match path.split_once('/') {
+                    Some((top, _)) => format!("{prefix}{top}/"),
+                    None => format!("{prefix}{path}"),
+                });
+            }
+            if lists.len() > MAX_VERIFY_LISTINGS {
+                // Many top-level files: one listing of the whole conversation is cheaper.
+                lists = BTreeSet::from([prefix.clone()]);
+            }
+            let mut present = HashSet::new();
+            for list in lists {
+                let objects = remote::list_all(remote.as_ref(), &list).await?;
+                present.extend(objects.into_iter().map(|o| o.key));
+            }
+            Ok(StoreListing {
+                namespaces: namespaces
+                    .into_iter()
+                    .filter(|ns| !present.contains(&export_key(&prefix, ns)))
+                    .collect(),
+                files: synced
+                    .into_iter()
+                    .filter(|p| !present.contains(&format!("{prefix}{p}")))
+                    .collect(),
+            })
+        }))
+    }
+
+    /// Takes a finished listing of [`Self::start_verify`]: its namespaces are exported
+    /// again by the next pass (`forced`), its files made pending. Whether a pass is due.
+    async fn apply_verify(&self, listing: StoreListing, forced: &mut BTreeSet<String>) -> bool {
+        if let Some(first) = listing.namespaces.first() {
+            tracing::warn!(
+                namespaces = listing.namespaces.len(),
+                first = %first,
+                "kv exports are missing in remote storage (deleted by someone?): exporting them again"
+            );
+        }
+        let due = !listing.namespaces.is_empty();
+        forced.extend(listing.namespaces);
+        let first = listing.files.first().cloned();
+        match self.files.mark_unsynced(listing.files).await {
+            Ok(0) => due,
+            Ok(n) => {
+                tracing::warn!(
+                    files = n,
+                    first = first.unwrap_or_default(),
+                    "file store objects are missing in remote storage (deleted by someone?): uploading them again"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot mark the file store's missing objects for upload");
+                due
+            }
+        }
     }
 
     /// Runs until `stop` fires. The first pass runs at once: changes committed before a
@@ -146,7 +246,20 @@ impl Replicator {
         let mut waiters: Vec<Waiter> = Vec::new();
         let mut backoff = Backoff::default();
         let mut retry_at: Option<Instant> = None;
+        let every = Some(self.verify_every).filter(|d| !d.is_zero());
+        let mut verify_at = every.map(|d| Instant::now() + d.min(FIRST_VERIFY));
+        // A listing under way (dropped, so aborted, when the replicator stops).
+        let mut verifying = None;
+        // Namespaces whose exports a listing found gone: exported by the next pass.
+        let mut forced = BTreeSet::new();
         loop {
+            if let (Some(at), Some(every)) = (verify_at, every)
+                && Instant::now() >= at
+                && verifying.is_none()
+            {
+                verify_at = Some(Instant::now() + every);
+                verifying = Some(self.start_verify());
+            }
             let due = if now_due || !waiters.is_empty() {
                 Some(Instant::now())
             } else {
@@ -158,7 +271,10 @@ impl Replicator {
                 (Some(d), Some(r)) => Some(d.max(r)),
                 (d, _) => d,
             };
-            let sleep_to = due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let mut sleep_to = due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            if let Some(at) = verify_at.filter(|_| verifying.is_none()) {
+                sleep_to = sleep_to.min(at);
+            }
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
@@ -173,8 +289,32 @@ impl Replicator {
                     dirty = Some((dirty.map_or(now, |(first, _)| first), now));
                     continue;
                 }
+                listed = async {
+                    match verifying.as_mut() {
+                        Some(listing) => listing.await,
+                        None => std::future::pending().await,
+                    }
+                }, if verifying.is_some() => {
+                    verifying = None;
+                    match listed {
+                        Ok(Ok(listing)) => {
+                            if self.apply_verify(listing, &mut forced).await {
+                                now_due = true;
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "cannot list the kv exports and file store objects to find missing ones; trying again later");
+                            if let Some(every) = every {
+                                verify_at = Some(Instant::now() + every.min(VERIFY_RETRY));
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "the listing of the kv exports and file store objects ended"),
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep_until(sleep_to) => {
-                    if due.is_none() {
+                    // Woken for a listing, or before the pass is due.
+                    if due.is_none_or(|d| Instant::now() < d) {
                         continue;
                     }
                 }
@@ -187,7 +327,7 @@ impl Replicator {
             let first = dirty.map(|(f, _)| f);
             dirty = None;
             now_due = false;
-            match self.pass().await {
+            match self.pass(&mut forced).await {
                 Ok(stats) => {
                     backoff.reset();
                     retry_at = None;
@@ -226,16 +366,29 @@ impl Replicator {
     /// Exports the namespaces that changed and uploads the pending file changes.
     /// A namespace whose export fails does not hold the others (nor the file store)
     /// back: the pass goes on, then fails with the first error, to be retried.
-    async fn pass(&self) -> Result<PassStats, ReplicateError> {
+    /// `forced`: namespaces exported even if unchanged (their exports are gone); each
+    /// leaves it once exported.
+    async fn pass(&self, forced: &mut BTreeSet<String>) -> Result<PassStats, ReplicateError> {
         let mut stats = PassStats::default();
         let mut failed = None;
-        for (ns, _) in self.kv.exports_due().await? {
+        let mut due: BTreeSet<String> = self
+            .kv
+            .exports_due()
+            .await?
+            .into_iter()
+            .map(|(ns, _)| ns)
+            .collect();
+        due.extend(forced.iter().cloned());
+        for ns in due {
             match self.export_namespace(&ns).await {
                 Ok(Some(size)) => {
+                    forced.remove(&ns);
                     stats.namespaces += 1;
                     stats.bytes_uploaded += size;
                 }
-                Ok(None) => {}
+                Ok(None) => {
+                    forced.remove(&ns);
+                }
                 Err(e) => {
                     tracing::warn!(namespace = %ns, error = %e, "cannot export this kv namespace; the others go on");
                     failed.get_or_insert(e);
@@ -834,6 +987,69 @@ mod tests {
             .await
             .unwrap();
         (kv, files, r)
+    }
+
+    /// The verify's listing finds exactly the objects deleted behind the replicator:
+    /// exports and file store objects, by a listing per top-level name or, past
+    /// [`MAX_VERIFY_LISTINGS`] of them, by one of the whole conversation; and nothing
+    /// once everything is there again.
+    #[tokio::test]
+    async fn a_verify_finds_the_objects_deleted_behind_it() {
+        for top_level in [3, MAX_VERIFY_LISTINGS + 5] {
+            let tmp = tempfile::tempdir().unwrap();
+            let remote: Arc<dyn Remote> = Arc::new(DirRemote::new(&tmp.path().join("r")).unwrap());
+            let kv = store(tmp.path());
+            let files = FileStore::new(kv.clone());
+            set(&kv, "a", "k", json!(1)).await;
+            set(&kv, "b", "k", json!(2)).await;
+            for i in 0..top_level {
+                files
+                    .put(&format!("t{i}.json"), Bytes::from("{}"), false)
+                    .await
+                    .unwrap();
+            }
+            files
+                .put("events/e1", Bytes::from("x"), false)
+                .await
+                .unwrap();
+            files
+                .put("events/deep/e2", Bytes::from("y"), false)
+                .await
+                .unwrap();
+            let (rep, _handle) = Replicator::new(
+                kv.clone(),
+                files.clone(),
+                remote.clone(),
+                PREFIX.into(),
+                Duration::from_secs(3600),
+            );
+            let mut forced = BTreeSet::new();
+            rep.pass(&mut forced).await.unwrap();
+            let listing = rep.start_verify().await.unwrap().unwrap();
+            assert!(listing.namespaces.is_empty() && listing.files.is_empty());
+
+            let gone = [
+                export_key(PREFIX, "b"),
+                format!("{PREFIX}t1.json"),
+                format!("{PREFIX}events/deep/e2"),
+            ];
+            remote.delete_many(&gone).await.unwrap();
+            let listing = rep.start_verify().await.unwrap().unwrap();
+            assert_eq!(listing.namespaces, ["b"], "{top_level}");
+            assert_eq!(listing.files, ["events/deep/e2", "t1.json"], "{top_level}");
+            assert!(rep.apply_verify(listing, &mut forced).await);
+            assert_eq!(forced, BTreeSet::from(["b".to_string()]));
+            assert_eq!(files.pending().await.unwrap().len(), 2);
+
+            let stats = rep.pass(&mut forced).await.unwrap();
+            assert_eq!((stats.namespaces, stats.files_uploaded), (1, 2));
+            assert!(forced.is_empty());
+            for key in &gone {
+                assert!(remote.head(key).await.unwrap().is_some(), "{key}");
+            }
+            let listing = rep.start_verify().await.unwrap().unwrap();
+            assert!(listing.namespaces.is_empty() && listing.files.is_empty());
+        }
     }
 
     async fn set(kv: &KvStore, ns: &str, key: &str, value: serde_json::Value) {

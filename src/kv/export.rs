@@ -147,6 +147,29 @@ impl KvStore {
     /// Namespaces whose current version is not the one last exported, with that
     /// version.
     pub async fn exports_due(&self) -> Result<Vec<(String, u64)>, KvError> {
+        Ok(self
+            .export_versions()
+            .await?
+            .into_iter()
+            .filter(|(_, version, last)| *last != Some(*version))
+            .map(|(ns, version, _)| (ns, version))
+            .collect())
+    }
+
+    /// Namespaces whose current version is in remote storage (unless someone deleted
+    /// its export since).
+    pub async fn exports_current(&self) -> Result<Vec<String>, KvError> {
+        Ok(self
+            .export_versions()
+            .await?
+            .into_iter()
+            .filter(|(_, version, last)| *last == Some(*version))
+            .map(|(ns, ..)| ns)
+            .collect())
+    }
+
+    /// Each namespace with its current version and the version last exported.
+    async fn export_versions(&self) -> Result<Vec<(String, u64, Option<u64>)>, KvError> {
         self.read_txn(|rtx, _| {
             let namespaces = match rtx.open_table(NAMESPACES) {
                 Ok(t) => t,
@@ -158,7 +181,7 @@ impl KvStore {
                 Err(redb::TableError::TableDoesNotExist(_)) => None,
                 Err(e) => return Err(e.into()),
             };
-            let mut due = Vec::new();
+            let mut out = Vec::new();
             for item in namespaces.iter()? {
                 let (ns, meta) = item?;
                 let (version, _, _) = meta.value();
@@ -166,11 +189,9 @@ impl KvStore {
                     Some(t) => t.get(ns.value())?.map(|v| v.value()),
                     None => None,
                 };
-                if last != Some(version) {
-                    due.push((ns.value().to_string(), version));
-                }
+                out.push((ns.value().to_string(), version, last));
             }
-            Ok(due)
+            Ok(out)
         })
         .await
     }

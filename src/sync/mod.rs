@@ -57,9 +57,9 @@ struct VerifyListing {
 
 /// The first comparison of the mirror with the manifest comes this long after start
 /// (or `sync.verify_interval`, when shorter): not in the way of the startup reconcile.
-const FIRST_VERIFY: Duration = Duration::from_secs(60);
+pub(crate) const FIRST_VERIFY: Duration = Duration::from_secs(60);
 /// A comparison that failed (an outage) is tried again this soon (or at the interval).
-const VERIFY_RETRY: Duration = Duration::from_secs(60);
+pub(crate) const VERIFY_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error, Clone)]
 pub enum SyncError {

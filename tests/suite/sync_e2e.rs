@@ -511,6 +511,113 @@ async fn lost_objects_are_uploaded_again_s3() {
     lost_objects_are_uploaded_again(Backend::S3).await;
 }
 
+/// KV exports, file store objects and git bundles deleted by someone else are written
+/// again once `sync.verify_interval` lists them, with nothing changed in the daemon.
+async fn lost_store_objects_are_written_again(backend: Backend) {
+    let extra = format!("{FAST}verify_interval = \"1s\"\n[git]\ninterval = \"1s\"\n");
+    let mut env = Env::new(backend, &extra, true).await;
+    let client = crate::util::Api::from(env.daemon.client());
+    client.set("k", json!({"a": 1})).await;
+    for (path, body) in [("events/e1.json", "{\"e\":1}"), ("base_state.json", "{}")] {
+        let r = client
+            .raw(
+                hyper::Method::PUT,
+                &format!("/v1/files/{path}"),
+                body.as_bytes(),
+            )
+            .await;
+        ok(&r, 201);
+    }
+    env.write("repo/a.txt", b"committed");
+    let repo = env.ws().join("repo");
+    crate::util::fs::git(&repo, &["init", "-q"]);
+    crate::util::fs::git(&repo, &["add", "."]);
+    crate::util::fs::git(&repo, &["commit", "-qm", "one"]);
+    env.sync().await;
+    let remote = env.remote.as_ref();
+    let listed = |under: &'static str| async move {
+        remote::list_all(remote, &format!("{PREFIX}{under}"))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect::<Vec<_>>()
+    };
+    let exports = listed("kv/").await;
+    let bundles = listed("workspace/git/").await;
+    assert_eq!(exports.len(), 1, "{exports:?}");
+    assert_eq!(bundles.len(), 2, "{bundles:?}");
+    let files = [
+        format!("{PREFIX}events/e1.json"),
+        format!("{PREFIX}base_state.json"),
+    ];
+    let mut gone: Vec<String> = files.to_vec();
+    gone.extend(exports.iter().cloned());
+    gone.extend(bundles.iter().cloned());
+    let before: Vec<Vec<u8>> = {
+        let mut v = Vec::new();
+        for k in &files {
+            v.push(remote.get_bytes(k).await.unwrap().unwrap().to_vec());
+        }
+        v
+    };
+    remote.delete_many(&gone).await.unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "exports, file store objects and bundles written again",
+        || async {
+            for k in &gone {
+                if remote.head(k).await.unwrap().is_none() {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    for (k, b) in files.iter().zip(&before) {
+        assert_eq!(
+            &remote.get_bytes(k).await.unwrap().unwrap()[..],
+            &b[..],
+            "{k}"
+        );
+    }
+    let log = env.daemon.log();
+    for said in [
+        "kv exports are missing",
+        "file store objects are missing",
+        "git bundles are missing",
+    ] {
+        assert!(log.contains(said), "{said}: {log}");
+    }
+    // What was written again is whole: a new sandbox gets the key, the files and the
+    // repository back.
+    assert!(env.daemon.terminate().success());
+    env.daemon.become_new_sandbox();
+    env.daemon.spawn_and_wait().await;
+    let client = crate::util::Api::from(env.daemon.client());
+    assert_eq!(client.value("k").await, Some(json!({"a": 1})));
+    let r = client.get("/v1/files/events/e1.json").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], &before[0][..]);
+    let repo = env.ws().join("repo");
+    assert_eq!(
+        crate::util::fs::git(&repo, &["log", "--format=%s"]),
+        "one\n"
+    );
+    assert_eq!(crate::util::fs::git(&repo, &["status", "--porcelain"]), "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_store_objects_are_written_again_dir() {
+    lost_store_objects_are_written_again(Backend::Dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_store_objects_are_written_again_s3() {
+    lost_store_objects_are_written_again(Backend::S3).await;
+}
+
 async fn sigkill_mid_round_converges(backend: Backend) {
     let mut env = Env::new(backend, FAST, false).await;
     for i in 0..1500 {
