@@ -96,6 +96,9 @@ pub struct RestoreOptions {
     /// Files larger than this are not mirrored (`sync.max_file_bytes`): one that only a
     /// bundle holds is kept, as an ignored one is.
     pub max_file_bytes: u64,
+    /// What snapshots leave out besides `exclude` (`snapshot.exclude`): a restore from
+    /// a snapshot never touches it either, since no snapshot has it.
+    pub snapshot_exclude: Vec<String>,
 }
 
 impl RestoreOptions {
@@ -108,6 +111,7 @@ impl RestoreOptions {
             force,
             exclude: crate::sync::rules::mirror_excludes(config, target),
             max_file_bytes: config.sync.max_file_bytes,
+            snapshot_exclude: config.snapshot.exclude.clone(),
         }
     }
 }
@@ -1475,11 +1479,19 @@ pub async fn restore_snapshot(
         return Err(e.into());
     }
     progress.advance(object.size);
+    // Under `force`, what the snapshot left out by its own excludes stays too.
+    let kept: Vec<String> = opts
+        .exclude
+        .iter()
+        .chain(&opts.snapshot_exclude)
+        .cloned()
+        .collect();
     let (archive, dest, force, exclude) =
         (tmp.clone(), root.clone(), opts.force, opts.exclude.clone());
-    let extracted = tokio::task::spawn_blocking(move || extract(&archive, &dest, force, &exclude))
-        .await
-        .map_err(|e| RestoreError::Task(e.to_string()));
+    let extracted =
+        tokio::task::spawn_blocking(move || extract(&archive, &dest, force, &exclude, &kept))
+            .await
+            .map_err(|e| RestoreError::Task(e.to_string()));
     let _ = fs::remove_file(&tmp);
     let mut report = extracted??;
     progress.finish();
@@ -1489,11 +1501,14 @@ pub async fn restore_snapshot(
 }
 
 /// Unpacks the archive at `archive` into `root` entry by entry.
+/// Extracts the snapshot at `archive` into `root`, leaving out (and never touching)
+/// `exclude`; under `force`, removes what the archive does not name, except `kept`.
 fn extract(
     archive: &Path,
     root: &Path,
     force: bool,
     exclude: &[String],
+    kept: &[String],
 ) -> Result<RestoreReport, RestoreError> {
     let file = fs::File::open(archive).map_err(|e| local("opening the snapshot", e))?;
     let gz = flate2::read::GzDecoder::new(io::BufReader::with_capacity(256 * 1024, file));
@@ -1626,7 +1641,10 @@ fn extract(
         .filter(|(d, _)| fs::read_dir(d).is_ok_and(|mut r| r.next().is_none()))
         .count() as u64;
     if force {
-        report.removed = remove_unnamed(root, &rules, &named);
+        let kept = Rules::new(root, kept)
+            .map_err(|e| local("exclude patterns", io::Error::other(e)))?
+            .keeping_git();
+        report.removed = remove_unnamed(root, &kept, &named);
     }
     for (d, mode) in dirs.iter().rev() {
         // A later entry may have put a symlink there: its target is not ours to chmod.
@@ -1694,6 +1712,7 @@ mod tests {
             force: false,
             exclude: Vec::new(),
             max_file_bytes: u64::MAX,
+            snapshot_exclude: Vec::new(),
         }
     }
 
@@ -1839,7 +1858,7 @@ mod tests {
         b.into_inner().unwrap().finish().unwrap();
         let ws = d.path().join("ws");
         fs::create_dir(&ws).unwrap();
-        let report = extract(&archive, &ws, false, &[]).unwrap();
+        let report = extract(&archive, &ws, false, &[], &[]).unwrap();
         assert_eq!(report.bad, []);
         let mtime = |n: &str| fs::metadata(ws.join(n)).unwrap().modified().unwrap();
         assert_eq!(mtime("epoch"), UNIX_EPOCH);
@@ -1878,7 +1897,7 @@ mod tests {
                     (Directory, "d/", "", b"", 0o700),
                 ],
             );
-            let report = extract(&archive, &ws, force, &[]).unwrap();
+            let report = extract(&archive, &ws, force, &[], &[]).unwrap();
             let mut bad: Vec<&str> = report.bad.iter().map(|b| b.path.as_str()).collect();
             bad.sort();
             let mut want = vec!["/abs/x", "abs-link", "up-link", "via-symlink"];
@@ -1964,8 +1983,11 @@ mod tests {
                 (Directory, "sub/", "", b"", 0o755),
                 (Regular, "sub/b.txt", "", b"b", 0o644),
                 (Directory, "empty/", "", b"", 0o755),
+                (Regular, "app.log", "", b"log", 0o644),
             ],
         );
+        // `snapshot.exclude`: kept under force, still extracted when an archive has it.
+        let kept = ["/state/".to_string(), "data/".into(), "*.log".into()];
         for force in [false, true] {
             let ws = d.path().join(format!("ws-{force}"));
             for f in [
@@ -1975,12 +1997,14 @@ mod tests {
                 "node_modules/pkg/i.js",
                 "state/kv.key",
                 "empty/junk",
+                "data/big.csv",
+                "other.log",
             ] {
                 fs::create_dir_all(ws.join(f).parent().unwrap()).unwrap();
                 fs::write(ws.join(f), "x").unwrap();
             }
             let ws = fs::canonicalize(&ws).unwrap();
-            let report = extract(&archive, &ws, force, &["/state/".into()]).unwrap();
+            let report = extract(&archive, &ws, force, &["/state/".into()], &kept).unwrap();
             assert!(report.bad.is_empty(), "{:?}", report.bad);
             assert_eq!(fs::read_to_string(ws.join("sub/b.txt")).unwrap(), "b");
             let left = |f: &str| ws.join(f).exists();
@@ -1994,6 +2018,8 @@ mod tests {
                 assert_eq!(left(f), !force, "{f} (force {force})");
             }
             assert!(left("node_modules/pkg/i.js") && left("state/kv.key") && left("empty"));
+            assert!(left("data/big.csv") && left("other.log"), "force {force}");
+            assert_eq!(fs::read_to_string(ws.join("app.log")).unwrap(), "log");
             // Three files, then the directories they left empty: gone/deep and gone.
             assert_eq!(report.removed, if force { 6 } else { 0 });
         }
