@@ -58,7 +58,7 @@ fn snapshot_file(dir: &Path, out: &Path) -> anyhow::Result<(f64, u64)> {
     let started = Instant::now();
     let rules = sandkeep::sync::rules::Rules::new(&root, &[])?.keeping_git();
     let mut file = BufWriter::with_capacity(1 << 20, std::fs::File::create(out)?);
-    sandkeep::snapshot::write_archive(&rules, &mut file, sandkeep::snapshot::LEVEL)?;
+    sandkeep::snapshot::write_archive(&rules, u64::MAX, &mut file, sandkeep::snapshot::LEVEL)?;
     file.flush()?;
     Ok((
         started.elapsed().as_secs_f64(),

@@ -101,6 +101,8 @@ pub struct ArchiveStats {
     /// Files whose size changed while they were archived (padded or cut to the size
     /// recorded in their header).
     pub changed: u64,
+    /// Files left out for being larger than `sync.max_file_bytes`.
+    pub too_large: u64,
     /// Digest of every entry's path, type, size, mtime, mode and link target.
     pub fingerprint: [u8; 32],
 }
@@ -195,6 +197,9 @@ impl<R: Read> Read for ExactReader<R> {
 /// `builder` (a dry run when `None`, for the change check).
 struct Walker<'a, W: Write> {
     rules: &'a Rules,
+    /// Files larger than this outside `.git/` are left out, as the mirror leaves them
+    /// out (`sync.max_file_bytes`).
+    max_file_bytes: u64,
     builder: Option<tar::Builder<W>>,
     hasher: blake3::Hasher,
     stats: ArchiveStats,
@@ -223,6 +228,11 @@ fn set_mtime(h: &mut tar::Header, secs: i64) {
             field[4..].copy_from_slice(&secs.to_be_bytes());
         }
     }
+}
+
+/// Whether `rel` lies in a repository's `.git` directory.
+fn in_git_dir(rel: &Path) -> bool {
+    rel.components().any(|c| c.as_os_str() == ".git")
 }
 
 /// Whether `rel` lies in the object store of a repository (`.../.git/objects/...`).
@@ -350,6 +360,11 @@ impl<W: Write> Walker<'_, W> {
             self.stats.skipped += 1;
             return Ok(());
         }
+        if meta.len() > self.max_file_bytes && !in_git_dir(rel) {
+            // The mirror warns about it at each full round; not said again here.
+            self.stats.too_large += 1;
+            return Ok(());
+        }
         self.note(rel, b'f', meta, b"");
         let Some(b) = self.builder.as_mut() else {
             self.stats.files += 1;
@@ -393,13 +408,20 @@ impl<W: Write> Walker<'_, W> {
     }
 }
 
-/// Writes the tar.gz of the workspace under `rules` into `out`; returns what it holds.
-pub fn write_archive<W: Write>(rules: &Rules, out: W, level: u32) -> io::Result<ArchiveStats> {
+/// Writes the tar.gz of the workspace under `rules` (files over `max_file_bytes` left
+/// out, except in `.git/`) into `out`; returns what it holds.
+pub fn write_archive<W: Write>(
+    rules: &Rules,
+    max_file_bytes: u64,
+    out: W,
+    level: u32,
+) -> io::Result<ArchiveStats> {
     let gz = flate2::write::GzEncoder::new(out, flate2::Compression::new(level));
     let mut builder = tar::Builder::new(gz);
     builder.follow_symlinks(false);
     let mut walker = Walker {
         rules,
+        max_file_bytes,
         builder: Some(builder),
         hasher: blake3::Hasher::new(),
         stats: ArchiveStats::default(),
@@ -416,9 +438,10 @@ pub fn write_archive<W: Write>(rules: &Rules, out: W, level: u32) -> io::Result<
 }
 
 /// The fingerprint (and counts) of the workspace under `rules` without reading any file.
-pub fn fingerprint(rules: &Rules) -> io::Result<ArchiveStats> {
+pub fn fingerprint(rules: &Rules, max_file_bytes: u64) -> io::Result<ArchiveStats> {
     let mut walker: Walker<'_, io::Sink> = Walker {
         rules,
+        max_file_bytes,
         builder: None,
         hasher: blake3::Hasher::new(),
         stats: ArchiveStats::default(),
@@ -538,6 +561,8 @@ pub struct Snapshots {
     metrics: Arc<Metrics>,
     root: PathBuf,
     excludes: Vec<String>,
+    /// `sync.max_file_bytes`: larger files are left out, as the mirror leaves them out.
+    max_file_bytes: u64,
     /// `<conversation prefix>workspace/compressed/`.
     prefix: String,
     keep: usize,
@@ -570,6 +595,7 @@ impl Snapshots {
             metrics,
             root,
             excludes,
+            max_file_bytes: config.sync.max_file_bytes,
             prefix: format!("{}{COMPRESSED_DIR}", config.conversation_prefix()),
             keep: config.snapshot.keep.max(1) as usize,
             interval: config.snapshot.interval.0,
@@ -668,9 +694,10 @@ impl Snapshots {
         let ms = self.next_ms();
         let key = format!("{}{}", self.prefix, backup_name(ms));
         let (writer, reader) = pipe();
+        let max_file_bytes = self.max_file_bytes;
         let build = tokio::task::spawn_blocking(move || {
             let mut writer = writer;
-            match write_archive(&rules, &mut writer, LEVEL) {
+            match write_archive(&rules, max_file_bytes, &mut writer, LEVEL) {
                 Ok(stats) => Ok(stats),
                 Err(e) => {
                     writer.fail(&e);
@@ -704,6 +731,12 @@ impl Snapshots {
             tracing::warn!(
                 files = stats.changed,
                 "snapshot: files changed while they were archived"
+            );
+        }
+        if stats.too_large > 0 {
+            tracing::info!(
+                files = stats.too_large,
+                "snapshot: files larger than sync.max_file_bytes left out, as the mirror leaves them out"
             );
         }
         self.prune().await;
@@ -751,7 +784,8 @@ impl Snapshots {
     async fn changed(&self) -> Result<bool, SnapshotError> {
         let last = *self.running.lock().await;
         let rules = self.rules()?;
-        let now = tokio::task::spawn_blocking(move || fingerprint(&rules))
+        let max_file_bytes = self.max_file_bytes;
+        let now = tokio::task::spawn_blocking(move || fingerprint(&rules, max_file_bytes))
             .await
             .map_err(|e| SnapshotError::Task(e.to_string()))?
             .map_err(|source| SnapshotError::Workspace {
@@ -889,6 +923,43 @@ mod tests {
         assert_eq!(out, b"abcd");
     }
 
+    /// Files over `sync.max_file_bytes` are left out as the mirror leaves them out, and
+    /// their changes are no change of the snapshot; a repository's own files are kept
+    /// whatever their size (a pack file is the repository).
+    #[test]
+    fn files_over_the_mirror_limit_are_left_out_except_in_git() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join(".git/objects/pack")).unwrap();
+        std::fs::write(root.join("small.txt"), "12345").unwrap();
+        std::fs::write(root.join("model.bin"), "123456").unwrap();
+        std::fs::write(root.join(".git/objects/pack/p.pack"), "1234567").unwrap();
+        let rules = Rules::new(&root, &[]).unwrap().keeping_git();
+        let mut out = Vec::new();
+        let stats = write_archive(&rules, 5, &mut out, LEVEL).unwrap();
+        assert_eq!((stats.files, stats.too_large), (2, 1), "{stats:?}");
+        let mut names = Vec::new();
+        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&out[..]));
+        for e in ar.entries().unwrap() {
+            names.push(e.unwrap().path().unwrap().display().to_string());
+        }
+        assert_eq!(
+            names,
+            [
+                ".git",
+                ".git/objects",
+                ".git/objects/pack",
+                ".git/objects/pack/p.pack",
+                "small.txt"
+            ]
+        );
+        let before = fingerprint(&rules, 5).unwrap().fingerprint;
+        assert_eq!(before, stats.fingerprint);
+        std::fs::write(root.join("model.bin"), "1234567890").unwrap();
+        assert_eq!(fingerprint(&rules, 5).unwrap().fingerprint, before);
+        assert_ne!(fingerprint(&rules, u64::MAX).unwrap().fingerprint, before);
+    }
+
     #[test]
     fn archive_round_trip_and_fingerprint() {
         let dir = tempfile::tempdir().unwrap();
@@ -906,10 +977,13 @@ mod tests {
             .unwrap()
             .keeping_git();
         let mut out = Vec::new();
-        let stats = write_archive(&rules, &mut out, LEVEL).unwrap();
+        let stats = write_archive(&rules, u64::MAX, &mut out, LEVEL).unwrap();
         assert_eq!(stats.files, 3, "{stats:?}");
         assert_eq!(stats.symlinks, 1);
-        assert_eq!(fingerprint(&rules).unwrap().fingerprint, stats.fingerprint);
+        assert_eq!(
+            fingerprint(&rules, u64::MAX).unwrap().fingerprint,
+            stats.fingerprint
+        );
 
         let mut names = Vec::new();
         let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&out[..]));
@@ -938,7 +1012,10 @@ mod tests {
         );
 
         std::fs::write(root.join("src/a.txt"), "changed!").unwrap();
-        assert_ne!(fingerprint(&rules).unwrap().fingerprint, stats.fingerprint);
+        assert_ne!(
+            fingerprint(&rules, u64::MAX).unwrap().fingerprint,
+            stats.fingerprint
+        );
     }
 
     /// git touches an object it would write again (its name is its content): no
@@ -959,7 +1036,7 @@ mod tests {
             std::fs::write(root.join(f), "x").unwrap();
         }
         let rules = Rules::new(&root, &[]).unwrap().keeping_git();
-        let before = fingerprint(&rules).unwrap().fingerprint;
+        let before = fingerprint(&rules, u64::MAX).unwrap().fingerprint;
         let touch = |f: &str| {
             let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
             let file = std::fs::File::options()
@@ -970,26 +1047,26 @@ mod tests {
         };
         touch(".git/objects/ab/cdef");
         touch("sub/.git/objects/pack/p.pack");
-        assert_eq!(fingerprint(&rules).unwrap().fingerprint, before);
+        assert_eq!(fingerprint(&rules, u64::MAX).unwrap().fingerprint, before);
         touch(".git/index");
         assert_eq!(
-            fingerprint(&rules).unwrap().fingerprint,
+            fingerprint(&rules, u64::MAX).unwrap().fingerprint,
             before,
             "same index"
         );
         std::fs::write(root.join(".git/index.lock"), "y").unwrap();
         std::fs::remove_file(root.join(".git/index.lock")).unwrap();
-        let now = fingerprint(&rules).unwrap().fingerprint;
+        let now = fingerprint(&rules, u64::MAX).unwrap().fingerprint;
         assert_eq!(now, before, "a lock came and went");
         std::fs::write(root.join(".git/index"), "y").unwrap();
         assert_ne!(
-            fingerprint(&rules).unwrap().fingerprint,
+            fingerprint(&rules, u64::MAX).unwrap().fingerprint,
             before,
             "new index"
         );
-        let before = fingerprint(&rules).unwrap().fingerprint;
+        let before = fingerprint(&rules, u64::MAX).unwrap().fingerprint;
         touch(".git/HEAD");
-        assert_ne!(fingerprint(&rules).unwrap().fingerprint, before);
+        assert_ne!(fingerprint(&rules, u64::MAX).unwrap().fingerprint, before);
         assert!(in_git_objects(Path::new("a/.git/objects/x")));
         assert!(!in_git_objects(Path::new("objects/x")));
         assert!(!in_git_objects(Path::new(".git/refs/objects")));
