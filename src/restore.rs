@@ -1521,7 +1521,8 @@ fn extract(
         .map_err(|e| local("exclude patterns", io::Error::other(e)))?
         .keeping_git();
     let mut report = RestoreReport::default();
-    let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
+    // Directories with their modes and times, set at the end.
+    let mut dirs: Vec<(PathBuf, u32, Option<u64>)> = Vec::new();
     // Every path the archive names (bad entries too: what is there of them stays).
     let mut named: HashSet<PathBuf> = HashSet::new();
     let entries = tar
@@ -1575,9 +1576,14 @@ fn extract(
         }
         if kind.is_dir() {
             // Modes of directories are set at the end: a read-only one would refuse
-            // its own content.
+            // its own content; so are their times, which their content moves.
             if let Ok(mode) = entry.header().mode() {
-                dirs.push((dest.clone(), mode));
+                let mtime = entry
+                    .header()
+                    .mtime()
+                    .ok()
+                    .filter(|&t| t <= i64::MAX as u64);
+                dirs.push((dest.clone(), mode, mtime));
             }
             // The directory itself is made like a parent: a symlink (or file) in its
             // place is replaced under `force`, never gone through.
@@ -1638,7 +1644,7 @@ fn extract(
     // Directories that got content are not empty ones.
     report.empty_dirs = dirs
         .iter()
-        .filter(|(d, _)| fs::read_dir(d).is_ok_and(|mut r| r.next().is_none()))
+        .filter(|(d, ..)| fs::read_dir(d).is_ok_and(|mut r| r.next().is_none()))
         .count() as u64;
     if force {
         let kept = Rules::new(root, kept)
@@ -1646,9 +1652,15 @@ fn extract(
             .keeping_git();
         report.removed = remove_unnamed(root, &kept, &named);
     }
-    for (d, mode) in dirs.iter().rev() {
-        // A later entry may have put a symlink there: its target is not ours to chmod.
+    // Deepest first: a directory's time is set once nothing more changes in it.
+    for (d, mode, mtime) in dirs.iter().rev() {
+        // A later entry may have put a symlink there: its target is not ours to touch.
         if fs::symlink_metadata(d).is_ok_and(|m| m.is_dir()) {
+            if let Some(t) = mtime {
+                let _ = fs::File::open(d).and_then(|f| {
+                    f.set_times(FileTimes::new().set_modified(UNIX_EPOCH + Duration::from_secs(*t)))
+                });
+            }
             let _ = fs::set_permissions(d, fs::Permissions::from_mode(mode & 0o7777));
         }
     }
@@ -1837,7 +1849,8 @@ mod tests {
         b.into_inner().unwrap().finish().unwrap();
     }
 
-    /// Times come back to the second, the epoch included (tar would make it 1 s).
+    /// Times come back to the second, the epoch included (tar would make it 1 s), and
+    /// directories' times too, once their content is in place.
     #[test]
     fn snapshot_times_come_back_the_epoch_too() {
         let d = tempfile::tempdir().unwrap();
@@ -1847,13 +1860,21 @@ mod tests {
             flate2::Compression::fast(),
         );
         let mut b = tar::Builder::new(gz);
-        for (name, mtime) in [("epoch", 0), ("later", 1_700_000_000)] {
+        use tar::EntryType::{Directory, Regular};
+        for (name, mtime, kind) in [
+            ("epoch", 0, Regular),
+            ("later", 1_700_000_000, Regular),
+            ("dir/", 1_500_000_000, Directory),
+            ("dir/sub/", 0, Directory),
+            ("dir/sub/f", 1_700_000_000, Regular),
+        ] {
             let mut h = tar::Header::new_gnu();
-            h.set_size(1);
-            h.set_mode(0o644);
+            let data: &[u8] = if kind == Regular { b"x" } else { b"" };
+            h.set_size(data.len() as u64);
+            h.set_mode(if kind == Regular { 0o644 } else { 0o755 });
             h.set_mtime(mtime);
-            h.set_entry_type(tar::EntryType::Regular);
-            b.append_data(&mut h, name, &b"x"[..]).unwrap();
+            h.set_entry_type(kind);
+            b.append_data(&mut h, name, data).unwrap();
         }
         b.into_inner().unwrap().finish().unwrap();
         let ws = d.path().join("ws");
@@ -1866,6 +1887,11 @@ mod tests {
             mtime("later"),
             UNIX_EPOCH + Duration::from_secs(1_700_000_000)
         );
+        assert_eq!(
+            mtime("dir"),
+            UNIX_EPOCH + Duration::from_secs(1_500_000_000)
+        );
+        assert_eq!(mtime("dir/sub"), UNIX_EPOCH);
     }
 
     #[test]
