@@ -116,12 +116,25 @@ fn join(dir: &str, name: &str) -> String {
     }
 }
 
+/// Whether `rel` can be a remote key of the mirror: short enough, without control
+/// characters. What cannot is skipped (and a restore leaves it alone).
 pub(crate) fn key_fits(limits: &Limits, rel: &str) -> bool {
-    limits.key_prefix_len + rel.len() <= crate::remote::MAX_KEY_BYTES
+    !has_control(rel)
+        && limits.key_prefix_len + rel.len() <= crate::remote::MAX_KEY_BYTES
         && rel
             .split('/')
             .all(|s| s.len() <= crate::remote::MAX_SEGMENT_BYTES)
 }
+
+/// Whether `rel` has a control character (a newline, `\x01`...): S3 carries object
+/// keys in XML, where most of them cannot be written (a listing naming one fails to
+/// parse, a batch delete of one is refused) and a carriage return reads back as a newline.
+fn has_control(rel: &str) -> bool {
+    rel.chars().any(char::is_control)
+}
+
+const CONTROL_SKIPPED: &str =
+    "its name has a control character, which S3 listings and deletes cannot carry in a key";
 
 /// Whether anything in the directory `rel` could have a remote key: a directory whose
 /// path is that long is not even read (one deeper than the system's path limit could
@@ -164,6 +177,11 @@ fn visit(
     let abs = rules.root().join(rel);
     if ft.is_dir() {
         if !rel.is_empty() && rules.is_ignored(Path::new(rel), true) {
+            return Ok(false);
+        }
+        if has_control(rel) {
+            obs.skipped.bad_name += 1;
+            tracing::warn!(path = rel, "skipped: {CONTROL_SKIPPED}");
             return Ok(false);
         }
         if !dir_fits(limits, rel) {
@@ -216,6 +234,11 @@ fn visit(
         return Ok(true);
     }
     if rules.is_ignored(Path::new(rel), false) {
+        return Ok(false);
+    }
+    if has_control(rel) {
+        obs.skipped.bad_name += 1;
+        tracing::warn!(path = rel, "skipped: {CONTROL_SKIPPED}");
         return Ok(false);
     }
     if !key_fits(limits, rel) {

@@ -651,6 +651,8 @@ async fn an_older_bundle_gives_way_to_the_manifest_and_keeps_what_only_it_holds(
     // (Not every file goes: that would be held as everything gone.)
     write(&ws, "keep.txt", "stays\n");
     write(&ws, "big.bin", crate::util::pattern(5000, 1));
+    // A name the mirror cannot carry as a key: only the bundle has it too.
+    write(&ws, "ctl\u{1}.txt", "only git has me\n");
     let big_time = std::time::UNIX_EPOCH + Duration::from_nanos(978_307_200_123_456_789);
     std::fs::File::options()
         .write(true)
@@ -696,6 +698,10 @@ async fn an_older_bundle_gives_way_to_the_manifest_and_keeps_what_only_it_holds(
         .modified()
         .unwrap();
     assert_eq!(got, big_time);
+    assert_eq!(
+        std::fs::read_to_string(ws.join("ctl\u{1}.txt")).unwrap(),
+        "only git has me\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -819,6 +819,34 @@ async fn special_and_oversized_files_are_skipped() {
     env.assert_manifest_consistent().await;
 }
 
+/// Names with control characters are skipped and counted: S3 carries keys in XML, where
+/// most of them cannot be written, so one such object would make every listing of the
+/// conversation (a new sandbox's restore, the verify) and every batch delete with it
+/// fail. The rest is mirrored, listed and deleted as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn names_with_control_characters_are_skipped() {
+    let mut env = Env::new(Backend::S3, "[sync]\ndebounce_min = \"200ms\"\n", true).await;
+    env.write("ok.txt", b"ok");
+    env.write("gone.txt", b"soon deleted");
+    env.write("ctl\x01x.txt", b"x");
+    env.write("new\nline.txt", b"x");
+    env.write("dir\x02/inside.txt", b"x");
+    env.sync().await;
+    assert_eq!(env.objects().await, vec!["gone.txt", "ok.txt"]);
+    let s = env.status().await;
+    assert_eq!(s["workspace"]["skipped_files"], 3, "{s}");
+    assert_eq!(s["state"], "ready", "{s}");
+    std::fs::remove_file(env.ws().join("gone.txt")).unwrap();
+    std::fs::remove_file(env.ws().join("ctl\x01x.txt")).unwrap();
+    env.sync().await;
+    assert_eq!(env.objects().await, vec!["ok.txt"]);
+    // A new sandbox lists the conversation and restores what was mirrored.
+    assert!(env.daemon.terminate().success());
+    env.daemon.become_new_sandbox();
+    env.daemon.spawn_and_wait().await;
+    assert_eq!(std::fs::read(env.ws().join("ok.txt")).unwrap(), b"ok");
+}
+
 /// A directory too deep for anything in it to have a remote key (here deeper than a
 /// path can even name) is skipped and counted; the rest is mirrored as ever, by the
 /// watcher and by the full scan of a start.
