@@ -312,9 +312,12 @@ where
     }
 }
 
-/// Whether `key` fits S3's limits: at most 1024 bytes, segments at most 255.
+/// Whether `key` fits S3's limits: at most 1024 bytes, segments at most 255, and no
+/// control character (S3 carries keys in XML, where most of them cannot be written).
 pub fn key_fits(key: &str) -> bool {
-    key.len() <= MAX_KEY_BYTES && key.split('/').all(|s| s.len() <= MAX_SEGMENT_BYTES)
+    key.len() <= MAX_KEY_BYTES
+        && key.split('/').all(|s| s.len() <= MAX_SEGMENT_BYTES)
+        && !key.chars().any(char::is_control)
 }
 
 /// The ETag S3 gives an object uploaded in one piece (and the `dir` backend gives every
@@ -366,5 +369,6 @@ mod tests {
         assert!(!key_fits(&"a".repeat(1025)));
         assert!(!key_fits(&format!("x/{}/y", "s".repeat(256))));
         assert!(key_fits(&format!("x/{}/y", "s".repeat(255))));
+        assert!(!key_fits("x/a\u{1}b") && !key_fits("x/a\nb"));
     }
 }

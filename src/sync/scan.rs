@@ -119,11 +119,8 @@ fn join(dir: &str, name: &str) -> String {
 /// Whether `rel` can be a remote key of the mirror: short enough, without control
 /// characters. What cannot is skipped (and a restore leaves it alone).
 pub(crate) fn key_fits(limits: &Limits, rel: &str) -> bool {
-    !has_control(rel)
-        && limits.key_prefix_len + rel.len() <= crate::remote::MAX_KEY_BYTES
-        && rel
-            .split('/')
-            .all(|s| s.len() <= crate::remote::MAX_SEGMENT_BYTES)
+    limits.key_prefix_len + rel.len() <= crate::remote::MAX_KEY_BYTES
+        && crate::remote::key_fits(rel)
 }
 
 /// Whether `rel` has a control character (a newline, `\x01`...): S3 carries object
