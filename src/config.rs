@@ -519,6 +519,20 @@ impl Config {
                 "must be set when remote.kind = \"s3\"",
             ));
         }
+        if self.remote.kind == RemoteKind::S3 && !self.remote.endpoint.is_empty() {
+            let uri = self.remote.endpoint.parse::<hyper::Uri>();
+            let ok = uri.is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.host().is_some_and(|h| !h.is_empty())
+                    && u.query().is_none()
+            });
+            if !ok {
+                return Err(invalid(
+                    "remote.endpoint",
+                    "must be an http:// or https:// URL with a host (such as \"https://minio.example:9000\"), or empty for AWS",
+                ));
+            }
+        }
         if self.remote.lease < HumanDuration::secs(1) {
             return Err(invalid("remote.lease", "must be at least 1s"));
         }
@@ -945,6 +959,18 @@ mod tests {
             ("[remote]\nprefix = \"/\"\n", "remote.prefix"),
             ("workspace = \"\"\n", "workspace"),
             ("state_dir = \"\"\n", "state_dir"),
+            (
+                "[remote]\nkind = \"s3\"\nendpoint = \"127.0.0.1:9000\"\n",
+                "remote.endpoint",
+            ),
+            (
+                "[remote]\nkind = \"s3\"\nendpoint = \"ftp://minio:9000\"\n",
+                "remote.endpoint",
+            ),
+            (
+                "[remote]\nkind = \"s3\"\nendpoint = \"http://\"\n",
+                "remote.endpoint",
+            ),
         ] {
             let err = Config::from_parts(text, Source::Embedded, &[])
                 .unwrap_err()
@@ -954,6 +980,15 @@ mod tests {
         assert!(Config::from_parts("[git]\ninterval = \"10y\"\n", Source::Embedded, &[]).is_ok());
         let c = Config::from_parts("[remote]\nprefix = \"team/a/\"\n", Source::Embedded, &[]);
         assert!(c.is_ok(), "{c:?}");
+        for endpoint in [
+            "",
+            "http://minio.storage.svc:9000",
+            "https://s3.eu-west-1.amazonaws.com",
+        ] {
+            let text = format!("[remote]\nkind = \"s3\"\nendpoint = \"{endpoint}\"\n");
+            let c = Config::from_parts(&text, Source::Embedded, &[]);
+            assert!(c.is_ok(), "{endpoint}: {c:?}");
+        }
     }
 
     #[test]
