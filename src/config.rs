@@ -519,6 +519,17 @@ impl Config {
                 "must be set when remote.kind = \"s3\"",
             ));
         }
+        if self.remote.access_key_id.is_empty() != self.remote.secret_access_key.is_empty() {
+            let (set, unset) = if self.remote.access_key_id.is_empty() {
+                ("remote.secret_access_key", "remote.access_key_id")
+            } else {
+                ("remote.access_key_id", "remote.secret_access_key")
+            };
+            return Err(invalid(
+                unset,
+                format!("must be set with {set} (or both left empty for the AWS credential chain)"),
+            ));
+        }
         if self.remote.kind == RemoteKind::S3 && !self.remote.endpoint.is_empty() {
             let uri = self.remote.endpoint.parse::<hyper::Uri>();
             let ok = uri.is_ok_and(|u| {
@@ -970,6 +981,14 @@ mod tests {
             (
                 "[remote]\nkind = \"s3\"\nendpoint = \"http://\"\n",
                 "remote.endpoint",
+            ),
+            (
+                "[remote]\nkind = \"s3\"\naccess_key_id = \"AK\"\n",
+                "remote.secret_access_key",
+            ),
+            (
+                "[remote]\nkind = \"s3\"\nsecret_access_key = \"SK\"\n",
+                "remote.access_key_id",
             ),
         ] {
             let err = Config::from_parts(text, Source::Embedded, &[])

@@ -424,6 +424,19 @@ fn verify_etag(
 }
 
 /// Maps an SDK error, keeping "the service said no" apart from "no answer".
+/// Whether the request failed for want of credentials (no provider of the chain gave
+/// any, or one is set up wrong).
+fn no_credentials(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.is::<aws_credential_types::provider::error::CredentialsError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 fn sdk_error<E>(op: &'static str, key: &str, e: SdkError<E, HttpResponse>) -> RemoteError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
@@ -464,11 +477,25 @@ where
             }
         }
         // The error and its causes (the SDK's context adds a Debug dump of it).
-        _ => RemoteError::Transport {
-            op,
-            key: key.into(),
-            message: crate::error_chain(&e),
-        },
+        _ => {
+            let chain = crate::error_chain(&e);
+            // The chain names only the last provider it tried (often IMDS).
+            let message = if no_credentials(&e) {
+                format!(
+                    "no usable S3 credentials (set remote.access_key_id and \
+                     remote.secret_access_key, or AWS_ACCESS_KEY_ID and \
+                     AWS_SECRET_ACCESS_KEY, an AWS profile, web identity or an instance \
+                     role): {chain}"
+                )
+            } else {
+                chain
+            };
+            RemoteError::Transport {
+                op,
+                key: key.into(),
+                message,
+            }
+        }
     }
 }
 

@@ -819,6 +819,39 @@ async fn special_and_oversized_files_are_skipped() {
     env.assert_manifest_consistent().await;
 }
 
+/// With no credentials anywhere (none configured, no AWS variables or files, no
+/// instance metadata), the error says so and where they go, not only what the last
+/// provider of the AWS chain answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn missing_s3_credentials_are_named() {
+    let mut env = Env::new(Backend::S3, "", false).await;
+    let config = std::fs::read_to_string(&env.daemon.config_path).unwrap();
+    let config: String = config
+        .lines()
+        .filter(|l| !l.starts_with("access_key_id") && !l.starts_with("secret_access_key"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&env.daemon.config_path, config).unwrap();
+    for (name, value) in [
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/nonexistent/config"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials"),
+    ] {
+        env.daemon.set_env(name, value);
+    }
+    env.daemon.spawn();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !env
+        .daemon
+        .log()
+        .contains("no usable S3 credentials (set remote.access_key_id")
+    {
+        assert!(Instant::now() < deadline, "{}", env.daemon.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.daemon.kill9();
+}
+
 /// Names with control characters are skipped and counted: S3 carries keys in XML, where
 /// most of them cannot be written, so one such object would make every listing of the
 /// conversation (a new sandbox's restore, the verify) and every batch delete with it
