@@ -25,7 +25,7 @@ use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::get_object::GetObjectOutput;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
@@ -80,6 +80,9 @@ async fn fill_part(
     Ok(false)
 }
 
+/// Tries to abort a multipart upload given up (1 s, then 4, 16 and 64 s apart).
+const ABORT_ATTEMPTS: u32 = 5;
+
 /// A multipart upload under way.
 struct Upload {
     client: Client,
@@ -89,17 +92,33 @@ struct Upload {
 }
 
 impl Upload {
+    /// Aborts the upload, trying again for about a minute and a half: an upload given
+    /// up in an outage would otherwise keep its parts in the bucket (billed, unseen).
     async fn abort(self) {
-        let abort = self
-            .client
-            .abort_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&self.key)
-            .upload_id(&self.upload_id)
-            .send()
-            .await;
-        if let Err(e) = abort {
-            tracing::warn!(key = %self.key, error = %DisplayErrorContext(&e), "cannot abort multipart upload");
+        let mut delay = Duration::from_secs(1);
+        for attempt in 1..=ABORT_ATTEMPTS {
+            let abort = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&self.key)
+                .upload_id(&self.upload_id)
+                .send()
+                .await;
+            let e = match abort {
+                Ok(_) => return,
+                Err(e) => sdk_error("abort_multipart_upload", &self.key, e),
+            };
+            if matches!(e, RemoteError::NotFound { .. }) {
+                return;
+            }
+            if attempt == ABORT_ATTEMPTS {
+                tracing::warn!(key = %self.key, error = %e, "cannot abort a multipart upload: its parts stay in the bucket until a lifecycle rule (AbortIncompleteMultipartUpload) removes them");
+                return;
+            }
+            tracing::debug!(key = %self.key, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot abort a multipart upload yet");
+            tokio::time::sleep(delay).await;
+            delay *= 4;
         }
     }
 }
@@ -280,7 +299,8 @@ impl S3Remote {
         if let Some(upload) = unfinished.0.take()
             && result.is_err()
         {
-            upload.abort().await;
+            // In the background: retried through an outage, while the caller goes on.
+            tokio::spawn(upload.abort());
         }
         result
     }

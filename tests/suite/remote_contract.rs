@@ -368,6 +368,54 @@ async fn s3_backend_contract() {
     assert_eq!(uploads(), Vec::<String>::new());
 }
 
+/// A multipart upload given up while the server is down is aborted once it is back:
+/// its parts do not stay in the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_an_upload_given_up_in_an_outage_is_aborted_after_it() {
+    let mut server = S3Server::start().await;
+    let remote = server.client().await;
+    let root = server.bucket_dir().parent().unwrap().to_path_buf();
+    let uploads = move || {
+        std::fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".upload"))
+            .count()
+    };
+    let reader = tokio::io::AsyncReadExt::chain(
+        std::io::Cursor::new(pattern(17 * 1024 * 1024, 5)),
+        StalledReader,
+    );
+    let upload = tokio::spawn(async move {
+        remote
+            .put_stream("conversations/u/c/big", Box::new(reader))
+            .await
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while uploads() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no multipart upload began"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Down, then the upload given up (as a snapshot at a stop): its abort fails.
+    server.stop();
+    upload.abort();
+    let _ = upload.await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(uploads(), 1, "aborted while the server was down?");
+    server.restart().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while uploads() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload was never aborted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn s3_wrong_secret_is_refused() {
     let server = S3Server::start().await;
