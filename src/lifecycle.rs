@@ -404,7 +404,17 @@ pub async fn run(
         config.conversation_prefix(),
         config.kv.replicate_delay.0,
     );
-    let replicator = replicator.verify_every(config.sync.verify_interval.0);
+    let replicator = {
+        let owner = owner.clone();
+        replicator.verify_every(
+            config.sync.verify_interval.0,
+            Arc::new(move || {
+                let s = owner.status();
+                (s.state == crate::owner::OwnerState::Claimed && !owner.took_over_from_another())
+                    .then_some(s.epoch)
+            }),
+        )
+    };
 
     let state = AppState::new(api::Shared {
         config: config.clone(),

@@ -117,7 +117,16 @@ pub struct Replicator {
     /// How often the objects are listed to find those deleted behind the daemon's back
     /// (zero: never).
     verify_every: Duration,
+    /// When a listing may be taken and its findings acted on ([`VerifyGate`]).
+    verify_gate: VerifyGate,
 }
+
+/// `Some(epoch)` while this daemon owns the conversation (in `epoch`) with nothing of
+/// another daemon's left to take in; `None` otherwise. A file store object that is gone
+/// because the daemon that owned the conversation meanwhile deleted it must be taken in
+/// as deleted, not uploaded again: a listing counts only when taken and acted on in
+/// the same unbroken ownership.
+pub type VerifyGate = Arc<dyn Fn() -> Option<u64> + Send + Sync>;
 
 /// What a listing of the exports and the file store's objects found
 /// ([`Replicator::start_verify`]).
@@ -152,14 +161,16 @@ impl Replicator {
             commands,
             status: status.clone(),
             verify_every: Duration::ZERO,
+            verify_gate: Arc::new(|| Some(0)),
         };
         (r, ReplicaHandle { tx, status })
     }
 
     /// Lists the objects every `every` (zero: never), the first time after at most a
-    /// minute, and uploads again what is gone.
-    pub fn verify_every(mut self, every: Duration) -> Self {
+    /// minute, and uploads again what is gone; only while `gate` says so.
+    pub fn verify_every(mut self, every: Duration, gate: VerifyGate) -> Self {
         self.verify_every = every;
+        self.verify_gate = gate;
         self
     }
 
@@ -248,8 +259,10 @@ impl Replicator {
         let mut retry_at: Option<Instant> = None;
         let every = Some(self.verify_every).filter(|d| !d.is_zero());
         let mut verify_at = every.map(|d| Instant::now() + d.min(FIRST_VERIFY));
-        // A listing under way (dropped, so aborted, when the replicator stops).
+        // A listing under way (dropped, so aborted, when the replicator stops), with
+        // the ownership it was taken in.
         let mut verifying = None;
+        let mut verifying_in = None;
         // Namespaces whose exports a listing found gone: exported by the next pass.
         let mut forced = BTreeSet::new();
         loop {
@@ -257,8 +270,13 @@ impl Replicator {
                 && Instant::now() >= at
                 && verifying.is_none()
             {
-                verify_at = Some(Instant::now() + every);
-                verifying = Some(self.start_verify());
+                verifying_in = (self.verify_gate)();
+                if verifying_in.is_some() {
+                    verify_at = Some(Instant::now() + every);
+                    verifying = Some(self.start_verify());
+                } else {
+                    verify_at = Some(Instant::now() + every.min(VERIFY_RETRY));
+                }
             }
             let due = if now_due || !waiters.is_empty() {
                 Some(Instant::now())
@@ -297,11 +315,12 @@ impl Replicator {
                 }, if verifying.is_some() => {
                     verifying = None;
                     match listed {
-                        Ok(Ok(listing)) => {
+                        Ok(Ok(listing)) if (self.verify_gate)() == verifying_in => {
                             if self.apply_verify(listing, &mut forced).await {
                                 now_due = true;
                             }
                         }
+                        Ok(Ok(_)) => tracing::debug!("the conversation changed hands during the listing of the kv exports and file store objects: its findings are dropped"),
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "cannot list the kv exports and file store objects to find missing ones; trying again later");
                             if let Some(every) = every {
@@ -1050,6 +1069,57 @@ mod tests {
             let listing = rep.start_verify().await.unwrap().unwrap();
             assert!(listing.namespaces.is_empty() && listing.files.is_empty());
         }
+    }
+
+    /// While the gate is shut (the conversation not owned, or another daemon's changes
+    /// still to take in) a missing object is not uploaded again: it may be one that
+    /// daemon deleted. Once it opens, the next listing finds it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_verify_acts_while_the_gate_is_shut() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let tmp = tempfile::tempdir().unwrap();
+        let remote: Arc<dyn Remote> = Arc::new(DirRemote::new(&tmp.path().join("r")).unwrap());
+        let kv = store(tmp.path());
+        let files = FileStore::new(kv.clone());
+        files
+            .put("events/e1", Bytes::from("x"), false)
+            .await
+            .unwrap();
+        let epoch = Arc::new(AtomicU64::new(0));
+        let gate: VerifyGate = {
+            let epoch = epoch.clone();
+            Arc::new(move || Some(epoch.load(Ordering::SeqCst)).filter(|&e| e > 0))
+        };
+        let (rep, handle) = Replicator::new(
+            kv.clone(),
+            files.clone(),
+            remote.clone(),
+            PREFIX.into(),
+            Duration::from_secs(3600),
+        );
+        let rep = rep.verify_every(Duration::from_secs(1), gate);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(rep.run(stop.clone()));
+        handle.flush().await.unwrap();
+        let key = format!("{PREFIX}events/e1");
+        remote
+            .delete_many(std::slice::from_ref(&key))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(
+            remote.head(&key).await.unwrap().is_none(),
+            "uploaded again while shut"
+        );
+        assert!(files.pending().await.unwrap().is_empty());
+        epoch.store(1, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while remote.head(&key).await.unwrap().is_none() {
+            assert!(Instant::now() < deadline, "never uploaded again once open");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.cancel();
+        task.await.unwrap();
     }
 
     async fn set(kv: &KvStore, ns: &str, key: &str, value: serde_json::Value) {
