@@ -308,16 +308,19 @@ async fn memory_stays_bounded(backend: Backend) {
     const FILES: usize = 30;
     const FILE_BYTES: u64 = 10 << 20;
     const LIMIT: u64 = 150 << 20;
-    // The mirror skips the big files (sync.max_file_bytes); the snapshot keeps them.
+    // In `.git/`, which the mirror never carries file by file and snapshots keep
+    // whatever their size (a pack file is the repository): only the snapshot reads
+    // them. (No bundle is made: git.interval is 0 and nothing asks for one.)
     let mut env = Env::prepare(
         backend,
         "[sync]\nmax_file_bytes = 1048576\n[snapshot]\ninterval = \"0s\"\n[git]\ninterval = \"0s\"\n",
     )
     .await;
-    let ws = env.daemon.workspace.clone();
+    let ws = env.daemon.workspace.join(".git/objects/pack");
+    std::fs::create_dir_all(&ws).unwrap();
     for i in 0..FILES {
         let mut src = std::fs::File::open("/dev/urandom").unwrap();
-        let mut dst = std::fs::File::create(ws.join(format!("blob-{i:02}.bin"))).unwrap();
+        let mut dst = std::fs::File::create(ws.join(format!("blob-{i:02}.pack"))).unwrap();
         std::io::copy(&mut std::io::Read::take(&mut src, FILE_BYTES), &mut dst).unwrap();
     }
     env.daemon.spawn_and_wait().await;
