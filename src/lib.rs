@@ -40,6 +40,17 @@ pub mod restore_cli;
 pub mod snapshot;
 pub mod sync;
 
+/// The result of a background task when there is one; never ready when there is none
+/// (for a `select!` branch guarded by `task.is_some()`).
+pub(crate) async fn when_done<T>(
+    task: &mut Option<tokio_util::task::AbortOnDropHandle<T>>,
+) -> Result<T, tokio::task::JoinError> {
+    match task.as_mut() {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// An error and its causes in their own words, `: `-separated (some errors' own message
 /// says little, such as hyper's "client error (Connect)"; some `Debug`s dump whole
 /// responses).

@@ -307,12 +307,7 @@ impl Replicator {
                     dirty = Some((dirty.map_or(now, |(first, _)| first), now));
                     continue;
                 }
-                listed = async {
-                    match verifying.as_mut() {
-                        Some(listing) => listing.await,
-                        None => std::future::pending().await,
-                    }
-                }, if verifying.is_some() => {
+                listed = crate::when_done(&mut verifying), if verifying.is_some() => {
                     verifying = None;
                     match listed {
                         Ok(Ok(listing)) if (self.verify_gate)() == verifying_in => {

@@ -871,12 +871,7 @@ impl SyncEngine {
                     self.add_watches().await;
                 }
                 _ = self.sink.wake.notified() => {}
-                listed = async {
-                    match verifying.as_mut() {
-                        Some(listing) => listing.await,
-                        None => std::future::pending().await,
-                    }
-                }, if verifying.is_some() => {
+                listed = crate::when_done(&mut verifying), if verifying.is_some() => {
                     verifying = None;
                     match listed {
                         Ok(Ok(listing)) => {
