@@ -80,6 +80,14 @@ fn local(what: impl std::fmt::Display, source: io::Error) -> RestoreError {
     }
 }
 
+/// The mode bits a restored file gets: never set-uid or set-gid. The restoring user
+/// (root in many sidecars) owns what it restores, so a sandbox process that made its
+/// own copy of a shell set-uid would get back a set-uid shell of that user.
+const FILE_MODE_BITS: u32 = 0o777;
+/// A restored directory's: its sticky bit stays (`/tmp`-like directories), set-id bits
+/// do not.
+const DIR_MODE_BITS: u32 = 0o1777;
+
 /// How to restore.
 #[derive(Clone, Debug)]
 pub struct RestoreOptions {
@@ -373,7 +381,7 @@ fn system_time(ns: i64) -> SystemTime {
 /// file open for writing).
 fn set_mode_and_time(f: &fs::File, e: &FileEntry) -> io::Result<()> {
     f.set_times(FileTimes::new().set_modified(system_time(e.mtime)))?;
-    f.set_permissions(fs::Permissions::from_mode(e.mode & 0o7777))
+    f.set_permissions(fs::Permissions::from_mode(e.mode & FILE_MODE_BITS))
 }
 
 struct Job<'a> {
@@ -1513,7 +1521,8 @@ fn extract(
     let file = fs::File::open(archive).map_err(|e| local("opening the snapshot", e))?;
     let gz = flate2::read::GzDecoder::new(io::BufReader::with_capacity(256 * 1024, file));
     let mut tar = tar::Archive::new(gz);
-    tar.set_preserve_permissions(true);
+    // Permission bits only (`FILE_MODE_BITS`): no set-id bit comes back.
+    tar.set_preserve_permissions(false);
     tar.set_preserve_mtime(true);
     tar.set_overwrite(true);
     tar.set_unpack_xattrs(false);
@@ -1661,7 +1670,7 @@ fn extract(
                     f.set_times(FileTimes::new().set_modified(UNIX_EPOCH + Duration::from_secs(*t)))
                 });
             }
-            let _ = fs::set_permissions(d, fs::Permissions::from_mode(mode & 0o7777));
+            let _ = fs::set_permissions(d, fs::Permissions::from_mode(mode & DIR_MODE_BITS));
         }
     }
     report.bad.sort_by(|a, b| a.path.cmp(&b.path));

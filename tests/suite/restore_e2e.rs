@@ -1502,3 +1502,40 @@ async fn an_object_newer_than_the_manifest_is_restored_with_its_content() {
         "written by a round never published\n"
     );
 }
+
+/// Set-uid and set-gid bits never come back, from the mirror or from a snapshot: the
+/// restoring user (root in many sidecars) owns what it restores, so a sandbox process
+/// that made its copy of a shell set-uid would get a set-uid shell of that user. A
+/// directory's sticky bit stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_id_bits_are_not_restored() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut d = Daemon::prepare(CONFIG);
+    let ws = d.workspace.clone();
+    write(&ws, "agent/sh", "#!/bin/sh\n");
+    chmod(&ws.join("agent/sh"), 0o4755);
+    write(&ws, "agent/g", "x");
+    chmod(&ws.join("agent/g"), 0o2750);
+    write(&ws, "shared/f", "x");
+    chmod(&ws.join("shared"), 0o3777);
+    d.spawn_and_wait().await;
+    ok(&d.api().post("/v1/sync", &json!({})).await, 200);
+    ok(&d.api().post("/v1/snapshots", &json!({})).await, 201);
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.log());
+    let mode = |p: PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    for (name, extra) in [("mirror", None), ("snapshot", Some("latest"))] {
+        let target = d.root().join(name);
+        let mut args = vec!["--to", target.to_str().unwrap()];
+        if let Some(s) = extra {
+            args.extend(["--snapshot", s]);
+        }
+        let out = d.restore_cli(&args, &[]);
+        assert_eq!(out.code, 0, "{out:?}");
+        assert_eq!(mode(target.join("agent/sh")), 0o755, "{name}");
+        assert_eq!(mode(target.join("agent/g")), 0o750, "{name}");
+        assert_eq!(mode(target.join("shared")) & 0o6000, 0, "{name}");
+        if extra.is_some() {
+            assert_eq!(mode(target.join("shared")), 0o1777, "{name}");
+        }
+    }
+}
