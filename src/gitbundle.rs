@@ -309,17 +309,43 @@ fn load_bundled(path: &Path, prefix: &str) -> BTreeSet<String> {
 /// The stash entries' refs in a bundle (never created in a restored repository).
 const STASH_REF_PREFIX: &str = "refs/sandkeep/stash/";
 
-/// A small UTF-8 file of `.git`, or None (with a warning when it exists but cannot be
-/// kept: a restore will lack it).
-fn small_text(path: &Path) -> Option<String> {
-    let meta = std::fs::metadata(path).ok()?;
+/// A small UTF-8 file of `.git` (`rel` below `base`, the git or common directory), or
+/// None (with a warning when it exists but cannot be kept: a restore will lack it).
+/// Never read through a symlink, at its end or on its way (`hooks/post-checkout` made a
+/// link to `/proc/self/environ`, `info` to `/etc`): the daemon's rights would read
+/// what the sandbox cannot, into the bundle's json.
+fn small_text(base: &Path, rel: &str) -> Option<String> {
+    use std::io::Read;
+    let path = base.join(rel);
+    let mut dir = base.to_path_buf();
+    for c in Path::new(rel)
+        .parent()
+        .into_iter()
+        .flat_map(Path::components)
+    {
+        dir.push(c);
+        if !std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+            return None;
+        }
+    }
+    let meta = std::fs::symlink_metadata(&path).ok()?;
+    if meta.file_type().is_symlink() {
+        tracing::warn!(file = %path.display(), "a symlink in .git is not followed: not kept with the git bundle");
+        return None;
+    }
     if !meta.is_file() {
         return None;
     }
     let kept = (meta.len() <= META_FILE_MAX)
-        .then(|| std::fs::read(path).ok())
-        .flatten()
-        .and_then(|b| String::from_utf8(b).ok());
+        .then(|| {
+            let file = crate::open_regular(&path).ok()?;
+            let mut text = String::new();
+            file.take(META_FILE_MAX + 1)
+                .read_to_string(&mut text)
+                .ok()?;
+            (text.len() as u64 <= META_FILE_MAX).then_some(text)
+        })
+        .flatten();
     if kept.is_none() {
         tracing::warn!(
             file = %path.display(),
@@ -339,14 +365,14 @@ fn git_dir_meta(repo: &Repository, meta: &mut HeadMeta) {
     use std::os::unix::fs::PermissionsExt;
     let git_dir = repo.path();
     let common = repo.commondir();
-    meta.config = small_text(&common.join("config"));
-    meta.config_worktree = small_text(&git_dir.join("config.worktree"));
-    meta.info_exclude = small_text(&common.join("info/exclude"));
-    meta.info_attributes = small_text(&common.join("info/attributes"));
-    meta.shallow = small_text(&common.join("shallow"));
-    meta.info_sparse_checkout = small_text(&git_dir.join("info/sparse-checkout"));
+    meta.config = small_text(common, "config");
+    meta.config_worktree = small_text(git_dir, "config.worktree");
+    meta.info_exclude = small_text(common, "info/exclude");
+    meta.info_attributes = small_text(common, "info/attributes");
+    meta.shallow = small_text(common, "shallow");
+    meta.info_sparse_checkout = small_text(git_dir, "info/sparse-checkout");
     for name in IN_PROGRESS_FILES {
-        if let Some(text) = small_text(&git_dir.join(name)) {
+        if let Some(text) = small_text(git_dir, name) {
             meta.in_progress.insert(name.to_string(), text);
         }
     }
@@ -358,8 +384,9 @@ fn git_dir_meta(repo: &Repository, meta: &mut HeadMeta) {
             let Ok(file) = e.file_name().into_string() else {
                 continue;
             };
-            if let Some(text) = small_text(&e.path()) {
-                meta.in_progress.insert(format!("{dir}/{file}"), text);
+            let rel = format!("{dir}/{file}");
+            if let Some(text) = small_text(git_dir, &rel) {
+                meta.in_progress.insert(rel, text);
             }
         }
     }
@@ -372,7 +399,7 @@ fn git_dir_meta(repo: &Repository, meta: &mut HeadMeta) {
             if name.ends_with(".sample") {
                 continue;
             }
-            if let Some(content) = small_text(&e.path()) {
+            if let Some(content) = small_text(common, &format!("hooks/{name}")) {
                 let executable = e
                     .metadata()
                     .is_ok_and(|m| m.permissions().mode() & 0o111 != 0);
@@ -3349,6 +3376,38 @@ mod tests {
         std::fs::create_dir(&scratch).unwrap();
         let dst = round_trip(&src, &scratch);
         assert_eq!(git_in(&dst, &format), log);
+    }
+
+    /// Files of `.git` that are symlinks, or below one, are not read into the bundle's
+    /// json: a hook linked to a file the sandbox cannot read (here a secret outside the
+    /// repository) would put its content in remote storage, and a restore would hand
+    /// it back. Real files next to them are kept.
+    #[test]
+    fn symlinks_in_git_are_not_followed_into_the_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        let outside = base.join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), "SECRET").unwrap();
+        std::fs::write(outside.join("exclude"), "SECRET").unwrap();
+        let src = base.join("src");
+        std::fs::create_dir(&src).unwrap();
+        git_in(&src, &["init", "-q", "-b", "main"]);
+        std::fs::write(src.join("a.txt"), "a").unwrap();
+        git_in(&src, &["add", "."]);
+        git_in(&src, &["commit", "-q", "-m", "one"]);
+        let hooks = src.join(".git/hooks");
+        std::os::unix::fs::symlink(outside.join("secret"), hooks.join("post-checkout")).unwrap();
+        std::fs::write(hooks.join("pre-commit"), "#!/bin/sh\n").unwrap();
+        std::fs::remove_dir_all(src.join(".git/info")).unwrap();
+        std::os::unix::fs::symlink(&outside, src.join(".git/info")).unwrap();
+        let mut out = Vec::new();
+        let s = write_bundle(&src, None, || {}, &mut out).unwrap().unwrap();
+        let json = serde_json::to_string(&s.head).unwrap();
+        assert!(!json.contains("SECRET"), "{json}");
+        assert!(s.head.hooks.contains_key("pre-commit"), "{json}");
+        assert!(!s.head.hooks.contains_key("post-checkout"), "{json}");
+        assert_eq!(s.head.info_exclude, None);
     }
 
     /// A linked worktree (`git worktree add`) comes back as a repository of its own with
