@@ -776,7 +776,48 @@ fn find_repos(root: &Path, excludes: &[String]) -> io::Result<Discovered> {
     found
         .repos
         .retain(|r| r.repo == "." || !rules.excluded_by_config(Path::new(&r.repo), true));
+    found.repos.retain(|r| match contained(root, &r.dir) {
+        Ok(()) => true,
+        Err(why) => {
+            tracing::warn!(repo = %r.repo, why = %why, "not bundled: the repository reaches outside the workspace");
+            false
+        }
+    });
     Ok(found)
+}
+
+/// Whether the repository at `dir` lies wholly in the workspace at `root`: its `.git`
+/// no symlink, its git and common directories inside the workspace, its work tree
+/// `dir` itself. A `.git` linked (or a `gitdir:` file pointing) to a repository
+/// elsewhere, or a `core.worktree` naming another directory, would have the daemon
+/// read with its rights what the sandbox may not, into a bundle.
+fn contained(root: &Path, dir: &Path) -> Result<(), String> {
+    let dot_git = std::fs::symlink_metadata(dir.join(".git")).map_err(|e| e.to_string())?;
+    if dot_git.file_type().is_symlink() {
+        return Err("its .git is a symlink".into());
+    }
+    let canonical =
+        |p: &Path| std::fs::canonicalize(p).map_err(|e| format!("{}: {e}", p.display()));
+    let root = canonical(root)?;
+    let repo = Repository::open_ext(
+        dir,
+        git2::RepositoryOpenFlags::NO_SEARCH,
+        std::iter::empty::<&std::ffi::OsStr>(),
+    )
+    .map_err(|e| e.message().to_string())?;
+    for git_dir in [repo.path(), repo.commondir()] {
+        if !canonical(git_dir)?.starts_with(&root) {
+            return Err(format!(
+                "its git directory {} is outside",
+                git_dir.display()
+            ));
+        }
+    }
+    match repo.workdir() {
+        Some(w) if canonical(w)? == canonical(dir)? => Ok(()),
+        Some(w) => Err(format!("its work tree (core.worktree) is {}", w.display())),
+        None => Err("it is bare".into()),
+    }
 }
 
 /// Sets libgit2 up for a daemon that reads other users' repositories: called once at
@@ -1868,6 +1909,15 @@ pub fn restore_bundle_linked(
     main: Option<&MainRepo>,
 ) -> Result<Restored, GitError> {
     let git_dir = target.join(".git");
+    if std::fs::symlink_metadata(&git_dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        // Never restored through: a link to a directory elsewhere would get the
+        // repository, and that directory's parent the work tree.
+        std::fs::remove_file(&git_dir).ctx(format_args!(
+            "removing the symlink {} in the repository's place",
+            git_dir.display()
+        ))?;
+        tracing::warn!(path = %git_dir.display(), "a symlink named .git was in the way of the restored repository: removed");
+    }
     let had_git = std::fs::symlink_metadata(&git_dir).is_ok();
     if let Some(main) = main {
         let why = if had_git {
@@ -3376,6 +3426,87 @@ mod tests {
         std::fs::create_dir(&scratch).unwrap();
         let dst = round_trip(&src, &scratch);
         assert_eq!(git_in(&dst, &format), log);
+    }
+
+    /// Repositories that reach outside the workspace are not bundled: a `.git` linked to
+    /// a repository elsewhere, a `gitdir:` file pointing to one, a `core.worktree`
+    /// naming another directory. A repository wholly inside and its linked worktree
+    /// are.
+    #[test]
+    fn repositories_reaching_outside_the_workspace_are_not_bundled() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        let outside = base.join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        git_in(&outside, &["init", "-q", "-b", "main"]);
+        git_in(&outside, &["commit", "-q", "--allow-empty", "-m", "secret"]);
+        let ws = base.join("ws");
+        for d in ["a", "b", "c", "ok"] {
+            std::fs::create_dir_all(ws.join(d)).unwrap();
+        }
+        std::os::unix::fs::symlink(outside.join(".git"), ws.join("a/.git")).unwrap();
+        std::fs::write(
+            ws.join("b/.git"),
+            format!("gitdir: {}\n", outside.join(".git").display()),
+        )
+        .unwrap();
+        git_in(&ws.join("c"), &["init", "-q", "-b", "main"]);
+        git_in(
+            &ws.join("c"),
+            &["config", "core.worktree", outside.to_str().unwrap()],
+        );
+        git_in(&ws.join("ok"), &["init", "-q", "-b", "main"]);
+        git_in(
+            &ws.join("ok"),
+            &["commit", "-q", "--allow-empty", "-m", "one"],
+        );
+        git_in(
+            &ws.join("ok"),
+            &["worktree", "add", "-q", "-b", "feat", "../wt"],
+        );
+        let repos: Vec<String> = find_repos(&ws, &[])
+            .unwrap()
+            .repos
+            .into_iter()
+            .map(|r| r.repo)
+            .collect();
+        assert_eq!(repos, ["ok", "wt"]);
+    }
+
+    /// A `.git` symlink in the place of a repository a restore brings back is removed,
+    /// never restored through (the directory it leads to would get the repository,
+    /// and its parent the work tree).
+    #[test]
+    fn a_restore_is_never_made_through_a_git_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        let src = base.join("src");
+        std::fs::create_dir(&src).unwrap();
+        git_in(&src, &["init", "-q", "-b", "main"]);
+        std::fs::write(src.join("payload.conf"), "p").unwrap();
+        git_in(&src, &["add", "."]);
+        git_in(&src, &["commit", "-q", "-m", "one"]);
+        let mut out = Vec::new();
+        let s = write_bundle(&src, None, || {}, &mut out).unwrap().unwrap();
+        let bundle = base.join("b.bundle");
+        std::fs::write(&bundle, &out).unwrap();
+        let victim = base.join("victim/existing");
+        std::fs::create_dir_all(&victim).unwrap();
+        let dst = base.join("dst");
+        std::fs::create_dir(&dst).unwrap();
+        std::os::unix::fs::symlink(&victim, dst.join(".git")).unwrap();
+        restore_bundle(&bundle, &s.head, &dst).unwrap();
+        assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0);
+        assert!(!base.join("victim/payload.conf").exists());
+        assert!(
+            std::fs::symlink_metadata(dst.join(".git"))
+                .unwrap()
+                .is_dir()
+        );
+        assert_eq!(
+            std::fs::read_to_string(dst.join("payload.conf")).unwrap(),
+            "p"
+        );
     }
 
     /// Files of `.git` that are symlinks, or below one, are not read into the bundle's
