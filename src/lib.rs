@@ -65,6 +65,43 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// Opens `rel` (a relative path of plain components) below the directory `root` to
+/// read it, only if it is a regular file reached through real directories: each
+/// directory is opened from the one before with `O_NOFOLLOW`, so a directory of the
+/// path swapped for a symlink to elsewhere since it was looked at is refused (ELOOP or
+/// ENOTDIR), never followed out of the tree.
+pub fn open_beneath(root: &std::path::Path, rel: &str) -> std::io::Result<std::fs::File> {
+    use rustix::fs::{Mode, OFlags, openat};
+    let mut dir = std::os::fd::OwnedFd::from(std::fs::File::open(root)?);
+    let mut parts = rel.split('/').peekable();
+    while let Some(part) = parts.next() {
+        if part.is_empty() || part == "." || part == ".." {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{rel} is not a plain relative path"),
+            ));
+        }
+        let last = parts.peek().is_none();
+        let flags = OFlags::RDONLY
+            | OFlags::NOFOLLOW
+            | OFlags::CLOEXEC
+            | if last {
+                OFlags::NONBLOCK
+            } else {
+                OFlags::DIRECTORY
+            };
+        dir = openat(&dir, part, flags, Mode::empty())?;
+    }
+    let file = std::fs::File::from(dir);
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{rel} is not a regular file"),
+        ));
+    }
+    Ok(file)
+}
+
 /// Opens a workspace file to read it, only if it is (still) a regular file: a path
 /// replaced by a symlink (to `/dev/zero`, or a file outside) or by a FIFO since it was
 /// looked at is refused instead of followed, or blocked on.

@@ -1775,11 +1775,11 @@ impl SyncEngine {
     /// Hashes `abs` (or copies it to `copy`, hashing the copy) and uploads it.
     async fn upload_from(&self, rel: String, abs: &Path, copy: Option<&Path>) -> Outcome {
         let hashed = {
-            let (abs, copy) = (abs.to_path_buf(), copy.map(Path::to_path_buf));
+            let (root, rel, copy) = (self.root.clone(), rel.clone(), copy.map(Path::to_path_buf));
             let limit = self.config.sync.max_file_bytes;
             tokio::task::spawn_blocking(move || match copy {
-                Some(to) => scan::copy_hashed(&abs, &to, limit),
-                None => scan::hash_file(&abs, limit),
+                Some(to) => scan::copy_hashed(&root, &rel, &to, limit),
+                None => scan::hash_file(&root, &rel, limit),
             })
             .await
         };

@@ -366,15 +366,15 @@ pub struct Hashed {
 
 /// Hashes `path`, reading at most `limit` bytes: a file that grew past the size
 /// limit since the scan is an error of kind `FileTooLarge` (the next scan skips it).
-pub fn hash_file(path: &Path, limit: u64) -> std::io::Result<Hashed> {
-    read_hashed(path, None, limit)
+pub fn hash_file(root: &Path, rel: &str, limit: u64) -> std::io::Result<Hashed> {
+    read_hashed(root, rel, None, limit)
 }
 
 /// Copies `path` to `to` (a new file), hashing what it copies: a file that keeps
 /// changing while it is read is uploaded from such a copy, which is one version of it
 /// (the `stat` returned has the copy's size and the original's mtime and mode).
 /// Like [`hash_file`], the copy stops at `limit` bytes.
-pub fn copy_hashed(path: &Path, to: &Path, limit: u64) -> std::io::Result<Hashed> {
+pub fn copy_hashed(root: &Path, rel: &str, to: &Path, limit: u64) -> std::io::Result<Hashed> {
     use std::os::unix::fs::OpenOptionsExt;
     // Readable by the daemon only, whatever the original's mode.
     let out = std::fs::OpenOptions::new()
@@ -382,16 +382,21 @@ pub fn copy_hashed(path: &Path, to: &Path, limit: u64) -> std::io::Result<Hashed
         .create_new(true)
         .mode(0o600)
         .open(to)?;
-    read_hashed(path, Some(out), limit)
+    read_hashed(root, rel, Some(out), limit)
 }
 
+/// Reads `rel` below `root` through real directories only ([`crate::open_beneath`]):
+/// what a sandbox process swaps for a symlink during a round is not read through.
 fn read_hashed(
-    path: &Path,
+    root: &Path,
+    rel: &str,
     mut copy: Option<std::fs::File>,
     limit: u64,
 ) -> std::io::Result<Hashed> {
     use std::io::Write;
-    let mut f = crate::open_regular(path)?;
+    let path = root.join(rel);
+    let path = path.as_path();
+    let mut f = crate::open_beneath(root, rel)?;
     let before = Stat::of(&f.metadata()?);
     let mut b3 = blake3::Hasher::new();
     let mut md5 = Md5::new();
@@ -493,7 +498,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         std::fs::write(&p, b"hello").unwrap();
-        let h = hash_file(&p, u64::MAX).unwrap();
+        let h = hash_file(dir.path(), "f", u64::MAX).unwrap();
         assert!(h.stable);
         assert_eq!(
             h.hash,
@@ -502,11 +507,14 @@ mod tests {
         assert_eq!(hex::encode(h.md5), "5d41402abc4b2a76b9719d911017c592");
         assert_eq!(h.stat.size, 5);
         // Grown past the limit since the scan: neither read nor copied whole.
-        let err = hash_file(&p, 4).unwrap_err();
+        let err = hash_file(dir.path(), "f", 4).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::FileTooLarge, "{err}");
-        let err = copy_hashed(&p, &dir.path().join("copy"), 4).unwrap_err();
+        let err = copy_hashed(dir.path(), "f", &dir.path().join("copy"), 4).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::FileTooLarge, "{err}");
-        assert!(hash_file(&p, 5).is_ok(), "the limit itself is allowed");
+        assert!(
+            hash_file(dir.path(), "f", 5).is_ok(),
+            "the limit itself is allowed"
+        );
     }
 
     /// A directory replaced by a file, or a symlink by a file, between its listing and
@@ -537,10 +545,23 @@ mod tests {
 
     /// A file replaced by a FIFO or a symlink after the scan saw it is refused at once:
     /// not blocked on (a FIFO nobody writes), not followed (to `/dev/zero`, read
-    /// forever, or to a file outside the workspace).
+    /// forever, or to a file outside the workspace); so is a file below a directory
+    /// swapped for a symlink to a directory outside.
     #[test]
     fn a_path_that_is_no_longer_a_regular_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("f"), "secret").unwrap();
+        symlink(&elsewhere, dir.path().join("swapped")).unwrap();
+        assert!(hash_file(dir.path(), "swapped/f", u64::MAX).is_err());
+        assert!(copy_hashed(dir.path(), "swapped/f", &dir.path().join("c"), u64::MAX).is_err());
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        std::fs::write(dir.path().join("real/f"), "ok").unwrap();
+        assert_eq!(
+            hash_file(dir.path(), "real/f", u64::MAX).unwrap().stat.size,
+            2
+        );
         let fifo = dir.path().join("fifo");
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
@@ -555,8 +576,13 @@ mod tests {
         let copies = dir.path().to_path_buf();
         std::thread::spawn(move || {
             for (i, p) in paths.iter().enumerate() {
-                let hashed = hash_file(p, u64::MAX).map(|_| ());
-                let copied = copy_hashed(p, &copies.join(format!("copy{i}")), u64::MAX).map(|_| ());
+                let (root, name) = (
+                    p.parent().unwrap(),
+                    p.file_name().unwrap().to_str().unwrap(),
+                );
+                let hashed = hash_file(root, name, u64::MAX).map(|_| ());
+                let copied =
+                    copy_hashed(root, name, &copies.join(format!("copy{i}")), u64::MAX).map(|_| ());
                 tx.send((p.clone(), hashed, copied)).unwrap();
             }
         });
