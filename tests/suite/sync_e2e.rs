@@ -437,6 +437,9 @@ async fn lost_objects_are_uploaded_again(backend: Backend) {
     env.write("src/b.rs", b"fn b() {}");
     env.write("c.txt", b"gamma");
     env.sync().await;
+    let first = env.manifest().await.unwrap()["generation"]
+        .as_u64()
+        .unwrap();
     let remote = env.remote.as_ref();
     let key = |rel: &str| format!("{PREFIX}workspace/files/{rel}");
     remote.delete_many(&[key("a.txt")]).await.unwrap();
@@ -450,6 +453,11 @@ async fn lost_objects_are_uploaded_again(backend: Backend) {
         || async {
             env.object("a.txt").await.as_deref() == Some(&b"alpha"[..])
                 && env.object("src/b.rs").await.as_deref() == Some(&b"fn b() {}"[..])
+                // The round that uploaded them has published its manifest too.
+                && env
+                    .manifest()
+                    .await
+                    .is_some_and(|m| m["generation"].as_u64().unwrap() > first)
         },
     )
     .await;
