@@ -917,7 +917,7 @@ mod tests {
     use crate::remote::flaky::FlakyRemote;
 
     const PREFIX: &str = "conversations/u1/c1/";
-    const LEASE: Duration = Duration::from_millis(600);
+    const LEASE: Duration = Duration::from_millis(1500);
 
     struct Env {
         dir: tempfile::TempDir,
@@ -978,7 +978,7 @@ mod tests {
         let r = env.record().await;
         assert_eq!(r.instance, a.instance());
         assert_eq!(r.epoch, 1);
-        assert_eq!(r.lease_ms, 600);
+        assert_eq!(u128::from(r.lease_ms), LEASE.as_millis());
         assert!(!r.host.is_empty());
         humantime::parse_rfc3339(&r.renewed_at).unwrap();
         let id = std::fs::read_to_string(env.dir.path().join("a").join(INSTANCE_FILE)).unwrap();
