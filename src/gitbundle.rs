@@ -2805,24 +2805,20 @@ impl GitBundler {
         }
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let every = Some(self.verify_every).filter(|d| !d.is_zero());
-        let mut verify_at = every.map(|d| Instant::now() + d.min(crate::sync::FIRST_VERIFY));
+        let mut verify = crate::sync::VerifySchedule::new(self.verify_every);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if let (Some(at), Some(every)) = (verify_at, every)
-                && Instant::now() >= at
-            {
+            if verify.take_due() {
                 let listed = tokio::select! {
                     _ = stop.cancelled() => return,
                     listed = self.forget_missing() => listed,
                 };
-                verify_at = Some(Instant::now() + every);
                 if let Err(e) = listed {
                     tracing::warn!(error = %e, "cannot list the git bundles to find missing ones; trying again later");
-                    verify_at = Some(Instant::now() + every.min(crate::sync::VERIFY_RETRY));
+                    verify.retry();
                 }
             }
             tokio::select! {

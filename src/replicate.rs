@@ -27,7 +27,7 @@ use crate::files::{self, FileStore, Pending};
 use crate::kv::export::{Imported, MAX_OBJECT};
 use crate::kv::{KvError, KvStore};
 use crate::remote::{self, Backoff, Precondition, Remote, RemoteError};
-use crate::sync::{FIRST_VERIFY, VERIFY_RETRY};
+use crate::sync::VerifySchedule;
 
 /// File uploads in flight during one pass.
 const FILE_CONCURRENCY: usize = 8;
@@ -257,8 +257,7 @@ impl Replicator {
         let mut waiters: Vec<Waiter> = Vec::new();
         let mut backoff = Backoff::default();
         let mut retry_at: Option<Instant> = None;
-        let every = Some(self.verify_every).filter(|d| !d.is_zero());
-        let mut verify_at = every.map(|d| Instant::now() + d.min(FIRST_VERIFY));
+        let mut verify = VerifySchedule::new(self.verify_every);
         // A listing under way (dropped, so aborted, when the replicator stops), with
         // the ownership it was taken in.
         let mut verifying = None;
@@ -266,16 +265,12 @@ impl Replicator {
         // Namespaces whose exports a listing found gone: exported by the next pass.
         let mut forced = BTreeSet::new();
         loop {
-            if let (Some(at), Some(every)) = (verify_at, every)
-                && Instant::now() >= at
-                && verifying.is_none()
-            {
+            if verifying.is_none() && verify.take_due() {
                 verifying_in = (self.verify_gate)();
                 if verifying_in.is_some() {
-                    verify_at = Some(Instant::now() + every);
                     verifying = Some(self.start_verify());
                 } else {
-                    verify_at = Some(Instant::now() + every.min(VERIFY_RETRY));
+                    verify.retry();
                 }
             }
             let due = if now_due || !waiters.is_empty() {
@@ -290,7 +285,7 @@ impl Replicator {
                 (d, _) => d,
             };
             let mut sleep_to = due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            if let Some(at) = verify_at.filter(|_| verifying.is_none()) {
+            if let Some(at) = verify.next().filter(|_| verifying.is_none()) {
                 sleep_to = sleep_to.min(at);
             }
             tokio::select! {
@@ -318,9 +313,7 @@ impl Replicator {
                         Ok(Ok(_)) => tracing::debug!("the conversation changed hands during the listing of the kv exports and file store objects: its findings are dropped"),
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "cannot list the kv exports and file store objects to find missing ones; trying again later");
-                            if let Some(every) = every {
-                                verify_at = Some(Instant::now() + every.min(VERIFY_RETRY));
-                            }
+                            verify.retry();
                         }
                         Err(e) => tracing::warn!(error = %e, "the listing of the kv exports and file store objects ended"),
                     }

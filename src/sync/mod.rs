@@ -57,9 +57,53 @@ struct VerifyListing {
 
 /// The first comparison of the mirror with the manifest comes this long after start
 /// (or `sync.verify_interval`, when shorter): not in the way of the startup reconcile.
-pub(crate) const FIRST_VERIFY: Duration = Duration::from_secs(60);
+const FIRST_VERIFY: Duration = Duration::from_secs(60);
 /// A comparison that failed (an outage) is tried again this soon (or at the interval).
-pub(crate) const VERIFY_RETRY: Duration = Duration::from_secs(60);
+const VERIFY_RETRY: Duration = Duration::from_secs(60);
+
+/// When the next listing of remote storage is due, for what was written there to be
+/// compared with what the daemon knows it wrote (`sync.verify_interval`: the mirror,
+/// the KV exports and file store, the git bundles): [`FIRST_VERIFY`] after start (or
+/// the interval, when shorter), then every interval; [`VERIFY_RETRY`] after one that
+/// failed. Never with an interval of zero.
+pub(crate) struct VerifySchedule {
+    every: Option<Duration>,
+    at: Option<Instant>,
+}
+
+impl VerifySchedule {
+    pub(crate) fn new(interval: Duration) -> Self {
+        let every = Some(interval).filter(|d| !d.is_zero());
+        Self {
+            every,
+            at: every.map(|d| Instant::now() + d.min(FIRST_VERIFY)),
+        }
+    }
+
+    /// Whether a listing is due now; if so, the next is due an interval later.
+    pub(crate) fn take_due(&mut self) -> bool {
+        let now = Instant::now();
+        match (self.at, self.every) {
+            (Some(at), Some(every)) if now >= at => {
+                self.at = Some(now + every);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// After a listing that failed (or could not be taken): the next comes sooner.
+    pub(crate) fn retry(&mut self) {
+        if let Some(every) = self.every {
+            self.at = Some(Instant::now() + every.min(VERIFY_RETRY));
+        }
+    }
+
+    /// When the next listing is due (`None`: never).
+    pub(crate) fn next(&self) -> Option<Instant> {
+        self.at
+    }
+}
 
 #[derive(Debug, thiserror::Error, Clone)]
 pub enum SyncError {
@@ -804,8 +848,7 @@ impl SyncEngine {
         }
         self.start_watching().await;
         let mut force = true; // the startup reconcile
-        let every = Some(self.config.sync.verify_interval.0).filter(|d| !d.is_zero());
-        let mut verify_at = every.map(|d| Instant::now() + d.min(FIRST_VERIFY));
+        let mut verify = VerifySchedule::new(self.config.sync.verify_interval.0);
         // A listing under way (dropped, so aborted, when the engine stops).
         let mut verifying = None;
         let mut poll_tick = tokio::time::interval(self.config.watch.poll_interval.0);
@@ -825,11 +868,7 @@ impl SyncEngine {
                 self.full_rescan = true;
                 force = true;
             }
-            if let (Some(at), Some(every)) = (verify_at, every)
-                && now >= at
-                && verifying.is_none()
-            {
-                verify_at = Some(now + every);
+            if verifying.is_none() && verify.take_due() {
                 verifying = self.start_verify();
             }
             let retry_ok = self.retry_at.is_none_or(|r| now >= r);
@@ -843,7 +882,7 @@ impl SyncEngine {
             if let Some(r) = self.retry_at.filter(|_| force || wake_at.is_some()) {
                 wake_at = Some(wake_at.map_or(r, |w| w.max(r)));
             }
-            let next_verify = verify_at.filter(|_| verifying.is_none());
+            let next_verify = verify.next().filter(|_| verifying.is_none());
             for at in [self.hold_expiry(), next_verify].into_iter().flatten() {
                 wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
             }
@@ -882,9 +921,7 @@ impl SyncEngine {
                         }
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "cannot list the remote mirror to compare it with the manifest; trying again later");
-                            if let Some(every) = every {
-                                verify_at = Some(Instant::now() + every.min(VERIFY_RETRY));
-                            }
+                            verify.retry();
                         }
                         Err(e) => tracing::warn!(error = %e, "the comparison of the remote mirror with the manifest ended"),
                     }
