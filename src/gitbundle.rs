@@ -317,28 +317,24 @@ const STASH_REF_PREFIX: &str = "refs/sandkeep/stash/";
 fn small_text(base: &Path, rel: &str) -> Option<String> {
     use std::io::Read;
     let path = base.join(rel);
-    let mut dir = base.to_path_buf();
-    for c in Path::new(rel)
-        .parent()
-        .into_iter()
-        .flat_map(Path::components)
-    {
-        dir.push(c);
-        if !std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+    let file = match crate::open_beneath(base, rel) {
+        Ok(f) => f,
+        Err(e) => {
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    tracing::warn!(file = %path.display(), "a symlink in .git is not followed: not kept with the git bundle");
+                }
+                Ok(m) if m.is_file() => {
+                    tracing::warn!(file = %path.display(), error = %e, "not kept with the git bundle (unreadable): a restore will lack it");
+                }
+                _ => {}
+            }
             return None;
         }
-    }
-    let meta = std::fs::symlink_metadata(&path).ok()?;
-    if meta.file_type().is_symlink() {
-        tracing::warn!(file = %path.display(), "a symlink in .git is not followed: not kept with the git bundle");
-        return None;
-    }
-    if !meta.is_file() {
-        return None;
-    }
+    };
+    let meta = file.metadata().ok()?;
     let kept = (meta.len() <= META_FILE_MAX)
         .then(|| {
-            let file = crate::open_regular(&path).ok()?;
             let mut text = String::new();
             file.take(META_FILE_MAX + 1)
                 .read_to_string(&mut text)
