@@ -1247,12 +1247,6 @@ async fn restore_manifest(
     Ok(report)
 }
 
-/// Of the entries a delete guard held in the manifest (gone from the workspace, kept in
-/// remote storage), those inside a restored repository that its bundle's work tree
-/// lacks and that git keeps an exact copy of out of the index (see
-/// [`gitbundle::kept_by_git`]): a `git checkout` of a branch with fewer files or a
-/// `git stash -u` took them out of the work tree, which is no accident to undo. The
-/// restore leaves them where git has them.
 /// Of the restored repositories' directories (`""`: the root; else `<name>/`, with
 /// whatever goes with each), the one `rel` belongs to: the innermost holding it.
 fn repo_dir_of<'a, T>(dirs: &'a [(String, T)], rel: &str) -> Option<&'a (String, T)> {
@@ -1261,6 +1255,12 @@ fn repo_dir_of<'a, T>(dirs: &'a [(String, T)], rel: &str) -> Option<&'a (String,
         .max_by_key(|(d, _)| d.len())
 }
 
+/// Of the entries a delete guard held in the manifest (gone from the workspace, kept in
+/// remote storage), those inside a restored repository that its bundle's work tree
+/// lacks and that git keeps an exact copy of out of the index (see
+/// [`gitbundle::kept_by_git`]): a `git checkout` of a branch with fewer files or a
+/// `git stash -u` took them out of the work tree, which is no accident to undo. The
+/// restore leaves them where git has them.
 async fn held_entries_git_keeps(
     root: &Path,
     manifest: &Manifest,
@@ -1508,7 +1508,6 @@ pub async fn restore_snapshot(
     Ok(report)
 }
 
-/// Unpacks the archive at `archive` into `root` entry by entry.
 /// Extracts the snapshot at `archive` into `root`, leaving out (and never touching)
 /// `exclude`; under `force`, removes what the archive does not name, except `kept`.
 fn extract(
@@ -1526,9 +1525,12 @@ fn extract(
     tar.set_preserve_mtime(true);
     tar.set_overwrite(true);
     tar.set_unpack_xattrs(false);
-    let rules = Rules::new(root, exclude)
-        .map_err(|e| local("exclude patterns", io::Error::other(e)))?
-        .keeping_git();
+    let rules_of = |patterns: &[String]| {
+        Rules::new(root, patterns)
+            .map(Rules::keeping_git)
+            .map_err(|e| local("exclude patterns", io::Error::other(e)))
+    };
+    let rules = rules_of(exclude)?;
     let mut report = RestoreReport::default();
     // Directories with their modes and times, set at the end.
     let mut dirs: Vec<(PathBuf, u32, Option<u64>)> = Vec::new();
@@ -1656,10 +1658,7 @@ fn extract(
         .filter(|(d, ..)| fs::read_dir(d).is_ok_and(|mut r| r.next().is_none()))
         .count() as u64;
     if force {
-        let kept = Rules::new(root, kept)
-            .map_err(|e| local("exclude patterns", io::Error::other(e)))?
-            .keeping_git();
-        report.removed = remove_unnamed(root, &kept, &named);
+        report.removed = remove_unnamed(root, &rules_of(kept)?, &named);
     }
     // Deepest first: a directory's time is set once nothing more changes in it.
     for (d, mode, mtime) in dirs.iter().rev() {
