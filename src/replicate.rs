@@ -142,6 +142,11 @@ pub fn export_key(conversation_prefix: &str, ns: &str) -> String {
     format!("{conversation_prefix}kv/{ns}.kv")
 }
 
+/// The object key of a file store path (path for path under the conversation).
+fn file_key(conversation_prefix: &str, path: &str) -> String {
+    format!("{conversation_prefix}{path}")
+}
+
 impl Replicator {
     pub fn new(
         kv: KvStore,
@@ -211,7 +216,7 @@ impl Replicator {
                     .collect(),
                 files: synced
                     .into_iter()
-                    .filter(|p| !present.contains(&format!("{prefix}{p}")))
+                    .filter(|p| !present.contains(&file_key(&prefix, p)))
                     .collect(),
             })
         }))
@@ -387,15 +392,16 @@ impl Replicator {
             .collect();
         due.extend(forced.iter().cloned());
         for ns in due {
-            match self.export_namespace(&ns).await {
+            let exported = self.export_namespace(&ns).await;
+            if exported.is_ok() {
+                forced.remove(&ns);
+            }
+            match exported {
                 Ok(Some(size)) => {
-                    forced.remove(&ns);
                     stats.namespaces += 1;
                     stats.bytes_uploaded += size;
                 }
-                Ok(None) => {
-                    forced.remove(&ns);
-                }
+                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(namespace = %ns, error = %e, "cannot export this kv namespace; the others go on");
                     failed.get_or_insert(e);
@@ -535,7 +541,7 @@ impl Replicator {
     /// Uploads the current content of a pending path, or deletes its object when the
     /// file is gone. `Some(bytes)` when uploaded.
     async fn replicate_file(&self, p: Pending) -> Result<(Pending, Option<u64>), ReplicateError> {
-        let key = format!("{}{}", self.prefix, p.path);
+        let key = file_key(&self.prefix, &p.path);
         match self.files.get(&p.path).await? {
             Some(data) => {
                 let n = data.len() as u64;
